@@ -85,9 +85,12 @@ EVENT_LOG_TTL_S: Final = 24 * 3600
 SEQ_TTL_S: Final = 7 * 24 * 3600
 
 # WebSocket delivery.
-WS_SEND_QUEUE_MAX: Final = 256
-WS_SEND_TIMEOUT_S: Final = 5.0
+WS_SEND_QUEUE_MAX: Final = 1024
 WS_CLOSE_TIMEOUT_S: Final = 2.0
+WS_ABORT_AFTER_S: Final = 5.0  # a closed socket whose client never reads is then cut off
+# Kernel buffer per socket: bounds the memory a client that stopped reading can pin, and makes
+# it show up as slow after a few hundred KiB instead of a few MiB.
+WS_SOCKET_SNDBUF_BYTES: Final = 256 * 1024
 WS_HEARTBEAT_S: Final = 20.0
 WS_MAX_PER_USER: Final = 32
 WS_INBOUND_MAX_BYTES: Final = 4096
@@ -107,6 +110,8 @@ REDIS_RETRY_MAX_S: Final = 2.0
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_POLL_S: Final = 1.0
+
+CANCEL_RETRY_S: Final = 0.1  # see cancel_and_wait
 
 # Queue mechanics.
 RETRY_MAX_DELAY_MS: Final = 30_000
@@ -156,7 +161,7 @@ end
 
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
 # KEYS: order, pending, delayed, user_orders, user_active, seq, log, idempotency
-# ARGV: 1-4 emit, 5 order_id, 6 user, 7 created_ms, 8 order_ttl, 9 user_orders_keep, 10 max_queued,
+# ARGV: 1-4 emit, 5 order_id, 6 user, 7 created_us, 8 order_ttl, 9 user_orders_keep, 10 max_queued,
 #       11 fingerprint, 12 idempotency_ttl (0: no key), 13 event body, 14.. record field/value pairs
 LUA_CREATE: Final = (
     LUA_EMIT
@@ -723,8 +728,13 @@ def _flag_parser() -> argparse.ArgumentParser:
         description="Order Execution Engine. Every flag may also be set as the environment "
         "variable of the same name in upper case (--engine-concurrency: ENGINE_CONCURRENCY).",
     )
+    defaults = Config()
     for setting in SETTINGS:
-        parser.add_argument(setting.flag, dest=setting.attr, metavar="VALUE", help=setting.help)
+        default = getattr(defaults, setting.attr)
+        shown = "unset" if default is None else default
+        parser.add_argument(
+            setting.flag, dest=setting.attr, metavar="VALUE", help=f"{setting.help} [{shown}]"
+        )
     return parser
 
 
@@ -996,7 +1006,7 @@ class Store:
                 *self._emit_args(),
                 order.order_id,
                 user,
-                int(now * 1000),
+                int(now * 1_000_000),  # µs: orders of one user a millisecond apart still sort
                 self._config.order_ttl_s,
                 USER_ORDERS_KEEP,
                 self._config.max_queued,
@@ -1366,6 +1376,20 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel tasks and wait until every one has ended.
+
+    A single cancel is not always enough: on Python 3.11, asyncio.wait_for (which redis-py uses
+    around socket writes and the connect handshake) drops a cancellation that arrives in the same
+    moment the write completes, and the task carries on. So a task still running shortly after
+    being cancelled is cancelled again; shutdown can never hang on it."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
+
+
 async def persist(
     what: str, operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -1413,6 +1437,7 @@ class Engine:
         self._orphan_suspects: set[str] = set()
         self._fetcher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._children: list[asyncio.Task[None]] = []
         self._drained = False
 
     # -- accepting orders (called by the POST handler) --------------------------------------------
@@ -1449,12 +1474,16 @@ class Engine:
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._supervise("heartbeat", self._heartbeat_loop))
-            group.create_task(self._supervise("recovery", self._recovery_loop))
-            group.create_task(self._supervise("promoter", self._promote_loop))
-            for _ in range(self.config.concurrency):
-                group.create_task(self._work_loop())
-            self._fetcher = group.create_task(self._supervise("fetcher", self._fetch_loop))
+            loops = [
+                self._supervise("heartbeat", self._heartbeat_loop),
+                self._supervise("recovery", self._recovery_loop),
+                self._supervise("promoter", self._promote_loop),
+                *(self._work_loop() for _ in range(self.config.concurrency)),
+            ]
+            self._children = [group.create_task(loop) for loop in loops]
+            if not self.draining:
+                self._fetcher = group.create_task(self._supervise("fetcher", self._fetch_loop))
+                self._children.append(self._fetcher)
 
     async def drain(self) -> None:
         """SPEC §8: stop dequeuing, give in-flight orders the grace period, then hand whatever is
@@ -1463,7 +1492,7 @@ class Engine:
             return
         self._drained = self.draining = True
         if self._fetcher is not None:
-            self._fetcher.cancel()
+            await cancel_and_wait([self._fetcher])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.shutdown_grace_s):
                 await self._idle.wait()
@@ -1478,8 +1507,7 @@ class Engine:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([*self._children, self._task])
             self._task = None
 
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -1769,15 +1797,24 @@ class _Attempt:
 @dataclass(frozen=True, slots=True)
 class HubLimits:
     queue_max: int = WS_SEND_QUEUE_MAX  # events waiting for one socket before it counts as slow
-    send_timeout_s: float = WS_SEND_TIMEOUT_S
     sockets_per_user: int = WS_MAX_PER_USER
-
-
-class SlowConsumer(EngineError):
-    """A socket's buffer filled up or a send did not complete in time."""
+    socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
+
+
+def _limit_send_buffer(transport: asyncio.Transport | None, size: int) -> None:
+    raw = transport.get_extra_info("socket") if transport is not None else None
+    if raw is not None:
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A server-to-client WebSocket close frame (RFC 6455 §5.5.1: FIN + opcode 8, unmasked)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    return bytes([0x88, len(payload)]) + payload
 
 
 @dataclass(eq=False)
@@ -1788,6 +1825,7 @@ class Subscriber:
     ws: web.WebSocketResponse
     user_id: str
     queue: asyncio.Queue[tuple[int, str]]
+    transport: asyncio.Transport | None = None
     last_seq: int = 0
     slow: bool = False
 
@@ -1804,7 +1842,7 @@ class Hub:
         self.limits = limits
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self.slow_closed = 0  # sockets closed with 1013 since start
 
     @property
     def connections(self) -> int:
@@ -1815,12 +1853,23 @@ class Hub:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
 
     async def close_all(self, code: int, message: str) -> None:
         subs = [sub for subs in self._sockets.values() for sub in subs]
         await asyncio.gather(*(self._close(sub, code, message) for sub in subs))
+
+    @staticmethod
+    async def _close(sub: Subscriber, code: int, message: str) -> None:
+        """Close politely, within a bound; a client that does not answer in time is cut off."""
+        try:
+            async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
+                await sub.ws.close(code=code, message=message.encode())
+        except TimeoutError:
+            if sub.transport is not None:
+                sub.transport.abort()
+        except ConnectionResetError:
+            pass
 
     # -- Pub/Sub in ------------------------------------------------------------------------------
 
@@ -1836,6 +1885,9 @@ class Hub:
                         message = await pubsub.get_message(timeout=PUBSUB_POLL_S)
                         if message is not None:
                             self._dispatch(message["data"])
+                            # Buffered messages are read without suspending; let the sockets'
+                            # pumps run between them so a burst does not look like a slow client.
+                            await asyncio.sleep(0)
             except REDIS_TRANSIENT as exc:
                 log.warning("event subscription lost; resubscribing", extra={"error": str(exc)})
                 await asyncio.sleep(delay)
@@ -1855,78 +1907,115 @@ class Hub:
         try:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
-            if not sub.slow:
-                sub.slow = True
-                log.warning(
-                    "slow websocket closed", extra={"userId": sub.user_id, "reason": "buffer full"}
-                )
-                task = asyncio.create_task(self._close(sub, WS_CLOSE_TRY_AGAIN_LATER, "too slow"))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+            self._drop_slow(sub)
+
+    def _drop_slow(self, sub: Subscriber) -> None:
+        """Close a socket that cannot keep up with 1013, without waiting on it for anything.
+
+        Its pump is stuck in a send that waits for the client to read; nothing may cancel that
+        wait (aiohttp shares one drain future per connection, and cancelling it breaks every
+        later write). So the close frame goes straight onto the transport behind what the client
+        has not read yet, the transport closes once that is flushed, and a client that never
+        reads again is cut off after WS_ABORT_AFTER_S. Either way the connection ends, the
+        pending send returns, and serve() cleans up."""
+        if sub.slow:
+            return
+        sub.slow = True
+        self.slow_closed += 1
+        log.warning("slow websocket closed", extra={"userId": sub.user_id, "code": 1013})
+        transport = sub.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(close_frame(WS_CLOSE_TRY_AGAIN_LATER, "too slow; reconnect with since"))
+        transport.close()
+        asyncio.get_running_loop().call_later(WS_ABORT_AFTER_S, transport.abort)
 
     # -- one socket -------------------------------------------------------------------------------
 
-    async def serve(self, ws: web.WebSocketResponse, user_id: str, since: int | None) -> None:
-        sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max))
+    async def serve(
+        self,
+        ws: web.WebSocketResponse,
+        user_id: str,
+        since: int | None,
+        transport: asyncio.Transport | None,
+    ) -> None:
+        sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max), transport)
+        _limit_send_buffer(transport, self.limits.socket_send_buffer)
         # Registered before the first read from Redis, so nothing published from here on is missed;
         # what the read already covered is skipped by seq.
         self._sockets.setdefault(user_id, set()).add(sub)
+        log.info("websocket opened", extra={"userId": user_id, "since": since})
         pump = asyncio.create_task(self._pump(sub, since))
         try:
             async for message in ws:  # clients have nothing to say; reading keeps pings flowing
                 if message.type is WSMsgType.ERROR:
                     break
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            await cancel_and_wait([pump])
             subs = self._sockets.get(user_id, set())
             subs.discard(sub)
             if not subs:
                 self._sockets.pop(user_id, None)
+            code = WS_CLOSE_TRY_AGAIN_LATER if sub.slow else ws.close_code
+            log.info("websocket closed", extra={"userId": user_id, "code": code})
 
     def has_room(self, user_id: str) -> bool:
         return len(self._sockets.get(user_id, ())) < self.limits.sockets_per_user
 
     async def _pump(self, sub: Subscriber, since: int | None) -> None:
+        # Redis is read before `connected` is sent, so whatever the client does after seeing
+        # `connected` arrives live: the snapshot or replay it gets first is already fixed.
+        connected = orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
         try:
-            await self._send(
-                sub, orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
-            )
             if since is None:
-                await self._send_snapshot(sub)
+                snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
+                await self._send(sub, connected)
+                await self._send_snapshot(sub, *snapshot)
             else:
+                sub.last_seq = since
+                replay = await persist("replay", self.store.replay, sub.user_id, since)
+                await self._send(sub, connected)
+                await self._send_replay(sub, replay, until=None)
+            await self._forward(sub)
+        except ConnectionResetError:
+            pass  # the client went away; serve() cleans up
+
+    async def _forward(self, sub: Subscriber) -> None:
+        """Live events in seq order: duplicates skipped, gaps filled from the log."""
+        while True:
+            seq, event = await sub.queue.get()
+            if sub.slow:
+                return
+            if seq == _CATCH_UP[0]:
                 await self._catch_up(sub, until=None)
-            while True:
-                seq, event = await sub.queue.get()
-                if seq == _CATCH_UP[0]:
-                    await self._catch_up(sub, until=None)
-                    continue
+                continue
+            if seq <= sub.last_seq:
+                continue
+            if seq > sub.last_seq + 1:
+                await self._catch_up(sub, until=seq)
                 if seq <= sub.last_seq:
                     continue
-                if seq > sub.last_seq + 1:
-                    await self._catch_up(sub, until=seq)
-                    if seq <= sub.last_seq:
-                        continue
-                await self._send(sub, event)
-                sub.last_seq = seq
-        except SlowConsumer as exc:
-            log.warning("slow websocket closed", extra={"userId": sub.user_id, "reason": str(exc)})
-            await self._close(sub, WS_CLOSE_TRY_AGAIN_LATER, "too slow")
-        except (ConnectionResetError, RuntimeError):
-            pass  # the socket went away under us; serve() cleans up
+            await self._send(sub, event)
+            sub.last_seq = seq
 
-    async def _send_snapshot(self, sub: Subscriber) -> None:
-        seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
+    async def _send_snapshot(self, sub: Subscriber, seq: int, events: list[str]) -> None:
         for event in events:
             await self._send(sub, '{"snapshot":true,' + event[1:])
         sub.last_seq = seq
 
     async def _catch_up(self, sub: Subscriber, until: int | None) -> None:
+        replay = await persist("replay", self.store.replay, sub.user_id, sub.last_seq)
+        await self._send_replay(sub, replay, until)
+
+    async def _send_replay(
+        self, sub: Subscriber, events: list[str] | None, until: int | None
+    ) -> None:
         """Send logged events after last_seq (below `until` if set); resync if the log is short."""
-        events = await persist("replay", self.store.replay, sub.user_id, sub.last_seq)
         if events is None:
             await self._send(sub, '{"type":"resync"}')
-            await self._send_snapshot(sub)
+            await self._send_snapshot(
+                sub, *await persist("snapshot", self.store.snapshot, sub.user_id)
+            )
             return
         for event in events:
             seq = event_seq(event)
@@ -1935,20 +2024,12 @@ class Hub:
             await self._send(sub, event)
             sub.last_seq = seq
 
-    async def _send(self, sub: Subscriber, text: str) -> None:
-        try:
-            async with asyncio.timeout(self.limits.send_timeout_s):
-                await sub.ws.send_str(text)
-        except TimeoutError:
-            raise SlowConsumer(f"send took over {self.limits.send_timeout_s:g} s") from None
-
     @staticmethod
-    async def _close(sub: Subscriber, code: int, message: str) -> None:
-        # A client that stopped reading may never take the close frame; past the bound, aiohttp
-        # drops the connection instead.
-        with contextlib.suppress(TimeoutError, ConnectionResetError, RuntimeError):
-            async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
-                await sub.ws.close(code=code, message=message.encode())
+    async def _send(sub: Subscriber, text: str) -> None:
+        # No timeout here on purpose: see _drop_slow. A send that waits is a full buffer, and a
+        # full buffer shows up as a full queue.
+        if not sub.slow:
+            await sub.ws.send_str(text)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -2105,12 +2186,12 @@ def parse_idempotency_key(value: str | None) -> str | None:
     return value
 
 
-def parse_non_negative(value: str | None, name: str, default: int | None, high: int) -> int | None:
+def parse_query_int(value: str | None, name: str, low: int, high: int) -> int | None:
     if value is None:
-        return default
-    if not value.isdigit() or not 0 <= int(value) <= high:
+        return None
+    if not value.isdigit() or not low <= int(value) <= high:
         code = f"INVALID_{name.upper()}"
-        raise ApiError(400, code, f"{name} must be an integer from 0 to {high}", field=name)
+        raise ApiError(400, code, f"{name} must be an integer from {low} to {high}", field=name)
     return int(value)
 
 
@@ -2152,9 +2233,7 @@ async def get_order(request: web.Request) -> web.Response:
 
 async def list_orders(request: web.Request) -> web.Response:
     user_id = parse_user_id(request.query.get("userId"))
-    limit = parse_non_negative(
-        request.query.get("limit"), "limit", LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX
-    )
+    limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
     orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
     return json_response({"userId": user_id, "orders": orders})
 
@@ -2168,7 +2247,12 @@ async def healthz(request: web.Request) -> web.Response:
         body["status"] = "unavailable"
         body |= ApiError(503, "REDIS_UNAVAILABLE", "redis does not answer", retryable=True).body()
         return json_response(body, 503)
-    body |= {"inflight": engine.inflight, "websockets": request.app[HUB].connections}
+    hub = request.app[HUB]
+    body |= {
+        "inflight": engine.inflight,
+        "websockets": hub.connections,
+        "slowWebsocketsClosed": hub.slow_closed,
+    }
     if engine.draining:
         body["status"] = "draining"
         return json_response(body, 503)
@@ -2178,7 +2262,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def websocket(request: web.Request) -> web.StreamResponse:
     """SPEC §3. Everything that can be refused is refused before the upgrade, as plain HTTP."""
     user_id = parse_user_id(request.query.get("userId"))
-    since = parse_non_negative(request.query.get("since"), "since", None, 2**53)
+    since = parse_query_int(request.query.get("since"), "since", 0, 2**53)
     hub = request.app[HUB]
     if not hub.has_room(user_id):
         raise ApiError(
@@ -2188,7 +2272,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
     await ws.prepare(request)
-    await hub.serve(ws, user_id, since)
+    await hub.serve(ws, user_id, since, request.transport)
     return ws
 
 
