@@ -1,0 +1,27 @@
+# The engine in a container. Without REDIS_URL it runs its embedded Redis with its data in /data
+# (mount a volume there); with REDIS_URL it uses that Redis and starts nothing else.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PORT=3000 \
+    DATA_DIR=/data
+
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt
+
+RUN useradd --system --uid 10001 --home-dir /app engine \
+    && mkdir -p /data && chown engine /data
+COPY engine.py .
+
+USER engine
+VOLUME ["/data"]
+EXPOSE 3000
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"3000\")}/healthz', timeout=2)"
+
+# SIGTERM (docker stop) drains in-flight orders for ENGINE_SHUTDOWN_GRACE_S; give it that long.
+STOPSIGNAL SIGTERM
+CMD ["python", "engine.py"]
