@@ -115,6 +115,11 @@ CANCEL_RETRY_S: Final = 0.1  # see cancel_and_wait
 
 # Queue mechanics.
 RETRY_MAX_DELAY_MS: Final = 30_000
+# An order whose engine dies under it this many times is failed with RECOVERY_LIMIT instead of
+# being tried again: something about it keeps killing workers.
+RECOVERY_LIMIT: Final = 3
+# Margin past a transaction's expiry before it is treated as never landed (clock skew).
+TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
 PROMOTE_IDLE_S: Final = 0.5
 
@@ -213,6 +218,7 @@ if status ~= ARGV[6] and lease then
     return {'busy'}
   end
 end
+if status ~= ARGV[6] then redis.call('HINCRBY', KEYS[1], 'recoveries', 1) end
 redis.call('HSET', KEYS[1], 'lease', ARGV[2])
 return {'claimed', redis.call('HGETALL', KEYS[1])}
 """
@@ -261,6 +267,18 @@ redis.call('HSET', KEYS[1], 'lastEvent', event)
 return {'ok', event}
 """
 )
+
+# The simulated chain: record what became of a transaction, at most once per signature (a second
+# send of the same signed transaction gets the first outcome) and never after it expired.
+# KEYS: tx   ARGV: 1 now_ms, 2 expires_at_ms, 3 ttl, 4.. field/value pairs
+LUA_CHAIN_RECORD: Final = """
+local existing = redis.call('HGETALL', KEYS[1])
+if existing[1] then return existing end
+if tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGETALL', KEYS[1])
+"""
 
 # Give an instance's processing list back to the pending list (consumer end first), and forget the
 # instance. With ARGV[2] == '1' only when its heartbeat has expired.
@@ -350,7 +368,11 @@ class LeaseLost(EngineError):
 
 
 class VenueError(EngineError):
-    """A venue refused or failed a call; transient by nature."""
+    """A venue refused or failed a call; transient by nature. `code` is the order failure code."""
+
+    def __init__(self, message: str, code: str = "EXECUTION_FAILED") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ApiError(EngineError):
@@ -466,12 +488,17 @@ class Order:
     slippage_bps: int
     status: Status
     attempts: int
+    recoveries: int = 0  # times an engine died while holding it
+    dex: str | None = None  # the venue and transaction of the attempt in flight, once submitted
+    tx_hash: str | None = None
+    tx_expires_at_ms: int = 0
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
-        def value(name: str) -> Any:
-            return orjson.loads(record[name])
+        def value(name: str, default: Any = None) -> Any:
+            return orjson.loads(record[name]) if name in record else default
 
+        expires = value("txExpiresAt")
         return cls(
             order_id=value("orderId"),
             user_id=value("userId"),
@@ -481,6 +508,10 @@ class Order:
             slippage_bps=value("slippageBps"),
             status=Status(record["status"]),
             attempts=value("attempts"),
+            recoveries=value("recoveries", 0),
+            dex=value("dex"),
+            tx_hash=value("txHash"),
+            tx_expires_at_ms=parse_iso_ms(expires) if expires else 0,
         )
 
     @property
@@ -512,8 +543,10 @@ class Quote:
 
 @dataclass(frozen=True, slots=True)
 class SwapTx:
-    """The transaction built for the chosen venue."""
+    """The transaction built and signed for the chosen venue. As on Solana, its signature is known
+    before it is sent, and it can land only until it expires (a blockhash's last valid height)."""
 
+    order_id: str
     dex: str
     sell: Token
     buy: Token
@@ -522,6 +555,8 @@ class SwapTx:
     quoted_price: float
     wrap_sol: bool  # native SOL in: wrap it into a wSOL account first
     unwrap_sol: bool  # wSOL out: close the account back into native SOL after
+    signature: str
+    expires_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,12 +566,26 @@ class Fill:
     amount_out: float
 
 
+@dataclass(frozen=True, slots=True)
+class TxStatus:
+    """What the chain says became of a transaction: landed (with its fill) or failed."""
+
+    landed: bool
+    fill: Fill | None = None
+    code: str = ""
+    error: str = ""
+
+
 JobAction = Literal["keep", "retry", "done", "fail"]
 Clock = Callable[[], float]  # seconds since the epoch
 
 
 def iso_ms(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def base58(data: bytes) -> str:
@@ -600,6 +649,7 @@ class Config:
     quote_timeout_ms: int = 1000
     execution_timeout_ms: int = 10_000
     heartbeat_ttl_s: int = 10
+    durability: str = "everysec"
     log_level: str = "info"
     log_format: str = "text"
 
@@ -712,6 +762,9 @@ SETTINGS: Final = (
         "ENGINE_EXECUTION_TIMEOUT_MS", "execution_timeout_ms", _integer(1, 600_000), "exec timeout"
     ),
     Setting("ENGINE_HEARTBEAT_TTL_S", "heartbeat_ttl_s", _integer(1, 3600), "instance liveness"),
+    Setting(
+        "ENGINE_DURABILITY", "durability", _choice("everysec", "strict"), "embedded Redis fsync"
+    ),
     Setting("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("LOG_FORMAT", "log_format", _choice("text", "json"), "text or json lines"),
 )
@@ -828,11 +881,14 @@ PUBLIC_FIELDS: Final = (
     "slippageBps",
     "status",
     "attempts",
+    "recoveries",
     "dex",
     "price",
     "minAmountOut",
     "quotes",
+    "instance",
     "txHash",
+    "txExpiresAt",
     "finalPrice",
     "amountOut",
     "error",
@@ -893,6 +949,9 @@ class Keys:
 
     def processing(self, instance: str) -> str:
         return f"{self.prefix}queue:processing:{instance}"
+
+    def chain(self, signature: str) -> str:
+        return f"{self.prefix}chain:{signature}"
 
     def heartbeat(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}"
@@ -983,6 +1042,7 @@ class Store:
             "slippageBps": order.slippage_bps,
             "status": Status.PENDING,
             "attempts": 0,
+            "recoveries": 0,
             "step": "0:pending",
             "createdAt": ts,
             "updatedAt": ts,
@@ -1230,7 +1290,11 @@ def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any])
 
 
 class Venue(Protocol):
-    """A DEX the router can quote and execute on. The engine ships two simulated ones."""
+    """A DEX the router can quote and execute on. The engine ships two simulated ones.
+
+    `execute` raises VenueError when the transaction did not land (its `code` becomes the order's
+    failure code); `lookup` answers what became of a signature, or None if the venue has never
+    seen it land or fail."""
 
     name: str
 
@@ -1238,21 +1302,77 @@ class Venue(Protocol):
 
     async def execute(self, tx: SwapTx) -> Fill: ...
 
+    async def lookup(self, signature: str) -> TxStatus | None: ...
+
 
 def reference_price(sell: Token, buy: Token) -> float:
     return sell.usd_price / buy.usd_price
 
 
+class MockChain:
+    """The simulated venues' ledger, kept in Redis so it outlives every engine: what became of
+    each signed transaction. A signature lands or fails at most once and never after it expired,
+    which is what lets a recovered order ask whether its transaction went through."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, ttl_s: int, clock: Clock) -> None:
+        self._keys = keys
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._record = client.register_script(LUA_CHAIN_RECORD)
+        self._redis = client
+
+    async def record(self, tx: SwapTx, status: TxStatus) -> TxStatus | None:
+        """Record `status` unless the signature already has one; None if the tx has expired."""
+        fields: dict[str, str | int | float] = {
+            "orderId": tx.order_id,
+            "dex": tx.dex,
+            "landed": int(status.landed),
+        }
+        if status.fill is not None:
+            fields |= {"price": status.fill.price, "amountOut": status.fill.amount_out}
+        fields |= {"code": status.code, "error": status.error}
+        args: list[str | int | float] = [item for pair in fields.items() for item in pair]
+        now_ms = int(self._clock() * 1000)
+        reply = await self._record(
+            keys=[self._keys.chain(tx.signature)],
+            args=[now_ms, tx.expires_at_ms, self._ttl_s, *args],
+        )
+        return _tx_status(tx.signature, reply) if reply else None
+
+    async def lookup(self, signature: str) -> TxStatus | None:
+        reply = await self._redis.hgetall(self._keys.chain(signature))
+        return _tx_status(signature, [x for pair in reply.items() for x in pair]) if reply else None
+
+
+def _tx_status(signature: str, flat: Sequence[Any]) -> TxStatus:
+    record = {str(k): str(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    if record["landed"] != "1":
+        return TxStatus(False, code=record["code"], error=record["error"])
+    fill = Fill(signature, float(record["price"]), float(record["amountOut"]))
+    return TxStatus(True, fill)
+
+
+def settled(status: TxStatus | None) -> Fill:
+    """The fill of a landed transaction; VenueError for one that failed or expired."""
+    if status is None:
+        raise VenueError("transaction expired before it landed", "TX_EXPIRED")
+    if status.fill is None:
+        raise VenueError(status.error, status.code)
+    return status.fill
+
+
 @dataclass
 class MockVenue:
     """A simulated DEX (SPEC §4): quotes a price drawn around the reference, executes after 2-3 s
-    at a price that drifts slightly from the quote, and sometimes fails or stalls."""
+    at a price that drifts slightly from the quote, and sometimes fails or stalls. Outcomes are
+    recorded on the shared MockChain, which enforces minAmountOut the way a swap program does."""
 
     name: str
     price_floor: float  # price = reference x (floor + r x span), r uniform in [0, 1)
     price_span: float
     fee: float
     rng: random.Random
+    chain: MockChain
     latency_scale: float = 1.0
     fail_rate: float = 0.0
 
@@ -1267,30 +1387,39 @@ class MockVenue:
     async def execute(self, tx: SwapTx) -> Fill:
         await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
         if self.rng.random() < self.fail_rate:
-            await self._fault()
+            await self._fault(tx)
         price = tx.quoted_price * (1 + self.rng.gauss(EXECUTION_DRIFT_MEAN, EXECUTION_DRIFT_SD))
         amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
-        return Fill(new_tx_hash(), significant(price), amount_out)
+        if amount_out < tx.min_amount_out:
+            message = f"executed amountOut {amount_out} below minAmountOut {tx.min_amount_out}"
+            outcome = TxStatus(False, code="SLIPPAGE_EXCEEDED", error=message)
+        else:
+            outcome = TxStatus(True, Fill(tx.signature, significant(price), amount_out))
+        return settled(await self.chain.record(tx, outcome))
+
+    async def lookup(self, signature: str) -> TxStatus | None:
+        return await self.chain.lookup(signature)
 
     async def _pause(self, seconds: float) -> None:
         if self.latency_scale > 0:
             await asyncio.sleep(seconds * self.latency_scale)
 
-    async def _fault(self) -> None:
+    async def _fault(self, tx: SwapTx) -> None:
         if self.rng.random() < STALL_SHARE_OF_FAULTS:
             await asyncio.Event().wait()  # a stalled RPC node: only the execution timeout ends it
-        raise VenueError(
-            self.rng.choice(
-                (
-                    "Transaction simulation failed: Blockhash not found",
-                    "RPC node is behind by 150 slots",
-                    "Transaction was not confirmed in 60 blocks",
-                )
+        message = self.rng.choice(
+            (
+                "Transaction simulation failed: Blockhash not found",
+                "RPC node is behind by 150 slots",
+                "Transaction was not confirmed in 60 blocks",
             )
+        )
+        settled(
+            await self.chain.record(tx, TxStatus(False, code="EXECUTION_FAILED", error=message))
         )
 
 
-def default_venues(config: Config) -> list[Venue]:
+def default_venues(config: Config, chain: MockChain) -> list[Venue]:
     """Raydium-like and Meteora-like, each with its own random stream so that ENGINE_SEED makes
     each venue's prices, latencies and faults reproducible."""
 
@@ -1299,10 +1428,10 @@ def default_venues(config: Config) -> list[Venue]:
             random.Random(f"{config.seed}/{name}") if config.seed is not None else random.Random()
         )
 
-    common = {"latency_scale": config.dex_latency_scale, "fail_rate": config.dex_fail_rate}
+    scale, fail_rate = config.dex_latency_scale, config.dex_fail_rate
     return [
-        MockVenue("RAYDIUM", 0.98, 0.04, 0.003, rng("RAYDIUM"), **common),
-        MockVenue("METEORA", 0.97, 0.05, 0.002, rng("METEORA"), **common),
+        MockVenue("RAYDIUM", 0.98, 0.04, 0.003, rng("RAYDIUM"), chain, scale, fail_rate),
+        MockVenue("METEORA", 0.97, 0.05, 0.002, rng("METEORA"), chain, scale, fail_rate),
     ]
 
 
@@ -1311,11 +1440,13 @@ def pick_best(quotes: Sequence[Quote]) -> Quote:
     return max(quotes, key=lambda quote: quote.amount_out)
 
 
-def build_swap(order: Order, best: Quote) -> SwapTx:
+def build_swap(order: Order, best: Quote, expires_at_ms: int) -> SwapTx:
+    """Build and sign the swap: its signature is fixed here, before anything is sent."""
     min_out = round_down(
         best.amount_out * (1 - order.slippage_bps / BPS_PER_UNIT), order.buy.decimals
     )
     return SwapTx(
+        order_id=order.order_id,
         dex=best.dex,
         sell=order.sell,
         buy=order.buy,
@@ -1324,6 +1455,8 @@ def build_swap(order: Order, best: Quote) -> SwapTx:
         quoted_price=best.price,
         wrap_sol=order.input_token == "SOL",
         unwrap_sol=order.output_token == "SOL",
+        signature=new_tx_hash(),
+        expires_at_ms=expires_at_ms,
     )
 
 
@@ -1358,7 +1491,11 @@ class Router:
         except TimeoutError:
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
         except VenueError as exc:
-            raise AttemptFailed("EXECUTION_FAILED", str(exc)) from None
+            raise AttemptFailed(exc.code, str(exc)) from None
+
+    async def lookup(self, dex: str, signature: str) -> TxStatus | None:
+        venue = self.venues.get(dex)
+        return None if venue is None else await venue.lookup(signature)
 
 
 def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
@@ -1461,6 +1598,9 @@ class Engine:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def now(self) -> float:
+        return self._clock()
 
     # -- life -------------------------------------------------------------------------------------
 
@@ -1655,25 +1795,53 @@ class _Attempt:
         return {"orderId": self.order.order_id, "attempt": self.order.attempts}
 
     async def run(self) -> None:
-        if self.order.status is not Status.PENDING:
-            # Claimed from an instance that died mid-attempt: that attempt is over.
-            interrupted = AttemptFailed(
-                "INTERRUPTED",
-                f"attempt {self.order.attempts} was interrupted at {self.order.status}",
+        if self.order.status is Status.SUBMITTED:
+            await self.resume_submitted()
+        elif self.order.status is not Status.PENDING:
+            # Claimed from an engine that died mid-attempt, before anything was sent.
+            await self.recover(
+                f"attempt {self.order.attempts} was interrupted at {self.order.status}"
             )
-            await self.retry_or_fail(interrupted, immediately=True)
         if self.order.status is Status.PENDING:
             await self.execute()
 
-    async def execute(self) -> None:
-        config = self.engine.config
-        await self.move(Status.ROUTING, attempts=self.order.attempts + 1)
+    async def resume_submitted(self) -> None:
+        """The engine that died had sent (or was about to send) a transaction: the chain decides.
+        Landed: confirm it, never send a second one. Failed, or expired without landing: that
+        attempt is over."""
+        order = self.order
+        interrupted = f"attempt {order.attempts} was interrupted after submitting"
+        if order.dex is None or order.tx_hash is None:
+            await self.recover(interrupted)
+            return
         try:
-            quotes = await self.engine.router.quotes(self.order)
+            fill = await self.settle(order.dex, order.tx_hash, order.tx_expires_at_ms)
+        except AttemptFailed as failure:
+            await self.recover(failure.message if failure.code != "TX_EXPIRED" else interrupted)
+            return
+        await self.confirm(order.dex, fill)
+
+    async def recover(self, reason: str) -> None:
+        """Retry an interrupted attempt at once, unless engines keep dying on this order."""
+        if self.order.recoveries >= RECOVERY_LIMIT:
+            reason = f"the engine running this order stopped {self.order.recoveries} times"
+            await self.retry_or_fail(AttemptFailed("RECOVERY_LIMIT", reason, retryable=False))
+        else:
+            await self.retry_or_fail(AttemptFailed("INTERRUPTED", reason), immediately=True)
+
+    async def execute(self) -> None:
+        engine = self.engine
+        timeout_s = engine.config.execution_timeout_ms / 1000
+        await self.move(
+            Status.ROUTING,
+            attempts=self.order.attempts + 1,
+            info={"instance": engine.instance_id},
+        )
+        try:
+            quotes = await engine.router.quotes(self.order)
             if not quotes:
                 raise AttemptFailed("NO_QUOTES", "no venue returned a quote")
             best = pick_best(quotes)
-            tx = build_swap(self.order, best)
             log.info(
                 "route chosen",
                 extra={
@@ -1682,20 +1850,40 @@ class _Attempt:
                     "quotes": " ".join(f"{q.dex}:{q.amount_out}@{q.price}" for q in quotes),
                 },
             )
+            # The transaction may land only until the worker stops waiting for it.
+            tx = build_swap(self.order, best, int((engine.now() + timeout_s) * 1000))
             await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx))
-            submitted = {"dex": best.dex, "price": best.price, "minAmountOut": tx.min_amount_out}
-            await self.move(Status.SUBMITTED, info=submitted)
-            fill = await self.engine.router.execute(tx, config.execution_timeout_ms / 1000)
-            if fill.amount_out < tx.min_amount_out:
-                raise AttemptFailed(
-                    "SLIPPAGE_EXCEEDED",
-                    f"executed amountOut {fill.amount_out} below minAmountOut {tx.min_amount_out}",
-                )
+            await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
+            try:
+                fill = await engine.router.execute(tx, timeout_s)
+            except AttemptFailed as failure:
+                # It may have landed all the same (a lost reply, a stalled node): ask the chain.
+                fill = await self.settle(tx.dex, tx.signature, tx.expires_at_ms, failure)
         except AttemptFailed as failure:
             await self.retry_or_fail(failure)
             return
+        await self.confirm(best.dex, fill)
+
+    async def settle(
+        self, dex: str, signature: str, expires_at_ms: int, failure: AttemptFailed | None = None
+    ) -> Fill:
+        """What became of a sent transaction: its fill if it landed, else AttemptFailed. One the
+        chain has never seen is waited for until it has expired and can no longer land."""
+        router = self.engine.router
+        while True:
+            status = await persist("chain lookup", router.lookup, dex, signature)
+            if status is not None:
+                if status.fill is None:
+                    raise AttemptFailed(status.code, status.error)
+                return status.fill
+            wait_s = expires_at_ms / 1000 - self.engine.now() + TX_EXPIRY_MARGIN_S
+            if wait_s <= 0:
+                raise failure or AttemptFailed("TX_EXPIRED", "transaction expired before it landed")
+            await asyncio.sleep(wait_s)
+
+    async def confirm(self, dex: str, fill: Fill) -> None:
         confirmed = {
-            "dex": best.dex,
+            "dex": dex,
             "txHash": fill.tx_hash,
             "finalPrice": fill.price,
             "amountOut": fill.amount_out,
@@ -1703,7 +1891,17 @@ class _Attempt:
             "code": None,
         }
         await self.move(Status.CONFIRMED, info=confirmed, action="done")
-        log.info("order confirmed", extra={**self.ctx, "dex": best.dex, "txHash": fill.tx_hash})
+        log.info("order confirmed", extra={**self.ctx, "dex": dex, "txHash": fill.tx_hash})
+
+    @staticmethod
+    def submitted_info(best: Quote, tx: SwapTx) -> dict[str, Any]:
+        return {
+            "dex": best.dex,
+            "price": best.price,
+            "minAmountOut": tx.min_amount_out,
+            "txHash": tx.signature,
+            "txExpiresAt": iso_ms(tx.expires_at_ms / 1000),
+        }
 
     @staticmethod
     def building_info(best: Quote, quotes: Sequence[Quote], tx: SwapTx) -> dict[str, Any]:
@@ -2364,8 +2562,11 @@ def _log_tail(log_file: Path) -> str:
     return lines[-1] if lines else "empty log"
 
 
-def _embedded_args(binary: str, sock: Path) -> list[str]:
+def _embedded_args(binary: str, sock: Path, durability: str) -> list[str]:
+    """redis-server's flags. Durability 'strict' fsyncs every write before Redis answers, so a
+    202 survives even a machine crash; 'everysec' may lose the last second of writes then."""
     data_dir = sock.parent
+    fsync = "always" if durability == "strict" else "everysec"
     return [
         binary,
         "--port", "0",  # unix socket only: nothing else on the machine can reach it
@@ -2373,7 +2574,7 @@ def _embedded_args(binary: str, sock: Path) -> list[str]:
         "--unixsocketperm", "700",
         "--dir", str(data_dir),
         "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--appendfsync", fsync,
         "--save", "",  # the AOF is the persistence; no fork for RDB snapshots
         "--pidfile", str(data_dir / "redis.pid"),
         "--logfile", str(data_dir / "redis.log"),
@@ -2402,13 +2603,13 @@ async def _stop_process(proc: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def embedded_redis(data_dir: Path) -> AsyncIterator[str]:
+async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncIterator[str]:
     """SPEC §7: a private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
     binary = redis_server_binary()
     sock = await asyncio.to_thread(_prepare_data_dir, data_dir)
     await _shut_down_leftover(sock)
     proc = await asyncio.create_subprocess_exec(
-        *_embedded_args(binary, sock),
+        *_embedded_args(binary, sock, durability),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -2459,12 +2660,14 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             url = config.redis_url
             if url is None:
-                url = await stack.enter_async_context(embedded_redis(config.data_dir))
+                embedded = embedded_redis(config.data_dir, config.durability)
+                url = await stack.enter_async_context(embedded)
             client = connect_redis(url, config.concurrency + REDIS_SPARE_CONNECTIONS)
             stack.push_async_callback(client.aclose)
             await wait_for_redis(client, url)
             store = Store(client, config, clock)
-            router = Router(venues or default_venues(config), config.quote_timeout_ms / 1000)
+            chain = MockChain(client, store.keys, config.order_ttl_s, clock)
+            router = Router(venues or default_venues(config, chain), config.quote_timeout_ms / 1000)
             engine = app[ENGINE] = Engine(config, store, router, clock=clock)
             hub = app[HUB] = Hub(store, hub_limits or HubLimits())
             await engine.start()

@@ -225,10 +225,21 @@ async def keys_of(redis: aioredis.Redis, config: Config) -> list[str]:
     return sorted([key async for key in redis.scan_iter(f"{config.redis_prefix}*")])
 
 
+async def landed_transactions(redis: aioredis.Redis, config: Config) -> dict[str, list[str]]:
+    """From the simulated chain's own record: the signatures that landed, by order."""
+    landed: dict[str, list[str]] = {}
+    async for key in redis.scan_iter(eng.Keys(config.redis_prefix).chain("*")):
+        record = await redis.hgetall(key)
+        if record["landed"] == "1":
+            landed.setdefault(record["orderId"], []).append(key.rsplit(":", 1)[1])
+    return landed
+
+
 @dataclass
 class ScriptedVenue:
-    """A venue that misbehaves on cue: refuses quotes, hangs, fills at a worse price, or holds
-    executions until the test opens `gate`."""
+    """A venue that misbehaves on cue: refuses quotes, hangs, fills at a worse price, holds
+    executions until the test opens `gate`, or lands a transaction and never answers. `ledger` is
+    its chain: what became of each signature (shared between venues to model one chain)."""
 
     name: str
     price: float = 100.0
@@ -236,9 +247,11 @@ class ScriptedVenue:
     quote_errors: int = 0
     quote_hangs: bool = False
     execute_hangs: bool = False
+    land_then_hang: bool = False
     fill_factors: list[float] = field(default_factory=list)
     gate: asyncio.Event | None = None
     executions: list[eng.SwapTx] = field(default_factory=list)
+    ledger: dict[str, eng.TxStatus] = field(default_factory=dict)
 
     async def quote(self, sell: eng.Token, buy: eng.Token, amount: float) -> eng.Quote:
         if self.quote_hangs:
@@ -257,7 +270,17 @@ class ScriptedVenue:
             await asyncio.Event().wait()
         price = tx.quoted_price * (self.fill_factors.pop(0) if self.fill_factors else 1.0)
         amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
-        return eng.Fill(eng.new_tx_hash(), price, amount_out)
+        if amount_out < tx.min_amount_out:  # the swap program's minimum-out check
+            status = eng.TxStatus(False, code="SLIPPAGE_EXCEEDED", error="below minAmountOut")
+        else:
+            status = eng.TxStatus(True, eng.Fill(tx.signature, price, amount_out))
+        self.ledger.setdefault(tx.signature, status)
+        if self.land_then_hang:
+            await asyncio.Event().wait()
+        return eng.settled(self.ledger[tx.signature])
+
+    async def lookup(self, signature: str) -> eng.TxStatus | None:
+        return self.ledger.get(signature)
 
 
 @dataclass
@@ -547,15 +570,19 @@ async def test_only_the_newest_failed_orders_are_kept_past_the_ttl(
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 
-async def test_the_simulated_venues_are_reproducible_with_a_seed(config: Config) -> None:
+async def test_the_simulated_venues_are_reproducible_with_a_seed(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, time.time)
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    order = eng.Order("order_" + "b" * 32, "u", "SOL", "USDC", 3, 50, Status.SUBMITTED, 1)
+
     async def run(seed: int) -> list[Any]:
-        venues = eng.default_venues(replace(config, seed=seed, dex_fail_rate=0.3))
-        sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
         seen: list[Any] = []
-        for venue in venues:
+        for venue in eng.default_venues(replace(config, seed=seed, dex_fail_rate=0.3), chain):
             for _ in range(5):
                 quote = await venue.quote(sol, usdc, 3)
-                tx = eng.SwapTx(venue.name, sol, usdc, 3, 0, quote.price, True, False)
+                tx = eng.build_swap(order, quote, int(time.time() * 1000) + 60_000)
                 try:
                     async with asyncio.timeout(0.05):
                         fill = await venue.execute(tx)
@@ -569,6 +596,7 @@ async def test_the_simulated_venues_are_reproducible_with_a_seed(config: Config)
     assert first != other
     prices = [entry[0].price / 150.0 for entry in first]
     assert all(0.97 <= p <= 1.02 for p in prices)  # SPEC §4 ranges around the reference price
+    assert any(len(entry) == 2 for entry in first)  # the 30 % fault rate showed
 
 
 def test_the_router_picks_the_most_output_after_fees_not_the_best_raw_price() -> None:
@@ -1289,13 +1317,12 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
 
 
 async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
-    start: Start, config: Config, processes: list[EngineProcess]
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
 ) -> None:
-    # Quotes take ~1 s and execution 10-15 s here: the order is surely mid-flight when it dies.
-    slow = {"ENGINE_DEX_LATENCY_SCALE": "5", "ENGINE_QUOTE_TIMEOUT_MS": "3000"}
-    victim = await EngineProcess.spawn(
-        engine_env(config, **slow, ENGINE_EXECUTION_TIMEOUT_MS="60000")
-    )
+    # Real latencies: execution takes 2-3 s, so the order is surely mid-flight when it dies; its
+    # transaction may land until 4 s after it was sent, and the survivor must wait that out.
+    slow = {"ENGINE_DEX_LATENCY_SCALE": "1", "ENGINE_EXECUTION_TIMEOUT_MS": "4000"}
+    victim = await EngineProcess.spawn(engine_env(config, **slow))
     processes.append(victim)
     url = await victim.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
@@ -1316,3 +1343,7 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
     assert [e["seq"] for e in before + after] == list(range(1, 10))  # resumed with no gap
     assert (after[0]["code"], after[0]["attempt"]) == ("INTERRUPTED", 2)
     assert after[-1]["attempt"] == 2
+    # The chain saw one transaction land for this order: the survivor's, not the victim's.
+    landed = await landed_transactions(redis, config)
+    assert landed[order_id] == [after[-1]["txHash"]]
+    assert before[-1]["txHash"] != after[-1]["txHash"]
