@@ -1344,8 +1344,13 @@ class MockChain:
         return _tx_status(signature, [x for pair in reply.items() for x in pair]) if reply else None
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _tx_status(signature: str, flat: Sequence[Any]) -> TxStatus:
-    record = {str(k): str(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    # Works with clients that decode responses and with those that do not.
+    record = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
     if record["landed"] != "1":
         return TxStatus(False, code=record["code"], error=record["error"])
     fill = Fill(signature, float(record["price"]), float(record["amountOut"]))

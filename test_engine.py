@@ -10,6 +10,7 @@ on cue. Mock latencies are 0 and the seed is fixed; every wait polls with a dead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import random
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -292,9 +294,9 @@ class EngineProcess:
     reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def spawn(cls, env: dict[str, str], *args: str) -> EngineProcess:
+    async def spawn(cls, env: dict[str, str], *args: str, script: str = ENGINE_PY) -> EngineProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, ENGINE_PY, *args,
+            sys.executable, script, *args,
             env={**os.environ, **env},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -800,6 +802,59 @@ async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001
     assert len(interrupted) == 1
 
 
+async def test_a_transaction_that_landed_is_confirmed_even_if_its_answer_was_lost(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", land_then_hang=True)  # lands, then never answers
+    client = await start(replace(config, execution_timeout_ms=100), venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH  # no retry: the chain said it landed
+    submitted, confirmed = events[3], events[4]
+    assert confirmed["txHash"] == submitted["txHash"] == venue.executions[0].signature
+    assert len(venue.executions) == 1
+
+
+async def test_an_order_taken_over_after_its_transaction_landed_is_not_sent_again(
+    start: Start, config: Config
+) -> None:
+    chain: dict[str, eng.TxStatus] = {}
+    lands_and_hangs = ScriptedVenue("RAYDIUM", land_then_hang=True, ledger=chain)
+    first = await start(
+        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=30_000), venues=[lands_and_hangs]
+    )
+    order_id = await order_id_of(first)
+    await wait_for(lambda: bool(chain), "the transaction to land")
+    await first.close()  # the grace runs out: the order goes back to the queue, still submitted
+    healthy = ScriptedVenue("RAYDIUM", ledger=chain)
+    second = await start(venues=[healthy])
+    record = await wait_status(second, order_id, "confirmed")
+    assert record["txHash"] == lands_and_hangs.executions[0].signature
+    assert (record["attempts"], record["recoveries"]) == (1, 1)
+    assert [h["status"] for h in record["history"]] == HAPPY_PATH
+    assert healthy.executions == []
+
+
+async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
+    start: Start, config: Config
+) -> None:
+    never = ScriptedVenue("RAYDIUM", gate=asyncio.Event())
+    first = await start(
+        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=1500), venues=[never]
+    )
+    order_id = await order_id_of(first)
+    submitted = await wait_status(first, order_id, "submitted")
+    await first.close()
+    second = await start()
+    record = await wait_status(second, order_id, "confirmed")
+    retried_at = [h["ts"] for h in record["history"] if h["status"] == "routing"][1]
+    # The first transaction could have landed until it expired; only then was a second one built.
+    assert retried_at >= submitted["txExpiresAt"]
+    assert (record["attempts"], record["recoveries"]) == (2, 1)
+    assert record["txHash"] != submitted["txHash"]
+
+
 async def test_shutdown_always_finishes_even_when_loops_are_mid_command(config: Config) -> None:
     # Stopping right after start catches the loops in the middle of Redis calls, where a single
     # cancel can be lost (Python 3.11's wait_for, used inside redis-py).
@@ -964,6 +1019,56 @@ async def test_resume_from_before_the_log_or_beyond_it_resyncs(
                 "submitted",
             )
     held.set()
+
+
+async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
+    start: Start,
+) -> None:
+    held = asyncio.Event()
+    a = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    b = await start()
+    a_id, b_id = a.app[eng.ENGINE].instance_id, b.app[eng.ENGINE].instance_id
+    order_ids: list[str] = []
+    async with a.ws_connect("/ws?userId=1") as on_a, b.ws_connect("/ws?userId=1") as on_b:
+        for ws in (on_a, on_b):
+            assert (await receive(ws))["type"] == "connected"
+
+        async def both_executing() -> bool:  # until each instance has taken at least one
+            order_ids.append(await order_id_of(b if len(order_ids) % 2 else a))
+            records = [await get_order(b, order_id) for order_id in order_ids]
+            return {r["instance"] for r in records} == {a_id, b_id}
+
+        await wait_for(both_executing, "both instances to take orders")
+        held.set()
+        seen_on_a = await events_until_done(on_a, *order_ids)
+        seen_on_b = await events_until_done(on_b, *order_ids)
+    assert seen_on_a == seen_on_b
+    assert [e["seq"] for e in seen_on_a] == list(range(1, len(seen_on_a) + 1))
+    executed_by = {e["instance"] for e in seen_on_a if e["status"] == "routing"}
+    assert executed_by == {a_id, b_id}
+
+
+async def test_resume_at_the_edge_of_the_capped_log(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, concurrency=20))
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        order_ids = [await order_id_of(client) for _ in range(230)]
+        await events_until_done(ws, *order_ids)
+    keys = eng.Keys(config.redis_prefix)
+    (first_id, _), *_ = await redis.xrange(keys.user_log("1"), count=1)
+    oldest, newest = int(first_id.split("-")[0]), int(await redis.get(keys.user_seq("1")))
+    assert oldest > 1  # the log was capped: its oldest events are gone ...
+    assert newest - oldest + 1 >= eng.EVENT_LOG_KEEP  # ... but at least the last 1,000 remain
+    async with client.ws_connect(f"/ws?userId=1&since={oldest - 1}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = [await receive(ws) for _ in range(newest - oldest + 1)]
+    assert [e["seq"] for e in replayed] == list(range(oldest, newest + 1))
+    async with client.ws_connect(f"/ws?userId=1&since={oldest - 2}") as ws:
+        assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
+        marker = await order_id_of(client)
+        assert (await receive(ws))["orderId"] == marker  # nothing unfinished to snapshot
 
 
 def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -1347,3 +1452,286 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
     landed = await landed_transactions(redis, config)
     assert landed[order_id] == [after[-1]["txHash"]]
     assert before[-1]["txHash"] != after[-1]["txHash"]
+
+
+async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    for durability, fsync in (("everysec", "everysec"), ("strict", "always")):
+        env = engine_env(replace(config, redis_url=None), ENGINE_DURABILITY=durability)
+        process = await EngineProcess.spawn(env)
+        processes.append(process)
+        await process.url()
+        sock = str(config.data_dir / "redis.sock")
+        embedded = aioredis.Redis(unix_socket_path=sock, decode_responses=True)
+        settings = await embedded.config_get("append*")
+        await embedded.aclose()
+        assert (settings["appendonly"], settings["appendfsync"]) == ("yes", fsync)
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.exit_code() == 0
+
+
+# A real engine embedding the simulated venues, except that executing the poison amount kills
+# the whole process, as a bug that crashes the interpreter would.
+POISONED_ENGINE = """
+import asyncio, os, signal, sys, time
+sys.path.insert(0, {engine_dir!r})
+import engine
+import redis.asyncio as aioredis
+
+
+class Poisoned:
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    async def quote(self, *args):
+        return await self.inner.quote(*args)
+
+    async def lookup(self, signature):
+        return await self.inner.lookup(signature)
+
+    async def execute(self, tx):
+        if tx.amount_in == {poison!r}:
+            os._exit(70)
+        return await self.inner.execute(tx)
+
+
+async def main():
+    config = engine.Config.load(os.environ)
+    engine.configure_logging(config)
+    client = aioredis.from_url(config.redis_url)
+    chain = engine.MockChain(client, engine.Keys(config.redis_prefix), 60, time.time)
+    venues = [Poisoned(venue) for venue in engine.default_venues(config, chain)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await engine.serve(config, stop, venues=venues)
+
+
+asyncio.run(main())
+"""
+
+
+async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
+    config: Config, processes: list[EngineProcess], redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    poison = 13.37
+    script = tmp_path / "poisoned_engine.py"
+    script.write_text(POISONED_ENGINE.format(engine_dir=str(Path(ENGINE_PY).parent), poison=poison))
+    env = engine_env(config, ENGINE_EXECUTION_TIMEOUT_MS="300")
+    killer = {**ORDER, "amount": poison}
+    for death in range(eng.RECOVERY_LIMIT):
+        process = await EngineProcess.spawn(env, script=str(script))
+        processes.append(process)
+        url = await process.url()
+        if death == 0:
+            async with ClientSession() as http:
+                order_id = (
+                    await (await http.post(f"{url}/api/orders/execute", json=killer)).json()
+                )["orderId"]
+        assert await process.exit_code() == 70  # it took the engine down with it, again
+    last = await EngineProcess.spawn(env, script=str(script))
+    processes.append(last)
+    url = await last.url()
+    async with ClientSession() as http:
+
+        async def failed() -> bool:
+            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+            return bool(record["status"] == "failed")
+
+        await wait_for(failed, "the poison order to be failed")
+        record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+        healthy = (await (await http.post(f"{url}/api/orders/execute", json=ORDER)).json())[
+            "orderId"
+        ]
+
+        async def confirmed() -> bool:
+            reply = await (await http.get(f"{url}/api/orders/{healthy}")).json()
+            return bool(reply["status"] == "confirmed")
+
+        await wait_for(confirmed, "the next order to go through")
+    assert (record["code"], record["recoveries"], record["attempts"]) == ("RECOVERY_LIMIT", 3, 3)
+    assert order_id not in await landed_transactions(redis, config)
+    assert last.proc.returncode is None
+
+
+async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_record(
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    env = engine_env(config, ENGINE_DEX_LATENCY_SCALE="1", ENGINE_EXECUTION_TIMEOUT_MS="3000")
+    stalled = await EngineProcess.spawn(env)
+    processes.append(stalled)
+    url = await stalled.url()
+    async with ClientSession() as http:
+        replies = [await http.post(f"{url}/api/orders/execute", json=ORDER) for _ in range(3)]
+        order_ids = [(await reply.json())["orderId"] for reply in replies]
+
+        async def all_submitted() -> bool:
+            records = [await (await http.get(f"{url}/api/orders/{o}")).json() for o in order_ids]
+            return all(r["status"] == "submitted" for r in records)
+
+        await wait_for(all_submitted, "the orders to be submitted")
+    stalled.proc.send_signal(signal.SIGSTOP)  # a long pause: its heartbeat expires, it lives on
+    survivor = await start()
+    for order_id in order_ids:
+        await wait_status(survivor, order_id, "confirmed")
+    stalled.proc.send_signal(signal.SIGCONT)  # its sends resume, but the chain refuses them
+    await wait_for(
+        lambda: sum("lease lost" in line for line in stalled.lines) == 3,
+        "the stalled engine to back off",
+    )
+    landed = await landed_transactions(redis, config)
+    keys = eng.Keys(config.redis_prefix)
+    for order_id in order_ids:
+        events = [orjson.loads(f["e"]) for _, f in await redis.xrange(keys.user_log("1"))]
+        terminal = [e for e in events if e["orderId"] == order_id and e["status"] in TERMINAL]
+        assert [e["status"] for e in terminal] == ["confirmed"]
+        assert landed[order_id] == [terminal[0]["txHash"]]
+
+
+@dataclass
+class Watcher:
+    """A user's client that stays connected to some live engine, resuming with `since` whenever
+    its engine dies, and checks that seq never skips or repeats."""
+
+    user: str
+    live: list[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reconnects: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    expected: set[str] | None = None
+
+    async def run(self, http: ClientSession) -> None:
+        while not self.done.is_set():
+            since = self.events[-1]["seq"] if self.events else 0
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                url = random.choice(self.live)
+                async with http.ws_connect(f"{url}/ws?userId={self.user}&since={since}") as ws:
+                    self.reconnects += 1
+                    await self._read(ws)
+            await asyncio.sleep(0.05)
+
+    async def _read(self, ws: ClientWebSocketResponse) -> None:
+        async for message in ws:
+            event = orjson.loads(message.data)
+            assert event["type"] in {"connected", "order"}, event  # never a resync
+            if event["type"] == "order":
+                last = self.events[-1]["seq"] if self.events else 0
+                assert event["seq"] == last + 1, (last, event["seq"])
+                self.events.append(event)
+                self.check_done()
+
+    def check_done(self) -> None:
+        finished = {e["orderId"] for e in self.events if e["status"] in TERMINAL}
+        if self.expected is not None and finished >= self.expected:
+            self.done.set()
+
+
+@dataclass
+class Fleet:
+    """Real engine processes sharing one Redis: started, killed and replaced at random."""
+
+    env: dict[str, str]
+    processes: list[EngineProcess]
+    rng: random.Random
+    running: dict[str, EngineProcess] = field(default_factory=dict)
+    live: list[str] = field(default_factory=list)  # URLs of running engines, shared with clients
+
+    async def spawn(self) -> None:
+        process = await EngineProcess.spawn(self.env)
+        self.processes.append(process)
+        self.running[await process.url()] = process
+        self.live[:] = list(self.running)
+
+    async def kill_at_random(self, kills: int) -> None:
+        for _ in range(kills):
+            await asyncio.sleep(self.rng.uniform(0.4, 1.0))
+            victim = self.rng.choice(list(self.running))
+            self.running.pop(victim).kill()
+            self.live.remove(victim)
+            await self.spawn()
+
+    async def post(self, http: ClientSession, user: str, key: str) -> str:
+        """Place an order on any live engine; an answer lost with its engine is asked again with
+        the same Idempotency-Key, so the order exists once whatever happened."""
+        while True:
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                async with http.post(
+                    f"{self.rng.choice(self.live)}/api/orders/execute",
+                    json={**ORDER, "userId": user},
+                    headers={"Idempotency-Key": key},
+                ) as reply:
+                    if reply.status == 202:
+                        order_id: str = (await reply.json())["orderId"]
+                        return order_id
+            await asyncio.sleep(0.05)
+
+
+async def check_from_outside(redis: aioredis.Redis, config: Config, watcher: Watcher) -> None:
+    """Each order ended once, each confirmed swap landed once (the chain's own record), and what
+    the resuming client saw is exactly the user's log."""
+    keys = eng.Keys(config.redis_prefix)
+    landed = await landed_transactions(redis, config)
+    log = [orjson.loads(f["e"]) for _, f in await redis.xrange(keys.user_log(watcher.user))]
+    assert watcher.events == log
+    for order_id in watcher.expected or ():
+        terminal = [e for e in log if e["orderId"] == order_id and e["status"] in TERMINAL]
+        assert len(terminal) == 1, terminal
+        if terminal[0]["status"] == "confirmed":
+            assert landed[order_id] == [terminal[0]["txHash"]]
+        else:
+            assert order_id not in landed
+
+
+async def test_engines_killed_at_random_moments_lose_nothing_and_run_nothing_twice(
+    config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    env = engine_env(
+        config,
+        ENGINE_DEX_LATENCY_SCALE="0.3",
+        ENGINE_EXECUTION_TIMEOUT_MS="1500",
+        ENGINE_DEX_FAIL_RATE="0.05",
+        ENGINE_CONCURRENCY="4",
+    )
+    rng = random.Random(11)
+    fleet = Fleet(env, processes, rng)
+    for _ in range(3):
+        await fleet.spawn()
+    watchers = [Watcher(f"trader-{i}", fleet.live) for i in range(5)]
+    accepted: dict[str, str] = {}  # orderId -> user
+    async with ClientSession() as http:
+        readers = [asyncio.create_task(w.run(http)) for w in watchers]
+        killer = asyncio.create_task(fleet.kill_at_random(6))
+        for index in range(60):
+            user = watchers[index % len(watchers)].user
+            accepted[await fleet.post(http, user, f"key-{index}")] = user
+            await asyncio.sleep(rng.uniform(0, 0.08))
+        await killer
+        for watcher in watchers:
+            watcher.expected = {o for o, user in accepted.items() if user == watcher.user}
+            watcher.check_done()
+        async with asyncio.timeout(45):
+            await asyncio.gather(*(w.done.wait() for w in watchers))
+        await cancel_all(readers)
+    assert len(accepted) == 60
+    for watcher in watchers:
+        await check_from_outside(redis, config, watcher)
+    assert sum(w.reconnects for w in watchers) > len(watchers)  # clients did resume elsewhere
+    interrupted = [e for w in watchers for e in w.events if e.get("code") == "INTERRUPTED"]
+    assert len(interrupted) >= 3  # the kills did land on orders in flight
+    keys = eng.Keys(config.redis_prefix)
+
+    async def nothing_left_behind() -> bool:  # dead instances recovered and forgotten
+        members = await redis.smembers(keys.instances)
+        lists = [k async for k in redis.scan_iter(keys.processing("*"))]
+        return (
+            len(members) == len(fleet.running) and not lists and not await redis.llen(keys.pending)
+        )
+
+    await wait_for(nothing_left_behind, "dead instances to be recovered and forgotten")
+    assert not await redis.zcard(keys.delayed)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
