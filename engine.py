@@ -197,7 +197,7 @@ return {'created', event}
 
 # Take the lease on an order whose job this instance just moved into its processing list.
 # KEYS: order, processing   ARGV: 1 order_id, 2 lease, 3 instance, 4 heartbeat key prefix,
-#       5 terminal statuses (space separated), 6 the waiting status
+#       5 terminal statuses (space separated), 6 the waiting status, 7 processing list prefix
 LUA_CLAIM: Final = """
 local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
 local status, lease = current[1], current[2]
@@ -209,12 +209,18 @@ if string.find(' ' .. ARGV[5] .. ' ', ' ' .. status .. ' ', 1, true) then
   redis.call('LREM', KEYS[2], 1, ARGV[1])
   return {'finished'}
 end
--- An order in the middle of an attempt belongs to its lease holder while that instance is alive;
--- a second job for it (a duplicate) is dropped. A dead holder's order is taken over.
+-- An order in the middle of an attempt belongs to its lease holder while that instance is alive
+-- (its heartbeat may have lapsed for a moment, letting its jobs be recovered). Its job goes back
+-- to the holder's processing list, so that it is recovered with the rest if the holder dies
+-- later. A dead holder's order is taken over.
 if status ~= ARGV[6] and lease then
   local holder = string.match(lease, '^(.*)/')
   if holder and holder ~= ARGV[3] and redis.call('EXISTS', ARGV[4] .. holder) == 1 then
     redis.call('LREM', KEYS[2], 1, ARGV[1])
+    local holder_jobs = ARGV[7] .. holder
+    if not redis.call('LPOS', holder_jobs, ARGV[1]) then
+      redis.call('LPUSH', holder_jobs, ARGV[1])
+    end
     return {'busy'}
   end
 end
@@ -303,6 +309,16 @@ for _, id in ipairs(ARGV) do
   end
 end
 return moved
+"""
+
+# A second job for an order this instance already runs: drop the extra copy, never the last one
+# (a recovery may have taken the first while this instance's heartbeat had lapsed).
+# KEYS: processing   ARGV: 1 order_id
+LUA_DEDUPE: Final = """
+if #redis.call('LPOS', KEYS[1], ARGV[1], 'COUNT', 0) > 1 then
+  redis.call('LREM', KEYS[1], 1, ARGV[1])
+end
+return 1
 """
 
 # Move retries whose back-off has elapsed to the consumer end of the pending list.
@@ -1016,6 +1032,7 @@ class Store:
         self._advance = client.register_script(LUA_ADVANCE)
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
+        self._dedupe = client.register_script(LUA_DEDUPE)
         self._promote = client.register_script(LUA_PROMOTE)
         self._snapshot = client.register_script(LUA_SNAPSHOT)
         self._replay = client.register_script(LUA_REPLAY)
@@ -1110,6 +1127,9 @@ class Store:
     async def release_job(self, instance: str, order_id: str) -> None:
         await self.redis.lrem(self.keys.processing(instance), 1, order_id)
 
+    async def drop_duplicate(self, instance: str, order_id: str) -> None:
+        await self._dedupe(keys=[self.keys.processing(instance)], args=[order_id])
+
     async def claim(self, order_id: str, instance: str, lease: str) -> tuple[str, Order | None]:
         """Take the lease on an order. Returns ("claimed", order) or (why not, None)."""
         reply = await self._claim(
@@ -1121,6 +1141,7 @@ class Store:
                 self.keys.heartbeat(""),
                 " ".join(TERMINAL),
                 Status.PENDING,
+                self.keys.processing(""),
             ],
         )
         if reply[0] != "claimed":
@@ -1686,7 +1707,9 @@ class Engine:
                 self._slots.release()
             elif order_id in self._inflight:  # a duplicate job for an order a worker here holds
                 self._slots.release()
-                await persist("drop duplicate", self.store.release_job, self.instance_id, order_id)
+                await persist(
+                    "drop duplicate", self.store.drop_duplicate, self.instance_id, order_id
+                )
             else:
                 self._inflight.add(order_id)
                 self._idle.clear()

@@ -740,6 +740,50 @@ async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
     assert await redis.llen(keys.processing(instance)) == 0
 
 
+async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    busy = replace(config, concurrency=1, shutdown_grace_s=0.1)
+    a = await start(busy, venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
+    pending = eng.Keys(config.redis_prefix).pending
+    order_id = await order_id_of(a)
+    await wait_status(a, order_id, "submitted")
+    b = await start()
+    # A's heartbeat lapsed for a moment and its job was recovered; only B has a free worker.
+    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
+    await wait_for(lambda: _has_job(redis, a_jobs, order_id), "the job to go back to A's list")
+    assert await redis.llen(pending) == 0
+    await a.close()  # A goes away for good: its list, job included, is handed back
+    record = await wait_status(b, order_id, "confirmed")
+    assert record["recoveries"] == 1
+
+
+async def test_a_duplicate_never_removes_the_last_job_of_an_order(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    a = await start(
+        replace(config, shutdown_grace_s=0.1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
+    pending = eng.Keys(config.redis_prefix).pending
+    order_id = await order_id_of(a)
+    await wait_status(a, order_id, "submitted")
+    # The job was recovered while A's heartbeat lapsed, and A's own fetcher takes it back.
+    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
+    await wait_for(lambda: _queue_empty(redis, config), "A to take the job back")
+    assert await _has_job(redis, a_jobs, order_id)  # the only copy stays where it belongs
+    await a.close()
+    b = await start()
+    await wait_status(b, order_id, "confirmed")
+
+
+async def _has_job(redis: aioredis.Redis, jobs: str, order_id: str) -> bool:
+    return await redis.lpos(jobs, order_id) is not None
+
+
 async def test_a_duplicate_job_for_an_order_in_flight_is_dropped(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
