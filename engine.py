@@ -1628,6 +1628,9 @@ class Engine:
     def now(self) -> float:
         return self._clock()
 
+    def retry_delay_ms(self, attempt: int) -> int:
+        return retry_delay_ms(attempt, self.config.retry_base_ms, self._rng)
+
     # -- life -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -1950,11 +1953,7 @@ class _Attempt:
         config = self.engine.config
         detail = {"error": failure.message, "code": failure.code}
         if failure.retryable and self.order.attempts < config.max_attempts:
-            delay_ms = (
-                0
-                if immediately
-                else retry_delay_ms(self.order.attempts, config.retry_base_ms, self.engine._rng)
-            )
+            delay_ms = 0 if immediately else self.engine.retry_delay_ms(self.order.attempts)
             action: JobAction = "keep" if immediately else "retry"
             await self.move(
                 Status.PENDING,

@@ -219,6 +219,12 @@ async def events_until_done(ws: ClientWebSocketResponse, *order_ids: str) -> lis
     return events
 
 
+def snapshot_of(event: dict[str, Any]) -> tuple[str, str]:
+    """The order and status of a snapshot event (and that it is one)."""
+    assert event.get("snapshot") is True, event
+    return event["orderId"], event["status"]
+
+
 def statuses(events: list[dict[str, Any]], order_id: str) -> list[str]:
     return [e["status"] for e in events if e.get("orderId") == order_id]
 
@@ -992,11 +998,7 @@ async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> N
     async with client.ws_connect("/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
         snapshot = await receive(ws)
-        assert (snapshot["snapshot"], snapshot["orderId"], snapshot["status"]) == (
-            True,
-            order_id,
-            "submitted",
-        )
+        assert snapshot_of(snapshot) == (order_id, "submitted")
         held.set()
         confirmed = await receive(ws)
     assert (confirmed["status"], confirmed["seq"]) == ("confirmed", snapshot["seq"] + 1)
@@ -1057,11 +1059,7 @@ async def test_resume_from_before_the_log_or_beyond_it_resyncs(
         async with client.ws_connect(f"/ws?userId=1&since={since}") as ws:
             assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
             snapshot = await receive(ws)
-            assert (snapshot["snapshot"], snapshot["orderId"], snapshot["status"]) == (
-                True,
-                open_order,
-                "submitted",
-            )
+            assert snapshot_of(snapshot) == (open_order, "submitted")
     held.set()
 
 
