@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -147,15 +148,20 @@ UNIX_SOCKET_PATH_MAX: Final = 100
 PR_SET_PDEATHSIG: Final = 1
 
 # The Lua scripts are templates: $NAME placeholders are filled once per Store with its key prefix,
-# TTLs and caps (Store._script), so a call sends only what varies. Redis spends its time on the
-# scripts' commands; the engine, on every argument it packs (the benchmark found ~0.6 µs each).
+# TTLs and caps (see lua()), so a call sends only what varies. Redis has CPU to spare; the engine
+# pays for every argument it packs (the benchmark found ~0.6 µs each). So the scripts on an
+# order's path take their values as one argument of lines (`fields`; JSON values never hold a raw
+# newline) and build key names from the ids and the prefix rather than receiving them. That ties
+# them to one Redis node, which the engine needs anyway: a job moves between lists and a status
+# change touches an order, its user and the queue at once, so Redis Cluster is not supported.
 #
-# Every script that emits an event contains this function: it gives the event the user's next
-# seq, appends it to the user's capped log and publishes it. `body` is the event's JSON without
-# "seq", which is spliced in as the first field. `fields` unpacks record fields sent as one
-# argument, "name\nvalue\n...": JSON values never hold a raw newline.
+# Every script that emits an event contains `emit`: it gives the event the user's next seq,
+# appends it to the user's capped log and publishes it. `body` is the event's JSON without "seq",
+# which is spliced in as the first field.
 LUA_EMIT: Final = """
-local function emit(seq_key, log_key, user, body)
+local function emit(user, body)
+  local seq_key = '$USER_PREFIX' .. user .. ':seq'
+  local log_key = '$USER_PREFIX' .. user .. ':events'
   local seq = redis.call('INCR', seq_key)
   if seq == 1 then
     -- A new counter. Should an older log have survived it, continue after that log.
@@ -182,36 +188,40 @@ end
 """
 
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
-# KEYS: order, pending, delayed, user_orders, user_active, seq, log, idempotency
-# ARGV: 1 order_id, 2 user, 3 created_us, 4 fingerprint, 5 with idempotency key ('1'/'0'),
-#       6 event body, 7 record fields
+# Keys are derived from the ids (the key prefix is part of the template). ARGV[1] holds, one per
+# line: order_id, user, created_us, fingerprint, idempotency key or '-', event body, then the
+# record's fields.
 LUA_CREATE: Final = (
     LUA_FIELDS
     + LUA_EMIT
     + """
-if ARGV[5] == '1' then
-  local prior = redis.call('GET', KEYS[8])
+local a = fields(ARGV[1])
+local id, user, created, fingerprint, idempotency = a[1], a[2], a[3], a[4], a[5]
+local order = '$ORDER_PREFIX' .. id
+if idempotency ~= '-' then
+  local prior = redis.call('GET', idempotency)
   if prior then return {'exists', prior} end
 end
 -- A create re-sent after a lost reply finds its own record and changes nothing.
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[1] .. ' ' .. ARGV[4]} end
-if redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= $MAX_QUEUED then
+if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerprint} end
+if redis.call('LLEN', '$PENDING') + redis.call('ZCARD', '$DELAYED') >= $MAX_QUEUED then
   return {'full'}
 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -$USER_ORDERS_KEEP - 1)
-redis.call('EXPIRE', KEYS[4], $ORDER_TTL)
-redis.call('SADD', KEYS[5], ARGV[1])
-redis.call('EXPIRE', KEYS[5], $ORDER_TTL)
-if ARGV[5] == '1' then
-  redis.call('SET', KEYS[8], ARGV[1] .. ' ' .. ARGV[4], 'EX', $IDEMPOTENCY_TTL)
+redis.call('LPUSH', '$PENDING', id)
+local orders, active = '$USER_PREFIX' .. user .. ':orders', '$USER_PREFIX' .. user .. ':active'
+redis.call('ZADD', orders, created, id)
+redis.call('ZREMRANGEBYRANK', orders, 0, -$USER_ORDERS_KEEP - 1)
+redis.call('EXPIRE', orders, $ORDER_TTL)
+redis.call('SADD', active, id)
+redis.call('EXPIRE', active, $ORDER_TTL)
+if idempotency ~= '-' then
+  redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', $IDEMPOTENCY_TTL)
 end
-local record = fields(ARGV[7])
+local record = {unpack(a, 7)}
 record[#record + 1] = 'lastEvent'
-record[#record + 1] = emit(KEYS[6], KEYS[7], ARGV[2], ARGV[6])
-redis.call('HSET', KEYS[1], unpack(record))
-redis.call('EXPIRE', KEYS[1], $ORDER_TTL)
+record[#record + 1] = emit(user, a[6])
+redis.call('HSET', order, unpack(record))
+redis.call('EXPIRE', order, $ORDER_TTL)
 return {'created'}
 """
 )
@@ -251,48 +261,51 @@ return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS)}
 """
 
 # Record one status change made by the lease holder, move the job as the outcome requires, emit.
-# KEYS: order, processing, delayed, failed, user_active, seq, log
-# ARGV: 1 order_id, 2 lease, 3 expected status, 4 step, 5 action (keep|retry|done|fail),
-#       6 score (due time for retry, now for fail), 7 user, 8 history entry, 9 event body,
-#       10 record fields
+# ARGV[1] holds, one per line: order_id, lease, expected status, step, action (keep|retry|done|
+# fail), score (due time for a retry, now for a failure), instance, user, history entry, event
+# body, then the record fields that change.
 LUA_ADVANCE: Final = (
     LUA_FIELDS
     + LUA_EMIT
     + """
-local current = redis.call('HMGET', KEYS[1], 'lease', 'status', 'step', 'history')
-if current[1] ~= ARGV[2] then return {'lease_lost'} end
+local a = fields(ARGV[1])
+local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
+local order = '$ORDER_PREFIX' .. id
+local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
+if current[1] ~= lease then return {'lease_lost'} end
 -- The same step sent twice (the first reply was lost) is answered, not applied again.
-if current[3] == ARGV[4] then return {'applied'} end
-if current[2] ~= ARGV[3] then return {'conflict', current[2]} end
-local action = ARGV[5]
-if action ~= 'keep' then redis.call('LREM', KEYS[2], 1, ARGV[1]) end
-if action == 'retry' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1]) end
-if action == 'done' or action == 'fail' then redis.call('SREM', KEYS[5], ARGV[1]) end
+if current[3] == step then return {'applied'} end
+if current[2] ~= expected then return {'conflict', current[2]} end
+if action ~= 'keep' then redis.call('LREM', '$PROCESSING_PREFIX' .. instance, 1, id) end
+if action == 'retry' then redis.call('ZADD', '$DELAYED', score, id) end
+if action == 'done' or action == 'fail' then
+  redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
+end
 if action == 'fail' then
   -- Failed orders stay readable while they are among the newest kept; older ones fall back to
   -- the ordinary record TTL.
-  redis.call('PERSIST', KEYS[1])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[1])
-  for _, old in ipairs(redis.call('ZRANGE', KEYS[4], 0, -$FAILED_KEEP - 1)) do
+  redis.call('PERSIST', order)
+  redis.call('ZADD', '$FAILED', score, id)
+  for _, old in ipairs(redis.call('ZRANGE', '$FAILED', 0, -$FAILED_KEEP - 1)) do
     redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
   end
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -$FAILED_KEEP - 1)
+  redis.call('ZREMRANGEBYRANK', '$FAILED', 0, -$FAILED_KEEP - 1)
 else
-  redis.call('EXPIRE', KEYS[1], $ORDER_TTL)
+  redis.call('EXPIRE', order, $ORDER_TTL)
 end
 -- history is a JSON array kept as text, so appending needs no JSON round trip.
 local history = current[4]
 if history == '[]' then
-  history = '[' .. ARGV[8] .. ']'
+  history = '[' .. a[9] .. ']'
 else
-  history = string.sub(history, 1, -2) .. ',' .. ARGV[8] .. ']'
+  history = string.sub(history, 1, -2) .. ',' .. a[9] .. ']'
 end
-local record = fields(ARGV[10])
-for _, item in ipairs({'step', ARGV[4], 'history', history, 'lastEvent'}) do
+local record = {unpack(a, 11)}
+for _, item in ipairs({'step', step, 'history', history, 'lastEvent'}) do
   record[#record + 1] = item
 end
-record[#record + 1] = emit(KEYS[6], KEYS[7], ARGV[7], ARGV[9])
-redis.call('HSET', KEYS[1], unpack(record))
+record[#record + 1] = emit(user, a[10])
+redis.call('HSET', order, unpack(record))
 return {'ok'}
 """
 )
@@ -637,7 +650,17 @@ Clock = Callable[[], float]  # seconds since the epoch
 
 
 def iso_ms(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """`2026-01-01T00:00:00.000Z`. Six per order, so the second is formatted once per second."""
+    second = int(ts)
+    micros = round((ts - second) * 1_000_000)  # rounded to the microsecond, as datetime does
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    return f"{_iso_second(second)}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def parse_iso_ms(text: str) -> int:
@@ -966,6 +989,11 @@ def order_view(record: Mapping[str, str]) -> dict[str, Any]:
     return view
 
 
+def lines(head: Sequence[str], *rest: bytes) -> bytes:
+    """A script's values as its one argument: one per line (see the note on the Lua templates)."""
+    return b"\n".join([*(item.encode() for item in head), *rest])
+
+
 def field_blob(fields: Mapping[str, Any]) -> bytes:
     """Record fields as one script argument, "name\\nvalue\\n...", values JSON (a few raw)."""
     parts: list[bytes] = []
@@ -1006,6 +1034,10 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         ORDER_PREFIX=keys.order(""),
         HEARTBEAT_PREFIX=keys.heartbeat(""),
         PROCESSING_PREFIX=keys.processing(""),
+        USER_PREFIX=keys.user(""),
+        PENDING=keys.pending,
+        DELAYED=keys.delayed,
+        FAILED=keys.failed,
         TERMINAL=" ".join(TERMINAL),
         WAITING=Status.PENDING,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
@@ -1026,17 +1058,20 @@ class Keys:
     def order(self, order_id: str) -> str:
         return f"{self.prefix}order:{order_id}"
 
+    def user(self, user_id: str) -> str:  # the user's keys start with this (Lua builds them too)
+        return f"{self.prefix}user:{user_id}"
+
     def user_orders(self, user_id: str) -> str:
-        return f"{self.prefix}user:{user_id}:orders"
+        return f"{self.user(user_id)}:orders"
 
     def user_active(self, user_id: str) -> str:
-        return f"{self.prefix}user:{user_id}:active"
+        return f"{self.user(user_id)}:active"
 
     def user_seq(self, user_id: str) -> str:
-        return f"{self.prefix}user:{user_id}:seq"
+        return f"{self.user(user_id)}:seq"
 
     def user_log(self, user_id: str) -> str:
-        return f"{self.prefix}user:{user_id}:events"
+        return f"{self.user(user_id)}:events"
 
     def idempotency(self, user_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -1236,9 +1271,6 @@ class Store:
         self._snapshot = client.register_script(LUA_SNAPSHOT)
         self._replay = client.register_script(LUA_REPLAY)
 
-    def _user_event_keys(self, user_id: str) -> list[str]:
-        return [self.keys.user_seq(user_id), self.keys.user_log(user_id)]
-
     # -- accepting orders -------------------------------------------------------------------------
 
     async def create(
@@ -1265,26 +1297,15 @@ class Store:
         user = order.user_id
         keys = self.keys
         fingerprint = request.fingerprint()
+        head = [
+            order.order_id,
+            user,
+            str(int(now * 1_000_000)),  # µs: orders of one user a millisecond apart still sort
+            fingerprint,
+            keys.idempotency(user, idempotency_key) if idempotency_key else "-",
+        ]
         reply = await self.batch.call(
-            self._create,
-            keys=[
-                keys.order(order.order_id),
-                keys.pending,
-                keys.delayed,
-                keys.user_orders(user),
-                keys.user_active(user),
-                *self._user_event_keys(user),
-                keys.idempotency(user, idempotency_key or ""),
-            ],
-            args=[
-                order.order_id,
-                user,
-                int(now * 1_000_000),  # µs: orders of one user a millisecond apart still sort
-                fingerprint,
-                "1" if idempotency_key else "0",
-                orjson.dumps(event),
-                field_blob(fields),
-            ],
+            self._create, [], [lines(head, orjson.dumps(event), field_blob(fields))]
         )
         if reply[0] == "full":
             raise ApiError(
@@ -1367,30 +1388,19 @@ class Store:
         history |= {name: event_extra[name] for name in _HISTORY_DETAIL if name in event_extra}
         fields = {"status": after.status, "attempts": after.attempts, "updatedAt": ts, **info}
         user = after.user_id
-        keys = self.keys
-        now_ms = int(now * 1000)
+        head = [
+            after.order_id,
+            lease,
+            before.status,
+            f"{attempt}:{after.status}",
+            action,
+            str(int(now * 1000) + delay_ms),
+            instance,
+            user,
+        ]
+        event = orjson.dumps(order_event(after, after.status, ts, event_extra))
         reply = await self.batch.call(
-            self._advance,
-            keys=[
-                keys.order(after.order_id),
-                keys.processing(instance),
-                keys.delayed,
-                keys.failed,
-                keys.user_active(user),
-                *self._user_event_keys(user),
-            ],
-            args=[
-                after.order_id,
-                lease,
-                before.status,
-                f"{attempt}:{after.status}",
-                action,
-                now_ms + delay_ms,
-                user,
-                orjson.dumps(history),
-                orjson.dumps(order_event(after, after.status, ts, event_extra)),
-                field_blob(fields),
-            ],
+            self._advance, [], [lines(head, orjson.dumps(history), event, field_blob(fields))]
         )
         if reply[0] == "lease_lost":
             raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
@@ -2270,6 +2280,7 @@ class Hub:
         self.store = store
         self.limits = limits
         self._client = client  # for the subscription: no per-read timeout (see _receive)
+        self._filling = False  # a socket's queue is more than half full
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self.slow_closed = 0  # sockets closed with 1013 since start
@@ -2329,8 +2340,10 @@ class Hub:
                     message = await pubsub.get_message(timeout=None)
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
-                        # Buffered messages are read without suspending; let the sockets'
-                        # pumps run between them so a burst does not look like a slow client.
+                    if self._filling:
+                        # Buffered messages are read without suspending: when a socket's queue
+                        # fills, let the pumps run before a burst can look like a slow client.
+                        self._filling = False
                         await asyncio.sleep(0)
         except TimeoutError:
             raise redis_errors.ConnectionError("the event subscription fell silent") from None
@@ -2359,6 +2372,8 @@ class Hub:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
             self._drop_slow(sub)
+        else:
+            self._filling |= sub.queue.qsize() > self.limits.queue_max // 2
 
     def _drop_slow(self, sub: Subscriber) -> None:
         """Close a socket that cannot keep up with 1013, without waiting on it for anything.

@@ -238,8 +238,8 @@ async def landed_transactions(redis: aioredis.Redis, config: Config) -> dict[str
     landed: dict[str, list[str]] = {}
     async for key in redis.scan_iter(eng.Keys(config.redis_prefix).chain("*")):
         record = await redis.hgetall(key)
-        if record["landed"] == "1":
-            landed.setdefault(record["orderId"], []).append(key.rsplit(":", 1)[1])
+        if orjson.loads(record["landed"]):
+            landed.setdefault(orjson.loads(record["orderId"]), []).append(key.rsplit(":", 1)[1])
     return landed
 
 
