@@ -677,18 +677,16 @@ def base58(data: bytes) -> str:
     return "1" * leading_zeros + "".join(reversed(digits))
 
 
-def new_tx_hash() -> str:
-    """A Solana-like signature: 64 random bytes in base58, kept only when 88 characters long.
-
-    Identifiers never come from the seeded random source, so they stay unique across instances
-    and restarts that share ENGINE_SEED."""
+def new_tx_hash(rng: random.Random) -> str:
+    """A Solana-like signature: 64 random bytes in base58, kept only when 88 characters long."""
     while True:
-        signature = base58(secrets.token_bytes(64))
+        signature = base58(rng.randbytes(64))
         if len(signature) == TX_HASH_CHARS:
             return signature
 
 
 def new_order_id() -> str:
+    # Anyone who knows an order id can read the order, so ids come from the OS's random source.
     return "order_" + secrets.token_hex(16)
 
 
@@ -1671,7 +1669,7 @@ def pick_best(quotes: Sequence[Quote]) -> Quote:
     return max(quotes, key=lambda quote: quote.amount_out)
 
 
-def build_swap(order: Order, best: Quote, expires_at_ms: int) -> SwapTx:
+def build_swap(order: Order, best: Quote, expires_at_ms: int, signature: str) -> SwapTx:
     """Build and sign the swap: its signature is fixed here, before anything is sent."""
     min_out = round_down(
         best.amount_out * (1 - order.slippage_bps / BPS_PER_UNIT), order.buy.decimals
@@ -1686,7 +1684,7 @@ def build_swap(order: Order, best: Quote, expires_at_ms: int) -> SwapTx:
         quoted_price=best.price,
         wrap_sol=order.input_token == "SOL",
         unwrap_sol=order.output_token == "SOL",
-        signature=new_tx_hash(),
+        signature=signature,
         expires_at_ms=expires_at_ms,
     )
 
@@ -1797,6 +1795,10 @@ class Engine:
         self.draining = False
         self._clock = clock
         self._rng = rng or random.Random(config.seed)
+        # Identifiers never come from ENGINE_SEED's source, so they stay unique across instances
+        # and restarts that share a seed. Leases and simulated signatures need only be unique,
+        # so one OS seed per engine serves them all (a system call each would cost more).
+        self._unique = random.Random(secrets.token_bytes(32))
         self._room = asyncio.Event()  # set while a worker is free
         self._room.set()
         self._jobs: asyncio.Queue[str] = asyncio.Queue()
@@ -1835,6 +1837,9 @@ class Engine:
 
     def now(self) -> float:
         return self._clock()
+
+    def new_signature(self) -> str:
+        return new_tx_hash(self._unique)
 
     def retry_delay_ms(self, attempt: int) -> int:
         return retry_delay_ms(attempt, self.config.retry_base_ms, self._rng)
@@ -1944,7 +1949,7 @@ class Engine:
                     self._idle.set()
 
     async def _process(self, order_id: str) -> None:
-        lease = f"{self.instance_id}/{secrets.token_hex(6)}"
+        lease = f"{self.instance_id}/{self._unique.getrandbits(48):012x}"
         outcome, order = await persist("claim", self.store.claim, order_id, self.instance_id, lease)
         if order is None:
             log.info("job dropped", extra={"orderId": order_id, "reason": outcome})
@@ -2096,7 +2101,8 @@ class _Attempt:
                 },
             )
             # The transaction may land only until the worker stops waiting for it.
-            tx = build_swap(self.order, best, int((engine.now() + timeout_s) * 1000))
+            expires_at_ms = int((engine.now() + timeout_s) * 1000)
+            tx = build_swap(self.order, best, expires_at_ms, engine.new_signature())
             await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx))
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
             try:

@@ -374,7 +374,7 @@ def engine_env(config: Config, **extra: str) -> dict[str, str]:
 
 
 def test_tx_hashes_look_like_solana_signatures_and_never_repeat() -> None:
-    hashes = {eng.new_tx_hash() for _ in range(300)}
+    hashes = {eng.new_tx_hash(random.Random()) for _ in range(300)}
     assert len(hashes) == 300
     assert all(len(h) == 88 and set(h) <= set(eng.BASE58_ALPHABET) for h in hashes)
     # base58 keeps leading zero bytes as '1's, like Solana's encoder
@@ -590,7 +590,8 @@ async def test_the_simulated_venues_are_reproducible_with_a_seed(
         for venue in eng.default_venues(replace(config, seed=seed, dex_fail_rate=0.3), chain):
             for _ in range(5):
                 quote = await venue.quote(sol, usdc, 3)
-                tx = eng.build_swap(order, quote, int(time.time() * 1000) + 60_000)
+                expiry = int(time.time() * 1000) + 60_000
+                tx = eng.build_swap(order, quote, expiry, eng.new_tx_hash(random.Random()))
                 try:
                     async with asyncio.timeout(0.05):
                         fill = await venue.execute(tx)
