@@ -182,71 +182,74 @@ def bare_app() -> web.Application:
     return app
 
 
-def pipeline_app(redis_url: str, concurrency: int) -> web.Application:
-    """The least an order can cost here: one MULTI in, four status writes and WebSocket sends,
-    one LREM out; the job carries the user so no read is needed."""
-    round_trips = engine.RoundTrips()
-    client = engine.connect_redis(redis_url, concurrency + 32, round_trips)
-    sockets: dict[str, set[web.WebSocketResponse]] = {}
+class LeastPipeline:
+    """The least an order can cost here: one MULTI in, four status writes each followed by a
+    WebSocket send, one LREM out. The job carries the user, so no read is needed."""
 
-    async def execute(request: web.Request) -> web.Response:
+    def __init__(self, redis_url: str, concurrency: int) -> None:
+        self.round_trips = engine.RoundTrips()
+        self.client = engine.connect_redis(redis_url, concurrency + 32, self.round_trips)
+        self.concurrency = concurrency
+        self.sockets: dict[str, set[web.WebSocketResponse]] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/orders/execute", self.execute)
+        app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/healthz", self.healthz)
+        app.cleanup_ctx.append(self.workers)
+        return app
+
+    async def execute(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         order_id = f"order_{secrets.token_hex(16)}"
-        async with client.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                f"base:order:{order_id}", mapping={"userId": body["userId"], "status": "pending"}
-            )
+        async with self.client.pipeline(transaction=True) as pipe:
+            fields = {"userId": body["userId"], "status": "pending"}
+            pipe.hset(f"base:order:{order_id}", mapping=fields)
             pipe.lpush("base:pending", f"{order_id} {body['userId']}")
             await pipe.execute()
         reply = {"orderId": order_id, "status": "pending"}
         return web.Response(body=orjson.dumps(reply), status=202, content_type="application/json")
 
-    async def worker() -> None:
+    async def worker(self) -> None:
         while True:
-            job = await client.blmove("base:pending", "base:processing", 1, "RIGHT", "LEFT")
+            job = await self.client.blmove("base:pending", "base:processing", 1, "RIGHT", "LEFT")
             if job is None:
                 continue
             order_id, user = str(job).split(" ")
             for status in ("routing", "building", "submitted", "confirmed"):
-                await client.hset(f"base:order:{order_id}", "status", status)
+                await self.client.hset(f"base:order:{order_id}", "status", status)
                 event = orjson.dumps({"type": "order", "orderId": order_id, "status": status})
-                for ws in list(sockets.get(user, ())):
+                for ws in list(self.sockets.get(user, ())):
                     await ws.send_str(event.decode())
-            await client.lrem("base:processing", 1, str(job))
+            await self.client.lrem("base:processing", 1, str(job))
 
-    async def websocket(request: web.Request) -> web.WebSocketResponse:
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         user = request.query["userId"]
-        sockets.setdefault(user, set()).add(ws)
+        self.sockets.setdefault(user, set()).add(ws)
         await ws.send_str(orjson.dumps({"type": "connected", "userId": user}).decode())
         async for _ in ws:
             pass
-        sockets[user].discard(ws)
+        self.sockets[user].discard(ws)
         return ws
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "redisRoundTrips": round_trips.count})
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "redisRoundTrips": self.round_trips.count})
 
-    async def workers(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    async def workers(self, app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(self.worker()) for _ in range(self.concurrency)]
         yield
         await engine.cancel_and_wait(tasks)
-        await client.aclose()
-
-    app = web.Application()
-    app.router.add_post("/api/orders/execute", execute)
-    app.router.add_get("/ws", websocket)
-    app.router.add_get("/healthz", healthz)
-    app.cleanup_ctx.append(workers)
-    return app
+        await self.client.aclose()
 
 
 def serve_baseline(kind: str, redis_url: str, concurrency: int) -> None:
     """Run a baseline on the engine's stack (uvloop when available) until it is terminated."""
 
     async def serve() -> None:
-        app = bare_app() if kind == "bare" else pipeline_app(redis_url, concurrency)
+        app = bare_app() if kind == "bare" else LeastPipeline(redis_url, concurrency).app()
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", int(os.environ["PORT"])).start()

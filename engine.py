@@ -91,6 +91,7 @@ SEQ_TTL_S: Final = 7 * 24 * 3600
 
 # WebSocket delivery.
 WS_SEND_QUEUE_MAX: Final = 1024
+WS_WRITE_BUFFER_BYTES: Final = 1024 * 1024
 WS_CLOSE_TIMEOUT_S: Final = 2.0
 WS_ABORT_AFTER_S: Final = 5.0  # a closed socket whose client never reads is then cut off
 # Kernel buffer per socket: bounds the memory a client that stopped reading can pin, and makes
@@ -128,7 +129,9 @@ TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
-AUTOPIPELINE_SENDERS: Final = 1  # batches in flight at once
+# One batch in flight at a time: replies then come back in the order Redis ran the scripts, which
+# is the order of each user's seq, so this engine's own events reach its sockets in order.
+AUTOPIPELINE_SENDERS: Final = 1
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
 
 # Mock venues (SPEC §4).
@@ -159,7 +162,7 @@ PR_SET_PDEATHSIG: Final = 1
 # appends it to the user's capped log and publishes it. `body` is the event's JSON without "seq",
 # which is spliced in as the first field.
 LUA_EMIT: Final = """
-local function emit(user, body)
+local function emit(user, body, origin)
   local seq_key = '$USER_PREFIX' .. user .. ':seq'
   local log_key = '$USER_PREFIX' .. user .. ':events'
   local seq = redis.call('INCR', seq_key)
@@ -175,7 +178,7 @@ local function emit(user, body)
   local event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', log_key, 'MAXLEN', '~', $LOG_KEEP, seq .. '-0', 'e', event)
   redis.call('EXPIRE', log_key, $LOG_TTL)
-  redis.call('PUBLISH', '$CHANNEL', user .. ' ' .. seq .. ' ' .. event)
+  redis.call('PUBLISH', '$CHANNEL', origin .. ' ' .. user .. ' ' .. seq .. ' ' .. event)
   return event
 end
 """
@@ -188,15 +191,14 @@ end
 """
 
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
-# Keys are derived from the ids (the key prefix is part of the template). ARGV[1] holds, one per
-# line: order_id, user, created_us, fingerprint, idempotency key or '-', event body, then the
-# record's fields.
+# ARGV[1] holds, one per line: order_id, user, created_us, fingerprint, idempotency key or '-',
+# the accepting instance, event body, then the record's fields. Answers the event as sent.
 LUA_CREATE: Final = (
     LUA_FIELDS
     + LUA_EMIT
     + """
 local a = fields(ARGV[1])
-local id, user, created, fingerprint, idempotency = a[1], a[2], a[3], a[4], a[5]
+local id, user, created, fingerprint, idempotency, origin = unpack(a, 1, 6)
 local order = '$ORDER_PREFIX' .. id
 if idempotency ~= '-' then
   local prior = redis.call('GET', idempotency)
@@ -217,12 +219,13 @@ redis.call('EXPIRE', active, $ORDER_TTL)
 if idempotency ~= '-' then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', $IDEMPOTENCY_TTL)
 end
-local record = {unpack(a, 7)}
+local event = emit(user, a[7], origin)
+local record = {unpack(a, 8)}
 record[#record + 1] = 'lastEvent'
-record[#record + 1] = emit(user, a[6])
+record[#record + 1] = event
 redis.call('HSET', order, unpack(record))
 redis.call('EXPIRE', order, $ORDER_TTL)
-return {'created'}
+return {'created', event}
 """
 )
 
@@ -263,7 +266,7 @@ return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS)}
 # Record one status change made by the lease holder, move the job as the outcome requires, emit.
 # ARGV[1] holds, one per line: order_id, lease, expected status, step, action (keep|retry|done|
 # fail), score (due time for a retry, now for a failure), instance, user, history entry, event
-# body, then the record fields that change.
+# body, then the record fields that change. Answers the event as sent.
 LUA_ADVANCE: Final = (
     LUA_FIELDS
     + LUA_EMIT
@@ -274,7 +277,7 @@ local order = '$ORDER_PREFIX' .. id
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
 if current[1] ~= lease then return {'lease_lost'} end
 -- The same step sent twice (the first reply was lost) is answered, not applied again.
-if current[3] == step then return {'applied'} end
+if current[3] == step then return {'applied', redis.call('HGET', order, 'lastEvent')} end
 if current[2] ~= expected then return {'conflict', current[2]} end
 if action ~= 'keep' then redis.call('LREM', '$PROCESSING_PREFIX' .. instance, 1, id) end
 if action == 'retry' then redis.call('ZADD', '$DELAYED', score, id) end
@@ -304,9 +307,10 @@ local record = {unpack(a, 11)}
 for _, item in ipairs({'step', step, 'history', history, 'lastEvent'}) do
   record[#record + 1] = item
 end
-record[#record + 1] = emit(user, a[10])
+local event = emit(user, a[10], instance)
+record[#record + 1] = event
 redis.call('HSET', order, unpack(record))
-return {'ok'}
+return {'ok', event}
 """
 )
 
@@ -1159,6 +1163,7 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[Any]
     reply: asyncio.Future[Any]
+    on_reply: Callable[[Any], None] | None = None
 
 
 class AutoPipeline:
@@ -1181,8 +1186,16 @@ class AutoPipeline:
         self._queue: list[_Call] = []
         self._senders: set[asyncio.Task[None]] = set()
 
-    async def call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        call = _Call(script, keys, args, asyncio.get_running_loop().create_future())
+    async def call(
+        self,
+        script: AsyncScript,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        on_reply: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run `script` in the next batch. `on_reply` sees its reply before the caller does, in the
+        order Redis ran the scripts (one batch in flight at a time)."""
+        call = _Call(script, keys, args, asyncio.get_running_loop().create_future(), on_reply)
         self._queue.append(call)
         if len(self._senders) < self._max_senders:
             self._senders.add(asyncio.create_task(self._send_queued()))
@@ -1211,6 +1224,8 @@ class AutoPipeline:
         except Exception as exc:  # the connection failed: every caller of the batch sees it
             replies = [exc] * len(batch)
         for call, reply in zip(batch, replies, strict=True):
+            if call.on_reply is not None and not isinstance(reply, Exception):
+                call.on_reply(reply)
             if call.reply.done():  # its caller gave up waiting
                 continue
             if isinstance(reply, Exception):
@@ -1255,6 +1270,8 @@ class Store:
     ) -> None:
         self.redis = client
         self.batch = AutoPipeline(batch_client or client)
+        # Where this engine's own events go the moment Redis has them (the hub's local sockets).
+        self.on_event: Callable[[str, str], None] = lambda user, event: None
         self.keys = Keys(config.redis_prefix)
         self._config = config
         self._clock = clock
@@ -1269,10 +1286,19 @@ class Store:
         self._snapshot = client.register_script(LUA_SNAPSHOT)
         self._replay = client.register_script(LUA_REPLAY)
 
+    def _sent(self, user: str) -> Callable[[Any], None]:
+        """Hand an emitting script's event (its reply's second item) to `on_event`."""
+
+        def deliver(reply: Any) -> None:
+            if reply[0] in {"created", "ok", "applied"}:
+                self.on_event(user, reply[1])
+
+        return deliver
+
     # -- accepting orders -------------------------------------------------------------------------
 
     async def create(
-        self, order: Order, request: OrderRequest, idempotency_key: str | None
+        self, order: Order, request: OrderRequest, idempotency_key: str | None, origin: str
     ) -> Created:
         now = self._clock()
         ts = iso_ms(now)
@@ -1301,10 +1327,10 @@ class Store:
             str(int(now * 1_000_000)),  # µs: orders of one user a millisecond apart still sort
             fingerprint,
             keys.idempotency(user, idempotency_key) if idempotency_key else "-",
+            origin,
         ]
-        reply = await self.batch.call(
-            self._create, [], [lines(head, orjson.dumps(event), field_blob(fields))]
-        )
+        args = [lines(head, orjson.dumps(event), field_blob(fields))]
+        reply = await self.batch.call(self._create, [], args, self._sent(user))
         if reply[0] == "full":
             raise ApiError(
                 503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
@@ -1397,9 +1423,8 @@ class Store:
             user,
         ]
         event = orjson.dumps(order_event(after, after.status, ts, event_extra))
-        reply = await self.batch.call(
-            self._advance, [], [lines(head, orjson.dumps(history), event, field_blob(fields))]
-        )
+        args = [lines(head, orjson.dumps(history), event, field_blob(fields))]
+        reply = await self.batch.call(self._advance, [], args, self._sent(user))
         if reply[0] == "lease_lost":
             raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
         if reply[0] == "conflict":
@@ -1826,7 +1851,7 @@ class Engine:
             status=Status.PENDING,
             attempts=0,
         )
-        created = await self.store.create(order, request, idempotency_key)
+        created = await self.store.create(order, request, idempotency_key, self.instance_id)
         if not created.replayed:
             log.debug("order accepted", extra={"orderId": order.order_id, "userId": order.user_id})
         return created
@@ -2242,6 +2267,7 @@ class _Attempt:
 @dataclass(frozen=True, slots=True)
 class HubLimits:
     queue_max: int = WS_SEND_QUEUE_MAX  # events waiting for one socket before it counts as slow
+    write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken, likewise
     sockets_per_user: int = WS_MAX_PER_USER
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
 
@@ -2254,6 +2280,23 @@ def _limit_send_buffer(transport: asyncio.Transport | None, size: int) -> None:
     if raw is not None:
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def text_frames(texts: Sequence[str]) -> bytes:
+    """Server-to-client text frames, back to back (RFC 6455 §5.2: FIN + opcode 1, unmasked; the
+    sockets never negotiate compression)."""
+    out = bytearray()
+    for text in texts:
+        payload = text.encode()
+        size = len(payload)
+        if size < 126:
+            out += bytes((0x81, size))
+        elif size < 1 << 16:
+            out += bytes((0x81, 126)) + size.to_bytes(2, "big")
+        else:
+            out += bytes((0x81, 127)) + size.to_bytes(8, "big")
+        out += payload
+    return bytes(out)
 
 
 def close_frame(code: int, reason: str) -> bytes:
@@ -2278,14 +2321,25 @@ class Subscriber:
 class Hub:
     """Delivers each user's events, in seq order and exactly once, to every socket of that user.
 
-    Events arrive from Redis Pub/Sub (whichever instance produced them); a socket whose next event
-    is not last_seq + 1 first reads the missing ones from the user's log, so a Pub/Sub reconnect
-    loses nothing, and anything at or below last_seq is a duplicate and skipped."""
+    This engine's own events come straight from the store as Redis answers each script (in seq
+    order); other instances' events come over Redis Pub/Sub, to which the hub subscribes only
+    while another instance is alive. A socket whose next event is not last_seq + 1 first reads
+    the missing ones from the user's log, so subscribing late or reconnecting loses nothing, and
+    anything at or below last_seq is a duplicate and skipped."""
 
-    def __init__(self, store: Store, limits: HubLimits, client: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        store: Store,
+        limits: HubLimits,
+        client: aioredis.Redis,
+        instance_id: str,
+        peers_every_s: float,
+    ) -> None:
         self.store = store
         self.limits = limits
         self._client = client  # for the subscription: no per-read timeout (see _receive)
+        self._instance_id = instance_id
+        self._peers_every_s = peers_every_s
         self._filling = False  # a socket's queue is more than half full
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -2296,7 +2350,30 @@ class Hub:
         return sum(len(subs) for subs in self._sockets.values())
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="hub")
+        self._task = asyncio.create_task(self._follow_peers(), name="hub")
+
+    def deliver(self, user_id: str, event: str) -> None:
+        """An event this engine just recorded (Store.on_event)."""
+        self._offer_user(user_id, (event_seq(event), event))
+
+    async def _follow_peers(self) -> None:
+        """Listen to other instances' events while there are other instances: an engine alone
+        delivers its own events itself and need not read them back from Redis. (Subscribing
+        starts with a catch-up from the log, so events published before then are not lost.)"""
+        listener: asyncio.Task[None] | None = None
+        try:
+            while True:
+                instances = await persist("instances", self.store.instances)
+                peers = any(instance != self._instance_id for instance in instances)
+                if peers and listener is None:
+                    listener = asyncio.create_task(self._listen())
+                elif not peers and listener is not None:
+                    await cancel_and_wait([listener])
+                    listener = None
+                await asyncio.sleep(self._peers_every_s)
+        finally:
+            if listener is not None:
+                await cancel_and_wait([listener])
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -2339,10 +2416,14 @@ class Hub:
         PUBSUB_PING_S, so PUBSUB_SILENCE_S without even its answer means a dead connection. (One
         deadline moved per message, rather than a timeout armed for every read.)"""
         pinger = asyncio.create_task(self._ping(pubsub))
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(None) as deadline:
+                moved = 0.0
                 while True:
-                    deadline.reschedule(asyncio.get_running_loop().time() + PUBSUB_SILENCE_S)
+                    if loop.time() - moved > 1:  # move the deadline at most once a second
+                        moved = loop.time()
+                        deadline.reschedule(moved + PUBSUB_SILENCE_S)
                     message = await pubsub.get_message(timeout=None)
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
@@ -2364,9 +2445,13 @@ class Hub:
                 await pubsub.ping()
 
     def _dispatch(self, data: str) -> None:
-        user_id, seq, event = data.split(" ", 2)
+        origin, user_id, seq, event = data.split(" ", 3)
+        if origin != self._instance_id:  # this engine's own were delivered already
+            self._offer_user(user_id, (int(seq), event))
+
+    def _offer_user(self, user_id: str, item: tuple[int, str]) -> None:
         for sub in list(self._sockets.get(user_id, ())):
-            self._offer(sub, (int(seq), event))
+            self._offer(sub, item)
 
     def _offer_all(self, item: tuple[int, str]) -> None:
         for subs in list(self._sockets.values()):
@@ -2384,12 +2469,10 @@ class Hub:
     def _drop_slow(self, sub: Subscriber) -> None:
         """Close a socket that cannot keep up with 1013, without waiting on it for anything.
 
-        Its pump is stuck in a send that waits for the client to read; nothing may cancel that
-        wait (aiohttp shares one drain future per connection, and cancelling it breaks every
-        later write). So the close frame goes straight onto the transport behind what the client
-        has not read yet, the transport closes once that is flushed, and a client that never
-        reads again is cut off after WS_ABORT_AFTER_S. Either way the connection ends, the
-        pending send returns, and serve() cleans up."""
+        The close frame goes straight onto the transport behind what the client has not read yet
+        (never through aiohttp's writer, whose drain would wait on the client), the transport
+        closes once that is flushed, and a client that never reads again is cut off after
+        WS_ABORT_AFTER_S. Either way the connection ends and serve() cleans up."""
         if sub.slow:
             return
         sub.slow = True
@@ -2440,40 +2523,40 @@ class Hub:
         connected = orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
         try:
             if since is None:
-                snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
-                await self._send(sub, connected)
-                await self._send_snapshot(sub, *snapshot)
+                seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
+                self._write(sub, [connected, *self._snapshot(sub, seq, events)])
             else:
                 sub.last_seq = since
                 replay = await persist("replay", self.store.replay, sub.user_id, since)
-                await self._send(sub, connected)
+                self._write(sub, [connected])
                 await self._send_replay(sub, replay, until=None)
             await self._forward(sub)
         except ConnectionResetError:
             pass  # the client went away; serve() cleans up
 
     async def _forward(self, sub: Subscriber) -> None:
-        """Live events in seq order: duplicates skipped, gaps filled from the log."""
-        while True:
-            seq, event = await sub.queue.get()
-            if sub.slow:
-                return
-            if seq == _CATCH_UP[0]:
-                await self._catch_up(sub, until=None)
-                continue
-            if seq <= sub.last_seq:
-                continue
-            if seq > sub.last_seq + 1:
-                await self._catch_up(sub, until=seq)
+        """Live events in seq order: duplicates skipped, gaps filled from the log, and whatever
+        has queued up meanwhile written at once."""
+        while not sub.slow:
+            ready = [await sub.queue.get()]
+            while not sub.queue.empty():
+                ready.append(sub.queue.get_nowait())
+            out: list[str] = []
+            for seq, event in ready:
+                if seq == _CATCH_UP[0] or seq > sub.last_seq + 1:
+                    self._write(sub, out)
+                    out = []
+                    await self._catch_up(sub, until=None if seq == _CATCH_UP[0] else seq)
                 if seq <= sub.last_seq:
                     continue
-            await self._send(sub, event)
-            sub.last_seq = seq
+                out.append(event)
+                sub.last_seq = seq
+            self._write(sub, out)
 
-    async def _send_snapshot(self, sub: Subscriber, seq: int, events: list[str]) -> None:
-        for event in events:
-            await self._send(sub, '{"snapshot":true,' + event[1:])
+    @staticmethod
+    def _snapshot(sub: Subscriber, seq: int, events: list[str]) -> list[str]:
         sub.last_seq = seq
+        return ['{"snapshot":true,' + event[1:] for event in events]
 
     async def _catch_up(self, sub: Subscriber, until: int | None) -> None:
         replay = await persist("replay", self.store.replay, sub.user_id, sub.last_seq)
@@ -2484,24 +2567,30 @@ class Hub:
     ) -> None:
         """Send logged events after last_seq (below `until` if set); resync if the log is short."""
         if events is None:
-            await self._send(sub, '{"type":"resync"}')
-            await self._send_snapshot(
-                sub, *await persist("snapshot", self.store.snapshot, sub.user_id)
-            )
+            seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
+            self._write(sub, ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)])
             return
+        out = []
         for event in events:
             seq = event_seq(event)
             if until is not None and seq >= until:
                 break
-            await self._send(sub, event)
+            out.append(event)
             sub.last_seq = seq
+        self._write(sub, out)
 
-    @staticmethod
-    async def _send(sub: Subscriber, text: str) -> None:
-        # No timeout here on purpose: see _drop_slow. A send that waits is a full buffer, and a
-        # full buffer shows up as a full queue.
-        if not sub.slow:
-            await sub.ws.send_str(text)
+    def _write(self, sub: Subscriber, texts: list[str]) -> None:
+        """Put text frames straight onto the transport, all in one write (aiohttp's send_str
+        writes one frame per system call). Never waits: a client whose unsent data passes
+        `write_buffer_max` cannot keep up and is closed with 1013 (see _drop_slow)."""
+        if not texts or sub.slow:
+            return
+        transport = sub.transport
+        if transport is None or transport.is_closing() or sub.ws.closed:
+            raise ConnectionResetError
+        transport.write(text_frames(texts))
+        if transport.get_write_buffer_size() > self.limits.write_buffer_max:
+            self._drop_slow(sub)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -2741,7 +2830,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             429, "TOO_MANY_SOCKETS", f"at most {hub.limits.sockets_per_user} sockets per user"
         )
-    ws = web.WebSocketResponse(heartbeat=WS_HEARTBEAT_S, max_msg_size=WS_INBOUND_MAX_BYTES)
+    ws = web.WebSocketResponse(
+        heartbeat=WS_HEARTBEAT_S,
+        max_msg_size=WS_INBOUND_MAX_BYTES,
+        compress=False,  # Hub._write puts frames on the wire itself
+    )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
     await ws.prepare(request)
@@ -2951,7 +3044,10 @@ def create_app(
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)
             stack.push_async_callback(events_client.aclose)
-            hub = app[HUB] = Hub(store, hub_limits or HubLimits(), events_client)
+            limits = hub_limits or HubLimits()
+            beat_s = config.heartbeat_ttl_s / 3
+            hub = app[HUB] = Hub(store, limits, events_client, engine.instance_id, beat_s)
+            store.on_event = hub.deliver
             await engine.start()
             stack.push_async_callback(engine.stop)
             hub.start()

@@ -508,7 +508,7 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     request = eng.OrderRequest("u", "SOL", "USDC", 1, 50)
     order = eng.Order("order_" + "a" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0)
-    await store.create(order, request, None)
+    await store.create(order, request, None, "inst-a")
     assert (await store.claim(order.order_id, "inst-a", "inst-a/1"))[0] == "claimed"
     assert (await store.claim(order.order_id, "inst-b", "inst-b/2"))[0] == "claimed"  # takeover
     routing = replace(order, status=Status.ROUTING, attempts=1)
@@ -1132,7 +1132,8 @@ def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
 
 
 async def test_a_socket_that_stops_reading_is_closed_1013_and_slows_nobody(start: Start) -> None:
-    client = await start(hub_limits=eng.HubLimits(queue_max=8, socket_send_buffer=4096))
+    limits = eng.HubLimits(queue_max=8, write_buffer_max=16_384, socket_send_buffer=4096)
+    client = await start(hub_limits=limits)
 
     async def health() -> dict[str, Any]:
         body: dict[str, Any] = await (await client.get("/healthz")).json()
