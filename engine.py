@@ -672,13 +672,17 @@ def parse_iso_ms(text: str) -> int:
 
 
 def base58(data: bytes) -> str:
+    # Ten digits per big-integer division (58**10 < 2**64), then small divisions for the digits.
     number = int.from_bytes(data, "big")
     digits = []
     while number:
-        number, rest = divmod(number, 58)
-        digits.append(BASE58_ALPHABET[rest])
+        number, chunk = divmod(number, 58**10)
+        for _ in range(10):
+            chunk, rest = divmod(chunk, 58)
+            digits.append(BASE58_ALPHABET[rest])
+    encoded = "".join(reversed(digits)).lstrip("1")
     leading_zeros = len(data) - len(data.lstrip(b"\0"))
-    return "1" * leading_zeros + "".join(reversed(digits))
+    return "1" * leading_zeros + encoded
 
 
 def new_tx_hash(rng: random.Random) -> str:
@@ -1722,21 +1726,32 @@ class Router:
         self._timeout_s = quote_timeout_s
 
     async def quotes(self, order: Order) -> list[Quote]:
-        replies = await asyncio.gather(*(self._quote(v, order) for v in self.venues.values()))
-        return [quote for quote in replies if quote is not None]
-
-    async def _quote(self, venue: Venue, order: Order) -> Quote | None:
+        """Every venue's quote that came within the timeout (the same deadline for each, so one
+        timer serves them all); a venue that fails or is late is skipped, and logged."""
+        asks = {
+            asyncio.ensure_future(venue.quote(order.sell, order.buy, order.amount)): venue.name
+            for venue in self.venues.values()
+        }
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await venue.quote(order.sell, order.buy, order.amount)
-        except TimeoutError:
-            reason = f"no answer within {self._timeout_s:g} s"
-        except Exception as exc:  # a venue's failure must never take the worker with it
-            reason = f"{type(exc).__name__}: {exc}"
+            done, _ = await asyncio.wait(asks, timeout=self._timeout_s)
+        finally:
+            for task in asks:
+                task.cancel()  # the late ones (and all of them if this worker is stopping)
+        quotes = []
+        for task, dex in asks.items():
+            if task not in done or task.cancelled():
+                self._skipped(order, dex, f"no answer within {self._timeout_s:g} s")
+            elif (error := task.exception()) is not None:  # a venue's failure stays its own
+                self._skipped(order, dex, f"{type(error).__name__}: {error}")
+            else:
+                quotes.append(task.result())
+        return quotes
+
+    @staticmethod
+    def _skipped(order: Order, dex: str, reason: str) -> None:
         log.warning(
-            "venue skipped", extra={"orderId": order.order_id, "dex": venue.name, "reason": reason}
+            "venue skipped", extra={"orderId": order.order_id, "dex": dex, "reason": reason}
         )
-        return None
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
         try:
