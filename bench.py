@@ -486,7 +486,7 @@ async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
         if await client.ttl(raw) > 0:
             await client.delete(raw)
     expired = (await client.info("memory"))["used_memory"]
-    left = sorted([raw.decode() async for raw in client.scan_iter(count=1000)])
+    left = sorted([raw.decode() async for raw in client.scan_iter() if await client.ttl(raw) < 0])
     await client.aclose()
     return {
         "redisMemoryAfterDrainMB": round(after / 2**20, 1),
@@ -498,7 +498,7 @@ async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
 
 async def realistic(args: argparse.Namespace) -> dict[str, Any]:
     """Real venue latencies: throughput is concurrency / latency; how close does it get?"""
-    concurrency = args.concurrency if args.concurrency != 50 else 1000
+    concurrency = args.concurrency if args.concurrency != 100 else 1000
     orders = args.orders if args.orders != 20_000 else concurrency * 10
     with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
         async with redis_server(directory) as redis_url:
@@ -696,7 +696,7 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=10, help="one WebSocket each")
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
-    parser.add_argument("--concurrency", type=int, default=50, help="ENGINE_CONCURRENCY")
+    parser.add_argument("--concurrency", type=int, default=100, help="ENGINE_CONCURRENCY")
     parser.add_argument("--fail-rate", type=float, default=0.05, help="--realistic: faults")
     parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
     parser.add_argument("--kills", type=int, default=6, help="--soak: engines killed mid-run")
