@@ -2145,6 +2145,9 @@ class _Attempt:
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature())
             await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx))
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
+            self.order = replace(
+                self.order, dex=tx.dex, tx_hash=tx.signature, tx_expires_at_ms=tx.expires_at_ms
+            )
             try:
                 fill = await engine.router.execute(tx, timeout_s)
             except AttemptFailed as failure:
@@ -2231,14 +2234,21 @@ class _Attempt:
             log.warning("order failed", extra={**self.ctx, **detail})
 
     async def give_up(self) -> None:
-        """After an unexpected error: fail the order rather than leave it stuck in our list."""
-        if self.order.status in TERMINAL:
-            return
+        """After an unexpected error: fail the order rather than leave it stuck in our list. An
+        order whose transaction was sent asks the chain first, as every path out of `submitted`
+        does: a swap that landed is confirmed, never reported failed."""
+        order = self.order
         internal = AttemptFailed(
             "INTERNAL_ERROR", "internal error while executing the order", retryable=False
         )
         try:
-            await self.retry_or_fail(internal)
+            if order.status is Status.SUBMITTED and order.dex and order.tx_hash:
+                with contextlib.suppress(AttemptFailed):  # it did not land: fail it below
+                    fill = await self.settle(order.dex, order.tx_hash, order.tx_expires_at_ms)
+                    await self.confirm(order.dex, fill)
+                    return
+            if self.order.status not in TERMINAL:
+                await self.retry_or_fail(internal)
         except (LeaseLost, *REDIS_TRANSIENT):
             log.exception("could not record the failure", extra=self.ctx)
 

@@ -256,6 +256,7 @@ class ScriptedVenue:
     quote_hangs: bool = False
     execute_hangs: bool = False
     land_then_hang: bool = False
+    land_then_crash: bool = False
     fill_factors: list[float] = field(default_factory=list)
     gate: asyncio.Event | None = None
     executions: list[eng.SwapTx] = field(default_factory=list)
@@ -285,6 +286,8 @@ class ScriptedVenue:
         self.ledger.setdefault(tx.signature, status)
         if self.land_then_hang:
             await asyncio.Event().wait()
+        if self.land_then_crash:
+            raise RuntimeError("a bug in the venue's client")
         return eng.settled(self.ledger[tx.signature])
 
     async def lookup(self, signature: str) -> eng.TxStatus | None:
@@ -864,6 +867,14 @@ async def test_a_transaction_that_landed_is_confirmed_even_if_its_answer_was_los
     assert statuses(events, order_id) == HAPPY_PATH  # no retry: the chain said it landed
     submitted, confirmed = events[3], events[4]
     assert confirmed["txHash"] == submitted["txHash"] == venue.executions[0].signature
+    assert len(venue.executions) == 1
+
+
+async def test_an_unexpected_error_after_the_swap_landed_still_confirms_it(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", land_then_crash=True)  # lands, then the client code breaks
+    client = await start(venues=[venue])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["txHash"]) == ("confirmed", venue.executions[0].signature)
     assert len(venue.executions) == 1
 
 
