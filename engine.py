@@ -50,8 +50,9 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
@@ -134,13 +135,39 @@ AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
 AUTOPIPELINE_SENDERS: Final = 1
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
 
-# Mock venues (SPEC §4).
+# Simulated venues (SPEC §4; README "How the simulation works").
 QUOTE_LATENCY_S: Final = 0.2
 EXECUTION_LATENCY_MIN_S: Final = 2.0
 EXECUTION_LATENCY_MAX_S: Final = 3.0
-EXECUTION_DRIFT_MEAN: Final = -0.0005  # executed price vs quote: slightly worse on average
-EXECUTION_DRIFT_SD: Final = 0.0015
-STALL_SHARE_OF_FAULTS: Final = 0.2  # the rest of the faults are immediate errors
+LATENCY_SPREAD: Final = 0.25  # sigma of the log-normal body of every venue latency
+STALL_SHARE_OF_FAULTS: Final = 0.2  # the rest of the execution faults are immediate errors
+SLOT_S: Final = 0.4  # the simulated chain's slot time, as Solana's
+QUOTE_VALID_SLOTS: Final = 5  # a quote older than this (2 s) is priced again before signing
+REQUOTES_MAX: Final = 2  # fresh quotes one attempt may ask for before it gives up on QUOTE_EXPIRED
+SIMULATED_VENUES: Final = ("RAYDIUM", "METEORA")
+PPM: Final = 1_000_000  # fees are integers in parts per million
+Q64: Final = 1 << 64  # bin prices are Q64.64 fixed point
+RAYDIUM_FEE_PPM: Final = 2_500  # 25 bps, taken from the input and left in the pool
+METEORA_BASE_FEE_PPM: Final = 2_000
+METEORA_BIN_STEP_BPS: Final = 10  # each bin's price is 0.1 % above the one below
+METEORA_BINS_EACH_SIDE: Final = 400  # liquidity spans about -33 % .. +49 % around the price
+METEORA_LIQUIDITY_WIDTH_BINS: Final = 120  # liquidity thins out as a bell of this sigma
+METEORA_REBALANCE_EDGE_BINS: Final = 50  # the LP re-centres when the price gets this near an edge
+# The variable fee (Meteora's DLMM): fee = A x (va x bin step)^2, va = vr + |ir - bin| x 10,000,
+# where ir is the bin of the last quiet moment and vr what is left of the last volatility.
+VOLATILITY_PER_BIN: Final = 10_000
+VOLATILITY_MAX: Final = 350_000  # the variable fee stops rising 35 bins from the reference
+VARIABLE_FEE_CONTROL: Final = 4  # A, over VARIABLE_FEE_SCALE: 5 bins crossed add 0.1 %
+VARIABLE_FEE_SCALE: Final = 10**9
+VOLATILITY_FILTER_SLOTS: Final = 75  # swaps closer together than 30 s keep the reference bin
+VOLATILITY_DECAY_SLOTS: Final = 1500  # after 10 min quiet the accumulated volatility is gone
+VOLATILITY_REDUCTION_BPS: Final = 5_000  # else half of it carries over
+FEE_CAP_PPM: Final = 100_000
+ARBITRAGE_PULL: Final = 0.5  # each new slot, arbitrage closes this share of a pool's gap
+STABLE_REVERSION_PER_SLOT: Final = 0.01  # USDC and USDT drift back toward 1
+SPLIT_CANDIDATES: Final = 3  # the best routes tried in pairs for a split
+SPLIT_TOLERANCE: Final = 10_000  # a split is searched to 1/10,000 of the amount
+SPLIT_STEPS_MAX: Final = 64
 TX_HASH_CHARS: Final = 88
 BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
@@ -513,20 +540,25 @@ class Token:
     symbol: str
     mint: str  # SPL mint; SOL trades as wrapped SOL, so its mint is wSOL's
     decimals: int
-    usd_price: float  # reference price the mock venues quote around
+    usd_price: float  # where the simulated market's reference price starts
     min_amount: float  # smallest and largest order, in units of this token when sold
     max_amount: float
+    volatility: float  # annualised, of the simulated reference price; 0 for a stablecoin
+
+    @property
+    def stable(self) -> bool:
+        return self.volatility == 0
 
 
 WSOL_MINT: Final = "So11111111111111111111111111111111111111112"
 TOKENS: Final[Mapping[str, Token]] = {
     token.symbol: token
     for token in (
-        Token("SOL", WSOL_MINT, 9, 150.0, 0.001, 10_000),
-        Token("USDC", "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", 6, 1.0, 0.01, 1_000_000),
-        Token("USDT", "Es9vMFrzaCERmJfrF4H2FYD4KCoNkY11McCe8BenwNYB", 6, 1.0, 0.01, 1_000_000),
-        Token("BONK", "DezXAZ8z7PnrnRJjz3wXBoRgixCa6xjnB7YaB1pPB263", 5, 0.00002, 1_000, 5e10),
-        Token("JUP", "JUPyiwrYJFskUPiHa7hkeR8VUtAeFoSYbKedZNsDvCN", 6, 0.8, 0.1, 5_000_000),
+        Token("SOL", WSOL_MINT, 9, 150.0, 0.001, 10_000, 0.8),
+        Token("USDC", "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", 6, 1.0, 0.01, 1_000_000, 0),
+        Token("USDT", "Es9vMFrzaCERmJfrF4H2FYD4KCoNkY11McCe8BenwNYB", 6, 1.0, 0.01, 1_000_000, 0),
+        Token("BONK", "DezXAZ8z7PnrnRJjz3wXBoRgixCa6xjnB7YaB1pPB263", 5, 0.00002, 1_000, 5e10, 1.5),
+        Token("JUP", "JUPyiwrYJFskUPiHa7hkeR8VUtAeFoSYbKedZNsDvCN", 6, 0.8, 0.1, 5_000_000, 1.2),
     )
 }
 
@@ -592,8 +624,63 @@ class Order:
         return TOKENS[self.input_token]
 
     @property
+    def amount_in(self) -> int:
+        return to_units(self.amount, self.sell)
+
+    @property
     def buy(self) -> Token:
         return TOKENS[self.output_token]
+
+
+def to_units(amount: float, token: Token) -> int:
+    """`amount` of `token` in its base units (lamports for SOL), exactly: 0.1 SOL is 100,000,000,
+    not the float's 100,000,000.000000005. Digits beyond the token's decimals are cut off (the
+    API refuses them before an order gets here)."""
+    return int(Decimal(repr(amount)).scaleb(token.decimals).to_integral_value(ROUND_DOWN))
+
+
+def from_units(units: int, token: Token) -> float:
+    """Base units as the number the wire carries: the nearest float to the exact decimal."""
+    return float(Decimal(units).scaleb(-token.decimals))
+
+
+class LegJSON(TypedDict):
+    dex: str
+    pool: str
+    inputToken: str
+    outputToken: str
+    amountIn: float
+    amountOut: float
+    feeAmount: float  # in the leg's input token
+    percent: float  # share of the order's input that the leg's route carries
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One swap through one pool. A route is one or two legs (through an intermediate token); a
+    split sends shares of the order down two routes."""
+
+    route: int  # which route of the plan this leg belongs to
+    dex: str
+    pool: str
+    sell: Token
+    buy: Token
+    amount_in: int  # base units
+    amount_out: int
+    fee: int  # base units of `sell`
+    percent: float
+
+    def to_json(self) -> LegJSON:
+        return {
+            "dex": self.dex,
+            "pool": self.pool,
+            "inputToken": self.sell.symbol,
+            "outputToken": self.buy.symbol,
+            "amountIn": from_units(self.amount_in, self.sell),
+            "amountOut": from_units(self.amount_out, self.buy),
+            "feeAmount": from_units(self.fee, self.sell),
+            "percent": self.percent,
+        }
 
 
 class QuoteJSON(TypedDict):
@@ -601,42 +688,66 @@ class QuoteJSON(TypedDict):
     price: float
     fee: float
     amountOut: float
+    minAmountOut: float
+    priceImpactPct: float
+    routePlan: list[LegJSON]
 
 
 @dataclass(frozen=True, slots=True)
 class Quote:
-    dex: str
-    price: float  # output tokens per input token, before the fee
-    fee: float  # fraction of the output the venue keeps
-    amount_out: float  # what the order would receive, after the fee
+    """What a route would pay now. A venue that can be priced locally also hands over its `paths`
+    (Routes, section 8), which the router uses to search for a better split across venues."""
 
-    def to_json(self) -> QuoteJSON:
-        return {"dex": self.dex, "price": self.price, "fee": self.fee, "amountOut": self.amount_out}
+    dex: str
+    price: float  # output per input token at the route's spot price, before fees and impact
+    fee: float  # share of the input's value paid in fees along the route
+    amount_out: int  # base units of the output token the order would receive
+    price_impact_pct: float = 0.0  # what the order's own size costs, beyond the fees
+    legs: tuple[Leg, ...] = ()
+    valid_until_slot: int | None = None  # None: the venue does not say
+    paths: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+    def min_amount_out(self, slippage_bps: int) -> int:
+        return self.amount_out * (BPS_PER_UNIT - slippage_bps) // BPS_PER_UNIT
+
+    def to_json(self, buy: Token, slippage_bps: int) -> QuoteJSON:
+        return {
+            "dex": self.dex,
+            "price": self.price,
+            "fee": self.fee,
+            "amountOut": from_units(self.amount_out, buy),
+            "minAmountOut": from_units(self.min_amount_out(slippage_bps), buy),
+            "priceImpactPct": self.price_impact_pct,
+            "routePlan": [leg.to_json() for leg in self.legs],
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class SwapTx:
-    """The transaction built and signed for the chosen venue. As on Solana, its signature is known
-    before it is sent, and it can land only until it expires (a blockhash's last valid height)."""
+    """The transaction built and signed for the chosen route. As on Solana, its signature is known
+    before it is sent, and it can land only until it expires (a blockhash's last valid slot)."""
 
     order_id: str
-    dex: str
+    dex: str  # the route's venues, "RAYDIUM+METEORA" for a split; the first one sends it
     sell: Token
     buy: Token
-    amount_in: float
-    min_amount_out: float
+    amount_in: int  # base units
+    min_amount_out: int  # base units: the swap program refuses to pay less
     quoted_price: float
+    legs: tuple[Leg, ...]  # the planned route; executed against the pools as they are then
     wrap_sol: bool  # native SOL in: wrap it into a wSOL account first
     unwrap_sol: bool  # wSOL out: close the account back into native SOL after
     signature: str
     expires_at_ms: int
+    last_valid_slot: int  # the same moment as expires_at_ms, in slots
 
 
 @dataclass(frozen=True, slots=True)
 class Fill:
     tx_hash: str
-    price: float
-    amount_out: float
+    price: float  # output per input token, as executed
+    amount_out: int  # base units
+    route_plan: tuple[LegJSON, ...] = ()  # each leg's share and output, as executed
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,6 +758,19 @@ class TxStatus:
     fill: Fill | None = None
     code: str = ""
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VenueFaults:
+    """Trouble a simulated venue makes on purpose (ENGINE_DEX_FAULTS). Rates are per call."""
+
+    fail_rate: float = 0.0  # executions that fail (a share of them stall until the timeout)
+    quote_fail_rate: float = 0.0  # quotes answered with an error
+    timeout_rate: float = 0.0  # quotes and executions that never answer
+    latency_scale: float = 1.0  # x every latency; 0 = instant
+    tail_rate: float = 0.01  # calls that take `tail_factor` times as long: the long tail
+    tail_factor: float = 10.0
+    outages: tuple[tuple[float, float], ...] = ()  # [from, to) seconds after the engine started
 
 
 JobAction = Literal["keep", "retry", "done", "fail"]
@@ -728,6 +852,7 @@ class Config:
     failed_keep: int = 1000
     dex_latency_scale: float = 1.0
     dex_fail_rate: float = 0.05
+    dex_faults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     seed: int | None = None
     shutdown_grace_s: float = 10.0
     retry_base_ms: int = 500
@@ -791,6 +916,73 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+FAULT_FIELDS: Final = {
+    "failRate": ("fail_rate", 0.0, 1.0),
+    "quoteFailRate": ("quote_fail_rate", 0.0, 1.0),
+    "timeoutRate": ("timeout_rate", 0.0, 1.0),
+    "latencyScale": ("latency_scale", 0.0, 1000.0),
+    "tailRate": ("tail_rate", 0.0, 1.0),
+    "tailFactor": ("tail_factor", 1.0, 1000.0),
+}
+
+
+def _faults(text: str) -> dict[str, dict[str, Any]]:
+    """ENGINE_DEX_FAULTS: {"VENUE": {"failRate": 0.1, "outages": [[from_s, to_s]], ...}} ->
+    VenueFaults fields per venue."""
+    try:
+        spec = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError("must be a JSON object") from None
+    if not isinstance(spec, dict):
+        raise ValueError("must be a JSON object of venues")
+    return {_venue_name(name): _venue_faults(name, entry) for name, entry in spec.items()}
+
+
+def _venue_name(name: str) -> str:
+    if name not in SIMULATED_VENUES:
+        raise ValueError(f"names unknown venue {name!r} (venues: {', '.join(SIMULATED_VENUES)})")
+    return name
+
+
+def _venue_faults(venue: str, entry: object) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{venue} must be an object")
+    faults: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key == "outages":
+            faults["outages"] = _outages(venue, value)
+            continue
+        if key not in FAULT_FIELDS:
+            raise ValueError(
+                f"{venue} has unknown key {key!r} (keys: outages, {', '.join(FAULT_FIELDS)})"
+            )
+        attr, low, high = FAULT_FIELDS[key]
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not low <= value <= high
+        ):
+            raise ValueError(f"{venue}.{key} must be a number from {low:g} to {high:g}")
+        faults[attr] = float(value)
+    return faults
+
+
+def _outages(venue: str, value: object) -> tuple[tuple[float, float], ...]:
+    def window(item: object) -> tuple[float, float]:
+        if (
+            isinstance(item, list)
+            and len(item) == 2
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in item)
+            and 0 <= item[0] < item[1]
+        ):
+            return float(item[0]), float(item[1])
+        raise ValueError(f"{venue}.outages must be [[from_s, to_s], ...] with 0 <= from < to")
+
+    if not isinstance(value, list):
+        raise ValueError(f"{venue}.outages must be [[from_s, to_s], ...] with 0 <= from < to")
+    return tuple(window(item) for item in value)
+
+
 def _redis_url(text: str) -> str:
     if not re.match(r"(redis|rediss|unix)://", text):
         raise ValueError("must start with redis://, rediss:// or unix://")
@@ -839,6 +1031,7 @@ SETTINGS: Final = (
     Setting("ENGINE_FAILED_KEEP", "failed_keep", _integer(1, 1_000_000), "failed orders kept"),
     Setting("ENGINE_DEX_LATENCY_SCALE", "dex_latency_scale", _number(0, 1000), "mock latency x"),
     Setting("ENGINE_DEX_FAIL_RATE", "dex_fail_rate", _number(0, 1), "mock execution fault rate"),
+    Setting("ENGINE_DEX_FAULTS", "dex_faults", _faults, "per-venue faults and outages (JSON)"),
     Setting("ENGINE_SEED", "seed", _integer(-(2**63), 2**63 - 1), "seed for mock randomness"),
     Setting("ENGINE_SHUTDOWN_GRACE_S", "shutdown_grace_s", _number(0, 3600), "drain time"),
     Setting("ENGINE_RETRY_BASE_MS", "retry_base_ms", _integer(1, 600_000), "first retry delay"),
@@ -970,10 +1163,15 @@ PUBLIC_FIELDS: Final = (
     "dex",
     "price",
     "minAmountOut",
+    "expectedAmountOut",
+    "priceImpactPct",
+    "routePlan",
+    "validUntilSlot",
     "quotes",
     "instance",
     "txHash",
     "txExpiresAt",
+    "lastValidSlot",
     "finalPrice",
     "amountOut",
     "error",
@@ -1541,21 +1739,524 @@ def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any])
 class Venue(Protocol):
     """A DEX the router can quote and execute on. The engine ships two simulated ones.
 
-    `execute` raises VenueError when the transaction did not land (its `code` becomes the order's
-    failure code); `lookup` answers what became of a signature, or None if the venue has never
-    seen it land or fail."""
+    `quote` prices selling `amount_in` base units of `sell`. `execute` raises VenueError when the
+    transaction did not land (its `code` becomes the order's failure code); `lookup` answers what
+    became of a signature, or None if the venue has never seen it land or fail."""
 
     name: str
 
-    async def quote(self, sell: Token, buy: Token, amount: float) -> Quote: ...
+    async def quote(self, sell: Token, buy: Token, amount_in: int) -> Quote: ...
 
     async def execute(self, tx: SwapTx) -> Fill: ...
 
     async def lookup(self, signature: str) -> TxStatus | None: ...
 
 
-def reference_price(sell: Token, buy: Token) -> float:
-    return sell.usd_price / buy.usd_price
+def slot_at(ts: float) -> int:
+    """The simulated chain's slot at `ts` (seconds since the epoch): the same on every instance."""
+    return int(ts / SLOT_S)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class InsufficientLiquidity(VenueError):
+    def __init__(self, pool: str) -> None:
+        super().__init__(f"pool {pool} cannot fill this amount", "INSUFFICIENT_LIQUIDITY")
+
+
+# -- pools ----------------------------------------------------------------------------------------
+# A pool trades `base` against `quote`, amounts in base units. `out` prices a swap without changing
+# anything; `swap` makes it. Both answer (amount out, fee paid in the input token).
+
+
+class Pool(Protocol):
+    pool_id: str
+    dex: str
+    base: Token
+    quote: Token
+
+    def out(self, sell_base: bool, amount_in: int, slot: int) -> tuple[int, int]: ...
+
+    def swap(self, sell_base: bool, amount_in: int, slot: int) -> tuple[int, int]: ...
+
+    def spot(self) -> float: ...  # quote base units per base base unit, before fees
+
+    def fee_ppm(self, slot: int) -> int: ...  # what the next small swap pays
+
+    def holdings(self) -> tuple[int, int]: ...  # every base and quote unit the pool holds
+
+    def arbitrage(self, target: float, slot: int) -> None: ...  # trade toward a spot of `target`
+
+
+@dataclass(eq=False)
+class ConstantProductPool:
+    """Raydium-like: reserves x (base) and y (quote) with x·y never falling. The fee is taken from
+    the input and stays in the pool, so k grows with every swap: selling a of base pays
+    out = g·a·y / (x + g·a), where g = 1 - fee."""
+
+    pool_id: str
+    dex: str
+    base: Token
+    quote: Token
+    x: int
+    y: int
+    fee: int = RAYDIUM_FEE_PPM
+
+    def out(self, sell_base: bool, amount_in: int, slot: int = 0) -> tuple[int, int]:
+        fee = ceil_div(amount_in * self.fee, PPM)
+        net = amount_in - fee
+        reserve_in, reserve_out = (self.x, self.y) if sell_base else (self.y, self.x)
+        return net * reserve_out // (reserve_in + net), fee
+
+    def swap(self, sell_base: bool, amount_in: int, slot: int = 0) -> tuple[int, int]:
+        amount_out, fee = self.out(sell_base, amount_in)
+        if sell_base:
+            self.x, self.y = self.x + amount_in, self.y - amount_out
+        else:
+            self.x, self.y = self.x - amount_out, self.y + amount_in
+        return amount_out, fee
+
+    def spot(self) -> float:
+        return self.y / self.x
+
+    def fee_ppm(self, slot: int = 0) -> int:
+        return self.fee
+
+    def holdings(self) -> tuple[int, int]:
+        return self.x, self.y
+
+    def arbitrage(self, target: float, slot: int) -> None:
+        # The reserves at which the spot is `target` with k unchanged: x' = sqrt(k / target).
+        x_target = math.sqrt(self.x * self.y / target)
+        sell_base = x_target > self.x
+        net = x_target - self.x if sell_base else math.sqrt(self.x * self.y * target) - self.y
+        gross = int(net * PPM / (PPM - self.fee))
+        if gross > 0:
+            self.swap(sell_base, gross, slot)
+
+
+@dataclass(eq=False)
+class BinPool:
+    """Meteora-like DLMM: liquidity sits in price bins, each bin 0.1 % above the one below and a
+    constant-sum market inside (price fixed, Q64.64). Bins above the active one hold base, bins
+    below hold quote; a swap empties bins one after another, so a large one walks the price. The
+    fee of each bin is a base fee plus a variable one that grows with the square of how far the
+    price has moved lately (the volatility accumulator). Fees are kept apart from the bins."""
+
+    pool_id: str
+    dex: str
+    base: Token
+    quote: Token
+    value_usd: float  # what the LP provides, in USD, when the pool is (re)seeded
+    active: int = 0
+    bins: dict[int, list[int]] = field(default_factory=dict)  # id -> [base, quote]
+    prices: dict[int, int] = field(default_factory=dict)  # id -> quote per base, Q64.64
+    fees: list[int] = field(default_factory=lambda: [0, 0])  # [base, quote] collected
+    reference_bin: int = 0  # Meteora's ir, vr and va
+    volatility_reference: int = 0
+    volatility: int = 0
+    last_slot: int = 0
+
+    @classmethod
+    def seeded(
+        cls,
+        pool_id: str,
+        dex: str,
+        base: Token,
+        quote: Token,
+        value_usd: float,
+        usd: Mapping[str, float],
+    ) -> BinPool:
+        pool = cls(pool_id, dex, base, quote, value_usd)
+        pool.reseed(usd)
+        return pool
+
+    def reseed(self, usd: Mapping[str, float]) -> None:
+        """(Re)provide the pool's liquidity as a bell around the reference price, the way an LP
+        re-centres a position the price has walked away from."""
+        spot = (
+            usd[self.base.symbol]
+            / usd[self.quote.symbol]
+            * 10.0 ** (self.quote.decimals - self.base.decimals)
+        )
+        center = round(math.log(spot) / math.log1p(METEORA_BIN_STEP_BPS / BPS_PER_UNIT))
+        offsets = range(-METEORA_BINS_EACH_SIDE, METEORA_BINS_EACH_SIDE + 1)
+        weights = [math.exp(-0.5 * (d / METEORA_LIQUIDITY_WIDTH_BINS) ** 2) for d in offsets]
+        per_weight = self.value_usd / sum(weights)
+        growth = 1 + Decimal(METEORA_BIN_STEP_BPS) / BPS_PER_UNIT
+        base_per_usd = 10.0**self.base.decimals / usd[self.base.symbol]
+        quote_per_usd = 10.0**self.quote.decimals / usd[self.quote.symbol]
+        self.bins, self.prices, self.active = {}, {}, center
+        for d, weight in zip(offsets, weights, strict=True):
+            value = weight * per_weight * (0.5 if d == 0 else 1.0)
+            base = int(value * base_per_usd) if d >= 0 else 0
+            quote = int(value * quote_per_usd) if d <= 0 else 0
+            self.bins[center + d] = [base, quote]
+            self.prices[center + d] = int(growth ** (center + d) * Q64)
+
+    def out(self, sell_base: bool, amount_in: int, slot: int) -> tuple[int, int]:
+        amount_out, fee, _ = self._walk(sell_base, amount_in, slot, apply=False)
+        return amount_out, fee
+
+    def swap(self, sell_base: bool, amount_in: int, slot: int) -> tuple[int, int]:
+        amount_out, fee, _ = self._walk(sell_base, amount_in, slot, apply=True)
+        return amount_out, fee
+
+    def spot(self) -> float:
+        return self.prices[self.active] / Q64
+
+    def fee_ppm(self, slot: int) -> int:
+        reference_bin, reference = self._references(slot)
+        return self._fee_at(self.active, reference_bin, reference)
+
+    def holdings(self) -> tuple[int, int]:
+        return (
+            sum(b[0] for b in self.bins.values()) + self.fees[0],
+            sum(b[1] for b in self.bins.values()) + self.fees[1],
+        )
+
+    def arbitrage(self, target: float, slot: int) -> None:
+        target_bin = round(math.log(target) / math.log1p(METEORA_BIN_STEP_BPS / BPS_PER_UNIT))
+        if target_bin != self.active:
+            # Empty the bins between here and the target: the arbitrageur takes every one of them.
+            self._walk(target_bin < self.active, 1 << 128, slot, apply=True, until=target_bin)
+
+    def near_edge(self) -> bool:
+        ids = (self.active - METEORA_REBALANCE_EDGE_BINS, self.active + METEORA_REBALANCE_EDGE_BINS)
+        return not all(i in self.bins for i in ids)
+
+    def _references(self, slot: int) -> tuple[int, int]:
+        """Meteora's (ir, vr): after a quiet spell the reference bin moves to the active one and
+        the accumulated volatility decays (halved, or gone after a long one)."""
+        elapsed = slot - self.last_slot
+        if elapsed < VOLATILITY_FILTER_SLOTS:
+            return self.reference_bin, self.volatility_reference
+        if elapsed < VOLATILITY_DECAY_SLOTS:
+            return self.active, self.volatility * VOLATILITY_REDUCTION_BPS // BPS_PER_UNIT
+        return self.active, 0
+
+    def _fee_at(self, bin_id: int, reference_bin: int, reference: int) -> int:
+        volatility = min(
+            reference + abs(reference_bin - bin_id) * VOLATILITY_PER_BIN, VOLATILITY_MAX
+        )
+        variable = (
+            VARIABLE_FEE_CONTROL * (volatility * METEORA_BIN_STEP_BPS) ** 2 // VARIABLE_FEE_SCALE
+        )
+        return min(METEORA_BASE_FEE_PPM + variable, FEE_CAP_PPM)
+
+    def _walk(
+        self, sell_base: bool, amount_in: int, slot: int, *, apply: bool, until: int | None = None
+    ) -> tuple[int, int, int]:
+        """Swap bin by bin from the active one (down when selling base, up when buying it).
+        Answers (amount out, fee, input used); `until` stops before entering that bin."""
+        reference_bin, reference = self._references(slot)
+        step, give, take = (-1, 0, 1) if sell_base else (1, 1, 0)
+        remaining, amount_out, fees, active = amount_in, 0, 0, self.active
+        while remaining and active != until:
+            held = self.bins.get(active)
+            if held is None:
+                if until is not None:
+                    break
+                raise InsufficientLiquidity(self.pool_id)
+            if available := held[take]:
+                price = self.prices[active]
+                fee_ppm = self._fee_at(active, reference_bin, reference)
+                need = (
+                    ceil_div(available * Q64, price)
+                    if sell_base
+                    else ceil_div(available * price, Q64)
+                )
+                gross = ceil_div(need * PPM, PPM - fee_ppm)
+                if remaining < gross:  # the swap ends inside this bin
+                    fee = ceil_div(remaining * fee_ppm, PPM)
+                    net = remaining - fee
+                    got = min(net * price // Q64 if sell_base else net * Q64 // price, available)
+                    if apply:
+                        held[give], held[take] = held[give] + net, available - got
+                        self.fees[give] += fee
+                    amount_out, fees, remaining = amount_out + got, fees + fee, 0
+                    break
+                if apply:
+                    held[give], held[take] = held[give] + need, 0
+                    self.fees[give] += gross - need
+                amount_out, fees, remaining = (
+                    amount_out + available,
+                    fees + gross - need,
+                    remaining - gross,
+                )
+            active += step
+        if apply:
+            self.active = active if active in self.bins else active - step
+            self.reference_bin, self.volatility_reference, self.last_slot = (
+                reference_bin,
+                reference,
+                slot,
+            )
+            self.volatility = min(
+                reference + abs(reference_bin - self.active) * VOLATILITY_PER_BIN, VOLATILITY_MAX
+            )
+        return amount_out, fees, amount_in - remaining
+
+
+# -- the market -----------------------------------------------------------------------------------
+
+# (venue, pool, base, quote, value in USD). Raydium has two SOL/USDC pools, as it does on mainnet.
+# Every pair can be routed on each venue, directly or through USDC or SOL (BONK/JUP, BONK/USDT and
+# JUP/USDT have no pool anywhere).
+POOLS: Final = (
+    ("RAYDIUM", "cpmm", "SOL", "USDC", 40_000_000),
+    ("RAYDIUM", "amm", "SOL", "USDC", 6_000_000),
+    ("RAYDIUM", "cpmm", "SOL", "USDT", 8_000_000),
+    ("RAYDIUM", "cpmm", "USDC", "USDT", 20_000_000),
+    ("RAYDIUM", "cpmm", "BONK", "SOL", 6_000_000),
+    ("RAYDIUM", "cpmm", "JUP", "SOL", 5_000_000),
+    ("METEORA", "dlmm", "SOL", "USDC", 25_000_000),
+    ("METEORA", "dlmm", "USDC", "USDT", 30_000_000),
+    ("METEORA", "dlmm", "BONK", "USDC", 4_000_000),
+    ("METEORA", "dlmm", "JUP", "USDC", 3_000_000),
+)
+ROUTE_VIA: Final = ("USDC", "SOL")
+YEAR_S: Final = 365 * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    pool: Pool
+    sell_base: bool
+
+    @property
+    def sell(self) -> Token:
+        return self.pool.base if self.sell_base else self.pool.quote
+
+    @property
+    def buy(self) -> Token:
+        return self.pool.quote if self.sell_base else self.pool.base
+
+    def spot(self) -> float:
+        """Output base units per input base unit, before fees."""
+        return self.pool.spot() if self.sell_base else 1 / self.pool.spot()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route on one venue: a direct pool, or two pools through an intermediate token. Prices
+    against the pools as they are at the moment it is asked (the pools live in this process)."""
+
+    dex: str
+    hops: tuple[Hop, ...]
+
+    @property
+    def pool_ids(self) -> frozenset[str]:
+        return frozenset(hop.pool.pool_id for hop in self.hops)
+
+    def out(self, amount_in: int, slot: int) -> int:
+        for hop in self.hops:
+            amount_in, _ = hop.pool.out(hop.sell_base, amount_in, slot)
+        return amount_in
+
+    def out_or_nothing(self, amount_in: int, slot: int) -> int:
+        try:
+            return self.out(amount_in, slot)
+        except InsufficientLiquidity:
+            return -1
+
+    def legs(
+        self, amount_in: int, slot: int, route: int, percent: float, *, apply: bool
+    ) -> list[Leg]:
+        legs = []
+        for hop in self.hops:
+            price = hop.pool.swap if apply else hop.pool.out
+            amount_out, fee = price(hop.sell_base, amount_in, slot)
+            legs.append(
+                Leg(
+                    route,
+                    self.dex,
+                    hop.pool.pool_id,
+                    hop.sell,
+                    hop.buy,
+                    amount_in,
+                    amount_out,
+                    fee,
+                    percent,
+                )
+            )
+            amount_in = amount_out
+        return legs
+
+    def spot(self) -> float:
+        return math.prod(hop.spot() for hop in self.hops)
+
+
+def plan_quote(parts: Sequence[tuple[Route, int]], slot: int) -> Quote:
+    """The quote for sending each part's amount down its path, priced on the pools as they are."""
+    legs = [
+        leg
+        for route, (path, amount) in enumerate(parts)
+        for leg in path.legs(amount, slot, route, _percent(amount, parts), apply=False)
+    ]
+    return quote_of(legs, [path.spot() for path, _ in parts], slot)
+
+
+def _percent(amount: int, parts: Sequence[tuple[Route, int]]) -> float:
+    return round(100 * amount / sum(a for _, a in parts), 2)
+
+
+def quote_of(legs: Sequence[Leg], spots: Sequence[float], slot: int) -> Quote:
+    """Price, fee and impact of a plan of legs. `spots` are its routes' spot prices (base units
+    out per base unit in): at the spot an order would get amount x spot minus the fees; what it
+    gets beyond that is its own price impact."""
+    routes = _routes(legs)
+    amount_in = sum(route[0].amount_in for route in routes)
+    amount_out = sum(route[-1].amount_out for route in routes)
+    ideal = sum(r[0].amount_in * spot for r, spot in zip(routes, spots, strict=True))
+    after_fees = sum(
+        r[0].amount_in * spot * math.prod(1 - leg.fee / leg.amount_in for leg in r if leg.amount_in)
+        for r, spot in zip(routes, spots, strict=True)
+    )
+    sell, buy = legs[0].sell, legs[-1].buy
+    scale = 10.0 ** (sell.decimals - buy.decimals)
+    return Quote(
+        dex="+".join(dict.fromkeys(leg.dex for leg in legs)),
+        price=significant(ideal / amount_in * scale) if amount_in else 0.0,
+        fee=round(1 - after_fees / ideal, 6) if ideal else 0.0,
+        amount_out=amount_out,
+        price_impact_pct=round(max(0.0, 1 - amount_out / after_fees) * 100, 4)
+        if after_fees
+        else 0.0,
+        legs=tuple(legs),
+        valid_until_slot=slot + QUOTE_VALID_SLOTS,
+    )
+
+
+class Market:
+    """The simulated venues' pools and the prices they follow, one market per engine process (the
+    ledger of what landed is in Redis, shared; pool state is not). Each token has a reference
+    USD price on a seeded random walk (stablecoins revert to 1); when a new slot begins, the walk
+    advances and arbitrage trades every pool part of the way back toward the reference, with real
+    swaps. Orders move pools too, so concurrent orders see each other's price impact."""
+
+    def __init__(self, rng: random.Random, clock: Clock, faults: Mapping[str, VenueFaults]) -> None:
+        self._rng = rng
+        self._clock = clock
+        self.faults = faults
+        self.started_s = clock()
+        self.slot = slot_at(self.started_s)
+        self.usd = {symbol: token.usd_price for symbol, token in TOKENS.items()}
+        self.pools: dict[str, Pool] = {}
+        for dex, kind, base, quote, value_usd in POOLS:
+            self.add_pool(dex, kind, TOKENS[base], TOKENS[quote], value_usd)
+
+    def add_pool(self, dex: str, kind: str, base: Token, quote: Token, value_usd: float) -> Pool:
+        """List a pool, its liquidity worth `value_usd` at the reference price."""
+        pool_id = f"{dex.lower()}-{kind}-{base.symbol}-{quote.symbol}"
+        pool: Pool
+        if kind == "dlmm":
+            pool = BinPool.seeded(pool_id, dex, base, quote, value_usd, self.usd)
+        else:
+            x = int(value_usd / 2 / self.usd[base.symbol] * 10**base.decimals)
+            y = int(value_usd / 2 / self.usd[quote.symbol] * 10**quote.decimals)
+            pool = ConstantProductPool(pool_id, dex, base, quote, x, y)
+        self.pools[pool_id] = pool
+        return pool
+
+    def now_s(self) -> float:
+        return self._clock()
+
+    def sync(self) -> int:
+        """Bring the market to the current slot and answer it."""
+        slot = slot_at(self._clock())
+        if slot > self.slot:
+            self._walk(slot - self.slot)
+            self.slot = slot
+            self._arbitrage()
+        return self.slot
+
+    def reference(self, base: Token, quote: Token) -> float:
+        """Quote base units per base base unit at the reference prices."""
+        ratio = self.usd[base.symbol] / self.usd[quote.symbol]
+        return ratio * 10.0 ** (quote.decimals - base.decimals)
+
+    def paths(self, dex: str, sell: Token, buy: Token) -> list[Route]:
+        """Every route on `dex` from sell to buy: direct pools, then two hops via USDC or SOL."""
+        direct = [Route(dex, (hop,)) for hop in self._hops(dex, sell, buy)]
+        via = [
+            Route(dex, (first, second))
+            for middle in ROUTE_VIA
+            if middle not in (sell.symbol, buy.symbol)
+            for first in self._hops(dex, sell, TOKENS[middle])
+            for second in self._hops(dex, TOKENS[middle], buy)
+        ]
+        return direct + via
+
+    def down(self, dex: str) -> bool:
+        since_s = self._clock() - self.started_s
+        return any(start <= since_s < end for start, end in self.faults[dex].outages)
+
+    def fill(self, tx: SwapTx) -> tuple[int, list[Leg]]:
+        """Execute the planned routes against the pools as they are now, all or nothing: priced
+        first, and made only if the total reaches minAmountOut. Answers the total and the legs."""
+        slot = self.sync()
+        plan = [
+            (self._path_of(route), route[0].amount_in, route[0].percent)
+            for route in _routes(tx.legs)
+        ]
+
+        def run(apply: bool) -> list[Leg]:
+            return [
+                leg
+                for index, (path, amount, percent) in enumerate(plan)
+                for leg in path.legs(amount, slot, index, percent, apply=apply)
+            ]
+
+        priced = run(apply=False)
+        total = sum(route[-1].amount_out for route in _routes(priced))
+        return (total, run(apply=True)) if total >= tx.min_amount_out else (total, priced)
+
+    def _path_of(self, legs: Sequence[Leg]) -> Route:
+        hops = tuple(
+            Hop(self.pools[leg.pool], leg.sell == self.pools[leg.pool].base) for leg in legs
+        )
+        return Route(legs[0].dex, hops)
+
+    def _hops(self, dex: str, sell: Token, buy: Token) -> list[Hop]:
+        return [
+            Hop(pool, pool.base is sell)
+            for pool in self.pools.values()
+            if pool.dex == dex
+            and {pool.base.symbol, pool.quote.symbol} == {sell.symbol, buy.symbol}
+        ]
+
+    def _walk(self, slots: int) -> None:
+        # n slots of a Gaussian walk in log price are one step of sqrt(n) times the slot's sigma.
+        root = math.sqrt(slots)
+        for symbol, token in TOKENS.items():
+            if token.stable:
+                drift = math.log(self.usd[symbol]) * (1 - STABLE_REVERSION_PER_SLOT) ** slots
+                self.usd[symbol] = math.exp(drift + self._rng.gauss(0, 1e-5) * root)
+            else:
+                sigma = token.volatility * math.sqrt(SLOT_S / YEAR_S)
+                self.usd[symbol] *= math.exp(self._rng.gauss(0, sigma) * root)
+
+    def _arbitrage(self) -> None:
+        for pool in self.pools.values():
+            target = self.reference(pool.base, pool.quote)
+            gap = math.log(target / pool.spot())
+            if abs(gap) * PPM > pool.fee_ppm(self.slot):  # else no arbitrage pays for its fee
+                pool.arbitrage(pool.spot() * math.exp(gap * ARBITRAGE_PULL), self.slot)
+            if isinstance(pool, BinPool) and pool.near_edge():
+                pool.reseed(self.usd)
+
+
+def _routes(legs: Sequence[Leg]) -> list[list[Leg]]:
+    routes: dict[int, list[Leg]] = {}
+    for leg in legs:
+        routes.setdefault(leg.route, []).append(leg)
+    return list(routes.values())
+
+
+# -- the simulated venues -------------------------------------------------------------------------
 
 
 class MockChain:
@@ -1579,11 +2280,19 @@ class MockChain:
         self._redis = client
         self._batch = batch or AutoPipeline(client)
 
+    def expired(self, tx: SwapTx) -> bool:
+        return int(self._clock() * 1000) > tx.expires_at_ms
+
     async def record(self, tx: SwapTx, status: TxStatus) -> TxStatus | None:
         """Record `status` unless the signature already has one; None if the tx has expired."""
         fields: dict[str, Any] = {"orderId": tx.order_id, "dex": tx.dex, "landed": status.landed}
         if status.fill is not None:
-            fields |= {"price": status.fill.price, "amountOut": status.fill.amount_out}
+            fill = status.fill
+            fields |= {
+                "price": fill.price,
+                "amountOut": fill.amount_out,
+                "routePlan": fill.route_plan,
+            }
         fields |= {"code": status.code, "error": status.error}
         now_ms = int(self._clock() * 1000)
         reply = await self._batch.call(
@@ -1607,7 +2316,8 @@ def _tx_status(signature: str, flat: Sequence[Any]) -> TxStatus:
     record = {_text(k): orjson.loads(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
     if not record["landed"]:
         return TxStatus(False, code=record["code"], error=record["error"])
-    return TxStatus(True, Fill(signature, record["price"], record["amountOut"]))
+    plan = tuple(record.get("routePlan") or ())
+    return TxStatus(True, Fill(signature, record["price"], record["amountOut"], plan))
 
 
 def settled(status: TxStatus | None) -> Fill:
@@ -1619,117 +2329,249 @@ def settled(status: TxStatus | None) -> Fill:
     return status.fill
 
 
+EXECUTION_ERRORS: Final = (
+    "Transaction simulation failed: Blockhash not found",
+    "RPC node is behind by 150 slots",
+    "Transaction was not confirmed in 60 blocks",
+)
+
+
 @dataclass
-class MockVenue:
-    """A simulated DEX (SPEC §4): quotes a price drawn around the reference, executes after 2-3 s
-    at a price that drifts slightly from the quote, and sometimes fails or stalls. Outcomes are
-    recorded on the shared MockChain, which enforces minAmountOut the way a swap program does."""
+class SimVenue:
+    """A simulated DEX (SPEC §4): quotes its best route on the shared Market after a latency with
+    a long tail, and executes after 2-3 s against the pools as they are by then (the real
+    slippage). It fails, stalls and goes down on purpose as its VenueFaults say. Outcomes are
+    recorded on the MockChain, which lets each signature land at most once."""
 
     name: str
-    price_floor: float  # price = reference x (floor + r x span), r uniform in [0, 1)
-    price_span: float
-    fee: float
-    rng: random.Random
+    market: Market
     chain: MockChain
-    latency_scale: float = 1.0
-    fail_rate: float = 0.0
+    rng: random.Random
 
-    async def quote(self, sell: Token, buy: Token, amount: float) -> Quote:
-        await self._pause(QUOTE_LATENCY_S * self.rng.uniform(0.75, 1.25))
-        price = reference_price(sell, buy) * (
-            self.price_floor + self.rng.random() * self.price_span
-        )
-        amount_out = round(amount * price * (1 - self.fee), buy.decimals)
-        return Quote(self.name, significant(price), self.fee, amount_out)
+    @property
+    def faults(self) -> VenueFaults:
+        return self.market.faults[self.name]
+
+    async def quote(self, sell: Token, buy: Token, amount_in: int) -> Quote:
+        self._check_up(self.name)
+        await self._pause(QUOTE_LATENCY_S)
+        if self.rng.random() < self.faults.quote_fail_rate:
+            raise VenueError("RPC error: failed to fetch pool accounts", "QUOTE_FAILED")
+        slot = self.market.sync()
+        paths = self.market.paths(self.name, sell, buy)
+        scored = [(path.out_or_nothing(amount_in, slot), path) for path in paths]
+        best_out, best = max(scored, key=lambda scored: scored[0], default=(-1, None))
+        if best is None or best_out < 0:
+            raise VenueError(
+                f"no route from {sell.symbol} to {buy.symbol} for this amount", "NO_ROUTE"
+            )
+        quote = plan_quote([(best, amount_in)], slot)
+        return replace(quote, paths=tuple(path for out, path in scored if out >= 0))
 
     async def execute(self, tx: SwapTx) -> Fill:
+        for dex in dict.fromkeys(leg.dex for leg in tx.legs):
+            self._check_up(dex)
         await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
-        if self.rng.random() < self.fail_rate:
+        if self.rng.random() < self.faults.fail_rate:
             await self._fault(tx)
-        price = tx.quoted_price * (1 + self.rng.gauss(EXECUTION_DRIFT_MEAN, EXECUTION_DRIFT_SD))
-        amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
-        if amount_out < tx.min_amount_out:
-            message = f"executed amountOut {amount_out} below minAmountOut {tx.min_amount_out}"
+        if self.chain.expired(tx):  # past its last valid slot: it can no longer land
+            return settled(await self.chain.record(tx, TxStatus(False)))
+        total, legs = self.market.fill(tx)
+        if total < tx.min_amount_out:
+            got, least = from_units(total, tx.buy), from_units(tx.min_amount_out, tx.buy)
+            message = f"executed amountOut {got} below minAmountOut {least}"
             outcome = TxStatus(False, code="SLIPPAGE_EXCEEDED", error=message)
         else:
-            outcome = TxStatus(True, Fill(tx.signature, significant(price), amount_out))
+            price = significant(from_units(total, tx.buy) / from_units(tx.amount_in, tx.sell))
+            outcome = TxStatus(
+                True, Fill(tx.signature, price, total, tuple(leg.to_json() for leg in legs))
+            )
         return settled(await self.chain.record(tx, outcome))
 
     async def lookup(self, signature: str) -> TxStatus | None:
         return await self.chain.lookup(signature)
 
+    def _check_up(self, dex: str) -> None:
+        if self.market.down(dex):
+            raise VenueError(f"{dex} is down (outage window)", "VENUE_DOWN")
+
     async def _pause(self, seconds: float) -> None:
-        if self.latency_scale > 0:
-            await asyncio.sleep(seconds * self.latency_scale)
+        """A venue round trip: log-normal around `seconds`, sometimes `tail_factor` times longer,
+        sometimes never over (a stalled RPC node: only the caller's timeout ends it)."""
+        faults = self.faults
+        if self.rng.random() < faults.timeout_rate:
+            await asyncio.Event().wait()
+        seconds *= faults.latency_scale * self.rng.lognormvariate(0, LATENCY_SPREAD)
+        if self.rng.random() < faults.tail_rate:
+            seconds *= faults.tail_factor
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
     async def _fault(self, tx: SwapTx) -> None:
         if self.rng.random() < STALL_SHARE_OF_FAULTS:
             await asyncio.Event().wait()  # a stalled RPC node: only the execution timeout ends it
-        message = self.rng.choice(
-            (
-                "Transaction simulation failed: Blockhash not found",
-                "RPC node is behind by 150 slots",
-                "Transaction was not confirmed in 60 blocks",
-            )
-        )
-        settled(
-            await self.chain.record(tx, TxStatus(False, code="EXECUTION_FAILED", error=message))
-        )
+        error = TxStatus(False, code="EXECUTION_FAILED", error=self.rng.choice(EXECUTION_ERRORS))
+        settled(await self.chain.record(tx, error))
 
 
-def default_venues(config: Config, chain: MockChain) -> list[Venue]:
-    """Raydium-like and Meteora-like, each with its own random stream so that ENGINE_SEED makes
-    each venue's prices, latencies and faults reproducible."""
+def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -> list[Venue]:
+    """Raydium-like and Meteora-like on one simulated Market. ENGINE_SEED seeds the market's walk
+    and each venue's own random stream (latencies and faults), so a run can be replayed."""
 
     def rng(name: str) -> random.Random:
         return (
             random.Random(f"{config.seed}/{name}") if config.seed is not None else random.Random()
         )
 
-    scale, fail_rate = config.dex_latency_scale, config.dex_fail_rate
-    return [
-        MockVenue("RAYDIUM", 0.98, 0.04, 0.003, rng("RAYDIUM"), chain, scale, fail_rate),
-        MockVenue("METEORA", 0.97, 0.05, 0.002, rng("METEORA"), chain, scale, fail_rate),
-    ]
+    defaults = VenueFaults(fail_rate=config.dex_fail_rate, latency_scale=config.dex_latency_scale)
+    faults = {
+        name: replace(defaults, **config.dex_faults.get(name, {})) for name in SIMULATED_VENUES
+    }
+    market = Market(rng("market"), clock, faults)
+    return [SimVenue(name, market, chain, rng(name)) for name in SIMULATED_VENUES]
 
 
-def pick_best(quotes: Sequence[Quote]) -> Quote:
-    """The quote that leaves the order the most output after fees (not the best raw price)."""
-    return max(quotes, key=lambda quote: quote.amount_out)
+# -- routing --------------------------------------------------------------------------------------
+
+
+def best_route(quotes: Sequence[Quote], amount_in: int, slot: int) -> Quote:
+    """The plan that pays the most: the best single quote, or a split of the order between two
+    routes that share no pool when that pays more. A venue that cannot be priced here (no paths)
+    competes with its quote as it is."""
+    best = max(quotes, key=lambda quote: quote.amount_out)
+    paths = [path for quote in quotes for path in quote.paths]
+    if not paths:
+        return best
+    scored = sorted(
+        ((path.out_or_nothing(amount_in, slot), path) for path in paths), key=lambda s: -s[0]
+    )
+    best_out, best_path = scored[0]
+    if best_out >= best.amount_out:  # priced now: the pools may have moved since the quote
+        best = plan_quote([(best_path, amount_in)], slot)
+    top = [path for out, path in scored[:SPLIT_CANDIDATES] if out >= 0]
+    for i, first in enumerate(top):
+        for second in top[i + 1 :]:
+            if first.pool_ids & second.pool_ids:
+                continue
+            share = split(first, second, amount_in, slot)
+            total = first.out_or_nothing(share, slot) + second.out_or_nothing(
+                amount_in - share, slot
+            )
+            if 0 < share < amount_in and total > best.amount_out:
+                best = plan_quote([(first, share), (second, amount_in - share)], slot)
+    return best
+
+
+def split(first: Route, second: Route, amount_in: int, slot: int) -> int:
+    """How much of `amount_in` to send down `first` (the rest down `second`) for the most output.
+    Two constant-product pools have a closed form: the split at which both give the same
+    marginal output. Anything else is concave in the split, so a golden-section search finds it."""
+    pools = [path.hops[0].pool for path in (first, second) if len(path.hops) == 1]
+    if len(pools) == 2 and all(isinstance(pool, ConstantProductPool) for pool in pools):
+        return _cp_split(first.hops[0], second.hops[0], amount_in)
+    return _golden_split(first, second, amount_in, slot)
+
+
+def _cp_split(first: Hop, second: Hop, amount: int) -> int:
+    # Marginal output of a CP pool at input a is g·x·y/(x+g·a)^2 (x the input reserve, g = 1 -
+    # fee). Setting both equal with a1 + a2 = A: a1 = (k1(x2+g2·A) - k2·x1) / (k1·g2 + k2·g1),
+    # where k = sqrt(g·x·y).
+    terms = []
+    for hop in (first, second):
+        pool = hop.pool
+        assert isinstance(pool, ConstantProductPool)
+        x, y = (pool.x, pool.y) if hop.sell_base else (pool.y, pool.x)
+        gamma = 1 - pool.fee / PPM
+        terms.append((math.sqrt(gamma * x * y), x, gamma))
+    (k1, x1, g1), (k2, x2, g2) = terms
+    share = (k1 * (x2 + g2 * amount) - k2 * x1) / (k1 * g2 + k2 * g1)
+    return min(max(int(share), 0), amount)
+
+
+def _golden_split(first: Route, second: Route, amount: int, slot: int) -> int:
+    def total(share: int) -> int:
+        return first.out_or_nothing(share, slot) + second.out_or_nothing(amount - share, slot)
+
+    ratio = (math.sqrt(5) - 1) / 2
+    low, high = 0, amount
+    c, d = high - int((high - low) * ratio), low + int((high - low) * ratio)
+    fc, fd = total(c), total(d)
+    tolerance = max(1, amount // SPLIT_TOLERANCE)
+    for _ in range(SPLIT_STEPS_MAX):
+        if high - low <= tolerance:
+            break
+        if fc >= fd:
+            high, d, fd = d, c, fc
+            c = high - int((high - low) * ratio)
+            fc = total(c)
+        else:
+            low, c, fc = c, d, fd
+            d = low + int((high - low) * ratio)
+            fd = total(d)
+    return c if fc >= fd else d
 
 
 def build_swap(order: Order, best: Quote, expires_at_ms: int, signature: str) -> SwapTx:
     """Build and sign the swap: its signature is fixed here, before anything is sent."""
-    min_out = round_down(
-        best.amount_out * (1 - order.slippage_bps / BPS_PER_UNIT), order.buy.decimals
-    )
     return SwapTx(
         order_id=order.order_id,
         dex=best.dex,
         sell=order.sell,
         buy=order.buy,
-        amount_in=order.amount,
-        min_amount_out=min_out,
+        amount_in=order.amount_in,
+        min_amount_out=best.min_amount_out(order.slippage_bps),
         quoted_price=best.price,
+        legs=best.legs,
         wrap_sol=order.input_token == "SOL",
         unwrap_sol=order.output_token == "SOL",
         signature=signature,
         expires_at_ms=expires_at_ms,
+        last_valid_slot=slot_at(expires_at_ms / 1000),
     )
 
 
 class Router:
-    """Quotes every venue at once, each under its own timeout; a venue that fails is skipped."""
+    """Quotes every venue at once, each under its own timeout; a venue that fails is skipped. Then
+    it picks the plan that pays the most, and makes sure the quote is still fresh."""
 
-    def __init__(self, venues: Sequence[Venue], quote_timeout_s: float) -> None:
+    def __init__(
+        self, venues: Sequence[Venue], quote_timeout_s: float, clock: Clock = time.time
+    ) -> None:
         self.venues = {venue.name: venue for venue in venues}
         self._timeout_s = quote_timeout_s
+        self._clock = clock
 
-    async def quotes(self, order: Order) -> list[Quote]:
+    async def route(self, order: Order) -> tuple[Quote, list[Quote]]:
+        """The best plan and every venue's quote. A plan whose quote has expired by the time it
+        is chosen is priced again, a bounded number of times (QUOTE_EXPIRED after that)."""
+        for asked in range(REQUOTES_MAX + 1):
+            quotes, skipped = await self.quotes(order)
+            if not quotes:
+                reasons = "; ".join(f"{dex}: {reason}" for dex, reason in skipped.items())
+                raise AttemptFailed("NO_QUOTES", f"no venue returned a quote ({reasons})")
+            slot = slot_at(self._clock())
+            best = best_route(quotes, order.amount_in, slot)
+            if best.valid_until_slot is None or slot <= best.valid_until_slot:
+                return best, quotes
+            log.warning(
+                "quote expired; quoting again",
+                extra={
+                    "orderId": order.order_id,
+                    "dex": best.dex,
+                    "slot": slot,
+                    "validUntilSlot": best.valid_until_slot,
+                    "requote": asked + 1,
+                },
+            )
+        raise AttemptFailed(
+            "QUOTE_EXPIRED", f"quotes kept expiring ({REQUOTES_MAX} fresh ones asked)"
+        )
+
+    async def quotes(self, order: Order) -> tuple[list[Quote], dict[str, str]]:
         """Every venue's quote that came within the timeout (the same deadline for each, so one
-        timer serves them all); a venue that fails or is late is skipped, and logged."""
+        timer serves them all), and why each other venue was skipped (logged too)."""
         asks = {
-            asyncio.ensure_future(venue.quote(order.sell, order.buy, order.amount)): venue.name
+            asyncio.ensure_future(venue.quote(order.sell, order.buy, order.amount_in)): venue.name
             for venue in self.venues.values()
         }
         try:
@@ -1737,34 +2579,37 @@ class Router:
         finally:
             for task in asks:
                 task.cancel()  # the late ones (and all of them if this worker is stopping)
-        quotes = []
+        quotes, skipped = [], {}
         for task, dex in asks.items():
             if task not in done or task.cancelled():
-                self._skipped(order, dex, f"no answer within {self._timeout_s:g} s")
+                skipped[dex] = f"no answer within {self._timeout_s:g} s"
             elif (error := task.exception()) is not None:  # a venue's failure stays its own
-                self._skipped(order, dex, f"{type(error).__name__}: {error}")
+                known = isinstance(error, VenueError)
+                skipped[dex] = str(error) if known else f"{type(error).__name__}: {error}"
             else:
                 quotes.append(task.result())
-        return quotes
-
-    @staticmethod
-    def _skipped(order: Order, dex: str, reason: str) -> None:
-        log.warning(
-            "venue skipped", extra={"orderId": order.order_id, "dex": dex, "reason": reason}
-        )
+        for dex, reason in skipped.items():
+            log.warning(
+                "venue skipped", extra={"orderId": order.order_id, "dex": dex, "reason": reason}
+            )
+        return quotes, skipped
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
         try:
             async with asyncio.timeout(timeout_s):
-                return await self.venues[tx.dex].execute(tx)
+                return await self._venue(tx.dex).execute(tx)
         except TimeoutError:
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
         except VenueError as exc:
             raise AttemptFailed(exc.code, str(exc)) from None
 
     async def lookup(self, dex: str, signature: str) -> TxStatus | None:
-        venue = self.venues.get(dex)
+        venue = self.venues.get(dex.split("+")[0])
         return None if venue is None else await venue.lookup(signature)
+
+    def _venue(self, dex: str) -> Venue:
+        # A split is one transaction through an aggregator: its first venue sends it.
+        return self.venues[dex.split("+")[0]]
 
 
 def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
@@ -2128,22 +2973,21 @@ class _Attempt:
             info={"instance": engine.instance_id},
         )
         try:
-            quotes = await engine.router.quotes(self.order)
-            if not quotes:
-                raise AttemptFailed("NO_QUOTES", "no venue returned a quote")
-            best = pick_best(quotes)
+            best, quotes = await engine.router.route(self.order)
             log.info(
                 "route chosen",
                 extra={
                     **self.ctx,
                     "dex": best.dex,
+                    "amountOut": best.amount_out,
+                    "route": " ".join(f"{leg.pool}:{leg.percent}%" for leg in best.legs),
                     "quotes": " ".join(f"{q.dex}:{q.amount_out}@{q.price}" for q in quotes),
                 },
             )
             # The transaction may land only until the worker stops waiting for it.
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature())
-            await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx))
+            await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx, self.order))
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
             self.order = replace(
                 self.order, dex=tx.dex, tx_hash=tx.signature, tx_expires_at_ms=tx.expires_at_ms
@@ -2156,7 +3000,7 @@ class _Attempt:
         except AttemptFailed as failure:
             await self.retry_or_fail(failure)
             return
-        await self.confirm(best.dex, fill)
+        await self.confirm(tx.dex, fill)
 
     async def settle(
         self, dex: str, signature: str, expires_at_ms: int, failure: AttemptFailed | None = None
@@ -2180,7 +3024,8 @@ class _Attempt:
             "dex": dex,
             "txHash": fill.tx_hash,
             "finalPrice": fill.price,
-            "amountOut": fill.amount_out,
+            "amountOut": from_units(fill.amount_out, self.order.buy),
+            "routePlan": list(fill.route_plan),
             "error": None,
             "code": None,
         }
@@ -2192,18 +3037,26 @@ class _Attempt:
         return {
             "dex": best.dex,
             "price": best.price,
-            "minAmountOut": tx.min_amount_out,
+            "minAmountOut": from_units(tx.min_amount_out, tx.buy),
             "txHash": tx.signature,
             "txExpiresAt": iso_ms(tx.expires_at_ms / 1000),
+            "lastValidSlot": tx.last_valid_slot,
         }
 
     @staticmethod
-    def building_info(best: Quote, quotes: Sequence[Quote], tx: SwapTx) -> dict[str, Any]:
+    def building_info(
+        best: Quote, quotes: Sequence[Quote], tx: SwapTx, order: Order
+    ) -> dict[str, Any]:
+        chosen = best.to_json(tx.buy, order.slippage_bps)
         return {
             "dex": best.dex,
             "price": best.price,
-            "quotes": [quote.to_json() for quote in quotes],
-            "minAmountOut": tx.min_amount_out,
+            "quotes": [quote.to_json(tx.buy, order.slippage_bps) for quote in quotes],
+            "expectedAmountOut": chosen["amountOut"],
+            "minAmountOut": chosen["minAmountOut"],
+            "priceImpactPct": chosen["priceImpactPct"],
+            "routePlan": chosen["routePlan"],
+            "validUntilSlot": best.valid_until_slot,
             "inputMint": tx.sell.mint,
             "outputMint": tx.buy.mint,
             "wrapSol": tx.wrap_sol,
@@ -2725,7 +3578,14 @@ def parse_amount(value: object, sell: Token) -> float:
             f"amount of {sell.symbol} must be between {sell.min_amount:g} and {sell.max_amount:g}",
             field="amount",
         )
-    return amount
+    if Decimal(repr(amount)).as_tuple().exponent < -sell.decimals:  # type: ignore[operator]
+        raise ApiError(
+            400,
+            "INVALID_AMOUNT",
+            f"amount of {sell.symbol} has at most {sell.decimals} decimal places",
+            field="amount",
+        )
+    return float(amount)
 
 
 def parse_slippage(value: object) -> int:
@@ -3064,7 +3924,8 @@ def create_app(
             store = Store(client, config, clock, batch_client)
             stack.push_async_callback(store.batch.close)
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
-            router = Router(venues or default_venues(config, chain), config.quote_timeout_ms / 1000)
+            dexes = venues or default_venues(config, chain, clock)
+            router = Router(dexes, config.quote_timeout_ms / 1000, clock)
             engine = Engine(config, store, router, clock=clock, round_trips=round_trips)
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -262,14 +263,18 @@ class ScriptedVenue:
     executions: list[eng.SwapTx] = field(default_factory=list)
     ledger: dict[str, eng.TxStatus] = field(default_factory=dict)
 
-    async def quote(self, sell: eng.Token, buy: eng.Token, amount: float) -> eng.Quote:
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
         if self.quote_hangs:
             await asyncio.Event().wait()
         if self.quote_errors:
             self.quote_errors -= 1
             raise eng.VenueError("pool account not found")
-        amount_out = round(amount * self.price * (1 - self.fee), buy.decimals)
-        return eng.Quote(self.name, self.price, self.fee, amount_out)
+        return eng.Quote(self.name, self.price, self.fee, self.pays(amount_in, sell, buy))
+
+    def pays(self, amount_in: int, sell: eng.Token, buy: eng.Token, factor: float = 1.0) -> int:
+        """Base units out for `amount_in` base units in at `price` x `factor`, after the fee."""
+        rate = Decimal(repr(self.price * factor)) * (1 - Decimal(repr(self.fee)))
+        return int(amount_in * rate * Decimal(10) ** (buy.decimals - sell.decimals))
 
     async def execute(self, tx: eng.SwapTx) -> eng.Fill:
         self.executions.append(tx)
@@ -277,8 +282,9 @@ class ScriptedVenue:
             await self.gate.wait()
         if self.execute_hangs:
             await asyncio.Event().wait()
-        price = tx.quoted_price * (self.fill_factors.pop(0) if self.fill_factors else 1.0)
-        amount_out = round(tx.amount_in * price * (1 - self.fee), tx.buy.decimals)
+        factor = self.fill_factors.pop(0) if self.fill_factors else 1.0
+        price = tx.quoted_price * factor
+        amount_out = self.pays(tx.amount_in, tx.sell, tx.buy, factor)
         if amount_out < tx.min_amount_out:  # the swap program's minimum-out check
             status = eng.TxStatus(False, code="SLIPPAGE_EXCEEDED", error="below minAmountOut")
         else:
@@ -573,7 +579,10 @@ async def test_only_the_newest_failed_orders_are_kept_past_the_ttl(
     ttls = [await redis.ttl(keys.order(i)) for i in failed[:2]]
     assert all(0 < ttl <= config.order_ttl_s for ttl in ttls)
     record = await get_order(client, failed[-1])
-    assert (record["code"], record["error"]) == ("NO_QUOTES", "no venue returned a quote")
+    assert (record["code"], record["error"]) == (
+        "NO_QUOTES",
+        "no venue returned a quote (RAYDIUM: pool account not found)",
+    )
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1546,7 +1555,7 @@ class Poisoned:
         return await self.inner.lookup(signature)
 
     async def execute(self, tx):
-        if tx.amount_in == {poison!r}:
+        if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
             os._exit(70)
         return await self.inner.execute(tx)
 
