@@ -163,7 +163,7 @@ VOLATILITY_FILTER_SLOTS: Final = 75  # swaps closer together than 30 s keep the 
 VOLATILITY_DECAY_SLOTS: Final = 1500  # after 10 min quiet the accumulated volatility is gone
 VOLATILITY_REDUCTION_BPS: Final = 5_000  # else half of it carries over
 FEE_CAP_PPM: Final = 100_000
-ARBITRAGE_PULL: Final = 0.5  # each new slot, arbitrage closes this share of a pool's gap
+ARBITRAGE_PULL: Final = 0.5  # each slot, arbitrage closes this share of a pool's gap
 STABLE_REVERSION_PER_SLOT: Final = 0.01  # USDC and USDT drift back toward 1
 SPLIT_CANDIDATES: Final = 3  # the best routes tried in pairs for a split
 SPLIT_TOLERANCE: Final = 10_000  # a split is searched to 1/10,000 of the amount
@@ -2169,8 +2169,8 @@ class Market:
         slot = slot_at(self._clock())
         if slot > self.slot:
             self._walk(slot - self.slot)
+            self._arbitrage(slot - self.slot)
             self.slot = slot
-            self._arbitrage()
         return self.slot
 
     def reference(self, base: Token, quote: Token) -> float:
@@ -2239,12 +2239,16 @@ class Market:
                 sigma = token.volatility * math.sqrt(SLOT_S / YEAR_S)
                 self.usd[symbol] *= math.exp(self._rng.gauss(0, sigma) * root)
 
-    def _arbitrage(self) -> None:
+    def _arbitrage(self, slots: int) -> None:
+        """Trade each pool toward the reference: ARBITRAGE_PULL of the gap per slot that passed,
+        never closer than its fee (beyond that, arbitrage loses money)."""
+        kept = (1 - ARBITRAGE_PULL) ** slots
         for pool in self.pools.values():
-            target = self.reference(pool.base, pool.quote)
-            gap = math.log(target / pool.spot())
-            if abs(gap) * PPM > pool.fee_ppm(self.slot):  # else no arbitrage pays for its fee
-                pool.arbitrage(pool.spot() * math.exp(gap * ARBITRAGE_PULL), self.slot)
+            gap = math.log(self.reference(pool.base, pool.quote) / pool.spot())
+            fee = pool.fee_ppm(self.slot) / PPM
+            if abs(gap) > fee:
+                left = math.copysign(max(abs(gap) * kept, fee), gap)
+                pool.arbitrage(pool.spot() * math.exp(gap - left), self.slot)
             if isinstance(pool, BinPool) and pool.near_edge():
                 pool.reseed(self.usd)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import math
 import os
 import random
 import re
@@ -34,6 +35,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import engine as eng
 from engine import Config, Status
@@ -414,6 +417,20 @@ def test_configuration_defaults_are_the_spec_table() -> None:
     assert config.redis_prefix == "oee:"
 
 
+def test_venue_faults_are_read_per_venue() -> None:
+    text = '{"METEORA": {"failRate": 0.5, "tailFactor": 20, "outages": [[10, 20], [60, 90.5]]}}'
+    config = Config.load({"ENGINE_DEX_FAULTS": text, "ENGINE_DEX_FAIL_RATE": "0.1"})
+    assert config.dex_faults == {
+        "METEORA": {"fail_rate": 0.5, "tail_factor": 20.0, "outages": ((10.0, 20.0), (60.0, 90.5))}
+    }
+    chain = eng.MockChain(aioredis.Redis(), eng.Keys("x:"), 60, time.time)
+    raydium, meteora = eng.default_venues(config, chain)
+    assert isinstance(raydium, eng.SimVenue)
+    assert isinstance(meteora, eng.SimVenue)
+    assert (raydium.faults.fail_rate, meteora.faults.fail_rate) == (0.1, 0.5)
+    assert meteora.faults.outages == ((10.0, 20.0), (60.0, 90.5))
+
+
 def test_flags_have_the_variable_names_and_override_the_environment() -> None:
     env = {"ENGINE_CONCURRENCY": "5", "LOG_FORMAT": "json", "ENGINE_SEED": "9"}
     config = Config.load(env, ["--engine-concurrency", "7", "--port", "0"])
@@ -434,6 +451,11 @@ def test_flags_have_the_variable_names_and_override_the_environment() -> None:
         ("REDIS_URL", "localhost:6379"),
         ("LOG_FORMAT", "xml"),
         ("ENGINE_REDIS_PREFIX", "has space"),
+        ("ENGINE_DEX_FAULTS", "nope"),
+        ("ENGINE_DEX_FAULTS", '{"ORCA": {}}'),
+        ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"failRate": 2}}'),
+        ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"latency": 2}}'),
+        ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"outages": [[5, 1]]}}'),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> None:
@@ -590,40 +612,371 @@ async def test_only_the_newest_failed_orders_are_kept_past_the_ttl(
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 
-async def test_the_simulated_venues_are_reproducible_with_a_seed(
-    config: Config, redis: aioredis.Redis
-) -> None:
-    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, time.time)
-    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
-    order = eng.Order("order_" + "b" * 32, "u", "SOL", "USDC", 3, 50, Status.SUBMITTED, 1)
+# ── the simulated market ─────────────────────────────────────────────────────────────────────────
 
-    async def run(seed: int) -> list[Any]:
-        seen: list[Any] = []
-        for venue in eng.default_venues(replace(config, seed=seed, dex_fail_rate=0.3), chain):
-            for _ in range(5):
-                quote = await venue.quote(sol, usdc, 3)
-                expiry = int(time.time() * 1000) + 60_000
-                tx = eng.build_swap(order, quote, expiry, eng.new_tx_hash(random.Random()))
-                try:
-                    async with asyncio.timeout(0.05):
-                        fill = await venue.execute(tx)
-                    seen.append((quote, fill.price, fill.amount_out))
-                except (eng.VenueError, TimeoutError) as exc:
-                    seen.append((quote, type(exc).__name__))
+GENESIS_S = 1_800_000_000.0
+
+
+class ManualClock:
+    """A clock the test moves: the market's slots advance only when told."""
+
+    def __init__(self, now: float = GENESIS_S) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def market(seed: int = 1, clock: Callable[[], float] | None = None) -> eng.Market:
+    faults = {name: eng.VenueFaults(latency_scale=0) for name in eng.SIMULATED_VENUES}
+    return eng.Market(random.Random(seed), clock or ManualClock(), faults)
+
+
+def venue_quotes(m: eng.Market, sell: eng.Token, buy: eng.Token, amount_in: int) -> list[eng.Quote]:
+    """What the two simulated venues would quote (best route each, with their routes)."""
+    quotes = []
+    for dex in eng.SIMULATED_VENUES:
+        routes = m.paths(dex, sell, buy)
+        scored = [(route.out_or_nothing(amount_in, m.slot), route) for route in routes]
+        _out, best = max(scored, key=lambda s: s[0])
+        quote = eng.plan_quote([(best, amount_in)], m.slot)
+        quotes.append(replace(quote, paths=tuple(r for o, r in scored if o >= 0)))
+    return quotes
+
+
+def swap_tx(quote: eng.Quote, amount_in: int, slippage_bps: int = 50) -> eng.SwapTx:
+    sell, buy = quote.legs[0].sell, quote.legs[-1].buy
+    order = eng.Order(
+        "order_" + "c" * 32, "u", sell.symbol, buy.symbol, 0, slippage_bps, Status.SUBMITTED, 1
+    )
+    tx = eng.build_swap(order, quote, int(GENESIS_S * 1000) + 60_000, "sig")
+    return replace(tx, amount_in=amount_in)
+
+
+PAIRS = [(a, b) for a in eng.TOKENS for b in eng.TOKENS if a != b]
+pair_and_size = st.tuples(st.sampled_from(PAIRS), st.floats(0.0001, 0.2))
+
+
+def units_of(sell: eng.Token, share_of_max: float) -> int:
+    return max(1, eng.to_units(sell.max_amount * share_of_max, sell))
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair_and_size, st.integers(0, 3))
+def test_the_chosen_route_never_pays_less_than_the_best_single_venue(
+    pair_size: tuple[tuple[str, str], float], seed: int
+) -> None:
+    (sell_symbol, buy_symbol), share = pair_size
+    sell, buy = eng.TOKENS[sell_symbol], eng.TOKENS[buy_symbol]
+    m = market(seed)
+    amount_in = units_of(sell, share)
+    quotes = venue_quotes(m, sell, buy, amount_in)
+    best = eng.best_route(quotes, amount_in, m.slot)
+    assert best.amount_out >= max(quote.amount_out for quote in quotes)
+    assert sum(route[0].amount_in for route in eng._routes(best.legs)) == amount_in
+    assert best.amount_out == sum(route[-1].amount_out for route in eng._routes(best.legs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(PAIRS), st.lists(st.floats(0.00001, 0.3), min_size=2, max_size=6))
+def test_every_route_pays_more_for_more_input(pair: tuple[str, str], shares: list[float]) -> None:
+    sell, buy = eng.TOKENS[pair[0]], eng.TOKENS[pair[1]]
+    m = market()
+    amounts = sorted(units_of(sell, share) for share in shares)
+    for dex in eng.SIMULATED_VENUES:
+        for route in m.paths(dex, sell, buy):
+            outs = [route.out_or_nothing(amount, m.slot) for amount in amounts]
+            assert outs == sorted(outs), route
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(sorted(eng.POOLS)),
+    st.booleans(),
+    st.lists(st.floats(1e-6, 0.05), max_size=5),
+    st.integers(0, 200),
+)
+def test_a_swap_moves_exactly_its_input_in_and_its_output_out(
+    spec: tuple[str, str, str, str, int], sell_base: bool, shares: list[float], slots: int
+) -> None:
+    clock = ManualClock()
+    m = market(clock=clock)
+    dex, kind, base, quote, _ = spec
+    pool = m.pools[f"{dex.lower()}-{kind}-{base}-{quote}"]
+    for share in shares:
+        clock.now += slots * eng.SLOT_S
+        slot = m.sync()
+        sell = pool.base if sell_base else pool.quote
+        amount_in = units_of(sell, share)
+        before = pool.holdings()
+        k_before = pool.holdings()[0] * pool.holdings()[1]
+        try:
+            priced = pool.out(sell_base, amount_in, slot)
+        except eng.InsufficientLiquidity:
+            continue
+        amount_out, fee = pool.swap(sell_base, amount_in, slot)
+        assert (amount_out, fee) == priced  # pricing and swapping agree
+        least = pool.fee if isinstance(pool, eng.ConstantProductPool) else eng.METEORA_BASE_FEE_PPM
+        assert amount_in * least // eng.PPM <= fee < amount_in  # at least the base fee
+        delta = (amount_in, -amount_out) if sell_base else (-amount_out, amount_in)
+        assert pool.holdings() == (before[0] + delta[0], before[1] + delta[1])
+        if isinstance(pool, eng.ConstantProductPool):
+            assert pool.x * pool.y >= k_before  # the fee stays in the pool
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair_and_size, st.floats(0, 0.3), st.integers(1, 500))
+def test_a_fill_pays_at_least_min_amount_out_or_changes_nothing(
+    pair_size: tuple[tuple[str, str], float], rival_share: float, slippage_bps: int
+) -> None:
+    (sell_symbol, buy_symbol), share = pair_size
+    sell, buy = eng.TOKENS[sell_symbol], eng.TOKENS[buy_symbol]
+    m = market()
+    amount_in = units_of(sell, share)
+    best = eng.best_route(venue_quotes(m, sell, buy, amount_in), amount_in, m.slot)
+    tx = swap_tx(best, amount_in, slippage_bps)
+    # Another order sells the same way first, through the same pools.
+    rival = units_of(sell, rival_share)
+    for route in eng._routes(best.legs):
+        with contextlib.suppress(eng.InsufficientLiquidity):
+            m._path_of(route).legs(rival, m.slot, 0, 100, apply=True)
+    before = {pool_id: pool.holdings() for pool_id, pool in m.pools.items()}
+    total, legs = m.fill(tx)
+    after = {pool_id: pool.holdings() for pool_id, pool in m.pools.items()}
+    if total >= tx.min_amount_out:
+        assert total == sum(route[-1].amount_out for route in eng._routes(legs))
+        assert after != before
+    else:
+        assert after == before  # all or nothing
+    assert tx.min_amount_out == best.amount_out * (10_000 - slippage_bps) // 10_000
+
+
+def test_a_large_order_splits_across_venues_and_beats_the_best_single_one() -> None:
+    m = market()
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    amount_in = eng.to_units(5000, sol)
+    quotes = venue_quotes(m, sol, usdc, amount_in)
+    best = eng.best_route(quotes, amount_in, m.slot)
+    assert best.dex == "METEORA+RAYDIUM"
+    assert best.amount_out > max(quote.amount_out for quote in quotes)
+    assert {leg.dex for leg in best.legs} == {"METEORA", "RAYDIUM"}
+    assert sum(leg.percent for leg in best.legs) == pytest.approx(100, abs=0.02)
+    small = eng.to_units(1, sol)
+    assert eng.best_route(venue_quotes(m, sol, usdc, small), small, m.slot).dex in {
+        "METEORA",
+        "RAYDIUM",
+    }
+
+
+def test_two_constant_product_pools_split_where_their_marginal_prices_meet() -> None:
+    m = market()
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    first, second = [eng.Route("RAYDIUM", (hop,)) for hop in m._hops("RAYDIUM", sol, usdc)]
+    amount_in = eng.to_units(3000, sol)
+    share = eng.split(first, second, amount_in, m.slot)
+    total = first.out(share, m.slot) + second.out(amount_in - share, m.slot)
+    step = amount_in // 1000
+    for other in (share - step, share + step, 0, amount_in):
+        assert total >= first.out(other, m.slot) + second.out(amount_in - other, m.slot)
+
+
+def test_pairs_without_a_pool_route_through_an_intermediate_token() -> None:
+    m = market()
+    bonk, jup = eng.TOKENS["BONK"], eng.TOKENS["JUP"]
+    amount_in = eng.to_units(50_000_000, bonk)
+    for quote in venue_quotes(m, bonk, jup, amount_in):
+        middle = quote.legs[0].buy.symbol
+        assert middle in {"USDC", "SOL"}
+        assert [leg.sell.symbol for leg in quote.legs] == ["BONK", middle]
+        assert quote.legs[1].amount_in == quote.legs[0].amount_out
+
+
+def test_orders_move_pools_and_arbitrage_pulls_them_back() -> None:
+    clock = ManualClock()
+    m = market(clock=clock)
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    amount_in = eng.to_units(2000, sol)
+    first = eng.best_route(venue_quotes(m, sol, usdc, amount_in), amount_in, m.slot)
+    m.fill(replace(swap_tx(first, amount_in), min_amount_out=0))
+    second = eng.best_route(venue_quotes(m, sol, usdc, amount_in), amount_in, m.slot)
+    assert second.amount_out < first.amount_out  # the first order's impact
+    clock.now += 20 * eng.SLOT_S
+    for _ in range(10):
+        clock.now += eng.SLOT_S
+        m.sync()
+    recovered = eng.best_route(venue_quotes(m, sol, usdc, amount_in), amount_in, m.slot)
+    assert recovered.amount_out > second.amount_out
+    assert recovered.amount_out == pytest.approx(first.amount_out, rel=0.01)
+
+
+def test_the_meteora_fee_rises_with_volatility_and_decays() -> None:
+    clock = ManualClock()
+    m = market(clock=clock)
+    pool = m.pools["meteora-dlmm-SOL-USDC"]
+    assert isinstance(pool, eng.BinPool)
+    quiet = pool.fee_ppm(m.slot)
+    assert quiet == eng.METEORA_BASE_FEE_PPM
+    pool.swap(True, eng.to_units(3000, eng.TOKENS["SOL"]), m.slot)  # walks the price down many bins
+    clock.now += eng.VOLATILITY_FILTER_SLOTS * eng.SLOT_S
+    assert pool.fee_ppm(slot_now(clock)) > quiet
+    clock.now += eng.VOLATILITY_DECAY_SLOTS * eng.SLOT_S
+    assert pool.fee_ppm(slot_now(clock)) == quiet
+
+
+def slot_now(clock: ManualClock) -> int:
+    return eng.slot_at(clock())
+
+
+def test_the_market_is_reproducible_with_a_seed_and_pools_follow_the_reference() -> None:
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+
+    def run(seed: int) -> list[tuple[float, int]]:
+        clock = ManualClock()
+        m = market(seed, clock)
+        seen = []
+        for _ in range(5):
+            clock.now += 86_400  # a day: the reference moves by a few per cent
+            m.sync()
+            for pool_id in ("raydium-cpmm-SOL-USDC", "meteora-dlmm-SOL-USDC"):
+                # Arbitrage has pulled each pool to within its fee (and a bin) of the reference.
+                gap = abs(math.log(m.pools[pool_id].spot() / m.reference(sol, usdc)))
+                assert gap < m.pools[pool_id].fee_ppm(m.slot) / eng.PPM + 0.0015
+            quotes = venue_quotes(m, sol, usdc, 10**12)
+            seen.append((m.usd["SOL"], eng.best_route(quotes, 10**12, m.slot).amount_out))
         return seen
 
-    first, again, other = await run(1), await run(1), await run(2)
-    assert first == again
-    assert first != other
-    prices = [entry[0].price / 150.0 for entry in first]
-    assert all(0.97 <= p <= 1.02 for p in prices)  # SPEC §4 ranges around the reference price
-    assert any(len(entry) == 2 for entry in first)  # the 30 % fault rate showed
+    assert run(1) == run(1)
+    assert run(1) != run(2)
 
 
 def test_the_router_picks_the_most_output_after_fees_not_the_best_raw_price() -> None:
-    raw_best = eng.Quote("RAYDIUM", price=100.0, fee=0.03, amount_out=97.0)
-    after_fees = eng.Quote("METEORA", price=99.0, fee=0.002, amount_out=98.802)
-    assert eng.pick_best([raw_best, after_fees]) is after_fees
+    raw_best = eng.Quote("RAYDIUM", price=100.0, fee=0.03, amount_out=97_000_000)
+    after_fees = eng.Quote("METEORA", price=99.0, fee=0.002, amount_out=98_802_000)
+    assert eng.best_route([raw_best, after_fees], 10**9, 0) is after_fees
+
+
+async def test_an_outage_window_takes_a_venue_down_and_brings_it_back(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    clock = ManualClock()
+    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, clock)
+    faulty = replace(config, dex_faults={"RAYDIUM": {"outages": ((10.0, 20.0),)}})
+    raydium, meteora = eng.default_venues(faulty, chain, clock)
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    assert (await raydium.quote(sol, usdc, 10**9)).dex == "RAYDIUM"
+    clock.now += 10
+    with pytest.raises(eng.VenueError, match="RAYDIUM is down") as down:
+        await raydium.quote(sol, usdc, 10**9)
+    assert down.value.code == "VENUE_DOWN"
+    assert (await meteora.quote(sol, usdc, 10**9)).dex == "METEORA"
+    clock.now += 10
+    assert (await raydium.quote(sol, usdc, 10**9)).dex == "RAYDIUM"
+
+
+# ── routing end to end ──────────────────────────────────────────────────────────────────────────
+
+BIG_ORDER = {**ORDER, "amount": 5000, "slippageBps": 100}
+
+
+async def test_a_split_route_is_shown_in_building_and_confirmed(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, BIG_ORDER)
+        events = await events_until_done(ws, order_id)
+    building, submitted, confirmed = (
+        next(e for e in events if e.get("status") == status)
+        for status in ("building", "submitted", "confirmed")
+    )
+    assert building["dex"] == confirmed["dex"] == "METEORA+RAYDIUM"
+    assert {leg["dex"] for leg in building["routePlan"]} == {"METEORA", "RAYDIUM"}
+    assert sum(leg["percent"] for leg in building["routePlan"]) == pytest.approx(100, abs=0.02)
+    assert sum(leg["amountIn"] for leg in building["routePlan"]) == pytest.approx(5000)
+    assert building["expectedAmountOut"] > max(q["amountOut"] for q in building["quotes"])
+    assert building["minAmountOut"] == pytest.approx(building["expectedAmountOut"] * 0.99, rel=1e-6)
+    assert {q["dex"] for q in building["quotes"]} == {"RAYDIUM", "METEORA"}
+    assert all(
+        {"priceImpactPct", "fee", "routePlan", "minAmountOut"} <= q.keys()
+        for q in building["quotes"]
+    )
+    assert [leg["pool"] for leg in confirmed["routePlan"]] == [
+        leg["pool"] for leg in building["routePlan"]
+    ]
+    assert confirmed["amountOut"] == pytest.approx(
+        sum(leg["amountOut"] for leg in confirmed["routePlan"])
+    )
+    assert confirmed["amountOut"] >= building["minAmountOut"]
+    expires_s = eng.parse_iso_ms(submitted["txExpiresAt"]) / 1000
+    assert submitted["lastValidSlot"] == eng.slot_at(expires_s)
+
+
+async def test_consecutive_orders_see_each_others_price_impact(start: Start) -> None:
+    client = await start()
+    first = await wait_status(client, await order_id_of(client, BIG_ORDER), "confirmed")
+    second = await wait_status(client, await order_id_of(client, BIG_ORDER), "confirmed")
+    assert second["amountOut"] < first["amountOut"]
+    assert second["expectedAmountOut"] < first["expectedAmountOut"]
+
+
+@dataclass
+class StaleVenue(ScriptedVenue):
+    """Quotes that have already expired the first `stale` times it is asked."""
+
+    stale: int = 0
+    asked: int = 0
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        self.asked += 1
+        quote = await super().quote(sell, buy, amount_in)
+        now = eng.slot_at(time.time())
+        expired = self.stale > 0
+        self.stale -= 1
+        return replace(quote, valid_until_slot=now - 1 if expired else now + eng.QUOTE_VALID_SLOTS)
+
+
+async def test_an_expired_quote_is_priced_again_instead_of_filled(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    venue = StaleVenue("RAYDIUM", stale=2)
+    client = await start(venues=[venue])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["attempts"], venue.asked) == ("confirmed", 1, 3)
+    assert [r.message for r in caplog.records].count("quote expired; quoting again") == 2
+
+
+async def test_quotes_that_keep_expiring_fail_the_order_with_quote_expired(start: Start) -> None:
+    client = await start(venues=[StaleVenue("RAYDIUM", stale=10**6)])
+    record = await wait_status(client, await order_id_of(client), "failed")
+    assert (record["code"], record["attempts"]) == ("QUOTE_EXPIRED", 3)
+
+
+@pytest.mark.parametrize(
+    ("faults", "filled_on"),
+    [
+        ({"RAYDIUM": {"outages": ((0.0, 3600.0),)}}, "METEORA"),
+        ({"METEORA": {"timeoutRate": 1.0}}, "RAYDIUM"),
+        ({"METEORA": {"quoteFailRate": 1.0}}, "RAYDIUM"),
+    ],
+)
+async def test_with_one_venue_down_or_silent_orders_fill_on_the_other(
+    start: Start, config: Config, faults: dict[str, Any], filled_on: str
+) -> None:
+    parsed = eng._faults(orjson.dumps(faults).decode())
+    client = await start(replace(config, dex_faults=parsed, quote_timeout_ms=100))
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"], record["attempts"]) == ("confirmed", filled_on, 1)
+    assert [q["dex"] for q in record["quotes"]] == [filled_on]
+
+
+async def test_with_both_venues_down_orders_retry_then_fail_with_no_quotes(
+    start: Start, config: Config
+) -> None:
+    down = {"outages": ((0.0, 3600.0),)}
+    client = await start(replace(config, dex_faults={"RAYDIUM": down, "METEORA": down}))
+    record = await wait_status(client, await order_id_of(client), "failed")
+    assert (record["code"], record["attempts"]) == ("NO_QUOTES", 3)
+    assert "RAYDIUM is down" in record["error"]
+    assert "METEORA is down" in record["error"]
+    assert [h["status"] for h in record["history"]].count("routing") == 3
 
 
 async def test_an_order_fills_on_the_venue_that_pays_more_after_fees(start: Start) -> None:
@@ -1228,6 +1581,7 @@ async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
         ({**ORDER, "amount": True}, "INVALID_AMOUNT", "amount"),
         ({**ORDER, "amount": 10_001}, "INVALID_AMOUNT", "amount"),
         ({**ORDER, "amount": 0.0001}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 1.0000000001}, "INVALID_AMOUNT", "amount"),  # SOL has 9 decimals
         ({k: v for k, v in ORDER.items() if k != "amount"}, "MISSING_FIELD", "amount"),
         ({**ORDER, "slippageBps": 0}, "INVALID_SLIPPAGE", "slippageBps"),
         ({**ORDER, "slippageBps": 5001}, "INVALID_SLIPPAGE", "slippageBps"),
