@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -435,6 +436,7 @@ async def flush(redis_url: str) -> None:
 async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     orders = 3_000 if args.quick else args.orders
     results: dict[str, Any] = {"orders": orders, "users": args.users, "clients": args.clients}
+    results["routing"] = await routing_cost()
     with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
         async with redis_server(directory) as redis_url:
             targets: list[tuple[str, list[str], dict[str, str], bool]] = [
@@ -464,6 +466,75 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     results["engineOverPipeline"] = round(engine_rate / results["pipeline"]["ordersPerS"], 3)
     results["engineOverBare"] = round(engine_rate / results["bare"]["ordersPerS"], 3)
     return results
+
+
+ROUTING_ORDERS = 4_000
+ORDERS_PER_SLOT = 800  # 2,000 orders/s with 400 ms slots
+
+
+class NoChain:
+    """Routing never reaches the chain (fills go to the pools directly, untimed)."""
+
+
+async def routing_cost(orders: int = ROUTING_ORDERS) -> dict[str, Any]:
+    """CPU per order of routing on the simulated venues, in this process: asking both venues for
+    a quote (best route each) and then choosing the plan (the split search). Orders are the
+    throughput load's 1 SOL sells and, one in four, a random pair of up to a tenth of the token's
+    largest order; each is filled against the pools afterwards (not timed), so the market moves,
+    and the slot advances every ORDERS_PER_SLOT orders, bringing its walk and arbitrage."""
+    now = [time.time()]
+    config = engine.Config(dex_latency_scale=0, dex_fail_rate=0, seed=1)
+    venues = engine.default_venues(config, NoChain(), lambda: now[0])  # type: ignore[arg-type]
+    router = engine.Router(venues, 1.0, lambda: now[0])
+    market = venues[0].market  # type: ignore[attr-defined]
+    rng = random.Random(1)
+    symbols = list(engine.TOKENS)
+    quoting: list[float] = []
+    choosing: list[float] = []
+    splits = 0
+    for index in range(orders):
+        order = _routing_order(index, rng, symbols)
+        started = time.process_time()
+        quotes, _ = await router.quotes(order)
+        quoted = time.process_time()
+        best = engine.best_route(quotes, order.amount_in, market.slot)
+        chosen = time.process_time()
+        quoting.append(quoted - started)
+        choosing.append(chosen - quoted)
+        splits += "+" in best.dex or len({leg.route for leg in best.legs}) > 1
+        tx = engine.build_swap(order, best, int((now[0] + 60) * 1000), "sig")
+        market.fill(dataclasses.replace(tx, min_amount_out=0))
+        if index % ORDERS_PER_SLOT == ORDERS_PER_SLOT - 1:
+            now[0] += engine.SLOT_S
+    total = [a + b for a, b in zip(quoting, choosing, strict=True)]
+    return {
+        "orders": orders,
+        "splitOrders": splits,
+        "quotesUsPerOrder": _micro(quoting),
+        "splitSearchUsPerOrder": _micro(choosing),
+        "routingUsPerOrder": _micro(total),
+    }
+
+
+def _routing_order(index: int, rng: random.Random, symbols: list[str]) -> engine.Order:
+    sell, buy, amount = "SOL", "USDC", 1.0
+    if index % 4 == 3:
+        sell, buy = rng.sample(symbols, 2)
+        token = engine.TOKENS[sell]
+        amount = float(
+            f"{token.min_amount * (token.max_amount / 10 / token.min_amount) ** rng.random():.4g}"
+        )
+    status = engine.Status.ROUTING
+    return engine.Order(f"order_{index:032x}", "u", sell, buy, amount, 50, status, 1)
+
+
+def _micro(seconds: list[float]) -> dict[str, float]:
+    us = [s * 1e6 for s in seconds]
+    return {
+        "mean": round(statistics.fmean(us), 1),
+        "p50": round(pct(us, 50), 1),
+        "p99": round(pct(us, 99), 1),
+    }
 
 
 async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
@@ -692,6 +763,7 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="throughput with 3,000 orders")
     mode.add_argument("--realistic", action="store_true", help="real latencies, high concurrency")
     mode.add_argument("--soak", action="store_true", help="a long, rough run and a key audit")
+    mode.add_argument("--routing", action="store_true", help="CPU per order of routing only")
     mode.add_argument("--serve", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=10, help="one WebSocket each")
@@ -707,8 +779,11 @@ def main() -> None:
     if args.serve:
         serve_baseline(args.serve, args.redis_url, args.concurrency)
         return
-    chosen = soak if args.soak else realistic if args.realistic else throughput
-    result = asyncio.run(chosen(args))
+    if args.routing:
+        result = asyncio.run(routing_cost())
+    else:
+        chosen = soak if args.soak else realistic if args.realistic else throughput
+        result = asyncio.run(chosen(args))
     show(result)
     Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
 

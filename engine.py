@@ -167,6 +167,7 @@ ARBITRAGE_PULL: Final = 0.5  # each slot, arbitrage closes this share of a pool'
 STABLE_REVERSION_PER_SLOT: Final = 0.01  # USDC and USDT drift back toward 1
 SPLIT_CANDIDATES: Final = 3  # the best routes tried in pairs for a split
 SPLIT_TOLERANCE: Final = 10_000  # a split is searched to 1/10,000 of the amount
+SPLIT_PROBE: Final = 1_000  # whether to split at all is judged on 1/1,000 of the amount
 SPLIT_STEPS_MAX: Final = 64
 TX_HASH_CHARS: Final = 88
 BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -640,8 +641,10 @@ def to_units(amount: float, token: Token) -> int:
 
 
 def from_units(units: int, token: Token) -> float:
-    """Base units as the number the wire carries: the nearest float to the exact decimal."""
-    return float(Decimal(units).scaleb(-token.decimals))
+    """Base units as the number the wire carries: the nearest float to the exact decimal (Python
+    divides integers correctly rounded)."""
+    scale: int = 10**token.decimals
+    return units / scale
 
 
 class LegJSON(TypedDict):
@@ -690,13 +693,14 @@ class QuoteJSON(TypedDict):
     amountOut: float
     minAmountOut: float
     priceImpactPct: float
-    routePlan: list[LegJSON]
+    route: list[str]  # the pools, in order (the chosen plan's routePlan has every leg in full)
 
 
 @dataclass(frozen=True, slots=True)
 class Quote:
-    """What a route would pay now. A venue that can be priced locally also hands over its `paths`
-    (Routes, section 8), which the router uses to search for a better split across venues."""
+    """What a route would pay now. A venue that can be priced locally also hands over its
+    `routes` (section 8) with what each would pay, best first: the router searches them for a
+    better split across venues."""
 
     dex: str
     price: float  # output per input token at the route's spot price, before fees and impact
@@ -705,7 +709,7 @@ class Quote:
     price_impact_pct: float = 0.0  # what the order's own size costs, beyond the fees
     legs: tuple[Leg, ...] = ()
     valid_until_slot: int | None = None  # None: the venue does not say
-    paths: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    routes: tuple[tuple[int, Any], ...] = field(default=(), compare=False, repr=False)
 
     def min_amount_out(self, slippage_bps: int) -> int:
         return self.amount_out * (BPS_PER_UNIT - slippage_bps) // BPS_PER_UNIT
@@ -718,7 +722,7 @@ class Quote:
             "amountOut": from_units(self.amount_out, buy),
             "minAmountOut": from_units(self.min_amount_out(slippage_bps), buy),
             "priceImpactPct": self.price_impact_pct,
-            "routePlan": [leg.to_json() for leg in self.legs],
+            "route": [leg.pool for leg in self.legs],
         }
 
 
@@ -2089,31 +2093,36 @@ class Route:
         return math.prod(hop.spot() for hop in self.hops)
 
 
-def plan_quote(parts: Sequence[tuple[Route, int]], slot: int) -> Quote:
-    """The quote for sending each part's amount down its path, priced on the pools as they are."""
+def plan_quote(
+    parts: Sequence[tuple[Route, int]], slot: int, routes: tuple[tuple[int, Route], ...] = ()
+) -> Quote:
+    """The quote for sending each part's amount down its route, priced on the pools as they are
+    (`routes`: what the venue could also have offered, for the router's split search)."""
     legs = [
         leg
         for route, (path, amount) in enumerate(parts)
         for leg in path.legs(amount, slot, route, _percent(amount, parts), apply=False)
     ]
-    return quote_of(legs, [path.spot() for path, _ in parts], slot)
+    return quote_of(legs, [path.spot() for path, _ in parts], slot, routes)
 
 
 def _percent(amount: int, parts: Sequence[tuple[Route, int]]) -> float:
     return round(100 * amount / sum(a for _, a in parts), 2)
 
 
-def quote_of(legs: Sequence[Leg], spots: Sequence[float], slot: int) -> Quote:
+def quote_of(
+    legs: Sequence[Leg], spots: Sequence[float], slot: int, routes: tuple[tuple[int, Any], ...] = ()
+) -> Quote:
     """Price, fee and impact of a plan of legs. `spots` are its routes' spot prices (base units
     out per base unit in): at the spot an order would get amount x spot minus the fees; what it
     gets beyond that is its own price impact."""
-    routes = _routes(legs)
-    amount_in = sum(route[0].amount_in for route in routes)
-    amount_out = sum(route[-1].amount_out for route in routes)
-    ideal = sum(r[0].amount_in * spot for r, spot in zip(routes, spots, strict=True))
+    groups = _routes(legs)
+    amount_in = sum(group[0].amount_in for group in groups)
+    amount_out = sum(group[-1].amount_out for group in groups)
+    ideal = sum(g[0].amount_in * spot for g, spot in zip(groups, spots, strict=True))
     after_fees = sum(
-        r[0].amount_in * spot * math.prod(1 - leg.fee / leg.amount_in for leg in r if leg.amount_in)
-        for r, spot in zip(routes, spots, strict=True)
+        g[0].amount_in * spot * math.prod(1 - leg.fee / leg.amount_in for leg in g if leg.amount_in)
+        for g, spot in zip(groups, spots, strict=True)
     )
     sell, buy = legs[0].sell, legs[-1].buy
     scale = 10.0 ** (sell.decimals - buy.decimals)
@@ -2127,6 +2136,7 @@ def quote_of(legs: Sequence[Leg], spots: Sequence[float], slot: int) -> Quote:
         else 0.0,
         legs=tuple(legs),
         valid_until_slot=slot + QUOTE_VALID_SLOTS,
+        routes=routes,
     )
 
 
@@ -2145,6 +2155,7 @@ class Market:
         self.slot = slot_at(self.started_s)
         self.usd = {symbol: token.usd_price for symbol, token in TOKENS.items()}
         self.pools: dict[str, Pool] = {}
+        self._routes: dict[tuple[str, str, str], list[Route]] = {}
         for dex, kind, base, quote, value_usd in POOLS:
             self.add_pool(dex, kind, TOKENS[base], TOKENS[quote], value_usd)
 
@@ -2159,10 +2170,8 @@ class Market:
             y = int(value_usd / 2 / self.usd[quote.symbol] * 10**quote.decimals)
             pool = ConstantProductPool(pool_id, dex, base, quote, x, y)
         self.pools[pool_id] = pool
+        self._routes.clear()
         return pool
-
-    def now_s(self) -> float:
-        return self._clock()
 
     def sync(self) -> int:
         """Bring the market to the current slot and answer it."""
@@ -2178,8 +2187,14 @@ class Market:
         ratio = self.usd[base.symbol] / self.usd[quote.symbol]
         return ratio * 10.0 ** (quote.decimals - base.decimals)
 
-    def paths(self, dex: str, sell: Token, buy: Token) -> list[Route]:
+    def routes(self, dex: str, sell: Token, buy: Token) -> list[Route]:
         """Every route on `dex` from sell to buy: direct pools, then two hops via USDC or SOL."""
+        key = (dex, sell.symbol, buy.symbol)
+        if (known := self._routes.get(key)) is None:
+            known = self._routes[key] = self._find_routes(dex, sell, buy)
+        return known
+
+    def _find_routes(self, dex: str, sell: Token, buy: Token) -> list[Route]:
         direct = [Route(dex, (hop,)) for hop in self._hops(dex, sell, buy)]
         via = [
             Route(dex, (first, second))
@@ -2362,35 +2377,41 @@ class SimVenue:
         if self.rng.random() < self.faults.quote_fail_rate:
             raise VenueError("RPC error: failed to fetch pool accounts", "QUOTE_FAILED")
         slot = self.market.sync()
-        paths = self.market.paths(self.name, sell, buy)
-        scored = [(path.out_or_nothing(amount_in, slot), path) for path in paths]
-        best_out, best = max(scored, key=lambda scored: scored[0], default=(-1, None))
-        if best is None or best_out < 0:
-            raise VenueError(
-                f"no route from {sell.symbol} to {buy.symbol} for this amount", "NO_ROUTE"
-            )
-        quote = plan_quote([(best, amount_in)], slot)
-        return replace(quote, paths=tuple(path for out, path in scored if out >= 0))
+        routes = self.market.routes(self.name, sell, buy)
+        scored = sorted(
+            ((route.out_or_nothing(amount_in, slot), route) for route in routes),
+            key=lambda scored: -scored[0],
+        )
+        if not scored or scored[0][0] < 0:
+            message = f"no route from {sell.symbol} to {buy.symbol} for this amount"
+            raise VenueError(message, "NO_ROUTE")
+        usable = tuple(pair for pair in scored if pair[0] >= 0)
+        return plan_quote([(scored[0][1], amount_in)], slot, usable)
 
     async def execute(self, tx: SwapTx) -> Fill:
-        for dex in dict.fromkeys(leg.dex for leg in tx.legs):
-            self._check_up(dex)
         await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
         if self.rng.random() < self.faults.fail_rate:
             await self._fault(tx)
-        if self.chain.expired(tx):  # past its last valid slot: it can no longer land
-            return settled(await self.chain.record(tx, TxStatus(False)))
-        total, legs = self.market.fill(tx)
+        return settled(await self.chain.record(tx, self._land(tx)))
+
+    def _land(self, tx: SwapTx) -> TxStatus:
+        """What becomes of the transaction now, on the pools as they are (the chain refuses it
+        anyway once it has expired, and then it must not move the pools either)."""
+        if self.chain.expired(tx):
+            return TxStatus(False, code="TX_EXPIRED", error="transaction expired before it landed")
+        try:
+            for dex in dict.fromkeys(leg.dex for leg in tx.legs):
+                self._check_up(dex)
+            total, legs = self.market.fill(tx)
+        except VenueError as exc:
+            return TxStatus(False, code=exc.code, error=str(exc))
         if total < tx.min_amount_out:
             got, least = from_units(total, tx.buy), from_units(tx.min_amount_out, tx.buy)
             message = f"executed amountOut {got} below minAmountOut {least}"
-            outcome = TxStatus(False, code="SLIPPAGE_EXCEEDED", error=message)
-        else:
-            price = significant(from_units(total, tx.buy) / from_units(tx.amount_in, tx.sell))
-            outcome = TxStatus(
-                True, Fill(tx.signature, price, total, tuple(leg.to_json() for leg in legs))
-            )
-        return settled(await self.chain.record(tx, outcome))
+            return TxStatus(False, code="SLIPPAGE_EXCEEDED", error=message)
+        price = significant(from_units(total, tx.buy) / from_units(tx.amount_in, tx.sell))
+        plan = tuple(leg.to_json() for leg in legs)
+        return TxStatus(True, Fill(tx.signature, price, total, plan))
 
     async def lookup(self, signature: str) -> TxStatus | None:
         return await self.chain.lookup(signature)
@@ -2439,38 +2460,38 @@ def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -
 
 
 def best_route(quotes: Sequence[Quote], amount_in: int, slot: int) -> Quote:
-    """The plan that pays the most: the best single quote, or a split of the order between two
-    routes that share no pool when that pays more. A venue that cannot be priced here (no paths)
+    """The plan that pays the most: the best venue's quote, or a split of the order between two of
+    the best routes (sharing no pool) when that pays more. A venue whose quote carries no routes
     competes with its quote as it is."""
     best = max(quotes, key=lambda quote: quote.amount_out)
-    paths = [path for quote in quotes for path in quote.paths]
-    if not paths:
-        return best
-    scored = sorted(
-        ((path.out_or_nothing(amount_in, slot), path) for path in paths), key=lambda s: -s[0]
-    )
-    best_out, best_path = scored[0]
-    if best_out >= best.amount_out:  # priced now: the pools may have moved since the quote
-        best = plan_quote([(best_path, amount_in)], slot)
-    top = [path for out, path in scored[:SPLIT_CANDIDATES] if out >= 0]
+    ranked = sorted((pair for quote in quotes for pair in quote.routes), key=lambda p: -p[0])
+    top = [route for _, route in ranked[:SPLIT_CANDIDATES]]
     for i, first in enumerate(top):
         for second in top[i + 1 :]:
             if first.pool_ids & second.pool_ids:
                 continue
             share = split(first, second, amount_in, slot)
-            total = first.out_or_nothing(share, slot) + second.out_or_nothing(
-                amount_in - share, slot
-            )
-            if 0 < share < amount_in and total > best.amount_out:
-                best = plan_quote([(first, share), (second, amount_in - share)], slot)
+            if 0 < share < amount_in:
+                total = first.out_or_nothing(share, slot)
+                total += second.out_or_nothing(amount_in - share, slot)
+                if total > best.amount_out:
+                    best = plan_quote([(first, share), (second, amount_in - share)], slot)
     return best
 
 
 def split(first: Route, second: Route, amount_in: int, slot: int) -> int:
-    """How much of `amount_in` to send down `first` (the rest down `second`) for the most output.
-    Two constant-product pools have a closed form: the split at which both give the same
-    marginal output. Anything else is concave in the split, so a golden-section search finds it."""
-    pools = [path.hops[0].pool for path in (first, second) if len(path.hops) == 1]
+    """How much of `amount_in` to send down `first` (the better alone; the rest down `second`)
+    for the most output. The total is concave in the split, so when the last bit of the order
+    pays more on `first` than the first bit would on `second`, not splitting is best (the common
+    case, found in three pricings). Two constant-product pools have a closed form: the split at
+    which both give the same marginal output. Anything else: a golden-section search."""
+    step = max(1, amount_in // SPLIT_PROBE)
+    last_on_first = first.out_or_nothing(amount_in, slot) - first.out_or_nothing(
+        amount_in - step, slot
+    )
+    if last_on_first >= second.out_or_nothing(step, slot):
+        return amount_in
+    pools = [route.hops[0].pool for route in (first, second) if len(route.hops) == 1]
     if len(pools) == 2 and all(isinstance(pool, ConstantProductPool) for pool in pools):
         return _cp_split(first.hops[0], second.hops[0], amount_in)
     return _golden_split(first, second, amount_in, slot)
@@ -3051,15 +3072,14 @@ class _Attempt:
     def building_info(
         best: Quote, quotes: Sequence[Quote], tx: SwapTx, order: Order
     ) -> dict[str, Any]:
-        chosen = best.to_json(tx.buy, order.slippage_bps)
         return {
             "dex": best.dex,
             "price": best.price,
             "quotes": [quote.to_json(tx.buy, order.slippage_bps) for quote in quotes],
-            "expectedAmountOut": chosen["amountOut"],
-            "minAmountOut": chosen["minAmountOut"],
-            "priceImpactPct": chosen["priceImpactPct"],
-            "routePlan": chosen["routePlan"],
+            "expectedAmountOut": from_units(best.amount_out, tx.buy),
+            "minAmountOut": from_units(tx.min_amount_out, tx.buy),
+            "priceImpactPct": best.price_impact_pct,
+            "routePlan": [leg.to_json() for leg in best.legs],
             "validUntilSlot": best.valid_until_slot,
             "inputMint": tx.sell.mint,
             "outputMint": tx.buy.mint,

@@ -636,11 +636,10 @@ def venue_quotes(m: eng.Market, sell: eng.Token, buy: eng.Token, amount_in: int)
     """What the two simulated venues would quote (best route each, with their routes)."""
     quotes = []
     for dex in eng.SIMULATED_VENUES:
-        routes = m.paths(dex, sell, buy)
+        routes = m.routes(dex, sell, buy)
         scored = [(route.out_or_nothing(amount_in, m.slot), route) for route in routes]
-        _out, best = max(scored, key=lambda s: s[0])
-        quote = eng.plan_quote([(best, amount_in)], m.slot)
-        quotes.append(replace(quote, paths=tuple(r for o, r in scored if o >= 0)))
+        ranked = tuple(sorted((pair for pair in scored if pair[0] >= 0), key=lambda s: -s[0]))
+        quotes.append(eng.plan_quote([(ranked[0][1], amount_in)], m.slot, ranked))
     return quotes
 
 
@@ -684,7 +683,7 @@ def test_every_route_pays_more_for_more_input(pair: tuple[str, str], shares: lis
     m = market()
     amounts = sorted(units_of(sell, share) for share in shares)
     for dex in eng.SIMULATED_VENUES:
-        for route in m.paths(dex, sell, buy):
+        for route in m.routes(dex, sell, buy):
             outs = [route.out_or_nothing(amount, m.slot) for amount in amounts]
             assert outs == sorted(outs), route
 
@@ -895,8 +894,7 @@ async def test_a_split_route_is_shown_in_building_and_confirmed(start: Start) ->
     assert building["minAmountOut"] == pytest.approx(building["expectedAmountOut"] * 0.99, rel=1e-6)
     assert {q["dex"] for q in building["quotes"]} == {"RAYDIUM", "METEORA"}
     assert all(
-        {"priceImpactPct", "fee", "routePlan", "minAmountOut"} <= q.keys()
-        for q in building["quotes"]
+        {"priceImpactPct", "fee", "route", "minAmountOut"} <= q.keys() for q in building["quotes"]
     )
     assert [leg["pool"] for leg in confirmed["routePlan"]] == [
         leg["pool"] for leg in building["routePlan"]
