@@ -21,10 +21,12 @@ operator how to run it. The module reads top to bottom, one banner per section:
 How an order travels: the POST handler validates the body and runs one Lua script that writes the
 order record, pushes its id on the pending list and emits the `pending` event. The engine's fetcher
 moves the id into this instance's processing list (BLMOVE) and hands it to a worker; the worker
-claims a lease on the order, asks every venue for a quote, builds and submits the swap on the best
-one, and records each status with one Lua script that also removes the job when the outcome is
-final. Each script gives the event the user's next `seq`, appends it to the user's capped event
-stream and publishes it; every engine instance forwards published events to its local sockets.
+claims a lease on the order, asks every venue for a quote, picks the route (or the split across
+venues) that pays the most, builds and submits the swap, and records each status with one Lua
+script that also removes the job when the outcome is final. The venues are simulated: pools with
+reserves on a moving market (section 8). Each script gives the event the user's next `seq`,
+appends it to the user's capped event stream and publishes it; every engine instance forwards
+published events to its local sockets.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ VOLATILITY_REDUCTION_BPS: Final = 5_000  # else half of it carries over
 FEE_CAP_PPM: Final = 100_000
 ARBITRAGE_PULL: Final = 0.5  # each slot, arbitrage closes this share of a pool's gap
 STABLE_REVERSION_PER_SLOT: Final = 0.01  # USDC and USDT drift back toward 1
+STABLE_NOISE_PER_SLOT: Final = 1e-5  # and wobble this much (log price) per slot
 SPLIT_CANDIDATES: Final = 3  # the best routes tried in pairs for a split
 SPLIT_TOLERANCE: Final = 10_000  # a split is searched to 1/10,000 of the amount
 SPLIT_PROBE: Final = 1_000  # whether to split at all is judged on 1/1,000 of the amount
@@ -2249,7 +2252,9 @@ class Market:
         for symbol, token in TOKENS.items():
             if token.stable:
                 drift = math.log(self.usd[symbol]) * (1 - STABLE_REVERSION_PER_SLOT) ** slots
-                self.usd[symbol] = math.exp(drift + self._rng.gauss(0, 1e-5) * root)
+                self.usd[symbol] = math.exp(
+                    drift + self._rng.gauss(0, STABLE_NOISE_PER_SLOT) * root
+                )
             else:
                 sigma = token.volatility * math.sqrt(SLOT_S / YEAR_S)
                 self.usd[symbol] *= math.exp(self._rng.gauss(0, sigma) * root)
