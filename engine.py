@@ -2425,17 +2425,23 @@ class SimVenue:
         if self.market.down(dex):
             raise VenueError(f"{dex} is down (outage window)", "VENUE_DOWN")
 
-    async def _pause(self, seconds: float) -> None:
-        """A venue round trip: log-normal around `seconds`, sometimes `tail_factor` times longer,
-        sometimes never over (a stalled RPC node: only the caller's timeout ends it)."""
+    def latency(self, seconds: float) -> float | None:
+        """How long one call takes: log-normal around `seconds`, sometimes `tail_factor` times
+        longer, and None for a call that never answers (a stalled RPC node: only the caller's
+        timeout ends it)."""
         faults = self.faults
         if self.rng.random() < faults.timeout_rate:
-            await asyncio.Event().wait()
+            return None
         seconds *= faults.latency_scale * self.rng.lognormvariate(0, LATENCY_SPREAD)
         if self.rng.random() < faults.tail_rate:
             seconds *= faults.tail_factor
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+        return seconds
+
+    async def _pause(self, seconds: float) -> None:
+        if (latency := self.latency(seconds)) is None:
+            await asyncio.Event().wait()
+        elif latency > 0:
+            await asyncio.sleep(latency)
 
     async def _fault(self, tx: SwapTx) -> None:
         if self.rng.random() < STALL_SHARE_OF_FAULTS:

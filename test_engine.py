@@ -19,6 +19,7 @@ import re
 import secrets
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -151,6 +152,15 @@ def start(aiohttp_client: Any, config: Config) -> Start:
 
 
 # ── helpers ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def simulated_venues(config: Config) -> tuple[eng.SimVenue, eng.SimVenue]:
+    """The simulated RAYDIUM and METEORA, for tests that never reach their chain."""
+    chain = eng.MockChain(aioredis.Redis(), eng.Keys("x:"), 60, time.time)
+    raydium, meteora = eng.default_venues(config, chain)
+    assert isinstance(raydium, eng.SimVenue)
+    assert isinstance(meteora, eng.SimVenue)
+    return raydium, meteora
 
 
 async def wait_for(check: Callable[[], Any], what: str) -> None:
@@ -423,10 +433,7 @@ def test_venue_faults_are_read_per_venue() -> None:
     assert config.dex_faults == {
         "METEORA": {"fail_rate": 0.5, "tail_factor": 20.0, "outages": ((10.0, 20.0), (60.0, 90.5))}
     }
-    chain = eng.MockChain(aioredis.Redis(), eng.Keys("x:"), 60, time.time)
-    raydium, meteora = eng.default_venues(config, chain)
-    assert isinstance(raydium, eng.SimVenue)
-    assert isinstance(meteora, eng.SimVenue)
+    raydium, meteora = simulated_venues(config)
     assert (raydium.faults.fail_rate, meteora.faults.fail_rate) == (0.1, 0.5)
     assert meteora.faults.outages == ((10.0, 20.0), (60.0, 90.5))
 
@@ -870,6 +877,20 @@ async def test_an_outage_window_takes_a_venue_down_and_brings_it_back(
     assert (await meteora.quote(sol, usdc, 10**9)).dex == "METEORA"
     clock.now += 10
     assert (await raydium.quote(sol, usdc, 10**9)).dex == "RAYDIUM"
+
+
+def test_venue_latency_has_a_long_tail_and_calls_that_never_answer(config: Config) -> None:
+    faults = {"METEORA": {"tail_rate": 0.1, "tail_factor": 20.0}, "RAYDIUM": {"timeout_rate": 0.3}}
+    tuned = replace(config, dex_latency_scale=1.0, dex_faults=faults)
+    raydium, meteora = simulated_venues(tuned)
+    slow = [meteora.latency(0.2) for _ in range(2000)]
+    body = [s for s in slow if s is not None and s < 1.0]
+    tail = [s for s in slow if s is not None and s >= 1.0]
+    assert 0.15 < statistics.median(body) < 0.25  # around the nominal 200 ms
+    assert 100 < len(tail) < 300  # about one call in ten, twenty times as long
+    assert 3.0 < statistics.median(tail) < 5.0
+    silent = [raydium.latency(0.2) for _ in range(2000)].count(None)
+    assert 450 < silent < 750  # about 30 % never answer
 
 
 # ── routing end to end ──────────────────────────────────────────────────────────────────────────
