@@ -306,6 +306,7 @@ local a = fields(ARGV[1])
 local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
 local order = '$ORDER_PREFIX' .. id
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
+if current[2] == '$CANCELLED' then return {'cancelled'} end
 if current[1] ~= lease then return {'lease_lost'} end
 -- The same step sent twice (the first reply was lost) is answered, not applied again.
 if current[3] == step then return {'applied', redis.call('HGET', order, 'lastEvent')} end
@@ -339,6 +340,43 @@ for _, item in ipairs({'step', step, 'history', history, 'lastEvent'}) do
   record[#record + 1] = item
 end
 local event = emit(user, a[10], instance)
+record[#record + 1] = event
+redis.call('HSET', order, unpack(record))
+return {'ok', event}
+"""
+)
+
+# Cancel an order for its user, if it is still in a status the table lets end in cancelled: take
+# its job off the pending list or the delayed set, and drop its lease, so that a worker running
+# it finds it cancelled at its next status change (before anything is sent: the change to
+# submitted is such a change). ARGV[1] holds, one per line: order_id, the status the caller read,
+# user, origin, history entry, event body, then the record fields. Answers the event as sent.
+LUA_CANCEL: Final = (
+    LUA_FIELDS
+    + LUA_EMIT
+    + """
+local a = fields(ARGV[1])
+local id, expected, user, origin = unpack(a, 1, 4)
+local order = '$ORDER_PREFIX' .. id
+local current = redis.call('HMGET', order, 'status', 'history')
+if not current[1] then return {'missing'} end
+if current[1] ~= expected then return {'conflict', current[1]} end
+redis.call('LREM', '$PENDING', 0, id)
+redis.call('ZREM', '$DELAYED', id)
+redis.call('HDEL', order, 'lease')
+redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
+redis.call('EXPIRE', order, $ORDER_TTL)
+local history = current[2]
+if history == '[]' then
+  history = '[' .. a[5] .. ']'
+else
+  history = string.sub(history, 1, -2) .. ',' .. a[5] .. ']'
+end
+local record = {unpack(a, 7)}
+for _, item in ipairs({'step', 'cancel', 'history', history, 'lastEvent'}) do
+  record[#record + 1] = item
+end
+local event = emit(user, a[6], origin)
 record[#record + 1] = event
 redis.call('HSET', order, unpack(record))
 return {'ok', event}
@@ -537,6 +575,7 @@ class Status(StrEnum):
     SUBMITTED = "submitted"
     CONFIRMED = "confirmed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1132,16 +1171,19 @@ def configure_logging(config: Config) -> None:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 # SPEC §1. The one place that says which status may follow which. A retry (or the recovery of an
-# interrupted attempt) goes back to pending; any unfinished status may end in failed.
+# interrupted attempt) goes back to pending; any unfinished status may end in failed; the user
+# may cancel an order until its transaction is about to be sent.
 TRANSITIONS: Final[Mapping[Status, frozenset[Status]]] = {
-    Status.PENDING: frozenset({Status.ROUTING, Status.FAILED}),
-    Status.ROUTING: frozenset({Status.BUILDING, Status.PENDING, Status.FAILED}),
-    Status.BUILDING: frozenset({Status.SUBMITTED, Status.PENDING, Status.FAILED}),
+    Status.PENDING: frozenset({Status.ROUTING, Status.FAILED, Status.CANCELLED}),
+    Status.ROUTING: frozenset({Status.BUILDING, Status.PENDING, Status.FAILED, Status.CANCELLED}),
+    Status.BUILDING: frozenset({Status.SUBMITTED, Status.PENDING, Status.FAILED, Status.CANCELLED}),
     Status.SUBMITTED: frozenset({Status.CONFIRMED, Status.PENDING, Status.FAILED}),
     Status.CONFIRMED: frozenset(),
     Status.FAILED: frozenset(),
+    Status.CANCELLED: frozenset(),
 }
 TERMINAL: Final = frozenset(status for status, nxt in TRANSITIONS.items() if not nxt)
+CANCELLABLE: Final = frozenset(s for s, nxt in TRANSITIONS.items() if Status.CANCELLED in nxt)
 
 
 def advance(current: Status, new: Status) -> Status:
@@ -1251,6 +1293,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         FAILED=keys.failed,
         TERMINAL=" ".join(TERMINAL),
         WAITING=Status.PENDING,
+        CANCELLED=Status.CANCELLED,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
 
@@ -1487,6 +1530,7 @@ class Store:
         self._create = client.register_script(lua(LUA_CREATE, self.keys, config))
         self._claim = client.register_script(lua(LUA_CLAIM, self.keys, config))
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
+        self._cancel = client.register_script(lua(LUA_CANCEL, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
         self._dedupe = client.register_script(LUA_DEDUPE)
@@ -1634,6 +1678,8 @@ class Store:
         event = orjson.dumps(order_event(after, after.status, ts, event_extra))
         args = [lines(head, orjson.dumps(history), event, field_blob(fields))]
         reply = await self.batch.call(self._advance, [], args, self._sent(user))
+        if reply[0] == "cancelled":
+            raise LeaseLost(f"{after.order_id}: cancelled by its user")
         if reply[0] == "lease_lost":
             raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
         if reply[0] == "conflict":
@@ -1686,6 +1732,34 @@ class Store:
     async def get_order(self, order_id: str) -> dict[str, Any] | None:
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
         return order_view(record) if record else None
+
+    async def cancel(self, order_id: str, user_id: str, origin: str) -> tuple[str, dict[str, Any]]:
+        """Cancel a user's order: ("cancelled", record), also when it already was, or
+        ("not_cancellable", record), or ("missing", {}) for no such order of this user. Reads the
+        order, then cancels it only if its status is still the one read (else reads again)."""
+        while True:
+            record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+            if not record or orjson.loads(record["userId"]) != user_id:
+                return "missing", {}
+            status = Status(record["status"])
+            if status is Status.CANCELLED:
+                return "cancelled", order_view(record)
+            if status not in CANCELLABLE:
+                return "not_cancellable", order_view(record)
+            reply = await self.batch.call(
+                self._cancel, [], [self._cancel_args(record, origin)], self._sent(user_id)
+            )
+            if reply[0] == "ok":
+                return "cancelled", await self.get_order(order_id) or {}
+
+    def _cancel_args(self, record: Mapping[str, str], origin: str) -> bytes:
+        order = Order.from_record(record)
+        ts = iso_ms(self._clock())
+        entry = {"status": Status.CANCELLED, "ts": ts, "attempt": order.attempts}
+        event = order_event(order, Status.CANCELLED, ts, {"attempt": order.attempts})
+        fields = {"status": Status.CANCELLED, "updatedAt": ts}
+        head = [order.order_id, order.status, order.user_id, origin]
+        return lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))
 
     async def list_orders(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         index = self.keys.user_orders(user_id)
@@ -3712,6 +3786,26 @@ async def get_order(request: web.Request) -> web.Response:
     return json_response(record)
 
 
+async def cancel_order(request: web.Request) -> web.Response:
+    """DELETE /api/orders/{orderId}?userId=: the owner cancels an order that has not been sent."""
+    order_id = request.match_info["order_id"]
+    user_id = parse_user_id(request.query.get("userId"))
+    engine = request.app[ENGINE]
+    outcome, record = (
+        await engine.store.cancel(order_id, user_id, engine.instance_id)
+        if ORDER_ID_RE.fullmatch(order_id)
+        else ("missing", {})
+    )
+    if outcome == "missing":
+        raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} of user {user_id!r}")
+    if outcome == "not_cancellable":
+        status = record["status"]
+        raise ApiError(
+            409, "NOT_CANCELLABLE", f"the order is {status}; it can no longer be cancelled"
+        )
+    return json_response(record)
+
+
 async def list_orders(request: web.Request) -> web.Response:
     user_id = parse_user_id(request.query.get("userId"))
     limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
@@ -3766,6 +3860,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/orders/execute", execute_order)
     app.router.add_get("/api/orders", list_orders)
     app.router.add_get("/api/orders/{order_id}", get_order)
+    app.router.add_delete("/api/orders/{order_id}", cancel_order)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/ws", websocket)
 

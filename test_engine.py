@@ -44,7 +44,7 @@ from engine import Config, Status
 
 ENGINE_PY = str(Path(__file__).with_name("engine.py"))
 DEADLINE_S = 15.0
-TERMINAL = {"confirmed", "failed"}
+TERMINAL = {"confirmed", "failed", "cancelled"}
 HAPPY_PATH = ["pending", "routing", "building", "submitted", "confirmed"]
 ORDER = {"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 2}
 
@@ -273,12 +273,15 @@ class ScriptedVenue:
     land_then_crash: bool = False
     fill_factors: list[float] = field(default_factory=list)
     gate: asyncio.Event | None = None
+    quote_gate: asyncio.Event | None = None
     executions: list[eng.SwapTx] = field(default_factory=list)
     ledger: dict[str, eng.TxStatus] = field(default_factory=dict)
 
     async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
         if self.quote_hangs:
             await asyncio.Event().wait()
+        if self.quote_gate is not None:
+            await self.quote_gate.wait()
         if self.quote_errors:
             self.quote_errors -= 1
             raise eng.VenueError("pool account not found")
@@ -502,6 +505,7 @@ def test_the_transition_table_is_the_spec_lifecycle_and_advance_enforces_it() ->
         ("submitted", "confirmed"),
         *((s, "pending") for s in ("routing", "building", "submitted")),
         *((s, "failed") for s in ("pending", "routing", "building", "submitted")),
+        *((s, "cancelled") for s in ("pending", "routing", "building")),  # not once sent
     }
     allowed = set()
     for current in Status:
@@ -513,7 +517,7 @@ def test_the_transition_table_is_the_spec_lifecycle_and_advance_enforces_it() ->
                 with pytest.raises(eng.InvalidTransition):
                     eng.advance(current, new)
     assert allowed == expected
-    assert {Status.CONFIRMED, Status.FAILED} == eng.TERMINAL
+    assert {Status.CONFIRMED, Status.FAILED, Status.CANCELLED} == eng.TERMINAL
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1575,6 +1579,116 @@ async def test_a_socket_that_stops_reading_is_closed_1013_and_slows_nobody(start
 
 async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
     return bool((await (await client.get("/healthz")).json())["websockets"] == count)
+
+
+# ── cancellation ────────────────────────────────────────────────────────────────────────────────
+
+
+async def cancel(client: TestClient[Any, Any], order_id: str, user: str = "1") -> tuple[int, Any]:
+    response = await client.delete(f"/api/orders/{order_id}", params={"userId": user})
+    return response.status, await response.json()
+
+
+async def test_a_pending_order_is_cancelled_once_and_never_runs(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        busy = await order_id_of(client)
+        await wait_for(lambda: venue.executions, "the first order to occupy the only worker")
+        waiting = await order_id_of(client)
+        status, record = await cancel(client, waiting)
+        assert (status, record["status"]) == (200, "cancelled")
+        assert [h["status"] for h in record["history"]] == ["pending", "cancelled"]
+        assert await cancel(client, waiting) == (200, record)  # the same answer again
+        held.set()
+        events = await events_until_done(ws, busy, waiting)
+    assert statuses(events, waiting) == ["pending", "cancelled"]
+    assert statuses(events, busy)[-1] == "confirmed"
+    assert [tx.order_id for tx in venue.executions] == [busy]
+    assert not await redis.lrange(eng.Keys(config.redis_prefix).pending, 0, -1)
+
+
+async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    status, reply = await cancel(client, order_id)
+    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+    assert "submitted" in reply["error"]["message"]
+    held.set()
+    await wait_status(client, order_id, "confirmed")
+    status, reply = await cancel(client, order_id)
+    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+
+
+async def test_only_the_owner_can_cancel(start: Start) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    order_id = await order_id_of(client)
+    assert (await cancel(client, order_id, user="2"))[0] == 404
+    assert (await cancel(client, "order_" + "0" * 32))[0] == 404
+    assert (await cancel(client, "nonsense"))[0] == 404
+    response = await client.delete(f"/api/orders/{order_id}")
+    assert (response.status, (await response.json())["error"]["code"]) == (400, "MISSING_FIELD")
+    held.set()
+    assert (await wait_status(client, order_id, "confirmed"))["status"] == "confirmed"
+
+
+async def test_an_order_cancelled_while_routing_is_never_sent(start: Start, config: Config) -> None:
+    quoting = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", quote_gate=quoting)
+    client = await start(replace(config, quote_timeout_ms=10_000), venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "routing")
+    status, record = await cancel(client, order_id)
+    assert (status, record["status"]) == (200, "cancelled")
+    quoting.set()  # the worker gets its quote and tries to go on to building
+    await wait_for(lambda: _no_job(client), "the worker to drop the cancelled order's job")
+    assert (await get_order(client, order_id))["status"] == "cancelled"
+    assert venue.executions == []
+
+
+async def _no_job(client: TestClient[Any, Any]) -> bool:
+    health = await (await client.get("/healthz")).json()
+    return bool(health["inflight"] == 0 and health["queue"]["processing"] == 0)
+
+
+async def test_cancels_racing_workers_never_leave_a_cancellation_and_a_fill(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM")
+    client = await start(replace(config, concurrency=20), venues=[venue])
+
+    rng = random.Random(5)
+
+    async def post_then_cancel(index: int) -> tuple[str, tuple[int, Any]]:
+        for _ in range(index):  # spread the orders out over the loop's turns
+            await asyncio.sleep(0)
+        order_id = await order_id_of(client)
+        for _ in range(rng.randrange(400)):  # then cancel it a few turns later, at any stage
+            await asyncio.sleep(0)
+        return order_id, await cancel(client, order_id)
+
+    posted = await asyncio.gather(*(post_then_cancel(i) for i in range(100)))
+    order_ids = [order_id for order_id, _ in posted]
+    answers = [answer for _, answer in posted]
+    records = [await wait_status(client, i, "confirmed", "cancelled") for i in order_ids]
+    sent = [tx.order_id for tx in venue.executions]
+    for (status, reply), record in zip(answers, records, strict=True):
+        terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL]
+        assert len(terminal) == 1, record["history"]
+        if status == 200:
+            assert record["status"] == "cancelled"
+            assert record["orderId"] not in sent
+        else:
+            assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+            assert record["status"] == "confirmed"
+            assert sent.count(record["orderId"]) == 1
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
