@@ -495,7 +495,7 @@ async def routing_cost(orders: int = ROUTING_ORDERS) -> dict[str, Any]:
     for index in range(orders):
         order = _routing_order(index, rng, symbols)
         started = time.process_time()
-        quotes, _ = await router.quotes(order)
+        quotes, _ = await router.quotes(order.sell, order.buy, order.amount_in, order.order_id)
         quoted = time.process_time()
         best = engine.best_route(quotes, order.amount_in, market.slot)
         chosen = time.process_time()

@@ -54,7 +54,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
@@ -80,6 +80,9 @@ IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,128}")
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
 SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
+MAX_WAIT_S: Final = 7 * 86_400  # the longest a limit or sniper order may wait
+PRICE_MAX: Final = 1e15  # limit and trigger prices, output per input token
+TIMESTAMP_MAX_CHARS: Final = 40
 BPS_PER_UNIT: Final = 10_000
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 100
@@ -130,6 +133,9 @@ RECOVERY_LIMIT: Final = 3
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
+FIRE_BATCH: Final = 500  # waiting orders woken per script call
+EXPIRE_BATCH: Final = 100
+EXPIRY_CHECK_S: Final = 1.0
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
 # One batch in flight at a time: replies then come back in the order Redis ran the scripts, which
@@ -172,6 +178,7 @@ SPLIT_CANDIDATES: Final = 3  # the best routes tried in pairs for a split
 SPLIT_TOLERANCE: Final = 10_000  # a split is searched to 1/10,000 of the amount
 SPLIT_PROBE: Final = 1_000  # whether to split at all is judged on 1/1,000 of the amount
 SPLIT_STEPS_MAX: Final = 64
+PROBE_MIN_AMOUNTS: Final = 10  # a pair's price is quoted for 10 x the smallest order
 TX_HASH_CHARS: Final = 88
 BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
@@ -213,6 +220,25 @@ local function emit(user, body, origin)
   return event
 end
 """
+# A failed order stays readable while it is among the newest ENGINE_FAILED_KEEP; older ones fall
+# back to the ordinary record TTL.
+LUA_KEEP_FAILED: Final = """
+local function keep_failed(order, id, score)
+  redis.call('PERSIST', order)
+  redis.call('ZADD', '$FAILED', score, id)
+  for _, old in ipairs(redis.call('ZRANGE', '$FAILED', 0, -$FAILED_KEEP - 1)) do
+    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
+  end
+  redis.call('ZREMRANGEBYRANK', '$FAILED', 0, -$FAILED_KEEP - 1)
+end
+"""
+# history is a JSON array kept as text, so appending needs no JSON round trip.
+LUA_APPEND: Final = """
+local function append(history, entry)
+  if history == '[]' then return '[' .. entry .. ']' end
+  return string.sub(history, 1, -2) .. ',' .. entry .. ']'
+end
+"""
 LUA_FIELDS: Final = """
 local function fields(blob)
   local out = {}
@@ -223,7 +249,8 @@ end
 
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
 # ARGV[1] holds, one per line: order_id, user, created_us, fingerprint, idempotency key or '-',
-# the accepting instance, event body, then the record's fields. Answers the event as sent.
+# the accepting instance, the order type, event body, then the record's fields. Answers the event
+# as sent.
 LUA_CREATE: Final = (
     LUA_FIELDS
     + LUA_EMIT
@@ -240,6 +267,9 @@ if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerpr
 if redis.call('LLEN', '$PENDING') + redis.call('ZCARD', '$DELAYED') >= $MAX_QUEUED then
   return {'full'}
 end
+if a[7] ~= 'market' and redis.call('ZCARD', '$EXPIRING') >= $MAX_WAITING then
+  return {'full_waiting'}
+end
 redis.call('LPUSH', '$PENDING', id)
 local orders, active = '$USER_PREFIX' .. user .. ':orders', '$USER_PREFIX' .. user .. ':active'
 redis.call('ZADD', orders, created, id)
@@ -250,8 +280,8 @@ redis.call('EXPIRE', active, $ORDER_TTL)
 if idempotency ~= '-' then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', $IDEMPOTENCY_TTL)
 end
-local event = emit(user, a[7], origin)
-local record = {unpack(a, 8)}
+local event = emit(user, a[8], origin)
+local record = {unpack(a, 9)}
 record[#record + 1] = 'lastEvent'
 record[#record + 1] = event
 redis.call('HSET', order, unpack(record))
@@ -278,7 +308,8 @@ end
 -- (its heartbeat may have lapsed for a moment, letting its jobs be recovered). Its job goes back
 -- to the holder's processing list, so that it is recovered with the rest if the holder dies
 -- later. A dead holder's order is taken over.
-if status ~= '$WAITING' and lease then
+local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
+if not idle and lease then
   local holder = string.match(lease, '^(.*)/')
   if holder and holder ~= ARGV[3] and redis.call('EXISTS', '$HEARTBEAT_PREFIX' .. holder) == 1 then
     redis.call('LREM', KEYS[2], 1, ARGV[1])
@@ -289,18 +320,22 @@ if status ~= '$WAITING' and lease then
     return {'busy'}
   end
 end
-if status ~= '$WAITING' then redis.call('HINCRBY', KEYS[1], 'recoveries', 1) end
+if not idle then redis.call('HINCRBY', KEYS[1], 'recoveries', 1) end
 redis.call('HSET', KEYS[1], 'lease', ARGV[2])
 return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS)}
 """
 
 # Record one status change made by the lease holder, move the job as the outcome requires, emit.
 # ARGV[1] holds, one per line: order_id, lease, expected status, step, action (keep|retry|done|
-# fail), score (due time for a retry, now for a failure), instance, user, history entry, event
-# body, then the record fields that change. Answers the event as sent.
+# fail|wait), score (due time for a retry, now for a failure, the trigger price to wait for),
+# instance, user, history entry, event body, then the record fields that change. `wait` parks the
+# order in its trigger set (the record's triggerKey) and the expiry set, with no job and no lease,
+# and keeps its keys until it expires. Answers the event as sent.
 LUA_ADVANCE: Final = (
     LUA_FIELDS
     + LUA_EMIT
+    + LUA_KEEP_FAILED
+    + LUA_APPEND
     + """
 local a = fields(ARGV[1])
 local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
@@ -317,24 +352,21 @@ if action == 'done' or action == 'fail' then
   redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
 end
 if action == 'fail' then
-  -- Failed orders stay readable while they are among the newest kept; older ones fall back to
-  -- the ordinary record TTL.
-  redis.call('PERSIST', order)
-  redis.call('ZADD', '$FAILED', score, id)
-  for _, old in ipairs(redis.call('ZRANGE', '$FAILED', 0, -$FAILED_KEEP - 1)) do
-    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
+  keep_failed(order, id, score)
+elseif action == 'wait' then
+  local parked = redis.call('HMGET', order, 'triggerKey', 'expiresAtMs')
+  redis.call('ZADD', parked[1], score, id)
+  redis.call('ZADD', '$EXPIRING', parked[2], id)
+  redis.call('HDEL', order, 'lease')
+  local ttl = math.ceil(tonumber(parked[2]) / 1000 - redis.call('TIME')[1]) + $ORDER_TTL
+  local user_keys = '$USER_PREFIX' .. user
+  for _, key in ipairs({order, user_keys .. ':active', user_keys .. ':orders'}) do
+    if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
   end
-  redis.call('ZREMRANGEBYRANK', '$FAILED', 0, -$FAILED_KEEP - 1)
 else
   redis.call('EXPIRE', order, $ORDER_TTL)
 end
--- history is a JSON array kept as text, so appending needs no JSON round trip.
-local history = current[4]
-if history == '[]' then
-  history = '[' .. a[9] .. ']'
-else
-  history = string.sub(history, 1, -2) .. ',' .. a[9] .. ']'
-end
+local history = append(current[4], a[9])
 local record = {unpack(a, 11)}
 for _, item in ipairs({'step', step, 'history', history, 'lastEvent'}) do
   record[#record + 1] = item
@@ -346,42 +378,68 @@ return {'ok', event}
 """
 )
 
-# Cancel an order for its user, if it is still in a status the table lets end in cancelled: take
-# its job off the pending list or the delayed set, and drop its lease, so that a worker running
-# it finds it cancelled at its next status change (before anything is sent: the change to
-# submitted is such a change). ARGV[1] holds, one per line: order_id, the status the caller read,
-# user, origin, history entry, event body, then the record fields. Answers the event as sent.
-LUA_CANCEL: Final = (
+# End an order that no worker is running, or take it from the worker that is (cancelled by its
+# user, or failed because it waited past its expiry): if its status is still the one the caller
+# read, take its job off the pending list or the delayed set and it out of the trigger and expiry
+# sets, and drop its lease, so that a worker running it finds it ended at its next status change
+# (which comes before anything is sent: the change to submitted is one). ARGV[1] holds, one per
+# line: order_id, the status the caller read, user, origin, final status, score (now), history
+# entry, event body, then the record fields. Answers the event as sent.
+LUA_END: Final = (
     LUA_FIELDS
     + LUA_EMIT
+    + LUA_KEEP_FAILED
+    + LUA_APPEND
     + """
 local a = fields(ARGV[1])
-local id, expected, user, origin = unpack(a, 1, 4)
+local id, expected, user, origin, final, score = unpack(a, 1, 6)
 local order = '$ORDER_PREFIX' .. id
-local current = redis.call('HMGET', order, 'status', 'history')
+local current = redis.call('HMGET', order, 'status', 'history', 'triggerKey')
 if not current[1] then return {'missing'} end
 if current[1] ~= expected then return {'conflict', current[1]} end
 redis.call('LREM', '$PENDING', 0, id)
 redis.call('ZREM', '$DELAYED', id)
+if current[3] then redis.call('ZREM', current[3], id) end
+redis.call('ZREM', '$EXPIRING', id)
 redis.call('HDEL', order, 'lease')
 redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
-redis.call('EXPIRE', order, $ORDER_TTL)
-local history = current[2]
-if history == '[]' then
-  history = '[' .. a[5] .. ']'
+if final == '$FAILED_STATUS' then
+  keep_failed(order, id, score)
 else
-  history = string.sub(history, 1, -2) .. ',' .. a[5] .. ']'
+  redis.call('EXPIRE', order, $ORDER_TTL)
 end
-local record = {unpack(a, 7)}
-for _, item in ipairs({'step', 'cancel', 'history', history, 'lastEvent'}) do
+local record = {unpack(a, 9)}
+for _, item in ipairs({'step', final, 'history', append(current[2], a[7]), 'lastEvent'}) do
   record[#record + 1] = item
 end
-local event = emit(user, a[6], origin)
+local event = emit(user, a[8], origin)
 record[#record + 1] = event
 redis.call('HSET', order, unpack(record))
 return {'ok', event}
 """
 )
+
+# Wake waiting orders whose trigger has fired: take them out of their trigger set (and the expiry
+# set) and push their jobs to the consumer end of the pending list. Each order leaves the set
+# once, so it fires once however many instances watch the pair.
+# KEYS: trigger set   ARGV: 1 how (up: scores <= price | down: scores >= price | all), 2 price,
+# 3 batch   Returns how many fired.
+LUA_FIRE: Final = """
+local ids
+if ARGV[1] == 'up' then
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+elseif ARGV[1] == 'down' then
+  ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+else
+  ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+end
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', '$EXPIRING', id)
+  redis.call('RPUSH', '$PENDING', id)
+end
+return #ids
+"""
 
 # The simulated chain: record what became of a transaction, at most once per signature (a second
 # send of the same signed transaction gets the first outcome) and never after it expired.
@@ -570,6 +628,7 @@ REDIS_TRANSIENT: Final = (
 
 class Status(StrEnum):
     PENDING = "pending"
+    WAITING = "waiting"  # a limit or sniper order waiting for its price or trigger
     ROUTING = "routing"
     BUILDING = "building"
     SUBMITTED = "submitted"
@@ -593,6 +652,7 @@ class Token:
         return self.volatility == 0
 
 
+CONDITION_FIELDS: Final = ("orderType", "limitPrice", "trigger", "triggerPrice", "expiresAt")
 WSOL_MINT: Final = "So11111111111111111111111111111111111111112"
 TOKENS: Final[Mapping[str, Token]] = {
     token.symbol: token
@@ -606,6 +666,59 @@ TOKENS: Final[Mapping[str, Token]] = {
 }
 
 
+class ConditionJSON(TypedDict, total=False):
+    orderType: str  # the POST body's "type" ("type" in an event is the event's)
+    limitPrice: float
+    trigger: str
+    triggerPrice: float
+    expiresAt: str
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """What a limit or a sniper order waits for before it runs, and until when."""
+
+    kind: Literal["limit", "sniper"]
+    expires_at_ms: int
+    limit_price: float | None = None  # limit: the least output per input token it accepts
+    trigger: Literal["listing", "priceAbove", "priceBelow"] | None = None  # sniper
+    trigger_price: float | None = None  # sniper: the price (output per input) to cross
+
+    def to_json(self) -> ConditionJSON:
+        view: ConditionJSON = {
+            "orderType": self.kind,
+            "expiresAt": iso_ms(self.expires_at_ms / 1000),
+        }
+        if self.limit_price is not None:
+            view["limitPrice"] = self.limit_price
+        if self.trigger is not None:
+            view["trigger"] = self.trigger
+        if self.trigger_price is not None:
+            view["triggerPrice"] = self.trigger_price
+        return view
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Condition | None:
+        kind = record.get("orderType", "market")
+        if kind == "market":
+            return None
+        return cls(
+            kind=kind,
+            expires_at_ms=parse_iso_ms(record["expiresAt"]),
+            limit_price=record.get("limitPrice"),
+            trigger=record.get("trigger"),
+            trigger_price=record.get("triggerPrice"),
+        )
+
+    @property
+    def direction(self) -> Literal["up", "down", "listing"]:
+        """Which trigger set it waits in: fire when the price rises to it, falls to it, or on a
+        listing."""
+        if self.trigger == "listing":
+            return "listing"
+        return "down" if self.trigger == "priceBelow" else "up"
+
+
 @dataclass(frozen=True, slots=True)
 class OrderRequest:
     """A validated POST body."""
@@ -615,11 +728,20 @@ class OrderRequest:
     output_token: str
     amount: float
     slippage_bps: int
+    condition: Condition | None = None  # None: a market order
 
     def fingerprint(self) -> str:
         """What an Idempotency-Key is bound to: the same key with another body is a conflict."""
+        condition = self.condition.to_json() if self.condition else None
         canonical = orjson.dumps(
-            [self.user_id, self.input_token, self.output_token, self.amount, self.slippage_bps]
+            [
+                self.user_id,
+                self.input_token,
+                self.output_token,
+                self.amount,
+                self.slippage_bps,
+                condition,
+            ]
         )
         return hashlib.sha256(canonical).hexdigest()[:32]
 
@@ -640,6 +762,7 @@ class Order:
     dex: str | None = None  # the venue and transaction of the attempt in flight, once submitted
     tx_hash: str | None = None
     tx_expires_at_ms: int = 0
+    condition: Condition | None = None  # a limit or sniper order's; None for a market order
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
@@ -647,6 +770,9 @@ class Order:
             return orjson.loads(record[name]) if name in record else default
 
         expires = value("txExpiresAt")
+        condition = Condition.from_record(
+            {name: value(name) for name in CONDITION_FIELDS if name in record}
+        )
         return cls(
             order_id=value("orderId"),
             user_id=value("userId"),
@@ -660,6 +786,7 @@ class Order:
             dex=value("dex"),
             tx_hash=value("txHash"),
             tx_expires_at_ms=parse_iso_ms(expires) if expires else 0,
+            condition=condition,
         )
 
     @property
@@ -807,6 +934,17 @@ class TxStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Listing:
+    """A pool the simulated market lists `at_s` seconds after the engine started."""
+
+    dex: str
+    base: str
+    quote: str
+    at_s: float
+    value_usd: float
+
+
+@dataclass(frozen=True, slots=True)
 class VenueFaults:
     """Trouble a simulated venue makes on purpose (ENGINE_DEX_FAULTS). Rates are per call."""
 
@@ -819,7 +957,7 @@ class VenueFaults:
     outages: tuple[tuple[float, float], ...] = ()  # [from, to) seconds after the engine started
 
 
-JobAction = Literal["keep", "retry", "done", "fail"]
+JobAction = Literal["keep", "retry", "done", "fail", "wait"]
 Clock = Callable[[], float]  # seconds since the epoch
 
 
@@ -894,11 +1032,13 @@ class Config:
     concurrency: int = 10
     max_attempts: int = 3
     max_queued: int = 100_000
+    max_waiting: int = 1_000_000
     order_ttl_s: int = 86_400
     failed_keep: int = 1000
     dex_latency_scale: float = 1.0
     dex_fail_rate: float = 0.05
     dex_faults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    dex_listings: tuple[Listing, ...] = ()
     seed: int | None = None
     shutdown_grace_s: float = 10.0
     retry_base_ms: int = 500
@@ -1029,6 +1169,31 @@ def _outages(venue: str, value: object) -> tuple[tuple[float, float], ...]:
     return tuple(window(item) for item in value)
 
 
+def _listings(text: str) -> tuple[Listing, ...]:
+    """ENGINE_DEX_LISTINGS: [{"dex": "METEORA", "base": "BONK", "quote": "JUP", "atS": 60,
+    "valueUsd": 2000000}, ...]: pools the simulated venues list that long after start."""
+    try:
+        spec = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ValueError("must be a JSON array") from None
+    if not isinstance(spec, list):
+        raise ValueError("must be a JSON array of listings")
+    return tuple(_listing(entry) for entry in spec)
+
+
+def _listing(entry: object) -> Listing:
+    shape = 'each listing is {"dex", "base", "quote", "atS", "valueUsd"}'
+    if not isinstance(entry, dict) or set(entry) != {"dex", "base", "quote", "atS", "valueUsd"}:
+        raise ValueError(shape)
+    dex, base, quote, at_s, value = (entry[k] for k in ("dex", "base", "quote", "atS", "valueUsd"))
+    if dex not in SIMULATED_VENUES or base not in TOKENS or quote not in TOKENS or base == quote:
+        raise ValueError(f"{shape}, with a simulated venue and two different tokens")
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (at_s, value))
+    if not numbers or not 0 <= at_s <= MAX_WAIT_S or not 1e3 <= value <= 1e10:
+        raise ValueError(f"{shape}; atS 0-{MAX_WAIT_S}, valueUsd 1e3-1e10")
+    return Listing(dex, base, quote, float(at_s), float(value))
+
+
 def _redis_url(text: str) -> str:
     if not re.match(r"(redis|rediss|unix)://", text):
         raise ValueError("must start with redis://, rediss:// or unix://")
@@ -1072,12 +1237,16 @@ SETTINGS: Final = (
     Setting("ENGINE_REDIS_PREFIX", "redis_prefix", _prefix, "prefix of every Redis key"),
     Setting("ENGINE_CONCURRENCY", "concurrency", _integer(1, 10_000), "orders executed at once"),
     Setting("ENGINE_MAX_ATTEMPTS", "max_attempts", _integer(1, 100), "attempts per order"),
-    Setting("ENGINE_MAX_QUEUED", "max_queued", _integer(1, 10_000_000), "cap on waiting orders"),
+    Setting("ENGINE_MAX_QUEUED", "max_queued", _integer(1, 10_000_000), "cap on queued orders"),
+    Setting(
+        "ENGINE_MAX_WAITING", "max_waiting", _integer(1, 100_000_000), "cap on limit/sniper orders"
+    ),
     Setting("ENGINE_ORDER_TTL_S", "order_ttl_s", _integer(60, 365 * DAY_S), "finished order TTL"),
     Setting("ENGINE_FAILED_KEEP", "failed_keep", _integer(1, 1_000_000), "failed orders kept"),
     Setting("ENGINE_DEX_LATENCY_SCALE", "dex_latency_scale", _number(0, 1000), "mock latency x"),
     Setting("ENGINE_DEX_FAIL_RATE", "dex_fail_rate", _number(0, 1), "mock execution fault rate"),
     Setting("ENGINE_DEX_FAULTS", "dex_faults", _faults, "per-venue faults and outages (JSON)"),
+    Setting("ENGINE_DEX_LISTINGS", "dex_listings", _listings, "pools the simulation lists later"),
     Setting("ENGINE_SEED", "seed", _integer(-(2**63), 2**63 - 1), "seed for mock randomness"),
     Setting("ENGINE_SHUTDOWN_GRACE_S", "shutdown_grace_s", _number(0, 3600), "drain time"),
     Setting("ENGINE_RETRY_BASE_MS", "retry_base_ms", _integer(1, 600_000), "first retry delay"),
@@ -1172,10 +1341,14 @@ def configure_logging(config: Config) -> None:
 
 # SPEC §1. The one place that says which status may follow which. A retry (or the recovery of an
 # interrupted attempt) goes back to pending; any unfinished status may end in failed; the user
-# may cancel an order until its transaction is about to be sent.
+# may cancel an order until its transaction is about to be sent. A limit or sniper order waits
+# (from pending, or from routing when its limit is no longer met) until its trigger fires.
 TRANSITIONS: Final[Mapping[Status, frozenset[Status]]] = {
-    Status.PENDING: frozenset({Status.ROUTING, Status.FAILED, Status.CANCELLED}),
-    Status.ROUTING: frozenset({Status.BUILDING, Status.PENDING, Status.FAILED, Status.CANCELLED}),
+    Status.PENDING: frozenset({Status.ROUTING, Status.WAITING, Status.FAILED, Status.CANCELLED}),
+    Status.WAITING: frozenset({Status.ROUTING, Status.FAILED, Status.CANCELLED}),
+    Status.ROUTING: frozenset(
+        {Status.BUILDING, Status.PENDING, Status.WAITING, Status.FAILED, Status.CANCELLED}
+    ),
     Status.BUILDING: frozenset({Status.SUBMITTED, Status.PENDING, Status.FAILED, Status.CANCELLED}),
     Status.SUBMITTED: frozenset({Status.CONFIRMED, Status.PENDING, Status.FAILED}),
     Status.CONFIRMED: frozenset(),
@@ -1198,7 +1371,9 @@ def advance(current: Status, new: Status) -> Status:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 # Record fields that Lua reads or writes itself; every other field holds a JSON value.
-_RAW_FIELDS: Final = frozenset({"status", "lease", "step", "history", "lastEvent"})
+_RAW_FIELDS: Final = frozenset(
+    {"status", "lease", "step", "history", "lastEvent", "triggerKey", "expiresAtMs"}
+)
 PUBLIC_FIELDS: Final = (
     "orderId",
     "userId",
@@ -1206,6 +1381,8 @@ PUBLIC_FIELDS: Final = (
     "outputToken",
     "amount",
     "slippageBps",
+    *CONDITION_FIELDS,
+    "bestPrice",
     "status",
     "attempts",
     "recoveries",
@@ -1269,6 +1446,7 @@ CLAIM_FIELDS: Final = (
     "dex",
     "txHash",
     "txExpiresAt",
+    *CONDITION_FIELDS,
 )
 
 
@@ -1292,8 +1470,12 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         DELAYED=keys.delayed,
         FAILED=keys.failed,
         TERMINAL=" ".join(TERMINAL),
-        WAITING=Status.PENDING,
+        PENDING_STATUS=Status.PENDING,
+        WAITING_STATUS=Status.WAITING,
+        FAILED_STATUS=Status.FAILED,
         CANCELLED=Status.CANCELLED,
+        EXPIRING=keys.expiring,
+        MAX_WAITING=config.max_waiting,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
 
@@ -1359,6 +1541,14 @@ class Keys:
     @property
     def channel(self) -> str:
         return f"{self.prefix}events"
+
+    def triggers(self, direction: str, sell: str, buy: str) -> str:
+        """Waiting orders of one pair, by trigger price (or listing), for one direction."""
+        return f"{self.prefix}waiting:{direction}:{sell}:{buy}"
+
+    @property
+    def expiring(self) -> str:
+        return f"{self.prefix}waiting:expiry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1530,7 +1720,8 @@ class Store:
         self._create = client.register_script(lua(LUA_CREATE, self.keys, config))
         self._claim = client.register_script(lua(LUA_CLAIM, self.keys, config))
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
-        self._cancel = client.register_script(lua(LUA_CANCEL, self.keys, config))
+        self._end = client.register_script(lua(LUA_END, self.keys, config))
+        self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
         self._dedupe = client.register_script(LUA_DEDUPE)
@@ -1562,6 +1753,7 @@ class Store:
             "outputToken": order.output_token,
             "amount": order.amount,
             "slippageBps": order.slippage_bps,
+            "orderType": "market",
             "status": Status.PENDING,
             "attempts": 0,
             "recoveries": 0,
@@ -1570,7 +1762,16 @@ class Store:
             "updatedAt": ts,
             "history": orjson.dumps([{"status": Status.PENDING, "ts": ts}]).decode(),
         }
-        event = order_event(order, Status.PENDING, ts, {"slippageBps": order.slippage_bps})
+        extra: dict[str, Any] = {"slippageBps": order.slippage_bps}
+        if (condition := order.condition) is not None:
+            extra |= condition.to_json()
+            fields |= condition.to_json()
+            direction = condition.direction
+            fields["triggerKey"] = self.keys.triggers(
+                direction, order.input_token, order.output_token
+            )
+            fields["expiresAtMs"] = str(condition.expires_at_ms)
+        event = order_event(order, Status.PENDING, ts, extra)
         user = order.user_id
         keys = self.keys
         fingerprint = request.fingerprint()
@@ -1581,6 +1782,7 @@ class Store:
             fingerprint,
             keys.idempotency(user, idempotency_key) if idempotency_key else "-",
             origin,
+            order.condition.kind if order.condition else "market",
         ]
         args = [lines(head, orjson.dumps(event), field_blob(fields))]
         reply = await self.batch.call(self._create, [], args, self._sent(user))
@@ -1588,6 +1790,9 @@ class Store:
             raise ApiError(
                 503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
             )
+        if reply[0] == "full_waiting":
+            message = "too many limit and sniper orders are waiting; retry later"
+            raise ApiError(503, "QUEUE_FULL", message, retryable=True)
         if reply[0] == "created":
             return Created(order.order_id, Status.PENDING, replayed=False)
         prior_id, prior_fingerprint = reply[1].split(" ")
@@ -1652,8 +1857,10 @@ class Store:
         info: Mapping[str, Any],
         action: JobAction,
         delay_ms: int,
+        score: float | None = None,
     ) -> None:
-        """Record before.status -> after.status as the lease holder (and send its event)."""
+        """Record before.status -> after.status as the lease holder (and send its event).
+        `score` is the trigger price an order that goes waiting waits for."""
         now = self._clock()
         ts = iso_ms(now)
         attempt = after.attempts + 1 if after.status is Status.PENDING else after.attempts
@@ -1671,7 +1878,7 @@ class Store:
             before.status,
             f"{attempt}:{after.status}",
             action,
-            str(int(now * 1000) + delay_ms),
+            repr(score) if score is not None else str(int(now * 1000) + delay_ms),
             instance,
             user,
         ]
@@ -1735,8 +1942,7 @@ class Store:
 
     async def cancel(self, order_id: str, user_id: str, origin: str) -> tuple[str, dict[str, Any]]:
         """Cancel a user's order: ("cancelled", record), also when it already was, or
-        ("not_cancellable", record), or ("missing", {}) for no such order of this user. Reads the
-        order, then cancels it only if its status is still the one read (else reads again)."""
+        ("not_cancellable", record), or ("missing", {}) for no such order of this user."""
         while True:
             record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
             if not record or orjson.loads(record["userId"]) != user_id:
@@ -1746,20 +1952,63 @@ class Store:
                 return "cancelled", order_view(record)
             if status not in CANCELLABLE:
                 return "not_cancellable", order_view(record)
-            reply = await self.batch.call(
-                self._cancel, [], [self._cancel_args(record, origin)], self._sent(user_id)
-            )
-            if reply[0] == "ok":
+            if await self._end_order(record, Status.CANCELLED, {}, origin):
                 return "cancelled", await self.get_order(order_id) or {}
 
-    def _cancel_args(self, record: Mapping[str, str], origin: str) -> bytes:
+    async def expire(self, order_id: str, origin: str) -> bool:
+        """Fail a waiting order whose time ran out (EXPIRED). False if it was no longer waiting."""
+        record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+        if not record or record["status"] != Status.WAITING:
+            await self.redis.zrem(self.keys.expiring, order_id)  # a leftover: nothing waits
+            return False
+        detail = {"code": "EXPIRED", "error": "the order expired before its condition was met"}
+        return await self._end_order(record, Status.FAILED, detail, origin)
+
+    async def _end_order(
+        self, record: Mapping[str, str], final: Status, detail: Mapping[str, Any], origin: str
+    ) -> bool:
+        """Move an order to a final status if it is still in the status read (LUA_END)."""
         order = Order.from_record(record)
-        ts = iso_ms(self._clock())
-        entry = {"status": Status.CANCELLED, "ts": ts, "attempt": order.attempts}
-        event = order_event(order, Status.CANCELLED, ts, {"attempt": order.attempts})
-        fields = {"status": Status.CANCELLED, "updatedAt": ts}
-        head = [order.order_id, order.status, order.user_id, origin]
-        return lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))
+        now = self._clock()
+        ts = iso_ms(now)
+        extra = {"attempt": order.attempts, **detail}
+        if final is Status.FAILED:
+            extra["attempts"] = order.attempts
+        entry = {"status": final, "ts": ts, "attempt": order.attempts, **detail}
+        event = order_event(order, final, ts, extra)
+        fields = {"status": final, "updatedAt": ts, **detail}
+        head = [order.order_id, order.status, order.user_id, origin, final, str(int(now * 1000))]
+        args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
+        reply = await self.batch.call(self._end, [], args, self._sent(order.user_id))
+        return bool(reply[0] == "ok")
+
+    # -- waiting orders ---------------------------------------------------------------------------
+
+    async def armed(self, sell: str, buy: str) -> tuple[float | None, float | None, int]:
+        """What waits on a pair: the lowest price a rise fires at, the highest a fall fires at,
+        and how many orders wait for a listing."""
+        keys = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(keys.triggers("up", sell, buy), 0, 0, withscores=True)
+            pipe.zrange(keys.triggers("down", sell, buy), -1, -1, withscores=True)
+            pipe.zcard(keys.triggers("listing", sell, buy))
+            up, down, listing = await pipe.execute()
+        return (up[0][1] if up else None), (down[0][1] if down else None), int(listing)
+
+    async def fire(self, how: str, sell: str, buy: str, price: float = 0.0) -> int:
+        """Wake every order on the pair whose trigger `price` meets (all of them for a listing)."""
+        direction = "listing" if how == "all" else how
+        key = self.keys.triggers(direction, sell, buy)
+        fired = 0
+        while True:
+            batch = await self.batch.call(self._fire, [key], [how, repr(price), FIRE_BATCH])
+            fired += int(batch)
+            if batch < FIRE_BATCH:
+                return fired
+
+    async def due_to_expire(self, now_ms: int) -> list[str]:
+        due = await self.redis.zrangebyscore(self.keys.expiring, "-inf", now_ms, 0, EXPIRE_BATCH)
+        return [str(order_id) for order_id in due]
 
     async def list_orders(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         index = self.keys.user_orders(user_id)
@@ -1822,7 +2071,8 @@ class Venue(Protocol):
 
     `quote` prices selling `amount_in` base units of `sell`. `execute` raises VenueError when the
     transaction did not land (its `code` becomes the order's failure code); `lookup` answers what
-    became of a signature, or None if the venue has never seen it land or fail."""
+    became of a signature, or None if the venue has never seen it land or fail; `has_pool` says
+    whether the venue lists a pool for the pair (sniper orders wait for that)."""
 
     name: str
 
@@ -1831,6 +2081,8 @@ class Venue(Protocol):
     async def execute(self, tx: SwapTx) -> Fill: ...
 
     async def lookup(self, signature: str) -> TxStatus | None: ...
+
+    def has_pool(self, sell: Token, buy: Token) -> bool: ...  # a direct pool for the pair?
 
 
 def slot_at(ts: float) -> int:
@@ -2224,8 +2476,15 @@ class Market:
     advances and arbitrage trades every pool part of the way back toward the reference, with real
     swaps. Orders move pools too, so concurrent orders see each other's price impact."""
 
-    def __init__(self, rng: random.Random, clock: Clock, faults: Mapping[str, VenueFaults]) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        clock: Clock,
+        faults: Mapping[str, VenueFaults],
+        listings: Sequence[Listing] = (),
+    ) -> None:
         self._rng = rng
+        self._listings = sorted(listings, key=lambda listing: listing.at_s)
         self._clock = clock
         self.faults = faults
         self.started_s = clock()
@@ -2236,11 +2495,12 @@ class Market:
         for dex, kind, base, quote, value_usd in POOLS:
             self.add_pool(dex, kind, TOKENS[base], TOKENS[quote], value_usd)
 
-    def add_pool(self, dex: str, kind: str, base: Token, quote: Token, value_usd: float) -> Pool:
-        """List a pool, its liquidity worth `value_usd` at the reference price."""
-        pool_id = f"{dex.lower()}-{kind}-{base.symbol}-{quote.symbol}"
+    def add_pool(self, dex: str, name: str, base: Token, quote: Token, value_usd: float) -> Pool:
+        """List a pool, its liquidity worth `value_usd` at the reference price: bins on Meteora,
+        a constant-product curve on Raydium."""
+        pool_id = f"{dex.lower()}-{name}-{base.symbol}-{quote.symbol}"
         pool: Pool
-        if kind == "dlmm":
+        if dex == "METEORA":
             pool = BinPool.seeded(pool_id, dex, base, quote, value_usd, self.usd)
         else:
             x = int(value_usd / 2 / self.usd[base.symbol] * 10**base.decimals)
@@ -2252,7 +2512,15 @@ class Market:
 
     def sync(self) -> int:
         """Bring the market to the current slot and answer it."""
-        slot = slot_at(self._clock())
+        now = self._clock()
+        while self._listings and now - self.started_s >= self._listings[0].at_s:
+            listing = self._listings.pop(0)
+            base, quote = TOKENS[listing.base], TOKENS[listing.quote]
+            self.add_pool(listing.dex, "launch", base, quote, listing.value_usd)
+            log.info(
+                "pool listed", extra={"dex": listing.dex, "pair": f"{base.symbol}/{quote.symbol}"}
+            )
+        slot = slot_at(now)
         if slot > self.slot:
             self._walk(slot - self.slot)
             self._arbitrage(slot - self.slot)
@@ -2272,13 +2540,13 @@ class Market:
         return known
 
     def _find_routes(self, dex: str, sell: Token, buy: Token) -> list[Route]:
-        direct = [Route(dex, (hop,)) for hop in self._hops(dex, sell, buy)]
+        direct = [Route(dex, (hop,)) for hop in self.hops(dex, sell, buy)]
         via = [
             Route(dex, (first, second))
             for middle in ROUTE_VIA
             if middle not in (sell.symbol, buy.symbol)
-            for first in self._hops(dex, sell, TOKENS[middle])
-            for second in self._hops(dex, TOKENS[middle], buy)
+            for first in self.hops(dex, sell, TOKENS[middle])
+            for second in self.hops(dex, TOKENS[middle], buy)
         ]
         return direct + via
 
@@ -2312,7 +2580,7 @@ class Market:
         )
         return Route(legs[0].dex, hops)
 
-    def _hops(self, dex: str, sell: Token, buy: Token) -> list[Hop]:
+    def hops(self, dex: str, sell: Token, buy: Token) -> list[Hop]:
         return [
             Hop(pool, pool.base is sell)
             for pool in self.pools.values()
@@ -2495,6 +2763,10 @@ class SimVenue:
     async def lookup(self, signature: str) -> TxStatus | None:
         return await self.chain.lookup(signature)
 
+    def has_pool(self, sell: Token, buy: Token) -> bool:
+        self.market.sync()
+        return bool(self.market.hops(self.name, sell, buy))
+
     def _check_up(self, dex: str) -> None:
         if self.market.down(dex):
             raise VenueError(f"{dex} is down (outage window)", "VENUE_DOWN")
@@ -2537,7 +2809,7 @@ def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -
     faults = {
         name: replace(defaults, **config.dex_faults.get(name, {})) for name in SIMULATED_VENUES
     }
-    market = Market(rng("market"), clock, faults)
+    market = Market(rng("market"), clock, faults, config.dex_listings)
     return [SimVenue(name, market, chain, rng(name)) for name in SIMULATED_VENUES]
 
 
@@ -2621,15 +2893,28 @@ def _golden_split(first: Route, second: Route, amount: int, slot: int) -> int:
     return c if fc >= fd else d
 
 
-def build_swap(order: Order, best: Quote, expires_at_ms: int, signature: str) -> SwapTx:
-    """Build and sign the swap: its signature is fixed here, before anything is sent."""
+def limit_floor(order: Order) -> int:
+    """The least output (base units) a limit order accepts: amount x limitPrice; 0 otherwise."""
+    condition = order.condition
+    if condition is None or condition.limit_price is None:
+        return 0
+    scale = Decimal(10) ** (order.buy.decimals - order.sell.decimals)
+    least = Decimal(repr(condition.limit_price)) * order.amount_in * scale
+    return int(least.to_integral_value(ROUND_CEILING))
+
+
+def build_swap(
+    order: Order, best: Quote, expires_at_ms: int, signature: str, floor: int = 0
+) -> SwapTx:
+    """Build and sign the swap: its signature is fixed here, before anything is sent. Its
+    minAmountOut is the slippage bound, or a limit order's limit if that is higher."""
     return SwapTx(
         order_id=order.order_id,
         dex=best.dex,
         sell=order.sell,
         buy=order.buy,
         amount_in=order.amount_in,
-        min_amount_out=best.min_amount_out(order.slippage_bps),
+        min_amount_out=max(best.min_amount_out(order.slippage_bps), floor),
         quoted_price=best.price,
         legs=best.legs,
         wrap_sol=order.input_token == "SOL",
@@ -2655,7 +2940,9 @@ class Router:
         """The best plan and every venue's quote. A plan whose quote has expired by the time it
         is chosen is priced again, a bounded number of times (QUOTE_EXPIRED after that)."""
         for asked in range(REQUOTES_MAX + 1):
-            quotes, skipped = await self.quotes(order)
+            quotes, skipped = await self.quotes(
+                order.sell, order.buy, order.amount_in, order.order_id
+            )
             if not quotes:
                 reasons = "; ".join(f"{dex}: {reason}" for dex, reason in skipped.items())
                 raise AttemptFailed("NO_QUOTES", f"no venue returned a quote ({reasons})")
@@ -2677,11 +2964,26 @@ class Router:
             "QUOTE_EXPIRED", f"quotes kept expiring ({REQUOTES_MAX} fresh ones asked)"
         )
 
-    async def quotes(self, order: Order) -> tuple[list[Quote], dict[str, str]]:
+    async def probe(self, sell: Token, buy: Token) -> float | None:
+        """The pair's price now (output per input token, after fees) for a small order: what
+        waiting limit and sniper orders are checked against. None when no venue answers."""
+        amount_in = to_units(sell.min_amount * PROBE_MIN_AMOUNTS, sell)
+        quotes, _ = await self.quotes(sell, buy, amount_in, f"probe {sell.symbol}/{buy.symbol}")
+        if not quotes:
+            return None
+        best = max(quote.amount_out for quote in quotes)
+        return from_units(best, buy) / from_units(amount_in, sell)
+
+    def listed(self, sell: Token, buy: Token) -> bool:
+        return any(venue.has_pool(sell, buy) for venue in self.venues.values())
+
+    async def quotes(
+        self, sell: Token, buy: Token, amount_in: int, context: str
+    ) -> tuple[list[Quote], dict[str, str]]:
         """Every venue's quote that came within the timeout (the same deadline for each, so one
         timer serves them all), and why each other venue was skipped (logged too)."""
         asks = {
-            asyncio.ensure_future(venue.quote(order.sell, order.buy, order.amount_in)): venue.name
+            asyncio.ensure_future(venue.quote(sell, buy, amount_in)): venue.name
             for venue in self.venues.values()
         }
         try:
@@ -2699,9 +3001,7 @@ class Router:
             else:
                 quotes.append(task.result())
         for dex, reason in skipped.items():
-            log.warning(
-                "venue skipped", extra={"orderId": order.order_id, "dex": dex, "reason": reason}
-            )
+            log.warning("venue skipped", extra={"orderId": context, "dex": dex, "reason": reason})
         return quotes, skipped
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
@@ -2820,6 +3120,7 @@ class Engine:
             slippage_bps=request.slippage_bps,
             status=Status.PENDING,
             attempts=0,
+            condition=request.condition,
         )
         created = await self.store.create(order, request, idempotency_key, self.instance_id)
         if not created.replayed:
@@ -2855,6 +3156,15 @@ class Engine:
                 self._supervise("heartbeat", self._heartbeat_loop),
                 self._supervise("recovery", self._recovery_loop),
                 self._supervise("promoter", self._promote_loop),
+                self._supervise("expiry", self._expiry_loop),
+                *(
+                    self._supervise(
+                        f"triggers {sell}/{buy}", functools.partial(self._watch_loop, sell, buy)
+                    )
+                    for sell in TOKENS
+                    for buy in TOKENS
+                    if sell != buy
+                ),
                 *(self._work_loop() for _ in range(self.config.concurrency)),
             ]
             self._children = [group.create_task(loop) for loop in loops]
@@ -3022,8 +3332,45 @@ class Engine:
                 async with asyncio.timeout(wait_s):
                     await self._promote_now.wait()
 
+    async def _watch_loop(self, sell: str, buy: str) -> None:
+        """One pair's waiting orders, checked every slot against the pair's price (and for a
+        listing): one task per pair, however many orders wait on it."""
+        while True:
+            await asyncio.sleep(SLOT_S)
+            up, down, listing = await persist("triggers", self.store.armed, sell, buy)
+            fired = 0
+            if listing and self.router.listed(TOKENS[sell], TOKENS[buy]):
+                fired += await persist("fire", self.store.fire, "all", sell, buy)
+            price = None
+            if up is not None or down is not None:
+                price = await self.router.probe(TOKENS[sell], TOKENS[buy])
+            if price is not None and up is not None and price >= up:
+                fired += await persist("fire", self.store.fire, "up", sell, buy, price)
+            if price is not None and down is not None and price <= down:
+                fired += await persist("fire", self.store.fire, "down", sell, buy, price)
+            if fired:
+                log.info(
+                    "triggers fired",
+                    extra={"pair": f"{sell}/{buy}", "price": price, "fired": fired},
+                )
+
+    async def _expiry_loop(self) -> None:
+        """Fail waiting orders whose time has run out (any instance may; each once)."""
+        while True:
+            due = await persist("expiry", self.store.due_to_expire, int(self._clock() * 1000))
+            for order_id in due:
+                if await persist("expire", self.store.expire, order_id, self.instance_id):
+                    log.info("order expired", extra={"orderId": order_id})
+            if len(due) < EXPIRE_BATCH:
+                await asyncio.sleep(EXPIRY_CHECK_S)
+
     def schedule_promotion(self) -> None:
         self._promote_now.set()
+
+
+EXPIRED: Final = AttemptFailed(
+    "EXPIRED", "the order expired before its condition was met", retryable=False
+)
 
 
 class _Attempt:
@@ -3042,13 +3389,52 @@ class _Attempt:
     async def run(self) -> None:
         if self.order.status is Status.SUBMITTED:
             await self.resume_submitted()
-        elif self.order.status is not Status.PENDING:
+        elif self.order.status not in (Status.PENDING, Status.WAITING):
             # Claimed from an engine that died mid-attempt, before anything was sent.
             await self.recover(
                 f"attempt {self.order.attempts} was interrupted at {self.order.status}"
             )
-        if self.order.status is Status.PENDING:
+        if self.order.status not in (Status.PENDING, Status.WAITING):
+            return
+        condition = self.order.condition
+        if condition is not None and self.engine.now() * 1000 > condition.expires_at_ms:
+            await self.retry_or_fail(EXPIRED)
+        elif condition is not None and condition.kind == "sniper" and self.first_claim:
+            await self.wait(condition, self.trigger_score(condition))
+        else:
             await self.execute()
+
+    @property
+    def first_claim(self) -> bool:
+        return self.order.status is Status.PENDING and self.order.attempts == 0
+
+    def trigger_score(self, condition: Condition) -> float:
+        """Where a sniper waits in its trigger set: its price, or its arrival for a listing."""
+        return condition.trigger_price or self.engine.now()
+
+    async def wait(self, condition: Condition, score: float, **info: Any) -> None:
+        """Park the order until its trigger fires: no job, no lease, one entry in its pair's set."""
+        # A limit order sent back from routing has not used up an attempt.
+        attempts = self.order.attempts - 1 if self.order.status is Status.ROUTING else None
+        await self.move(Status.WAITING, info=info, attempts=attempts, action="wait", score=score)
+        log.info(
+            "order waiting", extra={**self.ctx, "trigger": condition.trigger or "limit", **info}
+        )
+
+    async def wait_for_limit(self, best: Quote) -> None:
+        """Back to waiting, at the pair price at which this order's own route would meet its limit
+        (its size costs fees and impact the pair's price does not show)."""
+        condition = self.order.condition
+        assert condition is not None
+        assert condition.limit_price is not None
+        got = from_units(best.amount_out, self.order.buy) / self.order.amount
+        pair_price = best.price * (1 - best.fee)
+        score = (
+            condition.limit_price * pair_price / got
+            if got > 0 and pair_price > 0
+            else condition.limit_price
+        )
+        await self.wait(condition, max(score, condition.limit_price), bestPrice=significant(got))
 
     async def resume_submitted(self) -> None:
         """The engine that died had sent (or was about to send) a transaction: the chain decides.
@@ -3084,6 +3470,10 @@ class _Attempt:
         )
         try:
             best, quotes = await engine.router.route(self.order)
+            floor = limit_floor(self.order)
+            if floor > best.amount_out:  # a limit order whose price is not there (any more)
+                await self.wait_for_limit(best)
+                return
             log.info(
                 "route chosen",
                 extra={
@@ -3096,7 +3486,7 @@ class _Attempt:
             )
             # The transaction may land only until the worker stops waiting for it.
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
-            tx = build_swap(self.order, best, expires_at_ms, engine.new_signature())
+            tx = build_swap(self.order, best, expires_at_ms, engine.new_signature(), floor)
             await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx, self.order))
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
             self.order = replace(
@@ -3222,6 +3612,7 @@ class _Attempt:
         attempts: int | None = None,
         action: JobAction = "keep",
         delay_ms: int = 0,
+        score: float | None = None,
     ) -> None:
         """Apply one transition: checked against the table, written to Redis (record, history, job
         and event in one script), and only then visible to the user."""
@@ -3241,6 +3632,7 @@ class _Attempt:
             info=info or {},
             action=action,
             delay_ms=delay_ms,
+            score=score,
         )
         self.order = after
         log.debug("status", extra={**self.ctx, "status": status})
@@ -3586,7 +3978,17 @@ class Hub:
 
 ENGINE: Final = web.AppKey("engine", Engine)
 HUB: Final = web.AppKey("hub", Hub)
-ORDER_FIELDS: Final = frozenset({"userId", "inputToken", "outputToken", "amount", "slippageBps"})
+ORDER_FIELDS: Final = frozenset(
+    {"userId", "inputToken", "outputToken", "amount", "slippageBps", "type"}
+    | {"limitPrice", "trigger", "triggerPrice", "expiresAt", "expiresInS"}
+)
+# Which of the condition fields each order type takes; the others are refused.
+TYPE_FIELDS: Final[Mapping[str, frozenset[str]]] = {
+    "market": frozenset(),
+    "limit": frozenset({"limitPrice", "expiresAt", "expiresInS"}),
+    "sniper": frozenset({"trigger", "triggerPrice", "expiresAt", "expiresInS"}),
+}
+TRIGGERS: Final = ("listing", "priceAbove", "priceBelow")
 _STATUS_CODES: Final = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
@@ -3710,7 +4112,7 @@ def parse_slippage(value: object) -> int:
     return value
 
 
-def parse_order_request(body: object) -> OrderRequest:
+def parse_order_request(body: object, now_s: float) -> OrderRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "INVALID_BODY", "the body must be a JSON object")
     for name in body:
@@ -3725,7 +4127,84 @@ def parse_order_request(body: object) -> OrderRequest:
         )
     amount = parse_amount(body.get("amount"), sell)
     slippage_bps = parse_slippage(body.get("slippageBps"))
-    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps)
+    condition = parse_condition(body, now_s)
+    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps, condition)
+
+
+def parse_condition(body: Mapping[str, object], now_s: float) -> Condition | None:
+    kind = body.get("type", "market")
+    if kind not in TYPE_FIELDS:
+        raise ApiError(400, "INVALID_TYPE", "type must be market, limit or sniper", field="type")
+    conditional = TYPE_FIELDS["limit"] | TYPE_FIELDS["sniper"]
+    for name in sorted(conditional - TYPE_FIELDS[str(kind)]):
+        if name in body:
+            message = f"{name} does not apply to {kind} orders"
+            raise ApiError(400, "INVALID_FIELD", message, field=name)
+    if kind == "market":
+        return None
+    expires_at_ms = parse_expiry(body, now_s)
+    if kind == "limit":
+        limit = parse_price(body.get("limitPrice"), "limitPrice", "INVALID_LIMIT_PRICE")
+        return Condition("limit", expires_at_ms, limit_price=limit)
+    trigger = body.get("trigger")
+    if trigger not in TRIGGERS:
+        code = "MISSING_FIELD" if trigger is None else "INVALID_TRIGGER"
+        raise ApiError(
+            400, code, "trigger must be listing, priceAbove or priceBelow", field="trigger"
+        )
+    if trigger == "listing":
+        if "triggerPrice" in body:
+            raise ApiError(
+                400,
+                "INVALID_FIELD",
+                "a listing trigger takes no triggerPrice",
+                field="triggerPrice",
+            )
+        return Condition("sniper", expires_at_ms, trigger="listing")
+    price = parse_price(body.get("triggerPrice"), "triggerPrice", "INVALID_TRIGGER_PRICE")
+    return Condition("sniper", expires_at_ms, trigger=trigger, trigger_price=price)
+
+
+def parse_price(value: object, name: str, code: str) -> float:
+    if value is None:
+        raise ApiError(400, "MISSING_FIELD", f"{name} is required", field=name)
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value < PRICE_MAX:  # type: ignore[arg-type,operator]
+        message = f"{name} must be a positive number (output tokens per input token)"
+        raise ApiError(400, code, message, field=name)
+    return float(value)  # type: ignore[arg-type]
+
+
+def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
+    """expiresAt (ISO 8601, UTC) or expiresInS (seconds): exactly one, at most MAX_WAIT_S away."""
+    at, within = body.get("expiresAt"), body.get("expiresInS")
+    if at is None and within is None:
+        raise ApiError(
+            400, "MISSING_FIELD", "expiresAt or expiresInS is required", field="expiresAt"
+        )
+    if at is not None and within is not None:
+        raise ApiError(
+            400, "INVALID_EXPIRY", "give expiresAt or expiresInS, not both", field="expiresAt"
+        )
+    if within is not None:
+        if not isinstance(within, int) or isinstance(within, bool) or not 1 <= within <= MAX_WAIT_S:
+            message = f"expiresInS must be an integer from 1 to {MAX_WAIT_S}"
+            raise ApiError(400, "INVALID_EXPIRY", message, field="expiresInS")
+        return int((now_s + within) * 1000)
+    expires_ms = _parse_timestamp_ms(at)
+    if expires_ms is None or not now_s * 1000 < expires_ms <= (now_s + MAX_WAIT_S) * 1000:
+        message = f"expiresAt must be an ISO 8601 UTC time in the next {MAX_WAIT_S} s"
+        raise ApiError(400, "INVALID_EXPIRY", message, field="expiresAt")
+    return expires_ms
+
+
+def _parse_timestamp_ms(value: object) -> int | None:
+    if not isinstance(value, str) or len(value) > TIMESTAMP_MAX_CHARS:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return int(moment.timestamp() * 1000) if moment.tzinfo is not None else None
 
 
 def parse_idempotency_key(value: str | None) -> str | None:
@@ -3767,7 +4246,7 @@ async def execute_order(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if engine.draining:
         raise ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
-    order_request = parse_order_request(await read_json(request))
+    order_request = parse_order_request(await read_json(request), engine.now())
     idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
     created = await engine.submit(order_request, idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None

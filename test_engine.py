@@ -274,6 +274,7 @@ class ScriptedVenue:
     fill_factors: list[float] = field(default_factory=list)
     gate: asyncio.Event | None = None
     quote_gate: asyncio.Event | None = None
+    listed: bool = True  # whether it has a pool for every pair (sniper orders wait for one)
     executions: list[eng.SwapTx] = field(default_factory=list)
     ledger: dict[str, eng.TxStatus] = field(default_factory=dict)
 
@@ -314,6 +315,9 @@ class ScriptedVenue:
 
     async def lookup(self, signature: str) -> eng.TxStatus | None:
         return self.ledger.get(signature)
+
+    def has_pool(self, sell: eng.Token, buy: eng.Token) -> bool:
+        return self.listed
 
 
 @dataclass
@@ -506,6 +510,11 @@ def test_the_transition_table_is_the_spec_lifecycle_and_advance_enforces_it() ->
         *((s, "pending") for s in ("routing", "building", "submitted")),
         *((s, "failed") for s in ("pending", "routing", "building", "submitted")),
         *((s, "cancelled") for s in ("pending", "routing", "building")),  # not once sent
+        ("pending", "waiting"),  # a sniper order waits for its trigger
+        ("routing", "waiting"),  # a limit order whose price is not there
+        ("waiting", "routing"),  # its trigger fired
+        ("waiting", "failed"),  # it expired
+        ("waiting", "cancelled"),
     }
     allowed = set()
     for current in Status:
@@ -781,7 +790,7 @@ def test_a_large_order_splits_across_venues_and_beats_the_best_single_one() -> N
 def test_two_constant_product_pools_split_where_their_marginal_prices_meet() -> None:
     m = market()
     sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
-    first, second = [eng.Route("RAYDIUM", (hop,)) for hop in m._hops("RAYDIUM", sol, usdc)]
+    first, second = [eng.Route("RAYDIUM", (hop,)) for hop in m.hops("RAYDIUM", sol, usdc)]
     amount_in = eng.to_units(3000, sol)
     share = eng.split(first, second, amount_in, m.slot)
     total = first.out(share, m.slot) + second.out(amount_in - share, m.slot)
@@ -1689,6 +1698,169 @@ async def test_cancels_racing_workers_never_leave_a_cancellation_and_a_fill(
             assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
             assert record["status"] == "confirmed"
             assert sent.count(record["orderId"]) == 1
+
+
+# ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
+
+LIMIT = {**ORDER, "type": "limit", "limitPrice": 105, "expiresInS": 600}  # ORDER sells 2 SOL
+
+
+def sniper(trigger: str, **more: Any) -> dict[str, Any]:
+    return {**ORDER, "type": "sniper", "trigger": trigger, "expiresInS": 600, **more}
+
+
+async def test_a_limit_order_that_is_marketable_fills_at_once_no_worse_than_its_limit(
+    start: Start,
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])  # pays 99.7 after fees
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99.5})
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH
+    assert (events[0]["type"], events[0]["orderType"], events[0]["limitPrice"]) == (
+        "order",
+        "limit",
+        99.5,
+    )
+    building = next(e for e in events if e["status"] == "building")
+    assert building["minAmountOut"] >= 2 * 99.5
+    assert events[-1]["amountOut"] >= 2 * 99.5
+
+
+async def test_a_limit_order_waits_until_its_price_is_there(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=100.0)
+    client = await start(venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, LIMIT)
+        waiting = await wait_status(client, order_id, "waiting")
+        assert waiting["attempts"] == 0  # checking the price used up no attempt
+        venue.price = 110.0  # the market moves up past the limit
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == ["pending", "routing", "waiting", *HAPPY_PATH[1:]]
+    wait_event = next(e for e in events if e["status"] == "waiting")
+    assert wait_event["bestPrice"] == pytest.approx(99.7)
+    assert (events[-1]["status"], events[-1]["attempt"]) == ("confirmed", 1)
+    assert events[-1]["amountOut"] >= 2 * 105
+    assert [tx.order_id for tx in venue.executions] == [order_id]
+
+
+async def test_a_waiting_order_that_runs_out_of_time_fails_with_expired(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    order_id = await order_id_of(client, {**LIMIT, "expiresInS": 1})
+    record = await wait_status(client, order_id, "failed")
+    assert (record["code"], record["attempts"]) == ("EXPIRED", 0)
+    assert [h["status"] for h in record["history"]] == ["pending", "routing", "waiting", "failed"]
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.zcard(keys.expiring) == 0
+    assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
+
+
+@pytest.mark.parametrize(
+    ("trigger", "start_price", "moved_price"),
+    [("priceAbove", 100.0, 125.0), ("priceBelow", 100.0, 85.0)],
+)
+async def test_a_sniper_order_fires_when_the_price_crosses_its_trigger(
+    start: Start, trigger: str, start_price: float, moved_price: float
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=start_price)
+    client = await start(venues=[venue])
+    threshold = 120 if trigger == "priceAbove" else 90
+    order_id = await order_id_of(client, sniper(trigger, triggerPrice=threshold))
+    record = await wait_status(client, order_id, "waiting")
+    assert [h["status"] for h in record["history"]] == ["pending", "waiting"]
+    assert (record["trigger"], record["triggerPrice"]) == (trigger, threshold)
+    venue.price = moved_price
+    record = await wait_status(client, order_id, "confirmed")
+    assert [h["status"] for h in record["history"]][-4:] == HAPPY_PATH[1:]
+    assert record["finalPrice"] == moved_price
+
+
+async def test_a_sniper_order_fires_when_its_pair_is_listed(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", listed=False)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client, sniper("listing"))
+    await wait_status(client, order_id, "waiting")
+    assert venue.executions == []
+    venue.listed = True  # a pool for the pair appears
+    record = await wait_status(client, order_id, "confirmed")
+    assert record["trigger"] == "listing"
+
+
+async def test_a_simulated_listing_fires_waiting_sniper_orders(
+    start: Start, config: Config
+) -> None:
+    listing = {"dex": "METEORA", "base": "BONK", "quote": "JUP", "atS": 1, "valueUsd": 2_000_000}
+    client = await start(
+        replace(config, dex_listings=(eng._listings(orjson.dumps([listing]).decode())))
+    )
+    body = sniper("listing", inputToken="JUP", outputToken="BONK", amount=100)
+    order_id = await order_id_of(client, body)
+    await wait_status(client, order_id, "waiting")
+    record = await wait_status(client, order_id, "confirmed")
+    assert [leg["pool"] for leg in record["routePlan"]] == ["meteora-launch-BONK-JUP"]
+
+
+async def test_one_price_move_fires_every_waiting_order_once_across_instances(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venues = [ScriptedVenue("RAYDIUM", price=100.0), ScriptedVenue("RAYDIUM", price=100.0)]
+    busy = replace(config, concurrency=50)
+    first, _second = await start(busy, venues=[venues[0]]), await start(busy, venues=[venues[1]])
+    order_ids = await asyncio.gather(*(order_id_of(first, LIMIT) for _ in range(400)))
+    trigger_set = eng.Keys(config.redis_prefix).triggers("up", "SOL", "USDC")
+    await wait_for(lambda: _count_is(redis.zcard(trigger_set), 400), "every order to wait")
+    for venue in venues:
+        venue.price = 110.0
+    await wait_for(lambda: _all_confirmed(first, order_ids), "every order to be filled")
+    executed = [tx.order_id for venue in venues for tx in venue.executions]
+    assert sorted(executed) == sorted(order_ids)  # each once, whichever instance ran it
+    assert await redis.zcard(trigger_set) == 0
+
+
+async def _count_is(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
+
+
+async def _all_confirmed(client: TestClient[Any, Any], order_ids: list[str]) -> bool:
+    response = await client.get("/api/orders", params={"userId": "1", "limit": "100"})
+    listed = (await response.json())["orders"]
+    if any(order["status"] != "confirmed" for order in listed):
+        return False
+    records = [await get_order(client, order_id) for order_id in order_ids]
+    return all(record["status"] == "confirmed" for record in records)
+
+
+async def test_waiting_orders_survive_a_restart(start: Start) -> None:
+    first = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    limit_id = await order_id_of(first, LIMIT)
+    sniper_id = await order_id_of(first, sniper("priceAbove", triggerPrice=108))
+    for order_id in (limit_id, sniper_id):
+        await wait_status(first, order_id, "waiting")
+    await first.close()
+    second = await start(venues=[ScriptedVenue("RAYDIUM", price=110.0)])
+    for order_id in (limit_id, sniper_id):
+        assert (await wait_status(second, order_id, "confirmed"))["amountOut"] > 0
+
+
+async def test_a_waiting_order_can_be_cancelled_and_never_fires(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=100.0)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client, LIMIT)
+    await wait_status(client, order_id, "waiting")
+    status, record = await cancel(client, order_id)
+    assert (status, record["status"]) == (200, "cancelled")
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.zscore(keys.triggers("up", "SOL", "USDC"), order_id) is None
+    assert await redis.zscore(keys.expiring, order_id) is None
+    venue.price = 110.0
+    marker = await order_id_of(client)  # a market order after it: once it is done, so is any fire
+    await wait_status(client, marker, "confirmed")
+    assert [tx.order_id for tx in venue.executions] == [marker]
+    assert (await get_order(client, order_id))["status"] == "cancelled"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
