@@ -4133,7 +4133,7 @@ def parse_order_request(body: object, now_s: float) -> OrderRequest:
 
 def parse_condition(body: Mapping[str, object], now_s: float) -> Condition | None:
     kind = body.get("type", "market")
-    if kind not in TYPE_FIELDS:
+    if not isinstance(kind, str) or kind not in TYPE_FIELDS:
         raise ApiError(400, "INVALID_TYPE", "type must be market, limit or sniper", field="type")
     conditional = TYPE_FIELDS["limit"] | TYPE_FIELDS["sniper"]
     for name in sorted(conditional - TYPE_FIELDS[str(kind)]):

@@ -445,6 +445,15 @@ def test_venue_faults_are_read_per_venue() -> None:
     assert meteora.faults.outages == ((10.0, 20.0), (60.0, 90.5))
 
 
+def test_listings_and_the_waiting_cap_are_read_from_the_environment() -> None:
+    text = orjson.dumps(
+        [{"dex": "RAYDIUM", "base": "BONK", "quote": "JUP", "atS": 30, "valueUsd": 5e5}]
+    ).decode()
+    config = Config.load({"ENGINE_DEX_LISTINGS": text, "ENGINE_MAX_WAITING": "5000"})
+    assert config.dex_listings == (eng.Listing("RAYDIUM", "BONK", "JUP", 30.0, 5e5),)
+    assert config.max_waiting == 5000
+
+
 def test_flags_have_the_variable_names_and_override_the_environment() -> None:
     env = {"ENGINE_CONCURRENCY": "5", "LOG_FORMAT": "json", "ENGINE_SEED": "9"}
     config = Config.load(env, ["--engine-concurrency", "7", "--port", "0"])
@@ -470,6 +479,20 @@ def test_flags_have_the_variable_names_and_override_the_environment() -> None:
         ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"failRate": 2}}'),
         ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"latency": 2}}'),
         ("ENGINE_DEX_FAULTS", '{"RAYDIUM": {"outages": [[5, 1]]}}'),
+        ("ENGINE_DEX_LISTINGS", '{"dex": "METEORA"}'),
+        (
+            "ENGINE_DEX_LISTINGS",
+            '[{"dex": "ORCA", "base": "SOL", "quote": "JUP", "atS": 1, "valueUsd": 1e6}]',
+        ),
+        (
+            "ENGINE_DEX_LISTINGS",
+            '[{"dex": "METEORA", "base": "SOL", "quote": "SOL", "atS": 1, "valueUsd": 1e6}]',
+        ),
+        (
+            "ENGINE_DEX_LISTINGS",
+            '[{"dex": "METEORA", "base": "SOL", "quote": "JUP", "atS": -1, "valueUsd": 1e6}]',
+        ),
+        ("ENGINE_MAX_WAITING", "0"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> None:
@@ -1734,6 +1757,9 @@ async def test_a_limit_order_waits_until_its_price_is_there(start: Start) -> Non
         order_id = await order_id_of(client, LIMIT)
         waiting = await wait_status(client, order_id, "waiting")
         assert waiting["attempts"] == 0  # checking the price used up no attempt
+        async with client.ws_connect("/ws?userId=1") as late:  # a waiting order is unfinished
+            assert (await receive(late))["type"] == "connected"
+            assert snapshot_of(await receive(late)) == (order_id, "waiting")
         venue.price = 110.0  # the market moves up past the limit
         events = await events_until_done(ws, order_id)
     assert statuses(events, order_id) == ["pending", "routing", "waiting", *HAPPY_PATH[1:]]
@@ -1892,6 +1918,40 @@ async def test_a_waiting_order_can_be_cancelled_and_never_fires(
         ({**ORDER, "slippageBps": 5001}, "INVALID_SLIPPAGE", "slippageBps"),
         ({**ORDER, "slippageBps": 50.5}, "INVALID_SLIPPAGE", "slippageBps"),
         ({**ORDER, "side": "buy"}, "UNKNOWN_FIELD", "side"),
+        ({**ORDER, "type": "stop"}, "INVALID_TYPE", "type"),
+        ({**ORDER, "type": 1}, "INVALID_TYPE", "type"),
+        ({**ORDER, "limitPrice": 100}, "INVALID_FIELD", "limitPrice"),
+        ({**ORDER, "expiresInS": 60}, "INVALID_FIELD", "expiresInS"),
+        ({**ORDER, "type": "limit", "expiresInS": 60}, "MISSING_FIELD", "limitPrice"),
+        ({**ORDER, "type": "limit", "limitPrice": 100}, "MISSING_FIELD", "expiresAt"),
+        ({**LIMIT, "limitPrice": 0}, "INVALID_LIMIT_PRICE", "limitPrice"),
+        ({**LIMIT, "limitPrice": "100"}, "INVALID_LIMIT_PRICE", "limitPrice"),
+        ({**LIMIT, "trigger": "listing"}, "INVALID_FIELD", "trigger"),
+        ({**LIMIT, "expiresInS": 0}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresInS": 8 * 86_400}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresInS": 1.5}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresAt": "2030-01-01T00:00:00Z"}, "INVALID_EXPIRY", "expiresAt"),  # both
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2020-01-01T00:00:00Z"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "tomorrow"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2099-01-01T00:00:00"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        ({**ORDER, "type": "sniper", "expiresInS": 60}, "MISSING_FIELD", "trigger"),
+        (sniper("moon"), "INVALID_TRIGGER", "trigger"),
+        (sniper("priceAbove"), "MISSING_FIELD", "triggerPrice"),
+        (sniper("priceBelow", triggerPrice=-5), "INVALID_TRIGGER_PRICE", "triggerPrice"),
+        (sniper("listing", triggerPrice=5), "INVALID_FIELD", "triggerPrice"),
+        (sniper("listing", limitPrice=5), "INVALID_FIELD", "limitPrice"),
         ([ORDER], "INVALID_BODY", None),
         ("SOL", "INVALID_BODY", None),
     ],
@@ -1953,14 +2013,25 @@ def random_body(rng: random.Random) -> bytes:
     values: list[Any] = [
         None, True, 0, -1, 1, 2.5, 1e308, -0.0, "", "1", "SOL", "usdc", "JUP", "BONK", "x" * 70,
         [], {}, [1], {"a": 1}, "\u0000", "💥", 10**18, 1e-9, "NaN",
+        "limit", "sniper", "market", "listing", "priceAbove", "priceBelow", "2099-01-01T00:00:00Z",
     ]  # fmt: skip
     names = ["userId", "inputToken", "outputToken", "amount", "slippageBps", "extra", ""]
+    names += ["type", "limitPrice", "trigger", "triggerPrice", "expiresAt", "expiresInS"]
     roll = rng.random()
     if roll < 0.1:
         return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
     if roll < 0.2:
         return orjson.dumps(rng.choice(values))
-    body: dict[str, Any] = dict(ORDER)
+    bases = [
+        ORDER,
+        ORDER,
+        {**LIMIT, "limitPrice": 50},
+        LIMIT,
+        sniper("priceBelow", triggerPrice=50),
+    ]
+    body: dict[str, Any] = {**rng.choice(bases)}
+    if "type" in body:
+        body["expiresInS"] = 1  # so that every accepted order finishes within the test
     for _ in range(rng.randrange(0, 4)):
         body[rng.choice(names)] = rng.choice(values)
     for _ in range(rng.randrange(0, 2)):
