@@ -5,6 +5,8 @@
     python bench.py --quick          # the same with 3,000 orders, in under a minute
     python bench.py --realistic      # real venue latencies at ENGINE_CONCURRENCY 1,000
     python bench.py --soak           # 10,000 orders, faults and killed engines: what Redis keeps
+    python bench.py --waiting 100000 # market orders with and without 100,000 limit orders waiting
+    python bench.py --routing        # CPU per order of routing on the simulated venues
 
 Throughput mode runs three servers in turn, on this machine, against one redis-server (AOF on,
 fsync every second, as the engine's default), under the same load: K HTTP clients post N orders
@@ -537,6 +539,64 @@ def _micro(seconds: list[float]) -> dict[str, float]:
     }
 
 
+WAITING_USERS = 100
+WAITING_BODY = {
+    "inputToken": "SOL",
+    "outputToken": "USDC",
+    "amount": 1,
+    "type": "limit",
+    "limitPrice": 1_000_000,  # far above the market: it waits the whole run
+    "expiresInS": 86_400,
+}
+
+
+async def waiting(args: argparse.Namespace) -> dict[str, Any]:
+    """Market orders with and without N limit orders waiting on the same pair, one engine."""
+    orders = 8_000
+    results: dict[str, Any] = {"marketOrders": orders, "waitingOrders": args.waiting}
+    with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
+        async with redis_server(directory) as redis_url:
+            env = engine_env(redis_url, args.concurrency, 0, 0)
+            server = await start_server([sys.executable, ENGINE_PY], env)
+            load = Load(orders, args.users, args.clients)
+            results["without"] = (await run_load(server, load, redis_url, True)).figures
+            started = time.perf_counter()
+            results["redisMemoryWithWaitingMB"] = await park(server, redis_url, args.waiting)
+            results["parkingOrdersPerS"] = round(args.waiting / (time.perf_counter() - started))
+            load = Load(orders, args.users, args.clients)
+            results["with"] = (await run_load(server, load, redis_url, True)).figures
+            await server.stop()
+    rate = results["with"]["ordersPerS"] / results["without"]["ordersPerS"]
+    results["withOverWithout"] = round(rate, 3)
+    return results
+
+
+async def park(server: Server, redis_url: str, count: int) -> float:
+    """Post `count` limit orders that cannot fill and wait until every one is waiting; answers
+    Redis's memory then, in MB."""
+    indexes = iter(range(count))
+    connector = aiohttp.TCPConnector(limit=64)
+    async with ClientSession(connector=connector) as http:
+
+        async def client() -> None:
+            for index in indexes:
+                body = WAITING_BODY | {"userId": f"w{index % WAITING_USERS}"}
+                async with http.post(f"{server.url}/api/orders/execute", json=body) as reply:
+                    assert reply.status == 202, await reply.text()
+
+        await asyncio.gather(*(client() for _ in range(64)))
+    redis = aioredis.from_url(redis_url)
+    expiring = engine.Keys("oee:").expiring
+    await poll(lambda: _equals(redis.zcard(expiring), count), 600)
+    memory = (await redis.info("memory"))["used_memory"] / 2**20
+    await redis.aclose()
+    return round(memory, 1)
+
+
+async def _equals(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
 async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
     """Redis memory once every order has finished; then with everything that has a TTL expired
     (as time would expire it): what is left is what the engine holds beyond SPEC §5's records."""
@@ -764,6 +824,9 @@ def main() -> None:
     mode.add_argument("--realistic", action="store_true", help="real latencies, high concurrency")
     mode.add_argument("--soak", action="store_true", help="a long, rough run and a key audit")
     mode.add_argument("--routing", action="store_true", help="CPU per order of routing only")
+    mode.add_argument(
+        "--waiting", type=int, metavar="N", help="market orders with N limit orders waiting"
+    )
     mode.add_argument("--serve", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--orders", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=10, help="one WebSocket each")
@@ -782,7 +845,15 @@ def main() -> None:
     if args.routing:
         result = asyncio.run(routing_cost())
     else:
-        chosen = soak if args.soak else realistic if args.realistic else throughput
+        chosen = (
+            soak
+            if args.soak
+            else realistic
+            if args.realistic
+            else waiting
+            if args.waiting
+            else throughput
+        )
         result = asyncio.run(chosen(args))
     show(result)
     Path(args.json).write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
