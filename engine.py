@@ -729,10 +729,14 @@ class OrderRequest:
     amount: float
     slippage_bps: int
     condition: Condition | None = None  # None: a market order
+    expiry_as_sent: str = ""  # "expiresInS=60" or "expiresAt=…": what a resent body repeats
 
     def fingerprint(self) -> str:
-        """What an Idempotency-Key is bound to: the same key with another body is a conflict."""
-        condition = self.condition.to_json() if self.condition else None
+        """What an Idempotency-Key is bound to: the same key with another body is a conflict.
+        An expiry counts as sent (expiresInS=60 resent a minute later is the same request)."""
+        condition = None
+        if self.condition is not None:
+            condition = {**self.condition.to_json(), "expiresAt": self.expiry_as_sent}
         canonical = orjson.dumps(
             [
                 self.user_id,
@@ -2026,8 +2030,15 @@ class Store:
             pipe.zcard(self.keys.delayed)
             pipe.llen(self.keys.processing(instance))
             pipe.zcard(self.keys.failed)
-            pending, delayed, processing, failed = await pipe.execute()
-        return {"pending": pending, "delayed": delayed, "processing": processing, "failed": failed}
+            pipe.zcard(self.keys.expiring)
+            pending, delayed, processing, failed, waiting = await pipe.execute()
+        return {
+            "pending": pending,
+            "delayed": delayed,
+            "processing": processing,
+            "failed": failed,
+            "waiting": waiting,
+        }
 
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
@@ -4128,7 +4139,10 @@ def parse_order_request(body: object, now_s: float) -> OrderRequest:
     amount = parse_amount(body.get("amount"), sell)
     slippage_bps = parse_slippage(body.get("slippageBps"))
     condition = parse_condition(body, now_s)
-    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps, condition)
+    sent = next(
+        (f"{name}={body[name]}" for name in ("expiresInS", "expiresAt") if name in body), ""
+    )
+    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps, condition, sent)
 
 
 def parse_condition(body: Mapping[str, object], now_s: float) -> Condition | None:

@@ -2121,7 +2121,13 @@ async def test_healthz_reports_redis_and_the_queue(start: Start) -> None:
     body = await response.json()
     assert response.status == 200
     assert body["status"] == "ok"
-    assert body["queue"] == {"pending": 0, "delayed": 0, "processing": 0, "failed": 0}
+    assert body["queue"] == {
+        "pending": 0,
+        "delayed": 0,
+        "processing": 0,
+        "failed": 0,
+        "waiting": 0,
+    }
 
 
 async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_body(
@@ -2149,6 +2155,20 @@ async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_bod
     assert (await conflict.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
     listed = await (await client.get("/api/orders?userId=1")).json()
     assert [o["orderId"] for o in listed["orders"]] == [order_id]
+
+
+async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
+    start: Start,
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    key = {"Idempotency-Key": "limit-1"}
+    first = await client.post("/api/orders/execute", json=LIMIT, headers=key)
+    await wait_status(client, (await first.json())["orderId"], "waiting")  # time has passed
+    again = await client.post("/api/orders/execute", json=LIMIT, headers=key)
+    assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
+    assert (await again.json()) == {"orderId": (await first.json())["orderId"], "status": "waiting"}
+    other = await client.post("/api/orders/execute", json={**LIMIT, "expiresInS": 601}, headers=key)
+    assert other.status == 409
 
 
 async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
