@@ -26,7 +26,9 @@ venues) that pays the most, builds and submits the swap, and records each status
 script that also removes the job when the outcome is final. The venues are simulated: pools with
 reserves on a moving market (section 8). Each script gives the event the user's next `seq`,
 appends it to the user's capped event stream and publishes it; every engine instance forwards
-published events to its local sockets.
+published events to its local sockets. Limit and sniper orders wait (status `waiting`) in sorted
+sets per pair in Redis, with no job, until one task per pair sees their price or listing and
+pushes them back onto the pending list; DELETE cancels an order until it is sent.
 """
 
 from __future__ import annotations
