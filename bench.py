@@ -161,6 +161,7 @@ def engine_env(
         "ENGINE_DEX_FAIL_RATE": str(fail_rate),
         "ENGINE_SEED": "1",
         "ENGINE_MAX_QUEUED": "10000000",
+        "ENGINE_RATE_LIMIT_PER_MIN": "0",  # the load is ten users posting thousands a second
         "LOG_LEVEL": "warning",
     }
 

@@ -61,10 +61,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
 
+import jwt
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from aiohttp import WSMsgType, web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -82,6 +85,8 @@ IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,128}")
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
 SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
+JWT_SECRET_MIN_BYTES: Final = 32
+JWT_LEEWAY_S: Final = 5  # clock skew allowed on exp and nbf
 MAX_WAIT_S: Final = 7 * 86_400  # the longest a limit or sniper order may wait
 PRICE_MAX: Final = 1e15  # limit and trigger prices, output per input token
 TIMESTAMP_MAX_CHARS: Final = 40
@@ -441,6 +446,24 @@ for _, id in ipairs(ids) do
   redis.call('RPUSH', '$PENDING', id)
 end
 return #ids
+"""
+
+# Take one token from a user's bucket (ARGV[1] tokens, refilled evenly over a minute), on Redis's
+# clock so that every instance shares one bucket per user. Returns 0, or the ms until a token.
+# KEYS: bucket   ARGV: 1 capacity
+LUA_RATE_LIMIT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local capacity = tonumber(ARGV[1])
+local per_ms = capacity / 60000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or capacity
+tokens = math.min(capacity, tokens + (now - (tonumber(state[2]) or now)) * per_ms)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], 60000)
+return wait
 """
 
 # The simulated chain: record what became of a transaction, at most once per signature (a second
@@ -1054,6 +1077,9 @@ class Config:
     durability: str = "everysec"
     log_level: str = "info"
     log_format: str = "text"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None  # PEM
+    rate_limit_per_min: int = 100
 
     @classmethod
     def load(cls, env: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
@@ -1069,8 +1095,12 @@ class Config:
             try:
                 changes[setting.attr] = setting.parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{name} {exc}, got {raw!r}") from None
-        return replace(cls(), **changes)
+                shown = "<hidden>" if setting.secret else repr(raw)
+                raise ConfigError(f"{name} {exc}, got {shown}") from None
+        config = replace(cls(), **changes)
+        if config.jwt_secret and config.jwt_public_key:
+            raise ConfigError("set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY, not both")
+        return config
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -1200,6 +1230,31 @@ def _listing(entry: object) -> Listing:
     return Listing(dex, base, quote, float(at_s), float(value))
 
 
+def _jwt_secret(text: str) -> str:
+    if len(text.encode()) < JWT_SECRET_MIN_BYTES:
+        raise ValueError(f"must be at least {JWT_SECRET_MIN_BYTES} bytes (HS256 wants 256 bits)")
+    return text
+
+
+def _public_key(text: str) -> str:
+    """A PEM public key (RSA for RS256, EC P-256 for ES256), given inline or as a file path."""
+    pem = text if text.lstrip().startswith("-----BEGIN") else _read_key_file(text)
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ValueError("must be a PEM public key (or the path of one)") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("must be an RSA or EC public key")
+    return pem
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from None
+
+
 def _redis_url(text: str) -> str:
     if not re.match(r"(redis|rediss|unix)://", text):
         raise ValueError("must start with redis://, rediss:// or unix://")
@@ -1228,6 +1283,7 @@ class Setting:
     attr: str
     parse: Callable[[str], Any]
     help: str
+    secret: bool = False  # never echoed in an error
 
     @property
     def flag(self) -> str:
@@ -1266,6 +1322,11 @@ SETTINGS: Final = (
     ),
     Setting("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("LOG_FORMAT", "log_format", _choice("text", "json"), "text or json lines"),
+    Setting("ENGINE_JWT_SECRET", "jwt_secret", _jwt_secret, "HS256 key: require JWTs", True),
+    Setting("ENGINE_JWT_PUBLIC_KEY", "jwt_public_key", _public_key, "RS256/ES256 PEM (or path)"),
+    Setting(
+        "ENGINE_RATE_LIMIT_PER_MIN", "rate_limit_per_min", _integer(0, 1_000_000), "orders/user"
+    ),
 )
 
 
@@ -1556,6 +1617,9 @@ class Keys:
     def expiring(self) -> str:
         return f"{self.prefix}waiting:expiry"
 
+    def rate_limit(self, user_id: str) -> str:
+        return f"{self.prefix}ratelimit:{user_id}"
+
 
 @dataclass(frozen=True, slots=True)
 class Created:
@@ -1727,6 +1791,7 @@ class Store:
         self._claim = client.register_script(lua(LUA_CLAIM, self.keys, config))
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
         self._end = client.register_script(lua(LUA_END, self.keys, config))
+        self._rate_limit = client.register_script(LUA_RATE_LIMIT)
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
@@ -1960,6 +2025,11 @@ class Store:
                 return "not_cancellable", order_view(record)
             if await self._end_order(record, Status.CANCELLED, {}, origin):
                 return "cancelled", await self.get_order(order_id) or {}
+
+    async def throttle(self, user_id: str, per_minute: int) -> int:
+        """Take one of the user's order tokens: 0, or the ms until one is there."""
+        key = self.keys.rate_limit(user_id)
+        return int(await self.batch.call(self._rate_limit, [key], [per_minute]))
 
     async def expire(self, order_id: str, origin: str) -> bool:
         """Fail a waiting order whose time ran out (EXPIRED). False if it was no longer waiting."""
@@ -4055,6 +4125,95 @@ async def error_middleware(
         return error_response(ApiError(500, "INTERNAL_ERROR", "internal error"))
 
 
+# -- authentication -------------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Who is calling: the `sub` of a JWT signed with the configured key, HS256 with
+    ENGINE_JWT_SECRET or RS256 / ES256 with ENGINE_JWT_PUBLIC_KEY. Without either the engine is
+    open and trusts the userId a request names."""
+
+    def __init__(self, config: Config) -> None:
+        self._key: Any = None
+        self._algorithms: list[str] = []
+        if config.jwt_secret:
+            self._key, self._algorithms = config.jwt_secret, ["HS256"]
+        elif config.jwt_public_key:
+            self._key = serialization.load_pem_public_key(config.jwt_public_key.encode())
+            rsa_key = isinstance(self._key, rsa.RSAPublicKey)
+            self._algorithms = ["RS256"] if rsa_key else ["ES256"]
+
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None
+
+    @property
+    def algorithms(self) -> list[str]:
+        return self._algorithms
+
+    def user(self, token: str | None) -> str:
+        """The token's subject, or 401 saying what is wrong with the token."""
+        if token is None:
+            raise _unauthorized("AUTH_REQUIRED", "send Authorization: Bearer <jwt>")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                options={"require": ["sub", "exp"]},
+                leeway=JWT_LEEWAY_S,
+            )
+        except jwt.ExpiredSignatureError:
+            raise _unauthorized("TOKEN_EXPIRED", "the token has expired") from None
+        except jwt.InvalidSignatureError:
+            message = "the token's signature does not match the engine's key"
+            raise _unauthorized("TOKEN_INVALID_SIGNATURE", message) from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise _unauthorized("TOKEN_INVALID", f"the token has no {exc.claim!r} claim") from None
+        except jwt.InvalidAlgorithmError:
+            message = f"the token must be signed with {' or '.join(self._algorithms)}"
+            raise _unauthorized("TOKEN_INVALID", message) from None
+        except jwt.InvalidTokenError as exc:
+            raise _unauthorized("TOKEN_INVALID", f"the token is not valid: {exc}") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not USER_ID_RE.fullmatch(subject):
+            raise _unauthorized("TOKEN_INVALID", "the token's sub is not a valid userId")
+        return subject
+
+
+AUTH: Final = web.AppKey("auth", Authenticator)
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    challenge = f'Bearer error="invalid_token", error_description="{message}"'
+    if code == "AUTH_REQUIRED":
+        challenge = "Bearer"
+    return ApiError(401, code, message, headers={"WWW-Authenticate": challenge})
+
+
+def bearer_token(request: web.Request, *, query: bool = False) -> str | None:
+    """The token in `Authorization: Bearer …` (or, for a WebSocket, the `token` parameter)."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("TOKEN_INVALID", "Authorization must be Bearer <jwt>")
+        return token.strip()
+    return request.query.get("token") if query else None
+
+
+def caller(request: web.Request, claimed: object, *, query_token: bool = False) -> str:
+    """The user a request acts for: the token's subject when authentication is on (a userId
+    that names someone else is 403), else the userId it names."""
+    auth = request.app[AUTH]
+    if not auth.enabled:
+        return parse_user_id(claimed)
+    user = auth.user(bearer_token(request, query=query_token))
+    if claimed is not None and parse_user_id(claimed) != user:
+        raise ApiError(403, "USER_MISMATCH", "userId is not the token's subject", field="userId")
+    return user
+
+
 # -- validation (SPEC §2) -------------------------------------------------------------------------
 
 
@@ -4262,21 +4421,39 @@ async def execute_order(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if engine.draining:
         raise ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
-    order_request = parse_order_request(await read_json(request), engine.now())
+    auth = request.app[AUTH]
+    user = auth.user(bearer_token(request)) if auth.enabled else None
+    body = await read_json(request)
+    if user is not None and isinstance(body, dict):
+        body = {**body, "userId": caller(request, body.get("userId"))}
+    order_request = parse_order_request(body, engine.now())
     idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    await check_rate(engine, order_request.user_id)
     created = await engine.submit(order_request, idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     return json_response({"orderId": created.order_id, "status": created.status}, 202, headers)
 
 
+async def check_rate(engine: Engine, user_id: str) -> None:
+    """ENGINE_RATE_LIMIT_PER_MIN orders per user and minute, over all instances: 429 beyond."""
+    per_minute = engine.config.rate_limit_per_min
+    if per_minute and (wait_ms := await engine.store.throttle(user_id, per_minute)):
+        retry_s = str(math.ceil(wait_ms / 1000))
+        message = f"at most {per_minute} orders per minute; retry in {retry_s} s"
+        headers = {"Retry-After": retry_s}
+        raise ApiError(429, "RATE_LIMITED", message, retryable=True, headers=headers)
+
+
 async def get_order(request: web.Request) -> web.Response:
     order_id = request.match_info["order_id"]
+    auth = request.app[AUTH]
+    user = auth.user(bearer_token(request)) if auth.enabled else None
     record = (
         await request.app[ENGINE].store.get_order(order_id)
         if ORDER_ID_RE.fullmatch(order_id)
         else None
     )
-    if record is None:
+    if record is None or (user is not None and record["userId"] != user):
         raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} (unknown or expired)")
     return json_response(record)
 
@@ -4284,7 +4461,7 @@ async def get_order(request: web.Request) -> web.Response:
 async def cancel_order(request: web.Request) -> web.Response:
     """DELETE /api/orders/{orderId}?userId=: the owner cancels an order that has not been sent."""
     order_id = request.match_info["order_id"]
-    user_id = parse_user_id(request.query.get("userId"))
+    user_id = caller(request, request.query.get("userId"))
     engine = request.app[ENGINE]
     outcome, record = (
         await engine.store.cancel(order_id, user_id, engine.instance_id)
@@ -4302,7 +4479,7 @@ async def cancel_order(request: web.Request) -> web.Response:
 
 
 async def list_orders(request: web.Request) -> web.Response:
-    user_id = parse_user_id(request.query.get("userId"))
+    user_id = caller(request, request.query.get("userId"))
     limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
     orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
     return json_response({"userId": user_id, "orders": orders})
@@ -4332,7 +4509,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """SPEC §3. Everything that can be refused is refused before the upgrade, as plain HTTP."""
-    user_id = parse_user_id(request.query.get("userId"))
+    user_id = caller(request, request.query.get("userId"), query_token=True)
     since = parse_query_int(request.query.get("since"), "since", 0, 2**53)
     hub = request.app[HUB]
     if not hub.has_room(user_id):
@@ -4533,6 +4710,14 @@ def create_app(
     DEXes; `clock` and `hub_limits` exist for tests and embedding programs."""
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
+    auth = app[AUTH] = Authenticator(config)
+    if auth.enabled:
+        log.info("authentication on", extra={"algorithms": ",".join(auth.algorithms)})
+    else:
+        log.warning(
+            "authentication off: anyone can place, read, cancel and watch any user's orders "
+            "(set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY)"
+        )
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:

@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +142,7 @@ def config(redis_server: RedisServer, tmp_path: Path) -> Config:
         execution_timeout_ms=2000,
         heartbeat_ttl_s=1,
         shutdown_grace_s=2,
+        rate_limit_per_min=0,  # the rate limit has its own tests
     )
 
 
@@ -396,6 +400,7 @@ def engine_env(config: Config, **extra: str) -> dict[str, str]:
         "ENGINE_SEED": "7",
         "ENGINE_HEARTBEAT_TTL_S": "1",
         "ENGINE_RETRY_BASE_MS": "10",
+        "ENGINE_RATE_LIMIT_PER_MIN": "0",
     }
     if config.redis_url:
         env["REDIS_URL"] = config.redis_url
@@ -1729,6 +1734,124 @@ async def test_cancels_racing_workers_never_leave_a_cancellation_and_a_fill(
             assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
             assert record["status"] == "confirmed"
             assert sent.count(record["orderId"]) == 1
+
+
+# ── authentication and limits ───────────────────────────────────────────────────────────────────
+
+SECRET = "s" * 32
+
+
+def token(user: str = "1", key: Any = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+    body = {"sub": user, "exp": int(time.time()) + 600, **claims}
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "AUTH_REQUIRED"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "TOKEN_INVALID"),
+        (bearer("not-a-jwt"), "TOKEN_INVALID"),
+        (bearer(token(exp=int(time.time()) - 60)), "TOKEN_EXPIRED"),
+        (bearer(token(key="t" * 32)), "TOKEN_INVALID_SIGNATURE"),
+        (bearer(token(sub=None)), "TOKEN_INVALID"),
+        (bearer(token(exp=None)), "TOKEN_INVALID"),
+        (bearer(token(user="bad user")), "TOKEN_INVALID"),
+        (bearer(jwt.encode({"sub": "1", "exp": 2**40}, None, algorithm="none")), "TOKEN_INVALID"),
+    ],
+)
+async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
+    start: Start, config: Config, headers: dict[str, str], code: str
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    for method, path in [("POST", "/api/orders/execute"), ("GET", "/api/orders"), ("GET", "/ws")]:
+        response = await client.request(method, path, json=ORDER, headers=headers)
+        assert response.status == 401, (method, path)
+        assert (await response.json())["error"]["code"] == code
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET), venues=[ScriptedVenue("RAYDIUM")])
+    alice, bob = bearer(token("alice")), bearer(token("bob"))
+    body = {k: v for k, v in ORDER.items() if k != "userId"}
+    response = await client.post("/api/orders/execute", json=body, headers=alice)
+    assert response.status == 202
+    order_id = (await response.json())["orderId"]
+    mismatch = await client.post(
+        "/api/orders/execute", json={**body, "userId": "bob"}, headers=alice
+    )
+    assert (mismatch.status, (await mismatch.json())["error"]["code"]) == (403, "USER_MISMATCH")
+    record = await (await client.get(f"/api/orders/{order_id}", headers=alice)).json()
+    assert record["userId"] == "alice"
+    assert (await client.get(f"/api/orders/{order_id}", headers=bob)).status == 404
+    assert (await client.delete(f"/api/orders/{order_id}", headers=bob)).status == 404
+    assert (await client.get("/api/orders?userId=alice", headers=bob)).status == 403
+    listed = await (await client.get("/api/orders", headers=alice)).json()
+    assert [o["orderId"] for o in listed["orders"]] == [order_id]
+    assert (await client.get("/ws?userId=alice", headers=bob)).status == 403
+    async with client.ws_connect("/ws", headers=alice) as ws:
+        assert await receive(ws) == {"type": "connected", "userId": "alice"}
+    async with client.ws_connect(f"/ws?token={token('bob')}") as ws:  # browsers cannot set headers
+        assert await receive(ws) == {"type": "connected", "userId": "bob"}
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_a_public_key_verifies_rs256_and_es256_tokens(
+    start: Start, config: Config, tmp_path: Path, algorithm: str
+) -> None:
+    private = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "key.pem").write_bytes(pem)
+    loaded = Config.load({"ENGINE_JWT_PUBLIC_KEY": str(tmp_path / "key.pem")})
+    client = await start(replace(config, jwt_public_key=loaded.jwt_public_key))
+    good = await client.get("/api/orders", headers=bearer(token("1", private, algorithm)))
+    assert good.status == 200
+    forged = await client.get("/api/orders", headers=bearer(token("1")))  # HS256 with a secret
+    assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
+
+
+def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret() -> None:
+    with pytest.raises(eng.ConfigError, match=r"at least 32 bytes .*, got <hidden>$"):
+        Config.load({"ENGINE_JWT_SECRET": "short"})
+    with pytest.raises(eng.ConfigError, match="ENGINE_JWT_PUBLIC_KEY must be a PEM"):
+        Config.load({"ENGINE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnope"})
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(eng.ConfigError, match="not both"):
+        Config.load({"ENGINE_JWT_SECRET": SECRET, "ENGINE_JWT_PUBLIC_KEY": pem})
+
+
+async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_instance(
+    start: Start, config: Config
+) -> None:
+    limited = replace(config, rate_limit_per_min=3)
+    first = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
+    second = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
+    answers = [await post(first), await post(second), await post(first), await post(second)]
+    assert [status for status, _ in answers] == [202, 202, 202, 429]  # one bucket for both
+    response = await first.post("/api/orders/execute", json=ORDER)
+    assert response.status == 429
+    reply = await response.json()
+    assert (reply["error"]["code"], reply["error"]["retryable"]) == ("RATE_LIMITED", True)
+    assert 1 <= int(response.headers["Retry-After"]) <= 20  # a token every 20 s
+    assert (await post(first, {**ORDER, "userId": "2"}))[0] == 202  # other users are not held up
 
 
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
