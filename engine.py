@@ -15,7 +15,7 @@ operator how to run it. The module reads top to bottom, one banner per section:
      2. Errors                           8. Venues and router
      3. Domain types                     9. Engine: workers, retries, recovery
      4. Configuration                   10. Event hub: per-user WebSocket fan-out
-     5. Logging                         11. HTTP and WebSocket handlers
+     5. Logging and metrics             11. HTTP and WebSocket handlers
      6. State machine                   12. Lifecycle and entry point
 
 How an order travels: the POST handler validates the body and runs one Lua script that writes the
@@ -68,6 +68,15 @@ import redis.exceptions as redis_errors
 from aiohttp import WSMsgType, web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -1352,7 +1361,7 @@ def _flag_parser() -> argparse.ArgumentParser:
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
-# 5. Logging
+# 5. Logging and metrics
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 log: Final = logging.getLogger("engine")
@@ -1400,6 +1409,77 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
+
+
+LATENCY_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30)
+
+
+class Metrics:
+    """This instance's Prometheus metrics, in a registry of its own (GET /metrics). Counters and
+    histograms are updated where things happen; what is a level (queue depths, sockets) is read
+    when scraped, through `levels`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.orders = Counter(
+            "oee_orders", "Status changes recorded by this instance", ["status", "dex"],
+            registry=registry,
+        )  # fmt: skip
+        self.attempts = Counter("oee_attempts", "Attempts started", registry=registry)
+        self.failures = Counter(
+            "oee_failures", "Failed attempts, by code; final: no retry left", ["code", "final"],
+            registry=registry,
+        )  # fmt: skip
+        self.quote_seconds = Histogram(
+            "oee_quote_seconds", "Venue quote latency", ["dex", "outcome"],
+            buckets=LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.execution_seconds = Histogram(
+            "oee_execution_seconds", "Venue execution latency, sent to settled", ["dex", "outcome"],
+            buckets=LATENCY_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.triggers_fired = Counter(
+            "oee_triggers_fired", "Waiting orders woken by their trigger", registry=registry
+        )
+        self.levels: dict[str, Callable[[], float]] = {}  # filled in by create_app
+        self.depths: dict[str, int] = {}  # queue depths, read from Redis before each scrape
+        registry.register(_Levels(self))
+
+    def scrape(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class _Levels(Collector):
+    """Values that are read, not counted: queue depths, in-flight orders, sockets, Redis."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily("oee_queue_depth", "Orders in each queue", labels=["queue"])
+        for queue, value in self._metrics.depths.items():
+            depth.add_metric([queue], value)
+        yield depth
+        levels = self._metrics.levels
+        gauges = {
+            "oee_inflight_orders": "Orders this instance's workers hold",
+            "oee_websocket_connections": "Open WebSockets on this instance",
+        }
+        for name, text in gauges.items():
+            if name in levels:
+                yield GaugeMetricFamily(name, text, value=levels[name]())
+        counters = {
+            "oee_websocket_slow_closed": "WebSockets closed 1013 for not keeping up",
+            "oee_redis_errors": "Redis requests that failed (and were retried)",
+            "oee_redis_round_trips": "Requests sent to Redis",
+        }
+        for name, text in counters.items():
+            if name in levels:
+                yield CounterMetricFamily(name, text, value=levels[name]())
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1633,6 +1713,7 @@ class RoundTrips:
     """Requests sent to Redis (a pipeline or a script is one): what bounds an order's latency."""
 
     count: int = 0
+    errors: int = 0  # requests that failed: lost connection, timeout
 
     def counting(self, base: type[AbstractConnection]) -> type[AbstractConnection]:
         counter = self
@@ -1640,7 +1721,18 @@ class RoundTrips:
         class Counting(base):  # type: ignore[valid-type,misc]
             async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
                 counter.count += 1
-                await super().send_packed_command(command, check_health)
+                try:
+                    await super().send_packed_command(command, check_health)
+                except REDIS_TRANSIENT:
+                    counter.errors += 1
+                    raise
+
+            async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await super().read_response(*args, **kwargs)
+                except REDIS_TRANSIENT:
+                    counter.errors += 1
+                    raise
 
         return Counting
 
@@ -1779,9 +1871,11 @@ class Store:
         config: Config,
         clock: Clock,
         batch_client: aioredis.Redis | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = client
         self.batch = AutoPipeline(batch_client or client)
+        self.metrics = metrics or Metrics()
         # Where this engine's own events go the moment Redis has them (the hub's local sockets).
         self.on_event: Callable[[str, str], None] = lambda user, event: None
         self.keys = Keys(config.redis_prefix)
@@ -1865,6 +1959,7 @@ class Store:
             message = "too many limit and sniper orders are waiting; retry later"
             raise ApiError(503, "QUEUE_FULL", message, retryable=True)
         if reply[0] == "created":
+            self.metrics.orders.labels(Status.PENDING, "").inc()
             return Created(order.order_id, Status.PENDING, replayed=False)
         prior_id, prior_fingerprint = reply[1].split(" ")
         if prior_fingerprint != fingerprint:
@@ -1962,6 +2057,15 @@ class Store:
             raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
         if reply[0] == "conflict":
             raise LeaseLost(f"{after.order_id}: expected {before.status}, found {reply[1]}")
+        self._count(after.status, info)
+
+    def _count(self, status: Status, info: Mapping[str, Any]) -> None:
+        metrics = self.metrics
+        metrics.orders.labels(status, info.get("dex") or "").inc()
+        if status is Status.ROUTING:
+            metrics.attempts.inc()
+        if info.get("code") and status in (Status.PENDING, Status.FAILED):
+            metrics.failures.labels(info["code"], str(status is Status.FAILED).lower()).inc()
 
     async def promote(self, now_ms: int) -> tuple[int, int | None]:
         """Move due retries to pending; returns how many moved and when the next one is due."""
@@ -2056,7 +2160,10 @@ class Store:
         head = [order.order_id, order.status, order.user_id, origin, final, str(int(now * 1000))]
         args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
         reply = await self.batch.call(self._end, [], args, self._sent(order.user_id))
-        return bool(reply[0] == "ok")
+        if reply[0] != "ok":
+            return False
+        self._count(final, detail)
+        return True
 
     # -- waiting orders ---------------------------------------------------------------------------
 
@@ -3013,11 +3120,16 @@ class Router:
     it picks the plan that pays the most, and makes sure the quote is still fresh."""
 
     def __init__(
-        self, venues: Sequence[Venue], quote_timeout_s: float, clock: Clock = time.time
+        self,
+        venues: Sequence[Venue],
+        quote_timeout_s: float,
+        clock: Clock = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.venues = {venue.name: venue for venue in venues}
         self._timeout_s = quote_timeout_s
         self._clock = clock
+        self._metrics = metrics or Metrics()
 
     async def route(self, order: Order) -> tuple[Quote, list[Quote]]:
         """The best plan and every venue's quote. A plan whose quote has expired by the time it
@@ -3066,7 +3178,7 @@ class Router:
         """Every venue's quote that came within the timeout (the same deadline for each, so one
         timer serves them all), and why each other venue was skipped (logged too)."""
         asks = {
-            asyncio.ensure_future(venue.quote(sell, buy, amount_in)): venue.name
+            asyncio.ensure_future(self._timed_quote(venue, sell, buy, amount_in)): venue.name
             for venue in self.venues.values()
         }
         try:
@@ -3087,14 +3199,33 @@ class Router:
             log.warning("venue skipped", extra={"orderId": context, "dex": dex, "reason": reason})
         return quotes, skipped
 
+    async def _timed_quote(self, venue: Venue, sell: Token, buy: Token, amount_in: int) -> Quote:
+        started, outcome = time.perf_counter(), "error"
+        try:
+            quote = await venue.quote(sell, buy, amount_in)
+            outcome = "ok"
+            return quote
+        except asyncio.CancelledError:
+            outcome = "timeout"
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.quote_seconds.labels(venue.name, outcome).observe(elapsed)
+
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
+        started, outcome = time.perf_counter(), "ok"
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._venue(tx.dex).execute(tx)
         except TimeoutError:
+            outcome = "timeout"
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
         except VenueError as exc:
+            outcome = "failed"
             raise AttemptFailed(exc.code, str(exc)) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.execution_seconds.labels(tx.dex, outcome).observe(elapsed)
 
     async def lookup(self, dex: str, signature: str) -> TxStatus | None:
         venue = self.venues.get(dex.split("+")[0])
@@ -3432,6 +3563,7 @@ class Engine:
             if price is not None and down is not None and price <= down:
                 fired += await persist("fire", self.store.fire, "down", sell, buy, price)
             if fired:
+                self.store.metrics.triggers_fired.inc(fired)
                 log.info(
                     "triggers fired",
                     extra={"pair": f"{sell}/{buy}", "price": price, "fired": fired},
@@ -4060,6 +4192,7 @@ class Hub:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 ENGINE: Final = web.AppKey("engine", Engine)
+METRICS: Final = web.AppKey("metrics", Metrics)
 HUB: Final = web.AppKey("hub", Hub)
 ORDER_FIELDS: Final = frozenset(
     {"userId", "inputToken", "outputToken", "amount", "slippageBps", "type"}
@@ -4485,6 +4618,15 @@ async def list_orders(request: web.Request) -> web.Response:
     return json_response({"userId": user_id, "orders": orders})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format 0.0.4, which every Prometheus reads; queue depths are
+    read from Redis for each scrape."""
+    engine, collected = request.app[ENGINE], request.app[METRICS]
+    with contextlib.suppress(*REDIS_TRANSIENT):  # Redis away: the last depths, and the errors
+        collected.depths = await engine.store.queue_depths(engine.instance_id)
+    return web.Response(body=collected.scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body: dict[str, Any] = {"status": "ok", "instance": engine.instance_id}
@@ -4534,6 +4676,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/orders/{order_id}", get_order)
     app.router.add_delete("/api/orders/{order_id}", cancel_order)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/ws", websocket)
 
 
@@ -4710,6 +4853,7 @@ def create_app(
     DEXes; `clock` and `hub_limits` exist for tests and embedding programs."""
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
+    app[METRICS] = Metrics()
     auth = app[AUTH] = Authenticator(config)
     if auth.enabled:
         log.info("authentication on", extra={"algorithms": ",".join(auth.algorithms)})
@@ -4731,11 +4875,12 @@ def create_app(
             batch_client = connect_redis(url, BATCH_CONNECTIONS, round_trips, socket_timeout_s=None)
             stack.push_async_callback(batch_client.aclose)
             await wait_for_redis(client, url)
-            store = Store(client, config, clock, batch_client)
+            metrics = app[METRICS]
+            store = Store(client, config, clock, batch_client, metrics)
             stack.push_async_callback(store.batch.close)
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
             dexes = venues or default_venues(config, chain, clock)
-            router = Router(dexes, config.quote_timeout_ms / 1000, clock)
+            router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics)
             engine = Engine(config, store, router, clock=clock, round_trips=round_trips)
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)
@@ -4744,6 +4889,13 @@ def create_app(
             beat_s = config.heartbeat_ttl_s / 3
             hub = app[HUB] = Hub(store, limits, events_client, engine.instance_id, beat_s)
             store.on_event = hub.deliver
+            metrics.levels |= {
+                "oee_inflight_orders": lambda: engine.inflight,
+                "oee_websocket_connections": lambda: hub.connections,
+                "oee_websocket_slow_closed": lambda: hub.slow_closed,
+                "oee_redis_errors": lambda: round_trips.errors,
+                "oee_redis_round_trips": lambda: round_trips.count,
+            }
             await engine.start()
             stack.push_async_callback(engine.stop)
             hub.start()

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 import engine as eng
 from engine import Config, Status
@@ -1852,6 +1853,52 @@ async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_in
     assert (reply["error"]["code"], reply["error"]["retryable"]) == ("RATE_LIMITED", True)
     assert 1 <= int(response.headers["Retry-After"]) <= 20  # a token every 20 s
     assert (await post(first, {**ORDER, "userId": "2"}))[0] == 202  # other users are not held up
+
+
+# ── metrics ─────────────────────────────────────────────────────────────────────────────────────
+
+
+async def scrape(
+    client: TestClient[Any, Any],
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_orders_attempts_failures_latencies_and_levels(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", quote_errors=3)  # the first order fails all its attempts
+    client = await start(venues=[venue])
+    failed = await order_id_of(client)
+    await wait_status(client, failed, "failed")
+    confirmed = await order_id_of(client)
+    await wait_status(client, confirmed, "confirmed")
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        seen = await scrape(client)
+    assert seen[("oee_orders_total", (("dex", ""), ("status", "pending")))] == 2 + 2  # 2 retries
+    assert seen[("oee_orders_total", (("dex", "RAYDIUM"), ("status", "confirmed")))] == 1
+    assert seen[("oee_orders_total", (("dex", ""), ("status", "failed")))] == 1
+    assert seen[("oee_attempts_total", ())] == 4
+    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "false")))] == 2
+    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "true")))] == 1
+    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "error")))] == 3
+    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
+    assert seen[("oee_execution_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
+    assert seen[("oee_queue_depth", (("queue", "pending"),))] == 0
+    assert seen[("oee_queue_depth", (("queue", "failed"),))] == 1
+    assert seen[("oee_inflight_orders", ())] == 0
+    assert seen[("oee_websocket_connections", ())] == 1
+    assert seen[("oee_websocket_slow_closed_total", ())] == 0
+    assert seen[("oee_redis_errors_total", ())] == 0
+    assert seen[("oee_redis_round_trips_total", ())] > 0
 
 
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
