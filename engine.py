@@ -61,6 +61,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]  # no type information published
 import jwt
 import orjson
 import redis.asyncio as aioredis
@@ -149,6 +150,11 @@ RECOVERY_LIMIT: Final = 3
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
+OUTBOX_KEEP: Final = 1_000_000  # finished orders waiting to be written to PostgreSQL, at most
+OUTBOX_BATCH: Final = 200
+HISTORY_IDLE_S: Final = 0.5  # how often an empty outbox is looked at again
+HISTORY_TIMEOUT_S: Final = 10.0  # one PostgreSQL connect or write
+HISTORY_POOL_MAX: Final = 4
 FIRE_BATCH: Final = 500  # waiting orders woken per script call
 EXPIRE_BATCH: Final = 100
 EXPIRY_CHECK_S: Final = 1.0
@@ -246,6 +252,16 @@ local function keep_failed(order, id, score)
     redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
   end
   redis.call('ZREMRANGEBYRANK', '$FAILED', 0, -$FAILED_KEEP - 1)
+end
+"""
+# With DATABASE_URL set, a finished order's id goes to the outbox, from which it is written to
+# PostgreSQL; the outbox keeps the newest OUTBOX_KEEP (older ones are dropped, with a log line).
+LUA_OUTBOX: Final = """
+local function to_outbox(id)
+  if $HISTORY == 1 then
+    redis.call('LPUSH', '$OUTBOX', id)
+    redis.call('LTRIM', '$OUTBOX', 0, $OUTBOX_KEEP - 1)
+  end
 end
 """
 # history is a JSON array kept as text, so appending needs no JSON round trip.
@@ -352,6 +368,7 @@ LUA_ADVANCE: Final = (
     + LUA_EMIT
     + LUA_KEEP_FAILED
     + LUA_APPEND
+    + LUA_OUTBOX
     + """
 local a = fields(ARGV[1])
 local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
@@ -366,6 +383,7 @@ if action ~= 'keep' then redis.call('LREM', '$PROCESSING_PREFIX' .. instance, 1,
 if action == 'retry' then redis.call('ZADD', '$DELAYED', score, id) end
 if action == 'done' or action == 'fail' then
   redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
+  to_outbox(id)
 end
 if action == 'fail' then
   keep_failed(order, id, score)
@@ -406,6 +424,7 @@ LUA_END: Final = (
     + LUA_EMIT
     + LUA_KEEP_FAILED
     + LUA_APPEND
+    + LUA_OUTBOX
     + """
 local a = fields(ARGV[1])
 local id, expected, user, origin, final, score = unpack(a, 1, 6)
@@ -419,6 +438,7 @@ if current[3] then redis.call('ZREM', current[3], id) end
 redis.call('ZREM', '$EXPIRING', id)
 redis.call('HDEL', order, 'lease')
 redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
+to_outbox(id)
 if final == '$FAILED_STATUS' then
   keep_failed(order, id, score)
 else
@@ -457,6 +477,20 @@ end
 return #ids
 """
 
+# An instance's batch of the outbox: what it took last time and has not written yet, else up to
+# ARGV[1] more, moved (oldest first) to its own list so that none is lost if it dies.
+# KEYS: outbox batch, outbox   ARGV: 1 most
+LUA_OUTBOX_TAKE: Final = """
+local held = redis.call('LRANGE', KEYS[1], 0, -1)
+if held[1] then return held end
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
+  if not id then break end
+  held[i] = id
+end
+return held
+"""
+
 # Take one token from a user's bucket (ARGV[1] tokens, refilled evenly over a minute), on Redis's
 # clock so that every instance shares one bucket per user. Returns 0, or the ms until a token.
 # KEYS: bucket   ARGV: 1 capacity
@@ -491,13 +525,16 @@ return outcome
 """
 )
 
-# Give an instance's processing list back to the pending list (consumer end first), and forget the
-# instance. With ARGV[2] == '1' only when its heartbeat has expired.
-# KEYS: processing, pending, instances, heartbeat   ARGV: 1 instance, 2 only_if_dead
+# Give an instance's processing list back to the pending list (consumer end first), and its
+# history batch back to the outbox, and forget the instance. With ARGV[2] == '1' only when its
+# heartbeat has expired.
+# KEYS: processing, pending, instances, heartbeat, outbox batch, outbox
+# ARGV: 1 instance, 2 only_if_dead
 LUA_RECOVER: Final = """
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
 local moved = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 redis.call('SREM', KEYS[3], ARGV[1])
 if ARGV[2] == '0' then redis.call('DEL', KEYS[4]) end
 return moved
@@ -1086,6 +1123,7 @@ class Config:
     durability: str = "everysec"
     log_level: str = "info"
     log_format: str = "text"
+    database_url: str | None = None
     jwt_secret: str | None = None
     jwt_public_key: str | None = None  # PEM
     rate_limit_per_min: int = 100
@@ -1239,6 +1277,12 @@ def _listing(entry: object) -> Listing:
     return Listing(dex, base, quote, float(at_s), float(value))
 
 
+def _database_url(text: str) -> str:
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql:// URL")
+    return text
+
+
 def _jwt_secret(text: str) -> str:
     if len(text.encode()) < JWT_SECRET_MIN_BYTES:
         raise ValueError(f"must be at least {JWT_SECRET_MIN_BYTES} bytes (HS256 wants 256 bits)")
@@ -1331,6 +1375,7 @@ SETTINGS: Final = (
     ),
     Setting("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("LOG_FORMAT", "log_format", _choice("text", "json"), "text or json lines"),
+    Setting("DATABASE_URL", "database_url", _database_url, "PostgreSQL for order history", True),
     Setting("ENGINE_JWT_SECRET", "jwt_secret", _jwt_secret, "HS256 key: require JWTs", True),
     Setting("ENGINE_JWT_PUBLIC_KEY", "jwt_public_key", _public_key, "RS256/ES256 PEM (or path)"),
     Setting(
@@ -1622,6 +1667,9 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         FAILED_STATUS=Status.FAILED,
         CANCELLED=Status.CANCELLED,
         EXPIRING=keys.expiring,
+        HISTORY=1 if config.database_url else 0,
+        OUTBOX=keys.outbox,
+        OUTBOX_KEEP=OUTBOX_KEEP,
         MAX_WAITING=config.max_waiting,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
@@ -1699,6 +1747,14 @@ class Keys:
 
     def rate_limit(self, user_id: str) -> str:
         return f"{self.prefix}ratelimit:{user_id}"
+
+    @property
+    def outbox(self) -> str:
+        """Finished orders not yet written to PostgreSQL."""
+        return f"{self.prefix}outbox"
+
+    def outbox_batch(self, instance: str) -> str:
+        return f"{self.prefix}outbox:{instance}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1886,6 +1942,7 @@ class Store:
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
         self._end = client.register_script(lua(LUA_END, self.keys, config))
         self._rate_limit = client.register_script(LUA_RATE_LIMIT)
+        self._outbox_take = client.register_script(LUA_OUTBOX_TAKE)
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
@@ -2094,6 +2151,8 @@ class Store:
                 keys.pending,
                 keys.instances,
                 keys.heartbeat(instance),
+                keys.outbox_batch(instance),
+                keys.outbox,
             ],
             args=[instance, "1" if only_if_dead else "0"],
         )
@@ -2129,6 +2188,21 @@ class Store:
                 return "not_cancellable", order_view(record)
             if await self._end_order(record, Status.CANCELLED, {}, origin):
                 return "cancelled", await self.get_order(order_id) or {}
+
+    async def outbox_take(self, instance: str, most: int) -> list[str]:
+        keys = [self.keys.outbox_batch(instance), self.keys.outbox]
+        return [str(order_id) for order_id in await self._outbox_take(keys=keys, args=[most])]
+
+    async def outbox_done(self, instance: str) -> None:
+        await self.redis.delete(self.keys.outbox_batch(instance))
+
+    async def records(self, order_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The records of these orders that still exist, as GET shows them."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for order_id in order_ids:
+                pipe.hgetall(self.keys.order(order_id))
+            found = await pipe.execute()
+        return [order_view(record) for record in found if record]
 
     async def throttle(self, user_id: str, per_minute: int) -> int:
         """Take one of the user's order tokens: 0, or the ms until one is there."""
@@ -2234,6 +2308,84 @@ class Store:
             keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)], args=[since]
         )
         return None if reply[0] == "resync" else list(reply[1:])
+
+
+HISTORY_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS order_history (
+    order_id   text PRIMARY KEY,
+    user_id    text NOT NULL,
+    status     text NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    record     jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS order_history_user ON order_history (user_id, created_at DESC);
+"""
+# A record written twice (two instances, a retried batch) keeps the newer.
+HISTORY_UPSERT: Final = """
+INSERT INTO order_history (order_id, user_id, status, created_at, updated_at, record)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (order_id) DO UPDATE
+SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, record = EXCLUDED.record
+WHERE order_history.updated_at <= EXCLUDED.updated_at
+"""
+HISTORY_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class History:
+    """Finished orders in PostgreSQL (DATABASE_URL), for as long as the operator keeps them: the
+    engine writes them from the Redis outbox, never on an order's path, and reads one back when
+    its Redis record has expired. Connects (and creates its table) on first use, so PostgreSQL
+    may be down when the engine starts."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._pool: asyncpg.Pool | None = None
+
+    async def _connected(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
+                try:
+                    await pool.execute(HISTORY_TABLE)
+                except BaseException:
+                    await pool.close()
+                    raise
+            self._pool = pool
+        return self._pool
+
+    async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        rows = [
+            (
+                r["orderId"],
+                r["userId"],
+                r["status"],
+                datetime.fromisoformat(r["createdAt"]),
+                datetime.fromisoformat(r["updatedAt"]),
+                orjson.dumps(r).decode(),
+            )
+            for r in records
+        ]
+        pool = await self._connected()
+        async with asyncio.timeout(HISTORY_TIMEOUT_S):
+            await pool.executemany(HISTORY_UPSERT, rows)
+
+    async def get(self, order_id: str) -> dict[str, Any] | None:
+        pool = await self._connected()
+        async with asyncio.timeout(HISTORY_TIMEOUT_S):
+            row = await pool.fetchval(
+                "SELECT record FROM order_history WHERE order_id = $1", order_id
+            )
+        return orjson.loads(row) if row is not None else None
+
+    async def ping(self) -> None:
+        pool = await self._connected()
+        async with asyncio.timeout(HISTORY_TIMEOUT_S):
+            await pool.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
 
 def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -3296,8 +3448,10 @@ class Engine:
         clock: Clock = time.time,
         rng: random.Random | None = None,
         round_trips: RoundTrips | None = None,
+        history: History | None = None,
     ) -> None:
         self.config = config
+        self.history = history
         self.store = store
         self.router = router
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -3371,6 +3525,7 @@ class Engine:
                 self._supervise("recovery", self._recovery_loop),
                 self._supervise("promoter", self._promote_loop),
                 self._supervise("expiry", self._expiry_loop),
+                *([self._supervise("history", self._history_loop)] if self.history else []),
                 *(
                     self._supervise(
                         f"triggers {sell}/{buy}", functools.partial(self._watch_loop, sell, buy)
@@ -3568,6 +3723,33 @@ class Engine:
                     "triggers fired",
                     extra={"pair": f"{sell}/{buy}", "price": price, "fired": fired},
                 )
+
+    async def _history_loop(self) -> None:
+        """Write finished orders from the outbox to PostgreSQL, a batch at a time. A batch stays
+        in this instance's own list until it is written (another instance takes it over if this
+        one dies), so a PostgreSQL outage delays the history and loses none of it."""
+        assert self.history is not None
+        delay = HISTORY_IDLE_S
+        while True:
+            batch = await persist("outbox", self.store.outbox_take, self.instance_id, OUTBOX_BATCH)
+            if not batch:
+                await asyncio.sleep(HISTORY_IDLE_S)
+                continue
+            records = await persist("outbox records", self.store.records, batch)
+            try:
+                await self.history.write(records)
+            except HISTORY_ERRORS as exc:
+                log.warning("postgresql unavailable; history waits", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                continue
+            delay = HISTORY_IDLE_S
+            if len(records) < len(batch):
+                log.warning(
+                    "records expired before they were written",
+                    extra={"lost": len(batch) - len(records)},
+                )
+            await persist("outbox done", self.store.outbox_done, self.instance_id)
 
     async def _expiry_loop(self) -> None:
         """Fail waiting orders whose time has run out (any instance may; each once)."""
@@ -4586,9 +4768,22 @@ async def get_order(request: web.Request) -> web.Response:
         if ORDER_ID_RE.fullmatch(order_id)
         else None
     )
+    if record is None and ORDER_ID_RE.fullmatch(order_id):
+        record = await archived(request.app[ENGINE], order_id)
     if record is None or (user is not None and record["userId"] != user):
         raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} (unknown or expired)")
     return json_response(record)
+
+
+async def archived(engine: Engine, order_id: str) -> dict[str, Any] | None:
+    """An order whose Redis record has expired, from PostgreSQL when DATABASE_URL is set."""
+    if engine.history is None:
+        return None
+    try:
+        return await engine.history.get(order_id)
+    except HISTORY_ERRORS:
+        message = "the order history does not answer; retry"
+        raise ApiError(503, "HISTORY_UNAVAILABLE", message, retryable=True) from None
 
 
 async def cancel_order(request: web.Request) -> web.Response:
@@ -4625,6 +4820,26 @@ async def metrics(request: web.Request) -> web.Response:
     with contextlib.suppress(*REDIS_TRANSIENT):  # Redis away: the last depths, and the errors
         collected.depths = await engine.store.queue_depths(engine.instance_id)
     return web.Response(body=collected.scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
+    engine = request.app[ENGINE]
+    checks: dict[str, str] = {}
+    try:
+        await engine.store.redis.ping()
+        checks["redis"] = "ok"
+    except REDIS_TRANSIENT:
+        checks["redis"] = "unavailable"
+    if engine.history is not None:
+        try:
+            await engine.history.ping()
+            checks["postgres"] = "ok"
+        except HISTORY_ERRORS:
+            checks["postgres"] = "unavailable"
+    ready = all(v == "ok" for v in checks.values()) and not engine.draining
+    status = "ready" if ready else ("draining" if engine.draining else "unavailable")
+    return json_response({"status": status, **checks}, 200 if ready else 503)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -4677,6 +4892,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/orders/{order_id}", cancel_order)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/ws", websocket)
 
 
@@ -4881,7 +5097,12 @@ def create_app(
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
             dexes = venues or default_venues(config, chain, clock)
             router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics)
-            engine = Engine(config, store, router, clock=clock, round_trips=round_trips)
+            history = History(config.database_url) if config.database_url else None
+            if history is not None:
+                stack.push_async_callback(history.close)
+            engine = Engine(
+                config, store, router, clock=clock, round_trips=round_trips, history=history
+            )
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)
             stack.push_async_callback(events_client.aclose)

