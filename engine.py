@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -673,9 +674,10 @@ class ApiError(EngineError):
         return {"error": error}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class AttemptFailed(EngineError):
-    """One execution attempt of an order failed; `retryable` says whether another may follow."""
+    """One execution attempt of an order failed; `retryable` says whether another may follow.
+    (Not frozen: context managers set an exception's __traceback__ as it passes through.)"""
 
     code: str
     message: str
@@ -1124,6 +1126,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     database_url: str | None = None
+    otel_endpoint: str | None = None
     jwt_secret: str | None = None
     jwt_public_key: str | None = None  # PEM
     rate_limit_per_min: int = 100
@@ -1277,6 +1280,12 @@ def _listing(entry: object) -> Listing:
     return Listing(dex, base, quote, float(at_s), float(value))
 
 
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
 def _database_url(text: str) -> str:
     if not text.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql:// URL")
@@ -1376,6 +1385,7 @@ SETTINGS: Final = (
     Setting("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("LOG_FORMAT", "log_format", _choice("text", "json"), "text or json lines"),
     Setting("DATABASE_URL", "database_url", _database_url, "PostgreSQL for order history", True),
+    Setting("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_endpoint", _http_url, "OTLP traces endpoint"),
     Setting("ENGINE_JWT_SECRET", "jwt_secret", _jwt_secret, "HS256 key: require JWTs", True),
     Setting("ENGINE_JWT_PUBLIC_KEY", "jwt_public_key", _public_key, "RS256/ES256 PEM (or path)"),
     Setting(
@@ -1417,8 +1427,18 @@ _RECORD_ATTRS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), No
 }
 
 
+# The order a task is working on: every log line it writes names it, even from code that does
+# not know about orders (a Redis retry, a venue's warning).
+CURRENT_ORDER: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "current_order", default=None
+)
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+    extras = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+    if "orderId" not in extras and (order_id := CURRENT_ORDER.get()) is not None:
+        extras = {"orderId": order_id, **extras}
+    return extras
 
 
 class TextFormatter(logging.Formatter):
@@ -1493,6 +1513,70 @@ class Metrics:
 
     def scrape(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+class Tracing:
+    """OpenTelemetry spans, one trace per order, when a tracer provider is configured (see
+    tracer_provider_from()); without one every call is a shared no-op. The trace id is the order id,
+    so every attempt, on whichever instance, joins the same trace as the POST that created it."""
+
+    def __init__(self, provider: Any | None = None) -> None:
+        self._tracer = provider.get_tracer("order-execution-engine") if provider else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None
+
+    def span(
+        self, name: str, order_id: str | None = None, **attributes: Any
+    ) -> contextlib.AbstractContextManager[Any]:
+        """A span under the current one, or, given `order_id`, directly under the order's trace."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        context = _order_trace(order_id) if order_id is not None else None
+        attributes = {k: v for k, v in attributes.items() if v is not None}
+        span: contextlib.AbstractContextManager[Any] = self._tracer.start_as_current_span(
+            name, context=context, attributes=attributes
+        )
+        return span
+
+
+def _order_trace(order_id: str) -> Any:
+    """A context whose remote parent stands for the order: trace id = the order id's 128 bits."""
+    from opentelemetry import trace
+
+    digits = order_id.removeprefix("order_")
+    parent = trace.SpanContext(
+        trace_id=int(digits, 16),
+        span_id=int(digits[:16], 16) or 1,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent))
+
+
+def tracer_provider_from(config: Config) -> Any | None:
+    """An OTLP-exporting provider when OTEL_EXPORTER_OTLP_ENDPOINT is set and the exporter is
+    installed (opentelemetry-exporter-otlp-proto-http); None otherwise, which costs nothing."""
+    if not config.otel_endpoint:
+        return None
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter,
+        )
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        log.warning(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not installed; "
+            "tracing is off (pip install opentelemetry-exporter-otlp-proto-http)"
+        )
+        return None
+    resource = Resource.create({"service.name": "order-execution-engine"})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads the OTEL_* env
+    return provider
 
 
 class _Levels(Collector):
@@ -3277,11 +3361,13 @@ class Router:
         quote_timeout_s: float,
         clock: Clock = time.time,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.venues = {venue.name: venue for venue in venues}
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
+        self._tracing = tracing or Tracing()
 
     async def route(self, order: Order) -> tuple[Quote, list[Quote]]:
         """The best plan and every venue's quote. A plan whose quote has expired by the time it
@@ -3354,7 +3440,8 @@ class Router:
     async def _timed_quote(self, venue: Venue, sell: Token, buy: Token, amount_in: int) -> Quote:
         started, outcome = time.perf_counter(), "error"
         try:
-            quote = await venue.quote(sell, buy, amount_in)
+            with self._tracing.span("quote", dex=venue.name):
+                quote = await venue.quote(sell, buy, amount_in)
             outcome = "ok"
             return quote
         except asyncio.CancelledError:
@@ -3368,7 +3455,8 @@ class Router:
         started, outcome = time.perf_counter(), "ok"
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._venue(tx.dex).execute(tx)
+                with self._tracing.span("execute", dex=tx.dex):
+                    return await self._venue(tx.dex).execute(tx)
         except TimeoutError:
             outcome = "timeout"
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
@@ -3449,9 +3537,11 @@ class Engine:
         rng: random.Random | None = None,
         round_trips: RoundTrips | None = None,
         history: History | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
         self.history = history
+        self.tracing = tracing or Tracing()
         self.store = store
         self.router = router
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -3490,7 +3580,8 @@ class Engine:
             attempts=0,
             condition=request.condition,
         )
-        created = await self.store.create(order, request, idempotency_key, self.instance_id)
+        with self.tracing.span("order.accept", order.order_id, user=order.user_id):
+            created = await self.store.create(order, request, idempotency_key, self.instance_id)
         if not created.replayed:
             log.debug("order accepted", extra={"orderId": order.order_id, "userId": order.user_id})
         return created
@@ -3623,6 +3714,14 @@ class Engine:
                     self._idle.set()
 
     async def _process(self, order_id: str) -> None:
+        token = CURRENT_ORDER.set(order_id)  # this worker's log lines name the order it runs
+        try:
+            with self.tracing.span("order.attempt", order_id, instance=self.instance_id):
+                await self._attempt(order_id)
+        finally:
+            CURRENT_ORDER.reset(token)
+
+    async def _attempt(self, order_id: str) -> None:
         lease = f"{self.instance_id}/{self._unique.getrandbits(48):012x}"
         outcome, order = await persist("claim", self.store.claim, order_id, self.instance_id, lease)
         if order is None:
@@ -3866,7 +3965,8 @@ class _Attempt:
             info={"instance": engine.instance_id},
         )
         try:
-            best, quotes = await engine.router.route(self.order)
+            with engine.tracing.span("routing", attempt=self.order.attempts):
+                best, quotes = await engine.router.route(self.order)
             floor = limit_floor(self.order)
             if floor > best.amount_out:  # a limit order whose price is not there (any more)
                 await self.wait_for_limit(best)
@@ -3889,11 +3989,12 @@ class _Attempt:
             self.order = replace(
                 self.order, dex=tx.dex, tx_hash=tx.signature, tx_expires_at_ms=tx.expires_at_ms
             )
-            try:
-                fill = await engine.router.execute(tx, timeout_s)
-            except AttemptFailed as failure:
-                # It may have landed all the same (a lost reply, a stalled node): ask the chain.
-                fill = await self.settle(tx.dex, tx.signature, tx.expires_at_ms, failure)
+            with engine.tracing.span("submitted", dex=tx.dex, txHash=tx.signature):
+                try:
+                    fill = await engine.router.execute(tx, timeout_s)
+                except AttemptFailed as failure:
+                    # It may have landed all the same (a lost reply, a stalled node): ask the chain.
+                    fill = await self.settle(tx.dex, tx.signature, tx.expires_at_ms, failure)
         except AttemptFailed as failure:
             await self.retry_or_fail(failure)
             return
@@ -5063,10 +5164,12 @@ def create_app(
     venues: Sequence[Venue] | None = None,
     clock: Clock = time.time,
     hub_limits: HubLimits | None = None,
+    tracer_provider: Any | None = None,
 ) -> web.Application:
     """The engine as an aiohttp application: starting the app starts the engine (and the embedded
     Redis when REDIS_URL is unset), shutting it down drains it. `venues` replaces the simulated
-    DEXes; `clock` and `hub_limits` exist for tests and embedding programs."""
+    DEXes; `clock`, `hub_limits` and `tracer_provider` (an OpenTelemetry TracerProvider) exist
+    for tests and embedding programs."""
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
     app[METRICS] = Metrics()
@@ -5096,12 +5199,19 @@ def create_app(
             stack.push_async_callback(store.batch.close)
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
             dexes = venues or default_venues(config, chain, clock)
-            router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics)
+            tracing = Tracing(tracer_provider or tracer_provider_from(config))
+            router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics, tracing)
             history = History(config.database_url) if config.database_url else None
             if history is not None:
                 stack.push_async_callback(history.close)
             engine = Engine(
-                config, store, router, clock=clock, round_trips=round_trips, history=history
+                config,
+                store,
+                router,
+                clock=clock,
+                round_trips=round_trips,
+                history=history,
+                tracing=tracing,
             )
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import math
 import os
 import random
@@ -43,6 +44,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 import engine as eng
@@ -1294,6 +1298,8 @@ async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001
         "SHUTTING_DOWN",
         True,
     )
+    ready = await first.get("/readyz")
+    assert (ready.status, (await ready.json())["status"]) == (503, "draining")
     await drain  # the grace ran out with the order still in the venue
     keys = eng.Keys(config.redis_prefix)
     assert await redis.lrange(keys.pending, 0, -1) == [order_id]
@@ -1423,7 +1429,7 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
             )
             assert (await client.get("/healthz")).status == 503
             ready = await client.get("/readyz")
-            assert (ready.status, (await ready.json())["status"]) == (503, "draining")
+            assert (ready.status, (await ready.json())["status"]) == (503, "unavailable")
             held.set()  # the venues answer while Redis is down: workers must wait, not drop
             server.start()
             events = await events_until_done(ws, *order_ids)
@@ -1926,6 +1932,64 @@ async def test_metrics_count_orders_attempts_failures_latencies_and_levels(
     assert seen[("oee_websocket_slow_closed_total", ())] == 0
     assert seen[("oee_redis_errors_total", ())] == 0
     assert seen[("oee_redis_round_trips_total", ())] > 0
+
+
+# ── tracing and logs ────────────────────────────────────────────────────────────────────────────
+
+
+async def test_an_order_is_one_trace_with_a_span_per_attempt_phase_and_venue_call(
+    start: Start,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    venue = ScriptedVenue("RAYDIUM", quote_errors=1)  # the first attempt fails: a retry
+    client = await start(venues=[venue], tracer_provider=provider)
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
+    spans = exporter.get_finished_spans()
+    assert {span.context.trace_id for span in spans} == {int(order_id.removeprefix("order_"), 16)}
+    names = sorted(span.name for span in spans)
+    assert names == sorted(
+        [
+            "order.accept",
+            "order.attempt",
+            "order.attempt",
+            "routing",
+            "routing",
+            "quote",
+            "quote",
+            "submitted",
+            "execute",
+        ]
+    )
+    attempts = _ended(exporter, "order.attempt")
+    order_span = {span.parent.span_id for span in attempts} | {
+        span.parent.span_id for span in _ended(exporter, "order.accept")
+    }
+    assert len(order_span) == 1  # both attempts and the POST hang from the order
+    by_id = {span.context.span_id: span for span in spans}
+    quote = _ended(exporter, "quote")[-1]
+    assert by_id[quote.parent.span_id].name == "routing"
+    assert quote.attributes["dex"] == "RAYDIUM"
+    execute = _ended(exporter, "execute")[0]
+    assert by_id[execute.parent.span_id].name == "submitted"
+
+
+def _ended(exporter: InMemorySpanExporter, name: str) -> list[Any]:
+    return [span for span in exporter.get_finished_spans() if span.name == name]
+
+
+def test_every_log_line_written_while_running_an_order_names_it() -> None:
+    record = logging.LogRecord("engine", logging.WARNING, __file__, 1, "redis away", None, None)
+    token = eng.CURRENT_ORDER.set("order_" + "e" * 32)
+    try:
+        line = orjson.loads(eng.JsonFormatter().format(record))
+    finally:
+        eng.CURRENT_ORDER.reset(token)
+    assert (line["msg"], line["orderId"]) == ("redis away", "order_" + "e" * 32)
+    assert "orderId" not in orjson.loads(eng.JsonFormatter().format(record))
 
 
 # ── order history in PostgreSQL ─────────────────────────────────────────────────────────────────
