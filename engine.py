@@ -737,6 +737,7 @@ TOKENS: Final[Mapping[str, Token]] = {
         Token("JUP", "JUPyiwrYJFskUPiHa7hkeR8VUtAeFoSYbKedZNsDvCN", 6, 0.8, 0.1, 5_000_000, 1.2),
     )
 }
+PAIRS: Final = tuple((sell, buy) for sell in TOKENS for buy in TOKENS if sell != buy)
 
 
 class ConditionJSON(TypedDict, total=False):
@@ -1035,6 +1036,7 @@ class VenueFaults:
 
 
 JobAction = Literal["keep", "retry", "done", "fail", "wait"]
+Armed = tuple[float | None, float | None, int]  # lowest rise trigger, highest fall, listings
 Clock = Callable[[], float]  # seconds since the epoch
 
 
@@ -1507,9 +1509,28 @@ class Metrics:
         self.triggers_fired = Counter(
             "oee_triggers_fired", "Waiting orders woken by their trigger", registry=registry
         )
+        self._orders: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[tuple[str, str, str], Any] = {}
         self.levels: dict[str, Callable[[], float]] = {}  # filled in by create_app
         self.depths: dict[str, int] = {}  # queue depths, read from Redis before each scrape
         registry.register(_Levels(self))
+
+    def order_counted(self, status: str, dex: str) -> None:
+        """oee_orders_total{status, dex} + 1, through a cached child (this runs per status)."""
+        child = self._orders.get((status, dex))
+        if child is None:
+            child = self._orders[(status, dex)] = self.orders.labels(status, dex)
+        child.inc()
+
+    def observe(
+        self, what: Literal["quote", "execution"], dex: str, outcome: str, s: float
+    ) -> None:
+        """A venue call's latency, through a cached child of its histogram."""
+        child = self._latencies.get((what, dex, outcome))
+        if child is None:
+            histogram = self.quote_seconds if what == "quote" else self.execution_seconds
+            child = self._latencies[(what, dex, outcome)] = histogram.labels(dex, outcome)
+        child.observe(s)
 
     def scrape(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -1853,7 +1874,7 @@ class RoundTrips:
     """Requests sent to Redis (a pipeline or a script is one): what bounds an order's latency."""
 
     count: int = 0
-    errors: int = 0  # requests that failed: lost connection, timeout
+    errors: int = 0  # requests that could not be sent, and retried operations (see persist)
 
     def counting(self, base: type[AbstractConnection]) -> type[AbstractConnection]:
         counter = self
@@ -1863,13 +1884,6 @@ class RoundTrips:
                 counter.count += 1
                 try:
                     await super().send_packed_command(command, check_health)
-                except REDIS_TRANSIENT:
-                    counter.errors += 1
-                    raise
-
-            async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-                try:
-                    return await super().read_response(*args, **kwargs)
                 except REDIS_TRANSIENT:
                     counter.errors += 1
                     raise
@@ -2100,7 +2114,7 @@ class Store:
             message = "too many limit and sniper orders are waiting; retry later"
             raise ApiError(503, "QUEUE_FULL", message, retryable=True)
         if reply[0] == "created":
-            self.metrics.orders.labels(Status.PENDING, "").inc()
+            self.metrics.order_counted(Status.PENDING, "")
             return Created(order.order_id, Status.PENDING, replayed=False)
         prior_id, prior_fingerprint = reply[1].split(" ")
         if prior_fingerprint != fingerprint:
@@ -2202,7 +2216,7 @@ class Store:
 
     def _count(self, status: Status, info: Mapping[str, Any]) -> None:
         metrics = self.metrics
-        metrics.orders.labels(status, info.get("dex") or "").inc()
+        metrics.order_counted(status, info.get("dex") or "")
         if status is Status.ROUTING:
             metrics.attempts.inc()
         if info.get("code") and status in (Status.PENDING, Status.FAILED):
@@ -2325,16 +2339,20 @@ class Store:
 
     # -- waiting orders ---------------------------------------------------------------------------
 
-    async def armed(self, sell: str, buy: str) -> tuple[float | None, float | None, int]:
-        """What waits on a pair: the lowest price a rise fires at, the highest a fall fires at,
-        and how many orders wait for a listing."""
+    async def armed(self, pairs: Sequence[tuple[str, str]]) -> list[Armed]:
+        """What waits on each pair, in one round trip: the lowest price a rise fires at, the
+        highest a fall fires at, and how many orders wait for a listing."""
         keys = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrange(keys.triggers("up", sell, buy), 0, 0, withscores=True)
-            pipe.zrange(keys.triggers("down", sell, buy), -1, -1, withscores=True)
-            pipe.zcard(keys.triggers("listing", sell, buy))
-            up, down, listing = await pipe.execute()
-        return (up[0][1] if up else None), (down[0][1] if down else None), int(listing)
+            for sell, buy in pairs:
+                pipe.zrange(keys.triggers("up", sell, buy), 0, 0, withscores=True)
+                pipe.zrange(keys.triggers("down", sell, buy), -1, -1, withscores=True)
+                pipe.zcard(keys.triggers("listing", sell, buy))
+            replies = await pipe.execute()
+        return [
+            ((up[0][1] if up else None), (down[0][1] if down else None), int(listing))
+            for up, down, listing in zip(replies[::3], replies[1::3], replies[2::3], strict=True)
+        ]
 
     async def fire(self, how: str, sell: str, buy: str, price: float = 0.0) -> int:
         """Wake every order on the pair whose trigger `price` meets (all of them for a listing)."""
@@ -3448,8 +3466,7 @@ class Router:
             outcome = "timeout"
             raise
         finally:
-            elapsed = time.perf_counter() - started
-            self._metrics.quote_seconds.labels(venue.name, outcome).observe(elapsed)
+            self._metrics.observe("quote", venue.name, outcome, time.perf_counter() - started)
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
         started, outcome = time.perf_counter(), "ok"
@@ -3464,8 +3481,7 @@ class Router:
             outcome = "failed"
             raise AttemptFailed(exc.code, str(exc)) from None
         finally:
-            elapsed = time.perf_counter() - started
-            self._metrics.execution_seconds.labels(tx.dex, outcome).observe(elapsed)
+            self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
     async def lookup(self, dex: str, signature: str) -> TxStatus | None:
         venue = self.venues.get(dex.split("+")[0])
@@ -3559,6 +3575,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._promote_now = asyncio.Event()
+        # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
+        self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
         self._fetcher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -3617,13 +3635,12 @@ class Engine:
                 self._supervise("promoter", self._promote_loop),
                 self._supervise("expiry", self._expiry_loop),
                 *([self._supervise("history", self._history_loop)] if self.history else []),
+                self._supervise("triggers", self._armed_loop),
                 *(
                     self._supervise(
                         f"triggers {sell}/{buy}", functools.partial(self._watch_loop, sell, buy)
                     )
-                    for sell in TOKENS
-                    for buy in TOKENS
-                    if sell != buy
+                    for sell, buy in PAIRS
                 ),
                 *(self._work_loop() for _ in range(self.config.concurrency)),
             ]
@@ -3800,12 +3817,25 @@ class Engine:
                 async with asyncio.timeout(wait_s):
                     await self._promote_now.wait()
 
-    async def _watch_loop(self, sell: str, buy: str) -> None:
-        """One pair's waiting orders, checked every slot against the pair's price (and for a
-        listing): one task per pair, however many orders wait on it."""
+    async def _armed_loop(self) -> None:
+        """Every slot, one read of what waits on every pair; each pair with something waiting
+        has its task woken to check it."""
         while True:
             await asyncio.sleep(SLOT_S)
-            up, down, listing = await persist("triggers", self.store.armed, sell, buy)
+            armed = await persist("triggers", self.store.armed, PAIRS)
+            for pair, (up, down, listing) in zip(PAIRS, armed, strict=True):
+                if up is not None or down is not None or listing:
+                    wake = self._armed[pair]
+                    if wake.full():  # the pair's task is still busy: it gets the newest
+                        wake.get_nowait()
+                    wake.put_nowait((up, down, listing))
+
+    async def _watch_loop(self, sell: str, buy: str) -> None:
+        """One pair's waiting orders, checked against the pair's price (and for a listing) each
+        slot something waits on it: one task per pair, however many orders wait."""
+        wake = self._armed[(sell, buy)]
+        while True:
+            up, down, listing = await wake.get()
             fired = 0
             if listing and self.router.listed(TOKENS[sell], TOKENS[buy]):
                 fired += await persist("fire", self.store.fire, "all", sell, buy)
@@ -3917,6 +3947,14 @@ class _Attempt:
             "order waiting", extra={**self.ctx, "trigger": condition.trigger or "limit", **info}
         )
 
+    def log_route(self, best: Quote, quotes: Sequence[Quote]) -> None:
+        if not log.isEnabledFor(logging.INFO):  # the line costs more to build than to skip
+            return
+        route = " ".join(f"{leg.pool}:{leg.percent}%" for leg in best.legs)
+        offers = " ".join(f"{q.dex}:{q.amount_out}@{q.price}" for q in quotes)
+        extra = {**self.ctx, "dex": best.dex, "amountOut": best.amount_out}
+        log.info("route chosen", extra={**extra, "route": route, "quotes": offers})
+
     async def wait_for_limit(self, best: Quote) -> None:
         """Back to waiting, at the pair price at which this order's own route would meet its limit
         (its size costs fees and impact the pair's price does not show)."""
@@ -3971,16 +4009,7 @@ class _Attempt:
             if floor > best.amount_out:  # a limit order whose price is not there (any more)
                 await self.wait_for_limit(best)
                 return
-            log.info(
-                "route chosen",
-                extra={
-                    **self.ctx,
-                    "dex": best.dex,
-                    "amountOut": best.amount_out,
-                    "route": " ".join(f"{leg.pool}:{leg.percent}%" for leg in best.legs),
-                    "quotes": " ".join(f"{q.dex}:{q.amount_out}@{q.price}" for q in quotes),
-                },
-            )
+            self.log_route(best, quotes)
             # The transaction may land only until the worker stops waiting for it.
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature(), floor)
