@@ -1621,7 +1621,7 @@ class _Levels(Collector):
                 yield GaugeMetricFamily(name, text, value=levels[name]())
         counters = {
             "oee_websocket_slow_closed": "WebSockets closed 1013 for not keeping up",
-            "oee_redis_errors": "Redis requests that failed (and were retried)",
+            "oee_redis_errors": "Redis requests not sent or not answered (callers retry)",
             "oee_redis_round_trips": "Requests sent to Redis",
         }
         for name, text in counters.items():
@@ -1874,7 +1874,7 @@ class RoundTrips:
     """Requests sent to Redis (a pipeline or a script is one): what bounds an order's latency."""
 
     count: int = 0
-    errors: int = 0  # requests that could not be sent, and retried operations (see persist)
+    errors: int = 0  # requests that could not be sent (a batch that got no answer: AutoPipeline)
 
     def counting(self, base: type[AbstractConnection]) -> type[AbstractConnection]:
         counter = self
@@ -1941,6 +1941,7 @@ class AutoPipeline:
         self._client = client
         self._max_batch = max_batch
         self._max_senders = senders
+        self.failures = 0  # batches Redis did not answer (each caller retries)
         self._queue: list[_Call] = []
         self._senders: set[asyncio.Task[None]] = set()
 
@@ -1980,6 +1981,7 @@ class AutoPipeline:
                 call.reply.cancel()
             raise
         except Exception as exc:  # the connection failed: every caller of the batch sees it
+            self.failures += 1
             replies = [exc] * len(batch)
         for call, reply in zip(batch, replies, strict=True):
             if call.on_reply is not None and not isinstance(reply, Exception):
@@ -5253,7 +5255,7 @@ def create_app(
                 "oee_inflight_orders": lambda: engine.inflight,
                 "oee_websocket_connections": lambda: hub.connections,
                 "oee_websocket_slow_closed": lambda: hub.slow_closed,
-                "oee_redis_errors": lambda: round_trips.errors,
+                "oee_redis_errors": lambda: round_trips.errors + store.batch.failures,
                 "oee_redis_round_trips": lambda: round_trips.count,
             }
             await engine.start()

@@ -1440,6 +1440,7 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
             assert statuses(events, order_id).count("confirmed") == 1
         seqs = [e["seq"] for e in events]
         assert seqs == sorted(set(seqs))
+        assert (await scrape(client))[("oee_redis_errors_total", ())] > 0
     finally:
         await client.close()
         server.stop()
