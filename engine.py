@@ -478,20 +478,6 @@ end
 return #ids
 """
 
-# An instance's batch of the outbox: what it took last time and has not written yet, else up to
-# ARGV[1] more, moved (oldest first) to its own list so that none is lost if it dies.
-# KEYS: outbox batch, outbox   ARGV: 1 most
-LUA_OUTBOX_TAKE: Final = """
-local held = redis.call('LRANGE', KEYS[1], 0, -1)
-if held[1] then return held end
-for i = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT')
-  if not id then break end
-  held[i] = id
-end
-return held
-"""
-
 # Take one token from a user's bucket (ARGV[1] tokens, refilled evenly over a minute), on Redis's
 # clock so that every instance shares one bucket per user. Returns 0, or the ms until a token.
 # KEYS: bucket   ARGV: 1 capacity
@@ -556,7 +542,8 @@ return moved
 
 # Move up to ARGV[1] jobs from the pending list into a processing list, oldest first; the
 # fetcher's way when several workers are free and jobs are waiting (else it blocks in BLMOVE).
-# KEYS: pending, processing   ARGV: 1 most
+# The history writer takes its batches from the outbox the same way.
+# KEYS: pending (or outbox), processing (or the instance's outbox batch)   ARGV: 1 most
 LUA_TAKE: Final = """
 local jobs = {}
 for i = 1, tonumber(ARGV[1]) do
@@ -2042,7 +2029,6 @@ class Store:
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
         self._end = client.register_script(lua(LUA_END, self.keys, config))
         self._rate_limit = client.register_script(LUA_RATE_LIMIT)
-        self._outbox_take = client.register_script(LUA_OUTBOX_TAKE)
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
@@ -2290,8 +2276,14 @@ class Store:
                 return "cancelled", await self.get_order(order_id) or {}
 
     async def outbox_take(self, instance: str, most: int) -> list[str]:
-        keys = [self.keys.outbox_batch(instance), self.keys.outbox]
-        return [str(order_id) for order_id in await self._outbox_take(keys=keys, args=[most])]
+        """This instance's batch of the outbox: what it took last time and has not written yet,
+        else up to `most` more, moved (oldest first) to its own list, as jobs are (LUA_TAKE),
+        so that none is lost if it dies."""
+        mine = self.keys.outbox_batch(instance)
+        held = await self.redis.lrange(mine, 0, -1)
+        if not held:
+            held = await self._take(keys=[self.keys.outbox, mine], args=[most])
+        return [str(order_id) for order_id in held]
 
     async def outbox_done(self, instance: str) -> None:
         await self.redis.delete(self.keys.outbox_batch(instance))
