@@ -1858,6 +1858,16 @@ async def test_a_public_key_verifies_rs256_and_es256_tokens(
     assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
 
 
+async def test_without_a_key_the_engine_says_it_is_open(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    await start()
+    assert any("authentication off" in r.message for r in caplog.records)
+    caplog.clear()
+    await start(replace(config, jwt_secret=SECRET))
+    assert not any("authentication off" in r.message for r in caplog.records)
+
+
 def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret() -> None:
     with pytest.raises(eng.ConfigError, match=r"at least 32 bytes .*, got <hidden>$"):
         Config.load({"ENGINE_JWT_SECRET": "short"})
@@ -1976,6 +1986,31 @@ async def test_an_order_is_one_trace_with_a_span_per_attempt_phase_and_venue_cal
     assert quote.attributes["dex"] == "RAYDIUM"
     execute = _ended(exporter, "execute")[0]
     assert by_id[execute.parent.span_id].name == "submitted"
+
+
+async def test_attempts_on_two_instances_join_the_order_s_trace(
+    start: Start, config: Config
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stuck = replace(config, quote_timeout_ms=10_000, shutdown_grace_s=0.1)
+    first = await start(
+        stuck, venues=[ScriptedVenue("RAYDIUM", quote_hangs=True)], tracer_provider=provider
+    )
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "routing")
+    instances = [first.app[eng.ENGINE].instance_id]
+    await first.close()  # the attempt is cut off; its job goes back to the queue
+    second = await start(venues=[ScriptedVenue("RAYDIUM")], tracer_provider=provider)
+    instances.append(second.app[eng.ENGINE].instance_id)
+    await wait_status(second, order_id, "confirmed")
+    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
+    attempts = _ended(exporter, "order.attempt")
+    assert [span.attributes["instance"] for span in attempts] == instances
+    assert {span.context.trace_id for span in exporter.get_finished_spans()} == {
+        int(order_id.removeprefix("order_"), 16)
+    }
 
 
 def _ended(exporter: InMemorySpanExporter, name: str) -> list[Any]:
