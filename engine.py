@@ -4647,7 +4647,11 @@ def caller(request: web.Request, claimed: object, *, query_token: bool = False) 
     auth = request.app[AUTH]
     if not auth.enabled:
         return parse_user_id(claimed)
-    user = auth.user(bearer_token(request, query=query_token))
+    return claimed_by(auth.user(bearer_token(request, query=query_token)), claimed)
+
+
+def claimed_by(user: str, claimed: object) -> str:
+    """The authenticated user, if the userId a request names (if any) is theirs; else 403."""
     if claimed is not None and parse_user_id(claimed) != user:
         raise ApiError(403, "USER_MISMATCH", "userId is not the token's subject", field="userId")
     return user
@@ -4864,7 +4868,7 @@ async def execute_order(request: web.Request) -> web.Response:
     user = auth.user(bearer_token(request)) if auth.enabled else None
     body = await read_json(request)
     if user is not None and isinstance(body, dict):
-        body = {**body, "userId": caller(request, body.get("userId"))}
+        body = {**body, "userId": claimed_by(user, body.get("userId"))}
     order_request = parse_order_request(body, engine.now())
     idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
     await check_rate(engine, order_request.user_id)
