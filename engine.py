@@ -2428,6 +2428,22 @@ WHERE order_history.updated_at <= EXCLUDED.updated_at
 HISTORY_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
+def _history_row(record: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """A record as a table row; None (logged) for one that cannot be one, which would otherwise
+    hold up every batch after it."""
+    try:
+        created = datetime.fromisoformat(record["createdAt"])
+        updated = datetime.fromisoformat(record["updatedAt"])
+        ids = (str(record["orderId"]), str(record["userId"]), str(record["status"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error(
+            "order record not fit for the history; skipped",
+            extra={"error": repr(exc), "orderId": record.get("orderId")},
+        )
+        return None
+    return (*ids, created, updated, orjson.dumps(record).decode())
+
+
 class History:
     """Finished orders in PostgreSQL (DATABASE_URL), for as long as the operator keeps them: the
     engine writes them from the Redis outbox, never on an order's path, and reads one back when
@@ -2451,17 +2467,7 @@ class History:
         return self._pool
 
     async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
-        rows = [
-            (
-                r["orderId"],
-                r["userId"],
-                r["status"],
-                datetime.fromisoformat(r["createdAt"]),
-                datetime.fromisoformat(r["updatedAt"]),
-                orjson.dumps(r).decode(),
-            )
-            for r in records
-        ]
+        rows = [row for row in map(_history_row, records) if row is not None]
         pool = await self._connected()
         async with asyncio.timeout(HISTORY_TIMEOUT_S):
             await pool.executemany(HISTORY_UPSERT, rows)

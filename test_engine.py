@@ -2072,6 +2072,21 @@ async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expi
     }
 
 
+async def test_a_record_unfit_for_the_history_is_skipped_not_retried_forever(
+    start: Start, config: Config, redis: aioredis.Redis, postgres: str
+) -> None:
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    keys = eng.Keys(config.redis_prefix)
+    broken = "order_" + "b" * 32
+    await redis.hset(keys.order(broken), mapping={"orderId": f'"{broken}"', "createdAt": '"soon"'})
+    await redis.lpush(keys.outbox, broken)
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [order_id]), "the good record to be written")
+    assert broken not in await history_rows(postgres)
+    await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
+
+
 async def _has_rows(url: str, order_ids: list[str]) -> bool:
     return set(order_ids) <= set(await history_rows(url))
 
