@@ -1076,11 +1076,6 @@ def significant(value: float, digits: int = 8) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def round_down(value: float, decimals: int) -> float:
-    scale = 10.0**decimals
-    return math.floor(value * scale) / scale
-
-
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 4. Configuration
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1530,10 +1525,6 @@ class Tracing:
 
     def __init__(self, provider: Any | None = None) -> None:
         self._tracer = provider.get_tracer("order-execution-engine") if provider else None
-
-    @property
-    def enabled(self) -> bool:
-        return self._tracer is not None
 
     def span(
         self, name: str, order_id: str | None = None, **attributes: Any
@@ -2366,12 +2357,8 @@ class Store:
     async def list_orders(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         index = self.keys.user_orders(user_id)
         order_ids = [str(i) for i in await self.redis.zrevrange(index, 0, limit - 1)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for order_id in order_ids:
-                pipe.hgetall(self.keys.order(order_id))
-            records = await pipe.execute()
         # An index entry can outlive its record by a little; such entries are skipped.
-        return [order_view(record) for record in records if record]
+        return await self.records(order_ids)
 
     async def queue_depths(self, instance: str) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -3390,15 +3377,14 @@ class Router:
     async def route(self, order: Order) -> tuple[Quote, list[Quote]]:
         """The best plan and every venue's quote. A plan whose quote has expired by the time it
         is chosen is priced again, a bounded number of times (QUOTE_EXPIRED after that)."""
+        amount_in = order.amount_in  # a Decimal conversion: once
         for asked in range(REQUOTES_MAX + 1):
-            quotes, skipped = await self.quotes(
-                order.sell, order.buy, order.amount_in, order.order_id
-            )
+            quotes, skipped = await self.quotes(order.sell, order.buy, amount_in, order.order_id)
             if not quotes:
                 reasons = "; ".join(f"{dex}: {reason}" for dex, reason in skipped.items())
                 raise AttemptFailed("NO_QUOTES", f"no venue returned a quote ({reasons})")
             slot = slot_at(self._clock())
-            best = best_route(quotes, order.amount_in, slot)
+            best = best_route(quotes, amount_in, slot)
             if best.valid_until_slot is None or slot <= best.valid_until_slot:
                 return best, quotes
             log.warning(
