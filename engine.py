@@ -130,6 +130,8 @@ WS_CLOSE_TRY_AGAIN_LATER: Final = 1013
 # Redis connections. A blocking pop holds its connection for BLOCKING_POP_TIMEOUT_S, so the socket
 # timeout must be longer or every idle pop would look like a dead server.
 BLOCKING_POP_TIMEOUT_S: Final = 1
+# A dead instance is recovered again every round for this long: past any pop it left blocked.
+DEAD_GRACE_S: Final = 2 * BLOCKING_POP_TIMEOUT_S + 1
 REDIS_SOCKET_TIMEOUT_S: Final = 5.0
 REDIS_CONNECT_TIMEOUT_S: Final = 2.0
 REDIS_POOL_WAIT_S: Final = 5.0
@@ -513,16 +515,29 @@ return outcome
 )
 
 # Give an instance's processing list back to the pending list (consumer end first), and its
-# history batch back to the outbox, and forget the instance. With ARGV[2] == '1' only when its
-# heartbeat has expired.
-# KEYS: processing, pending, instances, heartbeat, outbox batch, outbox
-# ARGV: 1 instance, 2 only_if_dead
+# history batch back to the outbox. With ARGV[2] == '1' only when its heartbeat has expired: a
+# stalled (not exited) instance may still have a BLMOVE blocked in Redis, which Redis serves
+# with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
+# every round, until it has been dead for ARGV[3] seconds (longer than a blocking pop lasts).
+# ARGV[2] == '0' (its own clean shutdown) forgets it at once.
+# KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since
+# ARGV: 1 instance, 2 only_if_dead, 3 grace_s
 LUA_RECOVER: Final = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  return -1
+end
 local moved = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
-redis.call('SREM', KEYS[3], ARGV[1])
+local now = tonumber(redis.call('TIME')[1])
+local since = tonumber(redis.call('ZSCORE', KEYS[7], ARGV[1]))
+if ARGV[2] == '1' and not since then
+  redis.call('ZADD', KEYS[7], now, ARGV[1])
+elseif ARGV[2] == '0' or now - since > tonumber(ARGV[3]) then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[4]) end
 return moved
 """
@@ -1817,6 +1832,11 @@ class Keys:
         return f"{self.prefix}instances"
 
     @property
+    def dead(self) -> str:
+        """Instances found dead, by when: they stay listed a grace period (LUA_RECOVER)."""
+        return f"{self.prefix}instances:dead"
+
+    @property
     def channel(self) -> str:
         return f"{self.prefix}events"
 
@@ -2230,8 +2250,9 @@ class Store:
                 keys.heartbeat(instance),
                 keys.outbox_batch(instance),
                 keys.outbox,
+                keys.dead,
             ],
-            args=[instance, "1" if only_if_dead else "0"],
+            args=[instance, "1" if only_if_dead else "0", DEAD_GRACE_S],
         )
         return int(moved)
 
@@ -3772,7 +3793,7 @@ class Engine:
 
     async def _recover_if_dead(self, instance: str) -> None:
         moved = await persist("recover", self.store.recover, instance, only_if_dead=True)
-        if moved >= 0:
+        if moved > 0:  # a dead instance is looked at again for a while; most rounds find nothing
             log.warning(
                 "recovered jobs of a dead instance", extra={"instance": instance, "jobs": moved}
             )

@@ -1210,6 +1210,35 @@ async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
     assert await redis.llen(keys.processing(instance)) == 0
 
 
+async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_job(
+    config: Config, redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    store = eng.Store(redis, config, time.time)
+    keys, zombie = store.keys, "stalled-host-1-abcdef"
+    await redis.sadd(keys.instances, zombie)  # listed, heartbeat long gone
+    await redis.lpush(keys.processing(zombie), "order_a", "order_b")
+    # The stalled instance's fetcher is still blocked in Redis, waiting for a pending job.
+    blocked = aioredis.from_url(redis_server.url, decode_responses=True)
+    pop = asyncio.create_task(
+        blocked.blmove(keys.pending, keys.processing(zombie), 5, "RIGHT", "LEFT")
+    )
+    await wait_for(lambda: _blocked_clients(redis), "the stalled pop to block")
+    assert await store.recover(zombie, only_if_dead=True) == 2
+    assert await pop in {"order_a", "order_b"}  # Redis served it one of the jobs handed back
+    assert zombie in await redis.smembers(keys.instances)  # so it is not forgotten yet
+    assert await store.recover(zombie, only_if_dead=True) == 1  # and the job comes back
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == ["order_a", "order_b"]
+    await redis.zadd(keys.dead, {zombie: time.time() - eng.DEAD_GRACE_S - 1})
+    assert await store.recover(zombie, only_if_dead=True) == 0
+    assert zombie not in await redis.smembers(keys.instances)  # dead long enough: forgotten
+    assert not await redis.exists(keys.dead)
+    await blocked.aclose()
+
+
+async def _blocked_clients(redis: aioredis.Redis) -> bool:
+    return bool((await redis.info("clients"))["blocked_clients"] > 0)
+
+
 async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
