@@ -138,6 +138,7 @@ REDIS_POOL_WAIT_S: Final = 5.0
 REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the fetcher and Pub/Sub
 REDIS_RETRY_MIN_S: Final = 0.05
 REDIS_RETRY_MAX_S: Final = 2.0
+REDIS_SLOW_S: Final = 1.0  # an answer slower than this held an attempt up (see HeldUp)
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 5.0
@@ -279,6 +280,13 @@ local function fields(blob)
   local out = {}
   for part in string.gmatch(blob, '[^\\n]+') do out[#out + 1] = part end
   return out
+end
+"""
+# Redis's clock in ms: the one clock every instance shares (rate limits, the simulated chain).
+LUA_NOW: Final = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 """
 
@@ -483,9 +491,10 @@ return #ids
 # Take one token from a user's bucket (ARGV[1] tokens, refilled evenly over a minute), on Redis's
 # clock so that every instance shares one bucket per user. Returns 0, or the ms until a token.
 # KEYS: bucket   ARGV: 1 capacity
-LUA_RATE_LIMIT: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+LUA_RATE_LIMIT: Final = (
+    LUA_NOW
+    + """
+local now = now_ms()
 local capacity = tonumber(ARGV[1])
 local per_ms = capacity / 60000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -497,20 +506,31 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
 redis.call('PEXPIRE', KEYS[1], 60000)
 return wait
 """
+)
 
-# The simulated chain: record what became of a transaction, at most once per signature (a second
-# send of the same signed transaction gets the first outcome) and never after it expired.
-# KEYS: tx   ARGV: 1 now_ms, 2 expires_at_ms, 3 outcome fields
-LUA_CHAIN_RECORD: Final = (
+# The simulated chain: what became of a signed transaction, decided once per signature and by
+# Redis's own clock, so that a send delayed in any queue can never land after a lookup was told
+# the transaction expired. A send (ARGV[3], its outcome) records that outcome, unless the
+# signature has one already (a resend gets the first) or the expiry has passed (then the expiry
+# is recorded instead). A lookup (ARGV[3] empty) answers the outcome, or {} while the
+# transaction may still land, or, once its expiry has passed with no outcome, records and
+# answers the expiry itself. KEYS: tx   ARGV: 1 expires_at_ms, 2 expired fields, 3 outcome fields
+LUA_CHAIN_SETTLE: Final = (
     LUA_FIELDS
+    + LUA_NOW
     + """
 local existing = redis.call('HGETALL', KEYS[1])
 if existing[1] then return existing end
-if tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {} end
-local outcome = fields(ARGV[3])
-redis.call('HSET', KEYS[1], unpack(outcome))
+local outcome = ARGV[3]
+if now_ms() > tonumber(ARGV[1]) then
+  outcome = ARGV[2]
+elseif outcome == '' then
+  return {}
+end
+local record = fields(outcome)
+redis.call('HSET', KEYS[1], unpack(record))
 redis.call('EXPIRE', KEYS[1], $TX_TTL)
-return outcome
+return record
 """
 )
 
@@ -2522,9 +2542,12 @@ class Venue(Protocol):
     """A DEX the router can quote and execute on. The engine ships two simulated ones.
 
     `quote` prices selling `amount_in` base units of `sell`. `execute` raises VenueError when the
-    transaction did not land (its `code` becomes the order's failure code); `lookup` answers what
-    became of a signature, or None if the venue has never seen it land or fail; `has_pool` says
-    whether the venue lists a pool for the pair (sniper orders wait for that)."""
+    transaction did not land (its `code` becomes the order's failure code). `lookup` answers what
+    became of a signature that expires at `expires_at_ms`: landed or failed, or None while it may
+    still land. The venue alone decides that a transaction expired, by its chain's own clock
+    (a failed TxStatus with code TX_EXPIRED), and must never let it land after saying so: the
+    engine waits for that answer before it signs another. `has_pool` says whether the venue lists
+    a pool for the pair (sniper orders wait for that)."""
 
     name: str
 
@@ -2532,7 +2555,7 @@ class Venue(Protocol):
 
     async def execute(self, tx: SwapTx) -> Fill: ...
 
-    async def lookup(self, signature: str) -> TxStatus | None: ...
+    async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None: ...
 
     def has_pool(self, sell: Token, buy: Token) -> bool: ...  # a direct pool for the pair?
 
@@ -3080,7 +3103,8 @@ def _routes(legs: Sequence[Leg]) -> list[list[Leg]]:
 class MockChain:
     """The simulated venues' ledger, kept in Redis so it outlives every engine: what became of
     each signed transaction. A signature lands or fails at most once and never after it expired,
-    which is what lets a recovered order ask whether its transaction went through."""
+    judged by Redis's clock alone (LUA_CHAIN_SETTLE), which is what lets a recovered order ask
+    whether its transaction went through, and wait for a final answer."""
 
     def __init__(
         self,
@@ -3091,18 +3115,18 @@ class MockChain:
         batch: AutoPipeline | None = None,
     ) -> None:
         self._keys = keys
-        self._ttl_s = ttl_s
         self._clock = clock
-        template = string.Template(LUA_CHAIN_RECORD)
-        self._record = client.register_script(template.substitute(TX_TTL=ttl_s))
-        self._redis = client
+        template = string.Template(LUA_CHAIN_SETTLE)
+        self._settle = client.register_script(template.substitute(TX_TTL=ttl_s))
         self._batch = batch or AutoPipeline(client)
 
     def expired(self, tx: SwapTx) -> bool:
+        """Whether this engine's clock says so (the chain's own verdict is Redis's)."""
         return int(self._clock() * 1000) > tx.expires_at_ms
 
-    async def record(self, tx: SwapTx, status: TxStatus) -> TxStatus | None:
-        """Record `status` unless the signature already has one; None if the tx has expired."""
+    async def record(self, tx: SwapTx, status: TxStatus) -> TxStatus:
+        """Send: record `status` unless the signature has an outcome already (that one is
+        answered) or the transaction has expired (then that is recorded and answered)."""
         fields: dict[str, Any] = {"orderId": tx.order_id, "dex": tx.dex, "landed": status.landed}
         if status.fill is not None:
             fill = status.fill
@@ -3112,17 +3136,26 @@ class MockChain:
                 "routePlan": fill.route_plan,
             }
         fields |= {"code": status.code, "error": status.error}
-        now_ms = int(self._clock() * 1000)
-        reply = await self._batch.call(
-            self._record,
-            keys=[self._keys.chain(tx.signature)],
-            args=[now_ms, tx.expires_at_ms, field_blob(fields)],
-        )
-        return _tx_status(tx.signature, reply) if reply else None
+        reply = await self._call(tx.signature, tx.expires_at_ms, field_blob(fields))
+        assert reply is not None  # a send always leaves an outcome
+        return reply
 
-    async def lookup(self, signature: str) -> TxStatus | None:
-        reply = await self._redis.hgetall(self._keys.chain(signature))
-        return _tx_status(signature, [x for pair in reply.items() for x in pair]) if reply else None
+    async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None:
+        """The outcome; None while the transaction may still land."""
+        return await self._call(signature, expires_at_ms, b"")
+
+    async def _call(self, signature: str, expires_at_ms: int, outcome: bytes) -> TxStatus | None:
+        reply = await self._batch.call(
+            self._settle,
+            keys=[self._keys.chain(signature)],
+            args=[expires_at_ms, _EXPIRED_TX, outcome],
+        )
+        return _tx_status(signature, reply) if reply else None
+
+
+_EXPIRED_TX: Final = field_blob(
+    {"landed": False, "code": "TX_EXPIRED", "error": "transaction expired before it landed"}
+)
 
 
 def _text(value: str | bytes) -> str:
@@ -3138,10 +3171,8 @@ def _tx_status(signature: str, flat: Sequence[Any]) -> TxStatus:
     return TxStatus(True, Fill(signature, record["price"], record["amountOut"], plan))
 
 
-def settled(status: TxStatus | None) -> Fill:
+def settled(status: TxStatus) -> Fill:
     """The fill of a landed transaction; VenueError for one that failed or expired."""
-    if status is None:
-        raise VenueError("transaction expired before it landed", "TX_EXPIRED")
     if status.fill is None:
         raise VenueError(status.error, status.code)
     return status.fill
@@ -3191,7 +3222,9 @@ class SimVenue:
         await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
         if self.rng.random() < self.faults.fail_rate:
             await self._fault(tx)
-        return settled(await self.chain.record(tx, self._land(tx)))
+        # The chain is in Redis: while Redis does not answer, the same signed transaction is sent
+        # again (as a Solana client rebroadcasts), until it lands, fails or expires.
+        return settled(await persist("chain record", self.chain.record, tx, self._land(tx)))
 
     def _land(self, tx: SwapTx) -> TxStatus:
         """What becomes of the transaction now, on the pools as they are (the chain refuses it
@@ -3212,8 +3245,8 @@ class SimVenue:
         plan = tuple(leg.to_json() for leg in legs)
         return TxStatus(True, Fill(tx.signature, price, total, plan))
 
-    async def lookup(self, signature: str) -> TxStatus | None:
-        return await self.chain.lookup(signature)
+    async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None:
+        return await self.chain.lookup(signature, expires_at_ms)
 
     def has_pool(self, sell: Token, buy: Token) -> bool:
         self.market.sync()
@@ -3245,7 +3278,7 @@ class SimVenue:
         if self.rng.random() < STALL_SHARE_OF_FAULTS:
             await asyncio.Event().wait()  # a stalled RPC node: only the execution timeout ends it
         error = TxStatus(False, code="EXECUTION_FAILED", error=self.rng.choice(EXECUTION_ERRORS))
-        settled(await self.chain.record(tx, error))
+        settled(await persist("chain record", self.chain.record, tx, error))
 
 
 def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -> list[Venue]:
@@ -3490,9 +3523,16 @@ class Router:
         finally:
             self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
-    async def lookup(self, dex: str, signature: str) -> TxStatus | None:
+    async def lookup(self, dex: str, signature: str, expires_at_ms: int) -> TxStatus | None:
         venue = self.venues.get(dex.split("+")[0])
-        return None if venue is None else await venue.lookup(signature)
+        if venue is not None:
+            return await venue.lookup(signature, expires_at_ms)
+        # Sent by an engine with other venues: none here can answer, so this engine's clock
+        # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
+        if self._clock() * 1000 <= expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
+            return None
+        log.warning("venue unknown here; its transaction taken as expired", extra={"dex": dex})
+        return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {dex} expired")
 
     def _venue(self, dex: str) -> Venue:
         # A split is one transaction through an aggregator: its first venue sends it.
@@ -3528,6 +3568,26 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
         _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
 
 
+@dataclass
+class HeldUp:
+    """Whether Redis held up the attempt a worker runs: an error, or an answer slower than
+    REDIS_SLOW_S. A failed attempt that Redis held up is not counted against its order (SPEC §5:
+    a Redis error or stall is never an order's failure)."""
+
+    by_redis: bool = False
+
+
+# The attempt the current task works for (None outside workers); persist() marks it.
+HELD_UP: Final[contextvars.ContextVar[HeldUp | None]] = contextvars.ContextVar(
+    "held_up", default=None
+)
+
+
+def _held_up_by_redis() -> None:
+    if (attempt := HELD_UP.get()) is not None:
+        attempt.by_redis = True
+
+
 async def persist(
     what: str, operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -3537,12 +3597,18 @@ async def persist(
     a reply lost in a disconnect is harmless. Cancellation (shutdown) is the only way out early."""
     delay = REDIS_RETRY_MIN_S
     while True:
+        started = time.monotonic()
         try:
-            return await operation(*args, **kwargs)
+            result = await operation(*args, **kwargs)
         except REDIS_TRANSIENT as exc:
+            _held_up_by_redis()
             log.warning("redis unavailable; will retry", extra={"op": what, "error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, REDIS_RETRY_MAX_S)
+            continue
+        if time.monotonic() - started > REDIS_SLOW_S:
+            _held_up_by_redis()
+        return result
 
 
 class Engine:
@@ -3739,10 +3805,12 @@ class Engine:
 
     async def _process(self, order_id: str) -> None:
         token = CURRENT_ORDER.set(order_id)  # this worker's log lines name the order it runs
+        held_up = HELD_UP.set(HeldUp())
         try:
             with self.tracing.span("order.attempt", order_id, instance=self.instance_id):
                 await self._attempt(order_id)
         finally:
+            HELD_UP.reset(held_up)
             CURRENT_ORDER.reset(token)
 
     async def _attempt(self, order_id: str) -> None:
@@ -3753,7 +3821,11 @@ class Engine:
             return
         worker = _Attempt(self, order, lease)
         try:
-            await worker.run()
+            try:
+                await worker.run()
+            except REDIS_TRANSIENT as exc:  # from a venue's own use of Redis: never the order's
+                log.warning("redis failed mid-attempt; resuming", extra={"error": str(exc)})
+                await worker.resume()
         except LeaseLost as exc:
             log.warning(
                 "lease lost; stopping work on order",
@@ -3977,6 +4049,16 @@ class _Attempt:
         )
         await self.wait(condition, max(score, condition.limit_price), bestPrice=significant(got))
 
+    async def resume(self) -> None:
+        """Carry on after Redis failed under a step that was not retried: ask the chain about a
+        sent transaction, else run the attempt again, uncounted (Redis held it up)."""
+        _held_up_by_redis()
+        if self.order.status is Status.SUBMITTED:
+            await self.resume_submitted()
+        elif self.order.status not in (*TERMINAL, Status.PENDING, Status.WAITING):
+            interrupted = AttemptFailed("INTERRUPTED", "redis failed during the attempt")
+            await self.retry_or_fail(interrupted, immediately=True)
+
     async def resume_submitted(self) -> None:
         """The engine that died had sent (or was about to send) a transaction: the chain decides.
         Landed: confirm it, never send a second one. Failed, or expired without landing: that
@@ -4039,19 +4121,20 @@ class _Attempt:
     async def settle(
         self, dex: str, signature: str, expires_at_ms: int, failure: AttemptFailed | None = None
     ) -> Fill:
-        """What became of a sent transaction: its fill if it landed, else AttemptFailed. One the
-        chain has never seen is waited for until it has expired and can no longer land."""
+        """What became of a sent transaction: its fill if it landed, else AttemptFailed (`failure`,
+        the attempt's own, if it simply expired). The venue decides by its chain's clock when it
+        has expired; until then the worker waits, asking again once this engine's clock says so."""
         router = self.engine.router
         while True:
-            status = await persist("chain lookup", router.lookup, dex, signature)
+            status = await persist("chain lookup", router.lookup, dex, signature, expires_at_ms)
             if status is not None:
-                if status.fill is None:
-                    raise AttemptFailed(status.code, status.error)
-                return status.fill
-            wait_s = expires_at_ms / 1000 - self.engine.now() + TX_EXPIRY_MARGIN_S
-            if wait_s <= 0:
-                raise failure or AttemptFailed("TX_EXPIRED", "transaction expired before it landed")
-            await asyncio.sleep(wait_s)
+                if status.fill is not None:
+                    return status.fill
+                if failure is not None and status.code == "TX_EXPIRED":
+                    raise failure
+                raise AttemptFailed(status.code, status.error)
+            remaining_s = expires_at_ms / 1000 - self.engine.now()
+            await asyncio.sleep(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S)
 
     async def confirm(self, dex: str, fill: Fill) -> None:
         confirmed = {
@@ -4101,19 +4184,22 @@ class _Attempt:
         is left, record the one and only failure."""
         config = self.engine.config
         detail = {"error": failure.message, "code": failure.code}
-        if failure.retryable and self.order.attempts < config.max_attempts:
+        # An attempt Redis held up is given back: it runs again under the same number.
+        held_up = HELD_UP.get()
+        counted = held_up is None or not held_up.by_redis
+        attempts = self.order.attempts if counted else self.order.attempts - 1
+        if failure.retryable and attempts < config.max_attempts:
             delay_ms = 0 if immediately else self.engine.retry_delay_ms(self.order.attempts)
             action: JobAction = "keep" if immediately else "retry"
+            failed = {**self.ctx, **detail, "retryInMs": delay_ms, "counted": counted}
             await self.move(
                 Status.PENDING,
                 info={**detail, "retryInMs": delay_ms},
+                attempts=attempts,
                 action=action,
                 delay_ms=delay_ms,
             )
-            log.warning(
-                "attempt failed; retry scheduled",
-                extra={**self.ctx, **detail, "retryInMs": delay_ms},
-            )
+            log.warning("attempt failed; retry scheduled", extra=failed)
             self.engine.schedule_promotion()
         else:
             await self.move(Status.FAILED, info=detail, action="fail")

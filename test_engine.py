@@ -101,6 +101,16 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(timeout=DEADLINE_S)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final write; what the AOF had is what a restart finds."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=DEADLINE_S)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
 
 def _pings(sock: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as conn:
@@ -341,7 +351,9 @@ class ScriptedVenue:
         factor = self.fill_factors.pop(0) if self.fill_factors else 1.0
         price = tx.quoted_price * factor
         amount_out = self.pays(tx.amount_in, tx.sell, tx.buy, factor)
-        if amount_out < tx.min_amount_out:  # the swap program's minimum-out check
+        if time.time() * 1000 > tx.expires_at_ms:  # its blockhash is gone: it cannot land
+            status = eng.TxStatus(False, code="TX_EXPIRED", error="expired")
+        elif amount_out < tx.min_amount_out:  # the swap program's minimum-out check
             status = eng.TxStatus(False, code="SLIPPAGE_EXCEEDED", error="below minAmountOut")
         else:
             status = eng.TxStatus(True, eng.Fill(tx.signature, price, amount_out))
@@ -352,7 +364,11 @@ class ScriptedVenue:
             raise RuntimeError("a bug in the venue's client")
         return eng.settled(self.ledger[tx.signature])
 
-    async def lookup(self, signature: str) -> eng.TxStatus | None:
+    async def lookup(self, signature: str, expires_at_ms: int) -> eng.TxStatus | None:
+        """As a chain answers: the outcome, or once the expiry has passed, that it expired (and
+        then it never lands: a late execute finds this outcome)."""
+        if signature not in self.ledger and time.time() * 1000 > expires_at_ms:
+            self.ledger[signature] = eng.TxStatus(False, code="TX_EXPIRED", error="expired")
         return self.ledger.get(signature)
 
     def has_pool(self, sell: eng.Token, buy: eng.Token) -> bool:
@@ -1387,6 +1403,85 @@ async def test_an_order_taken_over_after_its_transaction_landed_is_not_sent_agai
     assert (record["attempts"], record["recoveries"]) == (1, 1)
     assert [h["status"] for h in record["history"]] == HAPPY_PATH
     assert healthy.executions == []
+
+
+def chain_tx(config: Config, expires_at_ms: int) -> eng.SwapTx:
+    """A signed transaction for the simulated chain, with a fresh signature."""
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    quote = venue_quotes(market(), sol, usdc, 10**9)[0]
+    tx = swap_tx(quote, 10**9)
+    return replace(tx, signature=f"sig-{secrets.token_hex(8)}", expires_at_ms=expires_at_ms)
+
+
+LANDS = eng.TxStatus(True, eng.Fill("sig", 150.0, 149_000_000))
+
+
+async def test_the_chain_decides_expiry_by_its_own_clock_once_per_signature(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    # Every send below read the sender's clock before it waited in a queue (the auto-pipeline, a
+    # socket, a stalled Redis): that reading says "not expired" however late the send arrives.
+    sent_at = time.time()
+    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, lambda: sent_at)
+    expires_ms = int(sent_at * 1000) + 50
+    overtaken, late, fresh = (chain_tx(config, expires_ms) for _ in range(3))
+    fresh = replace(fresh, expires_at_ms=expires_ms + 60_000)
+    assert await chain.lookup(overtaken.signature, expires_ms) is None  # it may still land
+    await wait_for(lambda: time.time() * 1000 > expires_ms + 5, "the transactions to expire")
+    # The lookup got there first and was told "expired": the send that follows never lands.
+    told = await chain.lookup(overtaken.signature, expires_ms)
+    assert told is not None
+    assert (told.landed, told.code) == (False, "TX_EXPIRED")
+    after = await chain.record(overtaken, LANDS)
+    assert (after.landed, after.code) == (False, "TX_EXPIRED")
+    # A send that arrives after the expiry does not land either, with no lookup before it.
+    assert not (await chain.record(late, LANDS)).landed
+    # One in time lands, once: a resend, or a lookup, gets that first outcome back.
+    assert (await chain.record(fresh, LANDS)).landed
+    failed = eng.TxStatus(False, code="EXECUTION_FAILED", error="x")
+    assert (await chain.record(fresh, failed)).landed
+    again = await chain.lookup(fresh.signature, fresh.expires_at_ms)
+    assert again is not None
+    assert again.landed
+    assert await landed_transactions(redis, config) == {fresh.order_id: [fresh.signature]}
+
+
+class HeldChain(eng.MockChain):
+    """A chain whose first send reaches Redis only when the test says: a write held in a queue
+    while the worker, its execution timed out, asks the chain what became of it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.release = asyncio.Event()
+        self.held: list[asyncio.Task[eng.TxStatus]] = []
+
+    async def record(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
+        if self.held:
+            return await super().record(tx, status)
+        self.held.append(asyncio.ensure_future(self._late(tx, status)))
+        return await asyncio.shield(self.held[0])  # the worker's timeout does not recall it
+
+    async def _late(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
+        await self.release.wait()
+        return await super().record(tx, status)
+
+
+async def test_a_send_held_back_past_its_expiry_never_lands_beside_the_retry(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    fast = replace(config, execution_timeout_ms=300)
+    chain = HeldChain(redis, eng.Keys(config.redis_prefix), 60, time.time)
+    client = await start(fast, venues=eng.default_venues(fast, chain))
+    order_id = await order_id_of(client)
+    # The first execution times out with its send still held; the worker waits for the chain's
+    # verdict on that signature, is told it expired, and signs a second transaction.
+    record = await wait_status(client, order_id, "confirmed")
+    chain.release.set()  # the first send reaches Redis at last, long after its expiry
+    late = await chain.held[0]
+    assert (late.landed, late.code) == (False, "TX_EXPIRED")
+    assert record["attempts"] == 2
+    assert [h.get("code") for h in record["history"]].count("EXECUTION_TIMEOUT") == 1
+    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
 
 
 async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
@@ -2722,8 +2817,8 @@ class Poisoned:
     async def quote(self, *args):
         return await self.inner.quote(*args)
 
-    async def lookup(self, signature):
-        return await self.inner.lookup(signature)
+    async def lookup(self, signature, expires_at_ms):
+        return await self.inner.lookup(signature, expires_at_ms)
 
     async def execute(self, tx):
         if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
@@ -2970,3 +3065,146 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Faults: redis-server and engines killed and stalled at the worst moments
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# Venues that never fault, not even with their long tail of slow calls: whatever fails an order
+# in these tests is the fault injected.
+NO_TAIL = orjson.dumps({dex: {"tailRate": 0} for dex in eng.SIMULATED_VENUES}).decode()
+
+
+async def outcomes(
+    redis: aioredis.Redis, config: Config, accepted: dict[str, str]
+) -> dict[str, str]:
+    """What each acknowledged order (orderId -> user) came to, checked from the outside: its
+    user's log holds exactly one terminal event for it, and the chain agrees, a confirmed order's
+    txHash having landed and nothing else of it; an order that did not confirm landed nothing."""
+    keys = eng.Keys(config.redis_prefix)
+    landed = await landed_transactions(redis, config)
+    ended: dict[str, list[dict[str, Any]]] = {}
+    for user in set(accepted.values()):
+        for _, entry in await redis.xrange(keys.user_log(user)):
+            event = orjson.loads(entry["e"])
+            if event["status"] in TERMINAL:
+                ended.setdefault(event["orderId"], []).append(event)
+    result = {}
+    for order_id in accepted:
+        terminal = ended.get(order_id, [])
+        assert len(terminal) <= 1, terminal
+        if not terminal:
+            continue
+        final = terminal[0]
+        expected = [final["txHash"]] if final["status"] == "confirmed" else None
+        assert landed.get(order_id) == expected, (final, landed.get(order_id))
+        result[order_id] = final["status"]
+    assert set(landed) <= set(result)
+    return result
+
+
+async def hold_fault(seconds: float) -> None:
+    """Keep an injected fault in place this long. A fault's length is part of the scenario (an
+    outage that outlasts an execution), never a wait for something to happen: those poll."""
+    await asyncio.sleep(seconds)
+
+
+async def statuses_now(http: ClientSession, url: str, order_ids: list[str]) -> list[str]:
+    records = [await (await http.get(f"{url}/api/orders/{o}")).json() for o in order_ids]
+    return [record["status"] for record in records]
+
+
+async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
+    config: Config, processes: list[EngineProcess], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)  # fsync always: nothing 202 is lost
+    server.start()
+    cfg = replace(config, redis_url=server.url)
+    env = engine_env(
+        cfg, ENGINE_DEX_LATENCY_SCALE="0.5", ENGINE_CONCURRENCY="10", ENGINE_DEX_FAULTS=NO_TAIL
+    )
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        async with ClientSession() as http:
+            accepted = {}
+            for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
+                body = {**ORDER, "userId": f"u{index % 3}"}
+                reply = await (await http.post(f"{url}/api/orders/execute", json=body)).json()
+                accepted[reply["orderId"]] = body["userId"]
+            order_ids = list(accepted)
+
+            async def sent() -> bool:
+                return "submitted" in await statuses_now(http, url, order_ids)
+
+            await wait_for(sent, "orders to be sent")
+            server.kill()
+            # Down for longer than an execution takes, so that every order that was sent meets
+            # the dead Redis when its outcome is recorded: the moment that used to fail orders.
+            await hold_fault(2.0)
+            server.start()
+
+            async def finished() -> bool:
+                return all(s in TERMINAL for s in await statuses_now(http, url, order_ids))
+
+            await wait_for(finished, "every order to finish")
+        ended = await outcomes(redis, cfg, accepted)
+        assert set(ended.values()) == {"confirmed"}, ended
+        assert len(ended) == 20
+        assert any("op=chain record" in line for line in engine.lines)  # the fault hit there
+    finally:
+        await redis.aclose()
+        engine.kill()
+        server.stop()
+
+
+async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
+    config: Config, processes: list[EngineProcess], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    cfg = replace(config, redis_url=server.url)
+    env = engine_env(
+        cfg,
+        ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
+        ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
+        ENGINE_CONCURRENCY="100",
+    )
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        async with ClientSession() as http:
+            replies = await asyncio.gather(
+                *(http.post(f"{url}/api/orders/execute", json=ORDER) for _ in range(100))
+            )
+            accepted = {(await reply.json())["orderId"]: "1" for reply in replies}
+            order_ids = list(accepted)
+
+            async def sent() -> bool:
+                return "submitted" in await statuses_now(http, url, order_ids[:5])
+
+            await wait_for(sent, "orders to be sent")
+            # Redis stops just before the first transactions expire and wakes after: outcomes
+            # recorded late, lookups racing them on other connections.
+            await hold_fault(1.2)
+            server.signal(signal.SIGSTOP)
+            await hold_fault(1.0)
+            server.signal(signal.SIGCONT)
+
+            async def finished() -> bool:
+                listed = await (await http.get(f"{url}/api/orders?userId=1&limit=100")).json()
+                return all(order["status"] in TERMINAL for order in listed["orders"])
+
+            await wait_for(finished, "every order to finish")
+        ended = await outcomes(redis, cfg, accepted)
+        assert len(ended) == 100
+    finally:
+        await redis.aclose()
+        engine.kill()
+        server.stop()
