@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -212,6 +213,7 @@ BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuv
 EMBEDDED_START_TIMEOUT_S: Final = 60.0
 EMBEDDED_STOP_TIMEOUT_S: Final = 10.0
 UNIX_SOCKET_PATH_MAX: Final = 100
+DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
 PR_SET_PDEATHSIG: Final = 1
 
 # The Lua scripts are templates: $NAME placeholders are filled once per Store with its key prefix,
@@ -5171,7 +5173,7 @@ async def _ping_socket(path: Path) -> bool:
 async def _shut_down_leftover(path: Path) -> None:
     """A Redis from an earlier run still serving our socket (its engine was killed on a system
     without parent-death signals) is shut down cleanly first: two servers must never share one
-    data directory."""
+    data directory. Only called with DATA_DIR locked, so no live engine owns that Redis."""
     if not await _ping_socket(path):
         return
     log.warning("shutting down a leftover embedded redis", extra={"socket": str(path)})
@@ -5186,13 +5188,31 @@ async def _shut_down_leftover(path: Path) -> None:
         await asyncio.sleep(0.05)
 
 
-def _prepare_data_dir(data_dir: Path) -> Path:
-    """Create DATA_DIR; return the socket path inside it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _prepare_data_dir(data_dir: Path) -> tuple[Path, int]:
+    """Create DATA_DIR and lock it for this engine's life; return the socket path inside it and
+    the lock's descriptor. The kernel drops the lock when the process ends, however it ends, so
+    a lock that cannot be taken means a live engine owns the directory and its Redis."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(data_dir / DATA_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"DATA_DIR {data_dir} cannot be used: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(lock)
+        raise StartupError(
+            f"DATA_DIR {data_dir} is in use by another engine (pid {owner}); "
+            "give each engine its own DATA_DIR, or share a Redis with REDIS_URL"
+        ) from None
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, str(os.getpid()).encode(), 0)
     sock = data_dir.resolve() / "redis.sock"
     if len(str(sock)) > UNIX_SOCKET_PATH_MAX:
+        os.close(lock)
         raise StartupError(f"DATA_DIR path is too long for a unix socket: {sock.parent}")
-    return sock
+    return sock, lock
 
 
 def _log_tail(log_file: Path) -> str:
@@ -5247,23 +5267,26 @@ async def _stop_process(proc: asyncio.subprocess.Process) -> None:
 async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncIterator[str]:
     """SPEC §7: a private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
     binary = redis_server_binary()
-    sock = await asyncio.to_thread(_prepare_data_dir, data_dir)
-    await _shut_down_leftover(sock)
-    proc = await asyncio.create_subprocess_exec(
-        *_embedded_args(binary, sock, durability),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C in a terminal must reach the engine, not its Redis
-        preexec_fn=_die_with_parent(),
-    )
+    sock, lock = await asyncio.to_thread(_prepare_data_dir, data_dir)
     try:
-        await _wait_until_serving(proc, sock)
-        log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
-        yield f"unix://{sock}"
+        await _shut_down_leftover(sock)
+        proc = await asyncio.create_subprocess_exec(
+            *_embedded_args(binary, sock, durability),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal must reach the engine, not its Redis
+            preexec_fn=_die_with_parent(),
+        )
+        try:
+            await _wait_until_serving(proc, sock)
+            log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
+            yield f"unix://{sock}"
+        finally:
+            await _stop_process(proc)
+            log.info("embedded redis stopped", extra={"pid": proc.pid})
     finally:
-        await _stop_process(proc)
-        log.info("embedded redis stopped", extra={"pid": proc.pid})
+        os.close(lock)  # only now: the directory's Redis has stopped
 
 
 async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
@@ -5300,13 +5323,6 @@ def create_app(
     add_routes(app)
     app[METRICS] = Metrics()
     auth = app[AUTH] = Authenticator(config)
-    if auth.enabled:
-        log.info("authentication on", extra={"algorithms": ",".join(auth.algorithms)})
-    else:
-        log.warning(
-            "authentication off: anyone can place, read, cancel and watch any user's orders "
-            "(set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY)"
-        )
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -5353,6 +5369,7 @@ def create_app(
                 "oee_redis_errors": lambda: round_trips.errors + store.batch.failures,
                 "oee_redis_round_trips": lambda: round_trips.count,
             }
+            _log_authentication(auth)
             await engine.start()
             stack.push_async_callback(engine.stop)
             hub.start()
@@ -5362,6 +5379,16 @@ def create_app(
     app.cleanup_ctx.append(engine_context)
     app.on_shutdown.append(_drain)
     return app
+
+
+def _log_authentication(auth: Authenticator) -> None:
+    if auth.enabled:
+        log.info("authentication on", extra={"algorithms": ",".join(auth.algorithms)})
+    else:
+        log.warning(
+            "authentication off: anyone can place, read, cancel and watch any user's orders "
+            "(set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY)"
+        )
 
 
 async def _drain(app: web.Application) -> None:
@@ -5374,19 +5401,56 @@ async def _drain(app: web.Application) -> None:
 async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
     """Run the engine until `stop` is set, then shut down as SPEC §8 describes. For embedding:
     another program creates the event and sets it when it wants the engine gone."""
-    app = create_app(config, **inject)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
-        for address in runner.addresses:
-            log.info("listening", extra={"url": f"http://{address[0]}:{address[1]}"})
+    async with running(config, **inject):
         await stop.wait()
         log.info("shutting down", extra={"graceS": config.shutdown_grace_s})
-        await _drain(app)  # while the listener still answers: new POSTs get 503, not a refusal
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, **inject: Any) -> AsyncIterator[list[str]]:
+    """The whole engine for as long as the block runs; yields the URLs it listens on. The port is
+    bound first, so that a port in use stops start-up before anything else has started; requests
+    are served once the engine runs. Leaving the block drains (new POSTs get 503 while the
+    listener still answers), closes the sockets with 1001 and stops everything."""
+    app = create_app(config, **inject)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    listener = await _listen(config, functools.partial(_connection, runner))
+    try:
+        await runner.setup()
+        try:
+            await listener.start_serving()
+            urls = [_url(sock.getsockname()) for sock in listener.sockets]
+            for url in urls:
+                log.info("listening", extra={"url": url})
+            yield urls
+            await _drain(app)
+        finally:
+            listener.close()
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        listener.close()
+        await listener.wait_closed()
+
+
+async def _listen(config: Config, protocol: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+    try:
+        return await asyncio.get_running_loop().create_server(
+            protocol, config.host, config.port, reuse_address=True, start_serving=False
+        )
+    except OSError as exc:
+        message = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        raise StartupError(message) from None
+
+
+def _connection(runner: web.AppRunner) -> asyncio.Protocol:
+    """A new connection's protocol: aiohttp's request handler (accepted only once set up)."""
+    assert runner.server is not None
+    return runner.server()
+
+
+def _url(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def run(coro: Awaitable[None]) -> None:
@@ -5403,8 +5467,21 @@ async def _serve_until_signalled(config: Config) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
     await serve(config, stop)
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    """The first SIGINT or SIGTERM drains (SPEC §8); a second one ends the process at once. Its
+    unfinished orders stay in its processing list and are recovered as after a crash, and the
+    embedded Redis is stopped by the kernel's parent-death signal."""
+    if not stop.is_set():
+        log.info("%s: draining; send it again to stop at once", sig.name)
+        stop.set()
+        return
+    log.warning("%s again: stopping at once; unfinished orders will be recovered", sig.name)
+    logging.shutdown()
+    os._exit(128 + sig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

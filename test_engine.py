@@ -2784,6 +2784,78 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
     assert before[-1]["txHash"] != after[-1]["txHash"]
 
 
+async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_alone(
+    config: Config, processes: list[EngineProcess], tmp_path: Path
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    first = await EngineProcess.spawn(env)
+    processes.append(first)
+    url = await first.url()
+    port = url.rsplit(":", 1)[1]
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    refused = {
+        "DATA_DIR in use": ({}, f"DATA_DIR {config.data_dir} is in use by another engine"),
+        "port in use": (
+            {"PORT": port, "DATA_DIR": str(tmp_path / "other")},
+            f"cannot listen on 127.0.0.1:{port}",
+        ),
+        "DATA_DIR a file": ({"DATA_DIR": str(not_a_dir)}, f"DATA_DIR {not_a_dir} cannot be used"),
+    }
+    for case, (extra, message) in refused.items():
+        second = await EngineProcess.spawn({**env, **extra})
+        processes.append(second)
+        assert await second.exit_code() == 1, case
+        assert len(second.lines) == 1, second.lines  # one line, no traceback
+        assert f"engine could not start: {message}" in second.lines[0], second.lines
+    assert not (tmp_path / "other").exists()  # the port was tried first: nothing was started
+    # The first engine and its Redis never noticed.
+    assert _pings(config.data_dir / "redis.sock")
+    async with ClientSession() as http:
+        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
+        order_id = (await response.json())["orderId"]
+
+        async def confirmed() -> bool:
+            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+            return bool(record["status"] == "confirmed")
+
+        await wait_for(confirmed, "the first engine to run an order")
+    first.proc.send_signal(signal.SIGTERM)
+    assert await first.exit_code() == 0
+
+
+async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    env = engine_env(
+        config,
+        ENGINE_DEX_LATENCY_SCALE="1",
+        ENGINE_EXECUTION_TIMEOUT_MS="3000",  # what the survivor waits out if it never landed
+        ENGINE_SHUTDOWN_GRACE_S="60",
+    )
+    process = await EngineProcess.spawn(env)
+    processes.append(process)
+    url = await process.url()
+    async with ClientSession() as http:
+        order_id = (await (await http.post(f"{url}/api/orders/execute", json=ORDER)).json())[
+            "orderId"
+        ]
+
+        async def sent() -> bool:
+            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+            return bool(record["status"] == "submitted")
+
+        await wait_for(sent, "the order to be sent")
+    process.proc.send_signal(signal.SIGTERM)  # drains: the order has 60 s to finish
+    await wait_for(lambda: any("send it again" in line for line in process.lines), "draining")
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.exit_code() == 128 + signal.SIGTERM
+    assert "SIGTERM again: stopping at once" in process.lines[-1]
+    survivor = await start()  # recovers the order once the dead engine's heartbeat expires
+    record = await wait_status(survivor, order_id, "confirmed")
+    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
+
+
 async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
     config: Config, processes: list[EngineProcess]
 ) -> None:
