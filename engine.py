@@ -42,11 +42,13 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -61,14 +63,14 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 import asyncpg  # type: ignore[import-untyped]  # no type information published
 import jwt
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, http_exceptions, web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import (
@@ -105,17 +107,28 @@ TIMESTAMP_MAX_CHARS: Final = 40
 BPS_PER_UNIT: Final = 10_000
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 100
+QUERY_INT_RE: Final = re.compile(r"[0-9]{1,16}")  # ASCII digits only, and few of them
+# A request waits this long for Redis, then answers 503 (SPEC §2: Redis stalled for ~2 s).
+REDIS_REQUEST_DEADLINE_S: Final = 2.0
+HTTP_LINGER_S: Final = 2.0  # reading what is left of a refused body before closing
+CONNECTIONS_WARN_EVERY_S: Final = 10.0
+FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedded Redis, logs
 
-# Per-user indexes and the event log: SPEC §3 promises at least the last 1,000 events or 24 h.
+# Per-user indexes and the event log: SPEC §3 promises at least the last 1,000 events or 24 h
+# (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow, at most
+# WS_UNREAD_MAX + WS_QUEUE_MAX events behind, can always resume from it).
 USER_ORDERS_KEEP: Final = 1000
-EVENT_LOG_KEEP: Final = 1000
 EVENT_LOG_TTL_S: Final = 24 * 3600
 # The seq counter outlives the log so that a client coming back after the log expired is told to
 # resync instead of silently seeing numbers start again from 1.
 SEQ_TTL_S: Final = 7 * 24 * 3600
 
-# WebSocket delivery.
-WS_SEND_QUEUE_MAX: Final = 1024
+# WebSocket delivery. A socket is sent at most WS_UNREAD_MAX events its client has not shown it
+# read (a pong to a ping sent after them), and holds at most WS_QUEUE_MAX more; beyond that, or
+# when its client has read nothing for WS_UNREAD_MAX_S while events wait, it is closed with 1013.
+WS_UNREAD_MAX: Final = 1000
+WS_QUEUE_MAX: Final = 1000
+WS_UNREAD_MAX_S: Final = 10.0
 WS_WRITE_BUFFER_BYTES: Final = 1024 * 1024
 WS_CLOSE_TIMEOUT_S: Final = 2.0
 WS_ABORT_AFTER_S: Final = 5.0  # a closed socket whose client never reads is then cut off
@@ -127,6 +140,7 @@ WS_MAX_PER_USER: Final = 32
 WS_INBOUND_MAX_BYTES: Final = 4096
 WS_CLOSE_GOING_AWAY: Final = 1001
 WS_CLOSE_TRY_AGAIN_LATER: Final = 1013
+WS_CLOSE_TOKEN_EXPIRED: Final = 4001
 
 # Redis connections. A blocking pop holds its connection for BLOCKING_POP_TIMEOUT_S, so the socket
 # timeout must be longer or every idle pop would look like a dead server.
@@ -292,13 +306,39 @@ local function now_ms()
 end
 """
 
+# Take one token from a user's bucket ($RATE_LIMIT tokens, refilled evenly over a minute; 0: no
+# limit), on Redis's clock so that every instance shares one bucket per user. Returns 0, or the
+# ms until a token.
+LUA_THROTTLE: Final = (
+    LUA_NOW
+    + """
+local function throttle(user)
+  local capacity = $RATE_LIMIT
+  if capacity == 0 then return 0 end
+  local bucket = '$RATE_PREFIX' .. user
+  local now = now_ms()
+  local per_ms = capacity / 60000
+  local state = redis.call('HMGET', bucket, 'tokens', 'at')
+  local tokens = tonumber(state[1]) or capacity
+  tokens = math.min(capacity, tokens + (now - (tonumber(state[2]) or now)) * per_ms)
+  local wait = 0
+  if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', now)
+  redis.call('PEXPIRE', bucket, 60000)
+  return wait
+end
+"""
+)
+
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
-# ARGV[1] holds, one per line: order_id, user, created_us, fingerprint, idempotency key or '-',
-# the accepting instance, the order type, event body, then the record's fields. Answers the event
-# as sent.
+# A replay of an Idempotency-Key answers the order it made and takes no token from the user's
+# rate limit; a new order takes one. ARGV[1] holds, one per line: order_id, user, created_us,
+# fingerprint, idempotency key or '-', the accepting instance, the order type, event body, then
+# the record's fields. Answers the event as sent.
 LUA_CREATE: Final = (
     LUA_FIELDS
     + LUA_EMIT
+    + LUA_THROTTLE
     + """
 local a = fields(ARGV[1])
 local id, user, created, fingerprint, idempotency, origin = unpack(a, 1, 6)
@@ -315,6 +355,8 @@ end
 if a[7] ~= 'market' and redis.call('ZCARD', '$EXPIRING') >= $MAX_WAITING then
   return {'full_waiting'}
 end
+local wait = throttle(user)
+if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', '$PENDING', id)
 local orders, active = '$USER_PREFIX' .. user .. ':orders', '$USER_PREFIX' .. user .. ':active'
 redis.call('ZADD', orders, created, id)
@@ -489,26 +531,6 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
-
-# Take one token from a user's bucket (ARGV[1] tokens, refilled evenly over a minute), on Redis's
-# clock so that every instance shares one bucket per user. Returns 0, or the ms until a token.
-# KEYS: bucket   ARGV: 1 capacity
-LUA_RATE_LIMIT: Final = (
-    LUA_NOW
-    + """
-local now = now_ms()
-local capacity = tonumber(ARGV[1])
-local per_ms = capacity / 60000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or capacity
-tokens = math.min(capacity, tokens + (now - (tonumber(state[2]) or now)) * per_ms)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], 60000)
-return wait
-"""
-)
 
 # The simulated chain: what became of a signed transaction, decided once per signature and by
 # Redis's own clock, so that a send delayed in any queue can never land after a lookup was told
@@ -690,9 +712,7 @@ class ApiError(EngineError):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            error["field"] = self.field
+        error: dict[str, Any] = {"code": self.code, "message": self.message, "field": self.field}
         if self.retryable:
             error["retryable"] = True
         return {"error": error}
@@ -1151,6 +1171,9 @@ class Config:
     jwt_secret: str | None = None
     jwt_public_key: str | None = None  # PEM
     rate_limit_per_min: int = 100
+    http_timeout_s: float = 15.0
+    max_connections: int = 10_000
+    event_log_keep: int = 10_000
 
     @classmethod
     def load(cls, env: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
@@ -1412,6 +1435,15 @@ SETTINGS: Final = (
     Setting(
         "ENGINE_RATE_LIMIT_PER_MIN", "rate_limit_per_min", _integer(0, 1_000_000), "orders/user"
     ),
+    Setting(
+        "ENGINE_HTTP_TIMEOUT_S", "http_timeout_s", _number(1, 3600), "request read deadline, idle"
+    ),
+    Setting(
+        "ENGINE_MAX_CONNECTIONS", "max_connections", _integer(1, 1_000_000), "open connections"
+    ),
+    Setting(
+        "ENGINE_EVENT_LOG_KEEP", "event_log_keep", _integer(4000, 1_000_000), "events kept/user"
+    ),
 )
 
 
@@ -1429,7 +1461,7 @@ def _flag_parser() -> argparse.ArgumentParser:
     defaults = Config()
     for setting in SETTINGS:
         default = getattr(defaults, setting.attr)
-        shown = "unset" if default is None else default
+        shown = "unset" if default is None or default in ({}, ()) else default
         parser.add_argument(
             setting.flag, dest=setting.attr, metavar="VALUE", help=f"{setting.help} [{shown}]"
         )
@@ -1630,6 +1662,7 @@ class _Levels(Collector):
         gauges = {
             "oee_inflight_orders": "Orders this instance's workers hold",
             "oee_websocket_connections": "Open WebSockets on this instance",
+            "oee_http_connections": "Open connections on this instance's listener",
         }
         for name, text in gauges.items():
             if name in levels:
@@ -1638,6 +1671,7 @@ class _Levels(Collector):
             "oee_websocket_slow_closed": "WebSockets closed 1013 for not keeping up",
             "oee_redis_errors": "Redis requests not sent or not answered (callers retry)",
             "oee_redis_round_trips": "Requests sent to Redis",
+            "oee_http_connections_refused": "Connections refused: ENGINE_MAX_CONNECTIONS open",
         }
         for name, text in counters.items():
             if name in levels:
@@ -1766,7 +1800,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
     """A script with its $NAME placeholders filled in for this engine's keys, TTLs and caps."""
     return string.Template(template).substitute(
         SEQ_TTL=SEQ_TTL_S,
-        LOG_KEEP=EVENT_LOG_KEEP,
+        LOG_KEEP=config.event_log_keep,
         LOG_TTL=EVENT_LOG_TTL_S,
         CHANNEL=keys.channel,
         MAX_QUEUED=config.max_queued,
@@ -1791,6 +1825,8 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         OUTBOX=keys.outbox,
         OUTBOX_KEEP=OUTBOX_KEEP,
         MAX_WAITING=config.max_waiting,
+        RATE_LIMIT=config.rate_limit_per_min,
+        RATE_PREFIX=keys.rate_limit(""),
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
 
@@ -2061,7 +2097,6 @@ class Store:
         self._claim = client.register_script(lua(LUA_CLAIM, self.keys, config))
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
         self._end = client.register_script(lua(LUA_END, self.keys, config))
-        self._rate_limit = client.register_script(LUA_RATE_LIMIT)
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(LUA_RECOVER)
         self._requeue = client.register_script(LUA_REQUEUE)
@@ -2134,6 +2169,8 @@ class Store:
         if reply[0] == "full_waiting":
             message = "too many limit and sniper orders are waiting; retry later"
             raise ApiError(503, "QUEUE_FULL", message, retryable=True)
+        if reply[0] == "throttled":
+            raise rate_limited(self._config.rate_limit_per_min, int(reply[1]))
         if reply[0] == "created":
             self.metrics.order_counted(Status.PENDING, "")
             return Created(order.order_id, Status.PENDING, replayed=False)
@@ -2329,11 +2366,6 @@ class Store:
                 pipe.hgetall(self.keys.order(order_id))
             found = await pipe.execute()
         return [order_view(record) for record in found if record]
-
-    async def throttle(self, user_id: str, per_minute: int) -> int:
-        """Take one of the user's order tokens: 0, or the ms until one is there."""
-        key = self.keys.rate_limit(user_id)
-        return int(await self.batch.call(self._rate_limit, [key], [per_minute]))
 
     async def expire(self, order_id: str, origin: str) -> bool:
         """Fail a waiting order whose time ran out (EXPIRED). False if it was no longer waiting."""
@@ -4267,10 +4299,18 @@ class _Attempt:
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
-    queue_max: int = WS_SEND_QUEUE_MAX  # events waiting for one socket before it counts as slow
-    write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken, likewise
+    unread_max: int = WS_UNREAD_MAX  # events sent that the client has not shown it read
+    queue_max: int = WS_QUEUE_MAX  # events waiting to be sent, beyond those
+    unread_max_s: float = WS_UNREAD_MAX_S  # how long a client may read nothing while events wait
+    write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken by the kernel
     sockets_per_user: int = WS_MAX_PER_USER
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
+
+    @property
+    def behind_max(self) -> int:
+        """The most events a socket's client can be missing when it is closed as too slow: the
+        event log must hold them, and more for what happens until the client is back."""
+        return self.unread_max + self.queue_max
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
@@ -4300,6 +4340,11 @@ def text_frames(texts: Sequence[str]) -> bytes:
     return bytes(out)
 
 
+def ping_frame(payload: bytes) -> bytes:
+    """A server-to-client ping (RFC 6455 §5.5.2: FIN + opcode 9, unmasked, at most 125 bytes)."""
+    return bytes([0x89, len(payload)]) + payload
+
+
 def close_frame(code: int, reason: str) -> bytes:
     """A server-to-client WebSocket close frame (RFC 6455 §5.5.1: FIN + opcode 8, unmasked)."""
     payload = code.to_bytes(2, "big") + reason.encode()[:123]
@@ -4309,14 +4354,27 @@ def close_frame(code: int, reason: str) -> bytes:
 @dataclass(eq=False)
 class Subscriber:
     """One open WebSocket. Events reach it only through `queue` (bounded, filled without waiting),
-    so a slow client can never hold up the Pub/Sub reader, a worker, or another client."""
+    so a slow client can never hold up the Pub/Sub reader, a worker, or another client.
+
+    What its client has read is known from pings: once half of `unread_max` events are out that
+    it has not answered for, the next batch is followed by a ping whose payload is that batch's
+    last seq (one in flight at a time), and a client answers a ping only once it has read
+    everything sent before it. At most `unread_max` events go out beyond the last one answered
+    for, so when the socket is closed as too slow its client is missing at most unread_max +
+    queue_max events, which the user's log still holds. (A client that keeps up with a trickle
+    of events is never pinged for them.)"""
 
     ws: web.WebSocketResponse
     user_id: str
     queue: asyncio.Queue[tuple[int, str]]
     transport: asyncio.Transport | None = None
-    last_seq: int = 0
+    last_seq: int = 0  # the newest event sent
+    read_seq: int = 0  # the newest event the client has shown it read
+    ping_for: int | None = None  # the seq the ping in flight answers for
+    ping_at: float = 0.0  # when it was sent (time.monotonic)
+    read: asyncio.Event = field(default_factory=asyncio.Event)  # set when read_seq moves
     slow: bool = False
+    close_code: int | None = None  # the code this server closed it with
 
 
 class Hub:
@@ -4387,6 +4445,7 @@ class Hub:
     @staticmethod
     async def _close(sub: Subscriber, code: int, message: str) -> None:
         """Close politely, within a bound; a client that does not answer in time is cut off."""
+        sub.close_code = code
         try:
             async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
                 await sub.ws.close(code=code, message=message.encode())
@@ -4460,11 +4519,16 @@ class Hub:
                 self._offer(sub, item)
 
     def _offer(self, sub: Subscriber, item: tuple[int, str]) -> None:
+        stalled = sub.ping_for is not None and (
+            time.monotonic() - sub.ping_at > self.limits.unread_max_s
+        )
         try:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
             self._drop_slow(sub)
         else:
+            if stalled:  # events keep coming and the client has read nothing for too long
+                self._drop_slow(sub)
             self._filling |= sub.queue.qsize() > self.limits.queue_max // 2
 
     def _drop_slow(self, sub: Subscriber) -> None:
@@ -4476,9 +4540,13 @@ class Hub:
         WS_ABORT_AFTER_S. Either way the connection ends and serve() cleans up."""
         if sub.slow:
             return
-        sub.slow = True
+        sub.slow, sub.close_code = True, WS_CLOSE_TRY_AGAIN_LATER
+        sub.read.set()  # its pump stops waiting for the client
         self.slow_closed += 1
-        log.warning("slow websocket closed", extra={"userId": sub.user_id, "code": 1013})
+        log.warning(
+            "slow websocket closed",
+            extra={"userId": sub.user_id, "code": 1013, "sent": sub.last_seq, "read": sub.read_seq},
+        )
         transport = sub.transport
         if transport is None or transport.is_closing():
             return
@@ -4494,29 +4562,42 @@ class Hub:
         user_id: str,
         since: int | None,
         transport: asyncio.Transport | None,
+        expires_at: float | None = None,
     ) -> None:
+        """Run one socket until it closes. `expires_at` (seconds since the epoch): the moment its
+        JWT expires, when it is closed with 4001."""
         sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max), transport)
         _limit_send_buffer(transport, self.limits.socket_send_buffer)
         # Registered before the first read from Redis, so nothing published from here on is missed;
         # what the read already covered is skipped by seq.
         self._sockets.setdefault(user_id, set()).add(sub)
         log.info("websocket opened", extra={"userId": user_id, "since": since})
-        pump = asyncio.create_task(self._pump(sub, since))
+        tasks = [asyncio.create_task(self._pump(sub, since))]
+        if expires_at is not None:
+            tasks.append(asyncio.create_task(self._expire(sub, expires_at)))
         try:
-            async for message in ws:  # clients have nothing to say; reading keeps pings flowing
-                if message.type is WSMsgType.ERROR:
+            async for message in ws:  # pings and pongs; clients have nothing else to say
+                if message.type is WSMsgType.PONG:
+                    self._pong(sub, message.data)
+                elif message.type is WSMsgType.PING:
+                    await ws.pong(message.data)
+                elif message.type is WSMsgType.ERROR:
                     break
         finally:
-            await cancel_and_wait([pump])
+            await cancel_and_wait(tasks)
             subs = self._sockets.get(user_id, set())
             subs.discard(sub)
             if not subs:
                 self._sockets.pop(user_id, None)
-            code = WS_CLOSE_TRY_AGAIN_LATER if sub.slow else ws.close_code
+            code = sub.close_code or ws.close_code
             log.info("websocket closed", extra={"userId": user_id, "code": code})
 
     def has_room(self, user_id: str) -> bool:
         return len(self._sockets.get(user_id, ())) < self.limits.sockets_per_user
+
+    async def _expire(self, sub: Subscriber, expires_at: float) -> None:
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        await self._close(sub, WS_CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one")
 
     async def _pump(self, sub: Subscriber, since: int | None) -> None:
         # Redis is read before `connected` is sent, so whatever the client does after seeing
@@ -4527,7 +4608,7 @@ class Hub:
                 seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
                 self._write(sub, [connected, *self._snapshot(sub, seq, events)])
             else:
-                sub.last_seq = since
+                sub.last_seq = sub.read_seq = since  # what it has is its own business
                 replay = await persist("replay", self.store.replay, sub.user_id, since)
                 self._write(sub, [connected])
                 await self._send_replay(sub, replay, until=None)
@@ -4537,26 +4618,26 @@ class Hub:
 
     async def _forward(self, sub: Subscriber) -> None:
         """Live events in seq order: duplicates skipped, gaps filled from the log, and whatever
-        has queued up meanwhile written at once."""
+        has queued up meanwhile sent at once (as far as the client keeps up)."""
         while not sub.slow:
             ready = [await sub.queue.get()]
             while not sub.queue.empty():
                 ready.append(sub.queue.get_nowait())
-            out: list[str] = []
+            batch: list[tuple[int, str]] = []
             for seq, event in ready:
-                if seq == _CATCH_UP[0] or seq > sub.last_seq + 1:
-                    self._write(sub, out)
-                    out = []
+                newest = batch[-1][0] if batch else sub.last_seq
+                if seq == _CATCH_UP[0] or seq > newest + 1:
+                    await self._send(sub, batch)
+                    batch = []
                     await self._catch_up(sub, until=None if seq == _CATCH_UP[0] else seq)
-                if seq <= sub.last_seq:
-                    continue
-                out.append(event)
-                sub.last_seq = seq
-            self._write(sub, out)
+                    newest = sub.last_seq
+                if seq > newest:
+                    batch.append((seq, event))
+            await self._send(sub, batch)
 
     @staticmethod
     def _snapshot(sub: Subscriber, seq: int, events: list[str]) -> list[str]:
-        sub.last_seq = seq
+        sub.last_seq = sub.read_seq = max(sub.read_seq, seq)
         return ['{"snapshot":true,' + event[1:] for event in events]
 
     async def _catch_up(self, sub: Subscriber, until: int | None) -> None:
@@ -4571,25 +4652,54 @@ class Hub:
             seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
             self._write(sub, ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)])
             return
-        out = []
-        for event in events:
-            seq = event_seq(event)
-            if until is not None and seq >= until:
-                break
-            out.append(event)
-            sub.last_seq = seq
-        self._write(sub, out)
+        numbered = [(event_seq(event), event) for event in events]
+        await self._send(sub, [(seq, e) for seq, e in numbered if until is None or seq < until])
 
-    def _write(self, sub: Subscriber, texts: list[str]) -> None:
+    async def _send(self, sub: Subscriber, events: list[tuple[int, str]]) -> None:
+        """Send events (in seq order, after last_seq), never more than `unread_max` beyond what
+        the client has shown it read: past that, wait for its next pong, up to `unread_max_s`
+        (then it is too slow). Meanwhile new events queue up, to `queue_max`."""
+        while events and not sub.slow:
+            room = self.limits.unread_max - (sub.last_seq - sub.read_seq)
+            if room <= 0:
+                sub.read.clear()
+                try:
+                    async with asyncio.timeout(self.limits.unread_max_s):
+                        await sub.read.wait()
+                except TimeoutError:
+                    self._drop_slow(sub)
+                continue
+            chunk, events = events[:room], events[room:]
+            self._write(sub, [event for _, event in chunk], newest=chunk[-1][0])
+
+    def _pong(self, sub: Subscriber, data: bytes) -> None:
+        """A pong: if it answers our ping, the client has read every event up to that one."""
+        if sub.ping_for is None or data != str(sub.ping_for).encode():
+            return  # aiohttp's heartbeat, or a pong we did not ask for
+        sub.read_seq, sub.ping_for = max(sub.read_seq, sub.ping_for), None
+        sub.read.set()
+        self._write(sub, [], newest=sub.last_seq)  # a ping, if as many are unread still
+
+    def _write(self, sub: Subscriber, texts: list[str], newest: int | None = None) -> None:
         """Put text frames straight onto the transport, all in one write (aiohttp's send_str
-        writes one frame per system call). Never waits: a client whose unsent data passes
-        `write_buffer_max` cannot keep up and is closed with 1013 (see _drop_slow)."""
-        if not texts or sub.slow:
+        writes one frame per system call); `newest` is the seq of the last of them, and a ping
+        answering for it follows when half of `unread_max` are unread (and none is in flight).
+        Never waits: a client whose unsent data passes `write_buffer_max` cannot keep up and is
+        closed with 1013 (_drop_slow)."""
+        if sub.slow:
             return
         transport = sub.transport
         if transport is None or transport.is_closing() or sub.ws.closed:
             raise ConnectionResetError
-        transport.write(text_frames(texts))
+        frames = text_frames(texts)
+        if newest is not None:
+            sub.last_seq = newest
+            unread = newest - sub.read_seq
+            if sub.ping_for is None and unread >= max(1, self.limits.unread_max // 2):
+                frames += ping_frame(str(newest).encode())
+                sub.ping_for, sub.ping_at = newest, time.monotonic()
+        if frames:
+            transport.write(frames)
         if transport.get_write_buffer_size() > self.limits.write_buffer_max:
             self._drop_slow(sub)
 
@@ -4599,6 +4709,7 @@ class Hub:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 ENGINE: Final = web.AppKey("engine", Engine)
+CONNECTIONS: Final[web.AppKey[Connections]] = web.AppKey("connections")
 METRICS: Final = web.AppKey("metrics", Metrics)
 HUB: Final = web.AppKey("hub", Hub)
 ORDER_FIELDS: Final = frozenset(
@@ -4616,9 +4727,26 @@ _STATUS_CODES: Final = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     413: "BODY_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    417: "EXPECTATION_FAILED",
 }
+REDIS_UNAVAILABLE: Final = "the order store is unreachable; retry shortly"
+# What aiohttp's parser refused, by its error's class (never its message, which quotes the
+# request); the first match wins, so subclasses come first.
+MALFORMED: Final = (
+    (http_exceptions.LineTooLong, "the request line or a header is longer than 8 KiB"),
+    (http_exceptions.BadHttpMethod, "the request method is not one this server knows"),
+    (http_exceptions.InvalidURLError, "the request URL is malformed"),
+    (http_exceptions.BadStatusLine, "the request line is malformed"),
+    (http_exceptions.InvalidHeader, "a request header is malformed"),
+    (http_exceptions.TransferEncodingError, "the chunked body is malformed"),
+    (http_exceptions.ContentLengthError, "the body is shorter than its Content-Length"),
+    (http_exceptions.PayloadEncodingError, "the body's encoding is malformed"),
+    (http_exceptions.BadHttpMessage, "the request is not valid HTTP/1.1"),
+    (web.RequestPayloadError, "the body is malformed"),
+)
 
 
 def json_response(
@@ -4630,7 +4758,27 @@ def json_response(
 
 
 def error_response(error: ApiError) -> web.Response:
-    return json_response(error.body(), error.status, error.headers)
+    response = json_response(error.body(), error.status, error.headers)
+    if error.status in (408, 413, 417) or error.code == "MALFORMED_REQUEST":
+        response.force_close()  # what is left of the request cannot be trusted or is unread
+    return response
+
+
+def malformed(exc: BaseException | None) -> ApiError:
+    """The envelope for a request the HTTP parser refused (SPEC §2: a 400, like a bad field)."""
+    message = next((text for kind, text in MALFORMED if isinstance(exc, kind)), None)
+    return ApiError(400, "MALFORMED_REQUEST", message or "the request is not valid HTTP/1.1")
+
+
+@contextlib.asynccontextmanager
+async def redis_deadline(message: str = REDIS_UNAVAILABLE) -> AsyncIterator[None]:
+    """Bound what a request waits for Redis (SPEC §2): past REDIS_REQUEST_DEADLINE_S it answers
+    503, retryable, instead of holding the client while Redis is stalled."""
+    try:
+        async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
+            yield
+    except TimeoutError:
+        raise ApiError(503, "REDIS_UNAVAILABLE", message, retryable=True) from None
 
 
 @web.middleware
@@ -4652,14 +4800,12 @@ async def error_middleware(
         log.warning(
             "request failed: redis unavailable", extra={"path": request.path, "error": str(exc)}
         )
-        return error_response(
-            ApiError(
-                503,
-                "REDIS_UNAVAILABLE",
-                "the order store is unreachable; retry shortly",
-                retryable=True,
-            )
-        )
+        return error_response(ApiError(503, "REDIS_UNAVAILABLE", REDIS_UNAVAILABLE, retryable=True))
+    except ConnectionError:  # the client went away mid-request: nothing to answer, nobody to tell
+        log.debug("client disconnected mid-request", extra={"path": request.path})
+        return web.Response(status=400)
+    except web.RequestPayloadError as exc:
+        return error_response(malformed(exc))
     except Exception:
         log.exception("request failed unexpectedly", extra={"path": request.path})
         return error_response(ApiError(500, "INTERNAL_ERROR", "internal error"))
@@ -4693,6 +4839,11 @@ class Authenticator:
 
     def user(self, token: str | None) -> str:
         """The token's subject, or 401 saying what is wrong with the token."""
+        return self.claims(token)[0]
+
+    def claims(self, token: str | None) -> tuple[str, float]:
+        """The token's subject and expiry (seconds since the epoch), or 401 saying what is wrong
+        with the token."""
         if token is None:
             raise _unauthorized("AUTH_REQUIRED", "send Authorization: Bearer <jwt>")
         try:
@@ -4718,7 +4869,10 @@ class Authenticator:
         subject = claims["sub"]
         if not isinstance(subject, str) or not USER_ID_RE.fullmatch(subject):
             raise _unauthorized("TOKEN_INVALID", "the token's sub is not a valid userId")
-        return subject
+        for name in ("exp", "nbf", "iat"):  # PyJWT also takes numbers written as strings
+            if name in claims and not _is_number(claims[name]):
+                raise _unauthorized("TOKEN_INVALID", f"the token's {name} is not a number")
+        return subject, float(claims["exp"])
 
 
 AUTH: Final = web.AppKey("auth", Authenticator)
@@ -4784,7 +4938,8 @@ def parse_token(body: Mapping[str, object], name: str) -> Token:
     value = body.get(name)
     if value is None:
         raise ApiError(400, "MISSING_FIELD", f"{name} is required", field=name)
-    token = TOKENS.get(value.upper()) if isinstance(value, str) else None
+    # ASCII only: str.upper() would make U+017F (long s) an S, and "\u017fol" SOL.
+    token = TOKENS.get(value.upper()) if isinstance(value, str) and value.isascii() else None
     if token is None:
         raise ApiError(
             400, "UNKNOWN_TOKEN", f"{name} must be one of {', '.join(TOKENS)}", field=name
@@ -4793,26 +4948,48 @@ def parse_token(body: Mapping[str, object], name: str) -> Token:
 
 
 def parse_amount(value: object, sell: Token) -> float:
+    """The amount as the number it is on the wire: an int, or the exact decimal the body wrote
+    (read_json keeps it), so that more decimals than the token has are refused whatever a float
+    would round them to."""
     if value is None:
         raise ApiError(400, "MISSING_FIELD", "amount is required", field="amount")
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type,operator]
+    exact = _decimal(value)
+    if exact is None or not exact.is_finite() or exact <= 0:
         raise ApiError(400, "INVALID_AMOUNT", "amount must be a positive number", field="amount")
-    amount: float = value  # type: ignore[assignment]
-    if not sell.min_amount <= amount <= sell.max_amount:
+    if not sell.min_amount <= exact <= sell.max_amount:
         raise ApiError(
             400,
             "INVALID_AMOUNT",
             f"amount of {sell.symbol} must be between {sell.min_amount:g} and {sell.max_amount:g}",
             field="amount",
         )
-    if Decimal(repr(amount)).as_tuple().exponent < -sell.decimals:  # type: ignore[operator]
+    if exact.normalize().as_tuple().exponent < -sell.decimals:  # type: ignore[operator]
         raise ApiError(
             400,
             "INVALID_AMOUNT",
             f"amount of {sell.symbol} has at most {sell.decimals} decimal places",
             field="amount",
         )
-    return float(amount)
+    amount = float(exact)
+    if Decimal(repr(amount)) != exact:  # the record and every event carry it as a JSON number
+        raise ApiError(
+            400,
+            "INVALID_AMOUNT",
+            "amount has more significant digits than the engine carries exactly (15 always fit)",
+            field="amount",
+        )
+    return amount
+
+
+def _decimal(value: object) -> Decimal | None:
+    """A JSON number as the exact decimal it is; None for anything else."""
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    return None
 
 
 def parse_slippage(value: object) -> int:
@@ -4942,20 +5119,34 @@ def parse_idempotency_key(value: str | None) -> str | None:
 def parse_query_int(value: str | None, name: str, low: int, high: int) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or not low <= int(value) <= high:
+    if not QUERY_INT_RE.fullmatch(value) or not low <= int(value) <= high:
         code = f"INVALID_{name.upper()}"
         raise ApiError(400, code, f"{name} must be an integer from {low} to {high}", field=name)
     return int(value)
 
 
-async def read_json(request: web.Request) -> object:
+async def read_json(request: web.Request, timeout_s: float) -> object:
+    """The body as JSON, read within `timeout_s` (a client that stops mid-body gets 408 and is
+    cut off). A fractional `amount` is kept as the exact decimal the body wrote."""
     if request.content_type != "application/json":
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
-    raw = await request.read()  # aiohttp answers 413 past client_max_size
     try:
-        return orjson.loads(raw)
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()  # aiohttp answers 413 past client_max_size
+    except TimeoutError:
+        message = f"the body did not arrive within {timeout_s:g} s"
+        raise ApiError(408, "REQUEST_TIMEOUT", message) from None
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    if isinstance(body, dict) and isinstance(body.get("amount"), float):
+        # orjson has read it as the nearest float: read the number again as written.
+        try:
+            body["amount"] = json.loads(raw, parse_float=Decimal)["amount"]
+        except (ValueError, RecursionError):  # what orjson accepts and json does not
+            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    return body
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -4967,36 +5158,39 @@ async def execute_order(request: web.Request) -> web.Response:
         raise ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
     auth = request.app[AUTH]
     user = auth.user(bearer_token(request)) if auth.enabled else None
-    body = await read_json(request)
+    body = await read_json(request, engine.config.http_timeout_s)
     if user is not None and isinstance(body, dict):
         body = {**body, "userId": claimed_by(user, body.get("userId"))}
     order_request = parse_order_request(body, engine.now())
     idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
-    await check_rate(engine, order_request.user_id)
-    created = await engine.submit(order_request, idempotency_key)
+    async with redis_deadline(CREATE_UNANSWERED):
+        created = await engine.submit(order_request, idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     return json_response({"orderId": created.order_id, "status": created.status}, 202, headers)
 
 
-async def check_rate(engine: Engine, user_id: str) -> None:
+# A create that Redis has not answered may still run when Redis wakes (it was sent).
+CREATE_UNANSWERED: Final = (
+    f"the order store did not answer within {REDIS_REQUEST_DEADLINE_S:g} s; the order may still "
+    "be created: retry with the same Idempotency-Key, which returns it instead of a second one"
+)
+
+
+def rate_limited(per_minute: int, wait_ms: int) -> ApiError:
     """ENGINE_RATE_LIMIT_PER_MIN orders per user and minute, over all instances: 429 beyond."""
-    per_minute = engine.config.rate_limit_per_min
-    if per_minute and (wait_ms := await engine.store.throttle(user_id, per_minute)):
-        retry_s = str(math.ceil(wait_ms / 1000))
-        message = f"at most {per_minute} orders per minute; retry in {retry_s} s"
-        headers = {"Retry-After": retry_s}
-        raise ApiError(429, "RATE_LIMITED", message, retryable=True, headers=headers)
+    retry_s = str(math.ceil(wait_ms / 1000))
+    message = f"at most {per_minute} orders per minute; retry in {retry_s} s"
+    return ApiError(429, "RATE_LIMITED", message, retryable=True, headers={"Retry-After": retry_s})
 
 
 async def get_order(request: web.Request) -> web.Response:
     order_id = request.match_info["order_id"]
     auth = request.app[AUTH]
     user = auth.user(bearer_token(request)) if auth.enabled else None
-    record = (
-        await request.app[ENGINE].store.get_order(order_id)
-        if ORDER_ID_RE.fullmatch(order_id)
-        else None
-    )
+    record = None
+    if ORDER_ID_RE.fullmatch(order_id):
+        async with redis_deadline():
+            record = await request.app[ENGINE].store.get_order(order_id)
     if record is None and ORDER_ID_RE.fullmatch(order_id):
         record = await archived(request.app[ENGINE], order_id)
     if record is None or (user is not None and record["userId"] != user):
@@ -5020,11 +5214,10 @@ async def cancel_order(request: web.Request) -> web.Response:
     order_id = request.match_info["order_id"]
     user_id = caller(request, request.query.get("userId"))
     engine = request.app[ENGINE]
-    outcome, record = (
-        await engine.store.cancel(order_id, user_id, engine.instance_id)
-        if ORDER_ID_RE.fullmatch(order_id)
-        else ("missing", {})
-    )
+    outcome, record = "missing", dict[str, Any]()
+    if ORDER_ID_RE.fullmatch(order_id):
+        async with redis_deadline(CANCEL_UNANSWERED):
+            outcome, record = await engine.store.cancel(order_id, user_id, engine.instance_id)
     if outcome == "missing":
         raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} of user {user_id!r}")
     if outcome == "not_cancellable":
@@ -5038,16 +5231,33 @@ async def cancel_order(request: web.Request) -> web.Response:
 async def list_orders(request: web.Request) -> web.Response:
     user_id = caller(request, request.query.get("userId"))
     limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
-    orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
+    async with redis_deadline():
+        orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
     return json_response({"userId": user_id, "orders": orders})
+
+
+CANCEL_UNANSWERED: Final = (
+    f"the order store did not answer within {REDIS_REQUEST_DEADLINE_S:g} s; the cancellation "
+    "may still apply: send it again (cancelling twice is safe) or read the order"
+)
+
+
+async def probe_redis(operation: Awaitable[T]) -> T | None:
+    """What a probe asks of Redis, or None when it does not answer within the request deadline."""
+    try:
+        async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
+            return await operation
+    except (*REDIS_TRANSIENT, TimeoutError):
+        return None
 
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format 0.0.4, which every Prometheus reads; queue depths are
     read from Redis for each scrape."""
     engine, collected = request.app[ENGINE], request.app[METRICS]
-    with contextlib.suppress(*REDIS_TRANSIENT):  # Redis away: the last depths, and the errors
-        collected.depths = await engine.store.queue_depths(engine.instance_id)
+    depths = await probe_redis(engine.store.queue_depths(engine.instance_id))
+    if depths is not None:  # Redis away: the last depths, and the errors
+        collected.depths = depths
     return web.Response(body=collected.scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
@@ -5055,11 +5265,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
     engine = request.app[ENGINE]
     checks: dict[str, str] = {}
-    try:
-        await engine.store.redis.ping()
-        checks["redis"] = "ok"
-    except REDIS_TRANSIENT:
-        checks["redis"] = "unavailable"
+    answered = await probe_redis(engine.store.redis.ping())
+    checks["redis"] = "ok" if answered is not None else "unavailable"
     if engine.history is not None:
         try:
             await engine.history.ping()
@@ -5074,18 +5281,20 @@ async def readyz(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body: dict[str, Any] = {"status": "ok", "instance": engine.instance_id}
-    try:
-        body["queue"] = await engine.store.queue_depths(engine.instance_id)
-    except REDIS_TRANSIENT:
+    body["queue"] = await probe_redis(engine.store.queue_depths(engine.instance_id))
+    if body["queue"] is None:
         body["status"] = "unavailable"
         body |= ApiError(503, "REDIS_UNAVAILABLE", "redis does not answer", retryable=True).body()
         return json_response(body, 503)
     hub = request.app[HUB]
+    connections = request.app[CONNECTIONS]
     body |= {
         "redisRoundTrips": engine.round_trips.count,
         "inflight": engine.inflight,
         "websockets": hub.connections,
         "slowWebsocketsClosed": hub.slow_closed,
+        "connections": len(connections.open),
+        "connectionsRefused": connections.refused,
     }
     if engine.draining:
         body["status"] = "draining"
@@ -5095,7 +5304,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """SPEC §3. Everything that can be refused is refused before the upgrade, as plain HTTP."""
-    user_id = caller(request, request.query.get("userId"), query_token=True)
+    auth, claimed = request.app[AUTH], request.query.get("userId")
+    expires_at = None
+    if auth.enabled:
+        user_id, expires_at = auth.claims(bearer_token(request, query=True))
+        user_id = claimed_by(user_id, claimed)
+    else:
+        user_id = parse_user_id(claimed)
     since = parse_query_int(request.query.get("since"), "since", 0, 2**53)
     hub = request.app[HUB]
     if not hub.has_room(user_id):
@@ -5104,25 +5319,141 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     ws = web.WebSocketResponse(
         heartbeat=WS_HEARTBEAT_S,
-        max_msg_size=WS_INBOUND_MAX_BYTES,
+        max_msg_size=WS_INBOUND_MAX_BYTES + 1,  # aiohttp refuses a message of max_msg_size
         compress=False,  # Hub._write puts frames on the wire itself
+        autoping=False,  # the hub reads pongs: they say what the client has read
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
     await ws.prepare(request)
-    await hub.serve(ws, user_id, since, request.transport)
+    await hub.serve(ws, user_id, since, request.transport, expires_at)
     return ws
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/orders/execute", execute_order)
-    app.router.add_get("/api/orders", list_orders)
-    app.router.add_get("/api/orders/{order_id}", get_order)
-    app.router.add_delete("/api/orders/{order_id}", cancel_order)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/ws", websocket)
+    routes = [
+        ("POST", "/api/orders/execute", execute_order),
+        ("*", "/api/orders/execute", only_post),  # before {order_id} can take "execute"
+        ("GET", "/api/orders", list_orders),
+        ("GET", "/api/orders/{order_id}", get_order),
+        ("DELETE", "/api/orders/{order_id}", cancel_order),
+        ("GET", "/healthz", healthz),
+        ("GET", "/metrics", metrics),
+        ("GET", "/readyz", readyz),
+        ("GET", "/ws", websocket),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect_continue)
+
+
+async def only_post(request: web.Request) -> web.Response:
+    raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue`: a body that would be refused is refused before it is sent."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        return error_response(ApiError(417, "EXPECTATION_FAILED", "only 100-continue is known"))
+    if (request.content_length or 0) > API_BODY_MAX_BYTES:
+        return error_response(ApiError(413, "BODY_TOO_LARGE", "the body is over 64 KiB"))
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+@dataclass
+class Connections:
+    """The open connections of the engine's listener and their cap (ENGINE_MAX_CONNECTIONS)."""
+
+    limit: int
+    open: set[Connection] = field(default_factory=set)
+    refused: int = 0
+    _warned_at: float = -math.inf
+
+    def admit(self, connection: Connection) -> bool:
+        if len(self.open) < self.limit:
+            self.open.add(connection)
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= CONNECTIONS_WARN_EVERY_S:  # one line, not one per refusal
+            self._warned_at = now
+            log.warning(
+                "connections refused: too many open",
+                extra={"limit": self.limit, "refused": self.refused},
+            )
+        return False
+
+
+class Connection(web.RequestHandler):
+    """aiohttp's request handler with what SPEC §2 asks of the server itself: past the cap on
+    open connections a new one is answered 503 and closed; a request aiohttp cannot parse is
+    answered in the error envelope, never echoing it; headers must arrive within
+    ENGINE_HTTP_TIMEOUT_S of connecting or of the last answer (aiohttp's keep-alive deadline,
+    which also closes a connection idle that long). read_json bounds the body likewise."""
+
+    def __init__(self, manager: web.Server, connections: Connections, timeout_s: float) -> None:
+        super().__init__(
+            manager,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=timeout_s,
+            lingering_time=HTTP_LINGER_S,
+            access_log=None,  # type: ignore[arg-type]  # None: no access log, as AppRunner's
+        )
+        self._connections = connections
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._connections.admit(self):
+            self.refused = True
+            cast(asyncio.Transport, transport).write(TOO_MANY_CONNECTIONS)  # uvloop's too
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.refused:
+            self._connections.open.discard(self)
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: a response has begun, the link is lost
+            raise ConnectionError("cannot answer an error after a response has begun")
+        if status >= 500:
+            log.error("request failed unexpectedly", exc_info=exc)
+            error = ApiError(status, "INTERNAL_ERROR", "internal error")
+        else:
+            log.debug("malformed request", extra={"status": status, "error": type(exc).__name__})
+            error = malformed(exc)
+        response = error_response(error)
+        response.force_close()
+        return response
+
+
+def _http_response(status: int, reason: str, error: ApiError) -> bytes:
+    body = orjson.dumps(error.body())
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+TOO_MANY_CONNECTIONS: Final = _http_response(
+    503,
+    "Service Unavailable",
+    ApiError(503, "TOO_MANY_CONNECTIONS", "too many open connections; retry", retryable=True),
+)
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -5319,10 +5650,17 @@ def create_app(
     Redis when REDIS_URL is unset), shutting it down drains it. `venues` replaces the simulated
     DEXes; `clock`, `hub_limits` and `tracer_provider` (an OpenTelemetry TracerProvider) exist
     for tests and embedding programs."""
+    limits = hub_limits or HubLimits()
+    if limits.behind_max * 2 > config.event_log_keep:
+        raise ConfigError(
+            f"ENGINE_EVENT_LOG_KEEP must be at least {limits.behind_max * 2}: a socket may be "
+            f"closed {limits.behind_max} events behind, and must resume from the log"
+        )
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
     app[METRICS] = Metrics()
     auth = app[AUTH] = Authenticator(config)
+    connections = app[CONNECTIONS] = Connections(config.max_connections)
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -5358,7 +5696,7 @@ def create_app(
             app[ENGINE] = engine
             events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)
             stack.push_async_callback(events_client.aclose)
-            limits = hub_limits or HubLimits()
+
             beat_s = config.heartbeat_ttl_s / 3
             hub = app[HUB] = Hub(store, limits, events_client, engine.instance_id, beat_s)
             store.on_event = hub.deliver
@@ -5368,6 +5706,8 @@ def create_app(
                 "oee_websocket_slow_closed": lambda: hub.slow_closed,
                 "oee_redis_errors": lambda: round_trips.errors + store.batch.failures,
                 "oee_redis_round_trips": lambda: round_trips.count,
+                "oee_http_connections": lambda: len(connections.open),
+                "oee_http_connections_refused": lambda: connections.refused,
             }
             _log_authentication(auth)
             await engine.start()
@@ -5414,7 +5754,13 @@ async def running(config: Config, **inject: Any) -> AsyncIterator[list[str]]:
     listener still answers), closes the sockets with 1001 and stops everything."""
     app = create_app(config, **inject)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    listener = await _listen(config, functools.partial(_connection, runner))
+    connections = app[CONNECTIONS]
+
+    def connection() -> Connection:  # a protocol per connection, once the runner is set up
+        assert runner.server is not None
+        return Connection(runner.server, connections, config.http_timeout_s)
+
+    listener = await _listen(config, connection)
     try:
         await runner.setup()
         try:
@@ -5440,12 +5786,6 @@ async def _listen(config: Config, protocol: Callable[[], asyncio.Protocol]) -> a
     except OSError as exc:
         message = f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         raise StartupError(message) from None
-
-
-def _connection(runner: web.AppRunner) -> asyncio.Protocol:
-    """A new connection's protocol: aiohttp's request handler (accepted only once set up)."""
-    assert runner.server is not None
-    return runner.server()
 
 
 def _url(address: Any) -> str:
@@ -5484,6 +5824,20 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     os._exit(128 + sig)
 
 
+def _raise_open_file_limit(wanted: int) -> None:
+    """Let the process hold ENGINE_MAX_CONNECTIONS sockets: raise its soft open-file limit up
+    to the hard one, and say so when even that is short of what the cap needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if soft < ceiling:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+    if ceiling < wanted:
+        log.warning(
+            "the open-file limit is below what ENGINE_MAX_CONNECTIONS needs",
+            extra={"limit": ceiling, "needed": wanted},
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.load(os.environ, sys.argv[1:] if argv is None else argv)
@@ -5491,6 +5845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engine: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config)
+    _raise_open_file_limit(config.max_connections + FILE_DESCRIPTORS_SPARE)
     try:
         run(_serve_until_signalled(config))
     except StartupError as exc:

