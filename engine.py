@@ -4584,13 +4584,13 @@ class Hub:
                 elif message.type is WSMsgType.ERROR:
                     break
         finally:
-            await cancel_and_wait(tasks)
             subs = self._sockets.get(user_id, set())
             subs.discard(sub)
             if not subs:
                 self._sockets.pop(user_id, None)
             code = sub.close_code or ws.close_code
             log.info("websocket closed", extra={"userId": user_id, "code": code})
+            await cancel_and_wait(tasks)
 
     def has_room(self, user_id: str) -> bool:
         return len(self._sockets.get(user_id, ())) < self.limits.sockets_per_user

@@ -1325,8 +1325,9 @@ async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
 
 
 async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001(
-    start: Start, config: Config, redis: aioredis.Redis
+    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="engine")
     held = asyncio.Event()
     first = await start(
         replace(config, shutdown_grace_s=0.3), venues=[ScriptedVenue("RAYDIUM", gate=held)]
@@ -1356,6 +1357,12 @@ async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001
         seen.append(orjson.loads(message.data))
     await watcher.close()
     assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)
+
+    def closed() -> list[Any]:
+        return [getattr(r, "code", 0) for r in caplog.records if r.message == "websocket closed"]
+
+    await wait_for(closed, "the socket's last log line")
+    assert closed() == [1001]  # the log says what the client was sent
     assert statuses(seen, order_id) == ["pending", "routing", "building", "submitted"]
     second = await start()
     record = await wait_status(second, order_id, "confirmed")
@@ -3262,6 +3269,11 @@ async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
     assert last.proc.returncode is None
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Faults: redis-server and engines killed and stalled at the worst moments
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
 async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_record(
     start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
 ) -> None:
@@ -3445,11 +3457,6 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# Faults: redis-server and engines killed and stalled at the worst moments
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
 # Venues that never fault, not even with their long tail of slow calls: whatever fails an order
 # in these tests is the fault injected.
 NO_TAIL = orjson.dumps({dex: {"tailRate": 0} for dex in eng.SIMULATED_VENUES}).decode()
@@ -3509,11 +3516,14 @@ async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
     redis = aioredis.from_url(server.url, decode_responses=True)
     try:
         async with ClientSession() as http:
-            accepted = {}
+            accepted, waiting = {}, {}
             for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
                 body = {**ORDER, "userId": f"u{index % 3}"}
                 reply = await (await http.post(f"{url}/api/orders/execute", json=body)).json()
                 accepted[reply["orderId"]] = body["userId"]
+            for body in ({**LIMIT, "limitPrice": 1e6}, sniper("priceAbove", triggerPrice=1e6)):
+                reply = await (await http.post(f"{url}/api/orders/execute", json=body)).json()
+                waiting[reply["orderId"]] = "1"  # orders parked on a price that never comes
             order_ids = list(accepted)
 
             async def sent() -> bool:
@@ -3530,6 +3540,7 @@ async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
                 return all(s in TERMINAL for s in await statuses_now(http, url, order_ids))
 
             await wait_for(finished, "every order to finish")
+            assert await statuses_now(http, url, list(waiting)) == ["waiting"] * 2
         ended = await outcomes(redis, cfg, accepted)
         assert set(ended.values()) == {"confirmed"}, ended
         assert len(ended) == 20
