@@ -4,7 +4,7 @@
     python bench.py                  # 20,000 orders, instant venues: the engine and two baselines
     python bench.py --quick          # the same with 3,000 orders, in under a minute
     python bench.py --realistic      # real venue latencies at ENGINE_CONCURRENCY 1,000
-    python bench.py --soak           # 10,000 orders, faults and killed engines: what Redis keeps
+    python bench.py --soak           # 10,000 orders, engines and Redis killed and stalled
     python bench.py --waiting 100000 # market orders with and without 100,000 limit orders waiting
     python bench.py --routing        # CPU per order of routing on the simulated venues
 
@@ -33,6 +33,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import socket
 import statistics
 import sys
@@ -664,7 +665,67 @@ def steady_rate(finished: list[float]) -> float:
     return (len(finished) * 8 // 10) / (last - first)
 
 
-# -- soak: does Redis hold only what SPEC §5 allows after a long, rough run? ----------------------
+# -- soak: after a long, rough run, did every order end once, and does Redis hold only what SPEC §5
+# allows? --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChaosRedis:
+    """A redis-server that the soak kills (SIGKILL) and stalls (SIGSTOP) and brings back. Its
+    append-only file is flushed on every write, so a kill loses nothing that was acknowledged."""
+
+    directory: str
+    proc: asyncio.subprocess.Process | None = None
+    kills: int = 0
+    stalls: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.directory}/redis.sock"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            engine.redis_server_binary(), "--port", "0", "--unixsocket",
+            f"{self.directory}/redis.sock", "--save", "", "--dir", self.directory,
+            "--appendonly", "yes", "--appendfsync", "always",
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        client = aioredis.from_url(self.url)
+
+        async def answers() -> bool:
+            with contextlib.suppress(OSError, aioredis.ConnectionError, aioredis.BusyLoadingError):
+                return bool(await client.ping())
+            return False
+
+        await poll(answers, START_TIMEOUT_S, 0.05)
+        await client.aclose()
+
+    async def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            await self.proc.wait()
+
+    async def kill_for(self, seconds: float) -> None:
+        await self.stop(kill=True)
+        await asyncio.sleep(seconds)  # the outage
+        await self.start()
+        self.kills += 1
+
+    async def stall_for(self, seconds: float) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(seconds)  # the stall
+        self.proc.send_signal(signal.SIGCONT)
+        self.stalls += 1
+
+    async def chaos(self, rng: random.Random, kills: int, stalls: int) -> None:
+        """Kill and stall it in a random order, 0.5-3 s apart, each for 0.3-2 s."""
+        faults = ["kill"] * kills + ["stall"] * stalls
+        rng.shuffle(faults)
+        for fault in faults:
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            length = rng.uniform(0.3, 2.0)
+            await (self.kill_for(length) if fault == "kill" else self.stall_for(length))
 
 
 @dataclass
@@ -697,6 +758,9 @@ class Fleet:
             await asyncio.sleep(0.05)
 
 
+LOG_KEEP = engine.Config().event_log_keep
+# Failure codes that are the engine's own trouble, never the order's or a venue's.
+INFRASTRUCTURE_CODES = {"INTERNAL_ERROR", "INTERRUPTED", "RECOVERY_LIMIT"}
 # What varies inside key names: order ids, user ids, hashes, signatures, instance ids.
 KEY_ID = re.compile(
     r"order_[0-9a-f]+|u\d+|[0-9a-f]{32}|[1-9A-HJ-NP-Za-km-z]{80,}|[^:]+-\d+-[0-9a-f]+"
@@ -714,10 +778,10 @@ async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> 
         kind = KEY_ID.sub("*", key)
         kinds[kind] = kinds.get(kind, 0) + 1
         kept_failed = kind == keys.order("*") and key.rsplit(":", 1)[1] in failed
-        capped = kind in {keys.failed, keys.instances} or kept_failed
+        capped = kind in {keys.failed, keys.instances, keys.dead} or kept_failed
         if not capped and await client.ttl(key) < 0:
             problems.append(f"{key} has no TTL")
-        if kind == keys.user_log("*") and await client.xlen(key) > engine.EVENT_LOG_KEEP + 100:
+        if kind == keys.user_log("*") and await client.xlen(key) > LOG_KEEP + 100:
             problems.append(f"{key} holds more than the cap")
     if len(failed) > failed_keep:
         problems.append(f"{len(failed)} failed orders kept, more than {failed_keep}")
@@ -745,61 +809,97 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     orders = args.orders if args.orders != 20_000 else 10_000
     keys = engine.Keys("oee:")
     with tempfile.TemporaryDirectory(prefix="oee-soak-") as directory:
-        async with redis_server(directory, aof=False) as redis_url:
-            client = aioredis.from_url(redis_url)
-            before = (await client.info("memory"))["used_memory"]
-            env = engine_env(redis_url, 10, 0, 0.1) | {
-                "ENGINE_EXECUTION_TIMEOUT_MS": "300",
-                "ENGINE_RETRY_BASE_MS": "10",
-                "ENGINE_HEARTBEAT_TTL_S": "1",
-                "ENGINE_SHUTDOWN_GRACE_S": "0",
-                "LOG_LEVEL": "error",
-            }
-            fleet = Fleet(env)
-            for _ in range(args.engines):
-                await fleet.start_one()
-            started = time.perf_counter()
-            async with ClientSession() as http:
-                batch = 200
-                for first in range(0, orders, batch):
-                    indexes = range(first, min(first + batch, orders))
-                    await asyncio.gather(*(fleet.post(http, i, args.users) for i in indexes))
-                    if rng.random() < args.kills * batch / orders:
-                        await fleet.kill_one(rng)
+        redis = ChaosRedis(directory)
+        await redis.start()
+        client = aioredis.from_url(redis.url)
+        before = (await client.info("memory"))["used_memory"]
+        env = engine_env(redis.url, 10, 0, 0.1) | {
+            "ENGINE_EXECUTION_TIMEOUT_MS": "300",
+            "ENGINE_RETRY_BASE_MS": "10",
+            "ENGINE_HEARTBEAT_TTL_S": "1",
+            "ENGINE_SHUTDOWN_GRACE_S": "0",
+            "LOG_LEVEL": "error",
+        }
+        fleet = Fleet(env)
+        for _ in range(args.engines):
+            await fleet.start_one()
+        started = time.perf_counter()
+        chaos = asyncio.create_task(redis.chaos(rng, args.redis_kills, args.redis_stalls))
+        async with ClientSession() as http:
+            batch = 200
+            for first in range(0, orders, batch):
+                indexes = range(first, min(first + batch, orders))
+                await asyncio.gather(*(fleet.post(http, i, args.users) for i in indexes))
+                if rng.random() < args.kills * batch / orders:
+                    await fleet.kill_one(rng)
+        await chaos
 
-            async def all_finished() -> bool:
+        async def all_finished() -> bool:
+            with contextlib.suppress(aioredis.ConnectionError, aioredis.TimeoutError):
                 unfinished = [k async for k in client.scan_iter(keys.user_active("*"))]
                 waiting = await client.llen(keys.pending) + await client.zcard(keys.delayed)
                 return not unfinished and not waiting
+            return False
 
-            try:
-                await poll(all_finished, args.timeout, 0.2)
-            except TimeoutError:
-                raise SystemExit(await stuck_report(client, keys)) from None
-            elapsed = time.perf_counter() - started
-            for server in fleet.servers:
-                await server.stop()
-            found = await audit(client, keys, 1000)
-            after = (await client.info("memory"))["used_memory"]
-            records = [k async for k in client.scan_iter(keys.order("*"), count=1000)]
-            async with client.pipeline(transaction=False) as pipe:
-                for key in records:
-                    pipe.hget(key, "recoveries")
-                recovered = sum(1 for r in await pipe.execute() if r and int(r) > 0)
-            failed = await client.zcard(keys.failed)
-            await client.aclose()
+        try:
+            await poll(all_finished, args.timeout, 0.2)
+        except TimeoutError:
+            raise SystemExit(await stuck_report(client, keys)) from None
+        elapsed = time.perf_counter() - started
+        for server in fleet.servers:
+            await server.stop()
+        ended = await outcomes(client, keys)
+        found = await audit(client, keys, 1000)
+        after = (await client.info("memory"))["used_memory"]
+        await client.aclose()
+        await redis.stop()
     return {
         "orders": orders,
         "engines": args.engines,
         "enginesKilled": fleet.kills,
+        "redisKilled": redis.kills,
+        "redisStalled": redis.stalls,
         "elapsedS": round(elapsed, 1),
-        "orderRecords": len(records),
-        "ordersRecoveredAfterAKill": recovered,
-        "failedKept": failed,
+        **ended,
         "redisMemoryBeforeMB": round(before / 2**20, 2),
         "redisMemoryAfterMB": round(after / 2**20, 2),
         "keysByKind": found["keys"],
         "boundViolations": found["problems"] or "none",
+    }
+
+
+async def outcomes(client: aioredis.Redis, keys: engine.Keys) -> dict[str, Any]:
+    """What the orders came to, from their records and the simulated chain's own ledger."""
+    records = [k async for k in client.scan_iter(keys.order("*"), count=1000)]
+    async with client.pipeline(transaction=False) as pipe:
+        for key in records:
+            pipe.hmget(key, "status", "code", "recoveries", "txHash")
+        rows = await pipe.execute()
+    landed: dict[str, list[str]] = {}
+    async for key in client.scan_iter(keys.chain("*"), count=1000):
+        tx = await client.hgetall(key)
+        if orjson.loads(tx[b"landed"]):
+            order_id = orjson.loads(tx[b"orderId"])
+            landed.setdefault(order_id, []).append(key.decode().rsplit(":", 1)[1])
+    by_status: dict[str, int] = {}
+    failed_by: dict[str, int] = {}
+    lost_swaps = 0
+    for key, (status, code, _, tx_hash) in zip(records, rows, strict=True):
+        by_status[status.decode()] = by_status.get(status.decode(), 0) + 1
+        if status == b"failed":
+            reason = orjson.loads(code)
+            failed_by[reason] = failed_by.get(reason, 0) + 1
+        order_id = key.decode().rsplit(":", 1)[1]
+        if status == b"confirmed" and landed.get(order_id) != [orjson.loads(tx_hash)]:
+            lost_swaps += 1
+    return {
+        "orderRecords": len(records),
+        "byStatus": by_status,
+        "failedByCode": failed_by or "none",
+        "failedByInfrastructure": sum(failed_by.get(code, 0) for code in INFRASTRUCTURE_CODES),
+        "ordersRecoveredAfterAKill": sum(1 for row in rows if row[2] and int(row[2]) > 0),
+        "ordersLandedTwice": sum(1 for txs in landed.values() if len(txs) > 1),
+        "confirmedWithoutItsSwap": lost_swaps,
     }
 
 
@@ -836,6 +936,8 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.05, help="--realistic: faults")
     parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
     parser.add_argument("--kills", type=int, default=6, help="--soak: engines killed mid-run")
+    parser.add_argument("--redis-kills", type=int, default=3, help="--soak: redis SIGKILLed")
+    parser.add_argument("--redis-stalls", type=int, default=3, help="--soak: redis SIGSTOPped")
     parser.add_argument("--timeout", type=float, default=600.0, help="--soak: seconds to finish")
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
