@@ -601,7 +601,7 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
 
 async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
     """Redis memory once every order has finished; then with everything that has a TTL expired
-    (as time would expire it): what is left is what the engine holds beyond SPEC §5's records."""
+    (as time would expire it): what is left is what the engine holds beyond its records."""
     client = aioredis.from_url(redis_url)
     keys = engine.Keys("oee:")
 
@@ -665,8 +665,8 @@ def steady_rate(finished: list[float]) -> float:
     return (len(finished) * 8 // 10) / (last - first)
 
 
-# -- soak: after a long, rough run, did every order end once, and does Redis hold only what SPEC §5
-# allows? --------------------------------------------------------------------------------------
+# -- soak: after a long, rough run, did every order end once, and does Redis hold only what the
+# README's key table allows? ---------------------------------------------------------------------
 
 
 @dataclass
@@ -769,7 +769,7 @@ STUCK_FIELDS = {b"status", b"attempts", b"recoveries", b"lease", b"instance", b"
 
 
 async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> dict[str, Any]:
-    """Every key by kind, and every way it could break SPEC §5's bounds."""
+    """Every key by kind, and every way it could break the bounds of the README's key table."""
     kinds: dict[str, int] = {}
     problems: list[str] = []
     failed = {m.decode() for m in await client.zrange(keys.failed, 0, -1)}

@@ -8,7 +8,7 @@ Order:    curl -s localhost:3000/api/orders/execute -H 'Content-Type: applicatio
 Watch:    wscat -c 'ws://localhost:3000/ws?userId=1'
 Embed:    app = engine.create_app(config)   or   await engine.serve(config, stop_event)
 
-SPEC.md is the contract (endpoints, messages, queue semantics, configuration); README.md tells an
+README.md is the contract (endpoints, messages, queue semantics, configuration) and tells an
 operator how to run it. The module reads top to bottom, one banner per section:
 
      1. Constants and Lua scripts        7. Redis store and queue
@@ -108,13 +108,13 @@ BPS_PER_UNIT: Final = 10_000
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 100
 QUERY_INT_RE: Final = re.compile(r"[0-9]{1,16}")  # ASCII digits only, and few of them
-# A request waits this long for Redis, then answers 503 (SPEC §2: Redis stalled for ~2 s).
+# A request waits this long for Redis, then answers 503 (README, HTTP API: Redis stalled ~2 s).
 REDIS_REQUEST_DEADLINE_S: Final = 2.0
 HTTP_LINGER_S: Final = 2.0  # reading what is left of a refused body before closing
 CONNECTIONS_WARN_EVERY_S: Final = 10.0
 FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedded Redis, logs
 
-# Per-user indexes and the event log: SPEC §3 promises at least the last 1,000 events or 24 h
+# Per-user indexes and the event log: the README promises at least the last 1,000 events or 24 h
 # (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow, at most
 # WS_UNREAD_MAX + WS_QUEUE_MAX events behind, can always resume from it).
 USER_ORDERS_KEEP: Final = 1000
@@ -184,7 +184,7 @@ AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
 AUTOPIPELINE_SENDERS: Final = 1
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
 
-# Simulated venues (SPEC §4; README "How the simulation works").
+# Simulated venues (README: "The simulated venues").
 QUOTE_LATENCY_S: Final = 0.2
 EXECUTION_LATENCY_MIN_S: Final = 2.0
 EXECUTION_LATENCY_MAX_S: Final = 3.0
@@ -694,7 +694,7 @@ class VenueError(EngineError):
 
 
 class ApiError(EngineError):
-    """An error answered to an HTTP client in the SPEC §2 envelope."""
+    """An error answered to an HTTP client in the error envelope (README, HTTP API)."""
 
     def __init__(
         self,
@@ -1140,7 +1140,7 @@ def significant(value: float, digits: int = 8) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything SPEC §6 lets an operator set; built once, validated once, never changed."""
+    """Everything an operator may set (README, Configuration); built and validated once."""
 
     host: str = "0.0.0.0"
     port: int = 3000
@@ -1685,10 +1685,11 @@ class _Levels(Collector):
 # 6. State machine
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
-# SPEC §1. The one place that says which status may follow which. A retry (or the recovery of an
-# interrupted attempt) goes back to pending; any unfinished status may end in failed; the user
-# may cancel an order until its transaction is about to be sent. A limit or sniper order waits
-# (from pending, or from routing when its limit is no longer met) until its trigger fires.
+# README, Order lifecycle. The one place that says which status may follow which. A retry (or
+# the recovery of an interrupted attempt) goes back to pending; any unfinished status may end in
+# failed; the user may cancel an order until its transaction is about to be sent. A limit or
+# sniper order waits (from pending, or from routing when its limit is no longer met) until its
+# trigger fires.
 TRANSITIONS: Final[Mapping[Status, frozenset[Status]]] = {
     Status.PENDING: frozenset({Status.ROUTING, Status.WAITING, Status.FAILED, Status.CANCELLED}),
     Status.WAITING: frozenset({Status.ROUTING, Status.FAILED, Status.CANCELLED}),
@@ -1838,7 +1839,7 @@ def event_seq(event: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Every Redis key, under one prefix so that engines can share a Redis (SPEC §5)."""
+    """Every Redis key, under one prefix so that engines can share a Redis (README, the queue)."""
 
     prefix: str
 
@@ -2553,7 +2554,7 @@ class History:
 
 
 def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields every order event carries (SPEC §3); seq is added by LUA_EMIT."""
+    """The fields every order event carries (README, WebSocket); seq is added by LUA_EMIT."""
     return {
         "type": "order",
         "orderId": order.order_id,
@@ -3221,10 +3222,11 @@ EXECUTION_ERRORS: Final = (
 
 @dataclass
 class SimVenue:
-    """A simulated DEX (SPEC §4): quotes its best route on the shared Market after a latency with
-    a long tail, and executes after 2-3 s against the pools as they are by then (the real
-    slippage). It fails, stalls and goes down on purpose as its VenueFaults say. Outcomes are
-    recorded on the MockChain, which lets each signature land at most once."""
+    """A simulated DEX (README, The simulated venues): quotes its best route on the shared
+    Market after a latency with a long tail, and executes after 2-3 s against the pools as they
+    are by then (the real slippage). It fails, stalls and goes down on purpose as its
+    VenueFaults say. Outcomes are recorded on the MockChain, which lets each signature land at
+    most once."""
 
     name: str
     market: Market
@@ -3605,7 +3607,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
 @dataclass
 class HeldUp:
     """Whether Redis held up the attempt a worker runs: an error, or an answer slower than
-    REDIS_SLOW_S. A failed attempt that Redis held up is not counted against its order (SPEC §5:
+    REDIS_SLOW_S. A failed attempt that Redis held up is not counted against its order (README:
     a Redis error or stall is never an order's failure)."""
 
     by_redis: bool = False
@@ -3757,8 +3759,9 @@ class Engine:
                 self._children.append(self._fetcher)
 
     async def drain(self) -> None:
-        """SPEC §8: stop dequeuing, give in-flight orders the grace period, then hand whatever is
-        left back to the pending list for another instance (or the next start) to finish."""
+        """Shut down (README, the queue): stop dequeuing, give in-flight orders the grace
+        period, then hand whatever is left back to the pending list for another instance (or the
+        next start) to finish."""
         if self._drained:
             return
         self._drained = self.draining = True
@@ -4765,15 +4768,15 @@ def error_response(error: ApiError) -> web.Response:
 
 
 def malformed(exc: BaseException | None) -> ApiError:
-    """The envelope for a request the HTTP parser refused (SPEC §2: a 400, like a bad field)."""
+    """The envelope for a request the HTTP parser refused: a 400, like a bad field (README)."""
     message = next((text for kind, text in MALFORMED if isinstance(exc, kind)), None)
     return ApiError(400, "MALFORMED_REQUEST", message or "the request is not valid HTTP/1.1")
 
 
 @contextlib.asynccontextmanager
 async def redis_deadline(message: str = REDIS_UNAVAILABLE) -> AsyncIterator[None]:
-    """Bound what a request waits for Redis (SPEC §2): past REDIS_REQUEST_DEADLINE_S it answers
-    503, retryable, instead of holding the client while Redis is stalled."""
+    """Bound what a request waits for Redis (README, HTTP API): past REDIS_REQUEST_DEADLINE_S
+    it answers 503, retryable, instead of holding the client while Redis is stalled."""
     try:
         async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
             yield
@@ -4785,7 +4788,7 @@ async def redis_deadline(message: str = REDIS_UNAVAILABLE) -> AsyncIterator[None
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error leaves in the SPEC §2 envelope; nothing a client sends produces a stack trace."""
+    """Every error leaves in the error envelope; nothing a client sends produces a stack trace."""
     try:
         return await handler(request)
     except ApiError as exc:
@@ -4912,7 +4915,7 @@ def claimed_by(user: str, claimed: object) -> str:
     return user
 
 
-# -- validation (SPEC §2) -------------------------------------------------------------------------
+# -- validation (README, HTTP API) ---------------------------------------------------------------
 
 
 def _is_number(value: object) -> bool:
@@ -5303,7 +5306,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    """SPEC §3. Everything that can be refused is refused before the upgrade, as plain HTTP."""
+    """README, WebSocket. What can be refused is refused before the upgrade, as plain HTTP."""
     auth, claimed = request.app[AUTH], request.query.get("userId")
     expires_at = None
     if auth.enabled:
@@ -5386,7 +5389,7 @@ class Connections:
 
 
 class Connection(web.RequestHandler):
-    """aiohttp's request handler with what SPEC §2 asks of the server itself: past the cap on
+    """aiohttp's request handler with what the README asks of the server itself: past the cap on
     open connections a new one is answered 503 and closed; a request aiohttp cannot parse is
     answered in the error envelope, never echoing it; headers must arrive within
     ENGINE_HTTP_TIMEOUT_S of connecting or of the last answer (aiohttp's keep-alive deadline,
@@ -5596,7 +5599,7 @@ async def _stop_process(proc: asyncio.subprocess.Process) -> None:
 
 @contextlib.asynccontextmanager
 async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncIterator[str]:
-    """SPEC §7: a private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
+    """A private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
     binary = redis_server_binary()
     sock, lock = await asyncio.to_thread(_prepare_data_dir, data_dir)
     try:
@@ -5739,7 +5742,7 @@ async def _drain(app: web.Application) -> None:
 
 
 async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
-    """Run the engine until `stop` is set, then shut down as SPEC §8 describes. For embedding:
+    """Run the engine until `stop` is set, then shut down as the README describes. For embedding:
     another program creates the event and sets it when it wants the engine gone."""
     async with running(config, **inject):
         await stop.wait()
@@ -5812,9 +5815,9 @@ async def _serve_until_signalled(config: Config) -> None:
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
-    """The first SIGINT or SIGTERM drains (SPEC §8); a second one ends the process at once. Its
-    unfinished orders stay in its processing list and are recovered as after a crash, and the
-    embedded Redis is stopped by the kernel's parent-death signal."""
+    """The first SIGINT or SIGTERM drains (README, the queue); a second one ends the process at
+    once. Its unfinished orders stay in its processing list and are recovered as after a crash,
+    and the embedded Redis is stopped by the kernel's parent-death signal."""
     if not stop.is_set():
         log.info("%s: draining; send it again to stop at once", sig.name)
         stop.set()
