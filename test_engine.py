@@ -426,6 +426,34 @@ class EngineProcess:
             self.proc.kill()
 
 
+async def place(http: ClientSession, url: str, body: Any = None, **headers: str) -> str:
+    """POST an order to an engine process at `url`; its orderId (the answer must be 202)."""
+    order = ORDER if body is None else body
+    async with http.post(f"{url}/api/orders/execute", json=order, headers=headers) as response:
+        reply = await response.json()
+        assert response.status == 202, reply
+        order_id: str = reply["orderId"]
+        return order_id
+
+
+async def records_at(http: ClientSession, url: str, order_ids: list[str]) -> list[dict[str, Any]]:
+    return [await (await http.get(f"{url}/api/orders/{o}")).json() for o in order_ids]
+
+
+async def reach(
+    http: ClientSession, url: str, order_ids: list[str], *statuses: str
+) -> list[dict[str, Any]]:
+    """Wait until every order is in one of `statuses`; answer their records."""
+    records: list[dict[str, Any]] = []
+
+    async def reached() -> bool:
+        records[:] = await records_at(http, url, order_ids)
+        return all(record["status"] in statuses for record in records)
+
+    await wait_for(reached, f"{len(order_ids)} orders to reach {statuses}")
+    return records
+
+
 @pytest.fixture
 async def processes() -> AsyncIterator[list[EngineProcess]]:
     """Engine processes a test started; any still running at the end are killed."""
@@ -2808,8 +2836,7 @@ async def test_half_sent_requests_are_cut_off_and_open_connections_capped(
     await wait_for(lambda: _clients_of(engine, port) == 0, "the engine to let them all go")
     assert _process_rss_kb(engine) < rss + 20_000  # and no memory held for them
     async with ClientSession() as http:
-        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
-        assert response.status == 202
+        await place(http, url)  # and serves on
 
 
 def _clients_of(process: EngineProcess, port: str) -> int:
@@ -3039,8 +3066,7 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
     url = await process.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
-        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
-        order_id = (await response.json())["orderId"]
+        order_id = await place(http, url)
         events = await events_until_done(ws, order_id)
         assert statuses(events, order_id)[-1] == "confirmed"
         process.proc.send_signal(signal.SIGTERM)
@@ -3055,7 +3081,7 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
     processes.append(restarted)
     url = await restarted.url()
     async with ClientSession() as http:
-        record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
+        [record] = await records_at(http, url, [order_id])
     assert record["status"] == "confirmed"
     if sys.platform.startswith("linux"):
         # Killed outright, the engine still takes its Redis with it (parent-death signal).
@@ -3075,8 +3101,7 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
     url = await victim.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
         await receive(ws)
-        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
-        order_id = (await response.json())["orderId"]
+        order_id = await place(http, url)
         before = [await receive(ws) for _ in range(4)]
     assert statuses(before, order_id) == ["pending", "routing", "building", "submitted"]
     victim.kill()
@@ -3125,14 +3150,7 @@ async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_a
     # The first engine and its Redis never noticed.
     assert _pings(config.data_dir / "redis.sock")
     async with ClientSession() as http:
-        response = await http.post(f"{url}/api/orders/execute", json=ORDER)
-        order_id = (await response.json())["orderId"]
-
-        async def confirmed() -> bool:
-            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
-            return bool(record["status"] == "confirmed")
-
-        await wait_for(confirmed, "the first engine to run an order")
+        await reach(http, url, [await place(http, url)], "confirmed")
     first.proc.send_signal(signal.SIGTERM)
     assert await first.exit_code() == 0
 
@@ -3150,15 +3168,8 @@ async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
     processes.append(process)
     url = await process.url()
     async with ClientSession() as http:
-        order_id = (await (await http.post(f"{url}/api/orders/execute", json=ORDER)).json())[
-            "orderId"
-        ]
-
-        async def sent() -> bool:
-            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
-            return bool(record["status"] == "submitted")
-
-        await wait_for(sent, "the order to be sent")
+        order_id = await place(http, url)
+        await reach(http, url, [order_id], "submitted")
     process.proc.send_signal(signal.SIGTERM)  # drains: the order has 60 s to finish
     await wait_for(lambda: any("send it again" in line for line in process.lines), "draining")
     process.proc.send_signal(signal.SIGTERM)
@@ -3240,30 +3251,14 @@ async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
         url = await process.url()
         if death == 0:
             async with ClientSession() as http:
-                order_id = (
-                    await (await http.post(f"{url}/api/orders/execute", json=killer)).json()
-                )["orderId"]
+                order_id = await place(http, url, killer)
         assert await process.exit_code() == 70  # it took the engine down with it, again
     last = await EngineProcess.spawn(env, script=str(script))
     processes.append(last)
     url = await last.url()
     async with ClientSession() as http:
-
-        async def failed() -> bool:
-            record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
-            return bool(record["status"] == "failed")
-
-        await wait_for(failed, "the poison order to be failed")
-        record = await (await http.get(f"{url}/api/orders/{order_id}")).json()
-        healthy = (await (await http.post(f"{url}/api/orders/execute", json=ORDER)).json())[
-            "orderId"
-        ]
-
-        async def confirmed() -> bool:
-            reply = await (await http.get(f"{url}/api/orders/{healthy}")).json()
-            return bool(reply["status"] == "confirmed")
-
-        await wait_for(confirmed, "the next order to go through")
+        [record] = await reach(http, url, [order_id], "failed")
+        await reach(http, url, [await place(http, url)], "confirmed")  # the next goes through
     assert (record["code"], record["recoveries"], record["attempts"]) == ("RECOVERY_LIMIT", 3, 3)
     assert order_id not in await landed_transactions(redis, config)
     assert last.proc.returncode is None
@@ -3282,14 +3277,8 @@ async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_r
     processes.append(stalled)
     url = await stalled.url()
     async with ClientSession() as http:
-        replies = [await http.post(f"{url}/api/orders/execute", json=ORDER) for _ in range(3)]
-        order_ids = [(await reply.json())["orderId"] for reply in replies]
-
-        async def all_submitted() -> bool:
-            records = [await (await http.get(f"{url}/api/orders/{o}")).json() for o in order_ids]
-            return all(r["status"] == "submitted" for r in records)
-
-        await wait_for(all_submitted, "the orders to be submitted")
+        order_ids = [await place(http, url) for _ in range(3)]
+        await reach(http, url, order_ids, "submitted")
     stalled.proc.send_signal(signal.SIGSTOP)  # a long pause: its heartbeat expires, it lives on
     survivor = await start()
     for order_id in order_ids:
@@ -3497,103 +3486,104 @@ async def hold_fault(seconds: float) -> None:
 
 
 async def statuses_now(http: ClientSession, url: str, order_ids: list[str]) -> list[str]:
-    records = [await (await http.get(f"{url}/api/orders/{o}")).json() for o in order_ids]
-    return [record["status"] for record in records]
+    return [record["status"] for record in await records_at(http, url, order_ids)]
+
+
+@dataclass
+class OwnRedis:
+    """An engine process on a redis-server of its own (AOF flushed on every write, so a kill
+    loses nothing acknowledged), for a test to kill and stall."""
+
+    server: RedisServer
+    config: Config
+    engine: EngineProcess
+    url: str
+    redis: aioredis.Redis
+
+
+@contextlib.asynccontextmanager
+async def engine_on_own_redis(
+    config: Config, processes: list[EngineProcess], tmp_path: Path, **env: str
+) -> AsyncIterator[OwnRedis]:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    own = replace(config, redis_url=server.url)
+    engine = await EngineProcess.spawn(engine_env(own, **env))
+    processes.append(engine)
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        yield OwnRedis(server, own, engine, await engine.url(), redis)
+    finally:
+        await redis.aclose()
+        engine.kill()
+        server.signal(signal.SIGCONT)  # a stopped server would not stop
+        server.stop()
 
 
 async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
     config: Config, processes: list[EngineProcess], tmp_path: Path
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)  # fsync always: nothing 202 is lost
-    server.start()
-    cfg = replace(config, redis_url=server.url)
-    env = engine_env(
-        cfg, ENGINE_DEX_LATENCY_SCALE="0.5", ENGINE_CONCURRENCY="10", ENGINE_DEX_FAULTS=NO_TAIL
-    )
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
-    url = await engine.url()
-    redis = aioredis.from_url(server.url, decode_responses=True)
-    try:
-        async with ClientSession() as http:
-            accepted, waiting = {}, {}
-            for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
-                body = {**ORDER, "userId": f"u{index % 3}"}
-                reply = await (await http.post(f"{url}/api/orders/execute", json=body)).json()
-                accepted[reply["orderId"]] = body["userId"]
-            for body in ({**LIMIT, "limitPrice": 1e6}, sniper("priceAbove", triggerPrice=1e6)):
-                reply = await (await http.post(f"{url}/api/orders/execute", json=body)).json()
-                waiting[reply["orderId"]] = "1"  # orders parked on a price that never comes
-            order_ids = list(accepted)
+    async with (
+        engine_on_own_redis(
+            config,
+            processes,
+            tmp_path,
+            ENGINE_DEX_LATENCY_SCALE="0.5",
+            ENGINE_CONCURRENCY="10",
+            ENGINE_DEX_FAULTS=NO_TAIL,
+        ) as own,
+        ClientSession() as http,
+    ):
+        url = own.url
+        accepted = {}
+        for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
+            user = f"u{index % 3}"
+            accepted[await place(http, url, {**ORDER, "userId": user})] = user
+        waiting = [  # parked on a price that never comes
+            await place(http, url, body)
+            for body in ({**LIMIT, "limitPrice": 1e6}, sniper("priceAbove", triggerPrice=1e6))
+        ]
+        order_ids = list(accepted)
 
-            async def sent() -> bool:
-                return "submitted" in await statuses_now(http, url, order_ids)
+        async def sent() -> bool:
+            return "submitted" in await statuses_now(http, url, order_ids)
 
-            await wait_for(sent, "orders to be sent")
-            server.kill()
-            # Down for longer than an execution takes, so that every order that was sent meets
-            # the dead Redis when its outcome is recorded: the moment that used to fail orders.
-            await hold_fault(2.0)
-            server.start()
-
-            async def finished() -> bool:
-                return all(s in TERMINAL for s in await statuses_now(http, url, order_ids))
-
-            await wait_for(finished, "every order to finish")
-            assert await statuses_now(http, url, list(waiting)) == ["waiting"] * 2
-        ended = await outcomes(redis, cfg, accepted)
+        await wait_for(sent, "orders to be sent")
+        own.server.kill()
+        # Down for longer than an execution takes, so that every order that was sent meets the
+        # dead Redis when its outcome is recorded: the moment that used to fail orders.
+        await hold_fault(2.0)
+        own.server.start()
+        await reach(http, url, order_ids, *TERMINAL)
+        assert await statuses_now(http, url, waiting) == ["waiting"] * 2
+        ended = await outcomes(own.redis, own.config, accepted)
         assert set(ended.values()) == {"confirmed"}, ended
         assert len(ended) == 20
-        assert any("op=chain record" in line for line in engine.lines)  # the fault hit there
-    finally:
-        await redis.aclose()
-        engine.kill()
-        server.stop()
+        assert any("op=chain record" in line for line in own.engine.lines)  # the fault hit there
 
 
 async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
     config: Config, processes: list[EngineProcess], tmp_path: Path
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
-    cfg = replace(config, redis_url=server.url)
-    env = engine_env(
-        cfg,
-        ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
-        ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
-        ENGINE_CONCURRENCY="100",
-    )
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
-    url = await engine.url()
-    redis = aioredis.from_url(server.url, decode_responses=True)
-    try:
-        async with ClientSession() as http:
-            replies = await asyncio.gather(
-                *(http.post(f"{url}/api/orders/execute", json=ORDER) for _ in range(100))
-            )
-            accepted = {(await reply.json())["orderId"]: "1" for reply in replies}
-            order_ids = list(accepted)
-
-            async def sent() -> bool:
-                return "submitted" in await statuses_now(http, url, order_ids[:5])
-
-            await wait_for(sent, "orders to be sent")
-            # Redis stops just before the first transactions expire and wakes after: outcomes
-            # recorded late, lookups racing them on other connections.
-            await hold_fault(1.2)
-            server.signal(signal.SIGSTOP)
-            await hold_fault(1.0)
-            server.signal(signal.SIGCONT)
-
-            async def finished() -> bool:
-                listed = await (await http.get(f"{url}/api/orders?userId=1&limit=100")).json()
-                return all(order["status"] in TERMINAL for order in listed["orders"])
-
-            await wait_for(finished, "every order to finish")
-        ended = await outcomes(redis, cfg, accepted)
+    async with (
+        engine_on_own_redis(
+            config,
+            processes,
+            tmp_path,
+            ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
+            ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
+            ENGINE_CONCURRENCY="100",
+        ) as own,
+        ClientSession() as http,
+    ):
+        order_ids = await asyncio.gather(*(place(http, own.url) for _ in range(100)))
+        await reach(http, own.url, order_ids[:5], "submitted", *TERMINAL)
+        # Redis stops just before the first transactions expire and wakes after: outcomes
+        # recorded late, lookups racing them on other connections.
+        await hold_fault(1.2)
+        own.server.signal(signal.SIGSTOP)
+        await hold_fault(1.0)
+        own.server.signal(signal.SIGCONT)
+        await reach(http, own.url, order_ids, *TERMINAL)
+        ended = await outcomes(own.redis, own.config, dict.fromkeys(order_ids, "1"))
         assert len(ended) == 100
-    finally:
-        await redis.aclose()
-        engine.kill()
-        server.stop()
