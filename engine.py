@@ -166,6 +166,14 @@ RETRY_MAX_DELAY_MS: Final = 30_000
 # An order whose engine dies under it this many times is failed with RECOVERY_LIMIT instead of
 # being tried again: something about it keeps killing workers.
 RECOVERY_LIMIT: Final = 3
+# Attempts that Redis, a pause of the whole engine or its shutdown held up are given back, not
+# counted against ENGINE_MAX_ATTEMPTS: at most this many per order (past that they count), so
+# that no order retries, and grows its history, without end.
+GIVEN_BACK_MAX: Final = 10
+# A pause of the whole process (SIGSTOP, a long GC, starved of CPU): the event loop ran this much
+# later than it asked to. An attempt that fails across one is given back.
+PAUSE_CHECK_S: Final = 0.25
+PAUSE_MIN_S: Final = 1.0
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
@@ -228,6 +236,7 @@ EMBEDDED_START_TIMEOUT_S: Final = 60.0
 EMBEDDED_STOP_TIMEOUT_S: Final = 10.0
 UNIX_SOCKET_PATH_MAX: Final = 100
 DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
+DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
 PR_SET_PDEATHSIG: Final = 1
 
 # The Lua scripts are templates: $NAME placeholders are filled once per Store with its key prefix,
@@ -378,7 +387,9 @@ return {'created', event}
 )
 
 # Take the lease on an order whose job this instance just moved into its processing list, and
-# answer what a worker needs of it (CLAIM_FIELDS, in that order).
+# answer what a worker needs of it (CLAIM_FIELDS, in that order) and whether it was taken from
+# an engine that died in the middle of an attempt ('taken') rather than handed back by one that
+# shut down ('handed', no lease left) or idle ('idle').
 # KEYS: order, processing   ARGV: 1 order_id, 2 lease, 3 instance
 LUA_CLAIM: Final = """
 local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
@@ -407,9 +418,15 @@ if not idle and lease then
     return {'busy'}
   end
 end
-if not idle then redis.call('HINCRBY', KEYS[1], 'recoveries', 1) end
+local how = 'idle'
+if not idle and lease then
+  how = 'taken'
+  redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
+elseif not idle then
+  how = 'handed'
+end
 redis.call('HSET', KEYS[1], 'lease', ARGV[2])
-return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS)}
+return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
 
 # Record one status change made by the lease holder, move the job as the outcome requires, emit.
@@ -563,7 +580,8 @@ return record
 # stalled (not exited) instance may still have a BLMOVE blocked in Redis, which Redis serves
 # with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
 # every round, until it has been dead for ARGV[3] seconds (longer than a blocking pop lasts).
-# ARGV[2] == '0' (its own clean shutdown) forgets it at once.
+# ARGV[2] == '0' (its own clean shutdown) forgets it at once, and drops the leases of the orders
+# it hands back: they were not taken from a dead engine (LUA_CLAIM counts no recovery for them).
 # KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since
 # ARGV: 1 instance, 2 only_if_dead, 3 grace_s
 LUA_RECOVER: Final = """
@@ -572,7 +590,12 @@ if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
   return -1
 end
 local moved = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+while true do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  moved = moved + 1
+  if ARGV[2] == '0' then redis.call('HDEL', '$ORDER_PREFIX' .. id, 'lease') end
+end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 local now = tonumber(redis.call('TIME')[1])
 local since = tonumber(redis.call('ZSCORE', KEYS[7], ARGV[1]))
@@ -881,6 +904,8 @@ class Order:
     status: Status
     attempts: int
     recoveries: int = 0  # times an engine died while holding it
+    given_back: int = 0  # attempts not counted: Redis, a pause or a shutdown held them up
+    handed_back: bool = False  # claimed from an engine's clean shutdown, mid-attempt
     dex: str | None = None  # the venue and transaction of the attempt in flight, once submitted
     tx_hash: str | None = None
     tx_expires_at_ms: int = 0
@@ -905,6 +930,7 @@ class Order:
             status=Status(record["status"]),
             attempts=value("attempts"),
             recoveries=value("recoveries", 0),
+            given_back=value("attemptsGivenBack", 0),
             dex=value("dex"),
             tx_hash=value("txHash"),
             tx_expires_at_ms=parse_iso_ms(expires) if expires else 0,
@@ -1733,6 +1759,7 @@ PUBLIC_FIELDS: Final = (
     "status",
     "attempts",
     "recoveries",
+    "attemptsGivenBack",
     "dex",
     "price",
     "minAmountOut",
@@ -1790,6 +1817,7 @@ CLAIM_FIELDS: Final = (
     "status",
     "attempts",
     "recoveries",
+    "attemptsGivenBack",
     "dex",
     "txHash",
     "txExpiresAt",
@@ -2099,7 +2127,7 @@ class Store:
         self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
         self._end = client.register_script(lua(LUA_END, self.keys, config))
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
-        self._recover = client.register_script(LUA_RECOVER)
+        self._recover = client.register_script(lua(LUA_RECOVER, self.keys, config))
         self._requeue = client.register_script(LUA_REQUEUE)
         self._dedupe = client.register_script(LUA_DEDUPE)
         self._take = client.register_script(LUA_TAKE)
@@ -2134,6 +2162,7 @@ class Store:
             "status": Status.PENDING,
             "attempts": 0,
             "recoveries": 0,
+            "attemptsGivenBack": 0,
             "step": "0:pending",
             "createdAt": ts,
             "updatedAt": ts,
@@ -2212,7 +2241,8 @@ class Store:
         await self._dedupe(keys=[self.keys.processing(instance)], args=[order_id])
 
     async def claim(self, order_id: str, instance: str, lease: str) -> tuple[str, Order | None]:
-        """Take the lease on an order. Returns ("claimed", order) or (why not, None)."""
+        """Take the lease on an order. Returns ("claimed", order) or (why not, None); an order
+        handed back by its engine's clean shutdown has `handed_back` set."""
         reply = await self.batch.call(
             self._claim,
             keys=[self.keys.order(order_id), self.keys.processing(instance)],
@@ -2225,7 +2255,7 @@ class Store:
         if reply[0] != "claimed":
             return reply[0], None
         record = {name: v for name, v in zip(CLAIM_FIELDS, reply[1], strict=True) if v is not None}
-        return "claimed", Order.from_record(record)
+        return "claimed", replace(Order.from_record(record), handed_back=reply[2] == "handed")
 
     async def advance(
         self,
@@ -2389,7 +2419,8 @@ class Store:
             extra["attempts"] = order.attempts
         entry = {"status": final, "ts": ts, "attempt": order.attempts, **detail}
         event = order_event(order, final, ts, extra)
-        fields = {"status": final, "updatedAt": ts, **detail}
+        # An earlier attempt's error is not why it ended (a failure's own detail replaces it).
+        fields = {"status": final, "updatedAt": ts, "error": None, "code": None, **detail}
         head = [order.order_id, order.status, order.user_id, origin, final, str(int(now * 1000))]
         args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
         reply = await self.batch.call(self._end, [], args, self._sent(order.user_id))
@@ -3687,6 +3718,8 @@ class Engine:
         # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
+        self._paused_at = -math.inf  # the last time the process was seen to stand still
+        self._ticked = math.inf  # when the pause watcher last ran
         self._fetcher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._children: list[asyncio.Task[None]] = []
@@ -3743,6 +3776,7 @@ class Engine:
                 self._supervise("recovery", self._recovery_loop),
                 self._supervise("promoter", self._promote_loop),
                 self._supervise("expiry", self._expiry_loop),
+                self._supervise("pauses", self._pause_loop),
                 *([self._supervise("history", self._history_loop)] if self.history else []),
                 self._supervise("triggers", self._armed_loop),
                 *(
@@ -4009,6 +4043,21 @@ class Engine:
     def schedule_promotion(self) -> None:
         self._promote_now.set()
 
+    async def _pause_loop(self) -> None:
+        """Notice the whole process standing still (see PAUSE_MIN_S)."""
+        while True:
+            self._ticked = time.monotonic()
+            await asyncio.sleep(PAUSE_CHECK_S)
+            if (late := time.monotonic() - self._ticked - PAUSE_CHECK_S) > PAUSE_MIN_S:
+                self._paused_at = time.monotonic()
+                log.warning("the engine stood still", extra={"seconds": round(late, 1)})
+
+    def paused_since(self, moment: float) -> bool:
+        """Whether the process has stood still since `moment` (time.monotonic), including a
+        pause just ended that the watcher, not yet run again, has still to notice."""
+        overdue = time.monotonic() - self._ticked - PAUSE_CHECK_S > PAUSE_MIN_S
+        return self._paused_at > moment or overdue
+
 
 EXPIRED: Final = AttemptFailed(
     "EXPIRED", "the order expired before its condition was met", retryable=False
@@ -4023,6 +4072,7 @@ class _Attempt:
         self.engine = engine
         self.order = order
         self.lease = lease
+        self.began = time.monotonic()  # of the attempt (or the recovery of one) under way
 
     @property
     def ctx(self) -> dict[str, Any]:
@@ -4113,8 +4163,12 @@ class _Attempt:
         await self.confirm(order.dex, fill)
 
     async def recover(self, reason: str) -> None:
-        """Retry an interrupted attempt at once, unless engines keep dying on this order."""
-        if self.order.recoveries >= RECOVERY_LIMIT:
+        """Retry an interrupted attempt at once: counted when its engine died (and failed once
+        engines keep dying on this order), given back when its engine shut down cleanly."""
+        if self.order.handed_back:
+            interrupted = AttemptFailed("INTERRUPTED", f"{reason}: its engine shut down")
+            await self.retry_or_fail(interrupted, immediately=True, counted=False)
+        elif self.order.recoveries >= RECOVERY_LIMIT:
             reason = f"the engine running this order stopped {self.order.recoveries} times"
             await self.retry_or_fail(AttemptFailed("RECOVERY_LIMIT", reason, retryable=False))
         else:
@@ -4123,6 +4177,9 @@ class _Attempt:
     async def execute(self) -> None:
         engine = self.engine
         timeout_s = engine.config.execution_timeout_ms / 1000
+        self.began = time.monotonic()
+        if (held_up := HELD_UP.get()) is not None:
+            held_up.by_redis = False  # what held up an earlier step does not excuse this attempt
         await self.move(
             Status.ROUTING,
             attempts=self.order.attempts + 1,
@@ -4216,31 +4273,42 @@ class _Attempt:
             "unwrapSol": tx.unwrap_sol,
         }
 
-    async def retry_or_fail(self, failure: AttemptFailed, *, immediately: bool = False) -> None:
+    async def retry_or_fail(
+        self, failure: AttemptFailed, *, immediately: bool = False, counted: bool = True
+    ) -> None:
         """Schedule the next attempt (through the delayed set, unless `immediately`) or, when none
-        is left, record the one and only failure."""
+        is left, record the one and only failure. An attempt that Redis or a pause of the engine
+        held up, or that was not `counted`, is given back (up to GIVEN_BACK_MAX): it runs again
+        under the same number."""
         config = self.engine.config
         detail = {"error": failure.message, "code": failure.code}
-        # An attempt Redis held up is given back: it runs again under the same number.
-        held_up = HELD_UP.get()
-        counted = held_up is None or not held_up.by_redis
-        attempts = self.order.attempts if counted else self.order.attempts - 1
+        info: dict[str, Any] = {**detail}
+        if self.spared(counted):
+            info["attemptsGivenBack"] = self.order.given_back + 1
+        attempts = self.order.attempts - (1 if "attemptsGivenBack" in info else 0)
         if failure.retryable and attempts < config.max_attempts:
             delay_ms = 0 if immediately else self.engine.retry_delay_ms(self.order.attempts)
             action: JobAction = "keep" if immediately else "retry"
-            failed = {**self.ctx, **detail, "retryInMs": delay_ms, "counted": counted}
+            info["retryInMs"] = delay_ms
+            failed = {**self.ctx, **info}
             await self.move(
-                Status.PENDING,
-                info={**detail, "retryInMs": delay_ms},
-                attempts=attempts,
-                action=action,
-                delay_ms=delay_ms,
+                Status.PENDING, info=info, attempts=attempts, action=action, delay_ms=delay_ms
             )
             log.warning("attempt failed; retry scheduled", extra=failed)
             self.engine.schedule_promotion()
         else:
             await self.move(Status.FAILED, info=detail, action="fail")
             log.warning("order failed", extra={**self.ctx, **detail})
+
+    def spared(self, counted: bool) -> bool:
+        """Whether the attempt failing now is given back rather than counted."""
+        held_up = HELD_UP.get()
+        excused = (
+            not counted
+            or (held_up is not None and held_up.by_redis)
+            or self.engine.paused_since(self.began)
+        )
+        return excused and self.order.given_back < GIVEN_BACK_MAX
 
     async def give_up(self) -> None:
         """After an unexpected error: fail the order rather than leave it stuck in our list. An
@@ -4278,6 +4346,8 @@ class _Attempt:
             before,
             status=advance(before.status, status),
             attempts=before.attempts if attempts is None else attempts,
+            given_back=(info or {}).get("attemptsGivenBack", before.given_back),
+            handed_back=False,
         )
         await persist(
             f"record {status}",
@@ -5540,8 +5610,14 @@ def _prepare_data_dir(data_dir: Path) -> tuple[Path, int]:
             f"DATA_DIR {data_dir} is in use by another engine (pid {owner}); "
             "give each engine its own DATA_DIR, or share a Redis with REDIS_URL"
         ) from None
-    os.ftruncate(lock, 0)
-    os.pwrite(lock, str(os.getpid()).encode(), 0)
+    try:  # the embedded Redis writes its AOF and log here
+        os.ftruncate(lock, 0)
+        os.pwrite(lock, str(os.getpid()).encode(), 0)
+        (data_dir / DATA_DIR_PROBE).touch()
+        (data_dir / DATA_DIR_PROBE).unlink()
+    except OSError as exc:
+        os.close(lock)
+        raise StartupError(f"DATA_DIR {data_dir} is not writable: {exc.strerror}") from None
     sock = data_dir.resolve() / "redis.sock"
     if len(str(sock)) > UNIX_SOCKET_PATH_MAX:
         os.close(lock)
@@ -5582,7 +5658,8 @@ async def _wait_until_serving(proc: asyncio.subprocess.Process, sock: Path) -> N
     while not await _ping_socket(sock):
         if proc.returncode is not None or time.monotonic() > deadline:
             tail = await asyncio.to_thread(_log_tail, sock.parent / "redis.log")
-            raise StartupError(f"embedded redis did not start: {tail}")
+            code = "still running" if proc.returncode is None else f"exit code {proc.returncode}"
+            raise StartupError(f"embedded redis did not start ({code}): {tail}")
         await asyncio.sleep(0.05)
 
 
@@ -5614,7 +5691,11 @@ async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncI
         )
         try:
             await _wait_until_serving(proc, sock)
-            log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
+        except BaseException:
+            await _stop_process(proc)
+            raise
+        log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
+        try:
             yield f"unix://{sock}"
         finally:
             await _stop_process(proc)

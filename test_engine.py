@@ -1301,7 +1301,8 @@ async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
     assert await redis.llen(pending) == 0
     await a.close()  # A goes away for good: its list, job included, is handed back
     record = await wait_status(b, order_id, "confirmed")
-    assert record["recoveries"] == 1
+    # A shut down cleanly: taking its order over is no recovery, and its attempt is given back.
+    assert (record["recoveries"], record["attempts"], record["attemptsGivenBack"]) == (0, 1, 1)
 
 
 async def test_a_duplicate_never_removes_the_last_job_of_an_order(
@@ -1394,7 +1395,8 @@ async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001
     assert statuses(seen, order_id) == ["pending", "routing", "building", "submitted"]
     second = await start()
     record = await wait_status(second, order_id, "confirmed")
-    assert record["attempts"] == 2
+    # The attempt the shutdown cut short is given back; the order ran again under attempt 1.
+    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
     interrupted = [h for h in record["history"] if h.get("code") == "INTERRUPTED"]
     assert len(interrupted) == 1
 
@@ -1436,7 +1438,7 @@ async def test_an_order_taken_over_after_its_transaction_landed_is_not_sent_agai
     second = await start(venues=[healthy])
     record = await wait_status(second, order_id, "confirmed")
     assert record["txHash"] == lands_and_hangs.executions[0].signature
-    assert (record["attempts"], record["recoveries"]) == (1, 1)
+    assert (record["attempts"], record["recoveries"]) == (1, 0)  # handed back, not recovered
     assert [h["status"] for h in record["history"]] == HAPPY_PATH
     assert healthy.executions == []
 
@@ -1535,8 +1537,60 @@ async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
     retried_at = [h["ts"] for h in record["history"] if h["status"] == "routing"][1]
     # The first transaction could have landed until it expired; only then was a second one built.
     assert retried_at >= submitted["txExpiresAt"]
-    assert (record["attempts"], record["recoveries"]) == (2, 1)
+    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
     assert record["txHash"] != submitted["txHash"]
+
+
+async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
+    start: Start, config: Config
+) -> None:
+    # A rolling restart whose grace is shorter than an order's execution, three times over.
+    quick = replace(config, shutdown_grace_s=0.1, execution_timeout_ms=300, max_attempts=1)
+    order_id = ""
+    for restart in range(3):
+        engine = await start(quick, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
+        order_id = order_id or await order_id_of(engine)
+
+        async def sent_again() -> bool:
+            history = (await get_order(engine, order_id))["history"]  # noqa: B023
+            return [h["status"] for h in history].count("submitted") == restart + 1  # noqa: B023
+
+        await wait_for(sent_again, "this engine to send its own transaction")
+        await engine.close()
+    record = await wait_status(await start(quick), order_id, "confirmed", "failed")
+    assert (record["status"], record["attempts"], record["recoveries"]) == ("confirmed", 1, 0)
+    assert record["attemptsGivenBack"] == 3
+
+
+@dataclass
+class PausingVenue(ScriptedVenue):
+    """A venue whose first quote stops the whole process as it begins (a long garbage
+    collection, a SIGSTOP): the event loop stands still for `pause_s`, and the quote's own
+    short wait only starts after it."""
+
+    pause_s: float = 0.0
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        if self.pause_s:
+            time.sleep(self.pause_s)  # noqa: ASYNC251  (the point: nothing else runs meanwhile)
+            self.pause_s = 0
+        await asyncio.sleep(0.05)
+        return await super().quote(sell, buy, amount_in)
+
+
+async def test_an_attempt_that_fails_across_a_pause_of_the_engine_is_given_back(
+    start: Start, config: Config
+) -> None:
+    one_attempt = replace(config, quote_timeout_ms=500, max_attempts=1)
+    client = await start(one_attempt, venues=[PausingVenue("RAYDIUM", pause_s=1.5)])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    # The quote timed out only because the engine itself stood still: not the venue's fault.
+    assert (record["status"], record["attempts"], record["attemptsGivenBack"]) == (
+        "confirmed",
+        1,
+        1,
+    )
+    assert [h.get("code") for h in record["history"]].count("NO_QUOTES") == 1
 
 
 async def test_shutdown_always_finishes_even_when_loops_are_mid_command(config: Config) -> None:
