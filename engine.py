@@ -101,6 +101,8 @@ SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
 JWT_SECRET_MIN_BYTES: Final = 32
 JWT_LEEWAY_S: Final = 5  # clock skew allowed on exp and nbf
+JWT_RE: Final = re.compile(r"[\w=-]{1,4096}\.[\w=-]{0,4096}\.[\w=-]{0,1024}", re.ASCII)
+JWT_EXP_MAX_S: Final = 2**40  # a later exp (year 36,812) never closes a socket
 MAX_WAIT_S: Final = 7 * 86_400  # the longest a limit or sniper order may wait
 PRICE_MAX: Final = 1e15  # limit and trigger prices, output per input token
 TIMESTAMP_MAX_CHARS: Final = 40
@@ -108,6 +110,7 @@ BPS_PER_UNIT: Final = 10_000
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 100
 QUERY_INT_RE: Final = re.compile(r"[0-9]{1,16}")  # ASCII digits only, and few of them
+FIELD_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # named back in an error
 # A request waits this long for Redis, then answers 503 (README, HTTP API: Redis stalled ~2 s).
 REDIS_REQUEST_DEADLINE_S: Final = 2.0
 HTTP_LINGER_S: Final = 2.0  # reading what is left of a refused body before closing
@@ -153,7 +156,9 @@ REDIS_POOL_WAIT_S: Final = 5.0
 REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the fetcher and Pub/Sub
 REDIS_RETRY_MIN_S: Final = 0.05
 REDIS_RETRY_MAX_S: Final = 2.0
-REDIS_SLOW_S: Final = 1.0  # an answer slower than this held an attempt up (see HeldUp)
+# An attempt that waited on Redis longer than this in all (or a tenth of the execution timeout,
+# if less) was held up by Redis (see HeldUp).
+REDIS_SLOW_S: Final = 1.0
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 5.0
@@ -234,6 +239,7 @@ BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuv
 # Embedded Redis.
 EMBEDDED_START_TIMEOUT_S: Final = 60.0
 EMBEDDED_STOP_TIMEOUT_S: Final = 10.0
+EMBEDDED_RESTART_MAX_S: Final = 5.0  # between tries to start again an embedded Redis that died
 UNIX_SOCKET_PATH_MAX: Final = 100
 DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
@@ -3637,11 +3643,16 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
 
 @dataclass
 class HeldUp:
-    """Whether Redis held up the attempt a worker runs: an error, or an answer slower than
-    REDIS_SLOW_S. A failed attempt that Redis held up is not counted against its order (README:
-    a Redis error or stall is never an order's failure)."""
+    """What Redis cost the attempt a worker runs: how long it waited on Redis in all (however
+    each wait ended: answered, failed, or cut short by the attempt's own timeout) and whether
+    Redis failed it. A failed attempt that Redis held up is given back, not counted against its
+    order (README: a Redis error or stall is never an order's failure)."""
 
-    by_redis: bool = False
+    waited_s: float = 0.0
+    failed: bool = False
+
+    def by_redis(self, allowance_s: float) -> bool:
+        return self.failed or self.waited_s > allowance_s
 
 
 # The attempt the current task works for (None outside workers); persist() marks it.
@@ -3650,9 +3661,10 @@ HELD_UP: Final[contextvars.ContextVar[HeldUp | None]] = contextvars.ContextVar(
 )
 
 
-def _held_up_by_redis() -> None:
+def _held_up_by_redis(waited_s: float = 0.0, failed: bool = False) -> None:
     if (attempt := HELD_UP.get()) is not None:
-        attempt.by_redis = True
+        attempt.waited_s += waited_s
+        attempt.failed |= failed
 
 
 async def persist(
@@ -3666,16 +3678,14 @@ async def persist(
     while True:
         started = time.monotonic()
         try:
-            result = await operation(*args, **kwargs)
+            return await operation(*args, **kwargs)
         except REDIS_TRANSIENT as exc:
-            _held_up_by_redis()
+            _held_up_by_redis(failed=True)
             log.warning("redis unavailable; will retry", extra={"op": what, "error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, REDIS_RETRY_MAX_S)
-            continue
-        if time.monotonic() - started > REDIS_SLOW_S:
-            _held_up_by_redis()
-        return result
+        finally:
+            _held_up_by_redis(waited_s=time.monotonic() - started)
 
 
 class Engine:
@@ -3720,6 +3730,7 @@ class Engine:
         self._orphan_suspects: set[str] = set()
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self._ticked = math.inf  # when the pause watcher last ran
+        self._abandoned: set[asyncio.Task[Any]] = set()  # requests' Redis tasks past deadline
         self._fetcher: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._children: list[asyncio.Task[None]] = []
@@ -3815,7 +3826,7 @@ class Engine:
 
     async def stop(self) -> None:
         if self._task is not None:
-            await cancel_and_wait([*self._children, self._task])
+            await cancel_and_wait([*self._children, self._task, *self._abandoned])
             self._task = None
 
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -4043,6 +4054,18 @@ class Engine:
     def schedule_promotion(self) -> None:
         self._promote_now.set()
 
+    def abandon(self, task: asyncio.Task[Any]) -> None:
+        """Cancel a request's Redis task without waiting for it (within_deadline); it is kept
+        until it has ended, and cancelled again on shutdown."""
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an error of an abandoned request is nobody's to see
+
     async def _pause_loop(self) -> None:
         """Notice the whole process standing still (see PAUSE_MIN_S)."""
         while True:
@@ -4139,7 +4162,7 @@ class _Attempt:
     async def resume(self) -> None:
         """Carry on after Redis failed under a step that was not retried: ask the chain about a
         sent transaction, else run the attempt again, uncounted (Redis held it up)."""
-        _held_up_by_redis()
+        _held_up_by_redis(failed=True)
         if self.order.status is Status.SUBMITTED:
             await self.resume_submitted()
         elif self.order.status not in (*TERMINAL, Status.PENDING, Status.WAITING):
@@ -4178,8 +4201,8 @@ class _Attempt:
         engine = self.engine
         timeout_s = engine.config.execution_timeout_ms / 1000
         self.began = time.monotonic()
-        if (held_up := HELD_UP.get()) is not None:
-            held_up.by_redis = False  # what held up an earlier step does not excuse this attempt
+        if (held_up := HELD_UP.get()) is not None:  # an earlier step's wait excuses nothing here
+            held_up.waited_s, held_up.failed = 0.0, False
         await self.move(
             Status.ROUTING,
             attempts=self.order.attempts + 1,
@@ -4303,9 +4326,10 @@ class _Attempt:
     def spared(self, counted: bool) -> bool:
         """Whether the attempt failing now is given back rather than counted."""
         held_up = HELD_UP.get()
+        allowance_s = min(REDIS_SLOW_S, self.engine.config.execution_timeout_ms / 10_000)
         excused = (
             not counted
-            or (held_up is not None and held_up.by_redis)
+            or (held_up is not None and held_up.by_redis(allowance_s))
             or self.engine.paused_since(self.began)
         )
         return excused and self.order.given_back < GIVEN_BACK_MAX
@@ -4843,15 +4867,23 @@ def malformed(exc: BaseException | None) -> ApiError:
     return ApiError(400, "MALFORMED_REQUEST", message or "the request is not valid HTTP/1.1")
 
 
-@contextlib.asynccontextmanager
-async def redis_deadline(message: str = REDIS_UNAVAILABLE) -> AsyncIterator[None]:
-    """Bound what a request waits for Redis (README, HTTP API): past REDIS_REQUEST_DEADLINE_S
-    it answers 503, retryable, instead of holding the client while Redis is stalled."""
+async def within_deadline(
+    engine: Engine, operation: Awaitable[T], message: str = REDIS_UNAVAILABLE
+) -> T:
+    """What a request asks of Redis, answered within REDIS_REQUEST_DEADLINE_S or else 503,
+    retryable (README, HTTP API). The operation runs as a task of its own, abandoned rather than
+    awaited at the deadline: Redis's client can hold up its own cancellation (Python 3.11's
+    wait_for in redis-py's connect does), and the answer must not wait for that."""
+    task = asyncio.ensure_future(operation)
     try:
-        async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
-            yield
-    except TimeoutError:
-        raise ApiError(503, "REDIS_UNAVAILABLE", message, retryable=True) from None
+        done, _ = await asyncio.wait({task}, timeout=REDIS_REQUEST_DEADLINE_S)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        engine.abandon(task)
+        raise ApiError(503, "REDIS_UNAVAILABLE", message, retryable=True)
+    return task.result()
 
 
 @web.middleware
@@ -4914,13 +4946,27 @@ class Authenticator:
         """The token's subject, or 401 saying what is wrong with the token."""
         return self.claims(token)[0]
 
-    def claims(self, token: str | None) -> tuple[str, float]:
-        """The token's subject and expiry (seconds since the epoch), or 401 saying what is wrong
-        with the token."""
+    def claims(self, token: str | None) -> tuple[str, float | None]:
+        """The token's subject and expiry (seconds since the epoch; None if past any socket's
+        life), or 401 saying what is wrong with the token, in words of the engine's own: the
+        answer never quotes the token."""
         if token is None:
             raise _unauthorized("AUTH_REQUIRED", "send Authorization: Bearer <jwt>")
+        if not JWT_RE.fullmatch(token):
+            raise _unauthorized("TOKEN_INVALID", "the token is not a JWT (three base64url parts)")
+        claims = self._decode(token)
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not USER_ID_RE.fullmatch(subject):
+            raise _unauthorized("TOKEN_INVALID", "the token's sub is not a valid userId")
+        for name in ("exp", "nbf", "iat"):  # PyJWT also takes numbers written as strings
+            if name in claims and not _is_number(claims[name]):
+                raise _unauthorized("TOKEN_INVALID", f"the token's {name} is not a number")
+        expires = claims["exp"]
+        return subject, float(expires) if expires < JWT_EXP_MAX_S else None
+
+    def _decode(self, token: str) -> dict[str, Any]:
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
@@ -4937,15 +4983,9 @@ class Authenticator:
         except jwt.InvalidAlgorithmError:
             message = f"the token must be signed with {' or '.join(self._algorithms)}"
             raise _unauthorized("TOKEN_INVALID", message) from None
-        except jwt.InvalidTokenError as exc:
-            raise _unauthorized("TOKEN_INVALID", f"the token is not valid: {exc}") from None
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not USER_ID_RE.fullmatch(subject):
-            raise _unauthorized("TOKEN_INVALID", "the token's sub is not a valid userId")
-        for name in ("exp", "nbf", "iat"):  # PyJWT also takes numbers written as strings
-            if name in claims and not _is_number(claims[name]):
-                raise _unauthorized("TOKEN_INVALID", f"the token's {name} is not a number")
-        return subject, float(claims["exp"])
+        except jwt.InvalidTokenError:  # its message can quote the token (a crit header's names)
+            raise _unauthorized("TOKEN_INVALID", "the token is not a valid JWT") from None
+        return claims
 
 
 AUTH: Final = web.AppKey("auth", Authenticator)
@@ -5083,7 +5123,9 @@ def parse_order_request(body: object, now_s: float) -> OrderRequest:
         raise ApiError(400, "INVALID_BODY", "the body must be a JSON object")
     for name in body:
         if name not in ORDER_FIELDS:
-            raise ApiError(400, "UNKNOWN_FIELD", f"unknown field {name!r}", field=str(name))
+            named = isinstance(name, str) and FIELD_NAME_RE.fullmatch(name)
+            message = f"unknown field {name!r}" if named else "a field has a name no order takes"
+            raise ApiError(400, "UNKNOWN_FIELD", message, field=name if named else None)
     user_id = parse_user_id(body.get("userId"))
     sell = parse_token(body, "inputToken")
     buy = parse_token(body, "outputToken")
@@ -5217,8 +5259,10 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
         # orjson has read it as the nearest float: read the number again as written.
         try:
             body["amount"] = json.loads(raw, parse_float=Decimal)["amount"]
-        except (ValueError, RecursionError):  # what orjson accepts and json does not
+        except (ValueError, RecursionError):  # what orjson takes and json does not
             raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+        except ArithmeticError:  # an exponent past what a decimal holds
+            raise ApiError(400, "INVALID_JSON", "a number in the body is out of range") from None
     return body
 
 
@@ -5236,8 +5280,8 @@ async def execute_order(request: web.Request) -> web.Response:
         body = {**body, "userId": claimed_by(user, body.get("userId"))}
     order_request = parse_order_request(body, engine.now())
     idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
-    async with redis_deadline(CREATE_UNANSWERED):
-        created = await engine.submit(order_request, idempotency_key)
+    submitted = engine.submit(order_request, idempotency_key)
+    created = await within_deadline(engine, submitted, CREATE_UNANSWERED)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
     return json_response({"orderId": created.order_id, "status": created.status}, 202, headers)
 
@@ -5260,14 +5304,13 @@ async def get_order(request: web.Request) -> web.Response:
     order_id = request.match_info["order_id"]
     auth = request.app[AUTH]
     user = auth.user(bearer_token(request)) if auth.enabled else None
-    record = None
+    record, engine = None, request.app[ENGINE]
     if ORDER_ID_RE.fullmatch(order_id):
-        async with redis_deadline():
-            record = await request.app[ENGINE].store.get_order(order_id)
+        record = await within_deadline(engine, engine.store.get_order(order_id))
     if record is None and ORDER_ID_RE.fullmatch(order_id):
         record = await archived(request.app[ENGINE], order_id)
     if record is None or (user is not None and record["userId"] != user):
-        raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} (unknown or expired)")
+        raise ApiError(404, "ORDER_NOT_FOUND", "no such order (unknown or expired)")
     return json_response(record)
 
 
@@ -5289,10 +5332,10 @@ async def cancel_order(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     outcome, record = "missing", dict[str, Any]()
     if ORDER_ID_RE.fullmatch(order_id):
-        async with redis_deadline(CANCEL_UNANSWERED):
-            outcome, record = await engine.store.cancel(order_id, user_id, engine.instance_id)
+        cancelling = engine.store.cancel(order_id, user_id, engine.instance_id)
+        outcome, record = await within_deadline(engine, cancelling, CANCEL_UNANSWERED)
     if outcome == "missing":
-        raise ApiError(404, "ORDER_NOT_FOUND", f"no order {order_id!r} of user {user_id!r}")
+        raise ApiError(404, "ORDER_NOT_FOUND", "no such order of this user")
     if outcome == "not_cancellable":
         status = record["status"]
         raise ApiError(
@@ -5304,8 +5347,9 @@ async def cancel_order(request: web.Request) -> web.Response:
 async def list_orders(request: web.Request) -> web.Response:
     user_id = caller(request, request.query.get("userId"))
     limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
-    async with redis_deadline():
-        orders = await request.app[ENGINE].store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
+    engine = request.app[ENGINE]
+    listing = engine.store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
+    orders = await within_deadline(engine, listing)
     return json_response({"userId": user_id, "orders": orders})
 
 
@@ -5315,12 +5359,11 @@ CANCEL_UNANSWERED: Final = (
 )
 
 
-async def probe_redis(operation: Awaitable[T]) -> T | None:
+async def probe_redis(engine: Engine, operation: Awaitable[T]) -> T | None:
     """What a probe asks of Redis, or None when it does not answer within the request deadline."""
     try:
-        async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
-            return await operation
-    except (*REDIS_TRANSIENT, TimeoutError):
+        return await within_deadline(engine, operation)
+    except (ApiError, *REDIS_TRANSIENT):
         return None
 
 
@@ -5328,7 +5371,7 @@ async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format 0.0.4, which every Prometheus reads; queue depths are
     read from Redis for each scrape."""
     engine, collected = request.app[ENGINE], request.app[METRICS]
-    depths = await probe_redis(engine.store.queue_depths(engine.instance_id))
+    depths = await probe_redis(engine, engine.store.queue_depths(engine.instance_id))
     if depths is not None:  # Redis away: the last depths, and the errors
         collected.depths = depths
     return web.Response(body=collected.scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
@@ -5338,7 +5381,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
     engine = request.app[ENGINE]
     checks: dict[str, str] = {}
-    answered = await probe_redis(engine.store.redis.ping())
+    answered = await probe_redis(engine, engine.store.redis.ping())
     checks["redis"] = "ok" if answered is not None else "unavailable"
     if engine.history is not None:
         try:
@@ -5354,7 +5397,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body: dict[str, Any] = {"status": "ok", "instance": engine.instance_id}
-    body["queue"] = await probe_redis(engine.store.queue_depths(engine.instance_id))
+    body["queue"] = await probe_redis(engine, engine.store.queue_depths(engine.instance_id))
     if body["queue"] is None:
         body["status"] = "unavailable"
         body |= ApiError(503, "REDIS_UNAVAILABLE", "redis does not answer", retryable=True).body()
@@ -5404,23 +5447,44 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    routes = [
-        ("POST", "/api/orders/execute", execute_order),
-        ("*", "/api/orders/execute", only_post),  # before {order_id} can take "execute"
-        ("GET", "/api/orders", list_orders),
-        ("GET", "/api/orders/{order_id}", get_order),
-        ("DELETE", "/api/orders/{order_id}", cancel_order),
-        ("GET", "/healthz", healthz),
-        ("GET", "/metrics", metrics),
-        ("GET", "/readyz", readyz),
-        ("GET", "/ws", websocket),
-    ]
-    for method, path, handler in routes:
-        app.router.add_route(method, path, handler, expect_handler=expect_continue)
+    """Every path with its methods; any other method there is 405, any other path 404, and
+    every route, those included, takes Expect: 100-continue the engine's way."""
+    routes: dict[str, dict[str, Handler]] = {
+        "/api/orders/execute": {"POST": execute_order},  # before {order_id} can take "execute"
+        "/api/orders": {"GET": list_orders},
+        "/api/orders/{order_id}": {"GET": get_order, "DELETE": cancel_order},
+        "/healthz": {"GET": healthz},
+        "/livez": {"GET": livez},
+        "/metrics": {"GET": metrics},
+        "/readyz": {"GET": readyz},
+        "/ws": {"GET": websocket},
+    }
+    for path, methods in routes.items():
+        for method, handler in methods.items():
+            app.router.add_route(method, path, handler, expect_handler=expect_continue)
+            if method == "GET":  # probes and load balancers ask with HEAD
+                app.router.add_route("HEAD", path, handler, expect_handler=expect_continue)
+        allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
+        other = functools.partial(method_not_allowed, allowed)
+        app.router.add_route("*", path, other, expect_handler=expect_continue)
+    app.router.add_route("*", "/{anything:.*}", not_found, expect_handler=expect_continue)
 
 
-async def only_post(request: web.Request) -> web.Response:
-    raise ApiError(405, "METHOD_NOT_ALLOWED", "use POST", headers={"Allow": "POST"})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def method_not_allowed(allowed: str, request: web.Request) -> web.Response:
+    raise ApiError(405, "METHOD_NOT_ALLOWED", f"use {allowed}", headers={"Allow": allowed})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise ApiError(404, "NOT_FOUND", "no such path")
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Alive: the process answers. Nothing else is asked (not Redis: an outage is no reason to
+    restart the engine), so a liveness probe restarts only an engine that is truly stuck."""
+    return json_response({"status": "alive", "instance": request.app[ENGINE].instance_id})
 
 
 async def expect_continue(request: web.Request) -> web.Response | None:
@@ -5463,7 +5527,8 @@ class Connection(web.RequestHandler):
     open connections a new one is answered 503 and closed; a request aiohttp cannot parse is
     answered in the error envelope, never echoing it; headers must arrive within
     ENGINE_HTTP_TIMEOUT_S of connecting or of the last answer (aiohttp's keep-alive deadline,
-    which also closes a connection idle that long). read_json bounds the body likewise."""
+    which also closes a connection idle that long). read_json bounds the body likewise, and
+    a client that stops taking what it is sent is cut off after as long."""
 
     def __init__(self, manager: web.Server, connections: Connections, timeout_s: float) -> None:
         super().__init__(
@@ -5474,7 +5539,36 @@ class Connection(web.RequestHandler):
             access_log=None,  # type: ignore[arg-type]  # None: no access log, as AppRunner's
         )
         self._connections = connections
+        self._timeout_s = timeout_s
+        self._stuck: asyncio.TimerHandle | None = None
         self.refused = False
+
+    def pause_writing(self) -> None:
+        """The transport holds more than it may of what this connection sends: the client is
+        not reading. It has ENGINE_HTTP_TIMEOUT_S to start again, or it is cut off (aiohttp
+        would wait for it for ever, holding the connection and what it was sent)."""
+        super().pause_writing()
+        if self._stuck is None and self.transport is not None:
+            self._stuck = asyncio.get_running_loop().call_later(
+                self._timeout_s, self.transport.abort
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stuck is not None:
+            self._stuck.cancel()
+            self._stuck = None
+
+    async def start(self) -> None:
+        """aiohttp's request loop, but a request it cannot even make (a URL whose host is no
+        valid IDNA name) is answered as malformed, not left to hold the connection for ever."""
+        try:
+            await super().start()
+        except Exception as exc:
+            log.debug("request refused", extra={"error": type(exc).__name__})
+            if self.transport is not None:
+                self.transport.write(_http_response(400, "Bad Request", malformed(exc)))
+                self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._connections.admit(self):
@@ -5485,6 +5579,8 @@ class Connection(web.RequestHandler):
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._stuck is not None:
+            self._stuck.cancel()
         if not self.refused:
             self._connections.open.discard(self)
             super().connection_lost(exc)
@@ -5674,15 +5770,21 @@ async def _stop_process(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-@contextlib.asynccontextmanager
-async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncIterator[str]:
-    """A private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
-    binary = redis_server_binary()
-    sock, lock = await asyncio.to_thread(_prepare_data_dir, data_dir)
-    try:
-        await _shut_down_leftover(sock)
-        proc = await asyncio.create_subprocess_exec(
-            *_embedded_args(binary, sock, durability),
+class EmbeddedRedis:
+    """The private redis-server of an engine without REDIS_URL: started, started again whenever
+    it dies (its append-only file brings back everything it had written), stopped with the
+    engine."""
+
+    def __init__(self, sock: Path, durability: str) -> None:
+        self.sock = sock
+        self._args = _embedded_args(redis_server_binary(), sock, durability)
+        self._log = sock.parent / "redis.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        log_from = self._log.stat().st_size if self._log.exists() else 0
+        proc = self.proc = await asyncio.create_subprocess_exec(
+            *self._args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -5690,16 +5792,78 @@ async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncI
             preexec_fn=_die_with_parent(),
         )
         try:
-            await _wait_until_serving(proc, sock)
+            await _wait_until_serving(proc, self.sock)
+            await self._mend_torn_tail(log_from)
         except BaseException:
             await _stop_process(proc)
             raise
-        log.info("embedded redis started", extra={"socket": str(sock), "pid": proc.pid})
+        log.info("embedded redis started", extra={"socket": str(self.sock), "pid": proc.pid})
+
+    async def _mend_torn_tail(self, log_from: int) -> None:
+        """Redis 6.2 loads an append-only file whose last transaction was torn (killed mid-write)
+        by cutting it inside the transaction: its MULTI stays at the end, and the next
+        transaction appended after it would run the torn one's commands with its own. A rewrite
+        of the file from what Redis loaded removes it before anything is appended."""
+        loaded = await asyncio.to_thread(_read_from, self._log, log_from)
+        if "Truncating the AOF" not in loaded:
+            return
+        log.warning("embedded redis found a torn write at the end of its AOF; rewriting it")
+        client = aioredis.Redis(unix_socket_path=str(self.sock))
+        try:
+            await client.bgrewriteaof()
+            deadline = time.monotonic() + EMBEDDED_START_TIMEOUT_S
+            while (await client.info("persistence"))["aof_rewrite_in_progress"]:
+                if time.monotonic() > deadline:
+                    raise StartupError("the embedded redis did not finish rewriting its AOF")
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def keep_running(self) -> None:
+        """Start the server again whenever it exits (killed, crashed), backing off while it
+        cannot start; meanwhile the engine waits for Redis as during any outage."""
+        delay = REDIS_RETRY_MIN_S
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            log.error("embedded redis exited; starting it again", extra={"code": code})
+            await asyncio.sleep(delay)
+            try:
+                await self.start()
+                delay = REDIS_RETRY_MIN_S
+            except StartupError as exc:
+                log.error("embedded redis did not start again", extra={"error": str(exc)})
+                delay = min(delay * 2, EMBEDDED_RESTART_MAX_S)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await _stop_process(self.proc)
+            log.info("embedded redis stopped", extra={"pid": self.proc.pid})
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@contextlib.asynccontextmanager
+async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncIterator[str]:
+    """A private redis-server on a unix socket under DATA_DIR, AOF on; yields its URL."""
+    sock, lock = await asyncio.to_thread(_prepare_data_dir, data_dir)
+    try:
+        await _shut_down_leftover(sock)
+        server = EmbeddedRedis(sock, durability)
+        await server.start()
+        keeper = asyncio.create_task(server.keep_running())
         try:
             yield f"unix://{sock}"
         finally:
-            await _stop_process(proc)
-            log.info("embedded redis stopped", extra={"pid": proc.pid})
+            await cancel_and_wait([keeper])
+            await server.stop()
     finally:
         os.close(lock)  # only now: the directory's Redis has stopped
 

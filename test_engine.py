@@ -10,6 +10,7 @@ on cue. Mock latencies are 0 and the seed is fixed; every wait polls with a dead
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
@@ -447,8 +448,8 @@ async def reach(
     records: list[dict[str, Any]] = []
 
     async def reached() -> bool:
-        records[:] = await records_at(http, url, order_ids)
-        return all(record["status"] in statuses for record in records)
+        records[:] = await records_at(http, url, order_ids)  # a 503 has no status: not yet
+        return all(record.get("status") in statuses for record in records)
 
     await wait_for(reached, f"{len(order_ids)} orders to reach {statuses}")
     return records
@@ -1484,6 +1485,25 @@ async def test_the_chain_decides_expiry_by_its_own_clock_once_per_signature(
     assert await landed_transactions(redis, config) == {fresh.order_id: [fresh.signature]}
 
 
+async def test_what_an_attempt_waits_on_redis_counts_however_the_wait_ends() -> None:
+    held = eng.HeldUp()
+    token = eng.HELD_UP.set(held)
+
+    async def answers_late() -> int:
+        await asyncio.sleep(0.2)  # Redis's slow answer
+        return 1
+
+    try:
+        assert await eng.persist("slow", answers_late) == 1
+        # An attempt's own timeout cuts a wait short: the wait still counts.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(eng.persist("stalled", asyncio.Event().wait), 0.2)
+    finally:
+        eng.HELD_UP.reset(token)
+    assert held.waited_s >= 0.4
+    assert (held.by_redis(0.3), held.by_redis(1.0), held.failed) == (True, False, False)
+
+
 class HeldChain(eng.MockChain):
     """A chain whose first send reaches Redis only when the test says: a write held in a queue
     while the worker, its execution timed out, asks the chain what became of it."""
@@ -1517,7 +1537,8 @@ async def test_a_send_held_back_past_its_expiry_never_lands_beside_the_retry(
     chain.release.set()  # the first send reaches Redis at last, long after its expiry
     late = await chain.held[0]
     assert (late.landed, late.code) == (False, "TX_EXPIRED")
-    assert record["attempts"] == 2
+    # The write that never came back in time held the attempt up: it is given back.
+    assert (record["attempts"], record["attemptsGivenBack"]) == (1, 1)
     assert [h.get("code") for h in record["history"]].count("EXECUTION_TIMEOUT") == 1
     assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
 
@@ -2037,6 +2058,15 @@ def bearer(value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {value}"}
 
 
+def unsigned(header: dict[str, Any], claims: Any = None) -> str:
+    """A token of any header and claims, signature not checked first (anyone can make one)."""
+
+    def part(value: Any) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(claims or {})}.AAAA"
+
+
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
@@ -2051,6 +2081,13 @@ def bearer(value: str) -> dict[str, str]:
         (bearer(jwt.encode({"sub": "1", "exp": 2**40}, None, algorithm="none")), "TOKEN_INVALID"),
         (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
         (bearer(token(nbf="0")), "TOKEN_INVALID"),
+        # a header naming extensions the server must know, checked before the signature: the
+        # answer names none of them (they could carry anything, line breaks included)
+        (
+            bearer(unsigned({"alg": "HS256", "crit": ["zq7secret\r\nX-Injected: 1"]})),
+            "TOKEN_INVALID",
+        ),
+        (bearer("ey\u00ff.e30.AAAA"), "TOKEN_INVALID"),  # not base64url
     ],
 )
 async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
@@ -2062,6 +2099,7 @@ async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
         assert response.status == 401, (method, path)
         assert (await response.json())["error"]["code"] == code
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "zq7secret" not in str(response.headers) + await response.text()
 
 
 async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
@@ -2123,6 +2161,14 @@ async def test_a_websocket_is_closed_4001_when_its_token_expires(
         closed_at = time.time()
     assert (message.type, message.data) == (WSMsgType.CLOSE, 4001)
     assert closed_at >= expires
+
+
+async def test_a_token_that_never_expires_is_taken(start: Start, config: Config) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    forever = bearer(token(exp=10**400))  # past any float; still a number
+    assert (await post(client, ORDER, **forever))[0] == 202
+    async with client.ws_connect("/ws", headers=forever) as ws:
+        assert (await receive(ws))["type"] == "connected"
 
 
 async def test_without_a_key_the_engine_says_it_is_open(
@@ -2695,6 +2741,9 @@ async def test_an_amount_with_more_decimals_than_its_token_is_refused_as_written
     response = await client.post(EXECUTE, data=body, headers=JSON)
     error = (await response.json())["error"]
     assert (response.status, error["code"], error["field"]) == (400, "INVALID_AMOUNT", "amount")
+    huge = body.replace(amount, b'1.5, "slippageBps": 1e-99999999999999999999')
+    response = await client.post(EXECUTE, data=huge, headers=JSON)  # past any decimal
+    assert (response.status, (await response.json())["error"]["code"]) == (400, "INVALID_JSON")
     exact = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 1.100000000}'
     response = await client.post(EXECUTE, data=exact, headers=JSON)  # trailing zeros are fine
     assert response.status == 202
@@ -2825,6 +2874,7 @@ MARK = b"zq7secret"  # must never come back in an answer
         b"GET /" + MARK * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL over 8 KiB
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + MARK * 1000 + b"\r\n\r\n",
         b"\x16\x03\x01\x00\xa5" + MARK + b"\r\n\r\n",  # TLS on the plain port
+        b"GET http://xn--/" + MARK + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a host no IDNA name
     ],
 )
 async def test_what_the_http_parser_refuses_gets_the_envelope_and_is_never_echoed(
@@ -2836,6 +2886,63 @@ async def test_what_the_http_parser_refuses_gets_the_envelope_and_is_never_echoe
     assert b"Content-Type: application/json" in head
     assert MARK not in head + body
     assert error["message"]
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/no/such/path", b"/api/orders/execute"])
+async def test_an_expectation_the_engine_does_not_know_is_refused_on_every_path(
+    served: Served, path: bytes
+) -> None:
+    request = b"PATCH " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: \xff" + MARK + b"\r\n\r\n"
+    status, head, body = await exchange(await served(), request)
+    assert (status, orjson.loads(body)["error"]["code"]) == (417, "EXPECTATION_FAILED")
+    assert MARK not in head + body
+
+
+async def test_what_a_client_names_wrongly_is_not_repeated_back(start: Start) -> None:
+    client = await start()
+    marker = "zq7secret"
+    for method, path in [("GET", f"/api/orders/{marker}"), ("DELETE", f"/api/orders/{marker}")]:
+        response = await client.request(method, path, params={"userId": "1"})
+        assert response.status == 404
+        assert marker not in await response.text()
+    odd = {**ORDER, f"{marker}\u0000 {marker}": 1}  # not a name: not named back
+    status, reply = await post(client, odd)
+    assert (status, reply["error"]["code"], reply["error"]["field"]) == (400, "UNKNOWN_FIELD", None)
+    assert marker not in orjson.dumps(reply).decode()
+    status, reply = await post(client, {**ORDER, "side": "buy"})  # a plain name is
+    assert (reply["error"]["field"], reply["error"]["message"]) == ("side", "unknown field 'side'")
+
+
+async def test_every_path_answers_head_and_its_methods_only(start: Start) -> None:
+    client = await start()
+    assert (await client.head("/healthz")).status == 200
+    alive = await client.get("/livez")
+    assert (alive.status, (await alive.json())["status"]) == (200, "alive")
+    response = await client.patch("/api/orders/order_" + "0" * 32)
+    assert (response.status, response.headers["Allow"]) == (405, "DELETE, GET, HEAD")
+    response = await client.post("/no/such/path", data=b"x")
+    assert (response.status, (await response.json())["error"]["code"]) == (404, "NOT_FOUND")
+
+
+async def test_a_client_that_stops_reading_its_answers_is_cut_off(
+    served: Served, config: Config
+) -> None:
+    url = await served(replace(config, http_timeout_s=1))
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (host, int(port)))
+    await loop.sock_sendall(raw, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    async with ClientSession() as http:
+
+        async def let_go() -> bool:  # every connection but the one asking
+            async with http.get(f"{url}/healthz") as reply:
+                return bool((await reply.json())["connections"] == 1)
+
+        await wait_for(let_go, "the engine to cut the client off")
+    raw.close()
 
 
 async def test_a_body_announced_too_large_is_refused_before_it_is_sent(served: Served) -> None:
@@ -2944,9 +3051,18 @@ async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_o
             True,
         )
         assert "Idempotency-Key" in error["message"]
-        paths = ("/api/orders?userId=1", f"/api/orders/order_{'a' * 32}", "/healthz", "/readyz")
-        answers = await asyncio.gather(*(client.get(path, timeout=in_time) for path in paths))
-        assert [answer.status for answer in answers] == [503] * len(paths)
+        unknown = f"/api/orders/order_{'a' * 32}"
+        asks = [
+            ("GET", "/api/orders?userId=1"),
+            ("GET", unknown),
+            ("DELETE", unknown + "?userId=1"),
+        ]
+        asks += [("GET", "/healthz"), ("GET", "/readyz")]
+        for _ in range(2):  # bursts that need more connections than the pool has open
+            answers = await asyncio.gather(
+                *(client.request(m, path, timeout=in_time) for m, path in asks * 8)
+            )
+            assert [answer.status for answer in answers] == [503] * len(asks) * 8
     finally:
         server.signal(signal.SIGCONT)
     # Whether or not Redis ran the abandoned create when it woke, the retry gets one order.
@@ -3641,3 +3757,68 @@ async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
         await reach(http, own.url, order_ids, *TERMINAL)
         ended = await outcomes(own.redis, own.config, dict.fromkeys(order_ids, "1"))
         assert len(ended) == 100
+
+
+async def test_the_embedded_redis_killed_is_started_again_and_no_order_fails(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(
+        replace(config, redis_url=None), ENGINE_DEX_LATENCY_SCALE="0.3", ENGINE_DEX_FAULTS=NO_TAIL
+    )
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    async with ClientSession() as http:
+        order_ids = [await place(http, url) for _ in range(10)]
+        await reach(http, url, order_ids[:3], "submitted", *TERMINAL)
+        pid = int((config.data_dir / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # the engine's own Redis, mid-execution
+        await reach(http, url, order_ids, *TERMINAL)  # answers again: it was started again
+        records = await records_at(http, url, order_ids)
+        assert {record["status"] for record in records} == {"confirmed"}
+        await reach(http, url, [await place(http, url)], "confirmed")
+    assert any("embedded redis exited; starting it again" in line for line in engine.lines)
+
+
+def torn_transaction(*keys: str) -> bytes:
+    """The head of a transaction (MULTI, an INCR, half of an XADD) as a kill leaves it at the
+    end of an append-only file: the write that was never finished nor answered."""
+    seq, log_key = (key.encode() for key in keys)
+    return b"*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (
+        len(seq),
+        seq,
+    ) + b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$3\r\n4-" % (len(log_key), log_key)
+
+
+async def test_a_torn_write_at_the_end_of_the_aof_never_shows_later(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    keys = eng.Keys(config.redis_prefix)
+    for start_number in range(3):
+        engine = await EngineProcess.spawn(env)
+        processes.append(engine)
+        url = await engine.url()
+        async with ClientSession() as http:
+            await reach(http, url, [await place(http, url)], "confirmed")
+            if start_number == 2:
+                log = [f["e"] async for f in _logged(http, url)]
+        engine.proc.send_signal(signal.SIGTERM)
+        assert await engine.exit_code() == 0
+        if start_number == 0:  # as if Redis had been killed mid-write before stopping
+            with (config.data_dir / "appendonly.aof").open("ab") as aof:
+                aof.write(torn_transaction(keys.user_seq("1"), keys.user_log("1")))
+    # Every event of the user's three orders is there, and nothing else: seq 1 to 15.
+    assert [orjson.loads(event)["seq"] for event in log] == list(range(1, 16))
+
+
+async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]]:
+    """The user's whole event log, as a client resuming from the start reads it."""
+    async with http.ws_connect(f"{url}/ws?userId=1&since=0") as ws:
+        assert orjson.loads((await ws.receive()).data)["type"] == "connected"
+        while True:
+            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            event = orjson.loads(message.data)
+            yield {"e": message.data}
+            if event["seq"] == 15:
+                return
