@@ -118,8 +118,8 @@ CONNECTIONS_WARN_EVERY_S: Final = 10.0
 FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedded Redis, logs
 
 # Per-user indexes and the event log: the README promises at least the last 1,000 events or 24 h
-# (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow, at most
-# WS_UNREAD_MAX + WS_QUEUE_MAX events behind, can always resume from it).
+# (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow can always
+# resume from it).
 USER_ORDERS_KEEP: Final = 1000
 EVENT_LOG_TTL_S: Final = 24 * 3600
 # The seq counter outlives the log so that a client coming back after the log expired is told to
@@ -127,11 +127,17 @@ EVENT_LOG_TTL_S: Final = 24 * 3600
 SEQ_TTL_S: Final = 7 * 24 * 3600
 
 # WebSocket delivery. A socket is sent at most WS_UNREAD_MAX events its client has not shown it
-# read (a pong to a ping sent after them), and holds at most WS_QUEUE_MAX more; beyond that, or
-# when its client has read nothing for WS_UNREAD_MAX_S while events wait, it is closed with 1013.
+# read (a pong to a ping sent after them) and holds at most WS_QUEUE_MAX live events; past that
+# it is fed from the log, a chunk at a time, as its client reads. It is closed with 1013 when
+# its client has read nothing for WS_UNREAD_MAX_S while events wait, or would soon fall out of
+# reach of the log (see WS_RESUME_SLACK).
 WS_UNREAD_MAX: Final = 1000
 WS_QUEUE_MAX: Final = 1000
 WS_UNREAD_MAX_S: Final = 10.0
+# A socket further behind than the log's length less this is closed with 1013: its client then
+# has this many more events of its user to come back in and resume from the log.
+WS_RESUME_SLACK: Final = 2000
+HUB_LOG_READS_MAX: Final = 8  # sockets reading the log at once (replays), so workers keep Redis
 WS_WRITE_BUFFER_BYTES: Final = 1024 * 1024
 WS_CLOSE_TIMEOUT_S: Final = 2.0
 WS_ABORT_AFTER_S: Final = 5.0  # a closed socket whose client never reads is then cut off
@@ -675,14 +681,14 @@ end
 return out
 """
 
-# Every logged event after `since`, or {'resync'} when the log no longer reaches back that far.
-# KEYS: log, seq   ARGV: 1 since
+# The first ARGV[2] logged events after `since`, or {'resync'} when the log no longer reaches
+# back that far. KEYS: log, seq   ARGV: 1 since, 2 most
 LUA_REPLAY: Final = """
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 local since = tonumber(ARGV[1])
 if since > current then return {'resync'} end
 if since == current then return {'ok'} end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+')
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
 if not entries[1] or entries[1][1] ~= (since + 1) .. '-0' then return {'resync'} end
 local out = {'ok'}
 for i, entry in ipairs(entries) do out[i + 1] = entry[2][2] end
@@ -2498,10 +2504,11 @@ class Store:
         )
         return int(reply[0]), sorted(reply[1:], key=event_seq)
 
-    async def replay(self, user_id: str, since: int) -> list[str] | None:
-        """Logged events after `since`, or None when the log does not reach back that far."""
+    async def replay(self, user_id: str, since: int, most: int) -> list[str] | None:
+        """The first `most` logged events after `since`, or None when the log does not reach
+        back that far."""
         reply = await self._replay(
-            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)], args=[since]
+            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)], args=[since, most]
         )
         return None if reply[0] == "resync" else list(reply[1:])
 
@@ -4397,17 +4404,12 @@ class _Attempt:
 @dataclass(frozen=True, slots=True)
 class HubLimits:
     unread_max: int = WS_UNREAD_MAX  # events sent that the client has not shown it read
-    queue_max: int = WS_QUEUE_MAX  # events waiting to be sent, beyond those
+    queue_max: int = WS_QUEUE_MAX  # live events held for a socket; past that it reads the log
     unread_max_s: float = WS_UNREAD_MAX_S  # how long a client may read nothing while events wait
+    resume_slack: int = WS_RESUME_SLACK  # events a closed client has to come back in
     write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken by the kernel
     sockets_per_user: int = WS_MAX_PER_USER
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
-
-    @property
-    def behind_max(self) -> int:
-        """The most events a socket's client can be missing when it is closed as too slow: the
-        event log must hold them, and more for what happens until the client is back."""
-        return self.unread_max + self.queue_max
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
@@ -4470,6 +4472,7 @@ class Subscriber:
     ping_for: int | None = None  # the seq the ping in flight answers for
     ping_at: float = 0.0  # when it was sent (time.monotonic)
     read: asyncio.Event = field(default_factory=asyncio.Event)  # set when read_seq moves
+    caught_up: bool = False  # has had every event there was, once (a resume may start far back)
     slow: bool = False
     close_code: int | None = None  # the code this server closed it with
 
@@ -4490,12 +4493,20 @@ class Hub:
         client: aioredis.Redis,
         instance_id: str,
         peers_every_s: float,
+        log_keep: int,
     ) -> None:
         self.store = store
         self.limits = limits
+        # How far behind a socket may fall: its client must still find what it last read in the
+        # log (which keeps at least log_keep) after resume_slack more events. One that resumed
+        # from further back and has not caught up yet may fall until a chunk short of the log's
+        # end: it is reading, and the log still reaches what it read.
+        self.behind_max = log_keep - limits.resume_slack
+        self.reach_max = log_keep - limits.unread_max
         self._client = client  # for the subscription: no per-read timeout (see _receive)
         self._instance_id = instance_id
         self._peers_every_s = peers_every_s
+        self._log_reads = asyncio.Semaphore(HUB_LOG_READS_MAX)
         self._filling = False  # a socket's queue is more than half full
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -4616,25 +4627,32 @@ class Hub:
                 self._offer(sub, item)
 
     def _offer(self, sub: Subscriber, item: tuple[int, str]) -> None:
+        """Queue an event for a socket. A socket with queue_max waiting drops them and reads
+        from the log instead, as its client takes them; one that has read nothing for
+        unread_max_s while events wait, or that falls behind_max behind, is closed (1013)."""
         stalled = sub.ping_for is not None and (
             time.monotonic() - sub.ping_at > self.limits.unread_max_s
         )
+        limit = self.behind_max if sub.caught_up else self.reach_max
+        if stalled or item[0] - sub.read_seq > limit:
+            self._drop_slow(sub)
+            return
         try:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self._drop_slow(sub)
-        else:
-            if stalled:  # events keep coming and the client has read nothing for too long
-                self._drop_slow(sub)
-            self._filling |= sub.queue.qsize() > self.limits.queue_max // 2
+            while not sub.queue.empty():  # all in the log: read from there when it is time
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(_CATCH_UP)
+        self._filling |= sub.queue.qsize() > self.limits.queue_max // 2
 
     def _drop_slow(self, sub: Subscriber) -> None:
         """Close a socket that cannot keep up with 1013, without waiting on it for anything.
 
         The close frame goes straight onto the transport behind what the client has not read yet
-        (never through aiohttp's writer, whose drain would wait on the client), the transport
-        closes once that is flushed, and a client that never reads again is cut off after
-        WS_ABORT_AFTER_S. Either way the connection ends and serve() cleans up."""
+        (never through aiohttp's writer, whose drain would wait on the client). The connection
+        stays open until the client answers it, so that a client still reading what came
+        before (pings among it, which it answers) is not cut off mid-way; one that never
+        answers is cut off after WS_ABORT_AFTER_S. Either way serve() then cleans up."""
         if sub.slow:
             return
         sub.slow, sub.close_code = True, WS_CLOSE_TRY_AGAIN_LATER
@@ -4648,7 +4666,6 @@ class Hub:
         if transport is None or transport.is_closing():
             return
         transport.write(close_frame(WS_CLOSE_TRY_AGAIN_LATER, "too slow; reconnect with since"))
-        transport.close()
         asyncio.get_running_loop().call_later(WS_ABORT_AFTER_S, transport.abort)
 
     # -- one socket -------------------------------------------------------------------------------
@@ -4706,9 +4723,10 @@ class Hub:
                 self._write(sub, [connected, *self._snapshot(sub, seq, events)])
             else:
                 sub.last_seq = sub.read_seq = since  # what it has is its own business
-                replay = await persist("replay", self.store.replay, sub.user_id, since)
+                first = await self._read_log(sub)
                 self._write(sub, [connected])
-                await self._send_replay(sub, replay, until=None)
+                await self._catch_up(sub, until=None, first=first)
+            sub.caught_up = True
             await self._forward(sub)
         except ConnectionResetError:
             pass  # the client went away; serve() cleans up
@@ -4737,20 +4755,31 @@ class Hub:
         sub.last_seq = sub.read_seq = max(sub.read_seq, seq)
         return ['{"snapshot":true,' + event[1:] for event in events]
 
-    async def _catch_up(self, sub: Subscriber, until: int | None) -> None:
-        replay = await persist("replay", self.store.replay, sub.user_id, sub.last_seq)
-        await self._send_replay(sub, replay, until)
+    async def _read_log(self, sub: Subscriber) -> list[str] | None:
+        """The next unread_max logged events after last_seq; None if the log is too short."""
+        async with self._log_reads:
+            since, most = sub.last_seq, self.limits.unread_max
+            return await persist("replay", self.store.replay, sub.user_id, since, most)
 
-    async def _send_replay(
-        self, sub: Subscriber, events: list[str] | None, until: int | None
+    async def _catch_up(
+        self, sub: Subscriber, until: int | None, first: list[str] | None = None
     ) -> None:
-        """Send logged events after last_seq (below `until` if set); resync if the log is short."""
-        if events is None:
-            seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
-            self._write(sub, ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)])
-            return
-        numbered = [(event_seq(event), event) for event in events]
-        await self._send(sub, [(seq, e) for seq, e in numbered if until is None or seq < until])
+        """Send the logged events after last_seq (below `until` if set), a chunk at a time as
+        the client reads them; resync if the log does not reach back that far. `first`: the
+        first chunk, when it was read already."""
+        events = first if first is not None else await self._read_log(sub)
+        while not sub.slow:
+            if events is None:
+                seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
+                self._write(sub, ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)])
+                return
+            numbered = [(event_seq(event), event) for event in events]
+            before = sub.last_seq
+            await self._send(sub, [(s, e) for s, e in numbered if until is None or s < until])
+            caught_up = len(events) < self.limits.unread_max or sub.last_seq == before
+            if caught_up or (until is not None and sub.last_seq >= until - 1):
+                return
+            events = await self._read_log(sub)
 
     async def _send(self, sub: Subscriber, events: list[tuple[int, str]]) -> None:
         """Send events (in seq order, after last_seq), never more than `unread_max` beyond what
@@ -5425,6 +5454,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if auth.enabled:
         user_id, expires_at = auth.claims(bearer_token(request, query=True))
         user_id = claimed_by(user_id, claimed)
+        if expires_at is not None and expires_at <= time.time():  # only the skew let it in
+            raise _unauthorized("TOKEN_EXPIRED", "the token has expired")
     else:
         user_id = parse_user_id(claimed)
     since = parse_query_int(request.query.get("since"), "since", 0, 2**53)
@@ -5899,10 +5930,10 @@ def create_app(
     DEXes; `clock`, `hub_limits` and `tracer_provider` (an OpenTelemetry TracerProvider) exist
     for tests and embedding programs."""
     limits = hub_limits or HubLimits()
-    if limits.behind_max * 2 > config.event_log_keep:
+    if limits.resume_slack * 2 > config.event_log_keep or limits.resume_slack <= limits.unread_max:
         raise ConfigError(
-            f"ENGINE_EVENT_LOG_KEEP must be at least {limits.behind_max * 2}: a socket may be "
-            f"closed {limits.behind_max} events behind, and must resume from the log"
+            f"ENGINE_EVENT_LOG_KEEP must be at least {limits.resume_slack * 2}: a socket closed "
+            f"as too slow has {limits.resume_slack} events to come back in"
         )
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
@@ -5946,7 +5977,9 @@ def create_app(
             stack.push_async_callback(events_client.aclose)
 
             beat_s = config.heartbeat_ttl_s / 3
-            hub = app[HUB] = Hub(store, limits, events_client, engine.instance_id, beat_s)
+            hub = app[HUB] = Hub(
+                store, limits, events_client, engine.instance_id, beat_s, config.event_log_keep
+            )
             store.on_event = hub.deliver
             metrics.levels |= {
                 "oee_inflight_orders": lambda: engine.inflight,

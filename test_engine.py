@@ -1804,7 +1804,7 @@ async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
 
 # A small event log, and sockets closed as too slow well before they fall behind it.
 SMALL_LOG = 200
-SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40)
+SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40, resume_slack=80)
 
 
 async def test_resume_at_the_edge_of_the_capped_log(
@@ -1853,6 +1853,41 @@ def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
         frames.append((opcode, data[at : at + length]))
         at += length
     return frames
+
+
+async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_resume_again(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=SMALL_LIMITS)
+    deep = {**ORDER, "userId": "deep"}
+    for order_id in [await order_id_of(client, deep) for _ in range(30)]:  # 150 events logged
+        await wait_status(client, order_id, "confirmed")
+    keys = eng.Keys(config.redis_prefix)
+    newest = int(await redis.get(keys.user_seq("deep")))
+
+    async def keep_placing() -> None:  # the user trades on, faster than the client reads
+        while (await (await client.get("/healthz")).json())["slowWebsocketsClosed"] == 0:
+            await post(client, deep)
+
+    placing = asyncio.create_task(keep_placing())
+    seen = [newest - 110]  # resumes far back, though within the log
+    async with client.ws_connect(f"/ws?userId=deep&since={seen[0]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
+            seen.append(orjson.loads(message.data)["seq"])
+            await hold_fault(0.01)  # a client that reads slowly
+    await placing  # it stopped once the socket was closed: the client comes back in time
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1013)
+    assert seen[1:] == list(range(seen[0] + 1, seen[-1] + 1))
+    listed = await (await client.get("/api/orders?userId=deep&limit=100")).json()
+    for order in listed["orders"]:  # the last orders finish: a few more events
+        await wait_status(client, order["orderId"], *TERMINAL)
+    # Closed before it fell out of reach: from where it stopped, the log replays everything.
+    logged = [e["e"] for i, e in await redis.xrange(keys.user_log("deep"), f"({seen[-1]}-0")]
+    async with client.ws_connect(f"/ws?userId=deep&since={seen[-1]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = [(await asyncio.wait_for(ws.receive(), DEADLINE_S)).data for _ in logged]
+    assert replayed == logged
 
 
 async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_everything(
@@ -2148,6 +2183,16 @@ async def test_a_public_key_verifies_rs256_and_es256_tokens(
     assert good.status == 200
     forged = await client.get("/api/orders", headers=bearer(token("1")))  # HS256 with a secret
     assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
+
+
+async def test_a_token_expired_within_the_clock_skew_opens_no_socket(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    just_expired = bearer(token(exp=int(time.time()) - 2))  # inside the 5 s allowance
+    assert (await post(client, ORDER, **just_expired))[0] == 202  # a request is served ...
+    response = await client.get("/ws", headers=just_expired)  # ... a socket would end at once
+    assert (response.status, (await response.json())["error"]["code"]) == (401, "TOKEN_EXPIRED")
 
 
 async def test_a_websocket_is_closed_4001_when_its_token_expires(
