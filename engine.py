@@ -56,6 +56,7 @@ import socket
 import string
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -131,7 +132,7 @@ SEQ_TTL_S: Final = 7 * 24 * 3600
 # it is fed from the log, a chunk at a time, as its client reads. It is closed with 1013 when
 # its client has read nothing for WS_UNREAD_MAX_S while events wait, or would soon fall out of
 # reach of the log (see WS_RESUME_SLACK).
-WS_UNREAD_MAX: Final = 1000
+WS_UNREAD_MAX: Final = 200  # small: a client closed as too slow soon reaches its close frame
 WS_QUEUE_MAX: Final = 1000
 WS_UNREAD_MAX_S: Final = 10.0
 # A socket further behind than the log's length less this is closed with 1013: its client then
@@ -140,7 +141,8 @@ WS_RESUME_SLACK: Final = 2000
 HUB_LOG_READS_MAX: Final = 8  # sockets reading the log at once (replays), so workers keep Redis
 WS_WRITE_BUFFER_BYTES: Final = 1024 * 1024
 WS_CLOSE_TIMEOUT_S: Final = 2.0
-WS_ABORT_AFTER_S: Final = 5.0  # a closed socket whose client never reads is then cut off
+WS_ABORT_AFTER_S: Final = 5.0  # a socket closed as slow whose client takes nothing is cut off
+WS_DRAIN_CHECK_S: Final = 0.5  # how often such a socket's unsent bytes are looked at
 # Kernel buffer per socket: bounds the memory a client that stopped reading can pin, and makes
 # it show up as slow after a few hundred KiB instead of a few MiB.
 WS_SOCKET_SNDBUF_BYTES: Final = 256 * 1024
@@ -592,9 +594,11 @@ return record
 # stalled (not exited) instance may still have a BLMOVE blocked in Redis, which Redis serves
 # with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
 # every round, until it has been dead for ARGV[3] seconds (longer than a blocking pop lasts).
-# ARGV[2] == '0' (its own clean shutdown) forgets it at once, and drops the leases of the orders
-# it hands back: they were not taken from a dead engine (LUA_CLAIM counts no recovery for them).
-# KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since
+# ARGV[2] == '0' (its own clean shutdown) forgets it at once. The orders of an instance shutting
+# down cleanly are handed back with their leases dropped, so that LUA_CLAIM counts no recovery
+# for them: by itself, or by another instance when its own hand-back did not reach Redis (its
+# draining mark, KEYS[8], set when the drain began, says so).
+# KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since, draining
 # ARGV: 1 instance, 2 only_if_dead, 3 grace_s
 LUA_RECOVER: Final = """
 if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
@@ -602,11 +606,12 @@ if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
   return -1
 end
 local moved = 0
+local handed = ARGV[2] == '0' or redis.call('EXISTS', KEYS[8]) == 1
 while true do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
   moved = moved + 1
-  if ARGV[2] == '0' then redis.call('HDEL', '$ORDER_PREFIX' .. id, 'lease') end
+  if handed then redis.call('HDEL', '$ORDER_PREFIX' .. id, 'lease') end
 end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 local now = tonumber(redis.call('TIME')[1])
@@ -616,6 +621,7 @@ if ARGV[2] == '1' and not since then
 elseif ARGV[2] == '0' or now - since > tonumber(ARGV[3]) then
   redis.call('SREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('DEL', KEYS[8])
 end
 if ARGV[2] == '0' then redis.call('DEL', KEYS[4]) end
 return moved
@@ -1914,6 +1920,9 @@ class Keys:
     def heartbeat(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}"
 
+    def draining(self, instance: str) -> str:
+        return f"{self.prefix}instance:{instance}:draining"
+
     @property
     def pending(self) -> str:
         return f"{self.prefix}queue:pending"
@@ -2353,10 +2362,16 @@ class Store:
                 keys.outbox_batch(instance),
                 keys.outbox,
                 keys.dead,
+                keys.draining(instance),
             ],
             args=[instance, "1" if only_if_dead else "0", DEAD_GRACE_S],
         )
         return int(moved)
+
+    async def mark_draining(self, instance: str, ttl_s: int) -> bool:
+        """Say this instance is shutting down cleanly: should its own hand-back fail, whoever
+        recovers its orders hands them back too (LUA_RECOVER)."""
+        return bool(await self.redis.set(self.keys.draining(instance), 1, ex=ttl_s))
 
     async def processing(self, instance: str) -> list[str]:
         return [str(job) for job in await self.redis.lrange(self.keys.processing(instance), 0, -1)]
@@ -3817,6 +3832,7 @@ class Engine:
         if self._drained:
             return
         self._drained = self.draining = True
+        marked = await self._quickly(self.store.mark_draining(self.instance_id, self._mark_ttl_s))
         if self._fetcher is not None:
             await cancel_and_wait([self._fetcher])
         with contextlib.suppress(TimeoutError):
@@ -3824,12 +3840,27 @@ class Engine:
                 await self._idle.wait()
         unfinished = self.inflight
         await self.stop()
-        try:
-            requeued = await self.store.recover(self.instance_id, only_if_dead=False)
-        except REDIS_TRANSIENT as exc:
-            log.error("could not requeue on shutdown; recovery will", extra={"error": str(exc)})
+        requeued = await self._quickly(self.store.recover(self.instance_id, only_if_dead=False))
+        if requeued is None:
+            how = "another instance or the next start will" if marked else "recovery will"
+            log.error("could not hand orders back on shutdown; %s", how)
             return
         log.info("drained", extra={"unfinished": unfinished, "requeued": requeued})
+
+    @property
+    def _mark_ttl_s(self) -> int:
+        """How long the draining mark must last: past the heartbeat, the grace and recovery."""
+        return self.config.heartbeat_ttl_s + math.ceil(self.config.shutdown_grace_s) + 60
+
+    @staticmethod
+    async def _quickly(operation: Awaitable[T]) -> T | None:
+        """A shutdown step Redis must answer within the request deadline, or it is skipped (a
+        stalled Redis must not hold the shutdown past its grace for long)."""
+        try:
+            async with asyncio.timeout(REDIS_REQUEST_DEADLINE_S):
+                return await operation
+        except (*REDIS_TRANSIENT, TimeoutError):
+            return None
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -4407,6 +4438,7 @@ class HubLimits:
     queue_max: int = WS_QUEUE_MAX  # live events held for a socket; past that it reads the log
     unread_max_s: float = WS_UNREAD_MAX_S  # how long a client may read nothing while events wait
     resume_slack: int = WS_RESUME_SLACK  # events a closed client has to come back in
+    cut_after_s: float = WS_ABORT_AFTER_S  # a socket closed as slow that takes nothing, cut off
     write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken by the kernel
     sockets_per_user: int = WS_MAX_PER_USER
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
@@ -4437,6 +4469,18 @@ def text_frames(texts: Sequence[str]) -> bytes:
             out += bytes((0x81, 127)) + size.to_bytes(8, "big")
         out += payload
     return bytes(out)
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """Bytes written to a socket that its client has not taken yet: the transport's buffer and,
+    on Linux, the kernel's send queue (what the client's TCP has not acknowledged)."""
+    unsent = transport.get_write_buffer_size()
+    raw = transport.get_extra_info("socket")
+    if raw is not None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(raw.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            unsent += int.from_bytes(queued, sys.byteorder)
+    return unsent
 
 
 def ping_frame(payload: bytes) -> bytes:
@@ -4510,6 +4554,7 @@ class Hub:
         self._filling = False  # a socket's queue is more than half full
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()  # sockets closed as slow, draining
         self.slow_closed = 0  # sockets closed with 1013 since start
 
     @property
@@ -4543,6 +4588,7 @@ class Hub:
                 await cancel_and_wait([listener])
 
     async def stop(self) -> None:
+        await cancel_and_wait([*self._finishing])
         if self._task is not None:
             await cancel_and_wait([self._task])
 
@@ -4666,7 +4712,23 @@ class Hub:
         if transport is None or transport.is_closing():
             return
         transport.write(close_frame(WS_CLOSE_TRY_AGAIN_LATER, "too slow; reconnect with since"))
-        asyncio.get_running_loop().call_later(WS_ABORT_AFTER_S, transport.abort)
+        finishing = asyncio.create_task(self._finish_slow(transport, self.limits.cut_after_s))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+
+    @staticmethod
+    async def _finish_slow(transport: asyncio.Transport, cut_after_s: float) -> None:
+        """Give a socket closed as too slow the time to take what it was sent, its close frame
+        last, as long as it keeps taking some; cut it off once it has taken nothing for
+        cut_after_s (or has everything and does not answer the close)."""
+        every_s = min(WS_DRAIN_CHECK_S, cut_after_s / 4)
+        left, idle_s = _unsent(transport), 0.0
+        while not transport.is_closing() and idle_s < cut_after_s:
+            await asyncio.sleep(every_s)
+            now = _unsent(transport)
+            idle_s = 0.0 if now < left else idle_s + every_s
+            left = now
+        transport.abort()
 
     # -- one socket -------------------------------------------------------------------------------
 
@@ -4991,6 +5053,8 @@ class Authenticator:
             if name in claims and not _is_number(claims[name]):
                 raise _unauthorized("TOKEN_INVALID", f"the token's {name} is not a number")
         expires = claims["exp"]
+        if expires + JWT_LEEWAY_S < time.time():
+            raise _unauthorized("TOKEN_EXPIRED", "the token has expired")
         return subject, float(expires) if expires < JWT_EXP_MAX_S else None
 
     def _decode(self, token: str) -> dict[str, Any]:
@@ -4999,7 +5063,8 @@ class Authenticator:
                 token,
                 self._key,
                 algorithms=self._algorithms,
-                options={"require": ["sub", "exp"]},
+                # exp is checked here after its type (PyJWT would take true for 1, long past)
+                options={"require": ["sub", "exp"], "verify_exp": False},
                 leeway=JWT_LEEWAY_S,
             )
         except jwt.ExpiredSignatureError:
@@ -5280,6 +5345,8 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
     except TimeoutError:
         message = f"the body did not arrive within {timeout_s:g} s"
         raise ApiError(408, "REQUEST_TIMEOUT", message) from None
+    if len(raw) < (request.content_length or 0):  # the client closed its side mid-body
+        raise malformed(http_exceptions.ContentLengthError("short body"))
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -5472,6 +5539,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
+    # A socket opened while Redis does not answer could send nothing, not even `connected`:
+    # 503 instead, like every request. (An open socket waits out an outage and catches up.)
+    engine = request.app[ENGINE]
+    await within_deadline(engine, engine.store.redis.ping())
     await ws.prepare(request)
     await hub.serve(ws, user_id, since, request.transport, expires_at)
     return ws
@@ -5572,7 +5643,36 @@ class Connection(web.RequestHandler):
         self._connections = connections
         self._timeout_s = timeout_s
         self._stuck: asyncio.TimerHandle | None = None
+        self._half_closed = False
         self.refused = False
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: True keeps it open
+        """The client has sent all it will (a half-close, as `nc -N` does): the connection stays
+        open for the answer to what it sent, and closes after it (or, with nothing to answer, at
+        the idle deadline). asyncio would close it at once and the answer would be lost. A body
+        still being read ends here: what came of it is all there will be."""
+        self._half_closed = True
+        reading = getattr(self, "_current_request", None)  # aiohttp has no public handle on it
+        if reading is not None:
+            reading.content.feed_eof()
+        return True
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered = await super().finish_response(request, resp, start_time)
+        if self._half_closed:
+            self.close()  # nothing more can come: close once this answer is out
+        return answered
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs a body it could not read to the end (a bad gzip stream, a client gone) as
+        an error with its traceback; that is the client's doing, so one debug line."""
+        error = kwargs.get("exc_info")
+        if isinstance(error, http_exceptions.HttpProcessingError | ConnectionError):
+            log.debug("a request's body could not be read", extra={"error": type(error).__name__})
+            return
+        super().log_exception(*args, **kwargs)
 
     def pause_writing(self) -> None:
         """The transport holds more than it may of what this connection sends: the client is

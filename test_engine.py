@@ -1562,6 +1562,40 @@ async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
     assert record["txHash"] != submitted["txHash"]
 
 
+async def test_a_shutdown_whose_hand_back_redis_misses_still_counts_no_death(
+    start: Start, config: Config, tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    own = replace(
+        config, redis_url=server.url, shutdown_grace_s=0.2, execution_timeout_ms=300, max_attempts=1
+    )
+    first = await start(own, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
+    engine = first.app[eng.ENGINE]
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "submitted")
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    draining = asyncio.create_task(engine.drain())
+    mark = eng.Keys(config.redis_prefix).draining(engine.instance_id)
+    await wait_for(lambda: redis.exists(mark), "the drain to begin")
+    server.signal(signal.SIGSTOP)  # Redis stands still as the orders are to be handed back
+    await draining  # it gives up on the hand-back rather than hold the shutdown
+    server.signal(signal.SIGCONT)
+    await first.close()
+    # Another engine takes the order up once the first one's heartbeat is gone: a shutdown, so
+    # no death is counted and the cut-short attempt is given back (one attempt allowed).
+    second = await start(own)
+    record = await wait_status(second, order_id, "confirmed", "failed")
+    assert (record["status"], record["recoveries"], record["attemptsGivenBack"]) == (
+        "confirmed",
+        0,
+        1,
+    )
+    await second.close()
+    await redis.aclose()
+    server.stop()
+
+
 async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
     start: Start, config: Config
 ) -> None:
@@ -1890,6 +1924,54 @@ async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_r
     assert replayed == logged
 
 
+async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_reading(
+    start: Start, config: Config
+) -> None:
+    limits = replace(  # too slow when 20 behind; then cut off only once it takes nothing
+        SMALL_LIMITS,
+        unread_max=20,
+        queue_max=20,
+        resume_slack=90,  # closed 110 behind
+        cut_after_s=0.2,
+        socket_send_buffer=4096,
+    )
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (client.host, client.port))
+    await loop.sock_sendall(raw, upgrade_request("trickle"))
+    received = b""
+
+    def closed() -> bool:
+        _, _, frames = received.partition(b"\r\n\r\n")
+        return any(opcode == 0x8 for opcode, _ in _read_frames(frames))
+
+    async def keep_placing() -> None:  # until the socket is closed as too slow
+        while not closed():
+            await post(client, {**ORDER, "userId": "trickle"})
+
+    placing = asyncio.create_task(keep_placing())
+    async with asyncio.timeout(DEADLINE_S):
+        while chunk := await loop.sock_recv(raw, 256):  # a little at a time, well apart
+            received += chunk
+            await hold_fault(0.02)
+    placing.cancel()
+    raw.close()
+    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    opcode, payload = frames[-1]  # reached in full, though it took longer than cut_after_s
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
+
+
+def upgrade_request(user: str) -> bytes:
+    return (
+        f"GET /ws?userId={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
 async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_everything(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
@@ -2116,6 +2198,7 @@ def unsigned(header: dict[str, Any], claims: Any = None) -> str:
         (bearer(jwt.encode({"sub": "1", "exp": 2**40}, None, algorithm="none")), "TOKEN_INVALID"),
         (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
         (bearer(token(nbf="0")), "TOKEN_INVALID"),
+        (bearer(token(exp=True)), "TOKEN_INVALID"),  # a boolean, not a time (not 1 s past 1970)
         # a header naming extensions the server must know, checked before the signature: the
         # answer names none of them (they could carry anything, line breaks included)
         (
@@ -3056,25 +3139,46 @@ def _process_rss_kb(process: EngineProcess) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
 
 
-async def test_a_client_gone_mid_request_is_one_debug_line_not_an_error(
-    served: Served, caplog: pytest.LogCaptureFixture
+async def test_a_client_gone_mid_request_is_let_go_without_an_error_logged(
+    served: Served, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = await served()
+    url = await served(replace(config, http_timeout_s=2))  # the read deadline, at the latest
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    caplog.set_level(logging.DEBUG, logger="engine")
+    caplog.set_level(logging.DEBUG)
     _, writer = await asyncio.open_connection(host, int(port))
     writer.write(
         b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 100\r\n\r\n{"
     )
     await writer.drain()
-    writer.close()
-    await wait_for(
-        lambda: any(r.message == "client disconnected mid-request" for r in caplog.records),
-        "the engine to notice",
-    )
+    writer.close()  # gone, 1 byte of 100 sent
+    async with ClientSession() as http:
+
+        async def let_go() -> bool:  # every connection but the one asking
+            async with http.get(f"{url}/healthz") as reply:
+                return bool((await reply.json())["connections"] == 1)
+
+        await wait_for(let_go, "the engine to let the client go")
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    served: Served,
+) -> None:
+    url = await served()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps(ORDER)
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    writer.write_eof()  # as `nc -N` does: all sent, still listening
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)  # then the engine closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202")
+    assert b'"orderId":"order_' in answer
 
 
 async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
@@ -3108,6 +3212,9 @@ async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_o
                 *(client.request(m, path, timeout=in_time) for m, path in asks * 8)
             )
             assert [answer.status for answer in answers] == [503] * len(asks) * 8
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # no silent socket
+            await client.ws_connect("/ws?userId=1", timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        assert refused.value.status == 503
     finally:
         server.signal(signal.SIGCONT)
     # Whether or not Redis ran the abandoned create when it woke, the retry gets one order.
