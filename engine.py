@@ -3751,6 +3751,8 @@ class Engine:
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
         self._paused_at = -math.inf  # the last time the process was seen to stand still
+        self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
+        self._beaten_at = time.monotonic()  # this instance's last heartbeat
         self._ticked = math.inf  # when the pause watcher last ran
         self._abandoned: set[asyncio.Task[Any]] = set()  # requests' Redis tasks past deadline
         self._fetcher: asyncio.Task[None] | None = None
@@ -3974,11 +3976,25 @@ class Engine:
         while True:
             await asyncio.sleep(self._beat_interval_s)
             await persist("heartbeat", self._beat)
+            # Beats this far apart: Redis (or this process) stood still, and every instance's
+            # heartbeat may have lapsed meanwhile, the living ones' too.
+            if time.monotonic() - self._beaten_at > 2 * self._beat_interval_s:
+                self._lapsed_at = time.monotonic()
+            self._beaten_at = time.monotonic()
+
+    @property
+    def _heartbeats_settled(self) -> bool:
+        """Whether a missing heartbeat now means a dead instance: this one's own beats are
+        regular (Redis answers them) and have been for a heartbeat's time, so the living have
+        all had the time to beat again since Redis was away. A Redis outage is no death."""
+        now = time.monotonic()
+        regular = now - self._beaten_at <= 2 * self._beat_interval_s
+        return regular and now - self._lapsed_at > self.config.heartbeat_ttl_s
 
     async def _recovery_loop(self) -> None:
         while True:
             for instance in await persist("instances", self.store.instances):
-                if instance != self.instance_id:
+                if instance != self.instance_id and self._heartbeats_settled:
                     await self._recover_if_dead(instance)
             await self._requeue_orphans()
             await asyncio.sleep(self._beat_interval_s)

@@ -3976,3 +3976,30 @@ async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]
             yield {"e": message.data}
             if event["seq"] == 15:
                 return
+
+
+async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    # Every heartbeat lapses while Redis is away; the engines are alive all the same, and
+    # none may take another's orders for a dead engine's (one attempt each: that would fail).
+    env = engine_env(
+        replace(config, redis_url=own_redis.url),
+        ENGINE_DEX_LATENCY_SCALE="0.5",
+        ENGINE_MAX_ATTEMPTS="1",
+        ENGINE_DEX_FAULTS=NO_TAIL,
+    )
+    engines = [await EngineProcess.spawn(env) for _ in range(3)]
+    processes.extend(engines)
+    urls = [await engine.url() for engine in engines]
+    async with ClientSession() as http:
+        order_ids = []
+        for outage in range(2):
+            order_ids += [await place(http, urls[i % 3]) for i in range(15)]
+            await reach(http, urls[0], order_ids[-3:], "submitted", *TERMINAL)
+            own_redis.kill()
+            await hold_fault(1.5 + outage)  # longer than ENGINE_HEARTBEAT_TTL_S (1 s)
+            own_redis.start()
+        records = await reach(http, urls[1], order_ids, *TERMINAL)
+    assert {record["status"] for record in records} == {"confirmed"}
+    assert {record["recoveries"] for record in records} == {0}
