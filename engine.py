@@ -165,8 +165,10 @@ REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the f
 REDIS_RETRY_MIN_S: Final = 0.05
 REDIS_RETRY_MAX_S: Final = 2.0
 # An attempt that waited on Redis longer than this in all (or a tenth of the execution timeout,
-# if less) was held up by Redis (see HeldUp).
+# if less, but never less than REDIS_SLOW_MIN_S: the round trips of a busy machine are no stall)
+# was held up by Redis (see HeldUp).
 REDIS_SLOW_S: Final = 1.0
+REDIS_SLOW_MIN_S: Final = 0.05
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 5.0
@@ -179,9 +181,9 @@ RETRY_MAX_DELAY_MS: Final = 30_000
 # An order whose engine dies under it this many times is failed with RECOVERY_LIMIT instead of
 # being tried again: something about it keeps killing workers.
 RECOVERY_LIMIT: Final = 3
-# Attempts that Redis, a pause of the whole engine or its shutdown held up are given back, not
-# counted against ENGINE_MAX_ATTEMPTS: at most this many per order (past that they count), so
-# that no order retries, and grows its history, without end.
+# Attempts that Redis, a pause of the whole engine, its death or its shutdown cut short are given
+# back, not counted against ENGINE_MAX_ATTEMPTS: at most this many per order (past that they
+# count), so that no order retries, and grows its history, without end.
 GIVEN_BACK_MAX: Final = 10
 # A pause of the whole process (SIGSTOP, a long GC, starved of CPU): the event loop ran this much
 # later than it asked to. An attempt that fails across one is given back.
@@ -3797,7 +3799,8 @@ class Engine:
     # -- life -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._beat()
+        # Redis may go away between the start-up check and here: wait for it as start-up does.
+        await within_startup_wait("redis", persist("heartbeat", self._beat))
         self._task = asyncio.create_task(self._run(), name="engine")
         log.info(
             "engine started",
@@ -4240,16 +4243,17 @@ class _Attempt:
         await self.confirm(order.dex, fill)
 
     async def recover(self, reason: str) -> None:
-        """Retry an interrupted attempt at once: counted when its engine died (and failed once
-        engines keep dying on this order), given back when its engine shut down cleanly."""
+        """Retry an interrupted attempt at once, given back: its engine dying or shutting down is
+        not the order's failure. An order whose engines keep dying under it is failed instead, so
+        that it cannot take down engine after engine."""
         if self.order.handed_back:
-            interrupted = AttemptFailed("INTERRUPTED", f"{reason}: its engine shut down")
-            await self.retry_or_fail(interrupted, immediately=True, counted=False)
+            reason = f"{reason}: its engine shut down"
         elif self.order.recoveries >= RECOVERY_LIMIT:
             reason = f"the engine running this order stopped {self.order.recoveries} times"
             await self.retry_or_fail(AttemptFailed("RECOVERY_LIMIT", reason, retryable=False))
-        else:
-            await self.retry_or_fail(AttemptFailed("INTERRUPTED", reason), immediately=True)
+            return
+        interrupted = AttemptFailed("INTERRUPTED", reason)
+        await self.retry_or_fail(interrupted, immediately=True, counted=False)
 
     async def execute(self) -> None:
         engine = self.engine
@@ -4380,7 +4384,8 @@ class _Attempt:
     def spared(self, counted: bool) -> bool:
         """Whether the attempt failing now is given back rather than counted."""
         held_up = HELD_UP.get()
-        allowance_s = min(REDIS_SLOW_S, self.engine.config.execution_timeout_ms / 10_000)
+        tenth_s = self.engine.config.execution_timeout_ms / 10_000
+        allowance_s = min(REDIS_SLOW_S, max(REDIS_SLOW_MIN_S, tenth_s))
         excused = (
             not counted
             or (held_up is not None and held_up.by_redis(allowance_s))
@@ -6015,17 +6020,21 @@ async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncI
         os.close(lock)  # only now: the directory's Redis has stopped
 
 
+async def within_startup_wait(what: str, step: Awaitable[T]) -> T:
+    """A start-up step that keeps retrying while Redis is away, given up after
+    REDIS_STARTUP_WAIT_S; Redis refusing it (no permission, ...) stops start-up at once."""
+    try:
+        async with asyncio.timeout(REDIS_STARTUP_WAIT_S):
+            return await step
+    except TimeoutError:
+        raise StartupError(f"{what} did not answer within {REDIS_STARTUP_WAIT_S:.0f} s") from None
+    except redis_errors.RedisError as exc:
+        raise StartupError(f"{what} refused: {exc}") from None
+
+
 async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
     """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE."""
-    deadline = time.monotonic() + REDIS_STARTUP_WAIT_S
-    while True:
-        try:
-            info = await client.info("server")
-            break
-        except REDIS_TRANSIENT as exc:
-            if time.monotonic() > deadline:
-                raise StartupError(f"redis at {url} did not answer: {exc}") from None
-            await asyncio.sleep(REDIS_RETRY_MAX_S / 4)
+    info = await within_startup_wait(f"redis at {url}", persist("start-up", client.info, "server"))
     version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
     if version < REDIS_MIN_VERSION:
         raise StartupError(
