@@ -130,25 +130,29 @@ class Server:
 
 
 async def start_server(argv: list[str], env: dict[str, str]) -> Server:
-    """Start a server process on a free port; return once its /healthz answers 200."""
+    """Start a server process on a free port; return once its /healthz answers 200. A process
+    that exits first ends the run with the tail of its output."""
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    server = Server(f"http://127.0.0.1:{port}", proc)
+    with tempfile.TemporaryFile() as errors:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            env={**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(port)},
+            stdout=errors,  # the engine logs to stdout
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        server = Server(f"http://127.0.0.1:{port}", proc)
 
-    async def up() -> bool:
-        if proc.returncode is not None:
-            raise SystemExit(f"{argv[-1]} exited during start-up (code {proc.returncode})")
-        with contextlib.suppress(OSError, aiohttp.ClientError):
-            async with ClientSession() as http, http.get(f"{server.url}/healthz") as reply:
-                return reply.status == 200
-        return False
+        async def up() -> bool:
+            if proc.returncode is not None:
+                errors.seek(0)
+                tail = errors.read()[-2000:].decode(errors="replace")
+                raise SystemExit(f"{argv[-1]} exited during start-up ({proc.returncode}):\n{tail}")
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                async with ClientSession() as http, http.get(f"{server.url}/healthz") as reply:
+                    return reply.status == 200
+            return False
 
-    await poll(up, START_TIMEOUT_S)
+        await poll(up, START_TIMEOUT_S)
     return server
 
 
@@ -873,7 +877,7 @@ async def outcomes(client: aioredis.Redis, keys: engine.Keys) -> dict[str, Any]:
     records = [k async for k in client.scan_iter(keys.order("*"), count=1000)]
     async with client.pipeline(transaction=False) as pipe:
         for key in records:
-            pipe.hmget(key, "status", "code", "recoveries", "txHash")
+            pipe.hmget(key, "status", "code", "recoveries", "txHash", "error", "attempts")
         rows = await pipe.execute()
     landed: dict[str, list[str]] = {}
     async for key in client.scan_iter(keys.chain("*"), count=1000):
@@ -884,11 +888,18 @@ async def outcomes(client: aioredis.Redis, keys: engine.Keys) -> dict[str, Any]:
     by_status: dict[str, int] = {}
     failed_by: dict[str, int] = {}
     lost_swaps = 0
-    for key, (status, code, _, tx_hash) in zip(records, rows, strict=True):
+    infrastructure: list[str] = []
+    for key, row in zip(records, rows, strict=True):
+        status, code, recoveries, tx_hash, error, attempts = row
         by_status[status.decode()] = by_status.get(status.decode(), 0) + 1
         if status == b"failed":
             reason = orjson.loads(code)
             failed_by[reason] = failed_by.get(reason, 0) + 1
+            if reason in INFRASTRUCTURE_CODES:
+                infrastructure.append(
+                    f"{key.decode()} attempts={int(attempts)} recoveries={int(recoveries or 0)} "
+                    f"{reason}: {orjson.loads(error)}"
+                )
         order_id = key.decode().rsplit(":", 1)[1]
         if status == b"confirmed" and landed.get(order_id) != [orjson.loads(tx_hash)]:
             lost_swaps += 1
@@ -896,7 +907,7 @@ async def outcomes(client: aioredis.Redis, keys: engine.Keys) -> dict[str, Any]:
         "orderRecords": len(records),
         "byStatus": by_status,
         "failedByCode": failed_by or "none",
-        "failedByInfrastructure": sum(failed_by.get(code, 0) for code in INFRASTRUCTURE_CODES),
+        "failedByInfrastructure": infrastructure or 0,
         "ordersRecoveredAfterAKill": sum(1 for row in rows if row[2] and int(row[2]) > 0),
         "ordersLandedTwice": sum(1 for txs in landed.values() if len(txs) > 1),
         "confirmedWithoutItsSwap": lost_swaps,
