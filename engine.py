@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import contextvars
 import ctypes
@@ -71,7 +73,7 @@ import jwt
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-from aiohttp import WSMsgType, hdrs, http_exceptions, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, hdrs, http_exceptions, web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import (
@@ -88,6 +90,11 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from solders.address_lookup_table_account import AddressLookupTable
+from solders.keypair import Keypair
+from solders.message import to_bytes_versioned
+from solders.pubkey import Pubkey
+from solders.transaction import VersionedTransaction
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 1. Constants and Lua scripts
@@ -192,6 +199,19 @@ PAUSE_MIN_S: Final = 1.0
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
 PROMOTE_BATCH: Final = 100
+
+# Real execution on Solana (ENGINE_VENUES=solana, section 8).
+JUPITER_API_URL: Final = "https://lite-api.jup.ag/swap/v1"
+TOKENS_MAX: Final = 20  # ENGINE_TOKENS: every pair of them is watched for limit and sniper orders
+TOKEN_DECIMALS_MAX: Final = 12
+SOLANA_HTTP_TIMEOUT_S: Final = 10.0  # one RPC or Jupiter call
+JUPITER_QUOTE_SLIPPAGE_BPS: Final = 50  # asked with each quote; the order's own is set at /swap
+SOLANA_POLL_S: Final = 0.4  # a slot: how often a sent transaction's status is asked
+SOLANA_REBROADCAST_S: Final = 2.0  # the same signed bytes are sent again this often until settled
+SOLANA_SLOT_S: Final = 0.4  # to turn blocks left into an expected expiry time
+SOLANA_RETRY_MAX_S: Final = 2.0  # back-off cap while the RPC does not answer a lookup
+SOLANA_STALL_S: Final = 30.0  # readiness: a block height that has not moved this long is stalled
+SOLANA_MIN_BALANCE_LAMPORTS: Final = 10_000_000  # readiness: 0.01 SOL for fees and token accounts
 OUTBOX_KEEP: Final = 1_000_000  # finished orders waiting to be written to PostgreSQL, at most
 OUTBOX_BATCH: Final = 200
 HISTORY_IDLE_S: Final = 0.5  # how often an empty outbox is looked at again
@@ -731,9 +751,17 @@ class LeaseLost(EngineError):
 class VenueError(EngineError):
     """A venue refused or failed a call; transient by nature. `code` is the order failure code."""
 
-    def __init__(self, message: str, code: str = "EXECUTION_FAILED") -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str = "EXECUTION_FAILED",
+        *,
+        retryable: bool = True,
+        sent: bool = True,
+    ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.retryable = code, retryable
+        self.sent = sent  # False: the transaction never left the engine, so it cannot land
 
 
 class ApiError(EngineError):
@@ -769,6 +797,7 @@ class AttemptFailed(EngineError):
     code: str
     message: str
     retryable: bool = True
+    sent: bool = True  # False: its transaction was never sent (no need to ask the chain)
 
 
 # Redis trouble that goes away by itself: the caller waits and tries again.
@@ -814,7 +843,7 @@ class Token:
 
 CONDITION_FIELDS: Final = ("orderType", "limitPrice", "trigger", "triggerPrice", "expiresAt")
 WSOL_MINT: Final = "So11111111111111111111111111111111111111112"
-TOKENS: Final[Mapping[str, Token]] = {
+BUILT_IN_TOKENS: Final[Mapping[str, Token]] = {
     token.symbol: token
     for token in (
         Token("SOL", WSOL_MINT, 9, 150.0, 0.001, 10_000, 0.8),
@@ -824,7 +853,20 @@ TOKENS: Final[Mapping[str, Token]] = {
         Token("JUP", "JUPyiwrYJFskUPiHa7hkeR8VUtAeFoSYbKedZNsDvCN", 6, 0.8, 0.1, 5_000_000, 1.2),
     )
 }
-PAIRS: Final = tuple((sell, buy) for sell in TOKENS for buy in TOKENS if sell != buy)
+# The tokens this process trades: the built-in ones, or ENGINE_TOKENS (see use_tokens). One table
+# per process: every part of the engine reads it.
+TOKENS: Final[dict[str, Token]] = dict(BUILT_IN_TOKENS)
+PAIRS: Final[list[tuple[str, str]]] = []
+
+
+def use_tokens(table: Mapping[str, Token] | None) -> None:
+    """Trade `table` (ENGINE_TOKENS), or the built-in tokens when it is None."""
+    TOKENS.clear()
+    TOKENS.update(table if table is not None else BUILT_IN_TOKENS)
+    PAIRS[:] = [(sell, buy) for sell in TOKENS for buy in TOKENS if sell != buy]
+
+
+use_tokens(None)
 
 
 class ConditionJSON(TypedDict, total=False):
@@ -929,6 +971,7 @@ class Order:
     dex: str | None = None  # the venue and transaction of the attempt in flight, once submitted
     tx_hash: str | None = None
     tx_expires_at_ms: int = 0
+    tx_last_valid_height: int | None = None
     condition: Condition | None = None  # a limit or sniper order's; None for a market order
 
     @classmethod
@@ -954,7 +997,23 @@ class Order:
             dex=value("dex"),
             tx_hash=value("txHash"),
             tx_expires_at_ms=parse_iso_ms(expires) if expires else 0,
+            tx_last_valid_height=value("lastValidBlockHeight"),
             condition=condition,
+        )
+
+    @property
+    def sent(self) -> SentTx | None:
+        """The transaction of the attempt in flight, once one was submitted."""
+        if self.dex is None or self.tx_hash is None:
+            return None
+        return SentTx(
+            self.dex,
+            self.tx_hash,
+            self.tx_expires_at_ms,
+            self.tx_last_valid_height,
+            self.sell,
+            self.buy,
+            self.amount_in,
         )
 
     @property
@@ -1047,6 +1106,8 @@ class Quote:
     legs: tuple[Leg, ...] = ()
     valid_until_slot: int | None = None  # None: the venue does not say
     routes: tuple[tuple[int, Any], ...] = field(default=(), compare=False, repr=False)
+    labels: tuple[str, ...] = ()  # an aggregator's route, by the names of the AMMs it goes through
+    venue_data: Any = field(default=None, compare=False, repr=False)  # what the venue signs from
 
     def min_amount_out(self, slippage_bps: int) -> int:
         return self.amount_out * (BPS_PER_UNIT - slippage_bps) // BPS_PER_UNIT
@@ -1059,7 +1120,7 @@ class Quote:
             "amountOut": from_units(self.amount_out, buy),
             "minAmountOut": from_units(self.min_amount_out(slippage_bps), buy),
             "priceImpactPct": self.price_impact_pct,
-            "route": [leg.pool for leg in self.legs],
+            "route": list(self.labels) or [leg.pool for leg in self.legs],
         }
 
 
@@ -1081,6 +1142,35 @@ class SwapTx:
     signature: str
     expires_at_ms: int
     last_valid_slot: int  # the same moment as expires_at_ms, in slots
+    last_valid_height: int | None = None  # a real chain's: the blockhash's lastValidBlockHeight
+    payload: bytes = field(default=b"", repr=False)  # the signed transaction, on a real chain
+    venue_data: Any = field(default=None, compare=False, repr=False)  # the quote it was built on
+
+    @property
+    def sent(self) -> SentTx:
+        return SentTx(
+            self.dex,
+            self.signature,
+            self.expires_at_ms,
+            self.last_valid_height,
+            self.sell,
+            self.buy,
+            self.amount_in,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SentTx:
+    """A transaction that was sent, or may have been, as a worker asks the chain about it: from
+    the SwapTx itself, or from the order's record after its engine died."""
+
+    dex: str
+    signature: str
+    expires_at_ms: int  # the engine's clock; a real chain goes by last_valid_height instead
+    last_valid_height: int | None
+    sell: Token
+    buy: Token
+    amount_in: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1220,6 +1310,14 @@ class Config:
     http_timeout_s: float = 15.0
     max_connections: int = 10_000
     event_log_keep: int = 10_000
+    venues: str = "simulated"
+    solana_rpc_url: str | None = None
+    solana_keypair: Path | None = None
+    jupiter_api_url: str = JUPITER_API_URL
+    jupiter_api_key: str | None = None
+    tokens: Mapping[str, Token] | None = None
+    solana_priority_fee: int | Literal["auto"] = "auto"
+    solana_dry_run: bool = False
 
     @classmethod
     def load(cls, env: Mapping[str, str], argv: Sequence[str] = ()) -> Config:
@@ -1240,6 +1338,13 @@ class Config:
         config = replace(cls(), **changes)
         if config.jwt_secret and config.jwt_public_key:
             raise ConfigError("set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY, not both")
+        if config.venues == "solana" and not (config.solana_rpc_url and config.solana_keypair):
+            raise ConfigError("ENGINE_VENUES=solana needs SOLANA_RPC_URL and SOLANA_KEYPAIR")
+        if config.tokens is not None and config.venues != "solana":
+            raise ConfigError(
+                "ENGINE_TOKENS needs ENGINE_VENUES=solana: the simulated market prices the "
+                "built-in tokens only"
+            )
         return config
 
 
@@ -1429,6 +1534,82 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _flag(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError("must be true or false (1/0, yes/no)")
+    return text.lower() in ("1", "true", "yes")
+
+
+def _priority_fee(text: str) -> int | Literal["auto"]:
+    if text.lower() == "auto":
+        return "auto"
+    return _integer(0, 10**9)(text)  # at most 1 SOL per transaction
+
+
+def _keypair_file(text: str) -> Path:
+    """SOLANA_KEYPAIR: a Solana CLI keypair file (a JSON array of 64 bytes) that only its owner
+    can read: it holds the key of the wallet the engine trades from."""
+    path = Path(text)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from None
+    if mode & 0o077:
+        raise ValueError(f"may be read by others (mode {mode & 0o777:o}): chmod 600 it")
+    load_keypair(path)
+    return path
+
+
+def load_keypair(path: Path) -> Keypair:
+    try:
+        secret = orjson.loads(path.read_bytes())
+        return Keypair.from_bytes(bytes(secret))
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror})") from None
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        raise ValueError("must be a Solana CLI keypair file (a JSON array of 64 bytes)") from None
+
+
+def _tokens(text: str) -> dict[str, Token]:
+    """ENGINE_TOKENS: {"SYMBOL": {"mint": "<base58>", "decimals": N}, ...}, given inline or as
+    the path of a file holding it."""
+    raw = text if text.lstrip().startswith("{") else _read_key_file(text)
+    try:
+        spec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValueError("must be a JSON object (or the path of a file holding one)") from None
+    shape = '{"SYMBOL": {"mint": "<base58>", "decimals": 0-12}, ...}'
+    if not isinstance(spec, dict) or not 2 <= len(spec) <= TOKENS_MAX:
+        raise ValueError(f"must be an object of 2 to {TOKENS_MAX} tokens: {shape}")
+    table: dict[str, Token] = {}
+    for symbol, entry in spec.items():
+        if not re.fullmatch(r"[A-Z0-9]{1,10}", symbol):
+            raise ValueError(f"has {symbol!r}: a symbol is 1 to 10 of A-Z and 0-9")
+        if not isinstance(entry, dict) or set(entry) != {"mint", "decimals"}:
+            raise ValueError(f"has {symbol}: each token is {shape}")
+        mint, decimals = entry["mint"], entry["decimals"]
+        if type(decimals) is not int or not 0 <= decimals <= TOKEN_DECIMALS_MAX:
+            raise ValueError(f"has {symbol}: decimals must be an integer from 0 to 12")
+        try:
+            Pubkey.from_string(mint)
+        except (TypeError, ValueError):
+            raise ValueError(f"has {symbol}: mint must be a base58 address") from None
+        table[symbol] = configured_token(symbol, mint, decimals)
+    if len({token.mint for token in table.values()}) < len(table):
+        raise ValueError("names one mint under two symbols")
+    return table
+
+
+def configured_token(symbol: str, mint: str, decimals: int) -> Token:
+    """A token of ENGINE_TOKENS: a built-in symbol keeps its order limits, a new one may trade
+    from one base unit up to what a u64 of base units holds."""
+    unit = 10.0**-decimals
+    known = BUILT_IN_TOKENS.get(symbol)
+    if known is None:
+        return Token(symbol, mint, decimals, 0.0, unit, float(10 ** (18 - decimals)), 0.0)
+    return replace(known, mint=mint, decimals=decimals, min_amount=max(known.min_amount, unit))
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     env: str
@@ -1490,6 +1671,14 @@ SETTINGS: Final = (
     Setting(
         "ENGINE_EVENT_LOG_KEEP", "event_log_keep", _integer(4000, 1_000_000), "events kept/user"
     ),
+    Setting("ENGINE_VENUES", "venues", _choice("simulated", "solana"), "simulated or solana"),
+    Setting("SOLANA_RPC_URL", "solana_rpc_url", _http_url, "Solana JSON-RPC endpoint"),
+    Setting("SOLANA_KEYPAIR", "solana_keypair", _keypair_file, "wallet keypair file (mode 600)"),
+    Setting("JUPITER_API_URL", "jupiter_api_url", _http_url, "Jupiter Swap API base"),
+    Setting("JUPITER_API_KEY", "jupiter_api_key", str, "Jupiter API key (x-api-key)", True),
+    Setting("ENGINE_TOKENS", "tokens", _tokens, "tokens traded (JSON or path); solana only"),
+    Setting("SOLANA_PRIORITY_FEE", "solana_priority_fee", _priority_fee, "lamports or auto"),
+    Setting("SOLANA_DRY_RUN", "solana_dry_run", _flag, "simulate instead of sending"),
 )
 
 
@@ -1606,6 +1795,10 @@ class Metrics:
         self.triggers_fired = Counter(
             "oee_triggers_fired", "Waiting orders woken by their trigger", registry=registry
         )
+        self.solana = Counter(
+            "oee_solana", "Solana transactions sent, rebroadcast, confirmed and expired, and RPC "
+            "errors", ["event"], registry=registry,
+        )  # fmt: skip
         self._orders: dict[tuple[str, str], Any] = {}
         self._latencies: dict[tuple[str, str, str], Any] = {}
         self.levels: dict[str, Callable[[], float]] = {}  # filled in by create_app
@@ -1628,6 +1821,11 @@ class Metrics:
             histogram = self.quote_seconds if what == "quote" else self.execution_seconds
             child = self._latencies[(what, dex, outcome)] = histogram.labels(dex, outcome)
         child.observe(s)
+
+    def solana_event(
+        self, event: Literal["sends", "rebroadcasts", "confirmations", "expiries", "rpc_errors"]
+    ) -> None:
+        self.solana.labels(event).inc()
 
     def scrape(self) -> bytes:
         return bytes(generate_latest(self.registry))
@@ -1792,6 +1990,7 @@ PUBLIC_FIELDS: Final = (
     "txHash",
     "txExpiresAt",
     "lastValidSlot",
+    "lastValidBlockHeight",
     "finalPrice",
     "amountOut",
     "error",
@@ -1841,6 +2040,7 @@ CLAIM_FIELDS: Final = (
     "dex",
     "txHash",
     "txExpiresAt",
+    "lastValidBlockHeight",
     *CONDITION_FIELDS,
 )
 
@@ -2637,13 +2837,14 @@ def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any])
 class Venue(Protocol):
     """A DEX the router can quote and execute on. The engine ships two simulated ones.
 
-    `quote` prices selling `amount_in` base units of `sell`. `execute` raises VenueError when the
-    transaction did not land (its `code` becomes the order's failure code). `lookup` answers what
-    became of a signature that expires at `expires_at_ms`: landed or failed, or None while it may
-    still land. The venue alone decides that a transaction expired, by its chain's own clock
-    (a failed TxStatus with code TX_EXPIRED), and must never let it land after saying so: the
-    engine waits for that answer before it signs another. `has_pool` says whether the venue lists
-    a pool for the pair (sniper orders wait for that)."""
+    `quote` prices selling `amount_in` base units of `sell`. A venue on a real chain also has
+    `sign(tx) -> SwapTx`: the transaction built and signed, its signature and expiry the chain's
+    (see SolanaVenue). `execute` raises VenueError when the transaction did not land (its `code`
+    becomes the order's failure code). `lookup` answers what became of a sent transaction: landed
+    or failed, or None while it may still land. The venue alone decides that a transaction
+    expired, by its chain's own clock (a failed TxStatus with code TX_EXPIRED), and must never let
+    it land after saying so: the engine waits for that answer before it signs another.
+    `has_pool` says whether the venue lists a pool for the pair (sniper orders wait for that)."""
 
     name: str
 
@@ -2651,7 +2852,7 @@ class Venue(Protocol):
 
     async def execute(self, tx: SwapTx) -> Fill: ...
 
-    async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None: ...
+    async def lookup(self, sent: SentTx) -> TxStatus | None: ...
 
     def has_pool(self, sell: Token, buy: Token) -> bool: ...  # a direct pool for the pair?
 
@@ -3342,8 +3543,8 @@ class SimVenue:
         plan = tuple(leg.to_json() for leg in legs)
         return TxStatus(True, Fill(tx.signature, price, total, plan))
 
-    async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None:
-        return await self.chain.lookup(signature, expires_at_ms)
+    async def lookup(self, sent: SentTx) -> TxStatus | None:
+        return await self.chain.lookup(sent.signature, sent.expires_at_ms)
 
     def has_pool(self, sell: Token, buy: Token) -> bool:
         self.market.sync()
@@ -3393,6 +3594,509 @@ def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -
     }
     market = Market(rng("market"), clock, faults, config.dex_listings)
     return [SimVenue(name, market, chain, rng(name)) for name in SIMULATED_VENUES]
+
+
+# -- real execution on Solana ---------------------------------------------------------------------
+
+SYSTEM_PROGRAM: Final = "11111111111111111111111111111111"
+TOKEN_PROGRAMS: Final = frozenset(
+    ("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA", "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
+)
+ASSOCIATED_TOKEN_PROGRAM: Final = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"
+# Programs a swap transaction may call besides the token programs: compute budget, memo, and
+# Jupiter's aggregator (v6), whose swap moves the wallet's tokens by its own on-chain checks.
+SWAP_PROGRAMS: Final = frozenset(
+    (
+        "ComputeBudget111111111111111111111111111111",
+        "MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr",
+        "Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo",
+        "JUP6LkbZbjS1jKKwapdHNy74zcZ3tLUZoi5QNyVTaV4",
+    )
+)
+TOKEN_TRANSFER, TOKEN_CLOSE, TOKEN_TRANSFER_CHECKED = 3, 9, 12
+# Token instructions that move nothing out of the wallet: initialize an account, sync native.
+TOKEN_HARMLESS: Final = frozenset((1, 16, 17, 18))
+SYSTEM_TRANSFER: Final = 2
+JUPITER_SLIPPAGE_ERROR: Final = 6001  # Jupiter's SlippageToleranceExceeded (0x1771)
+TOKEN_INSUFFICIENT_FUNDS: Final = 1  # the SPL Token program's error 0x1
+# Chain errors that no retry can mend: the wallet lacks what the swap needs.
+FINAL_CHAIN_ERRORS: Final = {
+    "InsufficientFundsForFee": "INSUFFICIENT_FUNDS",
+    "InsufficientFundsForRent": "INSUFFICIENT_FUNDS",
+    "AccountNotFound": "INSUFFICIENT_FUNDS",  # the fee payer has no lamports at all
+    "InvalidAccountData": "TOKEN_ACCOUNT_MISSING",
+    "UninitializedAccount": "TOKEN_ACCOUNT_MISSING",
+    "IncorrectProgramId": "TOKEN_ACCOUNT_MISSING",
+}
+ALREADY_PROCESSED: Final = ("AlreadyProcessed", "already been processed")
+
+
+def chain_error(err: Any, logs: Sequence[str] = ()) -> VenueError:
+    """A Solana transaction error (as the RPC reports `err`) as the order's failure code."""
+    text = orjson.dumps(err).decode() if not isinstance(err, str) else err
+    detail: Any = err
+    if isinstance(err, dict) and "InstructionError" in err:
+        detail = err["InstructionError"][1]
+    custom = detail.get("Custom") if isinstance(detail, dict) else None
+    logged = "\n".join(logs)
+    if custom == JUPITER_SLIPPAGE_ERROR or "SlippageToleranceExceeded" in logged:
+        return VenueError(f"slippage tolerance exceeded on chain ({text})", "SLIPPAGE_EXCEEDED")
+    if err == "BlockhashNotFound":
+        return VenueError("blockhash expired before the transaction landed", "TX_EXPIRED")
+    if custom == TOKEN_INSUFFICIENT_FUNDS and "insufficient funds" in logged:
+        message = f"the wallet holds too little of the input token ({text})"
+        return VenueError(message, "INSUFFICIENT_FUNDS", retryable=False)
+    for name, code in FINAL_CHAIN_ERRORS.items():
+        if detail == name:
+            what = "funds" if code == "INSUFFICIENT_FUNDS" else "a token account"
+            return VenueError(f"the wallet lacks {what} ({text})", code, retryable=False)
+    return VenueError(f"transaction failed on chain: {text}", "EXECUTION_FAILED")
+
+
+class RpcRefused(VenueError):
+    """The node answered a call with a JSON-RPC error (a failed preflight, a bad request)."""
+
+    def __init__(self, error: Mapping[str, Any]) -> None:
+        data = error.get("data")
+        self.err = data.get("err") if isinstance(data, dict) else None
+        self.logs = tuple(data.get("logs") or ()) if isinstance(data, dict) else ()
+        super().__init__(f"Solana RPC error {error.get('code')}: {error.get('message')}")
+
+
+class SolanaRpc:
+    """JSON-RPC over HTTP to a Solana node. A node that does not answer, or answers 429 or 5xx,
+    raises VenueError (VENUE_DOWN); an answer that is an error raises RpcRefused."""
+
+    def __init__(self, url: str, session: ClientSession, metrics: Metrics) -> None:
+        self._url, self._session, self._metrics = url, session, metrics
+
+    async def call(self, method: str, *params: Any) -> Any:
+        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
+        try:
+            async with self._session.post(self._url, data=orjson.dumps(body)) as response:
+                if response.status == 429 or response.status >= 500:
+                    raise ClientError(f"HTTP {response.status}")
+                reply = orjson.loads(await response.read())
+        except (ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            self._metrics.solana_event("rpc_errors")
+            raise VenueError(
+                f"Solana RPC {method} failed: {exc or type(exc).__name__}", "VENUE_DOWN"
+            ) from None
+        if not isinstance(reply, dict) or ("error" not in reply and "result" not in reply):
+            self._metrics.solana_event("rpc_errors")
+            raise VenueError(f"Solana RPC {method}: not a JSON-RPC answer", "VENUE_DOWN")
+        if "error" in reply:
+            self._metrics.solana_event("rpc_errors")
+            raise RpcRefused(reply["error"] if isinstance(reply["error"], dict) else {})
+        return reply["result"]
+
+    async def height(self) -> int:
+        return int(await self.call("getBlockHeight", {"commitment": "confirmed"}))
+
+    async def status(self, signature: str, history: bool = False) -> dict[str, Any] | None:
+        """The signature's status once it is confirmed (None before: not seen, or only
+        processed, which a fork may still drop)."""
+        options = {"searchTransactionHistory": history}
+        reply = await self.call("getSignatureStatuses", [signature], options)
+        status = reply["value"][0]
+        if status is None or status.get("confirmationStatus") not in ("confirmed", "finalized"):
+            return None
+        return cast(dict[str, Any], status)
+
+
+@dataclass
+class SolanaVenue:
+    """Real execution (README, Real execution on Solana): Jupiter's Swap API quotes and builds
+    the swap, the engine checks and signs it with its own wallet, and sends it to a Solana node.
+
+    Exactly once: the signature and the blockhash's lastValidBlockHeight are recorded (status
+    `submitted`) before the first send; the same signed bytes are sent again every
+    SOLANA_REBROADCAST_S until the node says the transaction is confirmed or the chain's block
+    height has passed lastValidBlockHeight, after which it can never land. Only then may a
+    retry sign a new one; a recovering engine asks the node about the recorded signature."""
+
+    name: str
+    rpc: SolanaRpc
+    session: ClientSession
+    keypair: Keypair
+    api_url: str
+    metrics: Metrics
+    clock: Clock = time.time
+    api_key: str | None = None
+    priority_fee: int | str = "auto"
+    dry_run: bool = False
+    _heights: tuple[int, float] = (-1, 0.0)  # the last block height seen, and when it moved
+
+    @property
+    def wallet(self) -> Pubkey:
+        return self.keypair.pubkey()
+
+    async def quote(self, sell: Token, buy: Token, amount_in: int) -> Quote:
+        params = {
+            "inputMint": sell.mint,
+            "outputMint": buy.mint,
+            "amount": str(amount_in),
+            "slippageBps": str(JUPITER_QUOTE_SLIPPAGE_BPS),
+        }
+        reply = await self._jupiter("GET", "/quote", "QUOTE_FAILED", params=params)
+        try:
+            amount_out = int(reply["outAmount"])
+            labels = tuple(str(hop["swapInfo"]["label"]) for hop in reply["routePlan"])
+            impact = float(reply.get("priceImpactPct") or 0)
+        except (KeyError, TypeError, ValueError):
+            raise VenueError(
+                "Jupiter quote: an answer of an unknown shape", "QUOTE_FAILED"
+            ) from None
+        if int(reply.get("inAmount", amount_in)) != amount_in or amount_out <= 0:
+            raise VenueError("Jupiter quote: not for the amount asked", "QUOTE_FAILED")
+        price = significant(from_units(amount_out, buy) / from_units(amount_in, sell))
+        return Quote(self.name, price, 0.0, amount_out, impact, labels=labels, venue_data=reply)
+
+    async def sign(self, tx: SwapTx) -> SwapTx:
+        """Ask Jupiter for the swap transaction, check it is the swap asked for, sign it."""
+        quote = dict(tx.venue_data or {})
+        amount_out = int(quote.get("outAmount", 0)) or 1
+        quote["otherAmountThreshold"] = str(tx.min_amount_out)  # enforced by the swap on chain
+        quote["slippageBps"] = max(
+            0, ceil_div((amount_out - tx.min_amount_out) * 10_000, amount_out)
+        )
+        body = {
+            "quoteResponse": quote,
+            "userPublicKey": str(self.wallet),
+            "wrapAndUnwrapSol": True,
+            "dynamicComputeUnitLimit": True,
+            "prioritizationFeeLamports": self.priority_fee,
+        }
+        reply = await self._jupiter("POST", "/swap", "EXECUTION_FAILED", json=body)
+        try:
+            unsigned = VersionedTransaction.from_bytes(base64.b64decode(reply["swapTransaction"]))
+            last_valid = int(reply["lastValidBlockHeight"])
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise VenueError("Jupiter swap: an answer of an unknown shape") from None
+        keys = await self._account_keys(unsigned)
+        refused = swap_refusal(unsigned, keys, self.wallet, tx)
+        if refused is not None:
+            log.error("swap transaction refused", extra={"reason": refused})
+            raise VenueError(f"refused to sign: {refused}", "TRANSACTION_REFUSED", retryable=False)
+        signed = sign_as(unsigned, self.keypair)
+        blocks_left = last_valid - await self.rpc.height()
+        if blocks_left < 0:
+            raise VenueError("blockhash expired before the transaction was sent", "TX_EXPIRED")
+        expires_at_ms = int((self.clock() + blocks_left * SOLANA_SLOT_S) * 1000)
+        return replace(
+            tx,
+            signature=str(signed.signatures[0]),
+            payload=bytes(signed),
+            expires_at_ms=expires_at_ms,
+            last_valid_slot=slot_at(expires_at_ms / 1000),
+            last_valid_height=last_valid,
+        )
+
+    async def execute(self, tx: SwapTx) -> Fill:
+        wire = base64.b64encode(tx.payload).decode()
+        if self.dry_run:
+            return await self._simulate(wire)
+        assert tx.last_valid_height is not None  # sign() set it
+        await self._send(wire, preflight=True)
+        last_sent = time.monotonic()
+        while True:
+            await asyncio.sleep(SOLANA_POLL_S)
+            with contextlib.suppress(VenueError):  # a node away: ask again, send again
+                if (status := await self.rpc.status(tx.signature)) is not None:
+                    return settled(await self._outcome(tx.sent, status))
+                if time.monotonic() - last_sent < SOLANA_REBROADCAST_S:
+                    continue
+                last_sent = time.monotonic()
+                past = await self.rpc.height() > tx.last_valid_height
+                if past and (expired := await self.lookup(tx.sent)) is not None:
+                    return settled(expired)
+                await self._send(wire, preflight=False)
+
+    async def lookup(self, sent: SentTx) -> TxStatus | None:
+        """What the node says of the signature (its whole history searched), waiting while the
+        node does not answer: landed or failed, expired once the block height has passed the
+        blockhash's last valid one, else None."""
+        delay = REDIS_RETRY_MIN_S
+        while True:
+            try:
+                return await self._lookup(sent)
+            except VenueError as exc:
+                log.warning("solana lookup failed; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SOLANA_RETRY_MAX_S)
+
+    async def _lookup(self, sent: SentTx) -> TxStatus | None:
+        if (status := await self.rpc.status(sent.signature, history=True)) is not None:
+            return await self._outcome(sent, status)
+        if sent.last_valid_height is None:  # recorded before a signed transaction existed
+            passed = self.clock() * 1000 > sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000
+        else:
+            passed = await self.rpc.height() > sent.last_valid_height
+        if not passed:
+            return None
+        # Past its last valid block it can no longer land; it may have landed just before.
+        if (status := await self.rpc.status(sent.signature, history=True)) is not None:
+            return await self._outcome(sent, status)
+        self.metrics.solana_event("expiries")
+        return TxStatus(False, code="TX_EXPIRED", error="transaction expired before it landed")
+
+    async def _outcome(self, sent: SentTx, status: Mapping[str, Any]) -> TxStatus:
+        if status.get("err") is not None:
+            error = chain_error(status["err"])
+            return TxStatus(False, code=error.code, error=str(error))
+        self.metrics.solana_event("confirmations")
+        return TxStatus(True, await self._fill(sent))
+
+    async def _fill(self, sent: SentTx) -> Fill:
+        """The fill as the chain recorded it: the wallet's balance change in the output token."""
+        options = {
+            "encoding": "json",
+            "commitment": "confirmed",
+            "maxSupportedTransactionVersion": 0,
+        }
+        delay = SOLANA_POLL_S
+        while (landed := await self.rpc.call("getTransaction", sent.signature, options)) is None:
+            await asyncio.sleep(delay)  # confirmed, but this node has not indexed it yet
+            delay = min(delay * 2, SOLANA_RETRY_MAX_S)
+        amount_out = received(landed["meta"], str(self.wallet), sent.buy)
+        price = significant(
+            from_units(amount_out, sent.buy) / from_units(sent.amount_in, sent.sell)
+        )
+        return Fill(sent.signature, price, amount_out)
+
+    async def _send(self, wire: str, *, preflight: bool) -> None:
+        """Send the signed bytes. A first send refused by its preflight was never sent: its
+        failure says so (it cannot land). A send lost on the way is sent again later."""
+        options = {
+            "encoding": "base64",
+            "skipPreflight": not preflight,
+            "preflightCommitment": "confirmed",
+            "maxRetries": 0,
+        }
+        self.metrics.solana_event("sends" if preflight else "rebroadcasts")
+        try:
+            await self.rpc.call("sendTransaction", wire, options)
+        except RpcRefused as exc:
+            if any(mark in f"{exc.err} {exc}" for mark in ALREADY_PROCESSED):
+                return
+            if not preflight:
+                log.debug("rebroadcast refused", extra={"error": str(exc)})
+                return
+            failure = chain_error(exc.err or str(exc), exc.logs)
+            code, retryable = failure.code, failure.retryable
+            raise VenueError(str(failure), code, retryable=retryable, sent=False) from None
+        except VenueError as exc:  # the node did not answer: it may have the transaction
+            log.warning("solana send failed; sending again later", extra={"error": str(exc)})
+
+    async def _simulate(self, wire: str) -> Fill:
+        """SOLANA_DRY_RUN: the node simulates the transaction; nothing is sent."""
+        options = {"encoding": "base64", "sigVerify": True, "commitment": "confirmed"}
+        reply = await self.rpc.call("simulateTransaction", wire, options)
+        value = reply["value"]
+        if value.get("err") is not None:
+            failure = chain_error(value["err"], value.get("logs") or ())
+            raise VenueError(str(failure), failure.code, retryable=failure.retryable, sent=False)
+        units = value.get("unitsConsumed")
+        message = (
+            f"dry run: the transaction simulated without error ({units} compute units); not sent"
+        )
+        raise VenueError(message, "DRY_RUN", retryable=False, sent=False)
+
+    async def _jupiter(self, method: str, path: str, code: str, **kwargs: Any) -> Any:
+        headers = {"x-api-key": self.api_key} if self.api_key else {}
+        url = self.api_url.rstrip("/") + path
+        try:
+            async with self.session.request(method, url, headers=headers, **kwargs) as response:
+                body = await response.read()
+                if response.status == 429 or response.status >= 500:
+                    raise ClientError(f"HTTP {response.status}")
+                reply = orjson.loads(body)
+        except (ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise VenueError(
+                f"Jupiter {path} failed: {exc or type(exc).__name__}", "VENUE_DOWN"
+            ) from None
+        if response.status >= 400 or not isinstance(reply, dict):
+            error = reply.get("error") if isinstance(reply, dict) else None
+            no_route = path == "/quote" and response.status == 400
+            raise VenueError(
+                f"Jupiter {path}: HTTP {response.status}: {error}", "NO_ROUTE" if no_route else code
+            )
+        return reply
+
+    async def _account_keys(self, tx: VersionedTransaction) -> list[Pubkey]:
+        """Every account the message names: its own keys, then those of its address lookup
+        tables (writable ones first), read from the chain."""
+        message = tx.message
+        keys = list(message.account_keys)
+        lookups = list(getattr(message, "address_table_lookups", ()))
+        writable: list[Pubkey] = []
+        readonly: list[Pubkey] = []
+        for lookup in lookups:
+            options = {"encoding": "base64", "commitment": "confirmed"}
+            reply = await self.rpc.call("getAccountInfo", str(lookup.account_key), options)
+            if reply["value"] is None:
+                raise VenueError(f"address lookup table {lookup.account_key} not found")
+            table = AddressLookupTable.deserialize(base64.b64decode(reply["value"]["data"][0]))
+            addresses = list(table.addresses)
+            writable += [addresses[i] for i in lookup.writable_indexes]
+            readonly += [addresses[i] for i in lookup.readonly_indexes]
+        return keys + writable + readonly
+
+    def has_pool(self, sell: Token, buy: Token) -> bool:
+        return sell.mint != buy.mint  # Jupiter routes any pair it finds liquidity for
+
+    async def health(self) -> dict[str, Any]:
+        """For /readyz: the node answers and its block height moves; the wallet can pay fees."""
+        try:
+            height = await self.rpc.height()
+            lamports = int((await self.rpc.call("getBalance", str(self.wallet)))["value"])
+        except VenueError:
+            return {"solana": "unavailable"}
+        seen, moved_at = self._heights
+        now = time.monotonic()
+        if height != seen:
+            self._heights = (height, now)
+        stalled = height == seen and now - moved_at > SOLANA_STALL_S
+        funded = lamports >= SOLANA_MIN_BALANCE_LAMPORTS
+        return {
+            "solana": "stalled" if stalled else "ok",
+            "wallet": "ok" if funded else "low balance",
+            "walletSol": lamports / 10**9,
+            "blockHeight": height,
+        }
+
+
+def received(meta: Mapping[str, Any], wallet: str, token: Token) -> int:
+    """Base units of `token` the wallet gained in a landed transaction (native SOL included when
+    wrapped SOL was unwrapped into the wallet)."""
+
+    def held(balances: Sequence[Mapping[str, Any]]) -> int:
+        return sum(
+            int(entry["uiTokenAmount"]["amount"])
+            for entry in balances
+            if entry.get("owner") == wallet and entry.get("mint") == token.mint
+        )
+
+    gained = held(meta.get("postTokenBalances") or ()) - held(meta.get("preTokenBalances") or ())
+    if gained <= 0 and token.mint == WSOL_MINT:  # unwrapped: the wallet's lamports, fee aside
+        gained = meta["postBalances"][0] - meta["preBalances"][0] + meta["fee"]
+    return max(gained, 0)
+
+
+def sign_as(tx: VersionedTransaction, keypair: Keypair) -> VersionedTransaction:
+    """`tx` with `keypair`'s signature in its place; a co-signer's (an RFQ maker's) is kept."""
+    message = tx.message
+    signers = list(message.account_keys[: message.header.num_required_signatures])
+    signatures = list(tx.signatures)
+    signatures[signers.index(keypair.pubkey())] = keypair.sign_message(to_bytes_versioned(message))
+    return VersionedTransaction.populate(message, signatures)
+
+
+def swap_refusal(
+    tx: VersionedTransaction, keys: Sequence[Pubkey], wallet: Pubkey, swap: SwapTx
+) -> str | None:
+    """Why the engine must not sign `tx`, or None: the wallet pays its fee, and nothing moves out
+    of the wallet but the swap's input (at most its amount, from the wallet's account of the
+    input token, or wrapped from its SOL) and rent for its own token accounts."""
+    signers = keys[: tx.message.header.num_required_signatures]
+    if not keys or keys[0] != wallet:
+        return "the fee payer is not the engine's wallet"
+    if wallet not in signers or len(tx.signatures) != len(signers):
+        return "the engine's wallet is not among its signers"
+    source = ata_of(wallet, swap.sell.mint)
+    wrapped = source if swap.sell.mint == WSOL_MINT else None  # SOL in: wrapped first
+    lamports = tokens = 0
+    for index, instruction in enumerate(tx.message.instructions):
+        try:
+            program = str(keys[instruction.program_id_index])
+            accounts = [keys[i] for i in instruction.accounts]
+        except IndexError:
+            return f"instruction {index} names an account the transaction does not have"
+        data = bytes(instruction.data)
+        if program == SYSTEM_PROGRAM:
+            moved = system_transfer(data, accounts, wallet, wrapped)
+            lamports += moved or 0
+        elif program in TOKEN_PROGRAMS:
+            moved = token_outflow(data, accounts, wallet, source)
+            tokens += moved or 0
+        elif program == ASSOCIATED_TOKEN_PROGRAM:  # creates a token account: the wallet's own
+            ours = len(accounts) >= 3 and accounts[2] == wallet
+            moved = 0 if ours or (accounts and accounts[0] != wallet) else None
+        else:
+            moved = 0 if program in SWAP_PROGRAMS else None
+        if moved is None:
+            return f"instruction {index} ({program}) could move the wallet's funds elsewhere"
+    if max(lamports, tokens) > swap.amount_in:
+        taken = max(lamports, tokens)
+        return f"it would take {taken} base units of {swap.sell.symbol}, not {swap.amount_in}"
+    return None
+
+
+def system_transfer(
+    data: bytes, accounts: Sequence[Pubkey], wallet: Pubkey, wrapped: Pubkey | None
+) -> int | None:
+    """Lamports a System Program instruction moves out of the wallet: only a transfer into the
+    wallet's own wrapped-SOL account (wrapping the input) is allowed; None for anything else
+    that touches the wallet."""
+    if not accounts or accounts[0] != wallet:
+        return 0  # not funded by the wallet
+    transfer = len(data) == 12 and int.from_bytes(data[:4], "little") == SYSTEM_TRANSFER
+    if transfer and len(accounts) >= 2 and accounts[1] == wrapped:
+        return int.from_bytes(data[4:12], "little")
+    return None
+
+
+def token_outflow(
+    data: bytes, accounts: Sequence[Pubkey], wallet: Pubkey, source: Pubkey
+) -> int | None:
+    """Base units a token instruction signed by the wallet moves out of it: a transfer from the
+    wallet's input-token account counts toward the swap's input, closing an account into the
+    wallet is fine, and what else the wallet could authorise (another transfer, an approval, a
+    new authority, a burn) is None."""
+    if wallet not in accounts or (data and data[0] in TOKEN_HARMLESS):
+        return 0
+    tag = data[0] if data else -1
+    authority = {TOKEN_TRANSFER: 2, TOKEN_CLOSE: 2, TOKEN_TRANSFER_CHECKED: 3}.get(tag)
+    if (
+        authority is None
+        or len(accounts) <= authority
+        or len(data) < (1 if tag == TOKEN_CLOSE else 9)
+    ):
+        return None  # anything else the wallet is part of: an approval, an authority, a burn
+    if accounts[authority] != wallet:
+        return 0  # not the wallet's own tokens (the wallet receives: the swap's output)
+    if tag == TOKEN_CLOSE:
+        return 0 if accounts[1] == wallet else None  # its rent goes back to the wallet
+    return int.from_bytes(data[1:9], "little") if accounts[0] == source else None
+
+
+def ata_of(owner: Pubkey, mint: str) -> Pubkey:
+    """The owner's associated token account for `mint` (SPL Token program)."""
+    token_program = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
+    seeds = [bytes(owner), bytes(token_program), bytes(Pubkey.from_string(mint))]
+    return Pubkey.find_program_address(seeds, Pubkey.from_string(ASSOCIATED_TOKEN_PROGRAM))[0]
+
+
+def solana_venues(
+    config: Config, session: ClientSession, metrics: Metrics, clock: Clock
+) -> list[Venue]:
+    """ENGINE_VENUES=solana: Jupiter's Swap API, signing with SOLANA_KEYPAIR's wallet."""
+    assert config.solana_rpc_url is not None  # Config.load checked both
+    assert config.solana_keypair is not None
+    rpc = SolanaRpc(config.solana_rpc_url, session, metrics)
+    venue = SolanaVenue(
+        "JUPITER",
+        rpc,
+        session,
+        load_keypair(config.solana_keypair),
+        config.jupiter_api_url,
+        metrics,
+        clock,
+        api_key=config.jupiter_api_key,
+        priority_fee=config.solana_priority_fee,
+        dry_run=config.solana_dry_run,
+    )
+    return [venue]
 
 
 # -- routing --------------------------------------------------------------------------------------
@@ -3504,6 +4208,7 @@ def build_swap(
         signature=signature,
         expires_at_ms=expires_at_ms,
         last_valid_slot=slot_at(expires_at_ms / 1000),
+        venue_data=best.venue_data,
     )
 
 
@@ -3616,20 +4321,32 @@ class Router:
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
         except VenueError as exc:
             outcome = "failed"
-            raise AttemptFailed(exc.code, str(exc)) from None
+            raise AttemptFailed(exc.code, str(exc), exc.retryable, exc.sent) from None
         finally:
             self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
-    async def lookup(self, dex: str, signature: str, expires_at_ms: int) -> TxStatus | None:
-        venue = self.venues.get(dex.split("+")[0])
+    async def lookup(self, sent: SentTx) -> TxStatus | None:
+        venue = self.venues.get(sent.dex.split("+")[0])
         if venue is not None:
-            return await venue.lookup(signature, expires_at_ms)
+            return await venue.lookup(sent)
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
-        if self._clock() * 1000 <= expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
+        if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
             return None
+        dex = sent.dex
         log.warning("venue unknown here; its transaction taken as expired", extra={"dex": dex})
         return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {dex} expired")
+
+    async def sign(self, tx: SwapTx) -> SwapTx:
+        """The transaction as the route's venue signs it (a simulated one: as it is)."""
+        sign = getattr(self._venue(tx.dex), "sign", None)
+        if sign is None:
+            return tx
+        try:
+            signed: SwapTx = await sign(tx)
+        except VenueError as exc:
+            raise AttemptFailed(exc.code, str(exc), retryable=exc.retryable) from None
+        return signed
 
     def _venue(self, dex: str) -> Venue:
         # A split is one transaction through an aggregator: its first venue sends it.
@@ -4230,17 +4947,17 @@ class _Attempt:
         """The engine that died had sent (or was about to send) a transaction: the chain decides.
         Landed: confirm it, never send a second one. Failed, or expired without landing: that
         attempt is over."""
-        order = self.order
+        order, sent = self.order, self.order.sent
         interrupted = f"attempt {order.attempts} was interrupted after submitting"
-        if order.dex is None or order.tx_hash is None:
+        if sent is None:
             await self.recover(interrupted)
             return
         try:
-            fill = await self.settle(order.dex, order.tx_hash, order.tx_expires_at_ms)
+            fill = await self.settle(sent)
         except AttemptFailed as failure:
             await self.recover(failure.message if failure.code != "TX_EXPIRED" else interrupted)
             return
-        await self.confirm(order.dex, fill)
+        await self.confirm(sent.dex, fill)
 
     async def recover(self, reason: str) -> None:
         """Retry an interrupted attempt at once, given back: its engine dying or shutting down is
@@ -4278,37 +4995,43 @@ class _Attempt:
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature(), floor)
             await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx, self.order))
-            await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))  # the intent
+            tx = await engine.router.sign(tx)
+            # The intent, signature and expiry recorded before the first send.
+            await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))
             self.order = replace(
-                self.order, dex=tx.dex, tx_hash=tx.signature, tx_expires_at_ms=tx.expires_at_ms
+                self.order,
+                dex=tx.dex,
+                tx_hash=tx.signature,
+                tx_expires_at_ms=tx.expires_at_ms,
+                tx_last_valid_height=tx.last_valid_height,
             )
             with engine.tracing.span("submitted", dex=tx.dex, txHash=tx.signature):
                 try:
                     fill = await engine.router.execute(tx, timeout_s)
                 except AttemptFailed as failure:
+                    if not failure.sent:
+                        raise
                     # It may have landed all the same (a lost reply, a stalled node): ask the chain.
-                    fill = await self.settle(tx.dex, tx.signature, tx.expires_at_ms, failure)
+                    fill = await self.settle(tx.sent, failure)
         except AttemptFailed as failure:
             await self.retry_or_fail(failure)
             return
         await self.confirm(tx.dex, fill)
 
-    async def settle(
-        self, dex: str, signature: str, expires_at_ms: int, failure: AttemptFailed | None = None
-    ) -> Fill:
+    async def settle(self, sent: SentTx, failure: AttemptFailed | None = None) -> Fill:
         """What became of a sent transaction: its fill if it landed, else AttemptFailed (`failure`,
         the attempt's own, if it simply expired). The venue decides by its chain's clock when it
         has expired; until then the worker waits, asking again once this engine's clock says so."""
         router = self.engine.router
         while True:
-            status = await persist("chain lookup", router.lookup, dex, signature, expires_at_ms)
+            status = await persist("chain lookup", router.lookup, sent)
             if status is not None:
                 if status.fill is not None:
                     return status.fill
                 if failure is not None and status.code == "TX_EXPIRED":
                     raise failure
                 raise AttemptFailed(status.code, status.error)
-            remaining_s = expires_at_ms / 1000 - self.engine.now()
+            remaining_s = sent.expires_at_ms / 1000 - self.engine.now()
             await asyncio.sleep(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S)
 
     async def confirm(self, dex: str, fill: Fill) -> None:
@@ -4333,6 +5056,7 @@ class _Attempt:
             "txHash": tx.signature,
             "txExpiresAt": iso_ms(tx.expires_at_ms / 1000),
             "lastValidSlot": tx.last_valid_slot,
+            "lastValidBlockHeight": tx.last_valid_height,
         }
 
     @staticmethod
@@ -4402,10 +5126,10 @@ class _Attempt:
             "INTERNAL_ERROR", "internal error while executing the order", retryable=False
         )
         try:
-            if order.status is Status.SUBMITTED and order.dex and order.tx_hash:
+            if order.status is Status.SUBMITTED and (sent := order.sent) is not None:
                 with contextlib.suppress(AttemptFailed):  # it did not land: fail it below
-                    fill = await self.settle(order.dex, order.tx_hash, order.tx_expires_at_ms)
-                    await self.confirm(order.dex, fill)
+                    fill = await self.settle(sent)
+                    await self.confirm(sent.dex, fill)
                     return
             if self.order.status not in TERMINAL:
                 await self.retry_or_fail(internal)
@@ -5506,9 +6230,14 @@ async def readyz(request: web.Request) -> web.Response:
             checks["postgres"] = "ok"
         except HISTORY_ERRORS:
             checks["postgres"] = "unavailable"
+    venues: dict[str, Any] = {}
+    for venue in engine.router.venues.values():
+        if (health := getattr(venue, "health", None)) is not None:
+            venues |= await health()
+    checks |= {name: value for name, value in venues.items() if isinstance(value, str)}
     ready = all(v == "ok" for v in checks.values()) and not engine.draining
     status = "ready" if ready else ("draining" if engine.draining else "unavailable")
-    return json_response({"status": status, **checks}, 200 if ready else 503)
+    return json_response({"status": status, **venues, **checks}, 200 if ready else 503)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -6060,6 +6789,7 @@ def create_app(
             f"ENGINE_EVENT_LOG_KEEP must be at least {limits.resume_slack * 2}: a socket closed "
             f"as too slow has {limits.resume_slack} events to come back in"
         )
+    use_tokens(config.tokens)
     app = web.Application(client_max_size=API_BODY_MAX_BYTES, middlewares=[error_middleware])
     add_routes(app)
     app[METRICS] = Metrics()
@@ -6082,7 +6812,15 @@ def create_app(
             store = Store(client, config, clock, batch_client, metrics)
             stack.push_async_callback(store.batch.close)
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
-            dexes = venues or default_venues(config, chain, clock)
+            if venues:
+                dexes = list(venues)
+            elif config.venues == "solana":
+                timeout = ClientTimeout(total=SOLANA_HTTP_TIMEOUT_S)
+                session = ClientSession(timeout=timeout, raise_for_status=False)
+                stack.push_async_callback(session.close)
+                dexes = solana_venues(config, session, metrics, clock)
+            else:
+                dexes = default_venues(config, chain, clock)
             tracing = Tracing(tracer_provider or tracer_provider_from(config))
             router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics, tracing)
             history = History(config.database_url) if config.database_url else None

@@ -378,12 +378,12 @@ class ScriptedVenue:
             raise RuntimeError("a bug in the venue's client")
         return eng.settled(self.ledger[tx.signature])
 
-    async def lookup(self, signature: str, expires_at_ms: int) -> eng.TxStatus | None:
+    async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
         """As a chain answers: the outcome, or once the expiry has passed, that it expired (and
         then it never lands: a late execute finds this outcome)."""
-        if signature not in self.ledger and time.time() * 1000 > expires_at_ms:
-            self.ledger[signature] = eng.TxStatus(False, code="TX_EXPIRED", error="expired")
-        return self.ledger.get(signature)
+        if sent.signature not in self.ledger and time.time() * 1000 > sent.expires_at_ms:
+            self.ledger[sent.signature] = eng.TxStatus(False, code="TX_EXPIRED", error="expired")
+        return self.ledger.get(sent.signature)
 
     def has_pool(self, sell: eng.Token, buy: eng.Token) -> bool:
         return self.listed
@@ -3551,8 +3551,8 @@ class Poisoned:
     async def quote(self, *args):
         return await self.inner.quote(*args)
 
-    async def lookup(self, signature, expires_at_ms):
-        return await self.inner.lookup(signature, expires_at_ms)
+    async def lookup(self, sent):
+        return await self.inner.lookup(sent)
 
     async def execute(self, tx):
         if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
