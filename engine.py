@@ -3799,18 +3799,19 @@ class SolanaVenue:
         assert tx.last_valid_height is not None  # sign() set it
         await self._send(wire, preflight=True)
         last_sent = time.monotonic()
-        while True:
+        outcome: TxStatus | None = None
+        while outcome is None:
             await asyncio.sleep(SOLANA_POLL_S)
             with contextlib.suppress(VenueError):  # a node away: ask again, send again
                 if (status := await self.rpc.status(tx.signature)) is not None:
-                    return settled(await self._outcome(tx.sent, status))
-                if time.monotonic() - last_sent < SOLANA_REBROADCAST_S:
-                    continue
-                last_sent = time.monotonic()
-                past = await self.rpc.height() > tx.last_valid_height
-                if past and (expired := await self.lookup(tx.sent)) is not None:
-                    return settled(expired)
-                await self._send(wire, preflight=False)
+                    outcome = await self._outcome(tx.sent, status)
+                elif time.monotonic() - last_sent >= SOLANA_REBROADCAST_S:
+                    last_sent = time.monotonic()
+                    if await self.rpc.height() > tx.last_valid_height:
+                        outcome = await self.lookup(tx.sent)  # expired, or landed just before
+                    else:
+                        await self._send(wire, preflight=False)
+        return settled(outcome)
 
     async def lookup(self, sent: SentTx) -> TxStatus | None:
         """What the node says of the signature (its whole history searched), waiting while the

@@ -40,7 +40,7 @@ import orjson
 import psutil
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
+from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -50,6 +50,21 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from solders.instruction import Instruction
+from solders.keypair import Keypair
+from solders.litesvm import LiteSVM
+from solders.message import MessageV0, to_bytes_versioned
+from solders.pubkey import Pubkey
+from solders.signature import Signature
+from solders.system_program import CreateAccountParams, create_account, transfer
+from solders.system_program import TransferParams as SolTransfer
+from solders.token.state import TokenAccount
+from solders.transaction import VersionedTransaction
+from solders.transaction_metadata import FailedTransactionMetadata
+from solders.transaction_status import InstructionErrorCustom, TransactionErrorInstructionError
+from spl.token import instructions as spl
+from spl.token import models as spl_models
+from spl.token.constants import TOKEN_PROGRAM_ID
 
 import engine as eng
 from engine import Config, Status
@@ -4056,3 +4071,553 @@ async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
         records = await reach(http, urls[1], order_ids, *TERMINAL)
     assert {record["status"] for record in records} == {"confirmed"}
     assert {record["recoveries"] for record in records} == {0}
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Real execution on Solana: a real SVM (LiteSVM) behind a JSON-RPC server, and a quote/swap
+# server shaped like Jupiter's whose swaps a market maker co-signs, so balances move only if the
+# transaction lands. Nothing here needs the internet.
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+MAKER_PRICE = 4  # WIF per USDC
+BLOCKHASH_LIFE = 150  # blocks a blockhash stays valid, as on Solana
+
+
+def tx_error_json(err: Any) -> Any:
+    """A solders transaction error as the RPC writes `err`: "Name" or {"InstructionError": ...}."""
+    if isinstance(err, TransactionErrorInstructionError):
+        inner = err.err
+        detail = (
+            {"Custom": inner.code}
+            if isinstance(inner, InstructionErrorCustom)
+            else (str(inner).rsplit(".", 1)[-1])
+        )
+        return {"InstructionError": [err.index, detail]}
+    return str(err).rsplit(".", 1)[-1]
+
+
+@dataclass
+class SolanaCluster:
+    """LiteSVM with a wallet holding USDC, a maker holding WIF, and hooks to misbehave: drop
+    sends, hold confirmations back, fail a preflight, go down, expire every blockhash."""
+
+    svm: LiteSVM = field(default_factory=LiteSVM)
+    payer: Keypair = field(default_factory=Keypair)
+    maker: Keypair = field(default_factory=Keypair)
+    wallet: Keypair = field(default_factory=Keypair)
+    height: int = 1000
+    valid_until: dict[str, int] = field(default_factory=dict)  # blockhash -> last valid height
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # landed signatures
+    landed: dict[str, dict[str, Any]] = field(default_factory=dict)  # getTransaction answers
+    sends: list[str] = field(default_factory=list)  # every signature sent, rebroadcasts too
+    swaps_asked: list[dict[str, Any]] = field(default_factory=list)
+    drop_sends: int = 0
+    hold_confirmations: bool = False
+    fail_preflight: list[tuple[Any, list[str]]] = field(default_factory=list)
+    down: bool = False
+    hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        for key in (self.payer, self.maker, self.wallet):
+            self.svm.airdrop(key.pubkey(), 10 * 10**9)
+        self.usdc, self.wif = self._mint(), self._mint()
+        self.ata = {
+            (who, mint): self._account(who, mint)
+            for who in (self.wallet.pubkey(), self.maker.pubkey())
+            for mint in (self.usdc, self.wif)
+        }
+        self._mint_to(self.usdc, self.wallet.pubkey(), 1000 * 10**6)
+        self._mint_to(self.wif, self.maker.pubkey(), 1_000_000 * 10**6)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _run(self, instructions: list[Instruction], *signers: Keypair) -> None:
+        message = MessageV0.try_compile(
+            signers[0].pubkey(), instructions, [], self.svm.latest_blockhash()
+        )
+        result = self.svm.send_transaction(VersionedTransaction(message, list(signers)))
+        assert not isinstance(result, FailedTransactionMetadata), result
+
+    def _mint(self) -> Pubkey:
+        mint = Keypair()
+        space = 82
+        rent = self.svm.minimum_balance_for_rent_exemption(space)
+        create = create_account(
+            CreateAccountParams(
+                from_pubkey=self.payer.pubkey(), to_pubkey=mint.pubkey(), lamports=rent,
+                space=space, owner=TOKEN_PROGRAM_ID,
+            )
+        )  # fmt: skip
+        init = spl.initialize_mint(
+            spl_models.InitializeMintParams(
+                decimals=6, program_id=TOKEN_PROGRAM_ID, mint=mint.pubkey(),
+                mint_authority=self.payer.pubkey(),
+            )
+        )  # fmt: skip
+        self._run([create, init], self.payer, mint)
+        return mint.pubkey()
+
+    def _account(self, owner: Pubkey, mint: Pubkey) -> Pubkey:
+        self._run(
+            [spl.create_idempotent_associated_token_account(self.payer.pubkey(), owner, mint)],
+            self.payer,
+        )
+        return spl.get_associated_token_address(owner, mint)
+
+    def _mint_to(self, mint: Pubkey, owner: Pubkey, amount: int) -> None:
+        params = spl_models.MintToParams(
+            program_id=TOKEN_PROGRAM_ID, mint=mint, dest=self.ata[(owner, mint)],
+            mint_authority=self.payer.pubkey(), amount=amount,
+        )  # fmt: skip
+        self._run([spl.mint_to(params)], self.payer)
+
+    def balance(self, owner: Pubkey, mint: Pubkey) -> int:
+        account = self.svm.get_account(self.ata[(owner, mint)])
+        assert account is not None
+        return TokenAccount.from_bytes(bytes(account.data)).amount
+
+    def expire(self) -> None:
+        """Every blockhash handed out so far expires: the chain moves past their last block."""
+        self.svm.expire_blockhash()
+        self.height += BLOCKHASH_LIFE + 1
+
+    def tokens(self) -> str:
+        return orjson.dumps(
+            {
+                "USDC": {"mint": str(self.usdc), "decimals": 6},
+                "WIF": {"mint": str(self.wif), "decimals": 6},
+            }
+        ).decode()
+
+    # -- the Jupiter-shaped API -----------------------------------------------------------------
+
+    async def quote(self, request: web.Request) -> web.Response:
+        amount_in = int(request.query["amount"])
+        pair = (request.query["inputMint"], request.query["outputMint"])
+        if pair != (str(self.usdc), str(self.wif)):
+            return web.json_response({"error": "Could not find any route"}, status=400)
+        amount_out = amount_in * MAKER_PRICE
+        hop = {
+            "ammKey": str(self.maker.pubkey()), "label": "TestMaker", "inputMint": pair[0],
+            "outputMint": pair[1], "inAmount": str(amount_in), "outAmount": str(amount_out),
+            "feeAmount": "0", "feeMint": pair[0],
+        }  # fmt: skip
+        return web.json_response(
+            {
+                "inputMint": pair[0], "inAmount": str(amount_in), "outputMint": pair[1],
+                "outAmount": str(amount_out), "otherAmountThreshold": str(amount_out),
+                "swapMode": "ExactIn", "slippageBps": int(request.query["slippageBps"]),
+                "priceImpactPct": "0.01", "routePlan": [{"swapInfo": hop, "percent": 100}],
+                "contextSlot": self.height, "timeTaken": 0.001,
+            }
+        )  # fmt: skip
+
+    async def swap(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.swaps_asked.append(body)
+        quote, user = body["quoteResponse"], Pubkey.from_string(body["userPublicKey"])
+        amount_in, amount_out = int(quote["inAmount"]), int(quote["outAmount"])
+        maker = self.maker.pubkey()
+        pay = spl_models.TransferParams(
+            program_id=TOKEN_PROGRAM_ID, source=self.ata[(user, self.usdc)],
+            dest=self.ata[(maker, self.usdc)], owner=user, amount=amount_in,
+        )  # fmt: skip
+        fill = spl_models.TransferParams(
+            program_id=TOKEN_PROGRAM_ID, source=self.ata[(maker, self.wif)],
+            dest=self.ata[(user, self.wif)], owner=maker, amount=amount_out,
+        )  # fmt: skip
+        instructions = [
+            spl.create_idempotent_associated_token_account(user, user, self.wif),
+            spl.transfer(pay),
+            spl.transfer(fill),
+            *self.hostile,
+        ]
+        blockhash = self.svm.latest_blockhash()
+        self.valid_until[str(blockhash)] = self.height + BLOCKHASH_LIFE
+        message = MessageV0.try_compile(user, instructions, [], blockhash)
+        signers = list(message.account_keys[: message.header.num_required_signatures])
+        signatures = [Signature.default()] * len(signers)
+        signatures[signers.index(maker)] = self.maker.sign_message(to_bytes_versioned(message))
+        unsigned = VersionedTransaction.populate(message, signatures)
+        return web.json_response(
+            {
+                "swapTransaction": base64.b64encode(bytes(unsigned)).decode(),
+                "lastValidBlockHeight": self.valid_until[str(blockhash)],
+                "prioritizationFeeLamports": 0,
+            }
+        )
+
+    # -- the JSON-RPC node ----------------------------------------------------------------------
+
+    async def rpc(self, request: web.Request) -> web.Response:
+        if self.down:
+            return web.Response(status=503, text="node is down")
+        call = await request.json()
+        method, params = call["method"], call.get("params", [])
+        try:
+            result = getattr(self, f"rpc_{method}")(*params)
+        except RpcFailure as failure:
+            return web.json_response({"jsonrpc": "2.0", "id": call["id"], "error": failure.error})
+        return web.json_response({"jsonrpc": "2.0", "id": call["id"], "result": result})
+
+    def context(self, value: Any) -> dict[str, Any]:
+        return {"context": {"slot": self.height}, "value": value}
+
+    def rpc_getBlockHeight(self, options: Any = None) -> int:
+        return self.height
+
+    def rpc_getBalance(self, address: str, options: Any = None) -> dict[str, Any]:
+        return self.context(self.svm.get_balance(Pubkey.from_string(address)) or 0)
+
+    def rpc_getSignatureStatuses(self, signatures: list[str], options: Any = None) -> Any:
+        found = [None if self.hold_confirmations else self.statuses.get(s) for s in signatures]
+        return self.context(found)
+
+    def rpc_getTransaction(self, signature: str, options: Any = None) -> Any:
+        return None if self.hold_confirmations else self.landed.get(signature)
+
+    def rpc_simulateTransaction(self, wire: str, options: Any = None) -> Any:
+        tx = VersionedTransaction.from_bytes(base64.b64decode(wire))
+        result = self.svm.simulate_transaction(tx)
+        if isinstance(result, FailedTransactionMetadata):
+            value = {"err": tx_error_json(result.err()), "logs": list(result.meta().logs())}
+        else:
+            meta = result.meta()
+            value = {"err": None, "logs": list(meta.logs()),
+                     "unitsConsumed": meta.compute_units_consumed()}  # fmt: skip
+        return self.context(value)
+
+    def rpc_sendTransaction(self, wire: str, options: dict[str, Any]) -> str:
+        tx = VersionedTransaction.from_bytes(base64.b64decode(wire))
+        signature = str(tx.signatures[0])
+        self.sends.append(signature)
+        preflight = not options.get("skipPreflight")
+        if self.valid_until.get(str(tx.message.recent_blockhash), -1) < self.height:
+            if preflight:
+                raise RpcFailure.preflight("BlockhashNotFound", [])
+            return signature  # a node forwards it; no leader will take it
+        if self.drop_sends:
+            self.drop_sends -= 1
+            return signature  # lost on its way to the leader
+        if preflight and self.fail_preflight:
+            raise RpcFailure.preflight(*self.fail_preflight.pop(0))
+        if preflight and signature in self.statuses:
+            raise RpcFailure.preflight("AlreadyProcessed", [])
+        if preflight and (simulated := self.rpc_simulateTransaction(wire)["value"])["err"]:
+            raise RpcFailure.preflight(simulated["err"], simulated["logs"])
+        self._land(tx, signature)
+        return signature
+
+    def _land(self, tx: VersionedTransaction, signature: str) -> None:
+        keys = list(tx.message.account_keys)
+        before = self._balances(keys)
+        result = self.svm.send_transaction(tx)
+        if isinstance(result, FailedTransactionMetadata):
+            err = tx_error_json(result.err())
+            if err in ("AlreadyProcessed", "SignatureFailure", "BlockhashNotFound"):
+                return  # never lands
+        else:
+            err = None
+        after = self._balances(keys)
+        self.statuses[signature] = {
+            "slot": self.height, "confirmations": None, "err": err,
+            "status": {"Ok": None} if err is None else {"Err": err},
+            "confirmationStatus": "confirmed",
+        }  # fmt: skip
+        self.landed[signature] = {
+            "slot": self.height,
+            "meta": {
+                "err": err, "fee": 5000 * len(tx.signatures),
+                "preBalances": before[0], "postBalances": after[0],
+                "preTokenBalances": before[1], "postTokenBalances": after[1],
+            },
+        }  # fmt: skip
+
+    def _balances(self, keys: list[Pubkey]) -> tuple[list[int], list[dict[str, Any]]]:
+        lamports, tokens = [], []
+        for index, key in enumerate(keys):
+            account = self.svm.get_account(key)
+            lamports.append(account.lamports if account else 0)
+            if (
+                account is not None
+                and account.owner == TOKEN_PROGRAM_ID
+                and len(account.data) == 165
+            ):
+                state = TokenAccount.from_bytes(bytes(account.data))
+                tokens.append({
+                    "accountIndex": index, "mint": str(state.mint), "owner": str(state.owner),
+                    "uiTokenAmount": {"amount": str(state.amount), "decimals": 6},
+                })  # fmt: skip
+        return lamports, tokens
+
+
+class RpcFailure(Exception):
+    def __init__(self, error: dict[str, Any]) -> None:
+        self.error = error
+
+    @classmethod
+    def preflight(cls, err: Any, logs: list[str]) -> RpcFailure:
+        message = f"Transaction simulation failed: {err}"
+        return cls({"code": -32002, "message": message, "data": {"err": err, "logs": logs}})
+
+
+@pytest.fixture
+async def cluster(aiohttp_server: Any) -> AsyncIterator[SolanaCluster]:
+    chain = SolanaCluster()
+    app = web.Application()
+    app.router.add_post("/", chain.rpc)
+    app.router.add_get("/swap/v1/quote", chain.quote)
+    app.router.add_post("/swap/v1/swap", chain.swap)
+    server = await aiohttp_server(app)
+    chain.url = f"http://127.0.0.1:{server.port}"
+    yield chain
+    eng.use_tokens(None)  # the process's token table back to the built-in one
+
+
+def keypair_file(tmp_path: Path, keypair: Keypair, mode: int = 0o600) -> Path:
+    path = tmp_path / "wallet.json"
+    path.write_text(orjson.dumps(list(bytes(keypair))).decode())
+    path.chmod(mode)
+    return path
+
+
+def solana_env(cluster: SolanaCluster, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "ENGINE_VENUES": "solana",
+        "SOLANA_RPC_URL": cluster.url + "/",
+        "SOLANA_KEYPAIR": str(keypair_file(tmp_path, cluster.wallet)),
+        "JUPITER_API_URL": cluster.url + "/swap/v1",
+        "ENGINE_TOKENS": cluster.tokens(),
+        "ENGINE_EXECUTION_TIMEOUT_MS": "60000",
+        **extra,
+    }
+
+
+def solana_config(config: Config, cluster: SolanaCluster, tmp_path: Path, **extra: str) -> Config:
+    on_solana = Config.load(solana_env(cluster, tmp_path, **extra))
+    return replace(
+        config,
+        **{name: getattr(on_solana, name) for name in (
+            "venues", "solana_rpc_url", "solana_keypair", "jupiter_api_url", "tokens",
+            "execution_timeout_ms", "solana_dry_run",
+        )},
+    )  # fmt: skip
+
+
+SWAP = {"userId": "1", "inputToken": "USDC", "outputToken": "WIF", "amount": 10}
+
+
+async def solana_order(client: TestClient[Any, Any], body: Any = None) -> str:
+    return await order_id_of(client, SWAP if body is None else body)
+
+
+async def test_a_solana_order_confirms_with_its_real_signature_and_exact_balances(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    client = await start(solana_config(config, cluster, tmp_path))
+    wallet = cluster.wallet.pubkey()
+    usdc, wif = cluster.balance(wallet, cluster.usdc), 0
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await solana_order(client)
+        events = await events_until_done(ws, order_id)
+    record = await wait_status(client, order_id, "confirmed")
+    assert statuses(events, order_id)[-1] == "confirmed"
+    # The signature the engine recorded before sending is the one that landed, once.
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.statuses[record["txHash"]]["err"] is None
+    assert record["lastValidBlockHeight"] == 1000 + BLOCKHASH_LIFE
+    assert cluster.balance(wallet, cluster.usdc) == usdc - 10 * 10**6
+    assert cluster.balance(wallet, cluster.wif) == wif + 10 * MAKER_PRICE * 10**6
+    assert (record["amountOut"], record["finalPrice"], record["dex"]) == (40.0, 4.0, "JUPITER")
+    [quote] = record["quotes"]
+    assert (quote["amountOut"], quote["route"], quote["priceImpactPct"]) == (
+        40.0,
+        ["TestMaker"],
+        0.01,
+    )
+    # The order's own slippage bound went to /swap, which the swap enforces on chain.
+    [asked] = cluster.swaps_asked
+    assert int(asked["quoteResponse"]["otherAmountThreshold"]) == record["minAmountOut"] * 10**6
+    assert asked["userPublicKey"] == str(wallet)
+    metrics = await (await client.get("/metrics")).text()
+    assert 'oee_solana_total{event="sends"} 1.0' in metrics
+    assert 'oee_solana_total{event="confirmations"} 1.0' in metrics
+
+
+async def test_a_dropped_send_is_sent_again_and_lands_once(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.drop_sends = 1
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(client, await solana_order(client), "confirmed")
+    assert len(cluster.sends) >= 2
+    assert set(cluster.sends) == {record["txHash"]}
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
+    assert record["attempts"] == 1
+
+
+async def test_an_expired_blockhash_leads_to_a_new_signature_that_lands_once(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.drop_sends = 100  # nothing reaches a leader
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: cluster.sends, "the first send")
+    first = cluster.sends[0]
+    cluster.expire()
+    cluster.drop_sends = 0
+    record = await wait_status(client, order_id, "confirmed")
+    assert record["txHash"] != first
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
+    expired = [h for h in record["history"] if h.get("code") == "TX_EXPIRED"]
+    assert len(expired) == 1
+    assert record["attempts"] == 2
+
+
+async def test_a_node_that_goes_down_after_the_send_still_confirms_the_order_once(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.hold_confirmations = True
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: cluster.statuses, "the swap to land")
+    cluster.down = True
+    await wait_status(client, order_id, "submitted")
+    cluster.hold_confirmations = False
+    await asyncio.sleep(0)  # (the node is down: the engine keeps asking)
+    cluster.down = False
+    record = await wait_status(client, order_id, "confirmed")
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
+
+
+async def test_a_quote_or_swap_api_that_is_down_retries_then_confirms(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.down = True  # the node: the signed swap's expiry cannot be read, nothing is sent
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: len(cluster.swaps_asked) >= 2, "a retry of the swap")
+    assert cluster.sends == []
+    cluster.down = False
+    record = await wait_status(client, order_id, "confirmed")
+    assert {h.get("code") for h in record["history"]} >= {"VENUE_DOWN"}
+    assert list(cluster.statuses) == [record["txHash"]]
+
+
+async def test_an_on_chain_slippage_error_is_retried_with_a_fresh_quote(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    logs = ["Program log: AnchorError occurred. Error Code: SlippageToleranceExceeded."]
+    cluster.fail_preflight.append(({"InstructionError": [3, {"Custom": 6001}]}, logs))
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(client, await solana_order(client), "confirmed")
+    assert [h["code"] for h in record["history"] if h.get("code")] == ["SLIPPAGE_EXCEEDED"]
+    assert len(cluster.swaps_asked) == 2
+    assert len(cluster.statuses) == 1
+
+
+async def test_a_wallet_without_the_funds_fails_the_order_once_with_insufficient_funds(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(
+        client, await solana_order(client, {**SWAP, "amount": 5000}), "failed"
+    )
+    assert (record["code"], record["attempts"]) == ("INSUFFICIENT_FUNDS", 1)
+    assert "too little of the input token" in record["error"]
+    assert cluster.statuses == {}
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 0
+
+
+async def test_a_swap_that_would_move_funds_elsewhere_is_refused_before_signing(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    thief = Keypair().pubkey()
+    wallet = cluster.wallet.pubkey()
+    cluster.hostile = [transfer(SolTransfer(from_pubkey=wallet, to_pubkey=thief, lamports=10**9))]
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(client, await solana_order(client), "failed")
+    assert record["code"] == "TRANSACTION_REFUSED"
+    assert record["attempts"] == 1
+    assert "could move the wallet's funds elsewhere" in record["error"]
+    assert cluster.sends == []
+    assert record["txHash"] is None
+
+
+async def test_a_dry_run_simulates_and_sends_nothing(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cfg = solana_config(config, cluster, tmp_path, SOLANA_DRY_RUN="true")
+    client = await start(cfg)
+    record = await wait_status(client, await solana_order(client), "failed")
+    assert record["code"] == "DRY_RUN"
+    assert "simulated without error" in record["error"]
+    assert cluster.sends == []
+    assert cluster.statuses == {}
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.usdc) == 1000 * 10**6
+
+
+async def test_readiness_names_the_node_and_the_wallet(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    client = await start(solana_config(config, cluster, tmp_path))
+    ready = await (await client.get("/readyz")).json()
+    assert (ready["status"], ready["solana"], ready["wallet"]) == ("ready", "ok", "ok")
+    assert ready["walletSol"] == 10
+    assert ready["blockHeight"] == 1000
+    cluster.down = True
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["solana"] == "unavailable"
+
+
+async def test_a_killed_engine_s_sent_swap_is_confirmed_once_after_a_restart(
+    config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.hold_confirmations = True  # it lands, but no one can tell yet
+    env = engine_env(config) | solana_env(cluster, tmp_path)
+    first = await EngineProcess.spawn(env)
+    processes.append(first)
+    async with ClientSession() as http:
+        order_id = await place(http, await first.url(), SWAP)
+        await wait_for(lambda: cluster.statuses, "the swap to land")
+        first.proc.kill()
+        await first.exit_code()
+        cluster.hold_confirmations = False
+        second = await EngineProcess.spawn(env)
+        processes.append(second)
+        [record] = await reach(http, await second.url(), [order_id], *TERMINAL)
+    assert record["status"] == "confirmed"
+    assert record["recoveries"] == 1
+    assert list(cluster.statuses) == [record["txHash"]]  # no second swap was signed
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.usdc) == 990 * 10**6
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("ENGINE_TOKENS", '{"USDC": {"mint": "nope", "decimals": 6}, "X": {}}', "base58"),
+        ("ENGINE_TOKENS", '{"usdc": {"mint": "x", "decimals": 6}}', "2 to 20 tokens"),
+        ("SOLANA_PRIORITY_FEE", "lots", "integer"),
+        ("SOLANA_DRY_RUN", "maybe", "true or false"),
+    ],
+)
+def test_bad_solana_settings_are_refused_naming_the_variable(
+    name: str, value: str, says: str
+) -> None:
+    with pytest.raises(eng.ConfigError, match=f"^{name} .*{says}"):
+        Config.load({name: value})
+
+
+def test_a_keypair_others_can_read_is_refused(tmp_path: Path) -> None:
+    path = keypair_file(tmp_path, Keypair(), mode=0o644)
+    with pytest.raises(eng.ConfigError, match="SOLANA_KEYPAIR may be read by others"):
+        Config.load({"SOLANA_KEYPAIR": str(path)})
+    path.chmod(0o600)
+    with pytest.raises(eng.ConfigError, match="needs SOLANA_RPC_URL"):
+        Config.load({"ENGINE_VENUES": "solana", "SOLANA_KEYPAIR": str(path)})
