@@ -198,6 +198,8 @@ PAUSE_CHECK_S: Final = 0.25
 PAUSE_MIN_S: Final = 1.0
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
+# A sent transaction whose fate is unknown is asked about at least this often until it expires.
+SETTLE_POLL_MAX_S: Final = 2.0
 PROMOTE_BATCH: Final = 100
 
 # Real execution on Solana (ENGINE_VENUES=solana, section 8).
@@ -205,6 +207,7 @@ JUPITER_API_URL: Final = "https://lite-api.jup.ag/swap/v1"
 TOKENS_MAX: Final = 20  # ENGINE_TOKENS: every pair of them is watched for limit and sniper orders
 TOKEN_DECIMALS_MAX: Final = 12
 SOLANA_HTTP_TIMEOUT_S: Final = 10.0  # one RPC or Jupiter call
+SOLANA_EXECUTION_TIMEOUT_MS: Final = 90_000  # ENGINE_EXECUTION_TIMEOUT_MS's default on Solana
 JUPITER_QUOTE_SLIPPAGE_BPS: Final = 50  # asked with each quote; the order's own is set at /swap
 SOLANA_POLL_S: Final = 0.4  # a slot: how often a sent transaction's status is asked
 SOLANA_REBROADCAST_S: Final = 2.0  # the same signed bytes are sent again this often until settled
@@ -1335,6 +1338,8 @@ class Config:
             except ValueError as exc:
                 shown = "<hidden>" if setting.secret else repr(raw)
                 raise ConfigError(f"{name} {exc}, got {shown}") from None
+        if changes.get("venues") == "solana":  # a blockhash lives 60-90 s: wait for it
+            changes.setdefault("execution_timeout_ms", SOLANA_EXECUTION_TIMEOUT_MS)
         config = replace(cls(), **changes)
         if config.jwt_secret and config.jwt_public_key:
             raise ConfigError("set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY, not both")
@@ -5033,7 +5038,7 @@ class _Attempt:
                     raise failure
                 raise AttemptFailed(status.code, status.error)
             remaining_s = sent.expires_at_ms / 1000 - self.engine.now()
-            await asyncio.sleep(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S)
+            await asyncio.sleep(min(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
 
     async def confirm(self, dex: str, fill: Fill) -> None:
         confirmed = {

@@ -50,7 +50,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
-from solders.instruction import Instruction
+from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
 from solders.litesvm import LiteSVM
 from solders.message import MessageV0, to_bytes_versioned
@@ -4116,6 +4116,7 @@ class SolanaCluster:
     fail_preflight: list[tuple[Any, list[str]]] = field(default_factory=list)
     down: bool = False
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
+    asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -4255,6 +4256,7 @@ class SolanaCluster:
             return web.Response(status=503, text="node is down")
         call = await request.json()
         method, params = call["method"], call.get("params", [])
+        self.asked.append((method, params))
         try:
             result = getattr(self, f"rpc_{method}")(*params)
         except RpcFailure as failure:
@@ -4389,7 +4391,6 @@ def solana_env(cluster: SolanaCluster, tmp_path: Path, **extra: str) -> dict[str
         "SOLANA_KEYPAIR": str(keypair_file(tmp_path, cluster.wallet)),
         "JUPITER_API_URL": cluster.url + "/swap/v1",
         "ENGINE_TOKENS": cluster.tokens(),
-        "ENGINE_EXECUTION_TIMEOUT_MS": "60000",
         **extra,
     }
 
@@ -4533,19 +4534,99 @@ async def test_a_wallet_without_the_funds_fails_the_order_once_with_insufficient
     assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 0
 
 
+def _hostile(cluster: SolanaCluster, how: str) -> Instruction:
+    thief, wallet = Keypair().pubkey(), cluster.wallet.pubkey()
+    usdc = cluster.ata[(wallet, cluster.usdc)]
+    if how == "lamports":
+        return transfer(SolTransfer(from_pubkey=wallet, to_pubkey=thief, lamports=10**9))
+    if how == "tokens":
+        params = spl_models.TransferParams(
+            program_id=TOKEN_PROGRAM_ID, source=usdc, dest=thief, owner=wallet, amount=10**6
+        )
+        return spl.transfer(params)
+    if how == "approval":
+        approve = spl_models.ApproveParams(
+            program_id=TOKEN_PROGRAM_ID, source=usdc, delegate=thief, owner=wallet, amount=1
+        )
+        return spl.approve(approve)
+    return Instruction(thief, b"", [AccountMeta(wallet, is_signer=True, is_writable=True)])
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("lamports", "could move the wallet's funds elsewhere"),
+        ("tokens", "it would take 11000000 base units of USDC, not 10000000"),
+        ("approval", "could move the wallet's funds elsewhere"),
+        ("program", "could move the wallet's funds elsewhere"),
+    ],
+)
 async def test_a_swap_that_would_move_funds_elsewhere_is_refused_before_signing(
-    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path, how: str, says: str
 ) -> None:
-    thief = Keypair().pubkey()
-    wallet = cluster.wallet.pubkey()
-    cluster.hostile = [transfer(SolTransfer(from_pubkey=wallet, to_pubkey=thief, lamports=10**9))]
+    cluster.hostile = [_hostile(cluster, how)]
     client = await start(solana_config(config, cluster, tmp_path))
     record = await wait_status(client, await solana_order(client), "failed")
     assert record["code"] == "TRANSACTION_REFUSED"
     assert record["attempts"] == 1
-    assert "could move the wallet's funds elsewhere" in record["error"]
+    assert says in record["error"]
     assert cluster.sends == []
     assert record["txHash"] is None
+
+
+async def test_a_rebroadcast_of_a_landed_swap_is_already_processed_and_lands_once(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.hold_confirmations = True  # landed, but not yet confirmed: the engine sends again
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: len(cluster.sends) >= 2, "a rebroadcast")
+    cluster.hold_confirmations = False
+    record = await wait_status(client, order_id, "confirmed")
+    assert set(cluster.sends) == {record["txHash"]}
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.usdc) == 990 * 10**6
+    metrics = await (await client.get("/metrics")).text()
+    assert 'oee_solana_total{event="rebroadcasts"}' in metrics
+
+
+async def test_a_recovered_order_whose_send_was_lost_waits_for_its_blockhash_to_expire(
+    config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.drop_sends = 1000  # the killed engine's transaction never reaches a leader
+    env = engine_env(config) | solana_env(cluster, tmp_path)
+    first = await EngineProcess.spawn(env)
+    processes.append(first)
+    async with ClientSession() as http:
+        order_id = await place(http, await first.url(), SWAP)
+        await wait_for(lambda: cluster.sends, "the first send")
+        first.proc.kill()
+        await first.exit_code()
+        lost, killed_at = cluster.sends[0], len(cluster.asked)
+        second = await EngineProcess.spawn(env)
+        processes.append(second)
+        url = await second.url()
+
+        def lookups() -> int:
+            return sum(
+                method == "getSignatureStatuses"
+                and params[0] == [lost]
+                and params[1]["searchTransactionHistory"]
+                for method, params in cluster.asked[killed_at:]
+            )
+
+        # While the blockhash is valid the lost transaction may still land: the engine asks
+        # about it again and again, and signs no second swap.
+        await wait_for(lambda: lookups() >= 3, "the lost signature to be asked about, again")
+        assert len(cluster.swaps_asked) == 1
+        cluster.expire()
+        cluster.drop_sends = 0
+        [record] = await reach(http, url, [order_id], *TERMINAL)
+    assert record["status"] == "confirmed"
+    assert record["txHash"] != lost
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert len(cluster.swaps_asked) == 2
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
 
 
 async def test_a_dry_run_simulates_and_sends_nothing(
