@@ -50,6 +50,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from solders.account import Account
+from solders.address_lookup_table_account import AddressLookupTableAccount
 from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
 from solders.litesvm import LiteSVM
@@ -4081,6 +4083,7 @@ async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
 
 MAKER_PRICE = 4  # WIF per USDC
 BLOCKHASH_LIFE = 150  # blocks a blockhash stays valid, as on Solana
+LOOKUP_TABLE_PROGRAM = Pubkey.from_string("AddressLookupTab1e1111111111111111111111111")
 
 
 def tx_error_json(err: Any) -> Any:
@@ -4130,6 +4133,13 @@ class SolanaCluster:
         }
         self._mint_to(self.usdc, self.wallet.pubkey(), 1000 * 10**6)
         self._mint_to(self.wif, self.maker.pubkey(), 1_000_000 * 10**6)
+        # The maker's accounts sit in an address lookup table, as a Jupiter route's do.
+        maker = self.maker.pubkey()
+        self.table = AddressLookupTableAccount(
+            Keypair().pubkey(), [self.ata[(maker, self.usdc)], self.ata[(maker, self.wif)]]
+        )
+        self.svm.set_account(self.table.key, lookup_table_account(self.table, self.payer.pubkey()))
+        self.svm.warp_to_slot(self.svm.get_clock().slot + 1)  # its addresses become active
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -4236,7 +4246,7 @@ class SolanaCluster:
         ]
         blockhash = self.svm.latest_blockhash()
         self.valid_until[str(blockhash)] = self.height + BLOCKHASH_LIFE
-        message = MessageV0.try_compile(user, instructions, [], blockhash)
+        message = MessageV0.try_compile(user, instructions, [self.table], blockhash)
         signers = list(message.account_keys[: message.header.num_required_signatures])
         signatures = [Signature.default()] * len(signers)
         signatures[signers.index(maker)] = self.maker.sign_message(to_bytes_versioned(message))
@@ -4265,6 +4275,16 @@ class SolanaCluster:
 
     def context(self, value: Any) -> dict[str, Any]:
         return {"context": {"slot": self.height}, "value": value}
+
+    def rpc_getAccountInfo(self, address: str, options: Any = None) -> Any:
+        account = self.svm.get_account(Pubkey.from_string(address))
+        if account is None:
+            return self.context(None)
+        return self.context({
+            "data": [base64.b64encode(bytes(account.data)).decode(), "base64"],
+            "owner": str(account.owner), "lamports": account.lamports,
+            "executable": account.executable, "rentEpoch": 0, "space": len(account.data),
+        })  # fmt: skip
 
     def rpc_getBlockHeight(self, options: Any = None) -> int:
         return self.height
@@ -4313,6 +4333,9 @@ class SolanaCluster:
 
     def _land(self, tx: VersionedTransaction, signature: str) -> None:
         keys = list(tx.message.account_keys)
+        for lookup in tx.message.address_table_lookups:
+            keys += [self.table.addresses[i] for i in lookup.writable_indexes]
+            keys += [self.table.addresses[i] for i in lookup.readonly_indexes]
         before = self._balances(keys)
         result = self.svm.send_transaction(tx)
         if isinstance(result, FailedTransactionMetadata):
@@ -4352,6 +4375,17 @@ class SolanaCluster:
                     "uiTokenAmount": {"amount": str(state.amount), "decimals": 6},
                 })  # fmt: skip
         return lamports, tokens
+
+
+def lookup_table_account(table: AddressLookupTableAccount, authority: Pubkey) -> Account:
+    """An active address lookup table as the chain stores it: a 56-byte header (type, never
+    deactivated, extended at slot 0, an authority), then the addresses."""
+    header = (
+        (1).to_bytes(4, "little") + (2**64 - 1).to_bytes(8, "little") + bytes(9)
+        + b"\x01" + bytes(authority) + bytes(2)
+    )  # fmt: skip
+    data = header + b"".join(bytes(address) for address in table.addresses)
+    return Account(10**9, data, LOOKUP_TABLE_PROGRAM, False, 0)
 
 
 class RpcFailure(Exception):
@@ -4441,6 +4475,10 @@ async def test_a_solana_order_confirms_with_its_real_signature_and_exact_balance
     [asked] = cluster.swaps_asked
     assert int(asked["quoteResponse"]["otherAmountThreshold"]) == record["minAmountOut"] * 10**6
     assert asked["userPublicKey"] == str(wallet)
+    # The maker's accounts came through a lookup table, which the engine read to check them.
+    assert [params[0] for method, params in cluster.asked if method == "getAccountInfo"] == [
+        str(cluster.table.key)
+    ]
     metrics = await (await client.get("/metrics")).text()
     assert 'oee_solana_total{event="sends"} 1.0' in metrics
     assert 'oee_solana_total{event="confirmations"} 1.0' in metrics
