@@ -3813,7 +3813,8 @@ class SolanaVenue:
                 elif time.monotonic() - last_sent >= SOLANA_REBROADCAST_S:
                     last_sent = time.monotonic()
                     if await self.rpc.height() > tx.last_valid_height:
-                        outcome = await self.lookup(tx.sent)  # expired, or landed just before
+                        # Expired, or landed just before: the worker's lookup tells which.
+                        outcome = TxStatus(False, code="TX_EXPIRED", error="transaction expired")
                     else:
                         await self._send(wire, preflight=False)
         return settled(outcome)

@@ -4118,6 +4118,7 @@ class SolanaCluster:
     hold_confirmations: bool = False
     fail_preflight: list[tuple[Any, list[str]]] = field(default_factory=list)
     down: bool = False
+    down_status: int = 503  # how the node (and the API) answers while down: 503, or 429
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
     url: str = ""
@@ -4231,12 +4232,12 @@ class SolanaCluster:
         amount_in, amount_out = int(quote["inAmount"]), int(quote["outAmount"])
         maker = self.maker.pubkey()
         pay = spl_models.TransferParams(
-            program_id=TOKEN_PROGRAM_ID, source=self.ata[(user, self.usdc)],
+            program_id=TOKEN_PROGRAM_ID, source=spl.get_associated_token_address(user, self.usdc),
             dest=self.ata[(maker, self.usdc)], owner=user, amount=amount_in,
         )  # fmt: skip
         fill = spl_models.TransferParams(
             program_id=TOKEN_PROGRAM_ID, source=self.ata[(maker, self.wif)],
-            dest=self.ata[(user, self.wif)], owner=maker, amount=amount_out,
+            dest=spl.get_associated_token_address(user, self.wif), owner=maker, amount=amount_out,
         )  # fmt: skip
         instructions = [
             spl.create_idempotent_associated_token_account(user, user, self.wif),
@@ -4263,7 +4264,7 @@ class SolanaCluster:
 
     async def rpc(self, request: web.Request) -> web.Response:
         if self.down:
-            return web.Response(status=503, text="node is down")
+            return web.Response(status=self.down_status, text="node is down")
         call = await request.json()
         method, params = call["method"], call.get("params", [])
         self.asked.append((method, params))
@@ -4514,6 +4515,8 @@ async def test_an_expired_blockhash_leads_to_a_new_signature_that_lands_once(
     expired = [h for h in record["history"] if h.get("code") == "TX_EXPIRED"]
     assert len(expired) == 1
     assert record["attempts"] == 2
+    metrics = await (await client.get("/metrics")).text()
+    assert 'oee_solana_total{event="expiries"} 1.0' in metrics
 
 
 async def test_a_node_that_goes_down_after_the_send_still_confirms_the_order_once(
@@ -4533,10 +4536,11 @@ async def test_a_node_that_goes_down_after_the_send_still_confirms_the_order_onc
     assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
 
 
-async def test_a_quote_or_swap_api_that_is_down_retries_then_confirms(
-    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+@pytest.mark.parametrize("answer", [503, 429])
+async def test_a_node_that_is_down_or_rate_limits_before_the_send_is_retried_then_confirms(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path, answer: int
 ) -> None:
-    cluster.down = True  # the node: the signed swap's expiry cannot be read, nothing is sent
+    cluster.down, cluster.down_status = True, answer  # the signed swap's expiry cannot be read
     client = await start(solana_config(config, cluster, tmp_path))
     order_id = await solana_order(client)
     await wait_for(lambda: len(cluster.swaps_asked) >= 2, "a retry of the swap")
@@ -4545,6 +4549,8 @@ async def test_a_quote_or_swap_api_that_is_down_retries_then_confirms(
     record = await wait_status(client, order_id, "confirmed")
     assert {h.get("code") for h in record["history"]} >= {"VENUE_DOWN"}
     assert list(cluster.statuses) == [record["txHash"]]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'oee_solana_total{event="rpc_errors"}' in metrics
 
 
 async def test_an_on_chain_slippage_error_is_retried_with_a_fresh_quote(
@@ -4740,3 +4746,33 @@ def test_a_keypair_others_can_read_is_refused(tmp_path: Path) -> None:
     path.chmod(0o600)
     with pytest.raises(eng.ConfigError, match="needs SOLANA_RPC_URL"):
         Config.load({"ENGINE_VENUES": "solana", "SOLANA_KEYPAIR": str(path)})
+
+
+async def test_a_wallet_without_the_input_token_account_fails_once_with_its_code(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.wallet = Keypair()  # SOL for fees, but never held USDC: no account for it
+    cluster.svm.airdrop(cluster.wallet.pubkey(), 10**9)
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(client, await solana_order(client), "failed")
+    assert (record["code"], record["attempts"]) == ("TOKEN_ACCOUNT_MISSING", 1)
+    assert cluster.statuses == {}
+
+
+async def test_readiness_says_when_the_chain_stalls_or_the_wallet_runs_low(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(eng, "SOLANA_STALL_S", 0.0)  # any height seen twice has stalled
+    client = await start(solana_config(config, cluster, tmp_path))
+    assert (await (await client.get("/readyz")).json())["solana"] == "ok"
+    stalled = await client.get("/readyz")
+    assert stalled.status == 503
+    assert (await stalled.json())["solana"] == "stalled"
+    cluster.height += 1
+    assert (await (await client.get("/readyz")).json())["solana"] == "ok"
+    monkeypatch.setattr(eng, "SOLANA_MIN_BALANCE_LAMPORTS", 11 * 10**9)
+    cluster.height += 1
+    low = await client.get("/readyz")
+    assert low.status == 503
+    assert (await low.json())["wallet"] == "low balance"
