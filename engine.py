@@ -60,7 +60,15 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
@@ -212,6 +220,7 @@ JUPITER_QUOTE_SLIPPAGE_BPS: Final = 50  # asked with each quote; the order's own
 SOLANA_POLL_S: Final = 0.4  # a slot: how often a sent transaction's status is asked
 SOLANA_REBROADCAST_S: Final = 2.0  # the same signed bytes are sent again this often until settled
 SOLANA_SLOT_S: Final = 0.4  # to turn blocks left into an expected expiry time
+SOLANA_BLOCKHASH_BLOCKS_MAX: Final = 300  # a blockhash lives 150 blocks: more is no blockhash
 SOLANA_RETRY_MAX_S: Final = 2.0  # back-off cap while the RPC does not answer a lookup
 SOLANA_STALL_S: Final = 30.0  # readiness: a block height that has not moved this long is stalled
 SOLANA_MIN_BALANCE_LAMPORTS: Final = 10_000_000  # readiness: 0.01 SOL for fees and token accounts
@@ -3634,14 +3643,15 @@ FINAL_CHAIN_ERRORS: Final = {
     "IncorrectProgramId": "TOKEN_ACCOUNT_MISSING",
 }
 ALREADY_PROCESSED: Final = ("AlreadyProcessed", "already been processed")
+ERROR_TEXT_MAX: Final = 500  # of a node's error kept in the order's message
 
 
 def chain_error(err: Any, logs: Sequence[str] = ()) -> VenueError:
     """A Solana transaction error (as the RPC reports `err`) as the order's failure code."""
-    text = orjson.dumps(err).decode() if not isinstance(err, str) else err
+    text = (err if isinstance(err, str) else json.dumps(err))[:ERROR_TEXT_MAX]
     detail: Any = err
-    if isinstance(err, dict) and "InstructionError" in err:
-        detail = err["InstructionError"][1]
+    if isinstance(err, dict) and isinstance(pair := err.get("InstructionError"), list):
+        detail = pair[-1] if pair else None
     custom = detail.get("Custom") if isinstance(detail, dict) else None
     logged = "\n".join(logs)
     if custom == JUPITER_SLIPPAGE_ERROR or "SlippageToleranceExceeded" in logged:
@@ -3658,14 +3668,28 @@ def chain_error(err: Any, logs: Sequence[str] = ()) -> VenueError:
     return VenueError(f"transaction failed on chain: {text}", "EXECUTION_FAILED")
 
 
+@contextlib.contextmanager
+def answer_read(what: str, code: str = "EXECUTION_FAILED") -> Iterator[None]:
+    """Reading a node's or Jupiter's answer: one of a shape the engine does not know (a missing
+    field, a string for a number, a number out of range) is that venue's failure, never a
+    worker's crash."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error):
+        raise VenueError(f"{what}: an answer of an unknown shape", code) from None
+
+
 class RpcRefused(VenueError):
     """The node answered a call with a JSON-RPC error (a failed preflight, a bad request)."""
 
     def __init__(self, error: Mapping[str, Any]) -> None:
-        data = error.get("data")
-        self.err = data.get("err") if isinstance(data, dict) else None
-        self.logs = tuple(data.get("logs") or ()) if isinstance(data, dict) else ()
-        super().__init__(f"Solana RPC error {error.get('code')}: {error.get('message')}")
+        data: Mapping[str, Any] = error.get("data") or {}
+        data = data if isinstance(data, dict) else {}
+        logs = data.get("logs")
+        self.err = data.get("err")
+        self.logs = tuple(str(line) for line in logs) if isinstance(logs, list) else ()
+        message = str(error.get("message"))[:ERROR_TEXT_MAX]
+        super().__init__(f"Solana RPC error {error.get('code')}: {message}")
 
 
 class SolanaRpc:
@@ -3696,17 +3720,20 @@ class SolanaRpc:
         return reply["result"]
 
     async def height(self) -> int:
-        return int(await self.call("getBlockHeight", {"commitment": "confirmed"}))
+        reply = await self.call("getBlockHeight", {"commitment": "confirmed"})
+        with answer_read("Solana RPC getBlockHeight"):
+            return int(reply) if 0 <= int(reply) < 2**64 else int("out of range")
 
     async def status(self, signature: str, history: bool = False) -> dict[str, Any] | None:
         """The signature's status once it is confirmed (None before: not seen, or only
         processed, which a fork may still drop)."""
         options = {"searchTransactionHistory": history}
         reply = await self.call("getSignatureStatuses", [signature], options)
-        status = reply["value"][0]
-        if status is None or status.get("confirmationStatus") not in ("confirmed", "finalized"):
-            return None
-        return cast(dict[str, Any], status)
+        with answer_read("Solana RPC getSignatureStatuses"):
+            status = reply["value"][0]
+            if status is None or status["confirmationStatus"] not in ("confirmed", "finalized"):
+                return None
+            return {"err": status["err"]}
 
 
 @dataclass
@@ -3744,15 +3771,12 @@ class SolanaVenue:
             "slippageBps": str(JUPITER_QUOTE_SLIPPAGE_BPS),
         }
         reply = await self._jupiter("GET", "/quote", "QUOTE_FAILED", params=params)
-        try:
+        with answer_read("Jupiter quote", "QUOTE_FAILED"):
             amount_out = int(reply["outAmount"])
-            labels = tuple(str(hop["swapInfo"]["label"]) for hop in reply["routePlan"])
+            labels = tuple(str(hop["swapInfo"]["label"])[:64] for hop in reply["routePlan"][:16])
             impact = float(reply.get("priceImpactPct") or 0)
-        except (KeyError, TypeError, ValueError):
-            raise VenueError(
-                "Jupiter quote: an answer of an unknown shape", "QUOTE_FAILED"
-            ) from None
-        if int(reply.get("inAmount", amount_in)) != amount_in or amount_out <= 0:
+            asked = int(reply["inAmount"]) == amount_in
+        if not asked or not 0 < amount_out < 2**64 or not math.isfinite(impact):
             raise VenueError("Jupiter quote: not for the amount asked", "QUOTE_FAILED")
         price = significant(from_units(amount_out, buy) / from_units(amount_in, sell))
         return Quote(self.name, price, 0.0, amount_out, impact, labels=labels, venue_data=reply)
@@ -3773,11 +3797,9 @@ class SolanaVenue:
             "prioritizationFeeLamports": self.priority_fee,
         }
         reply = await self._jupiter("POST", "/swap", "EXECUTION_FAILED", json=body)
-        try:
+        with answer_read("Jupiter swap"):
             unsigned = VersionedTransaction.from_bytes(base64.b64decode(reply["swapTransaction"]))
             last_valid = int(reply["lastValidBlockHeight"])
-        except (KeyError, TypeError, ValueError, binascii.Error):
-            raise VenueError("Jupiter swap: an answer of an unknown shape") from None
         keys = await self._account_keys(unsigned)
         refused = swap_refusal(unsigned, keys, self.wallet, tx)
         if refused is not None:
@@ -3787,6 +3809,10 @@ class SolanaVenue:
         blocks_left = last_valid - await self.rpc.height()
         if blocks_left < 0:
             raise VenueError("blockhash expired before the transaction was sent", "TX_EXPIRED")
+        if blocks_left > SOLANA_BLOCKHASH_BLOCKS_MAX:
+            raise VenueError(
+                f"Jupiter swap: lastValidBlockHeight {last_valid} is not a blockhash's"
+            )
         expires_at_ms = int((self.clock() + blocks_left * SOLANA_SLOT_S) * 1000)
         return replace(
             tx,
@@ -3865,7 +3891,8 @@ class SolanaVenue:
         while (landed := await self.rpc.call("getTransaction", sent.signature, options)) is None:
             await asyncio.sleep(delay)  # confirmed, but this node has not indexed it yet
             delay = min(delay * 2, SOLANA_RETRY_MAX_S)
-        amount_out = received(landed["meta"], str(self.wallet), sent.buy)
+        with answer_read("Solana RPC getTransaction"):
+            amount_out = received(landed["meta"], str(self.wallet), sent.buy)
         price = significant(
             from_units(amount_out, sent.buy) / from_units(sent.amount_in, sent.sell)
         )
@@ -3899,11 +3926,12 @@ class SolanaVenue:
         """SOLANA_DRY_RUN: the node simulates the transaction; nothing is sent."""
         options = {"encoding": "base64", "sigVerify": True, "commitment": "confirmed"}
         reply = await self.rpc.call("simulateTransaction", wire, options)
-        value = reply["value"]
-        if value.get("err") is not None:
-            failure = chain_error(value["err"], value.get("logs") or ())
+        with answer_read("Solana RPC simulateTransaction"):
+            err, logs = reply["value"]["err"], [str(line) for line in reply["value"]["logs"] or ()]
+            units = int(reply["value"].get("unitsConsumed") or 0)
+        if err is not None:
+            failure = chain_error(err, logs)
             raise VenueError(str(failure), failure.code, retryable=failure.retryable, sent=False)
-        units = value.get("unitsConsumed")
         message = (
             f"dry run: the transaction simulated without error ({units} compute units); not sent"
         )
@@ -3941,12 +3969,11 @@ class SolanaVenue:
         for lookup in lookups:
             options = {"encoding": "base64", "commitment": "confirmed"}
             reply = await self.rpc.call("getAccountInfo", str(lookup.account_key), options)
-            if reply["value"] is None:
-                raise VenueError(f"address lookup table {lookup.account_key} not found")
-            table = AddressLookupTable.deserialize(base64.b64decode(reply["value"]["data"][0]))
-            addresses = list(table.addresses)
-            writable += [addresses[i] for i in lookup.writable_indexes]
-            readonly += [addresses[i] for i in lookup.readonly_indexes]
+            with answer_read(f"address lookup table {lookup.account_key}"):
+                data = base64.b64decode(reply["value"]["data"][0])
+                addresses = list(AddressLookupTable.deserialize(data).addresses)
+                writable += [addresses[i] for i in lookup.writable_indexes]
+                readonly += [addresses[i] for i in lookup.readonly_indexes]
         return keys + writable + readonly
 
     def has_pool(self, sell: Token, buy: Token) -> bool:
@@ -3956,7 +3983,9 @@ class SolanaVenue:
         """For /readyz: the node answers and its block height moves; the wallet can pay fees."""
         try:
             height = await self.rpc.height()
-            lamports = int((await self.rpc.call("getBalance", str(self.wallet)))["value"])
+            balance = await self.rpc.call("getBalance", str(self.wallet))
+            with answer_read("Solana RPC getBalance"):
+                lamports = int(balance["value"])
         except VenueError:
             return {"solana": "unavailable"}
         seen, moved_at = self._heights

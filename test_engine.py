@@ -4119,6 +4119,7 @@ class SolanaCluster:
     fail_preflight: list[tuple[Any, list[str]]] = field(default_factory=list)
     down: bool = False
     down_status: int = 503  # how the node (and the API) answers while down: 503, or 429
+    garbled: dict[str, Any] = field(default_factory=dict)  # method -> a result of a wrong shape
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
     url: str = ""
@@ -4268,6 +4269,10 @@ class SolanaCluster:
         call = await request.json()
         method, params = call["method"], call.get("params", [])
         self.asked.append((method, params))
+        if method in self.garbled:
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": call["id"], "result": self.garbled[method]}
+            )
         try:
             result = getattr(self, f"rpc_{method}")(*params)
         except RpcFailure as failure:
@@ -4776,3 +4781,23 @@ async def test_readiness_says_when_the_chain_stalls_or_the_wallet_runs_low(
     low = await client.get("/readyz")
     assert low.status == 503
     assert (await low.json())["wallet"] == "low balance"
+
+
+async def test_answers_of_a_wrong_shape_are_a_venue_s_failure_never_a_crash(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.garbled = {"getBlockHeight": "soon", "getAccountInfo": {"value": {"data": 7}}}
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: len(cluster.swaps_asked) >= 2, "a retry of the swap")
+    assert cluster.sends == []
+    cluster.garbled = {"getSignatureStatuses": {"value": [{"confirmationStatus": []}]}}
+    await wait_for(lambda: cluster.statuses, "the swap to land")
+    await wait_for(
+        lambda: sum(m == "getSignatureStatuses" for m, _ in cluster.asked) >= 3, "statuses asked"
+    )
+    cluster.garbled = {}
+    record = await wait_status(client, order_id, "confirmed")
+    assert "an answer of an unknown shape" in str(record["history"])
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
