@@ -4449,6 +4449,34 @@ def solana_config(config: Config, cluster: SolanaCluster, tmp_path: Path, **extr
 SWAP = {"userId": "1", "inputToken": "USDC", "outputToken": "WIF", "amount": 10}
 
 
+@dataclass
+class EnginesOn:
+    """Real engine processes trading on `cluster`."""
+
+    config: Config
+    cluster: SolanaCluster
+    tmp_path: Path
+    processes: list[EngineProcess]
+
+    async def spawn(self) -> EngineProcess:
+        env = engine_env(self.config) | solana_env(self.cluster, self.tmp_path)
+        process = await EngineProcess.spawn(env)
+        self.processes.append(process)
+        return process
+
+    async def kill_one_after(
+        self, http: ClientSession, moment: Callable[[], Any], what: str
+    ) -> tuple[str, str]:
+        """Place an order on an engine, SIGKILL it at `moment`, start another: the order's id
+        and the new engine's URL."""
+        first = await self.spawn()
+        order_id = await place(http, await first.url(), SWAP)
+        await wait_for(moment, what)
+        first.proc.kill()
+        await first.exit_code()
+        return order_id, await (await self.spawn()).url()
+
+
 async def solana_order(client: TestClient[Any, Any], body: Any = None) -> str:
     return await order_id_of(client, SWAP if body is None else body)
 
@@ -4643,25 +4671,17 @@ async def test_a_recovered_order_whose_send_was_lost_waits_for_its_blockhash_to_
     config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
 ) -> None:
     cluster.drop_sends = 1000  # the killed engine's transaction never reaches a leader
-    env = engine_env(config) | solana_env(cluster, tmp_path)
-    first = await EngineProcess.spawn(env)
-    processes.append(first)
     async with ClientSession() as http:
-        order_id = await place(http, await first.url(), SWAP)
-        await wait_for(lambda: cluster.sends, "the first send")
-        first.proc.kill()
-        await first.exit_code()
-        lost, killed_at = cluster.sends[0], len(cluster.asked)
-        second = await EngineProcess.spawn(env)
-        processes.append(second)
-        url = await second.url()
+        engines = EnginesOn(config, cluster, tmp_path, processes)
+        order_id, url = await engines.kill_one_after(http, lambda: cluster.sends, "the first send")
+        lost = cluster.sends[0]
 
         def lookups() -> int:
             return sum(
                 method == "getSignatureStatuses"
                 and params[0] == [lost]
                 and params[1]["searchTransactionHistory"]
-                for method, params in cluster.asked[killed_at:]
+                for method, params in cluster.asked
             )
 
         # While the blockhash is valid the lost transaction may still land: the engine asks
@@ -4709,18 +4729,11 @@ async def test_a_killed_engine_s_sent_swap_is_confirmed_once_after_a_restart(
     config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
 ) -> None:
     cluster.hold_confirmations = True  # it lands, but no one can tell yet
-    env = engine_env(config) | solana_env(cluster, tmp_path)
-    first = await EngineProcess.spawn(env)
-    processes.append(first)
     async with ClientSession() as http:
-        order_id = await place(http, await first.url(), SWAP)
-        await wait_for(lambda: cluster.statuses, "the swap to land")
-        first.proc.kill()
-        await first.exit_code()
+        engines = EnginesOn(config, cluster, tmp_path, processes)
+        order_id, url = await engines.kill_one_after(http, lambda: cluster.statuses, "a landing")
         cluster.hold_confirmations = False
-        second = await EngineProcess.spawn(env)
-        processes.append(second)
-        [record] = await reach(http, await second.url(), [order_id], *TERMINAL)
+        [record] = await reach(http, url, [order_id], *TERMINAL)
     assert record["status"] == "confirmed"
     assert record["recoveries"] == 1
     assert list(cluster.statuses) == [record["txHash"]]  # no second swap was signed
