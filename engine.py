@@ -220,10 +220,13 @@ JUPITER_QUOTE_SLIPPAGE_BPS: Final = 50  # asked with each quote; the order's own
 SOLANA_POLL_S: Final = 0.4  # a slot: how often a sent transaction's status is asked
 SOLANA_REBROADCAST_S: Final = 2.0  # the same signed bytes are sent again this often until settled
 SOLANA_SLOT_S: Final = 0.4  # to turn blocks left into an expected expiry time
-SOLANA_BLOCKHASH_BLOCKS_MAX: Final = 300  # a blockhash lives 150 blocks: more is no blockhash
 SOLANA_RETRY_MAX_S: Final = 2.0  # back-off cap while the RPC does not answer a lookup
 SOLANA_STALL_S: Final = 30.0  # readiness: a block height that has not moved this long is stalled
 SOLANA_MIN_BALANCE_LAMPORTS: Final = 10_000_000  # readiness: 0.01 SOL for fees and token accounts
+AUTO_FEE_MAX: Final = 5_000_000  # SOLANA_PRIORITY_FEE=auto: Jupiter's estimate, up to 0.005 SOL
+# A transaction signed now can land until the block height is at most this much further (a
+# blockhash lives 150 blocks), with a margin for a quote built on a node a little ahead of ours.
+SOLANA_VALID_BLOCKS: Final = 150 + 10
 OUTBOX_KEEP: Final = 1_000_000  # finished orders waiting to be written to PostgreSQL, at most
 OUTBOX_BATCH: Final = 200
 HISTORY_IDLE_S: Final = 0.5  # how often an empty outbox is looked at again
@@ -3617,20 +3620,19 @@ TOKEN_PROGRAMS: Final = frozenset(
     ("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA", "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
 )
 ASSOCIATED_TOKEN_PROGRAM: Final = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"
-# Programs a swap transaction may call besides the token programs: compute budget, memo, and
-# Jupiter's aggregator (v6), whose swap moves the wallet's tokens by its own on-chain checks.
-SWAP_PROGRAMS: Final = frozenset(
-    (
-        "ComputeBudget111111111111111111111111111111",
-        "MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr",
-        "Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo",
-        "JUP6LkbZbjS1jKKwapdHNy74zcZ3tLUZoi5QNyVTaV4",
-    )
+# Jupiter's aggregator (v6): its swap moves the wallet's tokens by its own on-chain checks.
+JUPITER_PROGRAM: Final = "JUP6LkbZbjS1jKKwapdHNy74zcZ3tLUZoi5QNyVTaV4"
+MEMO_PROGRAMS: Final = frozenset(
+    ("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr", "Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo")
 )
+COMPUTE_BUDGET_PROGRAM: Final = "ComputeBudget111111111111111111111111111111"
+BUDGET_UNIT_LIMIT, BUDGET_UNIT_PRICE = 2, 3
+BUDGET_HARMLESS: Final = frozenset((1, 4))  # a heap frame, a loaded-data limit
+COMPUTE_UNITS_MAX: Final = 1_400_000  # a transaction's most; what a fee is priced on by default
 TOKEN_TRANSFER, TOKEN_CLOSE, TOKEN_TRANSFER_CHECKED = 3, 9, 12
 # Token instructions that move nothing out of the wallet: initialize an account, sync native.
 TOKEN_HARMLESS: Final = frozenset((1, 16, 17, 18))
-SYSTEM_TRANSFER: Final = 2
+SYSTEM_TRANSFER, SYSTEM_ADVANCE_NONCE = 2, 4
 JUPITER_SLIPPAGE_ERROR: Final = 6001  # Jupiter's SlippageToleranceExceeded (0x1771)
 TOKEN_INSUFFICIENT_FUNDS: Final = 1  # the SPL Token program's error 0x1
 # Chain errors that no retry can mend: the wallet lacks what the swap needs.
@@ -3801,19 +3803,19 @@ class SolanaVenue:
             unsigned = VersionedTransaction.from_bytes(base64.b64decode(reply["swapTransaction"]))
             last_valid = int(reply["lastValidBlockHeight"])
         keys = await self._account_keys(unsigned)
-        refused = swap_refusal(unsigned, keys, self.wallet, tx)
+        fee_cap = self.priority_fee if isinstance(self.priority_fee, int) else AUTO_FEE_MAX
+        refused = swap_refusal(unsigned, keys, self.wallet, tx, fee_cap)
         if refused is not None:
             log.error("swap transaction refused", extra={"reason": refused})
             raise VenueError(f"refused to sign: {refused}", "TRANSACTION_REFUSED", retryable=False)
         signed = sign_as(unsigned, self.keypair)
-        blocks_left = last_valid - await self.rpc.height()
-        if blocks_left < 0:
+        height = await self.rpc.height()
+        if last_valid < height:
             raise VenueError("blockhash expired before the transaction was sent", "TX_EXPIRED")
-        if blocks_left > SOLANA_BLOCKHASH_BLOCKS_MAX:
-            raise VenueError(
-                f"Jupiter swap: lastValidBlockHeight {last_valid} is not a blockhash's"
-            )
-        expires_at_ms = int((self.clock() + blocks_left * SOLANA_SLOT_S) * 1000)
+        # The node's height, not the API's word, bounds when the transaction may still land:
+        # exactly once rests on it (a lower lastValidBlockHeight would sign a second swap early).
+        last_valid = height + SOLANA_VALID_BLOCKS
+        expires_at_ms = int((self.clock() + SOLANA_VALID_BLOCKS * SOLANA_SLOT_S) * 1000)
         return replace(
             tx,
             signature=str(signed.signatures[0]),
@@ -4029,81 +4031,140 @@ def sign_as(tx: VersionedTransaction, keypair: Keypair) -> VersionedTransaction:
 
 
 def swap_refusal(
-    tx: VersionedTransaction, keys: Sequence[Pubkey], wallet: Pubkey, swap: SwapTx
+    tx: VersionedTransaction,
+    keys: Sequence[Pubkey],
+    wallet: Pubkey,
+    swap: SwapTx,
+    fee_cap: int,
 ) -> str | None:
-    """Why the engine must not sign `tx`, or None: the wallet pays its fee, and nothing moves out
-    of the wallet but the swap's input (at most its amount, from the wallet's account of the
-    input token, or wrapped from its SOL) and rent for its own token accounts."""
+    """Why the engine must not sign `tx`, or None (README, Real execution on Solana, step 2)."""
     signers = keys[: tx.message.header.num_required_signatures]
     if not keys or keys[0] != wallet:
         return "the fee payer is not the engine's wallet"
     if wallet not in signers or len(tx.signatures) != len(signers):
         return "the engine's wallet is not among its signers"
-    source = ata_of(wallet, swap.sell.mint)
-    wrapped = source if swap.sell.mint == WSOL_MINT else None  # SOL in: wrapped first
-    lamports = tokens = 0
+    check = SwapCheck(wallet, swap)
     for index, instruction in enumerate(tx.message.instructions):
         try:
             program = str(keys[instruction.program_id_index])
             accounts = [keys[i] for i in instruction.accounts]
         except IndexError:
             return f"instruction {index} names an account the transaction does not have"
-        data = bytes(instruction.data)
+        if (refused := check.instruction(program, bytes(instruction.data), accounts)) is not None:
+            return f"instruction {index} ({program}) {refused}"
+    return check.verdict(fee_cap)
+
+
+@dataclass
+class SwapCheck:
+    """What a swap transaction's instructions do to the wallet, one instruction at a time. The
+    wallet may pay out only the swap's input: SOL it wraps into its own account, or tokens from
+    its own account of the input token, at most the order's amount; and rent for its own token
+    accounts, and a priority fee within its cap. Without Jupiter's program in it (an RFQ maker's
+    fill), the counterparty must pay the wallet at least minAmountOut in the same transaction;
+    with it, the program moves the input and checks the output on chain, so the transaction may
+    not move the input itself."""
+
+    wallet: Pubkey
+    swap: SwapTx
+    lamports_out: int = 0
+    tokens_out: int = 0
+    paid_in: int = 0
+    aggregated: bool = False
+    unit_price: int = 0  # micro-lamports per compute unit
+    unit_limit: int = COMPUTE_UNITS_MAX
+
+    def __post_init__(self) -> None:
+        self.source = ata_of(self.wallet, self.swap.sell.mint)
+        self.destination = ata_of(self.wallet, self.swap.buy.mint)
+        self.wrapped = self.source if self.swap.sell.mint == WSOL_MINT else None
+
+    def instruction(self, program: str, data: bytes, accounts: list[Pubkey]) -> str | None:
         if program == SYSTEM_PROGRAM:
-            moved = system_transfer(data, accounts, wallet, wrapped)
-            lamports += moved or 0
-        elif program in TOKEN_PROGRAMS:
-            moved = token_outflow(data, accounts, wallet, source)
-            tokens += moved or 0
-        elif program == ASSOCIATED_TOKEN_PROGRAM:  # creates a token account: the wallet's own
-            ours = len(accounts) >= 3 and accounts[2] == wallet
-            moved = 0 if ours or (accounts and accounts[0] != wallet) else None
-        else:
-            moved = 0 if program in SWAP_PROGRAMS else None
-        if moved is None:
-            return f"instruction {index} ({program}) could move the wallet's funds elsewhere"
-    if max(lamports, tokens) > swap.amount_in:
-        taken = max(lamports, tokens)
-        return f"it would take {taken} base units of {swap.sell.symbol}, not {swap.amount_in}"
-    return None
+            return self.system(data, accounts)
+        if program in TOKEN_PROGRAMS:
+            return self.token(data, accounts)
+        if program == ASSOCIATED_TOKEN_PROGRAM:  # creates a token account: the wallet's own
+            theirs = len(accounts) < 3 or (
+                accounts[0] == self.wallet and accounts[2] != self.wallet
+            )
+            return "pays for another owner's token account" if theirs else None
+        if program == COMPUTE_BUDGET_PROGRAM:
+            return self.budget(data)
+        if program == JUPITER_PROGRAM:
+            self.aggregated = True
+            return None
+        return None if program in MEMO_PROGRAMS else "is not a program a swap needs"
 
+    def system(self, data: bytes, accounts: list[Pubkey]) -> str | None:
+        tag = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+        if tag == SYSTEM_ADVANCE_NONCE:
+            return "uses a durable nonce: the transaction would never expire"
+        if self.wallet not in accounts:
+            return None
+        wrap = (
+            tag == SYSTEM_TRANSFER
+            and len(data) == 12
+            and accounts[:2]
+            == [
+                self.wallet,
+                self.wrapped,
+            ]
+        )
+        if not wrap:
+            return "could move the wallet's SOL elsewhere"
+        self.lamports_out += int.from_bytes(data[4:12], "little")
+        return None
 
-def system_transfer(
-    data: bytes, accounts: Sequence[Pubkey], wallet: Pubkey, wrapped: Pubkey | None
-) -> int | None:
-    """Lamports a System Program instruction moves out of the wallet: only a transfer into the
-    wallet's own wrapped-SOL account (wrapping the input) is allowed; None for anything else
-    that touches the wallet."""
-    if not accounts or accounts[0] != wallet:
-        return 0  # not funded by the wallet
-    transfer = len(data) == 12 and int.from_bytes(data[:4], "little") == SYSTEM_TRANSFER
-    if transfer and len(accounts) >= 2 and accounts[1] == wrapped:
-        return int.from_bytes(data[4:12], "little")
-    return None
+    def token(self, data: bytes, accounts: list[Pubkey]) -> str | None:
+        tag = data[0] if data else -1
+        if tag in TOKEN_HARMLESS:
+            return None
+        authority = {TOKEN_TRANSFER: 2, TOKEN_CLOSE: 2, TOKEN_TRANSFER_CHECKED: 3}.get(tag)
+        size = 1 if tag == TOKEN_CLOSE else 9
+        if authority is None or len(accounts) <= authority or len(data) < size:
+            return "could move the wallet's tokens elsewhere" if self.wallet in accounts else None
+        if tag == TOKEN_CLOSE:
+            mine = accounts[authority] == self.wallet
+            return (
+                "closes a wallet's account into another"
+                if mine and accounts[1] != self.wallet
+                else None
+            )
+        amount = int.from_bytes(data[1:9], "little")
+        if accounts[authority] != self.wallet:
+            if accounts[authority - 1] == self.destination:  # the counterparty pays the wallet
+                self.paid_in += amount
+            return None
+        if accounts[0] != self.source:
+            return "moves tokens out of a wallet's account other than the input's"
+        self.tokens_out += amount
+        return None
 
+    def budget(self, data: bytes) -> str | None:
+        tag = data[0] if data else -1
+        if tag == BUDGET_UNIT_LIMIT and len(data) == 5:
+            self.unit_limit = int.from_bytes(data[1:5], "little")
+        elif tag == BUDGET_UNIT_PRICE and len(data) == 9:
+            self.unit_price = int.from_bytes(data[1:9], "little")
+        elif tag not in BUDGET_HARMLESS:
+            return "is a compute budget instruction the engine does not know"
+        return None
 
-def token_outflow(
-    data: bytes, accounts: Sequence[Pubkey], wallet: Pubkey, source: Pubkey
-) -> int | None:
-    """Base units a token instruction signed by the wallet moves out of it: a transfer from the
-    wallet's input-token account counts toward the swap's input, closing an account into the
-    wallet is fine, and what else the wallet could authorise (another transfer, an approval, a
-    new authority, a burn) is None."""
-    if wallet not in accounts or (data and data[0] in TOKEN_HARMLESS):
-        return 0
-    tag = data[0] if data else -1
-    authority = {TOKEN_TRANSFER: 2, TOKEN_CLOSE: 2, TOKEN_TRANSFER_CHECKED: 3}.get(tag)
-    if (
-        authority is None
-        or len(accounts) <= authority
-        or len(data) < (1 if tag == TOKEN_CLOSE else 9)
-    ):
-        return None  # anything else the wallet is part of: an approval, an authority, a burn
-    if accounts[authority] != wallet:
-        return 0  # not the wallet's own tokens (the wallet receives: the swap's output)
-    if tag == TOKEN_CLOSE:
-        return 0 if accounts[1] == wallet else None  # its rent goes back to the wallet
-    return int.from_bytes(data[1:9], "little") if accounts[0] == source else None
+    def verdict(self, fee_cap: int) -> str | None:
+        swap = self.swap
+        taken = max(self.lamports_out, self.tokens_out)
+        fee = ceil_div(self.unit_price * min(self.unit_limit, COMPUTE_UNITS_MAX), 10**6)
+        if taken > swap.amount_in:
+            return f"it would take {taken} base units of {swap.sell.symbol}, not {swap.amount_in}"
+        if fee > fee_cap:
+            return f"its priority fee of {fee} lamports is over the cap of {fee_cap}"
+        if self.aggregated and self.tokens_out:
+            return "it moves the input itself beside Jupiter's swap"
+        if not self.aggregated and self.paid_in < swap.min_amount_out:
+            least = swap.min_amount_out
+            return f"it pays the wallet {self.paid_in} base units of {swap.buy.symbol}, not {least}"
+        return None
 
 
 def ata_of(owner: Pubkey, mint: str) -> Pubkey:
@@ -4712,7 +4773,11 @@ class Engine:
             await persist("release", self.store.release_job, self.instance_id, order_id)
         except Exception:
             log.exception("order processing failed unexpectedly", extra={"orderId": order_id})
-            await worker.give_up()
+            try:
+                await worker.give_up()
+            except Exception:  # a venue that keeps failing this way must not take the worker
+                message = "could not end the order; it is taken up again when this engine restarts"
+                log.exception(message, extra={"orderId": order_id})
 
     # -- background loops -------------------------------------------------------------------------
 

@@ -52,13 +52,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from solders.account import Account
 from solders.address_lookup_table_account import AddressLookupTableAccount
+from solders.compute_budget import set_compute_unit_limit, set_compute_unit_price
 from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
 from solders.litesvm import LiteSVM
 from solders.message import MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.system_program import CreateAccountParams, create_account, transfer
+from solders.system_program import (
+    AdvanceNonceAccountParams,
+    CreateAccountParams,
+    advance_nonce_account,
+    create_account,
+    transfer,
+)
 from solders.system_program import TransferParams as SolTransfer
 from solders.token.state import TokenAccount
 from solders.transaction import VersionedTransaction
@@ -4119,6 +4126,8 @@ class SolanaCluster:
     fail_preflight: list[tuple[Any, list[str]]] = field(default_factory=list)
     down: bool = False
     down_status: int = 503  # how the node (and the API) answers while down: 503, or 429
+    maker_pays: bool = True  # False: the /swap answer takes the input and pays nothing back
+    blockhash_life: int = BLOCKHASH_LIFE  # the lastValidBlockHeight /swap answers (a lie if short)
     garbled: dict[str, Any] = field(default_factory=dict)  # method -> a result of a wrong shape
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
@@ -4191,9 +4200,9 @@ class SolanaCluster:
         return TokenAccount.from_bytes(bytes(account.data)).amount
 
     def expire(self) -> None:
-        """Every blockhash handed out so far expires: the chain moves past their last block."""
+        """Every transaction signed so far expires: the chain moves past their last block."""
         self.svm.expire_blockhash()
-        self.height += BLOCKHASH_LIFE + 1
+        self.height += eng.SOLANA_VALID_BLOCKS + 1
 
     def tokens(self) -> str:
         return orjson.dumps(
@@ -4243,7 +4252,7 @@ class SolanaCluster:
         instructions = [
             spl.create_idempotent_associated_token_account(user, user, self.wif),
             spl.transfer(pay),
-            spl.transfer(fill),
+            *([spl.transfer(fill)] if self.maker_pays else []),
             *self.hostile,
         ]
         blockhash = self.svm.latest_blockhash()
@@ -4251,12 +4260,13 @@ class SolanaCluster:
         message = MessageV0.try_compile(user, instructions, [self.table], blockhash)
         signers = list(message.account_keys[: message.header.num_required_signatures])
         signatures = [Signature.default()] * len(signers)
-        signatures[signers.index(maker)] = self.maker.sign_message(to_bytes_versioned(message))
+        if maker in signers:  # the maker co-signs its side of the swap
+            signatures[signers.index(maker)] = self.maker.sign_message(to_bytes_versioned(message))
         unsigned = VersionedTransaction.populate(message, signatures)
         return web.json_response(
             {
                 "swapTransaction": base64.b64encode(bytes(unsigned)).decode(),
-                "lastValidBlockHeight": self.valid_until[str(blockhash)],
+                "lastValidBlockHeight": self.height + self.blockhash_life,
                 "prioritizationFeeLamports": 0,
             }
         )
@@ -4405,7 +4415,12 @@ class RpcFailure(Exception):
 
 
 @pytest.fixture
-async def cluster(aiohttp_server: Any) -> AsyncIterator[SolanaCluster]:
+async def cluster(
+    aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[SolanaCluster]:
+    # An engine in this process polls and rebroadcasts 4 times as often: the same steps, sooner.
+    monkeypatch.setattr(eng, "SOLANA_POLL_S", eng.SOLANA_POLL_S / 4)
+    monkeypatch.setattr(eng, "SOLANA_REBROADCAST_S", eng.SOLANA_REBROADCAST_S / 4)
     chain = SolanaCluster()
     app = web.Application()
     app.router.add_post("/", chain.rpc)
@@ -4495,7 +4510,7 @@ async def test_a_solana_order_confirms_with_its_real_signature_and_exact_balance
     # The signature the engine recorded before sending is the one that landed, once.
     assert list(cluster.statuses) == [record["txHash"]]
     assert cluster.statuses[record["txHash"]]["err"] is None
-    assert record["lastValidBlockHeight"] == 1000 + BLOCKHASH_LIFE
+    assert record["lastValidBlockHeight"] == 1000 + eng.SOLANA_VALID_BLOCKS
     assert cluster.balance(wallet, cluster.usdc) == usdc - 10 * 10**6
     assert cluster.balance(wallet, cluster.wif) == wif + 10 * MAKER_PRICE * 10**6
     assert (record["amountOut"], record["finalPrice"], record["dex"]) == (40.0, 4.0, "JUPITER")
@@ -4611,37 +4626,46 @@ async def test_a_wallet_without_the_funds_fails_the_order_once_with_insufficient
     assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 0
 
 
-def _hostile(cluster: SolanaCluster, how: str) -> Instruction:
+def _hostile(cluster: SolanaCluster, how: str) -> list[Instruction]:
     thief, wallet = Keypair().pubkey(), cluster.wallet.pubkey()
     usdc = cluster.ata[(wallet, cluster.usdc)]
     if how == "lamports":
-        return transfer(SolTransfer(from_pubkey=wallet, to_pubkey=thief, lamports=10**9))
+        return [transfer(SolTransfer(from_pubkey=wallet, to_pubkey=thief, lamports=10**9))]
     if how == "tokens":
         params = spl_models.TransferParams(
             program_id=TOKEN_PROGRAM_ID, source=usdc, dest=thief, owner=wallet, amount=10**6
         )
-        return spl.transfer(params)
+        return [spl.transfer(params)]
     if how == "approval":
         approve = spl_models.ApproveParams(
             program_id=TOKEN_PROGRAM_ID, source=usdc, delegate=thief, owner=wallet, amount=1
         )
-        return spl.approve(approve)
-    return Instruction(thief, b"", [AccountMeta(wallet, is_signer=True, is_writable=True)])
+        return [spl.approve(approve)]
+    if how == "nonce":  # a transaction that would never expire: a lost one could land any day
+        nonce = AdvanceNonceAccountParams(nonce_pubkey=thief, authorized_pubkey=Keypair().pubkey())
+        return [advance_nonce_account(nonce)]
+    if how == "fee":  # 4.2 SOL of priority fee for a 10 USDC swap
+        return [set_compute_unit_limit(1_400_000), set_compute_unit_price(3_000_000_000)]
+    return [Instruction(thief, b"", [AccountMeta(wallet, is_signer=True, is_writable=True)])]
 
 
 @pytest.mark.parametrize(
     ("how", "says"),
     [
-        ("lamports", "could move the wallet's funds elsewhere"),
+        ("lamports", "could move the wallet's SOL elsewhere"),
         ("tokens", "it would take 11000000 base units of USDC, not 10000000"),
-        ("approval", "could move the wallet's funds elsewhere"),
-        ("program", "could move the wallet's funds elsewhere"),
+        ("approval", "could move the wallet's tokens elsewhere"),
+        ("nonce", "uses a durable nonce"),
+        ("fee", "priority fee of 4200000000 lamports is over the cap of 5000000"),
+        ("program", "is not a program a swap needs"),
+        ("nothing back", "it pays the wallet 0 base units of WIF, not 39800000"),
     ],
 )
 async def test_a_swap_that_would_move_funds_elsewhere_is_refused_before_signing(
     start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path, how: str, says: str
 ) -> None:
-    cluster.hostile = [_hostile(cluster, how)]
+    cluster.hostile = _hostile(cluster, how) if how != "nothing back" else []
+    cluster.maker_pays = how != "nothing back"
     client = await start(solana_config(config, cluster, tmp_path))
     record = await wait_status(client, await solana_order(client), "failed")
     assert record["code"] == "TRANSACTION_REFUSED"
@@ -4814,3 +4838,39 @@ async def test_answers_of_a_wrong_shape_are_a_venue_s_failure_never_a_crash(
     assert "an answer of an unknown shape" in str(record["history"])
     assert list(cluster.statuses) == [record["txHash"]]
     assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
+
+
+async def test_a_lastvalidblockheight_too_low_from_the_api_signs_no_second_swap_early(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    cluster.blockhash_life, cluster.drop_sends = 2, 1000  # the API says 2 blocks; the chain, 150
+    client = await start(solana_config(config, cluster, tmp_path))
+    order_id = await solana_order(client)
+    await wait_for(lambda: cluster.sends, "the first send")
+    cluster.height += 10  # past what the API said, well within what the blockhash lives
+    await wait_for(lambda: len(cluster.sends) >= 2, "a rebroadcast: the engine still waits")
+    assert len(cluster.swaps_asked) == 1
+    cluster.expire()
+    cluster.drop_sends = 0
+    record = await wait_status(client, order_id, "confirmed")
+    assert len(cluster.swaps_asked) == 2
+    assert list(cluster.statuses) == [record["txHash"]]
+    assert cluster.balance(cluster.wallet.pubkey(), cluster.usdc) == 990 * 10**6
+
+
+async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
+    start: Start, config: Config
+) -> None:
+    @dataclass
+    class BrokenLookups(ScriptedVenue):
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            raise RuntimeError("a bug in the venue's chain client")
+
+    venue = BrokenLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    stuck = await order_id_of(client)
+    await wait_for(lambda: venue.executions, "the first execution")
+    venue.land_then_crash = False
+    record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
+    assert record["status"] == "confirmed"
+    assert (await get_order(client, stuck))["status"] == "submitted"  # its outcome is unknown
