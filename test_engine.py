@@ -4131,6 +4131,7 @@ class SolanaCluster:
     garbled: dict[str, Any] = field(default_factory=dict)  # method -> a result of a wrong shape
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
+    api_keys: list[str | None] = field(default_factory=list)  # x-api-key of each quote asked
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -4215,6 +4216,7 @@ class SolanaCluster:
     # -- the Jupiter-shaped API -----------------------------------------------------------------
 
     async def quote(self, request: web.Request) -> web.Response:
+        self.api_keys.append(request.headers.get("x-api-key"))
         amount_in = int(request.query["amount"])
         pair = (request.query["inputMint"], request.query["outputMint"])
         if pair != (str(self.usdc), str(self.wif)):
@@ -4456,7 +4458,7 @@ def solana_config(config: Config, cluster: SolanaCluster, tmp_path: Path, **extr
         config,
         **{name: getattr(on_solana, name) for name in (
             "venues", "solana_rpc_url", "solana_keypair", "jupiter_api_url", "tokens",
-            "execution_timeout_ms", "solana_dry_run",
+            "execution_timeout_ms", "solana_dry_run", "jupiter_api_key",
         )},
     )  # fmt: skip
 
@@ -4474,7 +4476,10 @@ class EnginesOn:
     processes: list[EngineProcess]
 
     async def spawn(self) -> EngineProcess:
+        tokens = self.tmp_path / "tokens.json"  # ENGINE_TOKENS may name a file
+        tokens.write_text(self.cluster.tokens())
         env = engine_env(self.config) | solana_env(self.cluster, self.tmp_path)
+        env["ENGINE_TOKENS"] = str(tokens)
         process = await EngineProcess.spawn(env)
         self.processes.append(process)
         return process
@@ -4725,10 +4730,11 @@ async def test_a_recovered_order_whose_send_was_lost_waits_for_its_blockhash_to_
 async def test_a_dry_run_simulates_and_sends_nothing(
     start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
 ) -> None:
-    cfg = solana_config(config, cluster, tmp_path, SOLANA_DRY_RUN="true")
+    cfg = solana_config(config, cluster, tmp_path, SOLANA_DRY_RUN="true", JUPITER_API_KEY="k1")
     client = await start(cfg)
     record = await wait_status(client, await solana_order(client), "failed")
     assert record["code"] == "DRY_RUN"
+    assert cluster.api_keys == ["k1"]  # the API key goes with every call to Jupiter
     assert "simulated without error" in record["error"]
     assert cluster.sends == []
     assert cluster.statuses == {}
