@@ -213,8 +213,8 @@ class LeastPipeline:
         body = orjson.loads(await request.read())
         order_id = f"order_{secrets.token_hex(16)}"
         async with self.client.pipeline(transaction=True) as pipe:
-            fields = {"userId": body["userId"], "status": "pending"}
-            pipe.hset(f"base:order:{order_id}", mapping=fields)
+            fields = ["userId", body["userId"], "status", "pending"]
+            pipe.hset(f"base:order:{order_id}", items=fields)
             pipe.lpush("base:pending", f"{order_id} {body['userId']}")
             await pipe.execute()
         reply = {"orderId": order_id, "status": "pending"}
@@ -594,7 +594,7 @@ async def park(server: Server, redis_url: str, count: int) -> float:
     redis = aioredis.from_url(redis_url)
     expiring = engine.Keys("oee:").expiring
     await poll(lambda: _equals(redis.zcard(expiring), count), 600)
-    memory = (await redis.info("memory"))["used_memory"] / 2**20
+    memory = float((await redis.info("memory"))["used_memory"]) / 2**20
     await redis.aclose()
     return round(memory, 1)
 
@@ -769,14 +769,14 @@ INFRASTRUCTURE_CODES = {"INTERNAL_ERROR", "INTERRUPTED", "RECOVERY_LIMIT"}
 KEY_ID = re.compile(
     r"order_[0-9a-f]+|u\d+|[0-9a-f]{32}|[1-9A-HJ-NP-Za-km-z]{80,}|[^:]+-\d+-[0-9a-f]+"
 )
-STUCK_FIELDS = {b"status", b"attempts", b"recoveries", b"lease", b"instance", b"updatedAt"}
+STUCK_FIELDS = {"status", "attempts", "recoveries", "lease", "instance", "updatedAt"}
 
 
 async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> dict[str, Any]:
     """Every key by kind, and every way it could break the bounds of the README's key table."""
     kinds: dict[str, int] = {}
     problems: list[str] = []
-    failed = {m.decode() for m in await client.zrange(keys.failed, 0, -1)}
+    failed = {text(m) for m in await client.zrange(keys.failed, 0, -1)}
     async for raw in client.scan_iter(f"{keys.prefix}*", count=1000):
         key = raw.decode()
         kind = KEY_ID.sub("*", key)
@@ -794,17 +794,22 @@ async def audit(client: aioredis.Redis, keys: engine.Keys, failed_keep: int) -> 
     return {"keys": dict(sorted(kinds.items())), "problems": problems}
 
 
+def text(value: Any) -> str:
+    """A reply from a client that does not decode responses."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def stuck_report(client: aioredis.Redis, keys: engine.Keys) -> str:
     """Where every unfinished order stands, for a soak that did not finish."""
     lines = ["orders did not finish:"]
     async for active in client.scan_iter(keys.user_active("*")):
         for raw in await client.smembers(active):
-            order_id = raw.decode()
+            order_id = text(raw)
             record = await client.hgetall(keys.order(order_id))
-            fields = {k.decode(): v.decode() for k, v in record.items() if k in STUCK_FIELDS}
+            fields = {text(k): text(v) for k, v in record.items() if text(k) in STUCK_FIELDS}
             lines.append(f"  {order_id} {fields}")
     async for jobs in client.scan_iter(keys.processing("*")):
-        lines.append(f"  {jobs.decode()}: {[j.decode() for j in await client.lrange(jobs, 0, -1)]}")
+        lines.append(f"  {text(jobs)}: {[text(j) for j in await client.lrange(jobs, 0, -1)]}")
     return "\n".join(lines)
 
 

