@@ -1551,6 +1551,45 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _venues(text: str) -> str:
+    """ENGINE_VENUES: simulated, solana, or `package.module:factory`, importable now."""
+    if text.lower() in ("simulated", "solana"):
+        return text.lower()
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
+        raise ValueError("must be simulated, solana or package.module:factory")
+    venue_factory(text)
+    return text
+
+
+def venue_factory(path: str) -> Callable[[Config], Any]:
+    """The callable `package.module:name` names: given the Config, it makes a venue, or a list
+    of them (a Venue class taking the Config is one)."""
+    module_name, name = path.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"names nothing importable ({exc})") from None
+    if not callable(factory):
+        raise ValueError("must name a class or function")
+    return cast(Callable[[Config], Any], factory)
+
+
+def plugged_venues(config: Config) -> list[Venue]:
+    """The venues ENGINE_VENUES=package.module:factory makes; each must have the Venue methods."""
+    made = venue_factory(config.venues)(config)
+    venues = list(made) if isinstance(made, list | tuple) else [made]
+    if not venues:
+        raise ConfigError(f"ENGINE_VENUES {config.venues} made no venue")
+    for venue in venues:
+        missing = [name for name in VENUE_METHODS if not callable(getattr(venue, name, None))]
+        if missing or not isinstance(getattr(venue, "name", None), str):
+            raise ConfigError(
+                f"ENGINE_VENUES {config.venues} made {venue!r}, not a venue "
+                f"(it needs a name and {', '.join(VENUE_METHODS)})"
+            )
+    return venues
+
+
 def _flag(text: str) -> bool:
     if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
         raise ValueError("must be true or false (1/0, yes/no)")
@@ -1688,7 +1727,7 @@ SETTINGS: Final = (
     Setting(
         "ENGINE_EVENT_LOG_KEEP", "event_log_keep", _integer(4000, 1_000_000), "events kept/user"
     ),
-    Setting("ENGINE_VENUES", "venues", _choice("simulated", "solana"), "simulated or solana"),
+    Setting("ENGINE_VENUES", "venues", _venues, "simulated, solana or package.module:factory"),
     Setting("SOLANA_RPC_URL", "solana_rpc_url", _http_url, "Solana JSON-RPC endpoint"),
     Setting("SOLANA_KEYPAIR", "solana_keypair", _keypair_file, "wallet keypair file (mode 600)"),
     Setting("JUPITER_API_URL", "jupiter_api_url", _http_url, "Jupiter Swap API base"),
@@ -2872,6 +2911,9 @@ class Venue(Protocol):
     async def lookup(self, sent: SentTx) -> TxStatus | None: ...
 
     def has_pool(self, sell: Token, buy: Token) -> bool: ...  # a direct pool for the pair?
+
+
+VENUE_METHODS: Final = ("quote", "execute", "lookup", "has_pool")
 
 
 def slot_at(ts: float) -> int:
@@ -6915,6 +6957,8 @@ def create_app(
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
             if venues:
                 dexes = list(venues)
+            elif ":" in config.venues:
+                dexes = plugged_venues(config)
             elif config.venues == "solana":
                 timeout = ClientTimeout(total=SOLANA_HTTP_TIMEOUT_S)
                 session = ClientSession(timeout=timeout, raise_for_status=False)

@@ -4895,3 +4895,47 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
     assert record["status"] == "confirmed"
     assert (await get_order(client, stuck))["status"] == "submitted"  # its outcome is unknown
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Venues from outside: ENGINE_VENUES=package.module:factory
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+def plugged(config: Config) -> list[ScriptedVenue]:
+    """A venue factory as an operator writes one: given the Config, the venues."""
+    return [ScriptedVenue("PLUGGED", price=123.0), ScriptedVenue("OTHER", price=100.0)]
+
+
+def not_a_venue(config: Config) -> object:
+    return object()
+
+
+async def test_a_venue_named_by_its_import_path_routes_and_fills_orders(
+    start: Start, config: Config
+) -> None:
+    client = await start(
+        replace(config, venues=Config.load({"ENGINE_VENUES": "test_engine:plugged"}).venues)
+    )
+    record = await wait_status(client, await order_id_of(client), "confirmed")
+    assert record["dex"] == "PLUGGED"
+    assert {quote["dex"] for quote in record["quotes"]} == {"PLUGGED", "OTHER"}
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("no_such_module:venue", "names nothing importable"),
+        ("test_engine:no_such_name", "names nothing importable"),
+        ("test_engine:ORDER", "must name a class or function"),
+        ("test_engine:", "must be simulated, solana or package.module:factory"),
+    ],
+)
+def test_a_venue_path_that_names_no_factory_is_refused(value: str, says: str) -> None:
+    with pytest.raises(eng.ConfigError, match=f"^ENGINE_VENUES {says}"):
+        Config.load({"ENGINE_VENUES": value})
+
+
+async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config: Config) -> None:
+    with pytest.raises(eng.ConfigError, match=r"not a venue .*quote, execute, lookup, has_pool"):
+        await start(replace(config, venues="test_engine:not_a_venue"))
