@@ -9,7 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
+# The engine's own packages only (the section of requirements.txt above its test and lint
+# tools), at the versions requirements.txt pins for everything.
+RUN sed -n '/^# The engine/,/^# Tests and checks/p' requirements.txt | grep -v '^#' > engine.txt \
+    && pip install --no-cache-dir -r engine.txt -c requirements.txt && rm engine.txt
 
 RUN useradd --system --uid 10001 --home-dir /app engine \
     && mkdir -p /data && chown engine /data

@@ -74,16 +74,22 @@ from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Literal, ParamSpec, Protocol, TypedDict, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    cast,
+)
 
-import asyncpg  # type: ignore[import-untyped]  # no type information published
-import jwt
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, hdrs, http_exceptions, web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -99,6 +105,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from solders.address_lookup_table_account import AddressLookupTable
+
+if TYPE_CHECKING:  # optional features: imported when configured (see history_errors, Authenticator)
+    import asyncpg  # type: ignore[import-untyped]  # no type information published
 from solders.keypair import Keypair
 from solders.message import to_bytes_versioned
 from solders.pubkey import Pubkey
@@ -1512,6 +1521,9 @@ def _jwt_secret(text: str) -> str:
 
 def _public_key(text: str) -> str:
     """A PEM public key (RSA for RS256, EC P-256 for ES256), given inline or as a file path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     pem = text if text.lstrip().startswith("-----BEGIN") else _read_key_file(text)
     try:
         key = serialization.load_pem_public_key(pem.encode())
@@ -2805,7 +2817,14 @@ ON CONFLICT (order_id) DO UPDATE
 SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, record = EXCLUDED.record
 WHERE order_history.updated_at <= EXCLUDED.updated_at
 """
-HISTORY_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def history_errors() -> tuple[type[BaseException], ...]:
+    """What a PostgreSQL call may raise (asyncpg is imported only with DATABASE_URL set: an
+    `except history_errors()` clause is evaluated only once something was raised)."""
+    import asyncpg
+
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 def _history_row(record: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -2836,6 +2855,8 @@ class History:
 
     async def _connected(self) -> asyncpg.Pool:
         if self._pool is None:
+            import asyncpg
+
             async with asyncio.timeout(HISTORY_TIMEOUT_S):
                 pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
                 try:
@@ -4945,7 +4966,7 @@ class Engine:
             records = await persist("outbox records", self.store.records, batch)
             try:
                 await self.history.write(records)
-            except HISTORY_ERRORS as exc:
+            except history_errors() as exc:
                 log.warning("postgresql unavailable; history waits", extra={"error": str(exc)})
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, REDIS_RETRY_MAX_S)
@@ -5909,6 +5930,9 @@ class Authenticator:
         if config.jwt_secret:
             self._key, self._algorithms = config.jwt_secret, ["HS256"]
         elif config.jwt_public_key:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
             self._key = serialization.load_pem_public_key(config.jwt_public_key.encode())
             rsa_key = isinstance(self._key, rsa.RSAPublicKey)
             self._algorithms = ["RS256"] if rsa_key else ["ES256"]
@@ -5946,6 +5970,8 @@ class Authenticator:
         return subject, float(expires) if expires < JWT_EXP_MAX_S else None
 
     def _decode(self, token: str) -> dict[str, Any]:
+        import jwt  # only with authentication on
+
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -6304,7 +6330,7 @@ async def archived(engine: Engine, order_id: str) -> dict[str, Any] | None:
         return None
     try:
         return await engine.history.get(order_id)
-    except HISTORY_ERRORS:
+    except history_errors():
         message = "the order history does not answer; retry"
         raise ApiError(503, "HISTORY_UNAVAILABLE", message, retryable=True) from None
 
@@ -6371,7 +6397,7 @@ async def readyz(request: web.Request) -> web.Response:
         try:
             await engine.history.ping()
             checks["postgres"] = "ok"
-        except HISTORY_ERRORS:
+        except history_errors():
             checks["postgres"] = "unavailable"
     venues: dict[str, Any] = {}
     for venue in engine.router.venues.values():

@@ -4939,3 +4939,16 @@ def test_a_venue_path_that_names_no_factory_is_refused(value: str, says: str) ->
 async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config: Config) -> None:
     with pytest.raises(eng.ConfigError, match=r"not a venue .*quote, execute, lookup, has_pool"):
         await start(replace(config, venues="test_engine:not_a_venue"))
+
+
+def test_optional_features_are_not_imported_when_off() -> None:
+    """PostgreSQL and JWT support load only when DATABASE_URL or a JWT key is set."""
+    probe = (
+        "import sys, engine; engine.create_app(engine.Config()); "
+        "print(sorted({'asyncpg', 'jwt'} & set(sys.modules)))"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+        cwd=Path(ENGINE_PY).parent,
+    )  # fmt: skip
+    assert shown.stdout.strip() == "[]"
