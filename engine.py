@@ -772,19 +772,28 @@ class LeaseLost(EngineError):
     """Another worker took this order over; this one must not record anything more for it."""
 
 
-class VenueError(EngineError):
-    """A venue refused or failed a call; transient by nature. `code` is the order failure code."""
+# Failure codes that end an order at once (README, order events): no other attempt can mend
+# them. Every other code (a venue's own too) is retried while attempts are left.
+FINAL_CODES: Final = frozenset(
+    (
+        "EXPIRED",
+        "RECOVERY_LIMIT",
+        "INTERNAL_ERROR",
+        "INSUFFICIENT_FUNDS",
+        "TOKEN_ACCOUNT_MISSING",
+        "TRANSACTION_REFUSED",
+        "DRY_RUN",
+    )
+)
 
-    def __init__(
-        self,
-        message: str,
-        code: str = "EXECUTION_FAILED",
-        *,
-        retryable: bool = True,
-        sent: bool = True,
-    ) -> None:
+
+class VenueError(EngineError):
+    """A venue refused or failed a call. `code` is the order failure code (FINAL_CODES says
+    whether it is retried)."""
+
+    def __init__(self, message: str, code: str = "EXECUTION_FAILED", *, sent: bool = True) -> None:
         super().__init__(message)
-        self.code, self.retryable = code, retryable
+        self.code = code
         self.sent = sent  # False: the transaction never left the engine, so it cannot land
 
 
@@ -820,8 +829,11 @@ class AttemptFailed(EngineError):
 
     code: str
     message: str
-    retryable: bool = True
     sent: bool = True  # False: its transaction was never sent (no need to ask the chain)
+
+    @property
+    def retryable(self) -> bool:
+        return self.code not in FINAL_CODES
 
 
 # Redis trouble that goes away by itself: the caller waits and tries again.
@@ -3725,11 +3737,11 @@ def chain_error(err: Any, logs: Sequence[str] = ()) -> VenueError:
         return VenueError("blockhash expired before the transaction landed", "TX_EXPIRED")
     if custom == TOKEN_INSUFFICIENT_FUNDS and "insufficient funds" in logged:
         message = f"the wallet holds too little of the input token ({text})"
-        return VenueError(message, "INSUFFICIENT_FUNDS", retryable=False)
+        return VenueError(message, "INSUFFICIENT_FUNDS")
     for name, code in FINAL_CHAIN_ERRORS.items():
         if detail == name:
             what = "funds" if code == "INSUFFICIENT_FUNDS" else "a token account"
-            return VenueError(f"the wallet lacks {what} ({text})", code, retryable=False)
+            return VenueError(f"the wallet lacks {what} ({text})", code)
     return VenueError(f"transaction failed on chain: {text}", "EXECUTION_FAILED")
 
 
@@ -3870,7 +3882,7 @@ class SolanaVenue:
         refused = swap_refusal(unsigned, keys, self.wallet, tx, fee_cap)
         if refused is not None:
             log.error("swap transaction refused", extra={"reason": refused})
-            raise VenueError(f"refused to sign: {refused}", "TRANSACTION_REFUSED", retryable=False)
+            raise VenueError(f"refused to sign: {refused}", "TRANSACTION_REFUSED")
         signed = sign_as(unsigned, self.keypair)
         height = await self.rpc.height()
         if last_valid < height:
@@ -3982,8 +3994,7 @@ class SolanaVenue:
                 log.debug("rebroadcast refused", extra={"error": str(exc)})
                 return
             failure = chain_error(exc.err or str(exc), exc.logs)
-            code, retryable = failure.code, failure.retryable
-            raise VenueError(str(failure), code, retryable=retryable, sent=False) from None
+            raise VenueError(str(failure), failure.code, sent=False) from None
         except VenueError as exc:  # the node did not answer: it may have the transaction
             log.warning("solana send failed; sending again later", extra={"error": str(exc)})
 
@@ -3996,11 +4007,11 @@ class SolanaVenue:
             units = int(reply["value"].get("unitsConsumed") or 0)
         if err is not None:
             failure = chain_error(err, logs)
-            raise VenueError(str(failure), failure.code, retryable=failure.retryable, sent=False)
+            raise VenueError(str(failure), failure.code, sent=False)
         message = (
             f"dry run: the transaction simulated without error ({units} compute units); not sent"
         )
-        raise VenueError(message, "DRY_RUN", retryable=False, sent=False)
+        raise VenueError(message, "DRY_RUN", sent=False)
 
     async def _jupiter(self, method: str, path: str, code: str, **kwargs: Any) -> Any:
         headers = {"x-api-key": self.api_key} if self.api_key else {}
@@ -4481,7 +4492,7 @@ class Router:
             raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
         except VenueError as exc:
             outcome = "failed"
-            raise AttemptFailed(exc.code, str(exc), exc.retryable, exc.sent) from None
+            raise AttemptFailed(exc.code, str(exc), exc.sent) from None
         finally:
             self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
@@ -4505,7 +4516,7 @@ class Router:
         try:
             signed: SwapTx = await sign(tx)
         except VenueError as exc:
-            raise AttemptFailed(exc.code, str(exc), retryable=exc.retryable) from None
+            raise AttemptFailed(exc.code, str(exc)) from None
         return signed
 
     def _venue(self, dex: str) -> Venue:
@@ -5020,9 +5031,7 @@ class Engine:
         return self._paused_at > moment or overdue
 
 
-EXPIRED: Final = AttemptFailed(
-    "EXPIRED", "the order expired before its condition was met", retryable=False
-)
+EXPIRED: Final = AttemptFailed("EXPIRED", "the order expired before its condition was met")
 
 
 class _Attempt:
@@ -5131,7 +5140,7 @@ class _Attempt:
             reason = f"{reason}: its engine shut down"
         elif self.order.recoveries >= RECOVERY_LIMIT:
             reason = f"the engine running this order stopped {self.order.recoveries} times"
-            await self.retry_or_fail(AttemptFailed("RECOVERY_LIMIT", reason, retryable=False))
+            await self.retry_or_fail(AttemptFailed("RECOVERY_LIMIT", reason))
             return
         interrupted = AttemptFailed("INTERRUPTED", reason)
         await self.retry_or_fail(interrupted, immediately=True, counted=False)
@@ -5286,9 +5295,7 @@ class _Attempt:
         order whose transaction was sent asks the chain first, as every path out of `submitted`
         does: a swap that landed is confirmed, never reported failed."""
         order = self.order
-        internal = AttemptFailed(
-            "INTERNAL_ERROR", "internal error while executing the order", retryable=False
-        )
+        internal = AttemptFailed("INTERNAL_ERROR", "internal error while executing the order")
         try:
             if order.status is Status.SUBMITTED and (sent := order.sent) is not None:
                 with contextlib.suppress(AttemptFailed):  # it did not land: fail it below
