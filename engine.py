@@ -3926,14 +3926,13 @@ class SolanaVenue:
         """What the node says of the signature (its whole history searched), waiting while the
         node does not answer: landed or failed, expired once the block height has passed the
         blockhash's last valid one, else None."""
-        delay = REDIS_RETRY_MIN_S
+        backoff = Backoff(most_s=SOLANA_RETRY_MAX_S)
         while True:
             try:
                 return await self._lookup(sent)
             except VenueError as exc:
                 log.warning("solana lookup failed; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SOLANA_RETRY_MAX_S)
+                await backoff.wait()
 
     async def _lookup(self, sent: SentTx) -> TxStatus | None:
         if (status := await self.rpc.status(sent.signature, history=True)) is not None:
@@ -3964,10 +3963,9 @@ class SolanaVenue:
             "commitment": "confirmed",
             "maxSupportedTransactionVersion": 0,
         }
-        delay = SOLANA_POLL_S
+        backoff = Backoff(SOLANA_POLL_S, SOLANA_RETRY_MAX_S)
         while (landed := await self.rpc.call("getTransaction", sent.signature, options)) is None:
-            await asyncio.sleep(delay)  # confirmed, but this node has not indexed it yet
-            delay = min(delay * 2, SOLANA_RETRY_MAX_S)
+            await backoff.wait()  # confirmed, but this node has not indexed it yet
         with answer_read("Solana RPC getTransaction"):
             amount_out = received(landed["meta"], str(self.wallet), sent.buy)
         price = significant(
@@ -4579,6 +4577,26 @@ def _held_up_by_redis(waited_s: float = 0.0, failed: bool = False) -> None:
         attempt.failed |= failed
 
 
+@dataclass
+class Backoff:
+    """The one back-off of every retry loop (Redis, PostgreSQL, the node, the embedded Redis):
+    waits that double from `first_s` up to `most_s`, back to `first_s` after a success."""
+
+    first_s: float = REDIS_RETRY_MIN_S
+    most_s: float = REDIS_RETRY_MAX_S
+    next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_s = self.first_s
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.next_s)
+        self.next_s = min(self.next_s * 2, self.most_s)
+
+    def reset(self) -> None:
+        self.next_s = self.first_s
+
+
 async def persist(
     what: str, operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
 ) -> T:
@@ -4586,7 +4604,7 @@ async def persist(
 
     Every operation passed here is safe to send twice (the scripts check the step they apply), so
     a reply lost in a disconnect is harmless. Cancellation (shutdown) is the only way out early."""
-    delay = REDIS_RETRY_MIN_S
+    backoff = Backoff()
     while True:
         started = time.monotonic()
         try:
@@ -4594,8 +4612,7 @@ async def persist(
         except REDIS_TRANSIENT as exc:
             _held_up_by_redis(failed=True)
             log.warning("redis unavailable; will retry", extra={"op": what, "error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, REDIS_RETRY_MAX_S)
+            await backoff.wait()
         finally:
             _held_up_by_redis(waited_s=time.monotonic() - started)
 
@@ -4772,17 +4789,16 @@ class Engine:
     # -- the fetcher and the workers --------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        delay = REDIS_RETRY_MIN_S
+        backoff = Backoff()
         while True:
             await self._room.wait()
             try:
                 jobs = await self._take(self.config.concurrency - len(self._inflight))
             except REDIS_TRANSIENT as exc:
                 log.warning("cannot dequeue; will retry", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                await backoff.wait()
                 continue
-            delay = REDIS_RETRY_MIN_S
+            backoff.reset()
             for order_id in jobs:
                 await self._hand_over(order_id)
 
@@ -4968,7 +4984,7 @@ class Engine:
         in this instance's own list until it is written (another instance takes it over if this
         one dies), so a PostgreSQL outage delays the history and loses none of it."""
         assert self.history is not None
-        delay = HISTORY_IDLE_S
+        backoff = Backoff(first_s=HISTORY_IDLE_S)
         while True:
             batch = await persist("outbox", self.store.outbox_take, self.instance_id, OUTBOX_BATCH)
             if not batch:
@@ -4979,10 +4995,9 @@ class Engine:
                 await self.history.write(records)
             except history_errors() as exc:
                 log.warning("postgresql unavailable; history waits", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                await backoff.wait()
                 continue
-            delay = HISTORY_IDLE_S
+            backoff.reset()
             if len(records) < len(batch):
                 log.warning(
                     "records expired before they were written",
@@ -5528,18 +5543,17 @@ class Hub:
     # -- Pub/Sub in ------------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        delay = REDIS_RETRY_MIN_S
+        backoff = Backoff()
         while True:
             try:
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.store.keys.channel)
-                    delay = REDIS_RETRY_MIN_S
+                    backoff.reset()
                     self._offer_all(_CATCH_UP)  # whatever was published while we were away
                     await self._receive(pubsub)
             except REDIS_TRANSIENT as exc:
                 log.warning("event subscription lost; resubscribing", extra={"error": str(exc)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                await backoff.wait()
 
     async def _receive(self, pubsub: PubSub) -> None:
         """Forward messages until the connection fails or falls silent. A PING goes out every
@@ -6879,18 +6893,19 @@ class EmbeddedRedis:
     async def keep_running(self) -> None:
         """Start the server again whenever it exits (killed, crashed), backing off while it
         cannot start; meanwhile the engine waits for Redis as during any outage."""
-        delay = REDIS_RETRY_MIN_S
+        backoff = Backoff(most_s=EMBEDDED_RESTART_MAX_S)
         while True:
             assert self.proc is not None
             code = await self.proc.wait()
             log.error("embedded redis exited; starting it again", extra={"code": code})
-            await asyncio.sleep(delay)
-            try:
-                await self.start()
-                delay = REDIS_RETRY_MIN_S
-            except StartupError as exc:
-                log.error("embedded redis did not start again", extra={"error": str(exc)})
-                delay = min(delay * 2, EMBEDDED_RESTART_MAX_S)
+            while True:
+                await backoff.wait()
+                try:
+                    await self.start()
+                    break
+                except StartupError as exc:
+                    log.error("embedded redis did not start again", extra={"error": str(exc)})
+            backoff.reset()
 
     async def stop(self) -> None:
         if self.proc is not None:
