@@ -39,7 +39,6 @@ import base64
 import binascii
 import contextlib
 import contextvars
-import ctypes
 import fcntl
 import functools
 import hashlib
@@ -297,7 +296,6 @@ EMBEDDED_RESTART_MAX_S: Final = 5.0  # between tries to start again an embedded 
 UNIX_SOCKET_PATH_MAX: Final = 100
 DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
-PR_SET_PDEATHSIG: Final = 1
 
 # The Lua scripts are templates: $NAME placeholders are filled once per Store with its key prefix,
 # TTLs and caps (see lua()), so a call sends only what varies. Redis has CPU to spare; the engine
@@ -6714,17 +6712,23 @@ def redis_server_binary() -> str:
     return found
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """On Linux the embedded Redis gets SIGTERM when the engine dies, even by SIGKILL, so it never
-    outlives its engine (it still writes its AOF on the way out)."""
+# Runs as the embedded Redis's first moments, in a process of its own (single-threaded, unlike the
+# engine, where a preexec_fn is unsafe): it asks Linux for SIGTERM when its parent dies, even by
+# SIGKILL, gives up if that parent is already gone, then becomes redis-server (the request
+# survives exec), so the server never outlives its engine (it still writes its AOF on the way out).
+DIE_WITH_PARENT: Final = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dying_with_this_process(args: Sequence[str]) -> list[str]:
+    """`args` run so that the process dies with this one (Linux); as they are elsewhere."""
     if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only makes one call
-
-    def set_parent_death_signal() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return set_parent_death_signal
+        return list(args)
+    return [sys.executable, "-S", "-c", DIE_WITH_PARENT, str(os.getpid()), *args]
 
 
 async def _ping_socket(path: Path) -> bool:
@@ -6855,12 +6859,11 @@ class EmbeddedRedis:
     async def start(self) -> None:
         log_from = self._log.stat().st_size if self._log.exists() else 0
         proc = self.proc = await asyncio.create_subprocess_exec(
-            *self._args,
+            *dying_with_this_process(self._args),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal must reach the engine, not its Redis
-            preexec_fn=_die_with_parent(),
         )
         try:
             await _wait_until_serving(proc, self.sock)
