@@ -67,7 +67,7 @@ from solders.system_program import (
     transfer,
 )
 from solders.system_program import TransferParams as SolTransfer
-from solders.token.state import TokenAccount
+from solders.token.state import Mint, TokenAccount
 from solders.transaction import VersionedTransaction
 from solders.transaction_metadata import FailedTransactionMetadata
 from solders.transaction_status import InstructionErrorCustom, TransactionErrorInstructionError
@@ -4106,6 +4106,7 @@ async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
 MAKER_PRICE = 4  # WIF per USDC
 BLOCKHASH_LIFE = 150  # blocks a blockhash stays valid, as on Solana
 LOOKUP_TABLE_PROGRAM = Pubkey.from_string("AddressLookupTab1e1111111111111111111111111")
+WSOL = Pubkey.from_string(eng.WSOL_MINT)
 
 
 def tx_error_json(err: Any) -> Any:
@@ -4153,11 +4154,16 @@ class SolanaCluster:
         for key in (self.payer, self.maker, self.wallet):
             self.svm.airdrop(key.pubkey(), 10 * 10**9)
         self.usdc, self.wif = self._mint(), self._mint()
+        # The native mint, as on every cluster: SOL trades as wrapped SOL.
+        native = Mint(None, 0, 9, True, None)
+        rent = self.svm.minimum_balance_for_rent_exemption(len(bytes(native)))
+        self.svm.set_account(WSOL, Account(rent, bytes(native), TOKEN_PROGRAM_ID, False, 0))
         self.ata = {
             (who, mint): self._account(who, mint)
             for who in (self.wallet.pubkey(), self.maker.pubkey())
             for mint in (self.usdc, self.wif)
         }
+        self.ata[(self.maker.pubkey(), WSOL)] = self._account(self.maker.pubkey(), WSOL)
         self._mint_to(self.usdc, self.wallet.pubkey(), 1000 * 10**6)
         self._mint_to(self.wif, self.maker.pubkey(), 1_000_000 * 10**6)
         # The maker's accounts sit in an address lookup table, as a Jupiter route's do.
@@ -4223,6 +4229,7 @@ class SolanaCluster:
     def tokens(self) -> str:
         return orjson.dumps(
             {
+                "SOL": {"mint": str(WSOL), "decimals": 9},
                 "USDC": {"mint": str(self.usdc), "decimals": 6},
                 "WIF": {"mint": str(self.wif), "decimals": 6},
             }
@@ -4234,9 +4241,10 @@ class SolanaCluster:
         self.api_keys.append(request.headers.get("x-api-key"))
         amount_in = int(request.query["amount"])
         pair = (request.query["inputMint"], request.query["outputMint"])
-        if pair != (str(self.usdc), str(self.wif)):
+        if pair not in ((str(self.usdc), str(self.wif)), (str(WSOL), str(self.wif))):
             return web.json_response({"error": "Could not find any route"}, status=400)
-        amount_out = amount_in * MAKER_PRICE
+        # WIF per USDC, or per SOL (9 decimals in, 6 out)
+        amount_out = amount_in * MAKER_PRICE if pair[0] != str(WSOL) else amount_in * 150 // 1000
         hop = {
             "ammKey": str(self.maker.pubkey()), "label": "TestMaker", "inputMint": pair[0],
             "outputMint": pair[1], "inAmount": str(amount_in), "outAmount": str(amount_out),
@@ -4257,19 +4265,35 @@ class SolanaCluster:
         self.swaps_asked.append(body)
         quote, user = body["quoteResponse"], Pubkey.from_string(body["userPublicKey"])
         amount_in, amount_out = int(quote["inAmount"]), int(quote["outAmount"])
-        maker = self.maker.pubkey()
+        maker, sell = self.maker.pubkey(), Pubkey.from_string(quote["inputMint"])
+        source = spl.get_associated_token_address(user, sell)
         pay = spl_models.TransferParams(
-            program_id=TOKEN_PROGRAM_ID, source=spl.get_associated_token_address(user, self.usdc),
-            dest=self.ata[(maker, self.usdc)], owner=user, amount=amount_in,
+            program_id=TOKEN_PROGRAM_ID, source=source,
+            dest=self.ata[(maker, sell)], owner=user, amount=amount_in,
         )  # fmt: skip
+        wrap, unwrap = [], []
+        if sell == WSOL:  # wrapAndUnwrapSol: SOL into the wallet's wSOL account, closed after
+            wrap = [
+                spl.create_idempotent_associated_token_account(user, user, WSOL),
+                transfer(SolTransfer(from_pubkey=user, to_pubkey=source, lamports=amount_in)),
+                spl.sync_native(
+                    spl_models.SyncNativeParams(program_id=TOKEN_PROGRAM_ID, account=source)
+                ),
+            ]
+            close = spl_models.CloseAccountParams(
+                program_id=TOKEN_PROGRAM_ID, account=source, dest=user, owner=user
+            )
+            unwrap = [spl.close_account(close)]
         fill = spl_models.TransferParams(
             program_id=TOKEN_PROGRAM_ID, source=self.ata[(maker, self.wif)],
             dest=spl.get_associated_token_address(user, self.wif), owner=maker, amount=amount_out,
         )  # fmt: skip
         instructions = [
+            *wrap,
             spl.create_idempotent_associated_token_account(user, user, self.wif),
             spl.transfer(pay),
             *([spl.transfer(fill)] if self.maker_pays else []),
+            *unwrap,
             *self.hostile,
         ]
         blockhash = self.svm.latest_blockhash()
@@ -4952,3 +4976,17 @@ def test_optional_features_are_not_imported_when_off() -> None:
         cwd=Path(ENGINE_PY).parent,
     )  # fmt: skip
     assert shown.stdout.strip() == "[]"
+
+
+async def test_selling_sol_wraps_it_and_confirms_with_the_wallet_s_lamports_spent(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+) -> None:
+    wallet = cluster.wallet.pubkey()
+    lamports = cluster.svm.get_balance(wallet)
+    client = await start(solana_config(config, cluster, tmp_path))
+    body = {**SWAP, "inputToken": "SOL", "amount": 2}
+    record = await wait_status(client, await solana_order(client, body), "confirmed")
+    assert (record["amountOut"], record["finalPrice"]) == (300.0, 150.0)
+    assert cluster.balance(wallet, cluster.wif) == 300 * 10**6
+    fee = cluster.landed[record["txHash"]]["meta"]["fee"]
+    assert cluster.svm.get_balance(wallet) == lamports - 2 * 10**9 - fee  # its wSOL closed again
