@@ -4982,7 +4982,7 @@ async def test_selling_sol_wraps_it_and_confirms_with_the_wallet_s_lamports_spen
     start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
 ) -> None:
     wallet = cluster.wallet.pubkey()
-    lamports = cluster.svm.get_balance(wallet)
+    lamports = cluster.svm.get_balance(wallet) or 0
     client = await start(solana_config(config, cluster, tmp_path))
     body = {**SWAP, "inputToken": "SOL", "amount": 2}
     record = await wait_status(client, await solana_order(client, body), "confirmed")
