@@ -653,6 +653,140 @@ async def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) ->
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
+# Logging and metrics
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+# ── metrics ─────────────────────────────────────────────────────────────────────────────────────
+
+
+async def scrape(
+    client: TestClient[Any, Any],
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_orders_attempts_failures_latencies_and_levels(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", quote_errors=3)  # the first order fails all its attempts
+    client = await start(venues=[venue])
+    failed = await order_id_of(client)
+    await wait_status(client, failed, "failed")
+    confirmed = await order_id_of(client)
+    await wait_status(client, confirmed, "confirmed")
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        seen = await scrape(client)
+    assert seen[("oee_orders_total", (("dex", ""), ("status", "pending")))] == 2 + 2  # 2 retries
+    assert seen[("oee_orders_total", (("dex", "RAYDIUM"), ("status", "confirmed")))] == 1
+    assert seen[("oee_orders_total", (("dex", ""), ("status", "failed")))] == 1
+    assert seen[("oee_attempts_total", ())] == 4
+    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "false")))] == 2
+    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "true")))] == 1
+    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "error")))] == 3
+    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
+    assert seen[("oee_execution_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
+    assert seen[("oee_queue_depth", (("queue", "pending"),))] == 0
+    assert seen[("oee_queue_depth", (("queue", "failed"),))] == 1
+    assert seen[("oee_inflight_orders", ())] == 0
+    assert seen[("oee_websocket_connections", ())] == 1
+    assert seen[("oee_websocket_slow_closed_total", ())] == 0
+    assert seen[("oee_redis_errors_total", ())] == 0
+    assert seen[("oee_redis_round_trips_total", ())] > 0
+
+
+# ── tracing and logs ────────────────────────────────────────────────────────────────────────────
+
+
+async def test_an_order_is_one_trace_with_a_span_per_attempt_phase_and_venue_call(
+    start: Start,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    venue = ScriptedVenue("RAYDIUM", quote_errors=1)  # the first attempt fails: a retry
+    client = await start(venues=[venue], tracer_provider=provider)
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
+    spans = exporter.get_finished_spans()
+    assert {span.context.trace_id for span in spans} == {int(order_id.removeprefix("order_"), 16)}
+    names = sorted(span.name for span in spans)
+    assert names == sorted(
+        [
+            "order.accept",
+            "order.attempt",
+            "order.attempt",
+            "routing",
+            "routing",
+            "quote",
+            "quote",
+            "submitted",
+            "execute",
+        ]
+    )
+    attempts = _ended(exporter, "order.attempt")
+    order_span = {span.parent.span_id for span in attempts} | {
+        span.parent.span_id for span in _ended(exporter, "order.accept")
+    }
+    assert len(order_span) == 1  # both attempts and the POST hang from the order
+    by_id = {span.context.span_id: span for span in spans}
+    quote = _ended(exporter, "quote")[-1]
+    assert by_id[quote.parent.span_id].name == "routing"
+    assert quote.attributes["dex"] == "RAYDIUM"
+    execute = _ended(exporter, "execute")[0]
+    assert by_id[execute.parent.span_id].name == "submitted"
+
+
+async def test_attempts_on_two_instances_join_the_order_s_trace(
+    start: Start, config: Config
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stuck = replace(config, quote_timeout_ms=10_000, shutdown_grace_s=0.1)
+    first = await start(
+        stuck, venues=[ScriptedVenue("RAYDIUM", quote_hangs=True)], tracer_provider=provider
+    )
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "routing")
+    instances = [first.app[eng.ENGINE].instance_id]
+    await first.close()  # the attempt is cut off; its job goes back to the queue
+    second = await start(venues=[ScriptedVenue("RAYDIUM")], tracer_provider=provider)
+    instances.append(second.app[eng.ENGINE].instance_id)
+    await wait_status(second, order_id, "confirmed")
+    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
+    attempts = _ended(exporter, "order.attempt")
+    assert [span.attributes["instance"] for span in attempts] == instances
+    assert {span.context.trace_id for span in exporter.get_finished_spans()} == {
+        int(order_id.removeprefix("order_"), 16)
+    }
+
+
+def _ended(exporter: InMemorySpanExporter, name: str) -> list[Any]:
+    return [span for span in exporter.get_finished_spans() if span.name == name]
+
+
+def test_every_log_line_written_while_running_an_order_names_it() -> None:
+    record = logging.LogRecord("engine", logging.WARNING, __file__, 1, "redis away", None, None)
+    token = eng.CURRENT_ORDER.set("order_" + "e" * 32)
+    try:
+        line = orjson.loads(eng.JsonFormatter().format(record))
+    finally:
+        eng.CURRENT_ORDER.reset(token)
+    assert (line["msg"], line["orderId"]) == ("redis away", "order_" + "e" * 32)
+    assert "orderId" not in orjson.loads(eng.JsonFormatter().format(record))
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
 # State machine
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
@@ -781,6 +915,93 @@ async def test_only_the_newest_failed_orders_are_kept_past_the_ttl(
         "NO_QUOTES",
         "no venue returned a quote (RAYDIUM: pool account not found)",
     )
+
+
+# ── order history in PostgreSQL ─────────────────────────────────────────────────────────────────
+
+
+async def history_rows(url: str) -> dict[str, dict[str, Any]]:
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch("SELECT order_id, status, record FROM order_history")
+    except asyncpg.UndefinedTableError:
+        return {}
+    finally:
+        await connection.close()
+    return {
+        row["order_id"]: {"status": row["status"], **orjson.loads(row["record"])} for row in rows
+    }
+
+
+async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expired(
+    start: Start, config: Config, redis: aioredis.Redis, postgres: str
+) -> None:
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    confirmed = await order_id_of(client)
+    cancelled = await order_id_of(client, LIMIT | {"limitPrice": 1000})
+    await wait_status(client, cancelled, "waiting")
+    assert (await cancel(client, cancelled))[0] == 200
+    finished = [confirmed, cancelled]
+    await wait_status(client, confirmed, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, finished), "the history to reach PostgreSQL")
+    rows = await history_rows(postgres)
+    assert {order_id: rows[order_id]["status"] for order_id in finished} == {
+        confirmed: "confirmed",
+        cancelled: "cancelled",
+    }
+    record = await get_order(client, confirmed)
+    assert rows[confirmed] == {**record, "status": "confirmed"}
+    await redis.delete(eng.Keys(config.redis_prefix).order(confirmed))  # its TTL ran out
+    assert await get_order(client, confirmed) == record
+    assert (await client.get(f"/api/orders/order_{'0' * 32}")).status == 404
+    assert (await (await client.get("/readyz")).json()) == {
+        "status": "ready",
+        "redis": "ok",
+        "postgres": "ok",
+    }
+
+
+async def test_a_record_unfit_for_the_history_is_skipped_not_retried_forever(
+    start: Start, config: Config, redis: aioredis.Redis, postgres: str
+) -> None:
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    keys = eng.Keys(config.redis_prefix)
+    broken = "order_" + "b" * 32
+    await redis.hset(keys.order(broken), mapping={"orderId": f'"{broken}"', "createdAt": '"soon"'})
+    await redis.lpush(keys.outbox, broken)
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [order_id]), "the good record to be written")
+    assert broken not in await history_rows(postgres)
+    await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
+
+
+async def _has_rows(url: str, order_ids: list[str]) -> bool:
+    return set(order_ids) <= set(await history_rows(url))
+
+
+async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
+    start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
+) -> None:
+    name = f"t{secrets.token_hex(4)}"  # a database that does not exist yet: PostgreSQL is "down"
+    url = database_url(postgres_server, name)
+    client = await start(replace(config, database_url=url), venues=[ScriptedVenue("RAYDIUM")])
+    order_ids = [await order_id_of(client) for _ in range(5)]
+    for order_id in order_ids:
+        await wait_status(client, order_id, "confirmed")  # orders do not wait for PostgreSQL
+    ready = await client.get("/readyz")
+    assert (ready.status, (await ready.json())["postgres"]) == (503, "unavailable")
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f"CREATE DATABASE {name}")  # PostgreSQL is back
+    try:
+        await wait_for(lambda: _has_rows(url, order_ids), "the held history to be written")
+        keys = eng.Keys(config.redis_prefix)
+        await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1260,2841 +1481,6 @@ async def test_when_no_attempt_succeeds_the_order_fails_once_with_its_reason(
     )
     assert {e["orderId"] for e in after} == {marker}
     assert len(venue.executions) == 4 + given_back
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# Engine: retries, recovery, shutdown, Redis trouble
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
-async def test_a_retry_waits_in_redis_and_survives_a_restart(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    slow_retries = replace(config, retry_base_ms=60_000)
-    first = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
-    order_id = await order_id_of(first)
-    delayed = eng.Keys(config.redis_prefix).delayed
-    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
-    record = await get_order(first, order_id)
-    await first.close()
-    assert (record["status"], record["code"], record["attempts"]) == ("pending", "NO_QUOTES", 1)
-    # The back-off lives in the sorted set, so a new engine finds it; its clock says it is due.
-    second = await start(slow_retries, clock=lambda: time.time() + 120)
-    record = await wait_status(second, order_id, "confirmed")
-    assert record["attempts"] == 2
-    assert [h["status"] for h in record["history"]].count("pending") == 2
-
-
-async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    instance = client.app[eng.ENGINE].instance_id
-    keys = eng.Keys(config.redis_prefix)
-    busy = await order_id_of(client)
-    await wait_status(client, busy, "submitted")
-    waiting = await order_id_of(client)  # the only worker is busy, so this stays pending
-    # What a BLMOVE whose reply was lost leaves behind: the job in our list, no worker on it.
-    assert await redis.lmove(keys.pending, keys.processing(instance), "RIGHT", "LEFT") == waiting
-    held.set()
-    record = await wait_status(client, waiting, "confirmed")
-    assert record["attempts"] == 1
-    assert await redis.llen(keys.processing(instance)) == 0
-
-
-async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_job(
-    config: Config, redis: aioredis.Redis, redis_server: RedisServer
-) -> None:
-    store = eng.Store(redis, config, time.time)
-    keys, zombie = store.keys, "stalled-host-1-abcdef"
-    await redis.sadd(keys.instances, zombie)  # listed, heartbeat long gone
-    await redis.lpush(keys.processing(zombie), "order_a", "order_b")
-    # The stalled instance's fetcher is still blocked in Redis, waiting for a pending job.
-    blocked = aioredis.from_url(redis_server.url, decode_responses=True)
-    pop: asyncio.Task[Any] = asyncio.create_task(
-        cast(Any, blocked.blmove(keys.pending, keys.processing(zombie), 5, "RIGHT", "LEFT"))
-    )
-    await wait_for(lambda: _blocked_clients(redis), "the stalled pop to block")
-    assert await store.recover(zombie, only_if_dead=True) == 2
-    assert await pop in {"order_a", "order_b"}  # Redis served it one of the jobs handed back
-    assert zombie in await redis.smembers(keys.instances)  # so it is not forgotten yet
-    assert await store.recover(zombie, only_if_dead=True) == 1  # and the job comes back
-    assert sorted(await redis.lrange(keys.pending, 0, -1)) == ["order_a", "order_b"]
-    await redis.zadd(keys.dead, {zombie: time.time() - eng.DEAD_GRACE_S - 1})
-    assert await store.recover(zombie, only_if_dead=True) == 0
-    assert zombie not in await redis.smembers(keys.instances)  # dead long enough: forgotten
-    assert not await redis.exists(keys.dead)
-    await blocked.aclose()
-
-
-async def _blocked_clients(redis: aioredis.Redis) -> bool:
-    return bool((await redis.info("clients"))["blocked_clients"] > 0)
-
-
-async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    busy = replace(config, concurrency=1, shutdown_grace_s=0.1)
-    a = await start(busy, venues=[ScriptedVenue("RAYDIUM", gate=held)])
-    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
-    pending = eng.Keys(config.redis_prefix).pending
-    order_id = await order_id_of(a)
-    await wait_status(a, order_id, "submitted")
-    b = await start()
-    # A's heartbeat lapsed for a moment and its job was recovered; only B has a free worker.
-    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
-    await wait_for(lambda: _has_job(redis, a_jobs, order_id), "the job to go back to A's list")
-    assert await redis.llen(pending) == 0
-    await a.close()  # A goes away for good: its list, job included, is handed back
-    record = await wait_status(b, order_id, "confirmed")
-    # A shut down cleanly: taking its order over is no recovery, and its attempt is given back.
-    assert (record["recoveries"], record["attempts"], record["attemptsGivenBack"]) == (0, 1, 1)
-
-
-async def test_a_duplicate_never_removes_the_last_job_of_an_order(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    a = await start(
-        replace(config, shutdown_grace_s=0.1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
-    pending = eng.Keys(config.redis_prefix).pending
-    order_id = await order_id_of(a)
-    await wait_status(a, order_id, "submitted")
-    # The job was recovered while A's heartbeat lapsed, and A's own fetcher takes it back.
-    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
-    await wait_for(lambda: _queue_empty(redis, config), "A to take the job back")
-    assert await _has_job(redis, a_jobs, order_id)  # the only copy stays where it belongs
-    await a.close()
-    b = await start()
-    await wait_status(b, order_id, "confirmed")
-
-
-async def _has_job(redis: aioredis.Redis, jobs: str, order_id: str) -> bool:
-    return await redis.lpos(jobs, order_id) is not None
-
-
-async def test_a_duplicate_job_for_an_order_in_flight_is_dropped(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
-    client = await start(venues=[venue])
-    async with client.ws_connect("/ws?userId=1") as ws:
-        order_id = await order_id_of(client)
-        await wait_status(client, order_id, "submitted")
-        await redis.rpush(eng.Keys(config.redis_prefix).pending, order_id)
-        await wait_for(lambda: _queue_empty(redis, config), "duplicate taken off the queue")
-        held.set()
-        events = await events_until_done(ws, order_id)
-        marker = await order_id_of(client)
-        later = await events_until_done(ws, marker)
-    assert statuses(events, order_id) == HAPPY_PATH
-    assert {e["orderId"] for e in later} == {marker}
-    assert len(venue.executions) == 2  # the order once, the marker once
-
-
-async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
-    return await redis.llen(eng.Keys(config.redis_prefix).pending) == 0
-
-
-async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001(
-    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="engine")
-    held = asyncio.Event()
-    first = await start(
-        replace(config, shutdown_grace_s=0.3), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    engine = first.app[eng.ENGINE]
-    watcher = ClientSession()  # its own session: closing the test client must not close the socket
-    ws = await watcher.ws_connect(first.make_url("/ws?userId=1"))
-    order_id = await order_id_of(first)
-    await wait_status(first, order_id, "submitted")
-    drain = asyncio.create_task(engine.drain())
-    await wait_for(lambda: engine.draining, "draining")
-    status, reply = await post(first)
-    assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
-        503,
-        "SHUTTING_DOWN",
-        True,
-    )
-    ready = await first.get("/readyz")
-    assert (ready.status, (await ready.json())["status"]) == (503, "draining")
-    await drain  # the grace ran out with the order still in the venue
-    keys = eng.Keys(config.redis_prefix)
-    assert await redis.lrange(keys.pending, 0, -1) == [order_id]
-    assert not await redis.exists(keys.heartbeat(engine.instance_id))
-    await first.close()
-    seen = []
-    while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
-        seen.append(orjson.loads(message.data))
-    await watcher.close()
-    assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)
-
-    def closed() -> list[Any]:
-        return [getattr(r, "code", 0) for r in caplog.records if r.message == "websocket closed"]
-
-    await wait_for(closed, "the socket's last log line")
-    assert closed() == [1001]  # the log says what the client was sent
-    assert statuses(seen, order_id) == ["pending", "routing", "building", "submitted"]
-    second = await start()
-    record = await wait_status(second, order_id, "confirmed")
-    # The attempt the shutdown cut short is given back; the order ran again under attempt 1.
-    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
-    interrupted = [h for h in record["history"] if h.get("code") == "INTERRUPTED"]
-    assert len(interrupted) == 1
-
-
-async def test_a_transaction_that_landed_is_confirmed_even_if_its_answer_was_lost(
-    start: Start, config: Config
-) -> None:
-    venue = ScriptedVenue("RAYDIUM", land_then_hang=True)  # lands, then never answers
-    client = await start(replace(config, execution_timeout_ms=100), venues=[venue])
-    async with client.ws_connect("/ws?userId=1") as ws:
-        order_id = await order_id_of(client)
-        events = await events_until_done(ws, order_id)
-    assert statuses(events, order_id) == HAPPY_PATH  # no retry: the chain said it landed
-    submitted, confirmed = events[3], events[4]
-    assert confirmed["txHash"] == submitted["txHash"] == venue.executions[0].signature
-    assert len(venue.executions) == 1
-
-
-async def test_an_unexpected_error_after_the_swap_landed_still_confirms_it(start: Start) -> None:
-    venue = ScriptedVenue("RAYDIUM", land_then_crash=True)  # lands, then the client code breaks
-    client = await start(venues=[venue])
-    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
-    assert (record["status"], record["txHash"]) == ("confirmed", venue.executions[0].signature)
-    assert len(venue.executions) == 1
-
-
-async def test_an_order_taken_over_after_its_transaction_landed_is_not_sent_again(
-    start: Start, config: Config
-) -> None:
-    chain: dict[str, eng.TxStatus] = {}
-    lands_and_hangs = ScriptedVenue("RAYDIUM", land_then_hang=True, ledger=chain)
-    first = await start(
-        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=30_000), venues=[lands_and_hangs]
-    )
-    order_id = await order_id_of(first)
-    await wait_for(lambda: bool(chain), "the transaction to land")
-    await first.close()  # the grace runs out: the order goes back to the queue, still submitted
-    healthy = ScriptedVenue("RAYDIUM", ledger=chain)
-    second = await start(venues=[healthy])
-    record = await wait_status(second, order_id, "confirmed")
-    assert record["txHash"] == lands_and_hangs.executions[0].signature
-    assert (record["attempts"], record["recoveries"]) == (1, 0)  # handed back, not recovered
-    assert [h["status"] for h in record["history"]] == HAPPY_PATH
-    assert healthy.executions == []
-
-
-def chain_tx(config: Config, expires_at_ms: int) -> eng.SwapTx:
-    """A signed transaction for the simulated chain, with a fresh signature."""
-    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
-    quote = venue_quotes(market(), sol, usdc, 10**9)[0]
-    tx = swap_tx(quote, 10**9)
-    return replace(tx, signature=f"sig-{secrets.token_hex(8)}", expires_at_ms=expires_at_ms)
-
-
-LANDS = eng.TxStatus(True, eng.Fill("sig", 150.0, 149_000_000))
-
-
-async def test_the_chain_decides_expiry_by_its_own_clock_once_per_signature(
-    config: Config, redis: aioredis.Redis
-) -> None:
-    # Every send below read the sender's clock before it waited in a queue (the auto-pipeline, a
-    # socket, a stalled Redis): that reading says "not expired" however late the send arrives.
-    sent_at = time.time()
-    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, lambda: sent_at)
-    expires_ms = int(sent_at * 1000) + 50
-    overtaken, late, fresh = (chain_tx(config, expires_ms) for _ in range(3))
-    fresh = replace(fresh, expires_at_ms=expires_ms + 60_000)
-    assert await chain.lookup(overtaken.signature, expires_ms) is None  # it may still land
-    await wait_for(lambda: time.time() * 1000 > expires_ms + 5, "the transactions to expire")
-    # The lookup got there first and was told "expired": the send that follows never lands.
-    told = await chain.lookup(overtaken.signature, expires_ms)
-    assert told is not None
-    assert (told.landed, told.code) == (False, "TX_EXPIRED")
-    after = await chain.record(overtaken, LANDS)
-    assert (after.landed, after.code) == (False, "TX_EXPIRED")
-    # A send that arrives after the expiry does not land either, with no lookup before it.
-    assert not (await chain.record(late, LANDS)).landed
-    # One in time lands, once: a resend, or a lookup, gets that first outcome back.
-    assert (await chain.record(fresh, LANDS)).landed
-    failed = eng.TxStatus(False, code="EXECUTION_FAILED", error="x")
-    assert (await chain.record(fresh, failed)).landed
-    again = await chain.lookup(fresh.signature, fresh.expires_at_ms)
-    assert again is not None
-    assert again.landed
-    assert await landed_transactions(redis, config) == {fresh.order_id: [fresh.signature]}
-
-
-async def test_what_an_attempt_waits_on_redis_counts_however_the_wait_ends() -> None:
-    held = eng.HeldUp()
-    token = eng.HELD_UP.set(held)
-
-    async def answers_late() -> int:
-        await asyncio.sleep(0.2)  # Redis's slow answer
-        return 1
-
-    try:
-        assert await eng.persist("slow", answers_late) == 1
-        # An attempt's own timeout cuts a wait short: the wait still counts.
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(eng.persist("stalled", asyncio.Event().wait), 0.2)
-    finally:
-        eng.HELD_UP.reset(token)
-    assert held.waited_s >= 0.4
-    assert (held.by_redis(0.3), held.by_redis(1.0), held.failed) == (True, False, False)
-
-
-class HeldChain(eng.MockChain):
-    """A chain whose first send reaches Redis only when the test says: a write held in a queue
-    while the worker, its execution timed out, asks the chain what became of it."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.release = asyncio.Event()
-        self.held: list[asyncio.Task[eng.TxStatus]] = []
-
-    async def record(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
-        if self.held:
-            return await super().record(tx, status)
-        self.held.append(asyncio.ensure_future(self._late(tx, status)))
-        return await asyncio.shield(self.held[0])  # the worker's timeout does not recall it
-
-    async def _late(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
-        await self.release.wait()
-        return await super().record(tx, status)
-
-
-async def test_a_send_held_back_past_its_expiry_never_lands_beside_the_retry(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    fast = replace(config, execution_timeout_ms=300)
-    chain = HeldChain(redis, eng.Keys(config.redis_prefix), 60, time.time)
-    client = await start(fast, venues=eng.default_venues(fast, chain))
-    order_id = await order_id_of(client)
-    # The first execution times out with its send still held; the worker waits for the chain's
-    # verdict on that signature, is told it expired, and signs a second transaction.
-    record = await wait_status(client, order_id, "confirmed")
-    chain.release.set()  # the first send reaches Redis at last, long after its expiry
-    late = await chain.held[0]
-    assert (late.landed, late.code) == (False, "TX_EXPIRED")
-    # The write that never came back in time held the attempt up: it is given back.
-    assert (record["attempts"], record["attemptsGivenBack"]) == (1, 1)
-    assert [h.get("code") for h in record["history"]].count("EXECUTION_TIMEOUT") == 1
-    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
-
-
-async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
-    start: Start, config: Config
-) -> None:
-    never = ScriptedVenue("RAYDIUM", gate=asyncio.Event())
-    first = await start(
-        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=1500), venues=[never]
-    )
-    order_id = await order_id_of(first)
-    submitted = await wait_status(first, order_id, "submitted")
-    await first.close()
-    second = await start()
-    record = await wait_status(second, order_id, "confirmed")
-    retried_at = [h["ts"] for h in record["history"] if h["status"] == "routing"][1]
-    # The first transaction could have landed until it expired; only then was a second one built.
-    assert retried_at >= submitted["txExpiresAt"]
-    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
-    assert record["txHash"] != submitted["txHash"]
-
-
-async def test_a_shutdown_whose_hand_back_redis_misses_still_counts_no_death(
-    start: Start, config: Config, own_redis: RedisServer
-) -> None:
-    server = own_redis
-    own = replace(
-        config, redis_url=server.url, shutdown_grace_s=0.2, execution_timeout_ms=300, max_attempts=1
-    )
-    first = await start(own, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
-    engine = first.app[eng.ENGINE]
-    order_id = await order_id_of(first)
-    await wait_status(first, order_id, "submitted")
-    redis = aioredis.from_url(server.url, decode_responses=True)
-    draining = asyncio.create_task(engine.drain())
-    mark = eng.Keys(config.redis_prefix).draining(engine.instance_id)
-    await wait_for(lambda: redis.exists(mark), "the drain to begin")
-    server.signal(signal.SIGSTOP)  # Redis stands still as the orders are to be handed back
-    await draining  # it gives up on the hand-back rather than hold the shutdown
-    server.signal(signal.SIGCONT)
-    await first.close()
-    # Another engine takes the order up once the first one's heartbeat is gone: a shutdown, so
-    # no death is counted and the cut-short attempt is given back (one attempt allowed).
-    second = await start(own)
-    record = await wait_status(second, order_id, "confirmed", "failed")
-    assert (record["status"], record["recoveries"], record["attemptsGivenBack"]) == (
-        "confirmed",
-        0,
-        1,
-    )
-    await second.close()
-    await redis.aclose()
-
-
-async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
-    start: Start, config: Config
-) -> None:
-    # A rolling restart whose grace is shorter than an order's execution, three times over.
-    quick = replace(config, shutdown_grace_s=0.1, execution_timeout_ms=300, max_attempts=1)
-    order_id = ""
-    for restart in range(3):
-        engine = await start(quick, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
-        order_id = order_id or await order_id_of(engine)
-
-        async def sent_again() -> bool:
-            history = (await get_order(engine, order_id))["history"]  # noqa: B023
-            return [h["status"] for h in history].count("submitted") == restart + 1  # noqa: B023
-
-        await wait_for(sent_again, "this engine to send its own transaction")
-        await engine.close()
-    record = await wait_status(await start(quick), order_id, "confirmed", "failed")
-    assert (record["status"], record["attempts"], record["recoveries"]) == ("confirmed", 1, 0)
-    assert record["attemptsGivenBack"] == 3
-
-
-@dataclass
-class PausingVenue(ScriptedVenue):
-    """A venue whose first quote stops the whole process as it begins (a long garbage
-    collection, a SIGSTOP): the event loop stands still for `pause_s`, and the quote's own
-    short wait only starts after it."""
-
-    pause_s: float = 0.0
-
-    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
-        if self.pause_s:
-            time.sleep(self.pause_s)  # noqa: ASYNC251  (the point: nothing else runs meanwhile)
-            self.pause_s = 0
-        await asyncio.sleep(0.05)
-        return await super().quote(sell, buy, amount_in)
-
-
-async def test_an_attempt_that_fails_across_a_pause_of_the_engine_is_given_back(
-    start: Start, config: Config
-) -> None:
-    one_attempt = replace(config, quote_timeout_ms=500, max_attempts=1)
-    client = await start(one_attempt, venues=[PausingVenue("RAYDIUM", pause_s=1.5)])
-    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
-    # The quote timed out only because the engine itself stood still: not the venue's fault.
-    assert (record["status"], record["attempts"], record["attemptsGivenBack"]) == (
-        "confirmed",
-        1,
-        1,
-    )
-    assert [h.get("code") for h in record["history"]].count("NO_QUOTES") == 1
-
-
-async def test_shutdown_always_finishes_even_when_loops_are_mid_command(config: Config) -> None:
-    # Stopping right after start catches the loops in the middle of Redis calls, where a single
-    # cancel can be lost (Python 3.11's wait_for, used inside redis-py).
-    for _ in range(25):
-        client = TestClient(TestServer(eng.create_app(config)))
-        await client.start_server()
-        async with asyncio.timeout(DEADLINE_S):
-            await client.close()
-
-
-async def test_two_engines_with_different_prefixes_do_not_see_each_other(
-    start: Start, config: Config
-) -> None:
-    first = await start()
-    second = await start(replace(config, redis_prefix=config.redis_prefix + "b:"))
-    async with second.ws_connect("/ws?userId=1") as ws:
-        await receive(ws)
-        order_id = await order_id_of(first)
-        await wait_status(first, order_id, "confirmed")
-        assert (await second.get(f"/api/orders/{order_id}")).status == 404
-        assert (await (await second.get("/api/orders?userId=1")).json())["orders"] == []
-        marker = await order_id_of(second)
-        events = await events_until_done(ws, marker)
-    assert {e["orderId"] for e in events} == {marker}
-
-
-async def test_redis_going_away_and_coming_back_loses_nothing(
-    start: Start, config: Config, own_redis: RedisServer
-) -> None:
-    server = own_redis
-    held = asyncio.Event()
-    client = await start(
-        replace(config, redis_url=server.url), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    try:
-        async with client.ws_connect("/ws?userId=1") as ws:
-            await receive(ws)
-            order_ids = [await order_id_of(client) for _ in range(3)]
-            for order_id in order_ids:
-                await wait_status(client, order_id, "submitted")
-            server.stop()
-            status, reply = await post(client)
-            assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
-                503,
-                "REDIS_UNAVAILABLE",
-                True,
-            )
-            assert (await client.get("/healthz")).status == 503
-            ready = await client.get("/readyz")
-            assert (ready.status, (await ready.json())["status"]) == (503, "unavailable")
-            held.set()  # the venues answer while Redis is down: workers must wait, not drop
-            server.start()
-            events = await events_until_done(ws, *order_ids)
-            after = await order_id_of(client)
-            events += await events_until_done(ws, after)
-        for order_id in order_ids:
-            assert statuses(events, order_id)[-1] == "confirmed"
-            assert statuses(events, order_id).count("confirmed") == 1
-        seqs = [e["seq"] for e in events]
-        assert seqs == sorted(set(seqs))
-        assert (await scrape(client))[("oee_redis_errors_total", ())] > 0
-    finally:
-        await client.close()
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# Event hub: WebSocket delivery
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
-async def test_a_socket_sees_connected_then_every_status_in_seq_order(start: Start) -> None:
-    client = await start()
-    async with client.ws_connect("/ws?userId=1") as ws:
-        assert await receive(ws) == {"type": "connected", "userId": "1"}
-        order_id = await order_id_of(client)
-        events = await events_until_done(ws, order_id)
-    assert statuses(events, order_id) == HAPPY_PATH
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
-    pending, confirmed = events[0], events[-1]
-    assert {k: pending[k] for k in ("type", "userId", "inputToken", "outputToken", "amount")} == {
-        "type": "order", "userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 2,
-    }  # fmt: skip
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", pending["ts"])
-    assert {"txHash", "finalPrice", "amountOut", "dex"} <= set(confirmed)
-
-
-async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "submitted")
-    async with client.ws_connect("/ws?userId=1") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        snapshot = await receive(ws)
-        assert snapshot_of(snapshot) == (order_id, "submitted")
-        held.set()
-        confirmed = await receive(ws)
-    assert (confirmed["status"], confirmed["seq"]) == ("confirmed", snapshot["seq"] + 1)
-    assert "snapshot" not in confirmed
-
-
-async def test_every_socket_of_a_user_gets_every_event_and_other_users_none(start: Start) -> None:
-    client = await start()
-    async with (
-        client.ws_connect("/ws?userId=1") as first,
-        client.ws_connect("/ws?userId=1") as second,
-        client.ws_connect("/ws?userId=2") as other,
-    ):
-        for ws in (first, second, other):
-            assert (await receive(ws))["type"] == "connected"
-        order_id = await order_id_of(client)
-        seen_first = await events_until_done(first, order_id)
-        seen_second = await events_until_done(second, order_id)
-        theirs = await order_id_of(client, {**ORDER, "userId": "2"})
-        seen_other = await events_until_done(other, theirs)
-    assert seen_first == seen_second
-    assert len(seen_first) == 5
-    assert {e["orderId"] for e in seen_other} == {theirs}  # user 1's events would have come first
-
-
-async def test_resume_with_since_replays_the_same_bytes_then_continues_live(start: Start) -> None:
-    client = await start()
-    async with client.ws_connect("/ws?userId=1") as live:
-        await receive(live)
-        first = await order_id_of(client)
-        raw = [(await live.receive()).data for _ in range(5)]
-        async with client.ws_connect("/ws?userId=1&since=2") as resumed:
-            assert (await receive(resumed))["type"] == "connected"
-            replayed = [(await resumed.receive()).data for _ in range(3)]
-            assert replayed == raw[2:]
-            second = await order_id_of(client)
-            next_live = await events_until_done(live, second)
-            next_resumed = await events_until_done(resumed, second)
-    assert next_live == next_resumed
-    assert [e["seq"] for e in next_resumed] == [6, 7, 8, 9, 10]
-    assert first != second
-
-
-async def test_resume_from_before_the_log_or_beyond_it_resyncs(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
-    done = await order_id_of(client)
-    held.set()
-    await wait_status(client, done, "confirmed")
-    held.clear()
-    open_order = await order_id_of(client)
-    await wait_status(client, open_order, "submitted")
-    # the capped log has dropped its oldest entries
-    await redis.xtrim(eng.Keys(config.redis_prefix).user_log("1"), minid="4-0", approximate=False)
-    for since in (1, 500):
-        async with client.ws_connect(f"/ws?userId=1&since={since}") as ws:
-            assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
-            snapshot = await receive(ws)
-            assert snapshot_of(snapshot) == (open_order, "submitted")
-    held.set()
-
-
-async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
-    start: Start,
-) -> None:
-    held = asyncio.Event()
-    a = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
-    b = await start()
-    a_id, b_id = a.app[eng.ENGINE].instance_id, b.app[eng.ENGINE].instance_id
-    order_ids: list[str] = []
-    async with a.ws_connect("/ws?userId=1") as on_a, b.ws_connect("/ws?userId=1") as on_b:
-        for ws in (on_a, on_b):
-            assert (await receive(ws))["type"] == "connected"
-
-        async def both_executing() -> bool:  # until each instance has taken at least one
-            order_ids.append(await order_id_of(b if len(order_ids) % 2 else a))
-            records = [await get_order(b, order_id) for order_id in order_ids]
-            return {r["instance"] for r in records} == {a_id, b_id}
-
-        await wait_for(both_executing, "both instances to take orders")
-        held.set()
-        seen_on_a = await events_until_done(on_a, *order_ids)
-        seen_on_b = await events_until_done(on_b, *order_ids)
-    assert seen_on_a == seen_on_b
-    assert [e["seq"] for e in seen_on_a] == list(range(1, len(seen_on_a) + 1))
-    executed_by = {e["instance"] for e in seen_on_a if e["status"] == "routing"}
-    assert executed_by == {a_id, b_id}
-
-
-# A small event log, and sockets closed as too slow well before they fall behind it.
-SMALL_LOG = 200
-SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40, resume_slack=80)
-
-
-async def test_resume_at_the_edge_of_the_capped_log(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    small = replace(config, concurrency=20, event_log_keep=SMALL_LOG)
-    client = await start(small, hub_limits=SMALL_LIMITS)
-    async with client.ws_connect("/ws?userId=1") as ws:
-        await receive(ws)
-
-        async def place() -> list[str]:
-            return [await order_id_of(client) for _ in range(60)]  # 300 events
-
-        placing = asyncio.create_task(place())  # read as they come, as a client keeping up
-        finished = 0
-        while finished < 60:
-            finished += (await receive(ws)).get("status") in TERMINAL
-        await placing
-    keys = eng.Keys(config.redis_prefix)
-    (first_id, _), *_ = await stream(redis, keys.user_log("1"), count=1)
-    oldest, newest = int(first_id.split("-")[0]), await integer(redis, keys.user_seq("1"))
-    assert oldest > 1  # the log was capped: its oldest events are gone ...
-    assert newest - oldest + 1 >= SMALL_LOG  # ... but at least ENGINE_EVENT_LOG_KEEP remain
-    async with client.ws_connect(f"/ws?userId=1&since={oldest - 1}") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        replayed = [await receive(ws) for _ in range(newest - oldest + 1)]
-    assert [e["seq"] for e in replayed] == list(range(oldest, newest + 1))
-    async with client.ws_connect(f"/ws?userId=1&since={oldest - 2}") as ws:
-        assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
-        marker = await order_id_of(client)
-        assert (await receive(ws))["orderId"] == marker  # nothing unfinished to snapshot
-
-
-def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """Server-to-client WebSocket frames (unmasked) as (opcode, payload)."""
-    frames, at = [], 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            (length,) = struct.unpack(">H", data[at : at + 2])
-            at += 2
-        elif length == 127:
-            (length,) = struct.unpack(">Q", data[at : at + 8])
-            at += 8
-        frames.append((opcode, data[at : at + length]))
-        at += length
-    return frames
-
-
-async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_resume_again(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=SMALL_LIMITS)
-    deep = {**ORDER, "userId": "deep"}
-    for order_id in [await order_id_of(client, deep) for _ in range(30)]:  # 150 events logged
-        await wait_status(client, order_id, "confirmed")
-    keys = eng.Keys(config.redis_prefix)
-    newest = await integer(redis, keys.user_seq("deep"))
-
-    async def keep_placing() -> None:  # the user trades on, faster than the client reads
-        while (await (await client.get("/healthz")).json())["slowWebsocketsClosed"] == 0:
-            await post(client, deep)
-
-    placing = asyncio.create_task(keep_placing())
-    seen = [newest - 110]  # resumes far back, though within the log
-    async with client.ws_connect(f"/ws?userId=deep&since={seen[0]}") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
-            seen.append(orjson.loads(message.data)["seq"])
-            await hold_fault(0.01)  # a client that reads slowly
-    await placing  # it stopped once the socket was closed: the client comes back in time
-    assert (message.type, message.data) == (WSMsgType.CLOSE, 1013)
-    assert seen[1:] == list(range(seen[0] + 1, seen[-1] + 1))
-    listed = await (await client.get("/api/orders?userId=deep&limit=100")).json()
-    for order in listed["orders"]:  # the last orders finish: a few more events
-        await wait_status(client, order["orderId"], *TERMINAL)
-    # Closed before it fell out of reach: from where it stopped, the log replays everything.
-    logged = [e["e"] for i, e in await stream(redis, keys.user_log("deep"), f"({seen[-1]}-0")]
-    async with client.ws_connect(f"/ws?userId=deep&since={seen[-1]}") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        replayed = [(await asyncio.wait_for(ws.receive(), DEADLINE_S)).data for _ in logged]
-    assert replayed == logged
-
-
-async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_reading(
-    start: Start, config: Config
-) -> None:
-    limits = replace(  # too slow when 20 behind; then cut off only once it takes nothing
-        SMALL_LIMITS,
-        unread_max=20,
-        queue_max=20,
-        resume_slack=90,  # closed 110 behind
-        cut_after_s=0.2,
-        socket_send_buffer=4096,
-    )
-    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (client.host, client.port))
-    await loop.sock_sendall(raw, upgrade_request("trickle"))
-    received = b""
-
-    def closed() -> bool:
-        _, _, frames = received.partition(b"\r\n\r\n")
-        return any(opcode == 0x8 for opcode, _ in _read_frames(frames))
-
-    async def keep_placing() -> None:  # until the socket is closed as too slow
-        while not closed():
-            await post(client, {**ORDER, "userId": "trickle"})
-
-    placing = asyncio.create_task(keep_placing())
-    async with asyncio.timeout(DEADLINE_S):
-        while chunk := await loop.sock_recv(raw, 256):  # a little at a time, well apart
-            received += chunk
-            await hold_fault(0.02)
-    placing.cancel()
-    raw.close()
-    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
-    opcode, payload = frames[-1]  # reached in full, though it took longer than cut_after_s
-    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
-
-
-def upgrade_request(user: str) -> bytes:
-    return (
-        f"GET /ws?userId={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_everything(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    limits = replace(
-        SMALL_LIMITS, unread_max=8, queue_max=8, write_buffer_max=16_384, socket_send_buffer=4096
-    )
-    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
-    slow = {**ORDER, "userId": "slow"}
-    history = [await order_id_of(client, slow) for _ in range(30)]  # 150 events already logged
-    for order_id in history:
-        await wait_status(client, order_id, "confirmed")
-
-    async def health() -> dict[str, Any]:
-        body: dict[str, Any] = await (await client.get("/healthz")).json()
-        return body
-
-    # A client with a tiny receive buffer that completes the handshake and then stops reading,
-    # never answering a ping either.
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (client.host, client.port))
-    await loop.sock_sendall(
-        raw,
-        b"GET /ws?userId=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    async with client.ws_connect("/ws?userId=fast") as fast:
-        await receive(fast)
-        await wait_for(lambda: _websockets(client, 2), "the slow client's handshake")
-
-        async def slow_socket_dropped() -> bool:
-            if (await health())["slowWebsocketsClosed"] == 1:
-                return True
-            await asyncio.gather(*(post(client, slow) for _ in range(20)))
-            return False
-
-        await wait_for(slow_socket_dropped, "the slow socket to be dropped")
-        order_id = await order_id_of(client, {**ORDER, "userId": "fast"})
-        events = await events_until_done(fast, order_id)  # the other user is served in full
-    assert statuses(events, order_id)[-1] == "confirmed"
-    # The slow client, reading at last, finds what it was sent, then the 1013 close: never more
-    # than `unread_max` events it had not answered a ping for.
-    received = b""
-    async with asyncio.timeout(DEADLINE_S):
-        while chunk := await loop.sock_recv(raw, 65536):
-            received += chunk
-    raw.close()
-    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
-    texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
-    assert texts[0] == {"type": "connected", "userId": "slow"}
-    seen = [event["seq"] for event in texts[1:]]
-    assert 0 < len(seen) <= limits.unread_max
-    opcode, payload = frames[-1]
-    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
-    await wait_for(lambda: _websockets(client, 0), "the slow socket (and the fast) to be gone")
-    # The workers never waited for the slow client: all its orders went through.
-    listed = await (await client.get("/api/orders?userId=slow&limit=100")).json()
-    for order in listed["orders"]:
-        await wait_status(client, order["orderId"], "confirmed")
-    # Its log has been capped meanwhile, yet resuming from the last event it read replays every
-    # event since, byte for byte as logged: no resync, no gap.
-    logged = await stream(redis, eng.Keys(config.redis_prefix).user_log("slow"))
-    assert int(logged[0][0].split("-")[0]) > 1
-    missed = [entry["e"] for seq_id, entry in logged if int(seq_id.split("-")[0]) > seen[-1]]
-    async with client.ws_connect(f"/ws?userId=slow&since={seen[-1]}") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        replayed = []
-        for _ in missed:
-            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
-            replayed.append(message.data)
-    assert replayed == missed
-
-
-async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
-    return bool((await (await client.get("/healthz")).json())["websockets"] == count)
-
-
-# ── cancellation ────────────────────────────────────────────────────────────────────────────────
-
-
-async def cancel(client: TestClient[Any, Any], order_id: str, user: str = "1") -> tuple[int, Any]:
-    response = await client.delete(f"/api/orders/{order_id}", params={"userId": user})
-    return response.status, await response.json()
-
-
-async def test_a_pending_order_is_cancelled_once_and_never_runs(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
-    client = await start(replace(config, concurrency=1), venues=[venue])
-    async with client.ws_connect("/ws?userId=1") as ws:
-        busy = await order_id_of(client)
-        await wait_for(lambda: venue.executions, "the first order to occupy the only worker")
-        waiting = await order_id_of(client)
-        status, record = await cancel(client, waiting)
-        assert (status, record["status"]) == (200, "cancelled")
-        assert [h["status"] for h in record["history"]] == ["pending", "cancelled"]
-        assert await cancel(client, waiting) == (200, record)  # the same answer again
-        held.set()
-        events = await events_until_done(ws, busy, waiting)
-    assert statuses(events, waiting) == ["pending", "cancelled"]
-    assert statuses(events, busy)[-1] == "confirmed"
-    assert [tx.order_id for tx in venue.executions] == [busy]
-    assert not await redis.lrange(eng.Keys(config.redis_prefix).pending, 0, -1)
-
-
-async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
-    client = await start(venues=[venue])
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "submitted")
-    status, reply = await cancel(client, order_id)
-    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
-    assert "submitted" in reply["error"]["message"]
-    held.set()
-    await wait_status(client, order_id, "confirmed")
-    status, reply = await cancel(client, order_id)
-    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
-
-
-async def test_only_the_owner_can_cancel(start: Start) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
-    order_id = await order_id_of(client)
-    assert (await cancel(client, order_id, user="2"))[0] == 404
-    assert (await cancel(client, "order_" + "0" * 32))[0] == 404
-    assert (await cancel(client, "nonsense"))[0] == 404
-    response = await client.delete(f"/api/orders/{order_id}")
-    assert (response.status, (await response.json())["error"]["code"]) == (400, "MISSING_FIELD")
-    held.set()
-    assert (await wait_status(client, order_id, "confirmed"))["status"] == "confirmed"
-
-
-async def test_an_order_cancelled_while_routing_is_never_sent(start: Start, config: Config) -> None:
-    quoting = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", quote_gate=quoting)
-    client = await start(replace(config, quote_timeout_ms=10_000), venues=[venue])
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "routing")
-    status, record = await cancel(client, order_id)
-    assert (status, record["status"]) == (200, "cancelled")
-    quoting.set()  # the worker gets its quote and tries to go on to building
-    await wait_for(lambda: _no_job(client), "the worker to drop the cancelled order's job")
-    assert (await get_order(client, order_id))["status"] == "cancelled"
-    assert venue.executions == []
-
-
-async def _no_job(client: TestClient[Any, Any]) -> bool:
-    health = await (await client.get("/healthz")).json()
-    return bool(health["inflight"] == 0 and health["queue"]["processing"] == 0)
-
-
-async def test_cancels_racing_workers_never_leave_a_cancellation_and_a_fill(
-    start: Start, config: Config
-) -> None:
-    venue = ScriptedVenue("RAYDIUM")
-    client = await start(replace(config, concurrency=20), venues=[venue])
-
-    rng = random.Random(5)
-
-    async def post_then_cancel(index: int) -> tuple[str, tuple[int, Any]]:
-        for _ in range(index):  # spread the orders out over the loop's turns
-            await asyncio.sleep(0)
-        order_id = await order_id_of(client)
-        for _ in range(rng.randrange(400)):  # then cancel it a few turns later, at any stage
-            await asyncio.sleep(0)
-        return order_id, await cancel(client, order_id)
-
-    posted = await asyncio.gather(*(post_then_cancel(i) for i in range(100)))
-    order_ids = [order_id for order_id, _ in posted]
-    answers = [answer for _, answer in posted]
-    records = [await wait_status(client, i, "confirmed", "cancelled") for i in order_ids]
-    sent = [tx.order_id for tx in venue.executions]
-    for (status, reply), record in zip(answers, records, strict=True):
-        terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL]
-        assert len(terminal) == 1, record["history"]
-        if status == 200:
-            assert record["status"] == "cancelled"
-            assert record["orderId"] not in sent
-        else:
-            assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
-            assert record["status"] == "confirmed"
-            assert sent.count(record["orderId"]) == 1
-
-
-# ── authentication and limits ───────────────────────────────────────────────────────────────────
-
-SECRET = "s" * 32
-
-
-def token(user: str = "1", key: Any = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
-    body = {"sub": user, "exp": int(time.time()) + 600, **claims}
-    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {value}"}
-
-
-def unsigned(header: dict[str, Any], claims: Any = None) -> str:
-    """A token of any header and claims, signature not checked first (anyone can make one)."""
-
-    def part(value: Any) -> str:
-        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
-
-    return f"{part(header)}.{part(claims or {})}.AAAA"
-
-
-@pytest.mark.parametrize(
-    ("headers", "code"),
-    [
-        ({}, "AUTH_REQUIRED"),
-        ({"Authorization": "Basic dXNlcjpwYXNz"}, "TOKEN_INVALID"),
-        (bearer("not-a-jwt"), "TOKEN_INVALID"),
-        (bearer(token(exp=int(time.time()) - 60)), "TOKEN_EXPIRED"),
-        (bearer(token(key="t" * 32)), "TOKEN_INVALID_SIGNATURE"),
-        (bearer(token(sub=None)), "TOKEN_INVALID"),
-        (bearer(token(exp=None)), "TOKEN_INVALID"),
-        (bearer(token(user="bad user")), "TOKEN_INVALID"),
-        (
-            bearer(jwt.encode({"sub": "1", "exp": 2**40}, cast(str, None), algorithm="none")),
-            "TOKEN_INVALID",
-        ),
-        (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
-        (bearer(token(nbf="0")), "TOKEN_INVALID"),
-        (bearer(token(exp=True)), "TOKEN_INVALID"),  # a boolean, not a time (not 1 s past 1970)
-        # a header naming extensions the server must know, checked before the signature: the
-        # answer names none of them (they could carry anything, line breaks included)
-        (
-            bearer(unsigned({"alg": "HS256", "crit": ["zq7secret\r\nX-Injected: 1"]})),
-            "TOKEN_INVALID",
-        ),
-        (bearer("ey\u00ff.e30.AAAA"), "TOKEN_INVALID"),  # not base64url
-    ],
-)
-async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
-    start: Start, config: Config, headers: dict[str, str], code: str
-) -> None:
-    client = await start(replace(config, jwt_secret=SECRET))
-    for method, path in [("POST", "/api/orders/execute"), ("GET", "/api/orders"), ("GET", "/ws")]:
-        response = await client.request(method, path, json=ORDER, headers=headers)
-        assert response.status == 401, (method, path)
-        assert (await response.json())["error"]["code"] == code
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        assert "zq7secret" not in str(response.headers) + await response.text()
-
-
-async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
-    start: Start, config: Config
-) -> None:
-    client = await start(replace(config, jwt_secret=SECRET), venues=[ScriptedVenue("RAYDIUM")])
-    alice, bob = bearer(token("alice")), bearer(token("bob"))
-    body = {k: v for k, v in ORDER.items() if k != "userId"}
-    response = await client.post("/api/orders/execute", json=body, headers=alice)
-    assert response.status == 202
-    order_id = (await response.json())["orderId"]
-    mismatch = await client.post(
-        "/api/orders/execute", json={**body, "userId": "bob"}, headers=alice
-    )
-    assert (mismatch.status, (await mismatch.json())["error"]["code"]) == (403, "USER_MISMATCH")
-    record = await (await client.get(f"/api/orders/{order_id}", headers=alice)).json()
-    assert record["userId"] == "alice"
-    assert (await client.get(f"/api/orders/{order_id}", headers=bob)).status == 404
-    assert (await client.delete(f"/api/orders/{order_id}", headers=bob)).status == 404
-    assert (await client.get("/api/orders?userId=alice", headers=bob)).status == 403
-    listed = await (await client.get("/api/orders", headers=alice)).json()
-    assert [o["orderId"] for o in listed["orders"]] == [order_id]
-    assert (await client.get("/ws?userId=alice", headers=bob)).status == 403
-    async with client.ws_connect("/ws", headers=alice) as ws:
-        assert await receive(ws) == {"type": "connected", "userId": "alice"}
-    async with client.ws_connect(f"/ws?token={token('bob')}") as ws:  # browsers cannot set headers
-        assert await receive(ws) == {"type": "connected", "userId": "bob"}
-
-
-@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
-async def test_a_public_key_verifies_rs256_and_es256_tokens(
-    start: Start, config: Config, tmp_path: Path, algorithm: str
-) -> None:
-    private = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if algorithm == "RS256"
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    pem = private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    (tmp_path / "key.pem").write_bytes(pem)
-    loaded = Config.load({"ENGINE_JWT_PUBLIC_KEY": str(tmp_path / "key.pem")})
-    client = await start(replace(config, jwt_public_key=loaded.jwt_public_key))
-    good = await client.get("/api/orders", headers=bearer(token("1", private, algorithm)))
-    assert good.status == 200
-    forged = await client.get("/api/orders", headers=bearer(token("1")))  # HS256 with a secret
-    assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
-
-
-async def test_a_token_expired_within_the_clock_skew_opens_no_socket(
-    start: Start, config: Config
-) -> None:
-    client = await start(replace(config, jwt_secret=SECRET))
-    just_expired = bearer(token(exp=int(time.time()) - 2))  # inside the 5 s allowance
-    assert (await post(client, ORDER, **just_expired))[0] == 202  # a request is served ...
-    response = await client.get("/ws", headers=just_expired)  # ... a socket would end at once
-    assert (response.status, (await response.json())["error"]["code"]) == (401, "TOKEN_EXPIRED")
-
-
-async def test_a_websocket_is_closed_4001_when_its_token_expires(
-    start: Start, config: Config
-) -> None:
-    client = await start(replace(config, jwt_secret=SECRET))
-    expires = int(time.time()) + 2  # JWTs count whole seconds
-    async with client.ws_connect("/ws", headers=bearer(token(exp=expires))) as ws:
-        assert (await receive(ws))["type"] == "connected"
-        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
-        closed_at = time.time()
-    assert (message.type, message.data) == (WSMsgType.CLOSE, 4001)
-    assert closed_at >= expires
-
-
-async def test_a_token_that_never_expires_is_taken(start: Start, config: Config) -> None:
-    client = await start(replace(config, jwt_secret=SECRET))
-    forever = bearer(token(exp=10**400))  # past any float; still a number
-    assert (await post(client, ORDER, **forever))[0] == 202
-    async with client.ws_connect("/ws", headers=forever) as ws:
-        assert (await receive(ws))["type"] == "connected"
-
-
-async def test_without_a_key_the_engine_says_it_is_open(
-    start: Start, config: Config, caplog: pytest.LogCaptureFixture
-) -> None:
-    await start()
-    assert any("authentication off" in r.message for r in caplog.records)
-    caplog.clear()
-    await start(replace(config, jwt_secret=SECRET))
-    assert not any("authentication off" in r.message for r in caplog.records)
-
-
-def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret() -> None:
-    with pytest.raises(eng.ConfigError, match=r"at least 32 bytes .*, got <hidden>$"):
-        Config.load({"ENGINE_JWT_SECRET": "short"})
-    with pytest.raises(eng.ConfigError, match="ENGINE_JWT_PUBLIC_KEY must be a PEM"):
-        Config.load({"ENGINE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnope"})
-    pem = (
-        ec.generate_private_key(ec.SECP256R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    with pytest.raises(eng.ConfigError, match="not both"):
-        Config.load({"ENGINE_JWT_SECRET": SECRET, "ENGINE_JWT_PUBLIC_KEY": pem})
-
-
-async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_instance(
-    start: Start, config: Config
-) -> None:
-    limited = replace(config, rate_limit_per_min=3)
-    first = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
-    second = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
-    answers = [await post(first), await post(second), await post(first), await post(second)]
-    assert [status for status, _ in answers] == [202, 202, 202, 429]  # one bucket for both
-    response = await first.post("/api/orders/execute", json=ORDER)
-    assert response.status == 429
-    reply = await response.json()
-    assert (reply["error"]["code"], reply["error"]["retryable"]) == ("RATE_LIMITED", True)
-    assert 1 <= int(response.headers["Retry-After"]) <= 20  # a token every 20 s
-    assert (await post(first, {**ORDER, "userId": "2"}))[0] == 202  # other users are not held up
-
-
-# ── metrics ─────────────────────────────────────────────────────────────────────────────────────
-
-
-async def scrape(
-    client: TestClient[Any, Any],
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(await response.text())
-        for sample in family.samples
-    }
-
-
-async def test_metrics_count_orders_attempts_failures_latencies_and_levels(
-    start: Start, config: Config
-) -> None:
-    venue = ScriptedVenue("RAYDIUM", quote_errors=3)  # the first order fails all its attempts
-    client = await start(venues=[venue])
-    failed = await order_id_of(client)
-    await wait_status(client, failed, "failed")
-    confirmed = await order_id_of(client)
-    await wait_status(client, confirmed, "confirmed")
-    async with client.ws_connect("/ws?userId=1") as ws:
-        await receive(ws)
-        seen = await scrape(client)
-    assert seen[("oee_orders_total", (("dex", ""), ("status", "pending")))] == 2 + 2  # 2 retries
-    assert seen[("oee_orders_total", (("dex", "RAYDIUM"), ("status", "confirmed")))] == 1
-    assert seen[("oee_orders_total", (("dex", ""), ("status", "failed")))] == 1
-    assert seen[("oee_attempts_total", ())] == 4
-    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "false")))] == 2
-    assert seen[("oee_failures_total", (("code", "NO_QUOTES"), ("final", "true")))] == 1
-    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "error")))] == 3
-    assert seen[("oee_quote_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
-    assert seen[("oee_execution_seconds_count", (("dex", "RAYDIUM"), ("outcome", "ok")))] == 1
-    assert seen[("oee_queue_depth", (("queue", "pending"),))] == 0
-    assert seen[("oee_queue_depth", (("queue", "failed"),))] == 1
-    assert seen[("oee_inflight_orders", ())] == 0
-    assert seen[("oee_websocket_connections", ())] == 1
-    assert seen[("oee_websocket_slow_closed_total", ())] == 0
-    assert seen[("oee_redis_errors_total", ())] == 0
-    assert seen[("oee_redis_round_trips_total", ())] > 0
-
-
-# ── tracing and logs ────────────────────────────────────────────────────────────────────────────
-
-
-async def test_an_order_is_one_trace_with_a_span_per_attempt_phase_and_venue_call(
-    start: Start,
-) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    venue = ScriptedVenue("RAYDIUM", quote_errors=1)  # the first attempt fails: a retry
-    client = await start(venues=[venue], tracer_provider=provider)
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "confirmed")
-    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
-    spans = exporter.get_finished_spans()
-    assert {span.context.trace_id for span in spans} == {int(order_id.removeprefix("order_"), 16)}
-    names = sorted(span.name for span in spans)
-    assert names == sorted(
-        [
-            "order.accept",
-            "order.attempt",
-            "order.attempt",
-            "routing",
-            "routing",
-            "quote",
-            "quote",
-            "submitted",
-            "execute",
-        ]
-    )
-    attempts = _ended(exporter, "order.attempt")
-    order_span = {span.parent.span_id for span in attempts} | {
-        span.parent.span_id for span in _ended(exporter, "order.accept")
-    }
-    assert len(order_span) == 1  # both attempts and the POST hang from the order
-    by_id = {span.context.span_id: span for span in spans}
-    quote = _ended(exporter, "quote")[-1]
-    assert by_id[quote.parent.span_id].name == "routing"
-    assert quote.attributes["dex"] == "RAYDIUM"
-    execute = _ended(exporter, "execute")[0]
-    assert by_id[execute.parent.span_id].name == "submitted"
-
-
-async def test_attempts_on_two_instances_join_the_order_s_trace(
-    start: Start, config: Config
-) -> None:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    stuck = replace(config, quote_timeout_ms=10_000, shutdown_grace_s=0.1)
-    first = await start(
-        stuck, venues=[ScriptedVenue("RAYDIUM", quote_hangs=True)], tracer_provider=provider
-    )
-    order_id = await order_id_of(first)
-    await wait_status(first, order_id, "routing")
-    instances = [first.app[eng.ENGINE].instance_id]
-    await first.close()  # the attempt is cut off; its job goes back to the queue
-    second = await start(venues=[ScriptedVenue("RAYDIUM")], tracer_provider=provider)
-    instances.append(second.app[eng.ENGINE].instance_id)
-    await wait_status(second, order_id, "confirmed")
-    await wait_for(lambda: len(_ended(exporter, "order.attempt")) == 2, "both attempts to end")
-    attempts = _ended(exporter, "order.attempt")
-    assert [span.attributes["instance"] for span in attempts] == instances
-    assert {span.context.trace_id for span in exporter.get_finished_spans()} == {
-        int(order_id.removeprefix("order_"), 16)
-    }
-
-
-def _ended(exporter: InMemorySpanExporter, name: str) -> list[Any]:
-    return [span for span in exporter.get_finished_spans() if span.name == name]
-
-
-def test_every_log_line_written_while_running_an_order_names_it() -> None:
-    record = logging.LogRecord("engine", logging.WARNING, __file__, 1, "redis away", None, None)
-    token = eng.CURRENT_ORDER.set("order_" + "e" * 32)
-    try:
-        line = orjson.loads(eng.JsonFormatter().format(record))
-    finally:
-        eng.CURRENT_ORDER.reset(token)
-    assert (line["msg"], line["orderId"]) == ("redis away", "order_" + "e" * 32)
-    assert "orderId" not in orjson.loads(eng.JsonFormatter().format(record))
-
-
-# ── order history in PostgreSQL ─────────────────────────────────────────────────────────────────
-
-
-async def history_rows(url: str) -> dict[str, dict[str, Any]]:
-    connection = await asyncpg.connect(url)
-    try:
-        rows = await connection.fetch("SELECT order_id, status, record FROM order_history")
-    except asyncpg.UndefinedTableError:
-        return {}
-    finally:
-        await connection.close()
-    return {
-        row["order_id"]: {"status": row["status"], **orjson.loads(row["record"])} for row in rows
-    }
-
-
-async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expired(
-    start: Start, config: Config, redis: aioredis.Redis, postgres: str
-) -> None:
-    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    confirmed = await order_id_of(client)
-    cancelled = await order_id_of(client, LIMIT | {"limitPrice": 1000})
-    await wait_status(client, cancelled, "waiting")
-    assert (await cancel(client, cancelled))[0] == 200
-    finished = [confirmed, cancelled]
-    await wait_status(client, confirmed, "confirmed")
-    await wait_for(lambda: _has_rows(postgres, finished), "the history to reach PostgreSQL")
-    rows = await history_rows(postgres)
-    assert {order_id: rows[order_id]["status"] for order_id in finished} == {
-        confirmed: "confirmed",
-        cancelled: "cancelled",
-    }
-    record = await get_order(client, confirmed)
-    assert rows[confirmed] == {**record, "status": "confirmed"}
-    await redis.delete(eng.Keys(config.redis_prefix).order(confirmed))  # its TTL ran out
-    assert await get_order(client, confirmed) == record
-    assert (await client.get(f"/api/orders/order_{'0' * 32}")).status == 404
-    assert (await (await client.get("/readyz")).json()) == {
-        "status": "ready",
-        "redis": "ok",
-        "postgres": "ok",
-    }
-
-
-async def test_a_record_unfit_for_the_history_is_skipped_not_retried_forever(
-    start: Start, config: Config, redis: aioredis.Redis, postgres: str
-) -> None:
-    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    keys = eng.Keys(config.redis_prefix)
-    broken = "order_" + "b" * 32
-    await redis.hset(keys.order(broken), mapping={"orderId": f'"{broken}"', "createdAt": '"soon"'})
-    await redis.lpush(keys.outbox, broken)
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "confirmed")
-    await wait_for(lambda: _has_rows(postgres, [order_id]), "the good record to be written")
-    assert broken not in await history_rows(postgres)
-    await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
-
-
-async def _has_rows(url: str, order_ids: list[str]) -> bool:
-    return set(order_ids) <= set(await history_rows(url))
-
-
-async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
-    start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
-) -> None:
-    name = f"t{secrets.token_hex(4)}"  # a database that does not exist yet: PostgreSQL is "down"
-    url = database_url(postgres_server, name)
-    client = await start(replace(config, database_url=url), venues=[ScriptedVenue("RAYDIUM")])
-    order_ids = [await order_id_of(client) for _ in range(5)]
-    for order_id in order_ids:
-        await wait_status(client, order_id, "confirmed")  # orders do not wait for PostgreSQL
-    ready = await client.get("/readyz")
-    assert (ready.status, (await ready.json())["postgres"]) == (503, "unavailable")
-    admin = await asyncpg.connect(postgres_server)
-    await admin.execute(f"CREATE DATABASE {name}")  # PostgreSQL is back
-    try:
-        await wait_for(lambda: _has_rows(url, order_ids), "the held history to be written")
-        keys = eng.Keys(config.redis_prefix)
-        await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
-        assert (await client.get("/readyz")).status == 200
-    finally:
-        await client.close()
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
-
-
-# ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
-
-LIMIT = {**ORDER, "type": "limit", "limitPrice": 105, "expiresInS": 600}  # ORDER sells 2 SOL
-
-
-def sniper(trigger: str, **more: Any) -> dict[str, Any]:
-    return {**ORDER, "type": "sniper", "trigger": trigger, "expiresInS": 600, **more}
-
-
-async def test_a_limit_order_that_is_marketable_fills_at_once_no_worse_than_its_limit(
-    start: Start,
-) -> None:
-    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])  # pays 99.7 after fees
-    async with client.ws_connect("/ws?userId=1") as ws:
-        order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99.5})
-        events = await events_until_done(ws, order_id)
-    assert statuses(events, order_id) == HAPPY_PATH
-    assert (events[0]["type"], events[0]["orderType"], events[0]["limitPrice"]) == (
-        "order",
-        "limit",
-        99.5,
-    )
-    building = next(e for e in events if e["status"] == "building")
-    assert building["minAmountOut"] >= 2 * 99.5
-    assert events[-1]["amountOut"] >= 2 * 99.5
-
-
-async def test_a_limit_order_waits_until_its_price_is_there(start: Start) -> None:
-    venue = ScriptedVenue("RAYDIUM", price=100.0)
-    client = await start(venues=[venue])
-    async with client.ws_connect("/ws?userId=1") as ws:
-        order_id = await order_id_of(client, LIMIT)
-        waiting = await wait_status(client, order_id, "waiting")
-        assert waiting["attempts"] == 0  # checking the price used up no attempt
-        async with client.ws_connect("/ws?userId=1") as late:  # a waiting order is unfinished
-            assert (await receive(late))["type"] == "connected"
-            assert snapshot_of(await receive(late)) == (order_id, "waiting")
-        venue.price = 110.0  # the market moves up past the limit
-        events = await events_until_done(ws, order_id)
-    assert statuses(events, order_id) == ["pending", "routing", "waiting", *HAPPY_PATH[1:]]
-    wait_event = next(e for e in events if e["status"] == "waiting")
-    assert wait_event["bestPrice"] == pytest.approx(99.7)
-    assert (events[-1]["status"], events[-1]["attempt"]) == ("confirmed", 1)
-    assert events[-1]["amountOut"] >= 2 * 105
-    assert [tx.order_id for tx in venue.executions] == [order_id]
-
-
-async def test_a_waiting_order_that_runs_out_of_time_fails_with_expired(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
-    order_id = await order_id_of(client, {**LIMIT, "expiresInS": 1})
-    record = await wait_status(client, order_id, "failed")
-    assert (record["code"], record["attempts"]) == ("EXPIRED", 0)
-    assert [h["status"] for h in record["history"]] == ["pending", "routing", "waiting", "failed"]
-    keys = eng.Keys(config.redis_prefix)
-    assert await redis.zcard(keys.expiring) == 0
-    assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
-
-
-@pytest.mark.parametrize(
-    ("trigger", "start_price", "moved_price"),
-    [("priceAbove", 100.0, 125.0), ("priceBelow", 100.0, 85.0)],
-)
-async def test_a_sniper_order_fires_when_the_price_crosses_its_trigger(
-    start: Start, trigger: str, start_price: float, moved_price: float
-) -> None:
-    venue = ScriptedVenue("RAYDIUM", price=start_price)
-    client = await start(venues=[venue])
-    threshold = 120 if trigger == "priceAbove" else 90
-    order_id = await order_id_of(client, sniper(trigger, triggerPrice=threshold))
-    record = await wait_status(client, order_id, "waiting")
-    assert [h["status"] for h in record["history"]] == ["pending", "waiting"]
-    assert (record["trigger"], record["triggerPrice"]) == (trigger, threshold)
-    venue.price = moved_price
-    record = await wait_status(client, order_id, "confirmed")
-    assert [h["status"] for h in record["history"]][-4:] == HAPPY_PATH[1:]
-    assert record["finalPrice"] == moved_price
-
-
-async def test_a_sniper_order_fires_when_its_pair_is_listed(start: Start) -> None:
-    venue = ScriptedVenue("RAYDIUM", listed=False)
-    client = await start(venues=[venue])
-    order_id = await order_id_of(client, sniper("listing"))
-    await wait_status(client, order_id, "waiting")
-    assert venue.executions == []
-    venue.listed = True  # a pool for the pair appears
-    record = await wait_status(client, order_id, "confirmed")
-    assert record["trigger"] == "listing"
-
-
-async def test_a_simulated_listing_fires_waiting_sniper_orders(
-    start: Start, config: Config
-) -> None:
-    listing = {"dex": "METEORA", "base": "BONK", "quote": "JUP", "atS": 1, "valueUsd": 2_000_000}
-    client = await start(
-        replace(config, dex_listings=(eng._listings(orjson.dumps([listing]).decode())))
-    )
-    body = sniper("listing", inputToken="JUP", outputToken="BONK", amount=100)
-    order_id = await order_id_of(client, body)
-    await wait_status(client, order_id, "waiting")
-    record = await wait_status(client, order_id, "confirmed")
-    assert [leg["pool"] for leg in record["routePlan"]] == ["meteora-launch-BONK-JUP"]
-
-
-async def test_one_price_move_fires_every_waiting_order_once_across_instances(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    venues = [ScriptedVenue("RAYDIUM", price=100.0), ScriptedVenue("RAYDIUM", price=100.0)]
-    busy = replace(config, concurrency=50)
-    first, _second = await start(busy, venues=[venues[0]]), await start(busy, venues=[venues[1]])
-    order_ids = await asyncio.gather(*(order_id_of(first, LIMIT) for _ in range(400)))
-    trigger_set = eng.Keys(config.redis_prefix).triggers("up", "SOL", "USDC")
-    await wait_for(lambda: _count_is(redis.zcard(trigger_set), 400), "every order to wait")
-    for venue in venues:
-        venue.price = 110.0
-    await wait_for(lambda: _all_confirmed(first, order_ids), "every order to be filled")
-    executed = [tx.order_id for venue in venues for tx in venue.executions]
-    assert sorted(executed) == sorted(order_ids)  # each once, whichever instance ran it
-    assert await redis.zcard(trigger_set) == 0
-
-
-async def _count_is(count: Awaitable[int], expected: int) -> bool:
-    return await count == expected
-
-
-async def _all_confirmed(client: TestClient[Any, Any], order_ids: list[str]) -> bool:
-    response = await client.get("/api/orders", params={"userId": "1", "limit": "100"})
-    listed = (await response.json())["orders"]
-    if any(order["status"] != "confirmed" for order in listed):
-        return False
-    records = [await get_order(client, order_id) for order_id in order_ids]
-    return all(record["status"] == "confirmed" for record in records)
-
-
-async def test_waiting_orders_survive_a_restart(start: Start) -> None:
-    first = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
-    limit_id = await order_id_of(first, LIMIT)
-    sniper_id = await order_id_of(first, sniper("priceAbove", triggerPrice=108))
-    for order_id in (limit_id, sniper_id):
-        await wait_status(first, order_id, "waiting")
-    await first.close()
-    second = await start(venues=[ScriptedVenue("RAYDIUM", price=110.0)])
-    for order_id in (limit_id, sniper_id):
-        assert (await wait_status(second, order_id, "confirmed"))["amountOut"] > 0
-
-
-async def test_a_waiting_order_can_be_cancelled_and_never_fires(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    venue = ScriptedVenue("RAYDIUM", price=100.0)
-    client = await start(venues=[venue])
-    order_id = await order_id_of(client, LIMIT)
-    await wait_status(client, order_id, "waiting")
-    status, record = await cancel(client, order_id)
-    assert (status, record["status"]) == (200, "cancelled")
-    keys = eng.Keys(config.redis_prefix)
-    assert await redis.zscore(keys.triggers("up", "SOL", "USDC"), order_id) is None
-    assert await redis.zscore(keys.expiring, order_id) is None
-    venue.price = 110.0
-    marker = await order_id_of(client)  # a market order after it: once it is done, so is any fire
-    await wait_status(client, marker, "confirmed")
-    assert [tx.order_id for tx in venue.executions] == [marker]
-    assert (await get_order(client, order_id))["status"] == "cancelled"
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# HTTP and WebSocket handlers
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
-@pytest.mark.parametrize(
-    ("body", "code", "field"),
-    [
-        ({**ORDER, "userId": None}, "MISSING_FIELD", "userId"),
-        ({**ORDER, "userId": ""}, "INVALID_USER_ID", "userId"),
-        ({**ORDER, "userId": "a b"}, "INVALID_USER_ID", "userId"),
-        ({**ORDER, "userId": "x" * 65}, "INVALID_USER_ID", "userId"),
-        ({**ORDER, "userId": True}, "INVALID_USER_ID", "userId"),
-        ({**ORDER, "userId": 1.5}, "INVALID_USER_ID", "userId"),
-        ({**ORDER, "inputToken": "DOGE"}, "UNKNOWN_TOKEN", "inputToken"),
-        ({**ORDER, "inputToken": "\u017fol"}, "UNKNOWN_TOKEN", "inputToken"),  # upper(): "SOL"
-        ({**ORDER, "outputToken": 7}, "UNKNOWN_TOKEN", "outputToken"),
-        ({**ORDER, "outputToken": "sol"}, "INVALID_PAIR", "outputToken"),
-        ({**ORDER, "amount": 0}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": -1}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": "10"}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": True}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": 10_001}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": 0.0001}, "INVALID_AMOUNT", "amount"),
-        ({**ORDER, "amount": 1.0000000001}, "INVALID_AMOUNT", "amount"),  # SOL has 9 decimals
-        ({k: v for k, v in ORDER.items() if k != "amount"}, "MISSING_FIELD", "amount"),
-        ({**ORDER, "slippageBps": 0}, "INVALID_SLIPPAGE", "slippageBps"),
-        ({**ORDER, "slippageBps": 5001}, "INVALID_SLIPPAGE", "slippageBps"),
-        ({**ORDER, "slippageBps": 50.5}, "INVALID_SLIPPAGE", "slippageBps"),
-        ({**ORDER, "side": "buy"}, "UNKNOWN_FIELD", "side"),
-        ({**ORDER, "type": "stop"}, "INVALID_TYPE", "type"),
-        ({**ORDER, "type": 1}, "INVALID_TYPE", "type"),
-        ({**ORDER, "limitPrice": 100}, "INVALID_FIELD", "limitPrice"),
-        ({**ORDER, "expiresInS": 60}, "INVALID_FIELD", "expiresInS"),
-        ({**ORDER, "type": "limit", "expiresInS": 60}, "MISSING_FIELD", "limitPrice"),
-        ({**ORDER, "type": "limit", "limitPrice": 100}, "MISSING_FIELD", "expiresAt"),
-        ({**LIMIT, "limitPrice": 0}, "INVALID_LIMIT_PRICE", "limitPrice"),
-        ({**LIMIT, "limitPrice": "100"}, "INVALID_LIMIT_PRICE", "limitPrice"),
-        ({**LIMIT, "trigger": "listing"}, "INVALID_FIELD", "trigger"),
-        ({**LIMIT, "expiresInS": 0}, "INVALID_EXPIRY", "expiresInS"),
-        ({**LIMIT, "expiresInS": 8 * 86_400}, "INVALID_EXPIRY", "expiresInS"),
-        ({**LIMIT, "expiresInS": 1.5}, "INVALID_EXPIRY", "expiresInS"),
-        ({**LIMIT, "expiresAt": "2030-01-01T00:00:00Z"}, "INVALID_EXPIRY", "expiresAt"),  # both
-        (
-            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2020-01-01T00:00:00Z"},
-            "INVALID_EXPIRY",
-            "expiresAt",
-        ),
-        (
-            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "tomorrow"},
-            "INVALID_EXPIRY",
-            "expiresAt",
-        ),
-        (
-            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2099-01-01T00:00:00"},
-            "INVALID_EXPIRY",
-            "expiresAt",
-        ),
-        ({**ORDER, "type": "sniper", "expiresInS": 60}, "MISSING_FIELD", "trigger"),
-        (sniper("moon"), "INVALID_TRIGGER", "trigger"),
-        (sniper("priceAbove"), "MISSING_FIELD", "triggerPrice"),
-        (sniper("priceBelow", triggerPrice=-5), "INVALID_TRIGGER_PRICE", "triggerPrice"),
-        (sniper("listing", triggerPrice=5), "INVALID_FIELD", "triggerPrice"),
-        (sniper("listing", limitPrice=5), "INVALID_FIELD", "limitPrice"),
-        ([ORDER], "INVALID_BODY", None),
-        ("SOL", "INVALID_BODY", None),
-    ],
-)
-async def test_every_field_is_validated_with_a_clear_error(
-    start: Start, body: Any, code: str, field: str | None
-) -> None:
-    client = await start()
-    status, reply = await post(client, body)
-    assert status == 400
-    assert reply["error"]["code"] == code
-    assert reply["error"].get("field") == field
-    assert reply["error"]["message"]
-
-
-JSON = {"Content-Type": "application/json"}
-TEXT = {"Content-Type": "text/plain"}
-LONG_KEY = {"Idempotency-Key": "k" * 129}
-EXECUTE = "/api/orders/execute"
-HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "kwargs", "status", "code"),
-    [
-        ("POST", EXECUTE, {"data": b"amount=1", "headers": TEXT}, 415, "UNSUPPORTED_MEDIA_TYPE"),
-        ("POST", EXECUTE, {"data": b"{nope", "headers": JSON}, 400, "INVALID_JSON"),
-        ("POST", EXECUTE, {"data": b"[1e400]", "headers": JSON}, 400, "INVALID_JSON"),
-        ("POST", EXECUTE, {"data": HUGE, "headers": JSON}, 413, "BODY_TOO_LARGE"),
-        ("POST", EXECUTE, {"json": ORDER, "headers": LONG_KEY}, 400, "INVALID_IDEMPOTENCY_KEY"),
-        ("PUT", "/healthz", {}, 405, "METHOD_NOT_ALLOWED"),
-        ("GET", "/no/such/path", {}, 404, "NOT_FOUND"),
-        ("GET", "/api/orders/order_doesnotexist", {}, 404, "ORDER_NOT_FOUND"),
-        ("GET", f"/api/orders/order_{'0' * 32}", {}, 404, "ORDER_NOT_FOUND"),
-        ("GET", "/api/orders", {}, 400, "MISSING_FIELD"),
-        ("GET", "/api/orders?userId=1&limit=500", {}, 400, "INVALID_LIMIT"),
-        ("GET", "/api/orders?userId=1&limit=0", {}, 400, "INVALID_LIMIT"),
-        ("GET", "/ws", {}, 400, "MISSING_FIELD"),
-        ("GET", "/ws?userId=bad%20id", {}, 400, "INVALID_USER_ID"),
-        ("GET", "/ws?userId=1&since=-3", {}, 400, "INVALID_SINCE"),
-        ("GET", "/ws?userId=1", {}, 400, "WEBSOCKET_REQUIRED"),
-        # digits that are not ASCII digits, and more digits than int() takes
-        ("GET", "/api/orders?userId=a&limit=%C2%B2", {}, 400, "INVALID_LIMIT"),
-        ("GET", "/api/orders?userId=a&limit=%D9%A1", {}, 400, "INVALID_LIMIT"),
-        ("GET", f"/api/orders?userId=a&limit={'9' * 4301}", {}, 400, "INVALID_LIMIT"),
-        ("GET", "/ws?userId=1&since=%C2%B2", {}, 400, "INVALID_SINCE"),
-        ("GET", "/ws?userId=1&since=%D9%A1", {}, 400, "INVALID_SINCE"),
-        ("GET", f"/ws?userId=1&since={'9' * 4301}", {}, 400, "INVALID_SINCE"),
-        ("GET", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
-        ("DELETE", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
-    ],
-)  # fmt: skip
-async def test_requests_that_are_not_json_orders_get_the_error_envelope(
-    start: Start, method: str, path: str, kwargs: dict[str, Any], status: int, code: str
-) -> None:
-    client = await start()
-    response = await client.request(method, path, **kwargs)
-    assert (response.status, response.content_type) == (status, "application/json")
-    error = (await response.json())["error"]
-    assert error["code"] == code
-    assert error["message"]
-    assert "field" in error  # null when no field is at fault
-    if status == 405:
-        assert ("POST" if path == EXECUTE else "GET") in response.headers["Allow"]
-
-
-@pytest.mark.parametrize(
-    "amount",
-    [
-        b"1.000000000000000000000000000001",  # a float would make it 1.0
-        b"0.0000000001",  # ten decimals for SOL's nine
-        b"1e-10",
-        b"10000.0000000001",
-    ],
-)
-async def test_an_amount_with_more_decimals_than_its_token_is_refused_as_written(
-    start: Start, amount: bytes
-) -> None:
-    client = await start()
-    body = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": ' + amount + b"}"
-    response = await client.post(EXECUTE, data=body, headers=JSON)
-    error = (await response.json())["error"]
-    assert (response.status, error["code"], error["field"]) == (400, "INVALID_AMOUNT", "amount")
-    huge = body.replace(amount, b'1.5, "slippageBps": 1e-99999999999999999999')
-    response = await client.post(EXECUTE, data=huge, headers=JSON)  # past any decimal
-    assert (response.status, (await response.json())["error"]["code"]) == (400, "INVALID_JSON")
-    exact = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 1.100000000}'
-    response = await client.post(EXECUTE, data=exact, headers=JSON)  # trailing zeros are fine
-    assert response.status == 202
-    assert (await get_order(client, (await response.json())["orderId"]))["amount"] == 1.1
-
-
-def random_body(rng: random.Random) -> bytes:
-    """A body from a grammar of near misses: right shape, wrong values, wrong types, junk."""
-    values: list[Any] = [
-        None, True, 0, -1, 1, 2.5, 1e308, -0.0, "", "1", "SOL", "usdc", "JUP", "BONK", "x" * 70,
-        [], {}, [1], {"a": 1}, "\u0000", "💥", 10**18, 1e-9, "NaN",
-        "limit", "sniper", "market", "listing", "priceAbove", "priceBelow", "2099-01-01T00:00:00Z",
-    ]  # fmt: skip
-    names = ["userId", "inputToken", "outputToken", "amount", "slippageBps", "extra", ""]
-    names += ["type", "limitPrice", "trigger", "triggerPrice", "expiresAt", "expiresInS"]
-    roll = rng.random()
-    if roll < 0.1:
-        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
-    if roll < 0.2:
-        return orjson.dumps(rng.choice(values))
-    bases = [
-        ORDER,
-        ORDER,
-        {**LIMIT, "limitPrice": 50},
-        LIMIT,
-        sniper("priceBelow", triggerPrice=50),
-    ]
-    body: dict[str, Any] = {**rng.choice(bases)}
-    if "type" in body:
-        body["expiresInS"] = 1  # so that every accepted order finishes within the test
-    for _ in range(rng.randrange(0, 4)):
-        body[rng.choice(names)] = rng.choice(values)
-    for _ in range(rng.randrange(0, 2)):
-        body.pop(rng.choice(names), None)
-    if rng.random() < 0.3:
-        body["amount"] = rng.choice([0.01, 1, 3.3, 9999.0])
-    return orjson.dumps(body)
-
-
-async def test_random_bodies_get_202_or_a_4xx_and_no_order_is_lost_or_doubled(
-    start: Start, config: Config, redis: aioredis.Redis
-) -> None:
-    client = await start(replace(config, concurrency=20))
-    rng = random.Random(2026)
-    accepted: dict[str, str] = {}
-    for _ in range(400):
-        response = await client.post(
-            "/api/orders/execute",
-            data=random_body(rng),
-            headers={"Content-Type": "application/json"},
-        )
-        reply = await response.json()
-        if response.status == 202:
-            accepted[reply["orderId"]] = (await get_order(client, reply["orderId"]))["userId"]
-        else:
-            assert response.status == 400, reply
-            assert set(reply) == {"error"}
-            assert reply["error"]["code"]
-            assert reply["error"]["message"]
-    assert 20 < len(accepted) < 380  # the grammar produces both kinds
-    for order_id in accepted:
-        await wait_status(client, order_id, *TERMINAL)
-    # Each user's event log: seq without gaps, and exactly one terminal event per accepted order.
-    keys = eng.Keys(config.redis_prefix)
-    terminal = []
-    for user in set(accepted.values()):
-        events = [
-            orjson.loads(fields["e"]) for _, fields in await stream(redis, keys.user_log(user))
-        ]
-        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-        terminal += [e["orderId"] for e in events if e["status"] in TERMINAL]
-    assert sorted(terminal) == sorted(accepted)
-    stored = [k for k in await keys_of(redis, config) if ":order:" in k]
-    assert len(stored) == len(accepted)
-
-
-# ── the server itself: malformed, half-sent and too many requests ───────────────────────────────
-
-Served = Callable[..., Awaitable[str]]
-
-
-@pytest.fixture
-async def served(config: Config) -> AsyncIterator[Served]:
-    """The engine as `python engine.py` serves it (running(): its own listener with the cap on
-    connections, the read deadlines and the envelope for what the HTTP parser refuses), in this
-    process on port 0. Yields a starter that answers the URL."""
-    async with contextlib.AsyncExitStack() as stack:
-
-        async def serve_it(cfg: Config | None = None, **inject: Any) -> str:
-            local = replace(cfg or config, host="127.0.0.1", port=0)
-            urls: list[str] = await stack.enter_async_context(eng.running(local, **inject))
-            return urls[0]
-
-        yield serve_it
-
-
-async def exchange(url: str, data: bytes, *, more: bytes = b"") -> tuple[int, bytes, bytes]:
-    """Send raw bytes; answer the status, the headers and the body of the response (read to the
-    end of the connection, which every error closes). `more` follows a `100 Continue`."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(data)
-    async with asyncio.timeout(DEADLINE_S):
-        if more:
-            interim = await reader.readuntil(b"\r\n\r\n")
-            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
-            writer.write(more)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
-        body = await reader.readexactly(length)
-    writer.close()
-    return int(head.split(b" ", 2)[1]), head, body
-
-
-MARK = b"zq7secret"  # must never come back in an answer
-
-
-@pytest.mark.parametrize(
-    "request_bytes",
-    [
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + MARK
-        + b"\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hexadecimal
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-        b"Transfer-Encoding: chunked\r\nX-" + MARK + b": 1\r\n\r\n0\r\n\r\n",
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: -1" + MARK + b"\r\n\r\n",
-        b"FR" + MARK + b" /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # an unknown method
-        b"GET /" + MARK * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL over 8 KiB
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + MARK * 1000 + b"\r\n\r\n",
-        b"\x16\x03\x01\x00\xa5" + MARK + b"\r\n\r\n",  # TLS on the plain port
-        b"GET http://xn--/" + MARK + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a host no IDNA name
-    ],
-)
-async def test_what_the_http_parser_refuses_gets_the_envelope_and_is_never_echoed(
-    served: Served, request_bytes: bytes
-) -> None:
-    status, head, body = await exchange(await served(), request_bytes)
-    error = orjson.loads(body)["error"]
-    assert (status, error["code"], error["field"]) == (400, "MALFORMED_REQUEST", None)
-    assert b"Content-Type: application/json" in head
-    assert MARK not in head + body
-    assert error["message"]
-
-
-@pytest.mark.parametrize("path", [b"/healthz", b"/no/such/path", b"/api/orders/execute"])
-async def test_an_expectation_the_engine_does_not_know_is_refused_on_every_path(
-    served: Served, path: bytes
-) -> None:
-    request = b"PATCH " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: \xff" + MARK + b"\r\n\r\n"
-    status, head, body = await exchange(await served(), request)
-    assert (status, orjson.loads(body)["error"]["code"]) == (417, "EXPECTATION_FAILED")
-    assert MARK not in head + body
-
-
-async def test_what_a_client_names_wrongly_is_not_repeated_back(start: Start) -> None:
-    client = await start()
-    marker = "zq7secret"
-    for method, path in [("GET", f"/api/orders/{marker}"), ("DELETE", f"/api/orders/{marker}")]:
-        response = await client.request(method, path, params={"userId": "1"})
-        assert response.status == 404
-        assert marker not in await response.text()
-    odd = {**ORDER, f"{marker}\u0000 {marker}": 1}  # not a name: not named back
-    status, reply = await post(client, odd)
-    assert (status, reply["error"]["code"], reply["error"]["field"]) == (400, "UNKNOWN_FIELD", None)
-    assert marker not in orjson.dumps(reply).decode()
-    status, reply = await post(client, {**ORDER, "side": "buy"})  # a plain name is
-    assert (reply["error"]["field"], reply["error"]["message"]) == ("side", "unknown field 'side'")
-
-
-async def test_every_path_answers_head_and_its_methods_only(start: Start) -> None:
-    client = await start()
-    assert (await client.head("/healthz")).status == 200
-    alive = await client.get("/livez")
-    assert (alive.status, (await alive.json())["status"]) == (200, "alive")
-    response = await client.patch("/api/orders/order_" + "0" * 32)
-    assert (response.status, response.headers["Allow"]) == (405, "DELETE, GET, HEAD")
-    response = await client.post("/no/such/path", data=b"x")
-    assert (response.status, (await response.json())["error"]["code"]) == (404, "NOT_FOUND")
-
-
-async def test_a_client_that_stops_reading_its_answers_is_cut_off(
-    served: Served, config: Config
-) -> None:
-    url = await served(replace(config, http_timeout_s=1))
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (host, int(port)))
-    await loop.sock_sendall(raw, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
-    async with ClientSession() as http:
-
-        async def let_go() -> bool:  # every connection but the one asking
-            async with http.get(f"{url}/healthz") as reply:
-                return bool((await reply.json())["connections"] == 1)
-
-        await wait_for(let_go, "the engine to cut the client off")
-    raw.close()
-
-
-async def test_a_body_announced_too_large_is_refused_before_it_is_sent(served: Served) -> None:
-    url = await served()
-    expect = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    status, head, body = await exchange(
-        url, expect + b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
-    )
-    assert (status, orjson.loads(body)["error"]["code"]) == (413, "BODY_TOO_LARGE")
-    assert b"100 Continue" not in head
-    order = orjson.dumps(ORDER)
-    announce = b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(order)
-    status, _, body = await exchange(url, expect + announce, more=order)  # small: go ahead
-    assert (status, set(orjson.loads(body))) == (202, {"orderId", "status"})
-
-
-async def test_half_sent_requests_are_cut_off_and_open_connections_capped(
-    config: Config, processes: list[EngineProcess]
-) -> None:
-    env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="2", ENGINE_MAX_CONNECTIONS="300")
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
-    url = await engine.url()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    rss = _process_rss_kb(engine)
-    header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: "  # and never the rest
-    body = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    body += b"Content-Length: 100\r\n\r\n{}"  # 2 bytes of 100
-    held = []
-    for index in range(280):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(header if index % 2 else body)
-        held.append((reader, writer))
-    await wait_for(lambda: _clients_of(engine, port) >= 280, "the engine to hold them")
-    # Past the cap (300 open) a new connection is told so and closed.
-    refused = 0
-    for _ in range(40):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        held.append((reader, writer))
-    for reader, _ in held[280:]:
-        answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
-        refused += b'"TOO_MANY_CONNECTIONS"' in answer
-    assert refused >= 15
-    # Every held connection is cut off at its deadline: a half-sent body with 408.
-    answers = await asyncio.gather(
-        *(asyncio.wait_for(reader.read(), DEADLINE_S) for reader, _ in held[:280])
-    )
-    for writer in (writer for _, writer in held):
-        writer.close()
-    assert all(answer == b"" for answer in answers[1::2])  # half-sent headers: nothing to say
-    assert all(b'"code":"REQUEST_TIMEOUT"' in answer for answer in answers[0::2])
-    await wait_for(lambda: _clients_of(engine, port) == 0, "the engine to let them all go")
-    assert _process_rss_kb(engine) < rss + 20_000  # and no memory held for them
-    async with ClientSession() as http:
-        await place(http, url)  # and serves on
-
-
-def _clients_of(process: EngineProcess, port: str) -> int:
-    """The client connections the engine process holds open on its HTTP port."""
-    held = psutil.Process(process.proc.pid).net_connections(kind="tcp")
-    return sum(1 for c in held if c.laddr.port == int(port) and c.status != psutil.CONN_LISTEN)
-
-
-def _process_rss_kb(process: EngineProcess) -> int:
-    status = Path(f"/proc/{process.proc.pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
-
-
-async def test_a_client_gone_mid_request_is_let_go_without_an_error_logged(
-    served: Served, config: Config, caplog: pytest.LogCaptureFixture
-) -> None:
-    url = await served(replace(config, http_timeout_s=2))  # the read deadline, at the latest
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    caplog.set_level(logging.DEBUG)
-    _, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{"
-    )
-    await writer.drain()
-    writer.close()  # gone, 1 byte of 100 sent
-    async with ClientSession() as http:
-
-        async def let_go() -> bool:  # every connection but the one asking
-            async with http.get(f"{url}/healthz") as reply:
-                return bool((await reply.json())["connections"] == 1)
-
-        await wait_for(let_go, "the engine to let the client go")
-    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
-    assert all(r.exc_info is None for r in caplog.records)
-
-
-async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
-    served: Served,
-) -> None:
-    url = await served()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    body = orjson.dumps(ORDER)
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-    writer.write_eof()  # as `nc -N` does: all sent, still listening
-    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)  # then the engine closes
-    writer.close()
-    assert answer.startswith(b"HTTP/1.1 202")
-    assert b'"orderId":"order_' in answer
-
-
-async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
-    start: Start, config: Config, own_redis: RedisServer
-) -> None:
-    server = own_redis
-    client = await start(replace(config, redis_url=server.url))
-    key = {"Idempotency-Key": "stall-1"}
-    # Bounded by the client: an engine that held the request for Redis would fail here.
-    in_time = aiohttp.ClientTimeout(total=eng.REDIS_REQUEST_DEADLINE_S + 3)
-    server.signal(signal.SIGSTOP)
-    try:
-        response = await client.post(EXECUTE, json=ORDER, headers=key, timeout=in_time)
-        error = (await response.json())["error"]
-        assert (response.status, error["code"], error["retryable"]) == (
-            503,
-            "REDIS_UNAVAILABLE",
-            True,
-        )
-        assert "Idempotency-Key" in error["message"]
-        unknown = f"/api/orders/order_{'a' * 32}"
-        asks = [
-            ("GET", "/api/orders?userId=1"),
-            ("GET", unknown),
-            ("DELETE", unknown + "?userId=1"),
-        ]
-        asks += [("GET", "/healthz"), ("GET", "/readyz")]
-        for _ in range(2):  # bursts that need more connections than the pool has open
-            answers = await asyncio.gather(
-                *(client.request(m, path, timeout=in_time) for m, path in asks * 8)
-            )
-            assert [answer.status for answer in answers] == [503] * len(asks) * 8
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # no silent socket
-            await client.ws_connect("/ws?userId=1", timeout=aiohttp.ClientWSTimeout(ws_close=5))
-        assert refused.value.status == 503
-    finally:
-        server.signal(signal.SIGCONT)
-    # Whether or not Redis ran the abandoned create when it woke, the retry gets one order.
-    retry = await client.post(EXECUTE, json=ORDER, headers=key)
-    order_id = (await retry.json())["orderId"]
-    await wait_status(client, order_id, "confirmed")
-    listed = await (await client.get("/api/orders?userId=1")).json()
-    assert [order["orderId"] for order in listed["orders"]] == [order_id]
-    await client.close()
-
-
-async def test_an_idempotent_replay_takes_no_token_from_the_rate_limit(
-    start: Start, config: Config
-) -> None:
-    client = await start(replace(config, rate_limit_per_min=2))
-    status, first = await post(client, ORDER, **{"Idempotency-Key": "a"})
-    assert status == 202
-    for _ in range(5):  # a client retrying the same POST is not placing orders
-        status, again = await post(client, ORDER, **{"Idempotency-Key": "a"})
-        assert (status, again["orderId"]) == (202, first["orderId"])
-    assert (await post(client, ORDER, **{"Idempotency-Key": "b"}))[0] == 202
-    status, reply = await post(client, ORDER, **{"Idempotency-Key": "c"})
-    assert (status, reply["error"]["code"]) == (429, "RATE_LIMITED")
-
-
-async def test_a_websocket_message_of_4_kib_is_taken_and_one_byte_more_closes_it(
-    start: Start,
-) -> None:
-    client = await start()
-    async with client.ws_connect("/ws?userId=1") as ws:
-        await receive(ws)
-        await ws.send_str("x" * 4096)  # clients have nothing to say, but 4 KiB is allowed
-        order_id = await order_id_of(client)
-        assert statuses(await events_until_done(ws, order_id), order_id)[-1] == "confirmed"
-        await ws.send_str("x" * 4097)
-        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
-    assert (message.type, message.data) == (WSMsgType.CLOSE, 1009)  # message too big
-
-
-async def test_an_order_record_has_every_field_and_its_history(start: Start) -> None:
-    client = await start()
-    order_id = await order_id_of(client)
-    record = await wait_status(client, order_id, "confirmed")
-    assert set(record) == set(eng.PUBLIC_FIELDS)
-    assert (record["orderId"], record["userId"], record["amount"], record["slippageBps"]) == (
-        order_id,
-        "1",
-        2,
-        50,
-    )
-    assert (record["attempts"], record["error"], record["code"]) == (1, None, None)
-    assert record["dex"] in {"RAYDIUM", "METEORA"}
-    assert len(record["txHash"]) == 88
-    assert record["amountOut"] >= record["minAmountOut"]
-    assert [h["status"] for h in record["history"]] == HAPPY_PATH
-    assert record["createdAt"] == record["history"][0]["ts"]
-    assert record["updatedAt"] == record["history"][-1]["ts"]
-
-
-async def test_a_users_orders_are_listed_newest_first(start: Start) -> None:
-    client = await start()
-    mine = [await order_id_of(client) for _ in range(4)]
-    await order_id_of(client, {**ORDER, "userId": "someone-else"})
-    response = await client.get("/api/orders?userId=1&limit=3")
-    listed = (await response.json())["orders"]
-    assert [o["orderId"] for o in listed] == mine[::-1][:3]
-
-
-async def test_healthz_reports_redis_and_the_queue(start: Start) -> None:
-    client = await start()
-    response = await client.get("/healthz")
-    body = await response.json()
-    assert response.status == 200
-    assert body["status"] == "ok"
-    assert body["queue"] == {
-        "pending": 0,
-        "delayed": 0,
-        "processing": 0,
-        "failed": 0,
-        "waiting": 0,
-    }
-
-
-async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_body(
-    start: Start,
-) -> None:
-    client = await start()
-    first = await client.post(
-        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
-    )
-    again = await client.post(
-        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
-    )
-    other_user = await client.post(
-        "/api/orders/execute", json={**ORDER, "userId": "2"}, headers={"Idempotency-Key": "abc-1"}
-    )
-    conflict = await client.post(
-        "/api/orders/execute", json={**ORDER, "amount": 3}, headers={"Idempotency-Key": "abc-1"}
-    )
-    order_id = (await first.json())["orderId"]
-    assert (first.status, again.status, other_user.status) == (202, 202, 202)
-    assert (await again.json())["orderId"] == order_id
-    assert again.headers["Idempotent-Replayed"] == "true"
-    assert (await other_user.json())["orderId"] != order_id
-    assert conflict.status == 409
-    assert (await conflict.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
-    listed = await (await client.get("/api/orders?userId=1")).json()
-    assert [o["orderId"] for o in listed["orders"]] == [order_id]
-
-
-async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
-    start: Start,
-) -> None:
-    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
-    key = {"Idempotency-Key": "limit-1"}
-    first = await client.post("/api/orders/execute", json=LIMIT, headers=key)
-    await wait_status(client, (await first.json())["orderId"], "waiting")  # time has passed
-    again = await client.post("/api/orders/execute", json=LIMIT, headers=key)
-    assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
-    assert (await again.json()) == {"orderId": (await first.json())["orderId"], "status": "waiting"}
-    other = await client.post("/api/orders/execute", json={**LIMIT, "expiresInS": 601}, headers=key)
-    assert other.status == 409
-
-
-async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=1, max_queued=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    running = await order_id_of(client)
-    await wait_status(client, running, "submitted")
-    await order_id_of(client)  # waits in the pending list
-    status, reply = await post(client)
-    assert status == 503
-    assert reply["error"] == {
-        "code": "QUEUE_FULL",
-        "message": "too many orders are waiting; retry shortly",
-        "field": None,
-        "retryable": True,
-    }
-    held.set()
-
-
-async def test_the_pool_serves_busy_workers_and_a_burst_of_requests(
-    start: Start, config: Config
-) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=60), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
-    # 200 requests at once against a pool of 60 + 32 connections: they wait their turn, none fails
-    replies = await asyncio.gather(*(post(client) for _ in range(200)))
-    assert [status for status, _ in replies] == [202] * 200
-    held.set()
-    for _, reply in replies[-5:]:
-        await wait_status(client, reply["orderId"], "confirmed")
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# Lifecycle: python engine.py
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
-async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
-    config: Config, processes: list[EngineProcess]
-) -> None:
-    env = engine_env(replace(config, redis_url=None))
-    process = await EngineProcess.spawn(env)
-    processes.append(process)
-    url = await process.url()
-    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        order_id = await place(http, url)
-        events = await events_until_done(ws, order_id)
-        assert statuses(events, order_id)[-1] == "confirmed"
-        process.proc.send_signal(signal.SIGTERM)
-        closing = await ws.receive()
-        assert closing.type in {WSMsgType.CLOSE, WSMsgType.CLOSED}
-    assert await process.exit_code() == 0
-    data = config.data_dir
-    assert not _pings(data / "redis.sock")  # the embedded Redis stopped with the engine
-    assert (data / "appendonly.aof").exists()
-
-    restarted = await EngineProcess.spawn(env)
-    processes.append(restarted)
-    url = await restarted.url()
-    async with ClientSession() as http:
-        [record] = await records_at(http, url, [order_id])
-    assert record["status"] == "confirmed"
-    if sys.platform.startswith("linux"):
-        # Killed outright, the engine still takes its Redis with it (parent-death signal).
-        restarted.kill()
-        await restarted.exit_code()
-        await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
-
-
-async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
-) -> None:
-    # Real latencies: execution takes 2-3 s, so the order is surely mid-flight when it dies; its
-    # transaction may land until 4 s after it was sent, and the survivor must wait that out.
-    # One attempt allowed: the death must not spend it.
-    config = replace(config, max_attempts=1)
-    slow = {"ENGINE_DEX_LATENCY_SCALE": "1", "ENGINE_EXECUTION_TIMEOUT_MS": "4000"}
-    victim = await EngineProcess.spawn(engine_env(config, ENGINE_MAX_ATTEMPTS="1", **slow))
-    processes.append(victim)
-    url = await victim.url()
-    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
-        await receive(ws)
-        order_id = await place(http, url)
-        before = [await receive(ws) for _ in range(4)]
-    assert statuses(before, order_id) == ["pending", "routing", "building", "submitted"]
-    victim.kill()
-    assert await victim.exit_code() == -signal.SIGKILL
-    assert not config.data_dir.exists()  # with REDIS_URL set nothing was spawned or written
-
-    survivor = await start(config)
-    async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
-        assert (await receive(ws))["type"] == "connected"
-        after = await events_until_done(ws, order_id)
-    assert statuses(after, order_id) == HAPPY_PATH
-    assert [e["seq"] for e in before + after] == list(range(1, 10))  # resumed with no gap
-    # The death is not the order's failure: the attempt it cut short is given back.
-    interrupted = after[0]
-    assert (interrupted["code"], interrupted["attempt"], interrupted["attemptsGivenBack"]) == (
-        "INTERRUPTED",
-        1,
-        1,
-    )
-    assert after[-1]["attempt"] == 1
-    # The chain saw one transaction land for this order: the survivor's, not the victim's.
-    landed = await landed_transactions(redis, config)
-    assert landed[order_id] == [after[-1]["txHash"]]
-    assert before[-1]["txHash"] != after[-1]["txHash"]
-
-
-async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_alone(
-    config: Config, processes: list[EngineProcess], tmp_path: Path
-) -> None:
-    env = engine_env(replace(config, redis_url=None))
-    first = await EngineProcess.spawn(env)
-    processes.append(first)
-    url = await first.url()
-    port = url.rsplit(":", 1)[1]
-    not_a_dir = tmp_path / "a-file"
-    not_a_dir.write_text("")
-    refused = {
-        "DATA_DIR in use": ({}, f"DATA_DIR {config.data_dir} is in use by another engine"),
-        "port in use": (
-            {"PORT": port, "DATA_DIR": str(tmp_path / "other")},
-            f"cannot listen on 127.0.0.1:{port}",
-        ),
-        "DATA_DIR a file": ({"DATA_DIR": str(not_a_dir)}, f"DATA_DIR {not_a_dir} cannot be used"),
-    }
-    for case, (extra, message) in refused.items():
-        second = await EngineProcess.spawn({**env, **extra})
-        processes.append(second)
-        assert await second.exit_code() == 1, case
-        assert len(second.lines) == 1, second.lines  # one line, no traceback
-        assert f"engine could not start: {message}" in second.lines[0], second.lines
-    assert not (tmp_path / "other").exists()  # the port was tried first: nothing was started
-    # The first engine and its Redis never noticed.
-    assert _pings(config.data_dir / "redis.sock")
-    async with ClientSession() as http:
-        await reach(http, url, [await place(http, url)], "confirmed")
-    first.proc.send_signal(signal.SIGTERM)
-    assert await first.exit_code() == 0
-
-
-async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
-) -> None:
-    env = engine_env(
-        config,
-        ENGINE_DEX_LATENCY_SCALE="1",
-        ENGINE_EXECUTION_TIMEOUT_MS="3000",  # what the survivor waits out if it never landed
-        ENGINE_SHUTDOWN_GRACE_S="60",
-    )
-    process = await EngineProcess.spawn(env)
-    processes.append(process)
-    url = await process.url()
-    async with ClientSession() as http:
-        order_id = await place(http, url)
-        await reach(http, url, [order_id], "submitted")
-    process.proc.send_signal(signal.SIGTERM)  # drains: the order has 60 s to finish
-    await wait_for(lambda: any("send it again" in line for line in process.lines), "draining")
-    process.proc.send_signal(signal.SIGTERM)
-    assert await process.exit_code() == 128 + signal.SIGTERM
-    assert "SIGTERM again: stopping at once" in process.lines[-1]
-    survivor = await start()  # recovers the order once the dead engine's heartbeat expires
-    record = await wait_status(survivor, order_id, "confirmed")
-    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
-
-
-async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
-    config: Config, processes: list[EngineProcess]
-) -> None:
-    for durability, fsync in (("everysec", "everysec"), ("strict", "always")):
-        env = engine_env(replace(config, redis_url=None), ENGINE_DURABILITY=durability)
-        process = await EngineProcess.spawn(env)
-        processes.append(process)
-        await process.url()
-        sock = str(config.data_dir / "redis.sock")
-        embedded = aioredis.Redis(unix_socket_path=sock, decode_responses=True)
-        settings = await embedded.config_get("append*")
-        await embedded.aclose()
-        assert (settings["appendonly"], settings["appendfsync"]) == ("yes", fsync)
-        process.proc.send_signal(signal.SIGTERM)
-        assert await process.exit_code() == 0
-
-
-# A real engine embedding the simulated venues, except that executing the poison amount kills
-# the whole process, as a bug that crashes the interpreter would.
-POISONED_ENGINE = """
-import asyncio, os, signal, sys, time
-sys.path.insert(0, {engine_dir!r})
-import engine
-import redis.asyncio as aioredis
-
-
-class Poisoned:
-    def __init__(self, inner):
-        self.inner, self.name = inner, inner.name
-
-    async def quote(self, *args):
-        return await self.inner.quote(*args)
-
-    async def lookup(self, sent):
-        return await self.inner.lookup(sent)
-
-    async def execute(self, tx):
-        if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
-            os._exit(70)
-        return await self.inner.execute(tx)
-
-
-async def main():
-    config = engine.Config.load(os.environ)
-    engine.configure_logging(config)
-    client = aioredis.from_url(config.redis_url)
-    chain = engine.MockChain(client, engine.Keys(config.redis_prefix), 60, time.time)
-    venues = [Poisoned(venue) for venue in engine.default_venues(config, chain)]
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await engine.serve(config, stop, venues=venues)
-
-
-asyncio.run(main())
-"""
-
-
-async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
-    config: Config, processes: list[EngineProcess], redis: aioredis.Redis, tmp_path: Path
-) -> None:
-    poison = 13.37
-    script = tmp_path / "poisoned_engine.py"
-    script.write_text(POISONED_ENGINE.format(engine_dir=str(Path(ENGINE_PY).parent), poison=poison))
-    env = engine_env(config, ENGINE_EXECUTION_TIMEOUT_MS="300")
-    killer = {**ORDER, "amount": poison}
-    for death in range(eng.RECOVERY_LIMIT):
-        process = await EngineProcess.spawn(env, script=str(script))
-        processes.append(process)
-        url = await process.url()
-        if death == 0:
-            async with ClientSession() as http:
-                order_id = await place(http, url, killer)
-        assert await process.exit_code() == 70  # it took the engine down with it, again
-    last = await EngineProcess.spawn(env, script=str(script))
-    processes.append(last)
-    url = await last.url()
-    async with ClientSession() as http:
-        [record] = await reach(http, url, [order_id], "failed")
-        await reach(http, url, [await place(http, url)], "confirmed")  # the next goes through
-    # Each death gave its attempt back; the third ended the order, whatever attempts were left.
-    assert (record["code"], record["recoveries"]) == ("RECOVERY_LIMIT", 3)
-    assert (record["attempts"], record["attemptsGivenBack"]) == (1, 2)
-    assert order_id not in await landed_transactions(redis, config)
-    assert last.proc.returncode is None
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-# Faults: redis-server and engines killed and stalled at the worst moments
-# ════════════════════════════════════════════════════════════════════════════════════════════════
-
-
-async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_record(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
-) -> None:
-    env = engine_env(config, ENGINE_DEX_LATENCY_SCALE="1", ENGINE_EXECUTION_TIMEOUT_MS="3000")
-    stalled = await EngineProcess.spawn(env)
-    processes.append(stalled)
-    url = await stalled.url()
-    async with ClientSession() as http:
-        order_ids = [await place(http, url) for _ in range(3)]
-        await reach(http, url, order_ids, "submitted")
-    stalled.proc.send_signal(signal.SIGSTOP)  # a long pause: its heartbeat expires, it lives on
-    survivor = await start()
-    for order_id in order_ids:
-        await wait_status(survivor, order_id, "confirmed")
-    stalled.proc.send_signal(signal.SIGCONT)  # its sends resume, but the chain refuses them
-    await wait_for(
-        lambda: sum("lease lost" in line for line in stalled.lines) == 3,
-        "the stalled engine to back off",
-    )
-    landed = await landed_transactions(redis, config)
-    keys = eng.Keys(config.redis_prefix)
-    for order_id in order_ids:
-        events = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log("1"))]
-        terminal = [e for e in events if e["orderId"] == order_id and e["status"] in TERMINAL]
-        assert [e["status"] for e in terminal] == ["confirmed"]
-        assert landed[order_id] == [terminal[0]["txHash"]]
-
-
-@dataclass
-class Watcher:
-    """A user's client that stays connected to some live engine, resuming with `since` whenever
-    its engine dies, and checks that seq never skips or repeats."""
-
-    user: str
-    live: list[str]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    reconnects: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    expected: set[str] | None = None
-
-    async def run(self, http: ClientSession) -> None:
-        while not self.done.is_set():
-            since = self.events[-1]["seq"] if self.events else 0
-            with contextlib.suppress(OSError, aiohttp.ClientError):
-                url = random.choice(self.live)
-                async with http.ws_connect(f"{url}/ws?userId={self.user}&since={since}") as ws:
-                    self.reconnects += 1
-                    await self._read(ws)
-            await asyncio.sleep(0.05)
-
-    async def _read(self, ws: ClientWebSocketResponse) -> None:
-        async for message in ws:
-            event = orjson.loads(message.data)
-            assert event["type"] in {"connected", "order"}, event  # never a resync
-            if event["type"] == "order":
-                last = self.events[-1]["seq"] if self.events else 0
-                assert event["seq"] == last + 1, (last, event["seq"])
-                self.events.append(event)
-                self.check_done()
-
-    def check_done(self) -> None:
-        finished = {e["orderId"] for e in self.events if e["status"] in TERMINAL}
-        if self.expected is not None and finished >= self.expected:
-            self.done.set()
-
-
-@dataclass
-class Fleet:
-    """Real engine processes sharing one Redis: started, killed and replaced at random."""
-
-    env: dict[str, str]
-    processes: list[EngineProcess]
-    rng: random.Random
-    running: dict[str, EngineProcess] = field(default_factory=dict)
-    live: list[str] = field(default_factory=list)  # URLs of running engines, shared with clients
-
-    async def spawn(self) -> None:
-        process = await EngineProcess.spawn(self.env)
-        self.processes.append(process)
-        self.running[await process.url()] = process
-        self.live[:] = list(self.running)
-
-    async def kill_at_random(self, kills: int) -> None:
-        for _ in range(kills):
-            await asyncio.sleep(self.rng.uniform(0.4, 1.0))
-            victim = self.rng.choice(list(self.running))
-            self.running.pop(victim).kill()
-            self.live.remove(victim)
-            await self.spawn()
-
-    async def post(self, http: ClientSession, user: str, key: str) -> str:
-        """Place an order on any live engine; an answer lost with its engine is asked again with
-        the same Idempotency-Key, so the order exists once whatever happened."""
-        while True:
-            with contextlib.suppress(OSError, aiohttp.ClientError):
-                async with http.post(
-                    f"{self.rng.choice(self.live)}/api/orders/execute",
-                    json={**ORDER, "userId": user},
-                    headers={"Idempotency-Key": key},
-                ) as reply:
-                    if reply.status == 202:
-                        order_id: str = (await reply.json())["orderId"]
-                        return order_id
-            await asyncio.sleep(0.05)
-
-
-async def check_from_outside(redis: aioredis.Redis, config: Config, watcher: Watcher) -> None:
-    """Each order ended once, each confirmed swap landed once (the chain's own record), and what
-    the resuming client saw is exactly the user's log."""
-    keys = eng.Keys(config.redis_prefix)
-    landed = await landed_transactions(redis, config)
-    log = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log(watcher.user))]
-    assert watcher.events == log
-    for order_id in watcher.expected or ():
-        terminal = [e for e in log if e["orderId"] == order_id and e["status"] in TERMINAL]
-        assert len(terminal) == 1, terminal
-        if terminal[0]["status"] == "confirmed":
-            assert landed[order_id] == [terminal[0]["txHash"]]
-        else:
-            assert order_id not in landed
-
-
-async def test_engines_killed_at_random_moments_lose_nothing_and_run_nothing_twice(
-    config: Config, processes: list[EngineProcess], redis: aioredis.Redis
-) -> None:
-    env = engine_env(
-        config,
-        ENGINE_DEX_LATENCY_SCALE="0.3",
-        ENGINE_EXECUTION_TIMEOUT_MS="1500",
-        ENGINE_DEX_FAIL_RATE="0.05",
-        ENGINE_CONCURRENCY="4",
-    )
-    rng = random.Random(11)
-    fleet = Fleet(env, processes, rng)
-    for _ in range(3):
-        await fleet.spawn()
-    watchers = [Watcher(f"trader-{i}", fleet.live) for i in range(5)]
-    accepted: dict[str, str] = {}  # orderId -> user
-    async with ClientSession() as http:
-        readers = [asyncio.create_task(w.run(http)) for w in watchers]
-        killer = asyncio.create_task(fleet.kill_at_random(6))
-        for index in range(60):
-            user = watchers[index % len(watchers)].user
-            accepted[await fleet.post(http, user, f"key-{index}")] = user
-            await asyncio.sleep(rng.uniform(0, 0.08))
-        await killer
-        for watcher in watchers:
-            watcher.expected = {o for o, user in accepted.items() if user == watcher.user}
-            watcher.check_done()
-        async with asyncio.timeout(45):
-            await asyncio.gather(*(w.done.wait() for w in watchers))
-        await cancel_all(readers)
-    assert len(accepted) == 60
-    for watcher in watchers:
-        await check_from_outside(redis, config, watcher)
-    assert sum(w.reconnects for w in watchers) > len(watchers)  # clients did resume elsewhere
-    interrupted = [e for w in watchers for e in w.events if e.get("code") == "INTERRUPTED"]
-    assert len(interrupted) >= 3  # the kills did land on orders in flight
-    keys = eng.Keys(config.redis_prefix)
-
-    async def nothing_left_behind() -> bool:  # dead instances recovered and forgotten
-        members = await redis.smembers(keys.instances)
-        lists = [k async for k in redis.scan_iter(keys.processing("*"))]
-        return (
-            len(members) == len(fleet.running) and not lists and not await redis.llen(keys.pending)
-        )
-
-    await wait_for(nothing_left_behind, "dead instances to be recovered and forgotten")
-    assert not await redis.zcard(keys.delayed)
-
-
-async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# Venues that never fault, not even with their long tail of slow calls: whatever fails an order
-# in these tests is the fault injected.
-NO_TAIL = orjson.dumps({dex: {"tailRate": 0} for dex in eng.SIMULATED_VENUES}).decode()
-
-
-async def outcomes(
-    redis: aioredis.Redis, config: Config, accepted: dict[str, str]
-) -> dict[str, str]:
-    """What each acknowledged order (orderId -> user) came to, checked from the outside: its
-    user's log holds exactly one terminal event for it, and the chain agrees, a confirmed order's
-    txHash having landed and nothing else of it; an order that did not confirm landed nothing."""
-    keys = eng.Keys(config.redis_prefix)
-    landed = await landed_transactions(redis, config)
-    ended: dict[str, list[dict[str, Any]]] = {}
-    for user in set(accepted.values()):
-        for _, entry in await stream(redis, keys.user_log(user)):
-            event = orjson.loads(entry["e"])
-            if event["status"] in TERMINAL:
-                ended.setdefault(event["orderId"], []).append(event)
-    result = {}
-    for order_id in accepted:
-        terminal = ended.get(order_id, [])
-        assert len(terminal) <= 1, terminal
-        if not terminal:
-            continue
-        final = terminal[0]
-        expected = [final["txHash"]] if final["status"] == "confirmed" else None
-        assert landed.get(order_id) == expected, (final, landed.get(order_id))
-        result[order_id] = final["status"]
-    assert set(landed) <= set(result)
-    return result
-
-
-async def hold_fault(seconds: float) -> None:
-    """Keep an injected fault in place this long. A fault's length is part of the scenario (an
-    outage that outlasts an execution), never a wait for something to happen: those poll."""
-    await asyncio.sleep(seconds)
-
-
-async def statuses_now(http: ClientSession, url: str, order_ids: list[str]) -> list[str]:
-    return [record["status"] for record in await records_at(http, url, order_ids)]
-
-
-@dataclass
-class OwnRedis:
-    """An engine process on a redis-server of its own (AOF flushed on every write, so a kill
-    loses nothing acknowledged), for a test to kill and stall."""
-
-    server: RedisServer
-    config: Config
-    engine: EngineProcess
-    url: str
-    redis: aioredis.Redis
-
-
-@contextlib.asynccontextmanager
-async def engine_on_own_redis(
-    config: Config, processes: list[EngineProcess], server: RedisServer, **env: str
-) -> AsyncIterator[OwnRedis]:
-    own = replace(config, redis_url=server.url)
-    engine = await EngineProcess.spawn(engine_env(own, **env))
-    processes.append(engine)
-    redis = aioredis.from_url(server.url, decode_responses=True)
-    try:
-        yield OwnRedis(server, own, engine, await engine.url(), redis)
-    finally:
-        await redis.aclose()
-        engine.kill()
-
-
-async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
-) -> None:
-    """A failover's new primary answers reads before it takes writes: the engine's start-up
-    check passes there and its first write is refused. It waits, then serves."""
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    try:
-        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # type: ignore[no-untyped-call]
-        own = replace(config, redis_url=own_redis.url)
-        engine = await EngineProcess.spawn(engine_env(own))
-        processes.append(engine)
-
-        async def refused() -> bool:
-            assert engine.proc.returncode is None, "\n".join(engine.lines)
-            return any("read only replica" in line for line in engine.lines)
-
-        await wait_for(refused, "the engine's first write to be refused")
-        await redis.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
-        url = await engine.url()
-        async with ClientSession() as http:
-            await reach(http, url, [await place(http, url)], "confirmed")
-    finally:
-        await redis.aclose()
-
-
-async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
-) -> None:
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    try:
-        # not allowed to SET
-        await redis.execute_command("ACL", "SETUSER", "default", "-set")  # type: ignore[no-untyped-call]
-        engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=own_redis.url)))
-        processes.append(engine)
-        assert await engine.exit_code() == 1
-        [line] = [line for line in engine.lines if "WARNING authentication off" not in line]
-        assert "ERROR engine could not start: redis refused: " in line
-        assert "no permissions to run the 'set' command" in line
-    finally:
-        await redis.aclose()
-
-
-async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
-) -> None:
-    async with (
-        engine_on_own_redis(
-            config,
-            processes,
-            own_redis,
-            ENGINE_DEX_LATENCY_SCALE="0.5",
-            ENGINE_CONCURRENCY="10",
-            ENGINE_DEX_FAULTS=NO_TAIL,
-        ) as own,
-        ClientSession() as http,
-    ):
-        url = own.url
-        accepted = {}
-        for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
-            user = f"u{index % 3}"
-            accepted[await place(http, url, {**ORDER, "userId": user})] = user
-        waiting = [  # parked on a price that never comes
-            await place(http, url, body)
-            for body in ({**LIMIT, "limitPrice": 1e6}, sniper("priceAbove", triggerPrice=1e6))
-        ]
-        order_ids = list(accepted)
-
-        async def sent() -> bool:
-            return "submitted" in await statuses_now(http, url, order_ids)
-
-        await wait_for(sent, "orders to be sent")
-        own.server.kill()
-        # Down for longer than an execution takes, so that every order that was sent meets the
-        # dead Redis when its outcome is recorded: the moment that used to fail orders.
-        await hold_fault(2.0)
-        own.server.start()
-        await reach(http, url, order_ids, *TERMINAL)
-        assert await statuses_now(http, url, waiting) == ["waiting"] * 2
-        ended = await outcomes(own.redis, own.config, accepted)
-        assert set(ended.values()) == {"confirmed"}, ended
-        assert len(ended) == 20
-        assert any("op=chain record" in line for line in own.engine.lines)  # the fault hit there
-
-
-async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
-) -> None:
-    async with (
-        engine_on_own_redis(
-            config,
-            processes,
-            own_redis,
-            ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
-            ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
-            ENGINE_CONCURRENCY="100",
-        ) as own,
-        ClientSession() as http,
-    ):
-        order_ids = await asyncio.gather(*(place(http, own.url) for _ in range(100)))
-        await reach(http, own.url, order_ids[:5], "submitted", *TERMINAL)
-        # Redis stops just before the first transactions expire and wakes after: outcomes
-        # recorded late, lookups racing them on other connections.
-        await hold_fault(1.2)
-        own.server.signal(signal.SIGSTOP)
-        await hold_fault(1.0)
-        own.server.signal(signal.SIGCONT)
-        await reach(http, own.url, order_ids, *TERMINAL)
-        ended = await outcomes(own.redis, own.config, dict.fromkeys(order_ids, "1"))
-        assert len(ended) == 100
-
-
-async def test_the_embedded_redis_killed_is_started_again_and_no_order_fails(
-    config: Config, processes: list[EngineProcess]
-) -> None:
-    env = engine_env(
-        replace(config, redis_url=None), ENGINE_DEX_LATENCY_SCALE="0.3", ENGINE_DEX_FAULTS=NO_TAIL
-    )
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
-    url = await engine.url()
-    async with ClientSession() as http:
-        order_ids = [await place(http, url) for _ in range(10)]
-        await reach(http, url, order_ids[:3], "submitted", *TERMINAL)
-        pid = int((config.data_dir / "redis.pid").read_text())
-        os.kill(pid, signal.SIGKILL)  # the engine's own Redis, mid-execution
-        await reach(http, url, order_ids, *TERMINAL)  # answers again: it was started again
-        records = await records_at(http, url, order_ids)
-        assert {record["status"] for record in records} == {"confirmed"}
-        await reach(http, url, [await place(http, url)], "confirmed")
-    assert any("embedded redis exited; starting it again" in line for line in engine.lines)
-
-
-def torn_transaction(*keys: str) -> bytes:
-    """The head of a transaction (MULTI, an INCR, half of an XADD) as a kill leaves it at the
-    end of an append-only file: the write that was never finished nor answered."""
-    seq, log_key = (key.encode() for key in keys)
-    return b"*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (
-        len(seq),
-        seq,
-    ) + b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$3\r\n4-" % (len(log_key), log_key)
-
-
-async def test_a_torn_write_at_the_end_of_the_aof_never_shows_later(
-    config: Config, processes: list[EngineProcess]
-) -> None:
-    env = engine_env(replace(config, redis_url=None))
-    keys = eng.Keys(config.redis_prefix)
-    for start_number in range(3):
-        engine = await EngineProcess.spawn(env)
-        processes.append(engine)
-        url = await engine.url()
-        async with ClientSession() as http:
-            await reach(http, url, [await place(http, url)], "confirmed")
-            if start_number == 2:
-                log = [f["e"] async for f in _logged(http, url)]
-        engine.proc.send_signal(signal.SIGTERM)
-        assert await engine.exit_code() == 0
-        if start_number == 0:  # as if Redis had been killed mid-write before stopping
-            with (config.data_dir / "appendonly.aof").open("ab") as aof:
-                aof.write(torn_transaction(keys.user_seq("1"), keys.user_log("1")))
-    # Every event of the user's three orders is there, and nothing else: seq 1 to 15.
-    assert [orjson.loads(event)["seq"] for event in log] == list(range(1, 16))
-
-
-async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]]:
-    """The user's whole event log, as a client resuming from the start reads it."""
-    async with http.ws_connect(f"{url}/ws?userId=1&since=0") as ws:
-        assert orjson.loads((await ws.receive()).data)["type"] == "connected"
-        while True:
-            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
-            event = orjson.loads(message.data)
-            yield {"e": message.data}
-            if event["seq"] == 15:
-                return
-
-
-async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
-) -> None:
-    # Every heartbeat lapses while Redis is away; the engines are alive all the same, and
-    # none may take another's orders for a dead engine's (one attempt each: that would fail).
-    env = engine_env(
-        replace(config, redis_url=own_redis.url),
-        ENGINE_DEX_LATENCY_SCALE="0.5",
-        ENGINE_MAX_ATTEMPTS="1",
-        ENGINE_DEX_FAULTS=NO_TAIL,
-    )
-    engines = [await EngineProcess.spawn(env) for _ in range(3)]
-    processes.extend(engines)
-    urls = [await engine.url() for engine in engines]
-    async with ClientSession() as http:
-        order_ids = []
-        for outage in range(2):
-            order_ids += [await place(http, urls[i % 3]) for i in range(15)]
-            await reach(http, urls[0], order_ids[-3:], "submitted", *TERMINAL)
-            own_redis.kill()
-            await hold_fault(1.5 + outage)  # longer than ENGINE_HEARTBEAT_TTL_S (1 s)
-            own_redis.start()
-        records = await reach(http, urls[1], order_ids, *TERMINAL)
-    assert {record["status"] for record in records} == {"confirmed"}
-    assert {record["recoveries"] for record in records} == {0}
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -4903,22 +2289,18 @@ async def test_a_lastvalidblockheight_too_low_from_the_api_signs_no_second_swap_
     assert cluster.balance(cluster.wallet.pubkey(), cluster.usdc) == 990 * 10**6
 
 
-async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
-    start: Start, config: Config
+async def test_selling_sol_wraps_it_and_confirms_with_the_wallet_s_lamports_spent(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
 ) -> None:
-    @dataclass
-    class BrokenLookups(ScriptedVenue):
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            raise RuntimeError("a bug in the venue's chain client")
-
-    venue = BrokenLookups("RAYDIUM", land_then_crash=True)
-    client = await start(replace(config, concurrency=1), venues=[venue])
-    stuck = await order_id_of(client)
-    await wait_for(lambda: venue.executions, "the first execution")
-    venue.land_then_crash = False
-    record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
-    assert record["status"] == "confirmed"
-    assert (await get_order(client, stuck))["status"] == "submitted"  # its outcome is unknown
+    wallet = cluster.wallet.pubkey()
+    lamports = cluster.svm.get_balance(wallet) or 0
+    client = await start(solana_config(config, cluster, tmp_path))
+    body = {**SWAP, "inputToken": "SOL", "amount": 2}
+    record = await wait_status(client, await solana_order(client, body), "confirmed")
+    assert (record["amountOut"], record["finalPrice"]) == (300.0, 150.0)
+    assert cluster.balance(wallet, cluster.wif) == 300 * 10**6
+    fee = cluster.landed[record["txHash"]]["meta"]["fee"]
+    assert cluster.svm.get_balance(wallet) == lamports - 2 * 10**9 - fee  # its wSOL closed again
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -4965,6 +2347,2188 @@ async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config
         await start(replace(config, venues="test_engine:not_a_venue"))
 
 
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Engine: retries, recovery, shutdown, Redis trouble
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_a_retry_waits_in_redis_and_survives_a_restart(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    slow_retries = replace(config, retry_base_ms=60_000)
+    first = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
+    order_id = await order_id_of(first)
+    delayed = eng.Keys(config.redis_prefix).delayed
+    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    record = await get_order(first, order_id)
+    await first.close()
+    assert (record["status"], record["code"], record["attempts"]) == ("pending", "NO_QUOTES", 1)
+    # The back-off lives in the sorted set, so a new engine finds it; its clock says it is due.
+    second = await start(slow_retries, clock=lambda: time.time() + 120)
+    record = await wait_status(second, order_id, "confirmed")
+    assert record["attempts"] == 2
+    assert [h["status"] for h in record["history"]].count("pending") == 2
+
+
+async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    instance = client.app[eng.ENGINE].instance_id
+    keys = eng.Keys(config.redis_prefix)
+    busy = await order_id_of(client)
+    await wait_status(client, busy, "submitted")
+    waiting = await order_id_of(client)  # the only worker is busy, so this stays pending
+    # What a BLMOVE whose reply was lost leaves behind: the job in our list, no worker on it.
+    assert await redis.lmove(keys.pending, keys.processing(instance), "RIGHT", "LEFT") == waiting
+    held.set()
+    record = await wait_status(client, waiting, "confirmed")
+    assert record["attempts"] == 1
+    assert await redis.llen(keys.processing(instance)) == 0
+
+
+async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_job(
+    config: Config, redis: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    store = eng.Store(redis, config, time.time)
+    keys, zombie = store.keys, "stalled-host-1-abcdef"
+    await redis.sadd(keys.instances, zombie)  # listed, heartbeat long gone
+    await redis.lpush(keys.processing(zombie), "order_a", "order_b")
+    # The stalled instance's fetcher is still blocked in Redis, waiting for a pending job.
+    blocked = aioredis.from_url(redis_server.url, decode_responses=True)
+    pop: asyncio.Task[Any] = asyncio.create_task(
+        cast(Any, blocked.blmove(keys.pending, keys.processing(zombie), 5, "RIGHT", "LEFT"))
+    )
+    await wait_for(lambda: _blocked_clients(redis), "the stalled pop to block")
+    assert await store.recover(zombie, only_if_dead=True) == 2
+    assert await pop in {"order_a", "order_b"}  # Redis served it one of the jobs handed back
+    assert zombie in await redis.smembers(keys.instances)  # so it is not forgotten yet
+    assert await store.recover(zombie, only_if_dead=True) == 1  # and the job comes back
+    assert sorted(await redis.lrange(keys.pending, 0, -1)) == ["order_a", "order_b"]
+    await redis.zadd(keys.dead, {zombie: time.time() - eng.DEAD_GRACE_S - 1})
+    assert await store.recover(zombie, only_if_dead=True) == 0
+    assert zombie not in await redis.smembers(keys.instances)  # dead long enough: forgotten
+    assert not await redis.exists(keys.dead)
+    await blocked.aclose()
+
+
+async def _blocked_clients(redis: aioredis.Redis) -> bool:
+    return bool((await redis.info("clients"))["blocked_clients"] > 0)
+
+
+async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    busy = replace(config, concurrency=1, shutdown_grace_s=0.1)
+    a = await start(busy, venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
+    pending = eng.Keys(config.redis_prefix).pending
+    order_id = await order_id_of(a)
+    await wait_status(a, order_id, "submitted")
+    b = await start()
+    # A's heartbeat lapsed for a moment and its job was recovered; only B has a free worker.
+    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
+    await wait_for(lambda: _has_job(redis, a_jobs, order_id), "the job to go back to A's list")
+    assert await redis.llen(pending) == 0
+    await a.close()  # A goes away for good: its list, job included, is handed back
+    record = await wait_status(b, order_id, "confirmed")
+    # A shut down cleanly: taking its order over is no recovery, and its attempt is given back.
+    assert (record["recoveries"], record["attempts"], record["attemptsGivenBack"]) == (0, 1, 1)
+
+
+async def test_a_duplicate_never_removes_the_last_job_of_an_order(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    a = await start(
+        replace(config, shutdown_grace_s=0.1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
+    pending = eng.Keys(config.redis_prefix).pending
+    order_id = await order_id_of(a)
+    await wait_status(a, order_id, "submitted")
+    # The job was recovered while A's heartbeat lapsed, and A's own fetcher takes it back.
+    assert await redis.lmove(a_jobs, pending, "LEFT", "RIGHT") == order_id
+    await wait_for(lambda: _queue_empty(redis, config), "A to take the job back")
+    assert await _has_job(redis, a_jobs, order_id)  # the only copy stays where it belongs
+    await a.close()
+    b = await start()
+    await wait_status(b, order_id, "confirmed")
+
+
+async def _has_job(redis: aioredis.Redis, jobs: str, order_id: str) -> bool:
+    return await redis.lpos(jobs, order_id) is not None
+
+
+async def test_a_duplicate_job_for_an_order_in_flight_is_dropped(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        await wait_status(client, order_id, "submitted")
+        await redis.rpush(eng.Keys(config.redis_prefix).pending, order_id)
+        await wait_for(lambda: _queue_empty(redis, config), "duplicate taken off the queue")
+        held.set()
+        events = await events_until_done(ws, order_id)
+        marker = await order_id_of(client)
+        later = await events_until_done(ws, marker)
+    assert statuses(events, order_id) == HAPPY_PATH
+    assert {e["orderId"] for e in later} == {marker}
+    assert len(venue.executions) == 2  # the order once, the marker once
+
+
+async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
+    return await redis.llen(eng.Keys(config.redis_prefix).pending) == 0
+
+
+async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001(
+    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="engine")
+    held = asyncio.Event()
+    first = await start(
+        replace(config, shutdown_grace_s=0.3), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    engine = first.app[eng.ENGINE]
+    watcher = ClientSession()  # its own session: closing the test client must not close the socket
+    ws = await watcher.ws_connect(first.make_url("/ws?userId=1"))
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "submitted")
+    drain = asyncio.create_task(engine.drain())
+    await wait_for(lambda: engine.draining, "draining")
+    status, reply = await post(first)
+    assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
+        503,
+        "SHUTTING_DOWN",
+        True,
+    )
+    ready = await first.get("/readyz")
+    assert (ready.status, (await ready.json())["status"]) == (503, "draining")
+    await drain  # the grace ran out with the order still in the venue
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.lrange(keys.pending, 0, -1) == [order_id]
+    assert not await redis.exists(keys.heartbeat(engine.instance_id))
+    await first.close()
+    seen = []
+    while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
+        seen.append(orjson.loads(message.data))
+    await watcher.close()
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)
+
+    def closed() -> list[Any]:
+        return [getattr(r, "code", 0) for r in caplog.records if r.message == "websocket closed"]
+
+    await wait_for(closed, "the socket's last log line")
+    assert closed() == [1001]  # the log says what the client was sent
+    assert statuses(seen, order_id) == ["pending", "routing", "building", "submitted"]
+    second = await start()
+    record = await wait_status(second, order_id, "confirmed")
+    # The attempt the shutdown cut short is given back; the order ran again under attempt 1.
+    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
+    interrupted = [h for h in record["history"] if h.get("code") == "INTERRUPTED"]
+    assert len(interrupted) == 1
+
+
+async def test_a_transaction_that_landed_is_confirmed_even_if_its_answer_was_lost(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", land_then_hang=True)  # lands, then never answers
+    client = await start(replace(config, execution_timeout_ms=100), venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH  # no retry: the chain said it landed
+    submitted, confirmed = events[3], events[4]
+    assert confirmed["txHash"] == submitted["txHash"] == venue.executions[0].signature
+    assert len(venue.executions) == 1
+
+
+async def test_an_unexpected_error_after_the_swap_landed_still_confirms_it(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", land_then_crash=True)  # lands, then the client code breaks
+    client = await start(venues=[venue])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["txHash"]) == ("confirmed", venue.executions[0].signature)
+    assert len(venue.executions) == 1
+
+
+async def test_an_order_taken_over_after_its_transaction_landed_is_not_sent_again(
+    start: Start, config: Config
+) -> None:
+    chain: dict[str, eng.TxStatus] = {}
+    lands_and_hangs = ScriptedVenue("RAYDIUM", land_then_hang=True, ledger=chain)
+    first = await start(
+        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=30_000), venues=[lands_and_hangs]
+    )
+    order_id = await order_id_of(first)
+    await wait_for(lambda: bool(chain), "the transaction to land")
+    await first.close()  # the grace runs out: the order goes back to the queue, still submitted
+    healthy = ScriptedVenue("RAYDIUM", ledger=chain)
+    second = await start(venues=[healthy])
+    record = await wait_status(second, order_id, "confirmed")
+    assert record["txHash"] == lands_and_hangs.executions[0].signature
+    assert (record["attempts"], record["recoveries"]) == (1, 0)  # handed back, not recovered
+    assert [h["status"] for h in record["history"]] == HAPPY_PATH
+    assert healthy.executions == []
+
+
+def chain_tx(config: Config, expires_at_ms: int) -> eng.SwapTx:
+    """A signed transaction for the simulated chain, with a fresh signature."""
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    quote = venue_quotes(market(), sol, usdc, 10**9)[0]
+    tx = swap_tx(quote, 10**9)
+    return replace(tx, signature=f"sig-{secrets.token_hex(8)}", expires_at_ms=expires_at_ms)
+
+
+LANDS = eng.TxStatus(True, eng.Fill("sig", 150.0, 149_000_000))
+
+
+async def test_the_chain_decides_expiry_by_its_own_clock_once_per_signature(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    # Every send below read the sender's clock before it waited in a queue (the auto-pipeline, a
+    # socket, a stalled Redis): that reading says "not expired" however late the send arrives.
+    sent_at = time.time()
+    chain = eng.MockChain(redis, eng.Keys(config.redis_prefix), 60, lambda: sent_at)
+    expires_ms = int(sent_at * 1000) + 50
+    overtaken, late, fresh = (chain_tx(config, expires_ms) for _ in range(3))
+    fresh = replace(fresh, expires_at_ms=expires_ms + 60_000)
+    assert await chain.lookup(overtaken.signature, expires_ms) is None  # it may still land
+    await wait_for(lambda: time.time() * 1000 > expires_ms + 5, "the transactions to expire")
+    # The lookup got there first and was told "expired": the send that follows never lands.
+    told = await chain.lookup(overtaken.signature, expires_ms)
+    assert told is not None
+    assert (told.landed, told.code) == (False, "TX_EXPIRED")
+    after = await chain.record(overtaken, LANDS)
+    assert (after.landed, after.code) == (False, "TX_EXPIRED")
+    # A send that arrives after the expiry does not land either, with no lookup before it.
+    assert not (await chain.record(late, LANDS)).landed
+    # One in time lands, once: a resend, or a lookup, gets that first outcome back.
+    assert (await chain.record(fresh, LANDS)).landed
+    failed = eng.TxStatus(False, code="EXECUTION_FAILED", error="x")
+    assert (await chain.record(fresh, failed)).landed
+    again = await chain.lookup(fresh.signature, fresh.expires_at_ms)
+    assert again is not None
+    assert again.landed
+    assert await landed_transactions(redis, config) == {fresh.order_id: [fresh.signature]}
+
+
+async def test_what_an_attempt_waits_on_redis_counts_however_the_wait_ends() -> None:
+    held = eng.HeldUp()
+    token = eng.HELD_UP.set(held)
+
+    async def answers_late() -> int:
+        await asyncio.sleep(0.2)  # Redis's slow answer
+        return 1
+
+    try:
+        assert await eng.persist("slow", answers_late) == 1
+        # An attempt's own timeout cuts a wait short: the wait still counts.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(eng.persist("stalled", asyncio.Event().wait), 0.2)
+    finally:
+        eng.HELD_UP.reset(token)
+    assert held.waited_s >= 0.4
+    assert (held.by_redis(0.3), held.by_redis(1.0), held.failed) == (True, False, False)
+
+
+class HeldChain(eng.MockChain):
+    """A chain whose first send reaches Redis only when the test says: a write held in a queue
+    while the worker, its execution timed out, asks the chain what became of it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.release = asyncio.Event()
+        self.held: list[asyncio.Task[eng.TxStatus]] = []
+
+    async def record(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
+        if self.held:
+            return await super().record(tx, status)
+        self.held.append(asyncio.ensure_future(self._late(tx, status)))
+        return await asyncio.shield(self.held[0])  # the worker's timeout does not recall it
+
+    async def _late(self, tx: eng.SwapTx, status: eng.TxStatus) -> eng.TxStatus:
+        await self.release.wait()
+        return await super().record(tx, status)
+
+
+async def test_a_send_held_back_past_its_expiry_never_lands_beside_the_retry(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    fast = replace(config, execution_timeout_ms=300)
+    chain = HeldChain(redis, eng.Keys(config.redis_prefix), 60, time.time)
+    client = await start(fast, venues=eng.default_venues(fast, chain))
+    order_id = await order_id_of(client)
+    # The first execution times out with its send still held; the worker waits for the chain's
+    # verdict on that signature, is told it expired, and signs a second transaction.
+    record = await wait_status(client, order_id, "confirmed")
+    chain.release.set()  # the first send reaches Redis at last, long after its expiry
+    late = await chain.held[0]
+    assert (late.landed, late.code) == (False, "TX_EXPIRED")
+    # The write that never came back in time held the attempt up: it is given back.
+    assert (record["attempts"], record["attemptsGivenBack"]) == (1, 1)
+    assert [h.get("code") for h in record["history"]].count("EXECUTION_TIMEOUT") == 1
+    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
+
+
+async def test_a_transaction_the_chain_never_saw_is_waited_out_before_a_new_one(
+    start: Start, config: Config
+) -> None:
+    never = ScriptedVenue("RAYDIUM", gate=asyncio.Event())
+    first = await start(
+        replace(config, shutdown_grace_s=0.1, execution_timeout_ms=1500), venues=[never]
+    )
+    order_id = await order_id_of(first)
+    submitted = await wait_status(first, order_id, "submitted")
+    await first.close()
+    second = await start()
+    record = await wait_status(second, order_id, "confirmed")
+    retried_at = [h["ts"] for h in record["history"] if h["status"] == "routing"][1]
+    # The first transaction could have landed until it expired; only then was a second one built.
+    assert retried_at >= submitted["txExpiresAt"]
+    assert (record["attempts"], record["attemptsGivenBack"], record["recoveries"]) == (1, 1, 0)
+    assert record["txHash"] != submitted["txHash"]
+
+
+async def test_a_shutdown_whose_hand_back_redis_misses_still_counts_no_death(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    server = own_redis
+    own = replace(
+        config, redis_url=server.url, shutdown_grace_s=0.2, execution_timeout_ms=300, max_attempts=1
+    )
+    first = await start(own, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
+    engine = first.app[eng.ENGINE]
+    order_id = await order_id_of(first)
+    await wait_status(first, order_id, "submitted")
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    draining = asyncio.create_task(engine.drain())
+    mark = eng.Keys(config.redis_prefix).draining(engine.instance_id)
+    await wait_for(lambda: redis.exists(mark), "the drain to begin")
+    server.signal(signal.SIGSTOP)  # Redis stands still as the orders are to be handed back
+    await draining  # it gives up on the hand-back rather than hold the shutdown
+    server.signal(signal.SIGCONT)
+    await first.close()
+    # Another engine takes the order up once the first one's heartbeat is gone: a shutdown, so
+    # no death is counted and the cut-short attempt is given back (one attempt allowed).
+    second = await start(own)
+    record = await wait_status(second, order_id, "confirmed", "failed")
+    assert (record["status"], record["recoveries"], record["attemptsGivenBack"]) == (
+        "confirmed",
+        0,
+        1,
+    )
+    await second.close()
+    await redis.aclose()
+
+
+async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
+    start: Start, config: Config
+) -> None:
+    # A rolling restart whose grace is shorter than an order's execution, three times over.
+    quick = replace(config, shutdown_grace_s=0.1, execution_timeout_ms=300, max_attempts=1)
+    order_id = ""
+    for restart in range(3):
+        engine = await start(quick, venues=[ScriptedVenue("RAYDIUM", gate=asyncio.Event())])
+        order_id = order_id or await order_id_of(engine)
+
+        async def sent_again() -> bool:
+            history = (await get_order(engine, order_id))["history"]  # noqa: B023
+            return [h["status"] for h in history].count("submitted") == restart + 1  # noqa: B023
+
+        await wait_for(sent_again, "this engine to send its own transaction")
+        await engine.close()
+    record = await wait_status(await start(quick), order_id, "confirmed", "failed")
+    assert (record["status"], record["attempts"], record["recoveries"]) == ("confirmed", 1, 0)
+    assert record["attemptsGivenBack"] == 3
+
+
+@dataclass
+class PausingVenue(ScriptedVenue):
+    """A venue whose first quote stops the whole process as it begins (a long garbage
+    collection, a SIGSTOP): the event loop stands still for `pause_s`, and the quote's own
+    short wait only starts after it."""
+
+    pause_s: float = 0.0
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        if self.pause_s:
+            time.sleep(self.pause_s)  # noqa: ASYNC251  (the point: nothing else runs meanwhile)
+            self.pause_s = 0
+        await asyncio.sleep(0.05)
+        return await super().quote(sell, buy, amount_in)
+
+
+async def test_an_attempt_that_fails_across_a_pause_of_the_engine_is_given_back(
+    start: Start, config: Config
+) -> None:
+    one_attempt = replace(config, quote_timeout_ms=500, max_attempts=1)
+    client = await start(one_attempt, venues=[PausingVenue("RAYDIUM", pause_s=1.5)])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    # The quote timed out only because the engine itself stood still: not the venue's fault.
+    assert (record["status"], record["attempts"], record["attemptsGivenBack"]) == (
+        "confirmed",
+        1,
+        1,
+    )
+    assert [h.get("code") for h in record["history"]].count("NO_QUOTES") == 1
+
+
+async def test_shutdown_always_finishes_even_when_loops_are_mid_command(config: Config) -> None:
+    # Stopping right after start catches the loops in the middle of Redis calls, where a single
+    # cancel can be lost (Python 3.11's wait_for, used inside redis-py).
+    for _ in range(25):
+        client = TestClient(TestServer(eng.create_app(config)))
+        await client.start_server()
+        async with asyncio.timeout(DEADLINE_S):
+            await client.close()
+
+
+async def test_two_engines_with_different_prefixes_do_not_see_each_other(
+    start: Start, config: Config
+) -> None:
+    first = await start()
+    second = await start(replace(config, redis_prefix=config.redis_prefix + "b:"))
+    async with second.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        order_id = await order_id_of(first)
+        await wait_status(first, order_id, "confirmed")
+        assert (await second.get(f"/api/orders/{order_id}")).status == 404
+        assert (await (await second.get("/api/orders?userId=1")).json())["orders"] == []
+        marker = await order_id_of(second)
+        events = await events_until_done(ws, marker)
+    assert {e["orderId"] for e in events} == {marker}
+
+
+async def test_redis_going_away_and_coming_back_loses_nothing(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    server = own_redis
+    held = asyncio.Event()
+    client = await start(
+        replace(config, redis_url=server.url), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    try:
+        async with client.ws_connect("/ws?userId=1") as ws:
+            await receive(ws)
+            order_ids = [await order_id_of(client) for _ in range(3)]
+            for order_id in order_ids:
+                await wait_status(client, order_id, "submitted")
+            server.stop()
+            status, reply = await post(client)
+            assert (status, reply["error"]["code"], reply["error"]["retryable"]) == (
+                503,
+                "REDIS_UNAVAILABLE",
+                True,
+            )
+            assert (await client.get("/healthz")).status == 503
+            ready = await client.get("/readyz")
+            assert (ready.status, (await ready.json())["status"]) == (503, "unavailable")
+            held.set()  # the venues answer while Redis is down: workers must wait, not drop
+            server.start()
+            events = await events_until_done(ws, *order_ids)
+            after = await order_id_of(client)
+            events += await events_until_done(ws, after)
+        for order_id in order_ids:
+            assert statuses(events, order_id)[-1] == "confirmed"
+            assert statuses(events, order_id).count("confirmed") == 1
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs))
+        assert (await scrape(client))[("oee_redis_errors_total", ())] > 0
+    finally:
+        await client.close()
+
+
+async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
+    start: Start, config: Config
+) -> None:
+    @dataclass
+    class BrokenLookups(ScriptedVenue):
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            raise RuntimeError("a bug in the venue's chain client")
+
+    venue = BrokenLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    stuck = await order_id_of(client)
+    await wait_for(lambda: venue.executions, "the first execution")
+    venue.land_then_crash = False
+    record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
+    assert record["status"] == "confirmed"
+    assert (await get_order(client, stuck))["status"] == "submitted"  # its outcome is unknown
+
+
+# ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
+
+LIMIT = {**ORDER, "type": "limit", "limitPrice": 105, "expiresInS": 600}  # ORDER sells 2 SOL
+
+
+def sniper(trigger: str, **more: Any) -> dict[str, Any]:
+    return {**ORDER, "type": "sniper", "trigger": trigger, "expiresInS": 600, **more}
+
+
+async def test_a_limit_order_that_is_marketable_fills_at_once_no_worse_than_its_limit(
+    start: Start,
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])  # pays 99.7 after fees
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99.5})
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH
+    assert (events[0]["type"], events[0]["orderType"], events[0]["limitPrice"]) == (
+        "order",
+        "limit",
+        99.5,
+    )
+    building = next(e for e in events if e["status"] == "building")
+    assert building["minAmountOut"] >= 2 * 99.5
+    assert events[-1]["amountOut"] >= 2 * 99.5
+
+
+async def test_a_limit_order_waits_until_its_price_is_there(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=100.0)
+    client = await start(venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, LIMIT)
+        waiting = await wait_status(client, order_id, "waiting")
+        assert waiting["attempts"] == 0  # checking the price used up no attempt
+        async with client.ws_connect("/ws?userId=1") as late:  # a waiting order is unfinished
+            assert (await receive(late))["type"] == "connected"
+            assert snapshot_of(await receive(late)) == (order_id, "waiting")
+        venue.price = 110.0  # the market moves up past the limit
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == ["pending", "routing", "waiting", *HAPPY_PATH[1:]]
+    wait_event = next(e for e in events if e["status"] == "waiting")
+    assert wait_event["bestPrice"] == pytest.approx(99.7)
+    assert (events[-1]["status"], events[-1]["attempt"]) == ("confirmed", 1)
+    assert events[-1]["amountOut"] >= 2 * 105
+    assert [tx.order_id for tx in venue.executions] == [order_id]
+
+
+async def test_a_waiting_order_that_runs_out_of_time_fails_with_expired(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    order_id = await order_id_of(client, {**LIMIT, "expiresInS": 1})
+    record = await wait_status(client, order_id, "failed")
+    assert (record["code"], record["attempts"]) == ("EXPIRED", 0)
+    assert [h["status"] for h in record["history"]] == ["pending", "routing", "waiting", "failed"]
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.zcard(keys.expiring) == 0
+    assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
+
+
+@pytest.mark.parametrize(
+    ("trigger", "start_price", "moved_price"),
+    [("priceAbove", 100.0, 125.0), ("priceBelow", 100.0, 85.0)],
+)
+async def test_a_sniper_order_fires_when_the_price_crosses_its_trigger(
+    start: Start, trigger: str, start_price: float, moved_price: float
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=start_price)
+    client = await start(venues=[venue])
+    threshold = 120 if trigger == "priceAbove" else 90
+    order_id = await order_id_of(client, sniper(trigger, triggerPrice=threshold))
+    record = await wait_status(client, order_id, "waiting")
+    assert [h["status"] for h in record["history"]] == ["pending", "waiting"]
+    assert (record["trigger"], record["triggerPrice"]) == (trigger, threshold)
+    venue.price = moved_price
+    record = await wait_status(client, order_id, "confirmed")
+    assert [h["status"] for h in record["history"]][-4:] == HAPPY_PATH[1:]
+    assert record["finalPrice"] == moved_price
+
+
+async def test_a_sniper_order_fires_when_its_pair_is_listed(start: Start) -> None:
+    venue = ScriptedVenue("RAYDIUM", listed=False)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client, sniper("listing"))
+    await wait_status(client, order_id, "waiting")
+    assert venue.executions == []
+    venue.listed = True  # a pool for the pair appears
+    record = await wait_status(client, order_id, "confirmed")
+    assert record["trigger"] == "listing"
+
+
+async def test_a_simulated_listing_fires_waiting_sniper_orders(
+    start: Start, config: Config
+) -> None:
+    listing = {"dex": "METEORA", "base": "BONK", "quote": "JUP", "atS": 1, "valueUsd": 2_000_000}
+    client = await start(
+        replace(config, dex_listings=(eng._listings(orjson.dumps([listing]).decode())))
+    )
+    body = sniper("listing", inputToken="JUP", outputToken="BONK", amount=100)
+    order_id = await order_id_of(client, body)
+    await wait_status(client, order_id, "waiting")
+    record = await wait_status(client, order_id, "confirmed")
+    assert [leg["pool"] for leg in record["routePlan"]] == ["meteora-launch-BONK-JUP"]
+
+
+async def test_one_price_move_fires_every_waiting_order_once_across_instances(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venues = [ScriptedVenue("RAYDIUM", price=100.0), ScriptedVenue("RAYDIUM", price=100.0)]
+    busy = replace(config, concurrency=50)
+    first, _second = await start(busy, venues=[venues[0]]), await start(busy, venues=[venues[1]])
+    order_ids = await asyncio.gather(*(order_id_of(first, LIMIT) for _ in range(400)))
+    trigger_set = eng.Keys(config.redis_prefix).triggers("up", "SOL", "USDC")
+    await wait_for(lambda: _count_is(redis.zcard(trigger_set), 400), "every order to wait")
+    for venue in venues:
+        venue.price = 110.0
+    await wait_for(lambda: _all_confirmed(first, order_ids), "every order to be filled")
+    executed = [tx.order_id for venue in venues for tx in venue.executions]
+    assert sorted(executed) == sorted(order_ids)  # each once, whichever instance ran it
+    assert await redis.zcard(trigger_set) == 0
+
+
+async def _count_is(count: Awaitable[int], expected: int) -> bool:
+    return await count == expected
+
+
+async def _all_confirmed(client: TestClient[Any, Any], order_ids: list[str]) -> bool:
+    response = await client.get("/api/orders", params={"userId": "1", "limit": "100"})
+    listed = (await response.json())["orders"]
+    if any(order["status"] != "confirmed" for order in listed):
+        return False
+    records = [await get_order(client, order_id) for order_id in order_ids]
+    return all(record["status"] == "confirmed" for record in records)
+
+
+async def test_waiting_orders_survive_a_restart(start: Start) -> None:
+    first = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    limit_id = await order_id_of(first, LIMIT)
+    sniper_id = await order_id_of(first, sniper("priceAbove", triggerPrice=108))
+    for order_id in (limit_id, sniper_id):
+        await wait_status(first, order_id, "waiting")
+    await first.close()
+    second = await start(venues=[ScriptedVenue("RAYDIUM", price=110.0)])
+    for order_id in (limit_id, sniper_id):
+        assert (await wait_status(second, order_id, "confirmed"))["amountOut"] > 0
+
+
+async def test_a_waiting_order_can_be_cancelled_and_never_fires(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", price=100.0)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client, LIMIT)
+    await wait_status(client, order_id, "waiting")
+    status, record = await cancel(client, order_id)
+    assert (status, record["status"]) == (200, "cancelled")
+    keys = eng.Keys(config.redis_prefix)
+    assert await redis.zscore(keys.triggers("up", "SOL", "USDC"), order_id) is None
+    assert await redis.zscore(keys.expiring, order_id) is None
+    venue.price = 110.0
+    marker = await order_id_of(client)  # a market order after it: once it is done, so is any fire
+    await wait_status(client, marker, "confirmed")
+    assert [tx.order_id for tx in venue.executions] == [marker]
+    assert (await get_order(client, order_id))["status"] == "cancelled"
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Event hub: WebSocket delivery
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_a_socket_sees_connected_then_every_status_in_seq_order(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert await receive(ws) == {"type": "connected", "userId": "1"}
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    pending, confirmed = events[0], events[-1]
+    assert {k: pending[k] for k in ("type", "userId", "inputToken", "outputToken", "amount")} == {
+        "type": "order", "userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 2,
+    }  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", pending["ts"])
+    assert {"txHash", "finalPrice", "amountOut", "dex"} <= set(confirmed)
+
+
+async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        snapshot = await receive(ws)
+        assert snapshot_of(snapshot) == (order_id, "submitted")
+        held.set()
+        confirmed = await receive(ws)
+    assert (confirmed["status"], confirmed["seq"]) == ("confirmed", snapshot["seq"] + 1)
+    assert "snapshot" not in confirmed
+
+
+async def test_every_socket_of_a_user_gets_every_event_and_other_users_none(start: Start) -> None:
+    client = await start()
+    async with (
+        client.ws_connect("/ws?userId=1") as first,
+        client.ws_connect("/ws?userId=1") as second,
+        client.ws_connect("/ws?userId=2") as other,
+    ):
+        for ws in (first, second, other):
+            assert (await receive(ws))["type"] == "connected"
+        order_id = await order_id_of(client)
+        seen_first = await events_until_done(first, order_id)
+        seen_second = await events_until_done(second, order_id)
+        theirs = await order_id_of(client, {**ORDER, "userId": "2"})
+        seen_other = await events_until_done(other, theirs)
+    assert seen_first == seen_second
+    assert len(seen_first) == 5
+    assert {e["orderId"] for e in seen_other} == {theirs}  # user 1's events would have come first
+
+
+async def test_resume_with_since_replays_the_same_bytes_then_continues_live(start: Start) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as live:
+        await receive(live)
+        first = await order_id_of(client)
+        raw = [(await live.receive()).data for _ in range(5)]
+        async with client.ws_connect("/ws?userId=1&since=2") as resumed:
+            assert (await receive(resumed))["type"] == "connected"
+            replayed = [(await resumed.receive()).data for _ in range(3)]
+            assert replayed == raw[2:]
+            second = await order_id_of(client)
+            next_live = await events_until_done(live, second)
+            next_resumed = await events_until_done(resumed, second)
+    assert next_live == next_resumed
+    assert [e["seq"] for e in next_resumed] == [6, 7, 8, 9, 10]
+    assert first != second
+
+
+async def test_resume_from_before_the_log_or_beyond_it_resyncs(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    done = await order_id_of(client)
+    held.set()
+    await wait_status(client, done, "confirmed")
+    held.clear()
+    open_order = await order_id_of(client)
+    await wait_status(client, open_order, "submitted")
+    # the capped log has dropped its oldest entries
+    await redis.xtrim(eng.Keys(config.redis_prefix).user_log("1"), minid="4-0", approximate=False)
+    for since in (1, 500):
+        async with client.ws_connect(f"/ws?userId=1&since={since}") as ws:
+            assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
+            snapshot = await receive(ws)
+            assert snapshot_of(snapshot) == (open_order, "submitted")
+    held.set()
+
+
+async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
+    start: Start,
+) -> None:
+    held = asyncio.Event()
+    a = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    b = await start()
+    a_id, b_id = a.app[eng.ENGINE].instance_id, b.app[eng.ENGINE].instance_id
+    order_ids: list[str] = []
+    async with a.ws_connect("/ws?userId=1") as on_a, b.ws_connect("/ws?userId=1") as on_b:
+        for ws in (on_a, on_b):
+            assert (await receive(ws))["type"] == "connected"
+
+        async def both_executing() -> bool:  # until each instance has taken at least one
+            order_ids.append(await order_id_of(b if len(order_ids) % 2 else a))
+            records = [await get_order(b, order_id) for order_id in order_ids]
+            return {r["instance"] for r in records} == {a_id, b_id}
+
+        await wait_for(both_executing, "both instances to take orders")
+        held.set()
+        seen_on_a = await events_until_done(on_a, *order_ids)
+        seen_on_b = await events_until_done(on_b, *order_ids)
+    assert seen_on_a == seen_on_b
+    assert [e["seq"] for e in seen_on_a] == list(range(1, len(seen_on_a) + 1))
+    executed_by = {e["instance"] for e in seen_on_a if e["status"] == "routing"}
+    assert executed_by == {a_id, b_id}
+
+
+# A small event log, and sockets closed as too slow well before they fall behind it.
+SMALL_LOG = 200
+SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40, resume_slack=80)
+
+
+async def test_resume_at_the_edge_of_the_capped_log(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    small = replace(config, concurrency=20, event_log_keep=SMALL_LOG)
+    client = await start(small, hub_limits=SMALL_LIMITS)
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+
+        async def place() -> list[str]:
+            return [await order_id_of(client) for _ in range(60)]  # 300 events
+
+        placing = asyncio.create_task(place())  # read as they come, as a client keeping up
+        finished = 0
+        while finished < 60:
+            finished += (await receive(ws)).get("status") in TERMINAL
+        await placing
+    keys = eng.Keys(config.redis_prefix)
+    (first_id, _), *_ = await stream(redis, keys.user_log("1"), count=1)
+    oldest, newest = int(first_id.split("-")[0]), await integer(redis, keys.user_seq("1"))
+    assert oldest > 1  # the log was capped: its oldest events are gone ...
+    assert newest - oldest + 1 >= SMALL_LOG  # ... but at least ENGINE_EVENT_LOG_KEEP remain
+    async with client.ws_connect(f"/ws?userId=1&since={oldest - 1}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = [await receive(ws) for _ in range(newest - oldest + 1)]
+    assert [e["seq"] for e in replayed] == list(range(oldest, newest + 1))
+    async with client.ws_connect(f"/ws?userId=1&since={oldest - 2}") as ws:
+        assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
+        marker = await order_id_of(client)
+        assert (await receive(ws))["orderId"] == marker  # nothing unfinished to snapshot
+
+
+def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Server-to-client WebSocket frames (unmasked) as (opcode, payload)."""
+    frames, at = [], 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            (length,) = struct.unpack(">H", data[at : at + 2])
+            at += 2
+        elif length == 127:
+            (length,) = struct.unpack(">Q", data[at : at + 8])
+            at += 8
+        frames.append((opcode, data[at : at + length]))
+        at += length
+    return frames
+
+
+async def test_a_client_resuming_deep_in_the_log_and_reading_slowly_can_always_resume_again(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=SMALL_LIMITS)
+    deep = {**ORDER, "userId": "deep"}
+    for order_id in [await order_id_of(client, deep) for _ in range(30)]:  # 150 events logged
+        await wait_status(client, order_id, "confirmed")
+    keys = eng.Keys(config.redis_prefix)
+    newest = await integer(redis, keys.user_seq("deep"))
+
+    async def keep_placing() -> None:  # the user trades on, faster than the client reads
+        while (await (await client.get("/healthz")).json())["slowWebsocketsClosed"] == 0:
+            await post(client, deep)
+
+    placing = asyncio.create_task(keep_placing())
+    seen = [newest - 110]  # resumes far back, though within the log
+    async with client.ws_connect(f"/ws?userId=deep&since={seen[0]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        while (message := await asyncio.wait_for(ws.receive(), DEADLINE_S)).type is WSMsgType.TEXT:
+            seen.append(orjson.loads(message.data)["seq"])
+            await hold_fault(0.01)  # a client that reads slowly
+    await placing  # it stopped once the socket was closed: the client comes back in time
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1013)
+    assert seen[1:] == list(range(seen[0] + 1, seen[-1] + 1))
+    listed = await (await client.get("/api/orders?userId=deep&limit=100")).json()
+    for order in listed["orders"]:  # the last orders finish: a few more events
+        await wait_status(client, order["orderId"], *TERMINAL)
+    # Closed before it fell out of reach: from where it stopped, the log replays everything.
+    logged = [e["e"] for i, e in await stream(redis, keys.user_log("deep"), f"({seen[-1]}-0")]
+    async with client.ws_connect(f"/ws?userId=deep&since={seen[-1]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = [(await asyncio.wait_for(ws.receive(), DEADLINE_S)).data for _ in logged]
+    assert replayed == logged
+
+
+async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_reading(
+    start: Start, config: Config
+) -> None:
+    limits = replace(  # too slow when 20 behind; then cut off only once it takes nothing
+        SMALL_LIMITS,
+        unread_max=20,
+        queue_max=20,
+        resume_slack=90,  # closed 110 behind
+        cut_after_s=0.2,
+        socket_send_buffer=4096,
+    )
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (client.host, client.port))
+    await loop.sock_sendall(raw, upgrade_request("trickle"))
+    received = b""
+
+    def closed() -> bool:
+        _, _, frames = received.partition(b"\r\n\r\n")
+        return any(opcode == 0x8 for opcode, _ in _read_frames(frames))
+
+    async def keep_placing() -> None:  # until the socket is closed as too slow
+        while not closed():
+            await post(client, {**ORDER, "userId": "trickle"})
+
+    placing = asyncio.create_task(keep_placing())
+    async with asyncio.timeout(DEADLINE_S):
+        while chunk := await loop.sock_recv(raw, 256):  # a little at a time, well apart
+            received += chunk
+            await hold_fault(0.02)
+    placing.cancel()
+    raw.close()
+    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    opcode, payload = frames[-1]  # reached in full, though it took longer than cut_after_s
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
+
+
+def upgrade_request(user: str) -> bytes:
+    return (
+        f"GET /ws?userId={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_everything(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    limits = replace(
+        SMALL_LIMITS, unread_max=8, queue_max=8, write_buffer_max=16_384, socket_send_buffer=4096
+    )
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
+    slow = {**ORDER, "userId": "slow"}
+    history = [await order_id_of(client, slow) for _ in range(30)]  # 150 events already logged
+    for order_id in history:
+        await wait_status(client, order_id, "confirmed")
+
+    async def health() -> dict[str, Any]:
+        body: dict[str, Any] = await (await client.get("/healthz")).json()
+        return body
+
+    # A client with a tiny receive buffer that completes the handshake and then stops reading,
+    # never answering a ping either.
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (client.host, client.port))
+    await loop.sock_sendall(
+        raw,
+        b"GET /ws?userId=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    async with client.ws_connect("/ws?userId=fast") as fast:
+        await receive(fast)
+        await wait_for(lambda: _websockets(client, 2), "the slow client's handshake")
+
+        async def slow_socket_dropped() -> bool:
+            if (await health())["slowWebsocketsClosed"] == 1:
+                return True
+            await asyncio.gather(*(post(client, slow) for _ in range(20)))
+            return False
+
+        await wait_for(slow_socket_dropped, "the slow socket to be dropped")
+        order_id = await order_id_of(client, {**ORDER, "userId": "fast"})
+        events = await events_until_done(fast, order_id)  # the other user is served in full
+    assert statuses(events, order_id)[-1] == "confirmed"
+    # The slow client, reading at last, finds what it was sent, then the 1013 close: never more
+    # than `unread_max` events it had not answered a ping for.
+    received = b""
+    async with asyncio.timeout(DEADLINE_S):
+        while chunk := await loop.sock_recv(raw, 65536):
+            received += chunk
+    raw.close()
+    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    assert texts[0] == {"type": "connected", "userId": "slow"}
+    seen = [event["seq"] for event in texts[1:]]
+    assert 0 < len(seen) <= limits.unread_max
+    opcode, payload = frames[-1]
+    assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
+    await wait_for(lambda: _websockets(client, 0), "the slow socket (and the fast) to be gone")
+    # The workers never waited for the slow client: all its orders went through.
+    listed = await (await client.get("/api/orders?userId=slow&limit=100")).json()
+    for order in listed["orders"]:
+        await wait_status(client, order["orderId"], "confirmed")
+    # Its log has been capped meanwhile, yet resuming from the last event it read replays every
+    # event since, byte for byte as logged: no resync, no gap.
+    logged = await stream(redis, eng.Keys(config.redis_prefix).user_log("slow"))
+    assert int(logged[0][0].split("-")[0]) > 1
+    missed = [entry["e"] for seq_id, entry in logged if int(seq_id.split("-")[0]) > seen[-1]]
+    async with client.ws_connect(f"/ws?userId=slow&since={seen[-1]}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        replayed = []
+        for _ in missed:
+            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            replayed.append(message.data)
+    assert replayed == missed
+
+
+async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
+    return bool((await (await client.get("/healthz")).json())["websockets"] == count)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# HTTP and WebSocket handlers
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "field"),
+    [
+        ({**ORDER, "userId": None}, "MISSING_FIELD", "userId"),
+        ({**ORDER, "userId": ""}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": "a b"}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": "x" * 65}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": True}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "userId": 1.5}, "INVALID_USER_ID", "userId"),
+        ({**ORDER, "inputToken": "DOGE"}, "UNKNOWN_TOKEN", "inputToken"),
+        ({**ORDER, "inputToken": "\u017fol"}, "UNKNOWN_TOKEN", "inputToken"),  # upper(): "SOL"
+        ({**ORDER, "outputToken": 7}, "UNKNOWN_TOKEN", "outputToken"),
+        ({**ORDER, "outputToken": "sol"}, "INVALID_PAIR", "outputToken"),
+        ({**ORDER, "amount": 0}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": -1}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": "10"}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": True}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 10_001}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 0.0001}, "INVALID_AMOUNT", "amount"),
+        ({**ORDER, "amount": 1.0000000001}, "INVALID_AMOUNT", "amount"),  # SOL has 9 decimals
+        ({k: v for k, v in ORDER.items() if k != "amount"}, "MISSING_FIELD", "amount"),
+        ({**ORDER, "slippageBps": 0}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "slippageBps": 5001}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "slippageBps": 50.5}, "INVALID_SLIPPAGE", "slippageBps"),
+        ({**ORDER, "side": "buy"}, "UNKNOWN_FIELD", "side"),
+        ({**ORDER, "type": "stop"}, "INVALID_TYPE", "type"),
+        ({**ORDER, "type": 1}, "INVALID_TYPE", "type"),
+        ({**ORDER, "limitPrice": 100}, "INVALID_FIELD", "limitPrice"),
+        ({**ORDER, "expiresInS": 60}, "INVALID_FIELD", "expiresInS"),
+        ({**ORDER, "type": "limit", "expiresInS": 60}, "MISSING_FIELD", "limitPrice"),
+        ({**ORDER, "type": "limit", "limitPrice": 100}, "MISSING_FIELD", "expiresAt"),
+        ({**LIMIT, "limitPrice": 0}, "INVALID_LIMIT_PRICE", "limitPrice"),
+        ({**LIMIT, "limitPrice": "100"}, "INVALID_LIMIT_PRICE", "limitPrice"),
+        ({**LIMIT, "trigger": "listing"}, "INVALID_FIELD", "trigger"),
+        ({**LIMIT, "expiresInS": 0}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresInS": 8 * 86_400}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresInS": 1.5}, "INVALID_EXPIRY", "expiresInS"),
+        ({**LIMIT, "expiresAt": "2030-01-01T00:00:00Z"}, "INVALID_EXPIRY", "expiresAt"),  # both
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2020-01-01T00:00:00Z"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "tomorrow"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        (
+            {**ORDER, "type": "limit", "limitPrice": 1, "expiresAt": "2099-01-01T00:00:00"},
+            "INVALID_EXPIRY",
+            "expiresAt",
+        ),
+        ({**ORDER, "type": "sniper", "expiresInS": 60}, "MISSING_FIELD", "trigger"),
+        (sniper("moon"), "INVALID_TRIGGER", "trigger"),
+        (sniper("priceAbove"), "MISSING_FIELD", "triggerPrice"),
+        (sniper("priceBelow", triggerPrice=-5), "INVALID_TRIGGER_PRICE", "triggerPrice"),
+        (sniper("listing", triggerPrice=5), "INVALID_FIELD", "triggerPrice"),
+        (sniper("listing", limitPrice=5), "INVALID_FIELD", "limitPrice"),
+        ([ORDER], "INVALID_BODY", None),
+        ("SOL", "INVALID_BODY", None),
+    ],
+)
+async def test_every_field_is_validated_with_a_clear_error(
+    start: Start, body: Any, code: str, field: str | None
+) -> None:
+    client = await start()
+    status, reply = await post(client, body)
+    assert status == 400
+    assert reply["error"]["code"] == code
+    assert reply["error"].get("field") == field
+    assert reply["error"]["message"]
+
+
+JSON = {"Content-Type": "application/json"}
+TEXT = {"Content-Type": "text/plain"}
+LONG_KEY = {"Idempotency-Key": "k" * 129}
+EXECUTE = "/api/orders/execute"
+HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("POST", EXECUTE, {"data": b"amount=1", "headers": TEXT}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ("POST", EXECUTE, {"data": b"{nope", "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"data": b"[1e400]", "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"data": HUGE, "headers": JSON}, 413, "BODY_TOO_LARGE"),
+        ("POST", EXECUTE, {"json": ORDER, "headers": LONG_KEY}, 400, "INVALID_IDEMPOTENCY_KEY"),
+        ("PUT", "/healthz", {}, 405, "METHOD_NOT_ALLOWED"),
+        ("GET", "/no/such/path", {}, 404, "NOT_FOUND"),
+        ("GET", "/api/orders/order_doesnotexist", {}, 404, "ORDER_NOT_FOUND"),
+        ("GET", f"/api/orders/order_{'0' * 32}", {}, 404, "ORDER_NOT_FOUND"),
+        ("GET", "/api/orders", {}, 400, "MISSING_FIELD"),
+        ("GET", "/api/orders?userId=1&limit=500", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/api/orders?userId=1&limit=0", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/ws", {}, 400, "MISSING_FIELD"),
+        ("GET", "/ws?userId=bad%20id", {}, 400, "INVALID_USER_ID"),
+        ("GET", "/ws?userId=1&since=-3", {}, 400, "INVALID_SINCE"),
+        ("GET", "/ws?userId=1", {}, 400, "WEBSOCKET_REQUIRED"),
+        # digits that are not ASCII digits, and more digits than int() takes
+        ("GET", "/api/orders?userId=a&limit=%C2%B2", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/api/orders?userId=a&limit=%D9%A1", {}, 400, "INVALID_LIMIT"),
+        ("GET", f"/api/orders?userId=a&limit={'9' * 4301}", {}, 400, "INVALID_LIMIT"),
+        ("GET", "/ws?userId=1&since=%C2%B2", {}, 400, "INVALID_SINCE"),
+        ("GET", "/ws?userId=1&since=%D9%A1", {}, 400, "INVALID_SINCE"),
+        ("GET", f"/ws?userId=1&since={'9' * 4301}", {}, 400, "INVALID_SINCE"),
+        ("GET", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
+        ("DELETE", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
+    ],
+)  # fmt: skip
+async def test_requests_that_are_not_json_orders_get_the_error_envelope(
+    start: Start, method: str, path: str, kwargs: dict[str, Any], status: int, code: str
+) -> None:
+    client = await start()
+    response = await client.request(method, path, **kwargs)
+    assert (response.status, response.content_type) == (status, "application/json")
+    error = (await response.json())["error"]
+    assert error["code"] == code
+    assert error["message"]
+    assert "field" in error  # null when no field is at fault
+    if status == 405:
+        assert ("POST" if path == EXECUTE else "GET") in response.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        b"1.000000000000000000000000000001",  # a float would make it 1.0
+        b"0.0000000001",  # ten decimals for SOL's nine
+        b"1e-10",
+        b"10000.0000000001",
+    ],
+)
+async def test_an_amount_with_more_decimals_than_its_token_is_refused_as_written(
+    start: Start, amount: bytes
+) -> None:
+    client = await start()
+    body = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": ' + amount + b"}"
+    response = await client.post(EXECUTE, data=body, headers=JSON)
+    error = (await response.json())["error"]
+    assert (response.status, error["code"], error["field"]) == (400, "INVALID_AMOUNT", "amount")
+    huge = body.replace(amount, b'1.5, "slippageBps": 1e-99999999999999999999')
+    response = await client.post(EXECUTE, data=huge, headers=JSON)  # past any decimal
+    assert (response.status, (await response.json())["error"]["code"]) == (400, "INVALID_JSON")
+    exact = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 1.100000000}'
+    response = await client.post(EXECUTE, data=exact, headers=JSON)  # trailing zeros are fine
+    assert response.status == 202
+    assert (await get_order(client, (await response.json())["orderId"]))["amount"] == 1.1
+
+
+def random_body(rng: random.Random) -> bytes:
+    """A body from a grammar of near misses: right shape, wrong values, wrong types, junk."""
+    values: list[Any] = [
+        None, True, 0, -1, 1, 2.5, 1e308, -0.0, "", "1", "SOL", "usdc", "JUP", "BONK", "x" * 70,
+        [], {}, [1], {"a": 1}, "\u0000", "💥", 10**18, 1e-9, "NaN",
+        "limit", "sniper", "market", "listing", "priceAbove", "priceBelow", "2099-01-01T00:00:00Z",
+    ]  # fmt: skip
+    names = ["userId", "inputToken", "outputToken", "amount", "slippageBps", "extra", ""]
+    names += ["type", "limitPrice", "trigger", "triggerPrice", "expiresAt", "expiresInS"]
+    roll = rng.random()
+    if roll < 0.1:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+    if roll < 0.2:
+        return orjson.dumps(rng.choice(values))
+    bases = [
+        ORDER,
+        ORDER,
+        {**LIMIT, "limitPrice": 50},
+        LIMIT,
+        sniper("priceBelow", triggerPrice=50),
+    ]
+    body: dict[str, Any] = {**rng.choice(bases)}
+    if "type" in body:
+        body["expiresInS"] = 1  # so that every accepted order finishes within the test
+    for _ in range(rng.randrange(0, 4)):
+        body[rng.choice(names)] = rng.choice(values)
+    for _ in range(rng.randrange(0, 2)):
+        body.pop(rng.choice(names), None)
+    if rng.random() < 0.3:
+        body["amount"] = rng.choice([0.01, 1, 3.3, 9999.0])
+    return orjson.dumps(body)
+
+
+async def test_random_bodies_get_202_or_a_4xx_and_no_order_is_lost_or_doubled(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, concurrency=20))
+    rng = random.Random(2026)
+    accepted: dict[str, str] = {}
+    for _ in range(400):
+        response = await client.post(
+            "/api/orders/execute",
+            data=random_body(rng),
+            headers={"Content-Type": "application/json"},
+        )
+        reply = await response.json()
+        if response.status == 202:
+            accepted[reply["orderId"]] = (await get_order(client, reply["orderId"]))["userId"]
+        else:
+            assert response.status == 400, reply
+            assert set(reply) == {"error"}
+            assert reply["error"]["code"]
+            assert reply["error"]["message"]
+    assert 20 < len(accepted) < 380  # the grammar produces both kinds
+    for order_id in accepted:
+        await wait_status(client, order_id, *TERMINAL)
+    # Each user's event log: seq without gaps, and exactly one terminal event per accepted order.
+    keys = eng.Keys(config.redis_prefix)
+    terminal = []
+    for user in set(accepted.values()):
+        events = [
+            orjson.loads(fields["e"]) for _, fields in await stream(redis, keys.user_log(user))
+        ]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        terminal += [e["orderId"] for e in events if e["status"] in TERMINAL]
+    assert sorted(terminal) == sorted(accepted)
+    stored = [k for k in await keys_of(redis, config) if ":order:" in k]
+    assert len(stored) == len(accepted)
+
+
+# ── the server itself: malformed, half-sent and too many requests ───────────────────────────────
+
+Served = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def served(config: Config) -> AsyncIterator[Served]:
+    """The engine as `python engine.py` serves it (running(): its own listener with the cap on
+    connections, the read deadlines and the envelope for what the HTTP parser refuses), in this
+    process on port 0. Yields a starter that answers the URL."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def serve_it(cfg: Config | None = None, **inject: Any) -> str:
+            local = replace(cfg or config, host="127.0.0.1", port=0)
+            urls: list[str] = await stack.enter_async_context(eng.running(local, **inject))
+            return urls[0]
+
+        yield serve_it
+
+
+async def exchange(url: str, data: bytes, *, more: bytes = b"") -> tuple[int, bytes, bytes]:
+    """Send raw bytes; answer the status, the headers and the body of the response (read to the
+    end of the connection, which every error closes). `more` follows a `100 Continue`."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    async with asyncio.timeout(DEADLINE_S):
+        if more:
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+            writer.write(more)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        body = await reader.readexactly(length)
+    writer.close()
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+MARK = b"zq7secret"  # must never come back in an answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + MARK
+        + b"\r\nabc\r\n0\r\n\r\n",  # a chunk size that is not hexadecimal
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\nX-" + MARK + b": 1\r\n\r\n0\r\n\r\n",
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Length: -1" + MARK + b"\r\n\r\n",
+        b"FR" + MARK + b" /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # an unknown method
+        b"GET /" + MARK * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a URL over 8 KiB
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + MARK * 1000 + b"\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5" + MARK + b"\r\n\r\n",  # TLS on the plain port
+        b"GET http://xn--/" + MARK + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a host no IDNA name
+    ],
+)
+async def test_what_the_http_parser_refuses_gets_the_envelope_and_is_never_echoed(
+    served: Served, request_bytes: bytes
+) -> None:
+    status, head, body = await exchange(await served(), request_bytes)
+    error = orjson.loads(body)["error"]
+    assert (status, error["code"], error["field"]) == (400, "MALFORMED_REQUEST", None)
+    assert b"Content-Type: application/json" in head
+    assert MARK not in head + body
+    assert error["message"]
+
+
+@pytest.mark.parametrize("path", [b"/healthz", b"/no/such/path", b"/api/orders/execute"])
+async def test_an_expectation_the_engine_does_not_know_is_refused_on_every_path(
+    served: Served, path: bytes
+) -> None:
+    request = b"PATCH " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: \xff" + MARK + b"\r\n\r\n"
+    status, head, body = await exchange(await served(), request)
+    assert (status, orjson.loads(body)["error"]["code"]) == (417, "EXPECTATION_FAILED")
+    assert MARK not in head + body
+
+
+async def test_what_a_client_names_wrongly_is_not_repeated_back(start: Start) -> None:
+    client = await start()
+    marker = "zq7secret"
+    for method, path in [("GET", f"/api/orders/{marker}"), ("DELETE", f"/api/orders/{marker}")]:
+        response = await client.request(method, path, params={"userId": "1"})
+        assert response.status == 404
+        assert marker not in await response.text()
+    odd = {**ORDER, f"{marker}\u0000 {marker}": 1}  # not a name: not named back
+    status, reply = await post(client, odd)
+    assert (status, reply["error"]["code"], reply["error"]["field"]) == (400, "UNKNOWN_FIELD", None)
+    assert marker not in orjson.dumps(reply).decode()
+    status, reply = await post(client, {**ORDER, "side": "buy"})  # a plain name is
+    assert (reply["error"]["field"], reply["error"]["message"]) == ("side", "unknown field 'side'")
+
+
+async def test_every_path_answers_head_and_its_methods_only(start: Start) -> None:
+    client = await start()
+    assert (await client.head("/healthz")).status == 200
+    alive = await client.get("/livez")
+    assert (alive.status, (await alive.json())["status"]) == (200, "alive")
+    response = await client.patch("/api/orders/order_" + "0" * 32)
+    assert (response.status, response.headers["Allow"]) == (405, "DELETE, GET, HEAD")
+    response = await client.post("/no/such/path", data=b"x")
+    assert (response.status, (await response.json())["error"]["code"]) == (404, "NOT_FOUND")
+
+
+async def test_a_client_that_stops_reading_its_answers_is_cut_off(
+    served: Served, config: Config
+) -> None:
+    url = await served(replace(config, http_timeout_s=1))
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (host, int(port)))
+    await loop.sock_sendall(raw, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    async with ClientSession() as http:
+
+        async def let_go() -> bool:  # every connection but the one asking
+            async with http.get(f"{url}/healthz") as reply:
+                return bool((await reply.json())["connections"] == 1)
+
+        await wait_for(let_go, "the engine to cut the client off")
+    raw.close()
+
+
+async def test_a_body_announced_too_large_is_refused_before_it_is_sent(served: Served) -> None:
+    url = await served()
+    expect = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, head, body = await exchange(
+        url, expect + b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert (status, orjson.loads(body)["error"]["code"]) == (413, "BODY_TOO_LARGE")
+    assert b"100 Continue" not in head
+    order = orjson.dumps(ORDER)
+    announce = b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(order)
+    status, _, body = await exchange(url, expect + announce, more=order)  # small: go ahead
+    assert (status, set(orjson.loads(body))) == (202, {"orderId", "status"})
+
+
+async def test_half_sent_requests_are_cut_off_and_open_connections_capped(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="2", ENGINE_MAX_CONNECTIONS="300")
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    rss = _process_rss_kb(engine)
+    header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: "  # and never the rest
+    body = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body += b"Content-Length: 100\r\n\r\n{}"  # 2 bytes of 100
+    held = []
+    for index in range(280):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(header if index % 2 else body)
+        held.append((reader, writer))
+    await wait_for(lambda: _clients_of(engine, port) >= 280, "the engine to hold them")
+    # Past the cap (300 open) a new connection is told so and closed.
+    refused = 0
+    for _ in range(40):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        held.append((reader, writer))
+    for reader, _ in held[280:]:
+        answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+        refused += b'"TOO_MANY_CONNECTIONS"' in answer
+    assert refused >= 15
+    # Every held connection is cut off at its deadline: a half-sent body with 408.
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(reader.read(), DEADLINE_S) for reader, _ in held[:280])
+    )
+    for writer in (writer for _, writer in held):
+        writer.close()
+    assert all(answer == b"" for answer in answers[1::2])  # half-sent headers: nothing to say
+    assert all(b'"code":"REQUEST_TIMEOUT"' in answer for answer in answers[0::2])
+    await wait_for(lambda: _clients_of(engine, port) == 0, "the engine to let them all go")
+    assert _process_rss_kb(engine) < rss + 20_000  # and no memory held for them
+    async with ClientSession() as http:
+        await place(http, url)  # and serves on
+
+
+def _clients_of(process: EngineProcess, port: str) -> int:
+    """The client connections the engine process holds open on its HTTP port."""
+    held = psutil.Process(process.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in held if c.laddr.port == int(port) and c.status != psutil.CONN_LISTEN)
+
+
+def _process_rss_kb(process: EngineProcess) -> int:
+    status = Path(f"/proc/{process.proc.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status)[1])  # type: ignore[index]
+
+
+async def test_a_client_gone_mid_request_is_let_go_without_an_error_logged(
+    served: Served, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await served(replace(config, http_timeout_s=2))  # the read deadline, at the latest
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    caplog.set_level(logging.DEBUG)
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    await writer.drain()
+    writer.close()  # gone, 1 byte of 100 sent
+    async with ClientSession() as http:
+
+        async def let_go() -> bool:  # every connection but the one asking
+            async with http.get(f"{url}/healthz") as reply:
+                return bool((await reply.json())["connections"] == 1)
+
+        await wait_for(let_go, "the engine to let the client go")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    served: Served,
+) -> None:
+    url = await served()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps(ORDER)
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    writer.write_eof()  # as `nc -N` does: all sent, still listening
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)  # then the engine closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202")
+    assert b'"orderId":"order_' in answer
+
+
+async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    server = own_redis
+    client = await start(replace(config, redis_url=server.url))
+    key = {"Idempotency-Key": "stall-1"}
+    # Bounded by the client: an engine that held the request for Redis would fail here.
+    in_time = aiohttp.ClientTimeout(total=eng.REDIS_REQUEST_DEADLINE_S + 3)
+    server.signal(signal.SIGSTOP)
+    try:
+        response = await client.post(EXECUTE, json=ORDER, headers=key, timeout=in_time)
+        error = (await response.json())["error"]
+        assert (response.status, error["code"], error["retryable"]) == (
+            503,
+            "REDIS_UNAVAILABLE",
+            True,
+        )
+        assert "Idempotency-Key" in error["message"]
+        unknown = f"/api/orders/order_{'a' * 32}"
+        asks = [
+            ("GET", "/api/orders?userId=1"),
+            ("GET", unknown),
+            ("DELETE", unknown + "?userId=1"),
+        ]
+        asks += [("GET", "/healthz"), ("GET", "/readyz")]
+        for _ in range(2):  # bursts that need more connections than the pool has open
+            answers = await asyncio.gather(
+                *(client.request(m, path, timeout=in_time) for m, path in asks * 8)
+            )
+            assert [answer.status for answer in answers] == [503] * len(asks) * 8
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # no silent socket
+            await client.ws_connect("/ws?userId=1", timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        assert refused.value.status == 503
+    finally:
+        server.signal(signal.SIGCONT)
+    # Whether or not Redis ran the abandoned create when it woke, the retry gets one order.
+    retry = await client.post(EXECUTE, json=ORDER, headers=key)
+    order_id = (await retry.json())["orderId"]
+    await wait_status(client, order_id, "confirmed")
+    listed = await (await client.get("/api/orders?userId=1")).json()
+    assert [order["orderId"] for order in listed["orders"]] == [order_id]
+    await client.close()
+
+
+async def test_an_idempotent_replay_takes_no_token_from_the_rate_limit(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, rate_limit_per_min=2))
+    status, first = await post(client, ORDER, **{"Idempotency-Key": "a"})
+    assert status == 202
+    for _ in range(5):  # a client retrying the same POST is not placing orders
+        status, again = await post(client, ORDER, **{"Idempotency-Key": "a"})
+        assert (status, again["orderId"]) == (202, first["orderId"])
+    assert (await post(client, ORDER, **{"Idempotency-Key": "b"}))[0] == 202
+    status, reply = await post(client, ORDER, **{"Idempotency-Key": "c"})
+    assert (status, reply["error"]["code"]) == (429, "RATE_LIMITED")
+
+
+async def test_a_websocket_message_of_4_kib_is_taken_and_one_byte_more_closes_it(
+    start: Start,
+) -> None:
+    client = await start()
+    async with client.ws_connect("/ws?userId=1") as ws:
+        await receive(ws)
+        await ws.send_str("x" * 4096)  # clients have nothing to say, but 4 KiB is allowed
+        order_id = await order_id_of(client)
+        assert statuses(await events_until_done(ws, order_id), order_id)[-1] == "confirmed"
+        await ws.send_str("x" * 4097)
+        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1009)  # message too big
+
+
+async def test_an_order_record_has_every_field_and_its_history(start: Start) -> None:
+    client = await start()
+    order_id = await order_id_of(client)
+    record = await wait_status(client, order_id, "confirmed")
+    assert set(record) == set(eng.PUBLIC_FIELDS)
+    assert (record["orderId"], record["userId"], record["amount"], record["slippageBps"]) == (
+        order_id,
+        "1",
+        2,
+        50,
+    )
+    assert (record["attempts"], record["error"], record["code"]) == (1, None, None)
+    assert record["dex"] in {"RAYDIUM", "METEORA"}
+    assert len(record["txHash"]) == 88
+    assert record["amountOut"] >= record["minAmountOut"]
+    assert [h["status"] for h in record["history"]] == HAPPY_PATH
+    assert record["createdAt"] == record["history"][0]["ts"]
+    assert record["updatedAt"] == record["history"][-1]["ts"]
+
+
+async def test_a_users_orders_are_listed_newest_first(start: Start) -> None:
+    client = await start()
+    mine = [await order_id_of(client) for _ in range(4)]
+    await order_id_of(client, {**ORDER, "userId": "someone-else"})
+    response = await client.get("/api/orders?userId=1&limit=3")
+    listed = (await response.json())["orders"]
+    assert [o["orderId"] for o in listed] == mine[::-1][:3]
+
+
+async def test_healthz_reports_redis_and_the_queue(start: Start) -> None:
+    client = await start()
+    response = await client.get("/healthz")
+    body = await response.json()
+    assert response.status == 200
+    assert body["status"] == "ok"
+    assert body["queue"] == {
+        "pending": 0,
+        "delayed": 0,
+        "processing": 0,
+        "failed": 0,
+        "waiting": 0,
+    }
+
+
+async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_body(
+    start: Start,
+) -> None:
+    client = await start()
+    first = await client.post(
+        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
+    )
+    again = await client.post(
+        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
+    )
+    other_user = await client.post(
+        "/api/orders/execute", json={**ORDER, "userId": "2"}, headers={"Idempotency-Key": "abc-1"}
+    )
+    conflict = await client.post(
+        "/api/orders/execute", json={**ORDER, "amount": 3}, headers={"Idempotency-Key": "abc-1"}
+    )
+    order_id = (await first.json())["orderId"]
+    assert (first.status, again.status, other_user.status) == (202, 202, 202)
+    assert (await again.json())["orderId"] == order_id
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert (await other_user.json())["orderId"] != order_id
+    assert conflict.status == 409
+    assert (await conflict.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    listed = await (await client.get("/api/orders?userId=1")).json()
+    assert [o["orderId"] for o in listed["orders"]] == [order_id]
+
+
+async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
+    start: Start,
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    key = {"Idempotency-Key": "limit-1"}
+    first = await client.post("/api/orders/execute", json=LIMIT, headers=key)
+    await wait_status(client, (await first.json())["orderId"], "waiting")  # time has passed
+    again = await client.post("/api/orders/execute", json=LIMIT, headers=key)
+    assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
+    assert (await again.json()) == {"orderId": (await first.json())["orderId"], "status": "waiting"}
+    other = await client.post("/api/orders/execute", json={**LIMIT, "expiresInS": 601}, headers=key)
+    assert other.status == 409
+
+
+async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=1, max_queued=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    running = await order_id_of(client)
+    await wait_status(client, running, "submitted")
+    await order_id_of(client)  # waits in the pending list
+    status, reply = await post(client)
+    assert status == 503
+    assert reply["error"] == {
+        "code": "QUEUE_FULL",
+        "message": "too many orders are waiting; retry shortly",
+        "field": None,
+        "retryable": True,
+    }
+    held.set()
+
+
+async def test_the_pool_serves_busy_workers_and_a_burst_of_requests(
+    start: Start, config: Config
+) -> None:
+    held = asyncio.Event()
+    client = await start(
+        replace(config, concurrency=60), venues=[ScriptedVenue("RAYDIUM", gate=held)]
+    )
+    # 200 requests at once against a pool of 60 + 32 connections: they wait their turn, none fails
+    replies = await asyncio.gather(*(post(client) for _ in range(200)))
+    assert [status for status, _ in replies] == [202] * 200
+    held.set()
+    for _, reply in replies[-5:]:
+        await wait_status(client, reply["orderId"], "confirmed")
+
+
+# ── cancellation ────────────────────────────────────────────────────────────────────────────────
+
+
+async def cancel(client: TestClient[Any, Any], order_id: str, user: str = "1") -> tuple[int, Any]:
+    response = await client.delete(f"/api/orders/{order_id}", params={"userId": user})
+    return response.status, await response.json()
+
+
+async def test_a_pending_order_is_cancelled_once_and_never_runs(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        busy = await order_id_of(client)
+        await wait_for(lambda: venue.executions, "the first order to occupy the only worker")
+        waiting = await order_id_of(client)
+        status, record = await cancel(client, waiting)
+        assert (status, record["status"]) == (200, "cancelled")
+        assert [h["status"] for h in record["history"]] == ["pending", "cancelled"]
+        assert await cancel(client, waiting) == (200, record)  # the same answer again
+        held.set()
+        events = await events_until_done(ws, busy, waiting)
+    assert statuses(events, waiting) == ["pending", "cancelled"]
+    assert statuses(events, busy)[-1] == "confirmed"
+    assert [tx.order_id for tx in venue.executions] == [busy]
+    assert not await redis.lrange(eng.Keys(config.redis_prefix).pending, 0, -1)
+
+
+async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", gate=held)
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    status, reply = await cancel(client, order_id)
+    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+    assert "submitted" in reply["error"]["message"]
+    held.set()
+    await wait_status(client, order_id, "confirmed")
+    status, reply = await cancel(client, order_id)
+    assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+
+
+async def test_only_the_owner_can_cancel(start: Start) -> None:
+    held = asyncio.Event()
+    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    order_id = await order_id_of(client)
+    assert (await cancel(client, order_id, user="2"))[0] == 404
+    assert (await cancel(client, "order_" + "0" * 32))[0] == 404
+    assert (await cancel(client, "nonsense"))[0] == 404
+    response = await client.delete(f"/api/orders/{order_id}")
+    assert (response.status, (await response.json())["error"]["code"]) == (400, "MISSING_FIELD")
+    held.set()
+    assert (await wait_status(client, order_id, "confirmed"))["status"] == "confirmed"
+
+
+async def test_an_order_cancelled_while_routing_is_never_sent(start: Start, config: Config) -> None:
+    quoting = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", quote_gate=quoting)
+    client = await start(replace(config, quote_timeout_ms=10_000), venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "routing")
+    status, record = await cancel(client, order_id)
+    assert (status, record["status"]) == (200, "cancelled")
+    quoting.set()  # the worker gets its quote and tries to go on to building
+    await wait_for(lambda: _no_job(client), "the worker to drop the cancelled order's job")
+    assert (await get_order(client, order_id))["status"] == "cancelled"
+    assert venue.executions == []
+
+
+async def _no_job(client: TestClient[Any, Any]) -> bool:
+    health = await (await client.get("/healthz")).json()
+    return bool(health["inflight"] == 0 and health["queue"]["processing"] == 0)
+
+
+async def test_cancels_racing_workers_never_leave_a_cancellation_and_a_fill(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM")
+    client = await start(replace(config, concurrency=20), venues=[venue])
+
+    rng = random.Random(5)
+
+    async def post_then_cancel(index: int) -> tuple[str, tuple[int, Any]]:
+        for _ in range(index):  # spread the orders out over the loop's turns
+            await asyncio.sleep(0)
+        order_id = await order_id_of(client)
+        for _ in range(rng.randrange(400)):  # then cancel it a few turns later, at any stage
+            await asyncio.sleep(0)
+        return order_id, await cancel(client, order_id)
+
+    posted = await asyncio.gather(*(post_then_cancel(i) for i in range(100)))
+    order_ids = [order_id for order_id, _ in posted]
+    answers = [answer for _, answer in posted]
+    records = [await wait_status(client, i, "confirmed", "cancelled") for i in order_ids]
+    sent = [tx.order_id for tx in venue.executions]
+    for (status, reply), record in zip(answers, records, strict=True):
+        terminal = [h["status"] for h in record["history"] if h["status"] in TERMINAL]
+        assert len(terminal) == 1, record["history"]
+        if status == 200:
+            assert record["status"] == "cancelled"
+            assert record["orderId"] not in sent
+        else:
+            assert (status, reply["error"]["code"]) == (409, "NOT_CANCELLABLE")
+            assert record["status"] == "confirmed"
+            assert sent.count(record["orderId"]) == 1
+
+
+# ── authentication and limits ───────────────────────────────────────────────────────────────────
+
+SECRET = "s" * 32
+
+
+def token(user: str = "1", key: Any = SECRET, algorithm: str = "HS256", **claims: Any) -> str:
+    body = {"sub": user, "exp": int(time.time()) + 600, **claims}
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, key, algorithm=algorithm)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+def unsigned(header: dict[str, Any], claims: Any = None) -> str:
+    """A token of any header and claims, signature not checked first (anyone can make one)."""
+
+    def part(value: Any) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part(claims or {})}.AAAA"
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({}, "AUTH_REQUIRED"),
+        ({"Authorization": "Basic dXNlcjpwYXNz"}, "TOKEN_INVALID"),
+        (bearer("not-a-jwt"), "TOKEN_INVALID"),
+        (bearer(token(exp=int(time.time()) - 60)), "TOKEN_EXPIRED"),
+        (bearer(token(key="t" * 32)), "TOKEN_INVALID_SIGNATURE"),
+        (bearer(token(sub=None)), "TOKEN_INVALID"),
+        (bearer(token(exp=None)), "TOKEN_INVALID"),
+        (bearer(token(user="bad user")), "TOKEN_INVALID"),
+        (
+            bearer(jwt.encode({"sub": "1", "exp": 2**40}, cast(str, None), algorithm="none")),
+            "TOKEN_INVALID",
+        ),
+        (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
+        (bearer(token(nbf="0")), "TOKEN_INVALID"),
+        (bearer(token(exp=True)), "TOKEN_INVALID"),  # a boolean, not a time (not 1 s past 1970)
+        # a header naming extensions the server must know, checked before the signature: the
+        # answer names none of them (they could carry anything, line breaks included)
+        (
+            bearer(unsigned({"alg": "HS256", "crit": ["zq7secret\r\nX-Injected: 1"]})),
+            "TOKEN_INVALID",
+        ),
+        (bearer("ey\u00ff.e30.AAAA"), "TOKEN_INVALID"),  # not base64url
+    ],
+)
+async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
+    start: Start, config: Config, headers: dict[str, str], code: str
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    for method, path in [("POST", "/api/orders/execute"), ("GET", "/api/orders"), ("GET", "/ws")]:
+        response = await client.request(method, path, json=ORDER, headers=headers)
+        assert response.status == 401, (method, path)
+        assert (await response.json())["error"]["code"] == code
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "zq7secret" not in str(response.headers) + await response.text()
+
+
+async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET), venues=[ScriptedVenue("RAYDIUM")])
+    alice, bob = bearer(token("alice")), bearer(token("bob"))
+    body = {k: v for k, v in ORDER.items() if k != "userId"}
+    response = await client.post("/api/orders/execute", json=body, headers=alice)
+    assert response.status == 202
+    order_id = (await response.json())["orderId"]
+    mismatch = await client.post(
+        "/api/orders/execute", json={**body, "userId": "bob"}, headers=alice
+    )
+    assert (mismatch.status, (await mismatch.json())["error"]["code"]) == (403, "USER_MISMATCH")
+    record = await (await client.get(f"/api/orders/{order_id}", headers=alice)).json()
+    assert record["userId"] == "alice"
+    assert (await client.get(f"/api/orders/{order_id}", headers=bob)).status == 404
+    assert (await client.delete(f"/api/orders/{order_id}", headers=bob)).status == 404
+    assert (await client.get("/api/orders?userId=alice", headers=bob)).status == 403
+    listed = await (await client.get("/api/orders", headers=alice)).json()
+    assert [o["orderId"] for o in listed["orders"]] == [order_id]
+    assert (await client.get("/ws?userId=alice", headers=bob)).status == 403
+    async with client.ws_connect("/ws", headers=alice) as ws:
+        assert await receive(ws) == {"type": "connected", "userId": "alice"}
+    async with client.ws_connect(f"/ws?token={token('bob')}") as ws:  # browsers cannot set headers
+        assert await receive(ws) == {"type": "connected", "userId": "bob"}
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_a_public_key_verifies_rs256_and_es256_tokens(
+    start: Start, config: Config, tmp_path: Path, algorithm: str
+) -> None:
+    private = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "key.pem").write_bytes(pem)
+    loaded = Config.load({"ENGINE_JWT_PUBLIC_KEY": str(tmp_path / "key.pem")})
+    client = await start(replace(config, jwt_public_key=loaded.jwt_public_key))
+    good = await client.get("/api/orders", headers=bearer(token("1", private, algorithm)))
+    assert good.status == 200
+    forged = await client.get("/api/orders", headers=bearer(token("1")))  # HS256 with a secret
+    assert (forged.status, (await forged.json())["error"]["code"]) == (401, "TOKEN_INVALID")
+
+
+async def test_a_token_expired_within_the_clock_skew_opens_no_socket(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    just_expired = bearer(token(exp=int(time.time()) - 2))  # inside the 5 s allowance
+    assert (await post(client, ORDER, **just_expired))[0] == 202  # a request is served ...
+    response = await client.get("/ws", headers=just_expired)  # ... a socket would end at once
+    assert (response.status, (await response.json())["error"]["code"]) == (401, "TOKEN_EXPIRED")
+
+
+async def test_a_websocket_is_closed_4001_when_its_token_expires(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    expires = int(time.time()) + 2  # JWTs count whole seconds
+    async with client.ws_connect("/ws", headers=bearer(token(exp=expires))) as ws:
+        assert (await receive(ws))["type"] == "connected"
+        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+        closed_at = time.time()
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 4001)
+    assert closed_at >= expires
+
+
+async def test_a_token_that_never_expires_is_taken(start: Start, config: Config) -> None:
+    client = await start(replace(config, jwt_secret=SECRET))
+    forever = bearer(token(exp=10**400))  # past any float; still a number
+    assert (await post(client, ORDER, **forever))[0] == 202
+    async with client.ws_connect("/ws", headers=forever) as ws:
+        assert (await receive(ws))["type"] == "connected"
+
+
+async def test_without_a_key_the_engine_says_it_is_open(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    await start()
+    assert any("authentication off" in r.message for r in caplog.records)
+    caplog.clear()
+    await start(replace(config, jwt_secret=SECRET))
+    assert not any("authentication off" in r.message for r in caplog.records)
+
+
+def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret() -> None:
+    with pytest.raises(eng.ConfigError, match=r"at least 32 bytes .*, got <hidden>$"):
+        Config.load({"ENGINE_JWT_SECRET": "short"})
+    with pytest.raises(eng.ConfigError, match="ENGINE_JWT_PUBLIC_KEY must be a PEM"):
+        Config.load({"ENGINE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnope"})
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    with pytest.raises(eng.ConfigError, match="not both"):
+        Config.load({"ENGINE_JWT_SECRET": SECRET, "ENGINE_JWT_PUBLIC_KEY": pem})
+
+
+async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_instance(
+    start: Start, config: Config
+) -> None:
+    limited = replace(config, rate_limit_per_min=3)
+    first = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
+    second = await start(limited, venues=[ScriptedVenue("RAYDIUM")])
+    answers = [await post(first), await post(second), await post(first), await post(second)]
+    assert [status for status, _ in answers] == [202, 202, 202, 429]  # one bucket for both
+    response = await first.post("/api/orders/execute", json=ORDER)
+    assert response.status == 429
+    reply = await response.json()
+    assert (reply["error"]["code"], reply["error"]["retryable"]) == ("RATE_LIMITED", True)
+    assert 1 <= int(response.headers["Retry-After"]) <= 20  # a token every 20 s
+    assert (await post(first, {**ORDER, "userId": "2"}))[0] == 202  # other users are not held up
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Lifecycle: python engine.py
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    process = await EngineProcess.spawn(env)
+    processes.append(process)
+    url = await process.url()
+    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        order_id = await place(http, url)
+        events = await events_until_done(ws, order_id)
+        assert statuses(events, order_id)[-1] == "confirmed"
+        process.proc.send_signal(signal.SIGTERM)
+        closing = await ws.receive()
+        assert closing.type in {WSMsgType.CLOSE, WSMsgType.CLOSED}
+    assert await process.exit_code() == 0
+    data = config.data_dir
+    assert not _pings(data / "redis.sock")  # the embedded Redis stopped with the engine
+    assert (data / "appendonly.aof").exists()
+
+    restarted = await EngineProcess.spawn(env)
+    processes.append(restarted)
+    url = await restarted.url()
+    async with ClientSession() as http:
+        [record] = await records_at(http, url, [order_id])
+    assert record["status"] == "confirmed"
+    if sys.platform.startswith("linux"):
+        # Killed outright, the engine still takes its Redis with it (parent-death signal).
+        restarted.kill()
+        await restarted.exit_code()
+        await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
+
+
+async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    # Real latencies: execution takes 2-3 s, so the order is surely mid-flight when it dies; its
+    # transaction may land until 4 s after it was sent, and the survivor must wait that out.
+    # One attempt allowed: the death must not spend it.
+    config = replace(config, max_attempts=1)
+    slow = {"ENGINE_DEX_LATENCY_SCALE": "1", "ENGINE_EXECUTION_TIMEOUT_MS": "4000"}
+    victim = await EngineProcess.spawn(engine_env(config, ENGINE_MAX_ATTEMPTS="1", **slow))
+    processes.append(victim)
+    url = await victim.url()
+    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
+        await receive(ws)
+        order_id = await place(http, url)
+        before = [await receive(ws) for _ in range(4)]
+    assert statuses(before, order_id) == ["pending", "routing", "building", "submitted"]
+    victim.kill()
+    assert await victim.exit_code() == -signal.SIGKILL
+    assert not config.data_dir.exists()  # with REDIS_URL set nothing was spawned or written
+
+    survivor = await start(config)
+    async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        after = await events_until_done(ws, order_id)
+    assert statuses(after, order_id) == HAPPY_PATH
+    assert [e["seq"] for e in before + after] == list(range(1, 10))  # resumed with no gap
+    # The death is not the order's failure: the attempt it cut short is given back.
+    interrupted = after[0]
+    assert (interrupted["code"], interrupted["attempt"], interrupted["attemptsGivenBack"]) == (
+        "INTERRUPTED",
+        1,
+        1,
+    )
+    assert after[-1]["attempt"] == 1
+    # The chain saw one transaction land for this order: the survivor's, not the victim's.
+    landed = await landed_transactions(redis, config)
+    assert landed[order_id] == [after[-1]["txHash"]]
+    assert before[-1]["txHash"] != after[-1]["txHash"]
+
+
+async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_alone(
+    config: Config, processes: list[EngineProcess], tmp_path: Path
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    first = await EngineProcess.spawn(env)
+    processes.append(first)
+    url = await first.url()
+    port = url.rsplit(":", 1)[1]
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    refused = {
+        "DATA_DIR in use": ({}, f"DATA_DIR {config.data_dir} is in use by another engine"),
+        "port in use": (
+            {"PORT": port, "DATA_DIR": str(tmp_path / "other")},
+            f"cannot listen on 127.0.0.1:{port}",
+        ),
+        "DATA_DIR a file": ({"DATA_DIR": str(not_a_dir)}, f"DATA_DIR {not_a_dir} cannot be used"),
+    }
+    for case, (extra, message) in refused.items():
+        second = await EngineProcess.spawn({**env, **extra})
+        processes.append(second)
+        assert await second.exit_code() == 1, case
+        assert len(second.lines) == 1, second.lines  # one line, no traceback
+        assert f"engine could not start: {message}" in second.lines[0], second.lines
+    assert not (tmp_path / "other").exists()  # the port was tried first: nothing was started
+    # The first engine and its Redis never noticed.
+    assert _pings(config.data_dir / "redis.sock")
+    async with ClientSession() as http:
+        await reach(http, url, [await place(http, url)], "confirmed")
+    first.proc.send_signal(signal.SIGTERM)
+    assert await first.exit_code() == 0
+
+
+async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    env = engine_env(
+        config,
+        ENGINE_DEX_LATENCY_SCALE="1",
+        ENGINE_EXECUTION_TIMEOUT_MS="3000",  # what the survivor waits out if it never landed
+        ENGINE_SHUTDOWN_GRACE_S="60",
+    )
+    process = await EngineProcess.spawn(env)
+    processes.append(process)
+    url = await process.url()
+    async with ClientSession() as http:
+        order_id = await place(http, url)
+        await reach(http, url, [order_id], "submitted")
+    process.proc.send_signal(signal.SIGTERM)  # drains: the order has 60 s to finish
+    await wait_for(lambda: any("send it again" in line for line in process.lines), "draining")
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.exit_code() == 128 + signal.SIGTERM
+    assert "SIGTERM again: stopping at once" in process.lines[-1]
+    survivor = await start()  # recovers the order once the dead engine's heartbeat expires
+    record = await wait_status(survivor, order_id, "confirmed")
+    assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
+
+
+async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    for durability, fsync in (("everysec", "everysec"), ("strict", "always")):
+        env = engine_env(replace(config, redis_url=None), ENGINE_DURABILITY=durability)
+        process = await EngineProcess.spawn(env)
+        processes.append(process)
+        await process.url()
+        sock = str(config.data_dir / "redis.sock")
+        embedded = aioredis.Redis(unix_socket_path=sock, decode_responses=True)
+        settings = await embedded.config_get("append*")
+        await embedded.aclose()
+        assert (settings["appendonly"], settings["appendfsync"]) == ("yes", fsync)
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.exit_code() == 0
+
+
+# A real engine embedding the simulated venues, except that executing the poison amount kills
+# the whole process, as a bug that crashes the interpreter would.
+POISONED_ENGINE = """
+import asyncio, os, signal, sys, time
+sys.path.insert(0, {engine_dir!r})
+import engine
+import redis.asyncio as aioredis
+
+
+class Poisoned:
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    async def quote(self, *args):
+        return await self.inner.quote(*args)
+
+    async def lookup(self, sent):
+        return await self.inner.lookup(sent)
+
+    async def execute(self, tx):
+        if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
+            os._exit(70)
+        return await self.inner.execute(tx)
+
+
+async def main():
+    config = engine.Config.load(os.environ)
+    engine.configure_logging(config)
+    client = aioredis.from_url(config.redis_url)
+    chain = engine.MockChain(client, engine.Keys(config.redis_prefix), 60, time.time)
+    venues = [Poisoned(venue) for venue in engine.default_venues(config, chain)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await engine.serve(config, stop, venues=venues)
+
+
+asyncio.run(main())
+"""
+
+
+async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
+    config: Config, processes: list[EngineProcess], redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    poison = 13.37
+    script = tmp_path / "poisoned_engine.py"
+    script.write_text(POISONED_ENGINE.format(engine_dir=str(Path(ENGINE_PY).parent), poison=poison))
+    env = engine_env(config, ENGINE_EXECUTION_TIMEOUT_MS="300")
+    killer = {**ORDER, "amount": poison}
+    for death in range(eng.RECOVERY_LIMIT):
+        process = await EngineProcess.spawn(env, script=str(script))
+        processes.append(process)
+        url = await process.url()
+        if death == 0:
+            async with ClientSession() as http:
+                order_id = await place(http, url, killer)
+        assert await process.exit_code() == 70  # it took the engine down with it, again
+    last = await EngineProcess.spawn(env, script=str(script))
+    processes.append(last)
+    url = await last.url()
+    async with ClientSession() as http:
+        [record] = await reach(http, url, [order_id], "failed")
+        await reach(http, url, [await place(http, url)], "confirmed")  # the next goes through
+    # Each death gave its attempt back; the third ended the order, whatever attempts were left.
+    assert (record["code"], record["recoveries"]) == ("RECOVERY_LIMIT", 3)
+    assert (record["attempts"], record["attemptsGivenBack"]) == (1, 2)
+    assert order_id not in await landed_transactions(redis, config)
+    assert last.proc.returncode is None
+
+
 def test_optional_features_are_not_imported_when_off() -> None:
     """PostgreSQL and JWT support load only when DATABASE_URL or a JWT key is set."""
     probe = (
@@ -4978,15 +4542,456 @@ def test_optional_features_are_not_imported_when_off() -> None:
     assert shown.stdout.strip() == "[]"
 
 
-async def test_selling_sol_wraps_it_and_confirms_with_the_wallet_s_lamports_spent(
-    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+# Faults: redis-server and engines killed and stalled at the worst moments
+# ════════════════════════════════════════════════════════════════════════════════════════════════
+
+
+async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_record(
+    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
 ) -> None:
-    wallet = cluster.wallet.pubkey()
-    lamports = cluster.svm.get_balance(wallet) or 0
-    client = await start(solana_config(config, cluster, tmp_path))
-    body = {**SWAP, "inputToken": "SOL", "amount": 2}
-    record = await wait_status(client, await solana_order(client, body), "confirmed")
-    assert (record["amountOut"], record["finalPrice"]) == (300.0, 150.0)
-    assert cluster.balance(wallet, cluster.wif) == 300 * 10**6
-    fee = cluster.landed[record["txHash"]]["meta"]["fee"]
-    assert cluster.svm.get_balance(wallet) == lamports - 2 * 10**9 - fee  # its wSOL closed again
+    env = engine_env(config, ENGINE_DEX_LATENCY_SCALE="1", ENGINE_EXECUTION_TIMEOUT_MS="3000")
+    stalled = await EngineProcess.spawn(env)
+    processes.append(stalled)
+    url = await stalled.url()
+    async with ClientSession() as http:
+        order_ids = [await place(http, url) for _ in range(3)]
+        await reach(http, url, order_ids, "submitted")
+    stalled.proc.send_signal(signal.SIGSTOP)  # a long pause: its heartbeat expires, it lives on
+    survivor = await start()
+    for order_id in order_ids:
+        await wait_status(survivor, order_id, "confirmed")
+    stalled.proc.send_signal(signal.SIGCONT)  # its sends resume, but the chain refuses them
+    await wait_for(
+        lambda: sum("lease lost" in line for line in stalled.lines) == 3,
+        "the stalled engine to back off",
+    )
+    landed = await landed_transactions(redis, config)
+    keys = eng.Keys(config.redis_prefix)
+    for order_id in order_ids:
+        events = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log("1"))]
+        terminal = [e for e in events if e["orderId"] == order_id and e["status"] in TERMINAL]
+        assert [e["status"] for e in terminal] == ["confirmed"]
+        assert landed[order_id] == [terminal[0]["txHash"]]
+
+
+@dataclass
+class Watcher:
+    """A user's client that stays connected to some live engine, resuming with `since` whenever
+    its engine dies, and checks that seq never skips or repeats."""
+
+    user: str
+    live: list[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    reconnects: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    expected: set[str] | None = None
+
+    async def run(self, http: ClientSession) -> None:
+        while not self.done.is_set():
+            since = self.events[-1]["seq"] if self.events else 0
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                url = random.choice(self.live)
+                async with http.ws_connect(f"{url}/ws?userId={self.user}&since={since}") as ws:
+                    self.reconnects += 1
+                    await self._read(ws)
+            await asyncio.sleep(0.05)
+
+    async def _read(self, ws: ClientWebSocketResponse) -> None:
+        async for message in ws:
+            event = orjson.loads(message.data)
+            assert event["type"] in {"connected", "order"}, event  # never a resync
+            if event["type"] == "order":
+                last = self.events[-1]["seq"] if self.events else 0
+                assert event["seq"] == last + 1, (last, event["seq"])
+                self.events.append(event)
+                self.check_done()
+
+    def check_done(self) -> None:
+        finished = {e["orderId"] for e in self.events if e["status"] in TERMINAL}
+        if self.expected is not None and finished >= self.expected:
+            self.done.set()
+
+
+@dataclass
+class Fleet:
+    """Real engine processes sharing one Redis: started, killed and replaced at random."""
+
+    env: dict[str, str]
+    processes: list[EngineProcess]
+    rng: random.Random
+    running: dict[str, EngineProcess] = field(default_factory=dict)
+    live: list[str] = field(default_factory=list)  # URLs of running engines, shared with clients
+
+    async def spawn(self) -> None:
+        process = await EngineProcess.spawn(self.env)
+        self.processes.append(process)
+        self.running[await process.url()] = process
+        self.live[:] = list(self.running)
+
+    async def kill_at_random(self, kills: int) -> None:
+        for _ in range(kills):
+            await asyncio.sleep(self.rng.uniform(0.4, 1.0))
+            victim = self.rng.choice(list(self.running))
+            self.running.pop(victim).kill()
+            self.live.remove(victim)
+            await self.spawn()
+
+    async def post(self, http: ClientSession, user: str, key: str) -> str:
+        """Place an order on any live engine; an answer lost with its engine is asked again with
+        the same Idempotency-Key, so the order exists once whatever happened."""
+        while True:
+            with contextlib.suppress(OSError, aiohttp.ClientError):
+                async with http.post(
+                    f"{self.rng.choice(self.live)}/api/orders/execute",
+                    json={**ORDER, "userId": user},
+                    headers={"Idempotency-Key": key},
+                ) as reply:
+                    if reply.status == 202:
+                        order_id: str = (await reply.json())["orderId"]
+                        return order_id
+            await asyncio.sleep(0.05)
+
+
+async def check_from_outside(redis: aioredis.Redis, config: Config, watcher: Watcher) -> None:
+    """Each order ended once, each confirmed swap landed once (the chain's own record), and what
+    the resuming client saw is exactly the user's log."""
+    keys = eng.Keys(config.redis_prefix)
+    landed = await landed_transactions(redis, config)
+    log = [orjson.loads(f["e"]) for _, f in await stream(redis, keys.user_log(watcher.user))]
+    assert watcher.events == log
+    for order_id in watcher.expected or ():
+        terminal = [e for e in log if e["orderId"] == order_id and e["status"] in TERMINAL]
+        assert len(terminal) == 1, terminal
+        if terminal[0]["status"] == "confirmed":
+            assert landed[order_id] == [terminal[0]["txHash"]]
+        else:
+            assert order_id not in landed
+
+
+async def test_engines_killed_at_random_moments_lose_nothing_and_run_nothing_twice(
+    config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+) -> None:
+    env = engine_env(
+        config,
+        ENGINE_DEX_LATENCY_SCALE="0.3",
+        ENGINE_EXECUTION_TIMEOUT_MS="1500",
+        ENGINE_DEX_FAIL_RATE="0.05",
+        ENGINE_CONCURRENCY="4",
+    )
+    rng = random.Random(11)
+    fleet = Fleet(env, processes, rng)
+    for _ in range(3):
+        await fleet.spawn()
+    watchers = [Watcher(f"trader-{i}", fleet.live) for i in range(5)]
+    accepted: dict[str, str] = {}  # orderId -> user
+    async with ClientSession() as http:
+        readers = [asyncio.create_task(w.run(http)) for w in watchers]
+        killer = asyncio.create_task(fleet.kill_at_random(6))
+        for index in range(60):
+            user = watchers[index % len(watchers)].user
+            accepted[await fleet.post(http, user, f"key-{index}")] = user
+            await asyncio.sleep(rng.uniform(0, 0.08))
+        await killer
+        for watcher in watchers:
+            watcher.expected = {o for o, user in accepted.items() if user == watcher.user}
+            watcher.check_done()
+        async with asyncio.timeout(45):
+            await asyncio.gather(*(w.done.wait() for w in watchers))
+        await cancel_all(readers)
+    assert len(accepted) == 60
+    for watcher in watchers:
+        await check_from_outside(redis, config, watcher)
+    assert sum(w.reconnects for w in watchers) > len(watchers)  # clients did resume elsewhere
+    interrupted = [e for w in watchers for e in w.events if e.get("code") == "INTERRUPTED"]
+    assert len(interrupted) >= 3  # the kills did land on orders in flight
+    keys = eng.Keys(config.redis_prefix)
+
+    async def nothing_left_behind() -> bool:  # dead instances recovered and forgotten
+        members = await redis.smembers(keys.instances)
+        lists = [k async for k in redis.scan_iter(keys.processing("*"))]
+        return (
+            len(members) == len(fleet.running) and not lists and not await redis.llen(keys.pending)
+        )
+
+    await wait_for(nothing_left_behind, "dead instances to be recovered and forgotten")
+    assert not await redis.zcard(keys.delayed)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# Venues that never fault, not even with their long tail of slow calls: whatever fails an order
+# in these tests is the fault injected.
+NO_TAIL = orjson.dumps({dex: {"tailRate": 0} for dex in eng.SIMULATED_VENUES}).decode()
+
+
+async def outcomes(
+    redis: aioredis.Redis, config: Config, accepted: dict[str, str]
+) -> dict[str, str]:
+    """What each acknowledged order (orderId -> user) came to, checked from the outside: its
+    user's log holds exactly one terminal event for it, and the chain agrees, a confirmed order's
+    txHash having landed and nothing else of it; an order that did not confirm landed nothing."""
+    keys = eng.Keys(config.redis_prefix)
+    landed = await landed_transactions(redis, config)
+    ended: dict[str, list[dict[str, Any]]] = {}
+    for user in set(accepted.values()):
+        for _, entry in await stream(redis, keys.user_log(user)):
+            event = orjson.loads(entry["e"])
+            if event["status"] in TERMINAL:
+                ended.setdefault(event["orderId"], []).append(event)
+    result = {}
+    for order_id in accepted:
+        terminal = ended.get(order_id, [])
+        assert len(terminal) <= 1, terminal
+        if not terminal:
+            continue
+        final = terminal[0]
+        expected = [final["txHash"]] if final["status"] == "confirmed" else None
+        assert landed.get(order_id) == expected, (final, landed.get(order_id))
+        result[order_id] = final["status"]
+    assert set(landed) <= set(result)
+    return result
+
+
+async def hold_fault(seconds: float) -> None:
+    """Keep an injected fault in place this long. A fault's length is part of the scenario (an
+    outage that outlasts an execution), never a wait for something to happen: those poll."""
+    await asyncio.sleep(seconds)
+
+
+async def statuses_now(http: ClientSession, url: str, order_ids: list[str]) -> list[str]:
+    return [record["status"] for record in await records_at(http, url, order_ids)]
+
+
+@dataclass
+class OwnRedis:
+    """An engine process on a redis-server of its own (AOF flushed on every write, so a kill
+    loses nothing acknowledged), for a test to kill and stall."""
+
+    server: RedisServer
+    config: Config
+    engine: EngineProcess
+    url: str
+    redis: aioredis.Redis
+
+
+@contextlib.asynccontextmanager
+async def engine_on_own_redis(
+    config: Config, processes: list[EngineProcess], server: RedisServer, **env: str
+) -> AsyncIterator[OwnRedis]:
+    own = replace(config, redis_url=server.url)
+    engine = await EngineProcess.spawn(engine_env(own, **env))
+    processes.append(engine)
+    redis = aioredis.from_url(server.url, decode_responses=True)
+    try:
+        yield OwnRedis(server, own, engine, await engine.url(), redis)
+    finally:
+        await redis.aclose()
+        engine.kill()
+
+
+async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    """A failover's new primary answers reads before it takes writes: the engine's start-up
+    check passes there and its first write is refused. It waits, then serves."""
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # type: ignore[no-untyped-call]
+        own = replace(config, redis_url=own_redis.url)
+        engine = await EngineProcess.spawn(engine_env(own))
+        processes.append(engine)
+
+        async def refused() -> bool:
+            assert engine.proc.returncode is None, "\n".join(engine.lines)
+            return any("read only replica" in line for line in engine.lines)
+
+        await wait_for(refused, "the engine's first write to be refused")
+        await redis.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
+        url = await engine.url()
+        async with ClientSession() as http:
+            await reach(http, url, [await place(http, url)], "confirmed")
+    finally:
+        await redis.aclose()
+
+
+async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        # not allowed to SET
+        await redis.execute_command("ACL", "SETUSER", "default", "-set")  # type: ignore[no-untyped-call]
+        engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=own_redis.url)))
+        processes.append(engine)
+        assert await engine.exit_code() == 1
+        [line] = [line for line in engine.lines if "WARNING authentication off" not in line]
+        assert "ERROR engine could not start: redis refused: " in line
+        assert "no permissions to run the 'set' command" in line
+    finally:
+        await redis.aclose()
+
+
+async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    async with (
+        engine_on_own_redis(
+            config,
+            processes,
+            own_redis,
+            ENGINE_DEX_LATENCY_SCALE="0.5",
+            ENGINE_CONCURRENCY="10",
+            ENGINE_DEX_FAULTS=NO_TAIL,
+        ) as own,
+        ClientSession() as http,
+    ):
+        url = own.url
+        accepted = {}
+        for index in range(20):  # ten run at once (1-1.5 s each), ten wait in the queue
+            user = f"u{index % 3}"
+            accepted[await place(http, url, {**ORDER, "userId": user})] = user
+        waiting = [  # parked on a price that never comes
+            await place(http, url, body)
+            for body in ({**LIMIT, "limitPrice": 1e6}, sniper("priceAbove", triggerPrice=1e6))
+        ]
+        order_ids = list(accepted)
+
+        async def sent() -> bool:
+            return "submitted" in await statuses_now(http, url, order_ids)
+
+        await wait_for(sent, "orders to be sent")
+        own.server.kill()
+        # Down for longer than an execution takes, so that every order that was sent meets the
+        # dead Redis when its outcome is recorded: the moment that used to fail orders.
+        await hold_fault(2.0)
+        own.server.start()
+        await reach(http, url, order_ids, *TERMINAL)
+        assert await statuses_now(http, url, waiting) == ["waiting"] * 2
+        ended = await outcomes(own.redis, own.config, accepted)
+        assert set(ended.values()) == {"confirmed"}, ended
+        assert len(ended) == 20
+        assert any("op=chain record" in line for line in own.engine.lines)  # the fault hit there
+
+
+async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    async with (
+        engine_on_own_redis(
+            config,
+            processes,
+            own_redis,
+            ENGINE_DEX_LATENCY_SCALE="0.5",  # executions take 1-1.5 s ...
+            ENGINE_EXECUTION_TIMEOUT_MS="1500",  # ... and their transactions expire after 1.5 s
+            ENGINE_CONCURRENCY="100",
+        ) as own,
+        ClientSession() as http,
+    ):
+        order_ids = await asyncio.gather(*(place(http, own.url) for _ in range(100)))
+        await reach(http, own.url, order_ids[:5], "submitted", *TERMINAL)
+        # Redis stops just before the first transactions expire and wakes after: outcomes
+        # recorded late, lookups racing them on other connections.
+        await hold_fault(1.2)
+        own.server.signal(signal.SIGSTOP)
+        await hold_fault(1.0)
+        own.server.signal(signal.SIGCONT)
+        await reach(http, own.url, order_ids, *TERMINAL)
+        ended = await outcomes(own.redis, own.config, dict.fromkeys(order_ids, "1"))
+        assert len(ended) == 100
+
+
+async def test_the_embedded_redis_killed_is_started_again_and_no_order_fails(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(
+        replace(config, redis_url=None), ENGINE_DEX_LATENCY_SCALE="0.3", ENGINE_DEX_FAULTS=NO_TAIL
+    )
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    async with ClientSession() as http:
+        order_ids = [await place(http, url) for _ in range(10)]
+        await reach(http, url, order_ids[:3], "submitted", *TERMINAL)
+        pid = int((config.data_dir / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)  # the engine's own Redis, mid-execution
+        await reach(http, url, order_ids, *TERMINAL)  # answers again: it was started again
+        records = await records_at(http, url, order_ids)
+        assert {record["status"] for record in records} == {"confirmed"}
+        await reach(http, url, [await place(http, url)], "confirmed")
+    assert any("embedded redis exited; starting it again" in line for line in engine.lines)
+
+
+def torn_transaction(*keys: str) -> bytes:
+    """The head of a transaction (MULTI, an INCR, half of an XADD) as a kill leaves it at the
+    end of an append-only file: the write that was never finished nor answered."""
+    seq, log_key = (key.encode() for key in keys)
+    return b"*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n$%d\r\n%s\r\n" % (
+        len(seq),
+        seq,
+    ) + b"*5\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$3\r\n4-" % (len(log_key), log_key)
+
+
+async def test_a_torn_write_at_the_end_of_the_aof_never_shows_later(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    keys = eng.Keys(config.redis_prefix)
+    for start_number in range(3):
+        engine = await EngineProcess.spawn(env)
+        processes.append(engine)
+        url = await engine.url()
+        async with ClientSession() as http:
+            await reach(http, url, [await place(http, url)], "confirmed")
+            if start_number == 2:
+                log = [f["e"] async for f in _logged(http, url)]
+        engine.proc.send_signal(signal.SIGTERM)
+        assert await engine.exit_code() == 0
+        if start_number == 0:  # as if Redis had been killed mid-write before stopping
+            with (config.data_dir / "appendonly.aof").open("ab") as aof:
+                aof.write(torn_transaction(keys.user_seq("1"), keys.user_log("1")))
+    # Every event of the user's three orders is there, and nothing else: seq 1 to 15.
+    assert [orjson.loads(event)["seq"] for event in log] == list(range(1, 16))
+
+
+async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]]:
+    """The user's whole event log, as a client resuming from the start reads it."""
+    async with http.ws_connect(f"{url}/ws?userId=1&since=0") as ws:
+        assert orjson.loads((await ws.receive()).data)["type"] == "connected"
+        while True:
+            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            event = orjson.loads(message.data)
+            yield {"e": message.data}
+            if event["seq"] == 15:
+                return
+
+
+async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+) -> None:
+    # Every heartbeat lapses while Redis is away; the engines are alive all the same, and
+    # none may take another's orders for a dead engine's (one attempt each: that would fail).
+    env = engine_env(
+        replace(config, redis_url=own_redis.url),
+        ENGINE_DEX_LATENCY_SCALE="0.5",
+        ENGINE_MAX_ATTEMPTS="1",
+        ENGINE_DEX_FAULTS=NO_TAIL,
+    )
+    engines = [await EngineProcess.spawn(env) for _ in range(3)]
+    processes.extend(engines)
+    urls = [await engine.url() for engine in engines]
+    async with ClientSession() as http:
+        order_ids = []
+        for outage in range(2):
+            order_ids += [await place(http, urls[i % 3]) for i in range(15)]
+            await reach(http, urls[0], order_ids[-3:], "submitted", *TERMINAL)
+            own_redis.kill()
+            await hold_fault(1.5 + outage)  # longer than ENGINE_HEARTBEAT_TTL_S (1 s)
+            own_redis.start()
+        records = await reach(http, urls[1], order_ids, *TERMINAL)
+    assert {record["status"] for record in records} == {"confirmed"}
+    assert {record["recoveries"] for record in records} == {0}
