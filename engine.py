@@ -2717,8 +2717,10 @@ class Store:
     async def _end_order(
         self, record: Mapping[str, str], final: Status, detail: Mapping[str, Any], origin: str
     ) -> bool:
-        """Move an order to a final status if it is still in the status read (LUA_END)."""
+        """Move an order to a final status if it is still in the status read (LUA_END); the
+        transition table is asked first, as for every status change."""
         order = Order.from_record(record)
+        advance(order.status, final)
         now = self._clock()
         ts = iso_ms(now)
         extra = {"attempt": order.attempts, **detail}
