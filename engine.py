@@ -834,9 +834,24 @@ class AttemptFailed(EngineError):
         return self.code not in FINAL_CODES
 
 
+class RedisRefusingForNow(redis_errors.ConnectionError):
+    """Redis refused a command for a while: out of memory, a read-only replica in a failover, too
+    few replicas, a disk it cannot save to, busy or loading. Inside a Lua script such a refusal
+    reaches redis-py as a plain ResponseError; RoundTrips' connections raise this instead, so it
+    is waited out like any outage (README: a Redis error is never an order's failure)."""
+
+
+AUTH_REFUSED_RE: Final = re.compile(
+    r"invalid username-password pair|invalid password|WRONGPASS|NOAUTH|Authentication required"
+)
+REFUSED_FOR_NOW_RE: Final = re.compile(
+    r"(?:^|: -)(OOM|READONLY|NOREPLICAS|MASTERDOWN|MISCONF|BUSY|LOADING|TRYAGAIN)\b"
+)
+
 # Redis trouble that goes away by itself: the caller waits and tries again.
 REDIS_TRANSIENT: Final = (
     redis_errors.ConnectionError,
+    redis_errors.OutOfMemoryError,
     redis_errors.TimeoutError,
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
@@ -2274,6 +2289,14 @@ class RoundTrips:
                     counter.errors += 1
                     raise
 
+            async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await super().read_response(*args, **kwargs)
+                except redis_errors.ResponseError as exc:
+                    if REFUSED_FOR_NOW_RE.search(str(exc)) and not isinstance(exc, REDIS_TRANSIENT):
+                        raise RedisRefusingForNow(str(exc)) from exc
+                    raise
+
         return Counting
 
 
@@ -2296,8 +2319,7 @@ def connect_redis(
         decode_responses=True,
         **extra,
     )
-    if round_trips is not None:
-        pool.connection_class = round_trips.counting(pool.connection_class)
+    pool.connection_class = (round_trips or RoundTrips()).counting(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -6958,13 +6980,41 @@ async def within_startup_wait(what: str, step: Awaitable[T]) -> T:
 
 
 async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
-    """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE."""
-    info = await within_startup_wait(f"redis at {url}", persist("start-up", client.info, "server"))
+    """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE and lets the
+    engine run its scripts. A wrong password or a missing permission is a refusal, not an
+    outage: start-up stops at once."""
+    shown = redacted(url)
+    info = await within_startup_wait(f"redis at {shown}", _first_answer(client))
     version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
     if version < REDIS_MIN_VERSION:
         raise StartupError(
-            f"redis at {url} is {info['redis_version']}; the engine needs 6.2 or newer"
+            f"redis at {shown} is {info['redis_version']}; the engine needs 6.2 or newer"
         )
+    await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client))
+
+
+async def _scripts_run(client: aioredis.Redis) -> None:
+    """The engine is its Lua scripts: load one and run it as the engine runs them all."""
+    sha = await client.script_load("return 1")
+    await client.evalsha(sha, 0)
+
+
+async def _first_answer(client: aioredis.Redis) -> dict[str, Any]:
+    backoff = Backoff()
+    while True:
+        try:
+            return await client.info("server")
+        except REDIS_TRANSIENT as exc:
+            if AUTH_REFUSED_RE.search(str(exc)):  # redis-py reports it as a connection error
+                raise redis_errors.AuthenticationError(str(exc)) from None
+            log.warning("redis unavailable; will retry", extra={"error": str(exc)})
+            await backoff.wait()
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for logs and messages."""
+    url = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
 
 
 def create_app(

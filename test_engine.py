@@ -4819,21 +4819,74 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
         await redis.aclose()
 
 
+@pytest.mark.parametrize(
+    ("refusal", "says"),
+    [
+        (["ACL", "SETUSER", "default", "-set"], "no permissions to run the 'set' command"),
+        (["ACL", "SETUSER", "default", "-evalsha"], "no permissions to run the 'evalsha' command"),
+        (["CONFIG", "SET", "requirepass", "secret"], "invalid username-password pair"),
+    ],
+)
 async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config,
+    processes: list[EngineProcess],
+    own_redis: RedisServer,
+    refusal: list[str],
+    says: str,
 ) -> None:
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
-        # not allowed to SET
-        await redis.execute_command("ACL", "SETUSER", "default", "-set")  # type: ignore[no-untyped-call]
-        engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=own_redis.url)))
+        await redis.execute_command(*refusal)  # type: ignore[no-untyped-call]
+        url = own_redis.url + "?password=wrong-secret"  # the server's own only asks for one
+        engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=url)))
         processes.append(engine)
         assert await engine.exit_code() == 1
         [line] = [line for line in engine.lines if "WARNING authentication off" not in line]
-        assert "ERROR engine could not start: redis refused: " in line
-        assert "no permissions to run the 'set' command" in line
+        assert "ERROR engine could not start: redis" in line
+        assert f"refused: {says}" in line or says in line
+        assert "wrong-secret" not in line  # a password is never written to the log
     finally:
         await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        ["CONFIG", "SET", "maxmemory", "1"],  # OOM: out of memory, nothing evicted
+        ["CONFIG", "SET", "min-replicas-to-write", "1"],  # NOREPLICAS: too few replicas
+    ],
+)
+async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer, refusal: list[str]
+) -> None:
+    async with (
+        engine_on_own_redis(
+            config, processes, own_redis, ENGINE_DEX_LATENCY_SCALE="0.5", ENGINE_DEX_FAULTS=NO_TAIL
+        ) as own,
+        ClientSession() as http,
+    ):
+        url = own.url
+        accepted = {}
+        for index in range(10):
+            accepted[await place(http, url, {**ORDER, "userId": f"u{index % 3}"})] = f"u{index % 3}"
+        order_ids = list(accepted)
+
+        async def sent() -> bool:
+            return "submitted" in await statuses_now(http, url, order_ids)
+
+        await wait_for(sent, "orders to be sent")
+        await own.redis.execute_command("CONFIG", "SET", "maxmemory-policy", "noeviction")  # type: ignore[no-untyped-call]
+        await own.redis.execute_command(*refusal)  # type: ignore[no-untyped-call]
+        async with http.post(f"{url}/api/orders/execute", json=ORDER) as refused:
+            answer = (refused.status, (await refused.json())["error"])
+        await hold_fault(1.5)  # longer than an execution: outcomes meet the refusal
+        await own.redis.execute_command(refusal[0], refusal[1], refusal[2], "0")  # type: ignore[no-untyped-call]
+        await reach(http, url, order_ids, *TERMINAL)
+        ended = await outcomes(own.redis, own.config, accepted)
+    assert set(ended.values()) == {"confirmed"}, ended
+    assert len(ended) == 10
+    assert answer[0] == 503, answer
+    assert answer[1]["retryable"] is True
 
 
 async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
