@@ -6790,7 +6790,9 @@ async def _shut_down_leftover(path: Path) -> None:
 def _prepare_data_dir(data_dir: Path) -> tuple[Path, int]:
     """Create DATA_DIR and lock it for this engine's life; return the socket path inside it and
     the lock's descriptor. The kernel drops the lock when the process ends, however it ends, so
-    a lock that cannot be taken means a live engine owns the directory and its Redis."""
+    a lock that cannot be taken means a live engine owns the directory, or the Redis it started
+    still runs (the server holds the lock too: a stopped one outlives a SIGKILLed engine until it
+    is continued, and no second server may start on its files meanwhile)."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         lock = os.open(data_dir / DATA_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
@@ -6802,7 +6804,7 @@ def _prepare_data_dir(data_dir: Path) -> tuple[Path, int]:
         owner = os.pread(lock, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(lock)
         raise StartupError(
-            f"DATA_DIR {data_dir} is in use by another engine (pid {owner}); "
+            f"DATA_DIR {data_dir} is in use by another engine (pid {owner}) or its Redis; "
             "give each engine its own DATA_DIR, or share a Redis with REDIS_URL"
         ) from None
     try:  # the embedded Redis writes its AOF and log here
@@ -6874,8 +6876,9 @@ class EmbeddedRedis:
     it dies (its append-only file brings back everything it had written), stopped with the
     engine."""
 
-    def __init__(self, sock: Path, durability: str) -> None:
+    def __init__(self, sock: Path, durability: str, lock: int = -1) -> None:
         self.sock = sock
+        self._lock = lock  # DATA_DIR's lock: the server holds it too, for as long as it lives
         self._args = _embedded_args(redis_server_binary(), sock, durability)
         self._log = sock.parent / "redis.log"
         self.proc: asyncio.subprocess.Process | None = None
@@ -6888,6 +6891,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal must reach the engine, not its Redis
+            pass_fds=(self._lock,) if self._lock >= 0 else (),
         )
         try:
             await _wait_until_serving(proc, self.sock)
@@ -6955,7 +6959,7 @@ async def embedded_redis(data_dir: Path, durability: str = "everysec") -> AsyncI
     sock, lock = await asyncio.to_thread(_prepare_data_dir, data_dir)
     try:
         await _shut_down_leftover(sock)
-        server = EmbeddedRedis(sock, durability)
+        server = EmbeddedRedis(sock, durability, lock)
         await server.start()
         keeper = asyncio.create_task(server.keep_running())
         try:

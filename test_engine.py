@@ -4418,6 +4418,38 @@ async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_a
     assert await first.exit_code() == 0
 
 
+async def test_a_stopped_embedded_redis_of_a_killed_engine_keeps_its_data_dir_from_a_second(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(replace(config, redis_url=None))
+    first = await EngineProcess.spawn(env)
+    processes.append(first)
+    async with ClientSession() as http:
+        url = await first.url()
+        order_id = await place(http, url)
+        await reach(http, url, [order_id], "confirmed")
+    [server] = [
+        child for child in psutil.Process(first.proc.pid).children() if "redis" in child.name()
+    ]
+    server.suspend()  # SIGSTOP: the parent-death signal waits until it runs again
+    try:
+        first.kill()
+        await first.exit_code()
+        second = await EngineProcess.spawn(env)
+        processes.append(second)
+        assert await second.exit_code() == 1
+        assert "is in use by another engine" in second.lines[-1]  # no second server on its AOF
+    finally:
+        server.resume()
+    await wait_for(lambda: not server.is_running(), "the old redis-server to exit")
+    third = await EngineProcess.spawn(env)
+    processes.append(third)
+    async with ClientSession() as http:
+        url = await third.url()
+        [record] = await records_at(http, url, [order_id])
+    assert record["status"] == "confirmed"
+
+
 async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
     start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
 ) -> None:
