@@ -2122,31 +2122,41 @@ async def test_a_rebroadcast_of_a_landed_swap_is_already_processed_and_lands_onc
 
 
 async def test_a_recovered_order_whose_send_was_lost_waits_for_its_blockhash_to_expire(
-    config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
+    start: Start,
+    config: Config,
+    processes: list[EngineProcess],
+    cluster: SolanaCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cluster.drop_sends = 1000  # the killed engine's transaction never reaches a leader
     async with ClientSession() as http:
-        engines = EnginesOn(config, cluster, tmp_path, processes)
-        order_id, url = await engines.kill_one_after(http, lambda: cluster.sends, "the first send")
-        lost = cluster.sends[0]
+        first = await EnginesOn(config, cluster, tmp_path, processes).spawn()
+        order_id = await place(http, await first.url(), SWAP)
+        await wait_for(lambda: cluster.sends, "the first send")
+        first.proc.kill()
+        await first.exit_code()
+    lost = cluster.sends[0]
+    monkeypatch.setattr(eng, "SETTLE_POLL_MAX_S", 0.5)  # this process's engine asks sooner
+    client = await start(solana_config(config, cluster, tmp_path))  # it recovers the order
 
-        def lookups() -> int:
-            return sum(
-                method == "getSignatureStatuses"
-                and params[0] == [lost]
-                and params[1]["searchTransactionHistory"]
-                for method, params in cluster.asked
-            )
+    def lookups() -> int:
+        return sum(
+            method == "getSignatureStatuses"
+            and params[0] == [lost]
+            and params[1]["searchTransactionHistory"]
+            for method, params in cluster.asked
+        )
 
-        # While the blockhash is valid the lost transaction may still land: the engine asks
-        # about it again and again, and signs no second swap.
-        await wait_for(lambda: lookups() >= 3, "the lost signature to be asked about, again")
-        assert len(cluster.swaps_asked) == 1
-        cluster.expire()
-        cluster.drop_sends = 0
-        [record] = await reach(http, url, [order_id], *TERMINAL)
-    assert record["status"] == "confirmed"
+    # While the blockhash is valid the lost transaction may still land: the engine asks about
+    # it again and again, and signs no second swap.
+    await wait_for(lambda: lookups() >= 3, "the lost signature to be asked about, again")
+    assert len(cluster.swaps_asked) == 1
+    cluster.expire()
+    cluster.drop_sends = 0
+    record = await wait_status(client, order_id, "confirmed")
     assert record["txHash"] != lost
+    assert record["recoveries"] == 1
     assert list(cluster.statuses) == [record["txHash"]]
     assert len(cluster.swaps_asked) == 2
     assert cluster.balance(cluster.wallet.pubkey(), cluster.wif) == 40 * 10**6
@@ -4881,16 +4891,12 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
         await redis.aclose()
 
 
-@pytest.mark.parametrize(
-    "refusal",
-    [
-        ["CONFIG", "SET", "maxmemory", "1"],  # OOM: out of memory, nothing evicted
-        ["CONFIG", "SET", "min-replicas-to-write", "1"],  # NOREPLICAS: too few replicas
-    ],
-)
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer, refusal: list[str]
+    config: Config, processes: list[EngineProcess], own_redis: RedisServer
 ) -> None:
+    # Out of memory with nothing to evict: every write, in a script or not, is refused (OOM).
+    # READONLY in a failover, NOREPLICAS, MISCONF and the rest go the same way.
+    refusal = ["CONFIG", "SET", "maxmemory", "1"]
     async with (
         engine_on_own_redis(
             config, processes, own_redis, ENGINE_DEX_LATENCY_SCALE="0.5", ENGINE_DEX_FAULTS=NO_TAIL
