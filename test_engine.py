@@ -424,6 +424,12 @@ class ScriptedVenue:
         return self.listed
 
 
+def gated(name: str = "RAYDIUM") -> tuple[ScriptedVenue, asyncio.Event]:
+    """A venue that holds every execution until the test sets the event."""
+    held = asyncio.Event()
+    return ScriptedVenue(name, gate=held), held
+
+
 @dataclass
 class EngineProcess:
     """A real `python engine.py` process; its log lines are collected as they come."""
@@ -827,8 +833,8 @@ def test_the_transition_table_is_the_spec_lifecycle_and_advance_enforces_it() ->
 async def test_post_answers_202_only_with_record_job_and_event_in_redis(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    venue, held = gated()
+    client = await start(venues=[venue])
     status, reply = await post(client)
     assert (status, set(reply)) == (202, {"orderId", "status"})
     assert reply["status"] == "pending"
@@ -2383,10 +2389,8 @@ async def test_a_retry_waits_in_redis_and_survives_a_restart(
 async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, held = gated()
+    client = await start(replace(config, concurrency=1), venues=[venue])
     instance = client.app[eng.ENGINE].instance_id
     keys = eng.Keys(config.redis_prefix)
     busy = await order_id_of(client)
@@ -2432,9 +2436,9 @@ async def _blocked_clients(redis: aioredis.Redis) -> bool:
 async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
+    venue, _ = gated()  # never opened: executions hang until the engine goes
     busy = replace(config, concurrency=1, shutdown_grace_s=0.1)
-    a = await start(busy, venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    a = await start(busy, venues=[venue])
     a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
     pending = eng.Keys(config.redis_prefix).pending
     order_id = await order_id_of(a)
@@ -2453,10 +2457,8 @@ async def test_a_job_recovered_from_a_live_instance_goes_back_to_it(
 async def test_a_duplicate_never_removes_the_last_job_of_an_order(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    a = await start(
-        replace(config, shutdown_grace_s=0.1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, _ = gated()  # never opened: executions hang until the engine goes
+    a = await start(replace(config, shutdown_grace_s=0.1), venues=[venue])
     a_jobs = eng.Keys(config.redis_prefix).processing(a.app[eng.ENGINE].instance_id)
     pending = eng.Keys(config.redis_prefix).pending
     order_id = await order_id_of(a)
@@ -2477,8 +2479,7 @@ async def _has_job(redis: aioredis.Redis, jobs: str, order_id: str) -> bool:
 async def test_a_duplicate_job_for_an_order_in_flight_is_dropped(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
+    venue, held = gated()
     client = await start(venues=[venue])
     async with client.ws_connect("/ws?userId=1") as ws:
         order_id = await order_id_of(client)
@@ -2502,10 +2503,8 @@ async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001
     start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="engine")
-    held = asyncio.Event()
-    first = await start(
-        replace(config, shutdown_grace_s=0.3), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, _ = gated()  # never opened: executions hang until the engine goes
+    first = await start(replace(config, shutdown_grace_s=0.3), venues=[venue])
     engine = first.app[eng.ENGINE]
     watcher = ClientSession()  # its own session: closing the test client must not close the socket
     ws = await watcher.ws_connect(first.make_url("/ws?userId=1"))
@@ -2820,10 +2819,8 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
     start: Start, config: Config, own_redis: RedisServer
 ) -> None:
     server = own_redis
-    held = asyncio.Event()
-    client = await start(
-        replace(config, redis_url=server.url), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, held = gated()
+    client = await start(replace(config, redis_url=server.url), venues=[venue])
     try:
         async with client.ws_connect("/ws?userId=1") as ws:
             await receive(ws)
@@ -3061,8 +3058,8 @@ async def test_a_socket_sees_connected_then_every_status_in_seq_order(start: Sta
 
 
 async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    venue, held = gated()
+    client = await start(venues=[venue])
     order_id = await order_id_of(client)
     await wait_status(client, order_id, "submitted")
     async with client.ws_connect("/ws?userId=1") as ws:
@@ -3115,8 +3112,8 @@ async def test_resume_with_since_replays_the_same_bytes_then_continues_live(star
 async def test_resume_from_before_the_log_or_beyond_it_resyncs(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    venue, held = gated()
+    client = await start(venues=[venue])
     done = await order_id_of(client)
     held.set()
     await wait_status(client, done, "confirmed")
@@ -3136,8 +3133,8 @@ async def test_resume_from_before_the_log_or_beyond_it_resyncs(
 async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
     start: Start,
 ) -> None:
-    held = asyncio.Event()
-    a = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    venue, held = gated()
+    a = await start(venues=[venue])
     b = await start()
     a_id, b_id = a.app[eng.ENGINE].instance_id, b.app[eng.ENGINE].instance_id
     order_ids: list[str] = []
@@ -3992,10 +3989,8 @@ async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
 
 
 async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=1, max_queued=1), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, held = gated()
+    client = await start(replace(config, concurrency=1, max_queued=1), venues=[venue])
     running = await order_id_of(client)
     await wait_status(client, running, "submitted")
     await order_id_of(client)  # waits in the pending list
@@ -4013,10 +4008,8 @@ async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) 
 async def test_the_pool_serves_busy_workers_and_a_burst_of_requests(
     start: Start, config: Config
 ) -> None:
-    held = asyncio.Event()
-    client = await start(
-        replace(config, concurrency=60), venues=[ScriptedVenue("RAYDIUM", gate=held)]
-    )
+    venue, held = gated()
+    client = await start(replace(config, concurrency=60), venues=[venue])
     # 200 requests at once against a pool of 60 + 32 connections: they wait their turn, none fails
     replies = await asyncio.gather(*(post(client) for _ in range(200)))
     assert [status for status, _ in replies] == [202] * 200
@@ -4036,8 +4029,7 @@ async def cancel(client: TestClient[Any, Any], order_id: str, user: str = "1") -
 async def test_a_pending_order_is_cancelled_once_and_never_runs(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
+    venue, held = gated()
     client = await start(replace(config, concurrency=1), venues=[venue])
     async with client.ws_connect("/ws?userId=1") as ws:
         busy = await order_id_of(client)
@@ -4056,8 +4048,7 @@ async def test_a_pending_order_is_cancelled_once_and_never_runs(
 
 
 async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
-    held = asyncio.Event()
-    venue = ScriptedVenue("RAYDIUM", gate=held)
+    venue, held = gated()
     client = await start(venues=[venue])
     order_id = await order_id_of(client)
     await wait_status(client, order_id, "submitted")
@@ -4071,8 +4062,8 @@ async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start)
 
 
 async def test_only_the_owner_can_cancel(start: Start) -> None:
-    held = asyncio.Event()
-    client = await start(venues=[ScriptedVenue("RAYDIUM", gate=held)])
+    venue, held = gated()
+    client = await start(venues=[venue])
     order_id = await order_id_of(client)
     assert (await cancel(client, order_id, user="2"))[0] == 404
     assert (await cancel(client, "order_" + "0" * 32))[0] == 404
