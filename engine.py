@@ -104,13 +104,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from solders.address_lookup_table_account import AddressLookupTable
-
-if TYPE_CHECKING:  # optional features: imported when configured (see history_errors, Authenticator)
-    import asyncpg  # type: ignore[import-untyped]  # no type information published
 from solders.keypair import Keypair
 from solders.message import to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.transaction import VersionedTransaction
+
+if TYPE_CHECKING:  # optional features: imported when configured (see history_errors, Authenticator)
+    import asyncpg  # type: ignore[import-untyped]  # no type information published
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 1. Constants and Lua scripts
@@ -1549,7 +1549,7 @@ def _public_key(text: str) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    pem = text if text.lstrip().startswith("-----BEGIN") else _read_key_file(text)
+    pem = text if text.lstrip().startswith("-----BEGIN") else _read_text(text)
     try:
         key = serialization.load_pem_public_key(pem.encode())
     except ValueError:
@@ -1559,7 +1559,8 @@ def _public_key(text: str) -> str:
     return pem
 
 
-def _read_key_file(path: str) -> str:
+def _read_text(path: str) -> str:
+    """A setting given as the path of a file: the file's text."""
     try:
         return Path(path).read_text()
     except OSError as exc:
@@ -1666,7 +1667,7 @@ def load_keypair(path: Path) -> Keypair:
 def _tokens(text: str) -> dict[str, Token]:
     """ENGINE_TOKENS: {"SYMBOL": {"mint": "<base58>", "decimals": N}, ...}, given inline or as
     the path of a file holding it."""
-    raw = text if text.lstrip().startswith("{") else _read_key_file(text)
+    raw = text if text.lstrip().startswith("{") else _read_text(text)
     try:
         spec = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -3713,8 +3714,9 @@ def default_venues(config: Config, chain: MockChain, clock: Clock = time.time) -
 # -- real execution on Solana ---------------------------------------------------------------------
 
 SYSTEM_PROGRAM: Final = "11111111111111111111111111111111"
+SPL_TOKEN_PROGRAM: Final = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
 TOKEN_PROGRAMS: Final = frozenset(
-    ("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA", "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
+    (SPL_TOKEN_PROGRAM, "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
 )
 ASSOCIATED_TOKEN_PROGRAM: Final = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"
 # Jupiter's aggregator (v6): its swap moves the wallet's tokens by its own on-chain checks.
@@ -3778,6 +3780,21 @@ def answer_read(what: str, code: str = "EXECUTION_FAILED") -> Iterator[None]:
         raise VenueError(f"{what}: an answer of an unknown shape", code) from None
 
 
+async def fetch_json(
+    session: ClientSession, method: str, url: str, what: str, **kwargs: Any
+) -> tuple[int, Any]:
+    """An HTTP call to the node or to Jupiter: its status and its JSON. No answer, an answer
+    that is not JSON, 429 or 5xx: VenueError VENUE_DOWN (transient)."""
+    try:
+        async with session.request(method, url, **kwargs) as response:
+            body = await response.read()
+            if response.status == 429 or response.status >= 500:
+                raise ClientError(f"HTTP {response.status}")
+            return response.status, orjson.loads(body)
+    except (ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+        raise VenueError(f"{what} failed: {exc or type(exc).__name__}", "VENUE_DOWN") from None
+
+
 class RpcRefused(VenueError):
     """The node answered a call with a JSON-RPC error (a failed preflight, a bad request)."""
 
@@ -3799,17 +3816,14 @@ class SolanaRpc:
         self._url, self._session, self._metrics = url, session, metrics
 
     async def call(self, method: str, *params: Any) -> Any:
-        body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)}
+        body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
         try:
-            async with self._session.post(self._url, data=orjson.dumps(body)) as response:
-                if response.status == 429 or response.status >= 500:
-                    raise ClientError(f"HTTP {response.status}")
-                reply = orjson.loads(await response.read())
-        except (ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            _, reply = await fetch_json(
+                self._session, "POST", self._url, f"Solana RPC {method}", data=body
+            )
+        except VenueError:
             self._metrics.solana_event("rpc_errors")
-            raise VenueError(
-                f"Solana RPC {method} failed: {exc or type(exc).__name__}", "VENUE_DOWN"
-            ) from None
+            raise
         if not isinstance(reply, dict) or ("error" not in reply and "result" not in reply):
             self._metrics.solana_event("rpc_errors")
             raise VenueError(f"Solana RPC {method}: not a JSON-RPC answer", "VENUE_DOWN")
@@ -3821,7 +3835,10 @@ class SolanaRpc:
     async def height(self) -> int:
         reply = await self.call("getBlockHeight", {"commitment": "confirmed"})
         with answer_read("Solana RPC getBlockHeight"):
-            return int(reply) if 0 <= int(reply) < 2**64 else int("out of range")
+            height = int(reply)
+            if not 0 <= height < 2**64:
+                raise ValueError(height)
+        return height
 
     async def status(self, signature: str, history: bool = False) -> dict[str, Any] | None:
         """The signature's status once it is confirmed (None before: not seen, or only
@@ -4036,21 +4053,14 @@ class SolanaVenue:
     async def _jupiter(self, method: str, path: str, code: str, **kwargs: Any) -> Any:
         headers = {"x-api-key": self.api_key} if self.api_key else {}
         url = self.api_url.rstrip("/") + path
-        try:
-            async with self.session.request(method, url, headers=headers, **kwargs) as response:
-                body = await response.read()
-                if response.status == 429 or response.status >= 500:
-                    raise ClientError(f"HTTP {response.status}")
-                reply = orjson.loads(body)
-        except (ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-            raise VenueError(
-                f"Jupiter {path} failed: {exc or type(exc).__name__}", "VENUE_DOWN"
-            ) from None
-        if response.status >= 400 or not isinstance(reply, dict):
+        status, reply = await fetch_json(
+            self.session, method, url, f"Jupiter {path}", headers=headers, **kwargs
+        )
+        if status >= 400 or not isinstance(reply, dict):
             error = reply.get("error") if isinstance(reply, dict) else None
-            no_route = path == "/quote" and response.status == 400
+            no_route = path == "/quote" and status == 400
             raise VenueError(
-                f"Jupiter {path}: HTTP {response.status}: {error}", "NO_ROUTE" if no_route else code
+                f"Jupiter {path}: HTTP {status}: {error}", "NO_ROUTE" if no_route else code
             )
         return reply
 
@@ -4196,16 +4206,8 @@ class SwapCheck:
             return "uses a durable nonce: the transaction would never expire"
         if self.wallet not in accounts:
             return None
-        wrap = (
-            tag == SYSTEM_TRANSFER
-            and len(data) == 12
-            and accounts[:2]
-            == [
-                self.wallet,
-                self.wrapped,
-            ]
-        )
-        if not wrap:
+        into_wrapped = accounts[:2] == [self.wallet, self.wrapped]
+        if not (tag == SYSTEM_TRANSFER and len(data) == 12 and into_wrapped):
             return "could move the wallet's SOL elsewhere"
         self.lamports_out += int.from_bytes(data[4:12], "little")
         return None
@@ -4263,8 +4265,11 @@ class SwapCheck:
 
 def ata_of(owner: Pubkey, mint: str) -> Pubkey:
     """The owner's associated token account for `mint` (SPL Token program)."""
-    token_program = Pubkey.from_string("TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA")
-    seeds = [bytes(owner), bytes(token_program), bytes(Pubkey.from_string(mint))]
+    seeds = [
+        bytes(owner),
+        bytes(Pubkey.from_string(SPL_TOKEN_PROGRAM)),
+        bytes(Pubkey.from_string(mint)),
+    ]
     return Pubkey.find_program_address(seeds, Pubkey.from_string(ASSOCIATED_TOKEN_PROGRAM))[0]
 
 
