@@ -297,21 +297,30 @@ UNIX_SOCKET_PATH_MAX: Final = 100
 DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
 
-# The Lua scripts are templates: $NAME placeholders are filled once per Store with its key prefix,
-# TTLs and caps (see lua()), so a call sends only what varies. Redis has CPU to spare; the engine
-# pays for every argument it packs (the benchmark found ~0.6 µs each). So the scripts on an
-# order's path take their values as one argument of lines (`fields`; JSON values never hold a raw
-# newline) and build key names from the ids and the prefix rather than receiving them. That ties
-# them to one Redis node, which the engine needs anyway: a job moves between lists and a status
-# change touches an order, its user and the queue at once, so Redis Cluster is not supported.
-#
-# Every script that emits an event contains `emit`: it gives the event the user's next seq,
-# appends it to the user's capped log and publishes it. `body` is the event's JSON without "seq",
-# which is spliced in as the first field.
+# The Lua scripts, one convention for all of them:
+# - KEYS holds every key the caller can name, in the order the script's header lists. A key a
+#   script learns only from what it reads (the holder named in a lease, an order's trigger set,
+#   the ids in a list) it builds from the same prefix: every key of an engine starts with
+#   ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster slot, where
+#   a script may reach them all.
+# - ARGV[1] holds the values, one per line (`values(ARGV[1])`; lines() on the Python side); a
+#   script that writes record fields takes them last, as name and value lines (field_blob()).
+#   JSON values never hold a raw newline. One argument, because the engine pays for every
+#   argument it packs (the benchmark found ~0.6 µs each).
+# - $NAME placeholders are settings filled in once per Store (lua()): TTLs, caps, statuses.
+# - A script that changes an order ends with `write`: the record's fields, the event `emit`
+#   logs and publishes, answered to the caller.
+LUA_VALUES: Final = """
+local function values(blob)
+  local out = {}
+  for part in string.gmatch(blob .. '\\n', '([^\\n]*)\\n') do out[#out + 1] = part end
+  return out
+end
+"""
+# `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
+# `body` is the event's JSON without "seq", which is spliced in as the first field.
 LUA_EMIT: Final = """
-local function emit(user, body, origin)
-  local seq_key = '$USER_PREFIX' .. user .. ':seq'
-  local log_key = '$USER_PREFIX' .. user .. ':events'
+local function emit(seq_key, log_key, user, body, origin)
   local seq = redis.call('INCR', seq_key)
   if seq == 1 then
     -- A new counter. Should an older log have survived it, continue after that log.
@@ -328,41 +337,44 @@ local function emit(user, body, origin)
   redis.call('PUBLISH', '$CHANNEL', origin .. ' ' .. user .. ' ' .. seq .. ' ' .. event)
   return event
 end
-"""
-# A failed order stays readable while it is among the newest ENGINE_FAILED_KEEP; older ones fall
-# back to the ordinary record TTL.
-LUA_KEEP_FAILED: Final = """
-local function keep_failed(order, id, score)
-  redis.call('PERSIST', order)
-  redis.call('ZADD', '$FAILED', score, id)
-  for _, old in ipairs(redis.call('ZRANGE', '$FAILED', 0, -$FAILED_KEEP - 1)) do
-    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
-  end
-  redis.call('ZREMRANGEBYRANK', '$FAILED', 0, -$FAILED_KEEP - 1)
+
+-- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the event it
+-- emits; answer the event.
+local function write(order, a, first, extra, seq_key, log_key, user, body, origin)
+  local record = {unpack(a, first)}
+  for _, item in ipairs(extra) do record[#record + 1] = item end
+  local event = emit(seq_key, log_key, user, body, origin)
+  record[#record + 1] = 'lastEvent'
+  record[#record + 1] = event
+  redis.call('HSET', order, unpack(record))
+  return event
 end
 """
-# With DATABASE_URL set, a finished order's id goes to the outbox, from which it is written to
-# PostgreSQL; the outbox keeps the newest OUTBOX_KEEP (older ones are dropped, with a log line).
-LUA_OUTBOX: Final = """
-local function to_outbox(id)
-  if $HISTORY == 1 then
-    redis.call('LPUSH', '$OUTBOX', id)
-    redis.call('LTRIM', '$OUTBOX', 0, $OUTBOX_KEEP - 1)
-  end
-end
-"""
-# history is a JSON array kept as text, so appending needs no JSON round trip.
-LUA_APPEND: Final = """
+# A finished order's history is a JSON array kept as text, so appending needs no JSON round trip.
+# A failed order stays readable while it is among the newest ENGINE_FAILED_KEEP (the set
+# `failed`); older ones fall back to the ordinary record TTL. With DATABASE_URL set, a finished
+# order's id goes to the outbox, from which it is written to PostgreSQL; the outbox keeps the
+# newest OUTBOX_KEEP (older ones are dropped, with a log line).
+LUA_FINISH: Final = """
 local function append(history, entry)
   if history == '[]' then return '[' .. entry .. ']' end
   return string.sub(history, 1, -2) .. ',' .. entry .. ']'
 end
-"""
-LUA_FIELDS: Final = """
-local function fields(blob)
-  local out = {}
-  for part in string.gmatch(blob, '[^\\n]+') do out[#out + 1] = part end
-  return out
+
+local function keep_failed(failed, order, id, score)
+  redis.call('PERSIST', order)
+  redis.call('ZADD', failed, score, id)
+  for _, old in ipairs(redis.call('ZRANGE', failed, 0, -$FAILED_KEEP - 1)) do
+    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
+  end
+  redis.call('ZREMRANGEBYRANK', failed, 0, -$FAILED_KEEP - 1)
+end
+
+local function to_outbox(outbox, id)
+  if $HISTORY == 1 then
+    redis.call('LPUSH', outbox, id)
+    redis.call('LTRIM', outbox, 0, $OUTBOX_KEEP - 1)
+  end
 end
 """
 # Redis's clock in ms: the one clock every instance shares (rate limits, the simulated chain).
@@ -379,10 +391,9 @@ end
 LUA_THROTTLE: Final = (
     LUA_NOW
     + """
-local function throttle(user)
+local function throttle(bucket)
   local capacity = $RATE_LIMIT
   if capacity == 0 then return 0 end
-  local bucket = '$RATE_PREFIX' .. user
   local now = now_ms()
   local per_ms = capacity / 60000
   local state = redis.call('HMGET', bucket, 'tokens', 'at')
@@ -399,47 +410,41 @@ end
 
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
 # A replay of an Idempotency-Key answers the order it made and takes no token from the user's
-# rate limit; a new order takes one. ARGV[1] holds, one per line: order_id, user, created_us,
-# fingerprint, idempotency key or '-', the accepting instance, the order type, event body, then
-# the record's fields. Answers the event as sent.
+# rate limit; a new order takes one. Answers the event as sent.
+# KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
+#       rate bucket, idempotency (only with an Idempotency-Key)
+# ARGV: order_id, user, created_us, fingerprint, origin, order type, event body, record fields
 LUA_CREATE: Final = (
-    LUA_FIELDS
+    LUA_VALUES
     + LUA_EMIT
     + LUA_THROTTLE
     + """
-local a = fields(ARGV[1])
-local id, user, created, fingerprint, idempotency, origin = unpack(a, 1, 6)
-local order = '$ORDER_PREFIX' .. id
-if idempotency ~= '-' then
+local a = values(ARGV[1])
+local id, user, created, fingerprint, origin, kind = unpack(a, 1, 6)
+local order, idempotency = KEYS[1], KEYS[10]
+if idempotency then
   local prior = redis.call('GET', idempotency)
   if prior then return {'exists', prior} end
 end
 -- A create re-sent after a lost reply finds its own record and changes nothing.
 if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerprint} end
-if redis.call('LLEN', '$PENDING') + redis.call('ZCARD', '$DELAYED') >= $MAX_QUEUED then
+if redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= $MAX_QUEUED then
   return {'full'}
 end
-if a[7] ~= 'market' and redis.call('ZCARD', '$EXPIRING') >= $MAX_WAITING then
+if kind ~= 'market' and redis.call('ZCARD', KEYS[4]) >= $MAX_WAITING then
   return {'full_waiting'}
 end
-local wait = throttle(user)
+local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
-redis.call('LPUSH', '$PENDING', id)
-local orders, active = '$USER_PREFIX' .. user .. ':orders', '$USER_PREFIX' .. user .. ':active'
-redis.call('ZADD', orders, created, id)
-redis.call('ZREMRANGEBYRANK', orders, 0, -$USER_ORDERS_KEEP - 1)
-redis.call('EXPIRE', orders, $ORDER_TTL)
-redis.call('SADD', active, id)
-redis.call('EXPIRE', active, $ORDER_TTL)
-if idempotency ~= '-' then
+redis.call('LPUSH', KEYS[2], id)
+redis.call('SADD', KEYS[5], id)
+redis.call('ZADD', KEYS[6], created, id)
+redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -$USER_ORDERS_KEEP - 1)
+if idempotency then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', $IDEMPOTENCY_TTL)
 end
-local event = emit(user, a[8], origin)
-local record = {unpack(a, 9)}
-record[#record + 1] = 'lastEvent'
-record[#record + 1] = event
-redis.call('HSET', order, unpack(record))
-redis.call('EXPIRE', order, $ORDER_TTL)
+local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
+for _, key in ipairs({order, KEYS[5], KEYS[6]}) do redis.call('EXPIRE', key, $ORDER_TTL) end
 return {'created', event}
 """
 )
@@ -448,16 +453,19 @@ return {'created', event}
 # answer what a worker needs of it (CLAIM_FIELDS, in that order) and whether it was taken from
 # an engine that died in the middle of an attempt ('taken') rather than handed back by one that
 # shut down ('handed', no lease left) or idle ('idle').
-# KEYS: order, processing   ARGV: 1 order_id, 2 lease, 3 instance
-LUA_CLAIM: Final = """
+# KEYS: order, processing   ARGV: order_id, lease, instance
+LUA_CLAIM: Final = (
+    LUA_VALUES
+    + """
+local id, lease, instance = unpack(values(ARGV[1]))
 local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
-local status, lease = current[1], current[2]
+local status, held = current[1], current[2]
 if not status then
-  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  redis.call('LREM', KEYS[2], 1, id)
   return {'missing'}
 end
 if string.find(' $TERMINAL ', ' ' .. status .. ' ', 1, true) then
-  redis.call('LREM', KEYS[2], 1, ARGV[1])
+  redis.call('LREM', KEYS[2], 1, id)
   return {'finished'}
 end
 -- An order in the middle of an attempt belongs to its lease holder while that instance is alive
@@ -465,80 +473,72 @@ end
 -- to the holder's processing list, so that it is recovered with the rest if the holder dies
 -- later. A dead holder's order is taken over.
 local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
-if not idle and lease then
-  local holder = string.match(lease, '^(.*)/')
-  if holder and holder ~= ARGV[3] and redis.call('EXISTS', '$HEARTBEAT_PREFIX' .. holder) == 1 then
-    redis.call('LREM', KEYS[2], 1, ARGV[1])
+if not idle and held then
+  local holder = string.match(held, '^(.*)/')
+  if holder and holder ~= instance and redis.call('EXISTS', '$HEARTBEAT_PREFIX' .. holder) == 1 then
+    redis.call('LREM', KEYS[2], 1, id)
     local holder_jobs = '$PROCESSING_PREFIX' .. holder
-    if not redis.call('LPOS', holder_jobs, ARGV[1]) then
-      redis.call('LPUSH', holder_jobs, ARGV[1])
-    end
+    if not redis.call('LPOS', holder_jobs, id) then redis.call('LPUSH', holder_jobs, id) end
     return {'busy'}
   end
 end
 local how = 'idle'
-if not idle and lease then
+if not idle and held then
   how = 'taken'
   redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
 elseif not idle then
   how = 'handed'
 end
-redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+redis.call('HSET', KEYS[1], 'lease', lease)
 return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
+)
 
 # Record one status change made by the lease holder, move the job as the outcome requires, emit.
-# ARGV[1] holds, one per line: order_id, lease, expected status, step, action (keep|retry|done|
-# fail|wait), score (due time for a retry, now for a failure, the trigger price to wait for),
-# instance, user, history entry, event body, then the record fields that change. `wait` parks the
-# order in its trigger set (the record's triggerKey) and the expiry set, with no job and no lease,
-# and keeps its keys until it expires. Answers the event as sent.
+# The action is keep, retry, done, fail or wait; the score is the due time of a retry, now for a
+# failure, the trigger price to wait for. `wait` parks the order in its trigger set (the record's
+# triggerKey) and the expiry set, with no job and no lease, and keeps its keys until it expires.
+# Answers the event as sent.
+# KEYS: order, processing, delayed, waiting expiry, user active, user orders, user seq, user
+#       log, failed, outbox
+# ARGV: order_id, lease, expected status, step, action, score, instance, user, history entry,
+#       event body, record fields
 LUA_ADVANCE: Final = (
-    LUA_FIELDS
+    LUA_VALUES
     + LUA_EMIT
-    + LUA_KEEP_FAILED
-    + LUA_APPEND
-    + LUA_OUTBOX
+    + LUA_FINISH
     + """
-local a = fields(ARGV[1])
+local a = values(ARGV[1])
 local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
-local order = '$ORDER_PREFIX' .. id
+local order = KEYS[1]
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
 if current[2] == '$CANCELLED' then return {'cancelled'} end
 if current[1] ~= lease then return {'lease_lost'} end
 -- The same step sent twice (the first reply was lost) is answered, not applied again.
 if current[3] == step then return {'applied', redis.call('HGET', order, 'lastEvent')} end
 if current[2] ~= expected then return {'conflict', current[2]} end
-if action ~= 'keep' then redis.call('LREM', '$PROCESSING_PREFIX' .. instance, 1, id) end
-if action == 'retry' then redis.call('ZADD', '$DELAYED', score, id) end
+if action ~= 'keep' then redis.call('LREM', KEYS[2], 1, id) end
+if action == 'retry' then redis.call('ZADD', KEYS[3], score, id) end
 if action == 'done' or action == 'fail' then
-  redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
-  to_outbox(id)
+  redis.call('SREM', KEYS[5], id)
+  to_outbox(KEYS[10], id)
 end
 if action == 'fail' then
-  keep_failed(order, id, score)
+  keep_failed(KEYS[9], order, id, score)
 elseif action == 'wait' then
   local parked = redis.call('HMGET', order, 'triggerKey', 'expiresAtMs')
   redis.call('ZADD', parked[1], score, id)
-  redis.call('ZADD', '$EXPIRING', parked[2], id)
+  redis.call('ZADD', KEYS[4], parked[2], id)
   redis.call('HDEL', order, 'lease')
   local ttl = math.ceil(tonumber(parked[2]) / 1000 - redis.call('TIME')[1]) + $ORDER_TTL
-  local user_keys = '$USER_PREFIX' .. user
-  for _, key in ipairs({order, user_keys .. ':active', user_keys .. ':orders'}) do
+  for _, key in ipairs({order, KEYS[5], KEYS[6]}) do
     if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
   end
 else
   redis.call('EXPIRE', order, $ORDER_TTL)
 end
-local history = append(current[4], a[9])
-local record = {unpack(a, 11)}
-for _, item in ipairs({'step', step, 'history', history, 'lastEvent'}) do
-  record[#record + 1] = item
-end
-local event = emit(user, a[10], instance)
-record[#record + 1] = event
-redis.call('HSET', order, unpack(record))
-return {'ok', event}
+local extra = {'step', step, 'history', append(current[4], a[9])}
+return {'ok', write(order, a, 11, extra, KEYS[7], KEYS[8], user, a[10], instance)}
 """
 )
 
@@ -546,87 +546,87 @@ return {'ok', event}
 # user, or failed because it waited past its expiry): if its status is still the one the caller
 # read, take its job off the pending list or the delayed set and it out of the trigger and expiry
 # sets, and drop its lease, so that a worker running it finds it ended at its next status change
-# (which comes before anything is sent: the change to submitted is one). ARGV[1] holds, one per
-# line: order_id, the status the caller read, user, origin, final status, score (now), history
-# entry, event body, then the record fields. Answers the event as sent.
+# (which comes before anything is sent: the change to submitted is one). Answers the event as
+# sent.
+# KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
+#       failed, outbox
+# ARGV: order_id, the status the caller read, user, origin, final status, score (now), history
+#       entry, event body, record fields
 LUA_END: Final = (
-    LUA_FIELDS
+    LUA_VALUES
     + LUA_EMIT
-    + LUA_KEEP_FAILED
-    + LUA_APPEND
-    + LUA_OUTBOX
+    + LUA_FINISH
     + """
-local a = fields(ARGV[1])
+local a = values(ARGV[1])
 local id, expected, user, origin, final, score = unpack(a, 1, 6)
-local order = '$ORDER_PREFIX' .. id
+local order = KEYS[1]
 local current = redis.call('HMGET', order, 'status', 'history', 'triggerKey')
 if not current[1] then return {'missing'} end
 if current[1] ~= expected then return {'conflict', current[1]} end
-redis.call('LREM', '$PENDING', 0, id)
-redis.call('ZREM', '$DELAYED', id)
+redis.call('LREM', KEYS[2], 0, id)
+redis.call('ZREM', KEYS[3], id)
 if current[3] then redis.call('ZREM', current[3], id) end
-redis.call('ZREM', '$EXPIRING', id)
+redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', order, 'lease')
-redis.call('SREM', '$USER_PREFIX' .. user .. ':active', id)
-to_outbox(id)
+redis.call('SREM', KEYS[5], id)
+to_outbox(KEYS[10], id)
 if final == '$FAILED_STATUS' then
-  keep_failed(order, id, score)
+  keep_failed(KEYS[9], order, id, score)
 else
   redis.call('EXPIRE', order, $ORDER_TTL)
 end
-local record = {unpack(a, 9)}
-for _, item in ipairs({'step', final, 'history', append(current[2], a[7]), 'lastEvent'}) do
-  record[#record + 1] = item
-end
-local event = emit(user, a[8], origin)
-record[#record + 1] = event
-redis.call('HSET', order, unpack(record))
-return {'ok', event}
+local extra = {'step', final, 'history', append(current[2], a[7])}
+return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 """
 )
 
 # Wake waiting orders whose trigger has fired: take them out of their trigger set (and the expiry
 # set) and push their jobs to the consumer end of the pending list. Each order leaves the set
-# once, so it fires once however many instances watch the pair.
-# KEYS: trigger set   ARGV: 1 how (up: scores <= price | down: scores >= price | all), 2 price,
-# 3 batch   Returns how many fired.
-LUA_FIRE: Final = """
+# once, so it fires once however many instances watch the pair. Returns how many fired.
+# KEYS: trigger set, waiting expiry, pending
+# ARGV: how (up: scores <= price | down: scores >= price | all), price, batch
+LUA_FIRE: Final = (
+    LUA_VALUES
+    + """
+local how, price, batch = unpack(values(ARGV[1]))
 local ids
-if ARGV[1] == 'up' then
-  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
-elseif ARGV[1] == 'down' then
-  ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[2], 'LIMIT', 0, ARGV[3])
+if how == 'up' then
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', price, 'LIMIT', 0, batch)
+elseif how == 'down' then
+  ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', price, 'LIMIT', 0, batch)
 else
-  ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+  ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(batch) - 1)
 end
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
-  redis.call('ZREM', '$EXPIRING', id)
-  redis.call('RPUSH', '$PENDING', id)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('RPUSH', KEYS[3], id)
 end
 return #ids
 """
+)
 
 # The simulated chain: what became of a signed transaction, decided once per signature and by
 # Redis's own clock, so that a send delayed in any queue can never land after a lookup was told
-# the transaction expired. A send (ARGV[3], its outcome) records that outcome, unless the
+# the transaction expired. A send (with outcome fields) records that outcome, unless the
 # signature has one already (a resend gets the first) or the expiry has passed (then the expiry
-# is recorded instead). A lookup (ARGV[3] empty) answers the outcome, or {} while the
-# transaction may still land, or, once its expiry has passed with no outcome, records and
-# answers the expiry itself. KEYS: tx   ARGV: 1 expires_at_ms, 2 expired fields, 3 outcome fields
+# is recorded instead). A lookup (no outcome) answers the outcome, or {} while the transaction
+# may still land, or, once its expiry has passed with no outcome, records and answers the expiry.
+# KEYS: tx   ARGV: expires_at_ms, outcome fields (none for a lookup)
 LUA_CHAIN_SETTLE: Final = (
-    LUA_FIELDS
+    LUA_VALUES
     + LUA_NOW
     + """
 local existing = redis.call('HGETALL', KEYS[1])
 if existing[1] then return existing end
-local outcome = ARGV[3]
-if now_ms() > tonumber(ARGV[1]) then
-  outcome = ARGV[2]
-elseif outcome == '' then
+local a = values(ARGV[1])
+local record = {unpack(a, 2)}
+if now_ms() > tonumber(a[1]) then
+  record = {'landed', 'false', 'code', '"TX_EXPIRED"',
+            'error', '"transaction expired before it landed"'}
+elseif not record[1] then
   return {}
 end
-local record = fields(outcome)
 redis.call('HSET', KEYS[1], unpack(record))
 redis.call('EXPIRE', KEYS[1], $TX_TTL)
 return record
@@ -634,23 +634,26 @@ return record
 )
 
 # Give an instance's processing list back to the pending list (consumer end first), and its
-# history batch back to the outbox. With ARGV[2] == '1' only when its heartbeat has expired: a
+# history batch back to the outbox. With only_if_dead '1' only when its heartbeat has expired: a
 # stalled (not exited) instance may still have a BLMOVE blocked in Redis, which Redis serves
 # with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
-# every round, until it has been dead for ARGV[3] seconds (longer than a blocking pop lasts).
-# ARGV[2] == '0' (its own clean shutdown) forgets it at once. The orders of an instance shutting
-# down cleanly are handed back with their leases dropped, so that LUA_CLAIM counts no recovery
-# for them: by itself, or by another instance when its own hand-back did not reach Redis (its
-# draining mark, KEYS[8], set when the drain began, says so).
+# every round, until it has been dead for grace_s seconds (longer than a blocking pop lasts).
+# '0' (its own clean shutdown) forgets it at once. The orders of an instance shutting down
+# cleanly are handed back with their leases dropped, so that LUA_CLAIM counts no recovery for
+# them: by itself, or by another instance when its own hand-back did not reach Redis (its
+# draining mark, set when the drain began, says so).
 # KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since, draining
-# ARGV: 1 instance, 2 only_if_dead, 3 grace_s
-LUA_RECOVER: Final = """
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('ZREM', KEYS[7], ARGV[1])
+# ARGV: instance, only_if_dead, grace_s
+LUA_RECOVER: Final = (
+    LUA_VALUES
+    + """
+local instance, only_if_dead, grace_s = unpack(values(ARGV[1]))
+if only_if_dead == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('ZREM', KEYS[7], instance)
   return -1
 end
 local moved = 0
-local handed = ARGV[2] == '0' or redis.call('EXISTS', KEYS[8]) == 1
+local handed = only_if_dead == '0' or redis.call('EXISTS', KEYS[8]) == 1
 while true do
   local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not id then break end
@@ -659,23 +662,26 @@ while true do
 end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 local now = tonumber(redis.call('TIME')[1])
-local since = tonumber(redis.call('ZSCORE', KEYS[7], ARGV[1]))
-if ARGV[2] == '1' and not since then
-  redis.call('ZADD', KEYS[7], now, ARGV[1])
-elseif ARGV[2] == '0' or now - since > tonumber(ARGV[3]) then
-  redis.call('SREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[7], ARGV[1])
+local since = tonumber(redis.call('ZSCORE', KEYS[7], instance))
+if only_if_dead == '1' and not since then
+  redis.call('ZADD', KEYS[7], now, instance)
+elseif only_if_dead == '0' or now - since > tonumber(grace_s) then
+  redis.call('SREM', KEYS[3], instance)
+  redis.call('ZREM', KEYS[7], instance)
   redis.call('DEL', KEYS[8])
 end
-if ARGV[2] == '0' then redis.call('DEL', KEYS[4]) end
+if only_if_dead == '0' then redis.call('DEL', KEYS[4]) end
 return moved
 """
+)
 
 # Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
 # KEYS: processing, pending   ARGV: order ids
-LUA_REQUEUE: Final = """
+LUA_REQUEUE: Final = (
+    LUA_VALUES
+    + """
 local moved = 0
-for _, id in ipairs(ARGV) do
+for _, id in ipairs(values(ARGV[1])) do
   if redis.call('LREM', KEYS[1], 1, id) == 1 then
     redis.call('RPUSH', KEYS[2], id)
     moved = moved + 1
@@ -683,11 +689,12 @@ for _, id in ipairs(ARGV) do
 end
 return moved
 """
+)
 
-# Move up to ARGV[1] jobs from the pending list into a processing list, oldest first; the
+# Move up to `most` jobs from the pending list into a processing list, oldest first; the
 # fetcher's way when several workers are free and jobs are waiting (else it blocks in BLMOVE).
 # The history writer takes its batches from the outbox the same way.
-# KEYS: pending (or outbox), processing (or the instance's outbox batch)   ARGV: 1 most
+# KEYS: pending (or outbox), processing (or the instance's outbox batch)   ARGV: most
 LUA_TAKE: Final = """
 local jobs = {}
 for i = 1, tonumber(ARGV[1]) do
@@ -700,7 +707,7 @@ return jobs
 
 # A second job for an order this instance already runs: drop the extra copy, never the last one
 # (a recovery may have taken the first while this instance's heartbeat had lapsed).
-# KEYS: processing   ARGV: 1 order_id
+# KEYS: processing   ARGV: order_id
 LUA_DEDUPE: Final = """
 if #redis.call('LPOS', KEYS[1], ARGV[1], 'COUNT', 0) > 1 then
   redis.call('LREM', KEYS[1], 1, ARGV[1])
@@ -709,9 +716,12 @@ return 1
 """
 
 # Move retries whose back-off has elapsed to the consumer end of the pending list.
-# KEYS: delayed, pending   ARGV: 1 now_ms, 2 batch   Returns {moved, next due score or ''}
-LUA_PROMOTE: Final = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+# KEYS: delayed, pending   ARGV: now_ms, batch   Returns {moved, next due score or ''}
+LUA_PROMOTE: Final = (
+    LUA_VALUES
+    + """
+local now, batch = unpack(values(ARGV[1]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('RPUSH', KEYS[2], id)
@@ -719,31 +729,35 @@ end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or ''}
 """
+)
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
-# KEYS: user_active, seq   ARGV: 1 order key prefix
+# KEYS: user active, user seq   ARGV: none
 LUA_SNAPSHOT: Final = """
 local out = {redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local event = redis.call('HGET', ARGV[1] .. id, 'lastEvent')
+  local event = redis.call('HGET', '$ORDER_PREFIX' .. id, 'lastEvent')
   if event then out[#out + 1] = event else redis.call('SREM', KEYS[1], id) end
 end
 return out
 """
 
-# The first ARGV[2] logged events after `since`, or {'resync'} when the log no longer reaches
-# back that far. KEYS: log, seq   ARGV: 1 since, 2 most
-LUA_REPLAY: Final = """
+# The first `most` logged events after `since`, or {'resync'} when the log no longer reaches
+# back that far. KEYS: user log, user seq   ARGV: since, most
+LUA_REPLAY: Final = (
+    LUA_VALUES
+    + """
+local since, most = unpack(values(ARGV[1]))
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local since = tonumber(ARGV[1])
-if since > current then return {'resync'} end
-if since == current then return {'ok'} end
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1] .. '-0', '+', 'COUNT', ARGV[2])
+if tonumber(since) > current then return {'resync'} end
+if tonumber(since) == current then return {'ok'} end
+local entries = redis.call('XRANGE', KEYS[1], '(' .. since .. '-0', '+', 'COUNT', most)
 if not entries[1] or entries[1][1] ~= (since + 1) .. '-0' then return {'resync'} end
 local out = {'ok'}
 for i, entry in ipairs(entries) do out[i + 1] = entry[2][2] end
 return out
 """
+)
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 2. Errors
@@ -2106,9 +2120,9 @@ def order_view(record: Mapping[str, str]) -> dict[str, Any]:
     return view
 
 
-def lines(head: Sequence[str], *rest: bytes) -> bytes:
-    """A script's values as its one argument: one per line (see the note on the Lua templates)."""
-    return b"\n".join([*(item.encode() for item in head), *rest])
+def lines(head: Iterable[object], *rest: bytes) -> bytes:
+    """A script's values as its one argument: one per line (see the note on the Lua scripts)."""
+    return b"\n".join([*(str(item).encode() for item in head), *rest])
 
 
 def field_blob(fields: Mapping[str, Any]) -> bytes:
@@ -2154,22 +2168,15 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         ORDER_PREFIX=keys.order(""),
         HEARTBEAT_PREFIX=keys.heartbeat(""),
         PROCESSING_PREFIX=keys.processing(""),
-        USER_PREFIX=keys.user(""),
-        PENDING=keys.pending,
-        DELAYED=keys.delayed,
-        FAILED=keys.failed,
         TERMINAL=" ".join(TERMINAL),
         PENDING_STATUS=Status.PENDING,
         WAITING_STATUS=Status.WAITING,
         FAILED_STATUS=Status.FAILED,
         CANCELLED=Status.CANCELLED,
-        EXPIRING=keys.expiring,
         HISTORY=1 if config.database_url else 0,
-        OUTBOX=keys.outbox,
         OUTBOX_KEEP=OUTBOX_KEEP,
         MAX_WAITING=config.max_waiting,
         RATE_LIMIT=config.rate_limit_per_min,
-        RATE_PREFIX=keys.rate_limit(""),
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
 
@@ -2188,7 +2195,7 @@ class Keys:
     def order(self, order_id: str) -> str:
         return f"{self.prefix}order:{order_id}"
 
-    def user(self, user_id: str) -> str:  # the user's keys start with this (Lua builds them too)
+    def user(self, user_id: str) -> str:  # the user's keys start with this
         return f"{self.prefix}user:{user_id}"
 
     def user_orders(self, user_id: str) -> str:
@@ -2202,6 +2209,11 @@ class Keys:
 
     def user_log(self, user_id: str) -> str:
         return f"{self.user(user_id)}:events"
+
+    def of_user(self, user_id: str) -> tuple[str, str, str, str]:
+        """The user's keys an order's status change touches: active, orders, seq, log."""
+        user = self.user(user_id)
+        return f"{user}:active", f"{user}:orders", f"{user}:seq", f"{user}:events"
 
     def idempotency(self, user_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -2452,12 +2464,12 @@ class Store:
         self._end = client.register_script(lua(LUA_END, self.keys, config))
         self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
         self._recover = client.register_script(lua(LUA_RECOVER, self.keys, config))
-        self._requeue = client.register_script(LUA_REQUEUE)
-        self._dedupe = client.register_script(LUA_DEDUPE)
-        self._take = client.register_script(LUA_TAKE)
-        self._promote = client.register_script(LUA_PROMOTE)
-        self._snapshot = client.register_script(LUA_SNAPSHOT)
-        self._replay = client.register_script(LUA_REPLAY)
+        self._requeue = client.register_script(lua(LUA_REQUEUE, self.keys, config))
+        self._dedupe = client.register_script(lua(LUA_DEDUPE, self.keys, config))
+        self._take = client.register_script(lua(LUA_TAKE, self.keys, config))
+        self._promote = client.register_script(lua(LUA_PROMOTE, self.keys, config))
+        self._snapshot = client.register_script(lua(LUA_SNAPSHOT, self.keys, config))
+        self._replay = client.register_script(lua(LUA_REPLAY, self.keys, config))
 
     def _sent(self, user: str) -> Callable[[Any], None]:
         """Hand an emitting script's event (its reply's second item) to `on_event`."""
@@ -2508,14 +2520,23 @@ class Store:
         head = [
             order.order_id,
             user,
-            str(int(now * 1_000_000)),  # µs: orders of one user a millisecond apart still sort
+            int(now * 1_000_000),  # µs: orders of one user a millisecond apart still sort
             fingerprint,
-            keys.idempotency(user, idempotency_key) if idempotency_key else "-",
             origin,
             order.condition.kind if order.condition else "market",
         ]
+        script_keys = [
+            keys.order(order.order_id),
+            keys.pending,
+            keys.delayed,
+            keys.expiring,
+            *keys.of_user(user),
+            keys.rate_limit(user),
+        ]
+        if idempotency_key:
+            script_keys.append(keys.idempotency(user, idempotency_key))
         args = [lines(head, orjson.dumps(event), field_blob(fields))]
-        reply = await self.batch.call(self._create, [], args, self._sent(user))
+        reply = await self.batch.call(self._create, script_keys, args, self._sent(user))
         if reply[0] == "full":
             raise ApiError(
                 503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
@@ -2570,11 +2591,7 @@ class Store:
         reply = await self.batch.call(
             self._claim,
             keys=[self.keys.order(order_id), self.keys.processing(instance)],
-            args=[
-                order_id,
-                lease,
-                instance,
-            ],
+            args=[lines([order_id, lease, instance])],
         )
         if reply[0] != "claimed":
             return reply[0], None
@@ -2612,13 +2629,23 @@ class Store:
             before.status,
             f"{attempt}:{after.status}",
             action,
-            repr(score) if score is not None else str(int(now * 1000) + delay_ms),
+            repr(score) if score is not None else int(now * 1000) + delay_ms,
             instance,
             user,
         ]
         event = orjson.dumps(order_event(after, after.status, ts, event_extra))
         args = [lines(head, orjson.dumps(history), event, field_blob(fields))]
-        reply = await self.batch.call(self._advance, [], args, self._sent(user))
+        keys = self.keys
+        script_keys = [
+            keys.order(after.order_id),
+            keys.processing(instance),
+            keys.delayed,
+            keys.expiring,
+            *keys.of_user(user),
+            keys.failed,
+            keys.outbox,
+        ]
+        reply = await self.batch.call(self._advance, script_keys, args, self._sent(user))
         if reply[0] == "cancelled":
             raise LeaseLost(f"{after.order_id}: cancelled by its user")
         if reply[0] == "lease_lost":
@@ -2638,7 +2665,7 @@ class Store:
     async def promote(self, now_ms: int) -> tuple[int, int | None]:
         """Move due retries to pending; returns how many moved and when the next one is due."""
         moved, next_due = await self._promote(
-            keys=[self.keys.delayed, self.keys.pending], args=[now_ms, PROMOTE_BATCH]
+            keys=[self.keys.delayed, self.keys.pending], args=[lines([now_ms, PROMOTE_BATCH])]
         )
         return int(moved), int(float(next_due)) if next_due else None
 
@@ -2667,7 +2694,7 @@ class Store:
                 keys.dead,
                 keys.draining(instance),
             ],
-            args=[instance, "1" if only_if_dead else "0", DEAD_GRACE_S],
+            args=[lines([instance, "1" if only_if_dead else "0", DEAD_GRACE_S])],
         )
         return int(moved)
 
@@ -2684,7 +2711,7 @@ class Store:
         if not ids:
             return 0
         keys = [self.keys.processing(instance), self.keys.pending]
-        return int(await self._requeue(keys=keys, args=ids))
+        return int(await self._requeue(keys=keys, args=[lines(ids)]))
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -2753,9 +2780,19 @@ class Store:
         event = order_event(order, final, ts, extra)
         # An earlier attempt's error is not why it ended (a failure's own detail replaces it).
         fields = {"status": final, "updatedAt": ts, "error": None, "code": None, **detail}
-        head = [order.order_id, order.status, order.user_id, origin, final, str(int(now * 1000))]
+        head = [order.order_id, order.status, order.user_id, origin, final, int(now * 1000)]
         args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
-        reply = await self.batch.call(self._end, [], args, self._sent(order.user_id))
+        keys = self.keys
+        script_keys = [
+            keys.order(order.order_id),
+            keys.pending,
+            keys.delayed,
+            keys.expiring,
+            *keys.of_user(order.user_id),
+            keys.failed,
+            keys.outbox,
+        ]
+        reply = await self.batch.call(self._end, script_keys, args, self._sent(order.user_id))
         if reply[0] != "ok":
             return False
         self._count(final, detail)
@@ -2784,7 +2821,11 @@ class Store:
         key = self.keys.triggers(direction, sell, buy)
         fired = 0
         while True:
-            batch = await self.batch.call(self._fire, [key], [how, repr(price), FIRE_BATCH])
+            batch = await self.batch.call(
+                self._fire,
+                [key, self.keys.expiring, self.keys.pending],
+                [lines([how, repr(price), FIRE_BATCH])],
+            )
             fired += int(batch)
             if batch < FIRE_BATCH:
                 return fired
@@ -2819,8 +2860,7 @@ class Store:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
         reply = await self._snapshot(
-            keys=[self.keys.user_active(user_id), self.keys.user_seq(user_id)],
-            args=[self.keys.order("")],
+            keys=[self.keys.user_active(user_id), self.keys.user_seq(user_id)], args=[]
         )
         return int(reply[0]), sorted(reply[1:], key=event_seq)
 
@@ -2828,7 +2868,8 @@ class Store:
         """The first `most` logged events after `since`, or None when the log does not reach
         back that far."""
         reply = await self._replay(
-            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)], args=[since, most]
+            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)],
+            args=[lines([since, most])],
         )
         return None if reply[0] == "resync" else list(reply[1:])
 
@@ -3528,8 +3569,9 @@ class MockChain:
     ) -> None:
         self._keys = keys
         self._clock = clock
-        template = string.Template(LUA_CHAIN_SETTLE)
-        self._settle = client.register_script(template.substitute(TX_TTL=ttl_s))
+        self._settle = client.register_script(
+            string.Template(LUA_CHAIN_SETTLE).substitute(TX_TTL=ttl_s)
+        )
         self._batch = batch or AutoPipeline(client)
 
     def expired(self, tx: SwapTx) -> bool:
@@ -3548,26 +3590,18 @@ class MockChain:
                 "routePlan": fill.route_plan,
             }
         fields |= {"code": status.code, "error": status.error}
-        reply = await self._call(tx.signature, tx.expires_at_ms, field_blob(fields))
+        reply = await self._call(tx.signature, lines([tx.expires_at_ms], field_blob(fields)))
         assert reply is not None  # a send always leaves an outcome
         return reply
 
     async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None:
         """The outcome; None while the transaction may still land."""
-        return await self._call(signature, expires_at_ms, b"")
+        return await self._call(signature, lines([expires_at_ms]))
 
-    async def _call(self, signature: str, expires_at_ms: int, outcome: bytes) -> TxStatus | None:
-        reply = await self._batch.call(
-            self._settle,
-            keys=[self._keys.chain(signature)],
-            args=[expires_at_ms, _EXPIRED_TX, outcome],
-        )
+    async def _call(self, signature: str, args: bytes) -> TxStatus | None:
+        keys = [self._keys.chain(signature)]
+        reply = await self._batch.call(self._settle, keys=keys, args=[args])
         return _tx_status(signature, reply) if reply else None
-
-
-_EXPIRED_TX: Final = field_blob(
-    {"landed": False, "code": "TX_EXPIRED", "error": "transaction expired before it landed"}
-)
 
 
 def _text(value: str | bytes) -> str:
