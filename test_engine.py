@@ -180,7 +180,8 @@ CLUSTER_SLOTS = 16384
 
 @dataclass
 class RedisCluster:
-    """A real three-node Redis Cluster (no replicas) from the same redis-server binary."""
+    """A real Redis Cluster from the same redis-server binary: three primaries (nodes 0-2) that
+    share the slots, and node 3, a replica of node 2, which takes over when node 2 fails."""
 
     directory: Path
     ports: list[int] = field(default_factory=list)
@@ -190,7 +191,7 @@ class RedisCluster:
         return f"redis://127.0.0.1:{self.ports[node]}"
 
     def start(self) -> None:
-        self.ports = _cluster_ports(3)
+        self.ports = _cluster_ports(4)
         for node, port in enumerate(self.ports):
             directory = self.directory / str(node)
             directory.mkdir(parents=True)
@@ -200,7 +201,7 @@ class RedisCluster:
                         eng.redis_server_binary(),
                         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
                         *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                        *("--save", "", "--appendonly", "no"),
+                        *("--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -209,11 +210,16 @@ class RedisCluster:
         for port in self.ports:
             wait_sync(_says(port, "PONG", "PING"), "cluster node up")
         share = CLUSTER_SLOTS // 3
-        for node, port in enumerate(self.ports):
+        for node, port in enumerate(self.ports[:3]):
             last = CLUSTER_SLOTS if node == 2 else (node + 1) * share
             _command(port, "CLUSTER", "ADDSLOTS", *map(str, range(node * share, last)))
-            if node:
-                _command(port, "CLUSTER", "MEET", "127.0.0.1", str(self.ports[0]))
+        for port in self.ports[1:]:
+            _command(port, "CLUSTER", "MEET", "127.0.0.1", str(self.ports[0]))
+        primary = _command(self.ports[2], "CLUSTER", "MYID")
+        replica = self.ports[3]
+        wait_sync(_says(replica, primary, "CLUSTER", "NODES"), "the replica to know its primary")
+        _command(replica, "CLUSTER", "REPLICATE", primary)
+        wait_sync(_says(replica, "master_link_status:up", "INFO", "replication"), "the replica")
         for port in self.ports:
             wait_sync(_says(port, "cluster_state:ok", "CLUSTER", "INFO"), "the cluster to form")
 
@@ -221,6 +227,17 @@ class RedisCluster:
         """The node (0-2) that serves `key`'s slot."""
         slot = int(_command(self.ports[0], "CLUSTER", "KEYSLOT", key))
         return min(slot // (CLUSTER_SLOTS // 3), 2)
+
+    def fail_over(self) -> None:
+        """SIGKILL node 2 once its replica has every write, and wait for the replica to serve
+        its slots."""
+        assert _command(self.ports[2], "WAIT", "1", "5000") == "1"
+        self.procs[2].kill()
+        self.procs[2].wait(timeout=DEADLINE_S)
+        replica = self.ports[3]
+        wait_sync(_says(replica, "role:master", "INFO", "replication"), "the replica's promotion")
+        for port in (self.ports[0], self.ports[1], replica):
+            wait_sync(_says(port, "cluster_state:ok", "CLUSTER", "INFO"), "the cluster to heal")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -257,12 +274,14 @@ def _command(port: int, *args: str) -> str:
             reply = conn.recv(65536).decode()
     except OSError as exc:
         return str(exc)
+    if not reply:
+        return "closed"
     if reply[0] == "$":  # a bulk string: its length, then the text
         return reply.split("\r\n", 1)[1].rsplit("\r\n", 1)[0]
     return reply[1:].strip()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     cluster = RedisCluster(Path(tmp_path_factory.mktemp("cluster")))
     try:
@@ -1128,7 +1147,7 @@ def cluster_config(config: Config, cluster: RedisCluster) -> Config:
     return replace(config, redis_url=cluster.url(0), redis_prefix=f"{{{tag}}}:", redis_cluster=True)
 
 
-async def test_on_a_redis_cluster_a_killed_engine_s_order_finishes_once_and_keys_share_a_slot(
+async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failover_exactly_once(
     start: Start, config: Config, processes: list[EngineProcess], redis_cluster: RedisCluster
 ) -> None:
     config = replace(cluster_config(config, redis_cluster), max_attempts=1)
@@ -1173,6 +1192,21 @@ async def test_on_a_redis_cluster_a_killed_engine_s_order_finishes_once_and_keys
     chain = aioredis.from_url(redis_cluster.url(2), decode_responses=True)
     landed = await landed_transactions(chain, config)
     await chain.aclose()
+    assert landed[order_id] == [after[-1]["txHash"]]
+
+    # The node serving the slot dies; its replica takes over and the engine carries on with it.
+    await asyncio.to_thread(redis_cluster.fail_over)
+    async with survivor.ws_connect(f"/ws?userId=1&since={after[-1]['seq']}") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        later = await order_id_of(survivor)
+        events = await events_until_done(ws, later)
+    assert statuses(events, later) == HAPPY_PATH
+    assert [e["seq"] for e in events] == list(range(after[-1]["seq"] + 1, events[-1]["seq"] + 1))
+    assert (await get_order(survivor, order_id))["status"] == "confirmed"
+    promoted = aioredis.from_url(redis_cluster.url(3), decode_responses=True)
+    landed = await landed_transactions(promoted, config)
+    await promoted.aclose()
+    assert landed[later] == [events[-1]["txHash"]]
     assert landed[order_id] == [after[-1]["txHash"]]
 
 
