@@ -115,6 +115,13 @@ class Server:
             body: dict[str, Any] = await reply.json()
             return body
 
+    def cpu_s(self) -> float:
+        """The CPU time the process has used, user and system (Linux /proc)."""
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return float("nan")
+
     def peak_rss_mb(self) -> float:
         """The process's high-water resident set (Linux /proc), in MB."""
         with contextlib.suppress(OSError):
@@ -279,6 +286,7 @@ class Load:
     orders: int
     users: int
     clients: int
+    amounts: tuple[int, int] = (1, 1)  # SOL per order, drawn evenly from this range
     posted_at: dict[str, float] = field(default_factory=dict)
     routed_at: dict[str, float] = field(default_factory=dict)
     attempt_at: dict[str, float] = field(default_factory=dict)  # the running attempt's start
@@ -291,10 +299,12 @@ class Load:
 
     async def post_all(self, http: ClientSession, url: str) -> None:
         indexes = iter(range(self.orders))
+        rng = random.Random(1)
 
         async def client() -> None:
             for index in indexes:
-                body = ORDER_BODY | {"userId": f"u{index % self.users}"}
+                amount = rng.randint(*self.amounts)
+                body = ORDER_BODY | {"userId": f"u{index % self.users}", "amount": amount}
                 started = time.perf_counter()
                 async with http.post(f"{url}/api/orders/execute", json=body) as reply:
                     order_id = (await reply.json())["orderId"]
@@ -350,7 +360,9 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         await client.config_resetstat()
         memory_before = (await client.info("memory"))["used_memory"]
         commands_before = (await client.info("stats"))["total_commands_processed"]
+        redis_cpu_before = _redis_cpu_s(await client.info("cpu"))
     trips_before = (await server.stats())["redisRoundTrips"]
+    cpu_before = server.cpu_s()
     peak = {"memory": 0}
 
     async def sample() -> None:
@@ -360,12 +372,12 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
 
     connector = aiohttp.TCPConnector(limit=load.clients + load.users + 4)
     async with ClientSession(connector=connector) as http:
-        sockets = []
+        sockets: list[aiohttp.ClientWebSocketResponse] = []
         if watch:
-            for user in range(load.users):
-                ws = await http.ws_connect(f"{server.url}/ws?userId=u{user}", max_msg_size=0)
-                await ws.receive()  # connected
-                sockets.append(ws)
+            users = [f"u{user}" for user in range(load.users)]
+            for start in range(0, len(users), SOCKETS_AT_ONCE):
+                chunk = users[start : start + SOCKETS_AT_ONCE]
+                sockets += await asyncio.gather(*(_watching(http, server.url, u) for u in chunk))
         watchers = [asyncio.create_task(load.watch(ws)) for ws in sockets]
         sampler = asyncio.create_task(sample())
         started = time.perf_counter()
@@ -376,12 +388,14 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         await engine.cancel_and_wait([sampler, *watchers])
         for ws in sockets:
             await ws.close()
+    cpu = server.cpu_s() - cpu_before
     trips = (await server.stats())["redisRoundTrips"] - trips_before
     figures: dict[str, Any] = {
         "ordersPerS": round(load.orders / elapsed, 1),
         "postP50Ms": round(pct(load.post_s, 50) * 1000, 2),
         "postP95Ms": round(pct(load.post_s, 95) * 1000, 2),
         "postP99Ms": round(pct(load.post_s, 99) * 1000, 2),
+        "serverCpuUsPerOrder": round(cpu / load.orders * 1e6),
     }
     if watch:
         latency = [load.finished_at[o] - load.posted_at[o] for o in load.finished_at]
@@ -392,7 +406,11 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         }
     if client is not None:
         commands = (await client.info("stats"))["total_commands_processed"] - commands_before
+        redis_cpu_us = (_redis_cpu_s(await client.info("cpu")) - redis_cpu_before) * 1e6
         figures |= {
+            "redisCpuUsPerOrder": round(redis_cpu_us / load.orders),
+            # orders/s this run's mix would reach with one Redis core fully busy
+            "redisCeilingOrdersPerS": round(load.orders / redis_cpu_us * 1e6),
             "redisCommandsPerOrder": round(commands / load.orders, 1),
             "redisRoundTripsPerOrder": round(trips / load.orders, 2),
             "redisMemoryBeforeMB": round(memory_before / 2**20, 1),
@@ -401,6 +419,20 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         await client.aclose()
     figures["serverPeakRssMB"] = round(server.peak_rss_mb(), 1)
     return Measured("", figures)
+
+
+SOCKETS_AT_ONCE = 100  # WebSockets opened together at the start of a run
+
+
+async def _watching(http: ClientSession, url: str, user: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await http.ws_connect(f"{url}/ws?userId={user}", max_msg_size=0)
+    await ws.receive()  # connected
+    return ws
+
+
+def _redis_cpu_s(info: dict[str, Any]) -> float:
+    """The CPU time redis-server has used (INFO cpu), all its threads."""
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def post_at_rate(server: Server, rate: float, seconds: float, users: int) -> dict[str, Any]:
@@ -441,38 +473,71 @@ async def flush(redis_url: str) -> None:
     await client.aclose()
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A load: `users` users (one WebSocket each) placing `orders` orders of 1-7 SOL between
+    them, posted by `clients` concurrent HTTP clients."""
+
+    name: str
+    users: int
+    orders: int
+    clients: int = 64
+
+
+def shapes(args: argparse.Namespace) -> list[Shape]:
+    """The three shapes of real traffic, or the one the flags describe."""
+    if args.users is not None:
+        orders = args.orders or 5_000
+        return [Shape(f"{args.users} users", args.users, orders, args.clients or 64)]
+    orders = args.orders or (2_000 if args.quick else 5_000)
+    return [
+        Shape("10 users, hundreds of orders each", 10, orders),
+        Shape("50 users", 50, orders),
+        Shape("2,000 users, 2-3 orders each", 2_000, 5_000),
+    ]
+
+
 async def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    orders = 3_000 if args.quick else args.orders
-    results: dict[str, Any] = {"orders": orders, "users": args.users, "clients": args.clients}
-    results["routing"] = await routing_cost()
+    """Each shape against the engine and the least pipeline, in turn on one Redis; the first
+    shape also against `bare`, at half the engine's maximum rate, and through the drain."""
+    results: dict[str, Any] = {"routing": await routing_cost()}
     with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
         async with redis_server(directory) as redis_url:
-            targets: list[tuple[str, list[str], dict[str, str], bool]] = [
-                ("engine", [sys.executable, ENGINE_PY],
-                 engine_env(redis_url, args.concurrency, 0, 0), True),
-                ("pipeline", [sys.executable, BENCH_PY, "--serve", "pipeline", "--redis-url",
-                              redis_url, "--concurrency", str(args.concurrency)], {}, True),
-                ("bare", [sys.executable, BENCH_PY, "--serve", "bare"], {}, False),
-            ]  # fmt: skip
-            for name, argv, env, watch in targets:
-                await flush(redis_url)
-                server = await start_server(argv, env)
-                load = Load(orders, args.users, args.clients)
-                measured = await run_load(
-                    server, load, redis_url if name != "bare" else None, watch
-                )
-                if name == "engine":
-                    half = measured.figures["ordersPerS"] / 2
-                    seconds = 4 if args.quick else 10
-                    measured.figures["atHalfMaxRate"] = await post_at_rate(
-                        server, half, seconds, args.users
-                    )
-                    measured.figures |= await drained_memory(redis_url, server)
-                await server.stop()
-                results[name] = measured.figures
+            for index, shape in enumerate(shapes(args)):
+                results[shape.name] = await _shape(args, shape, redis_url, extras=index == 0)
+    return results
+
+
+async def _shape(
+    args: argparse.Namespace, shape: Shape, redis_url: str, extras: bool
+) -> dict[str, Any]:
+    concurrency = args.concurrency or 64
+    targets: list[tuple[str, list[str], dict[str, str], bool]] = [
+        ("engine", [sys.executable, ENGINE_PY], engine_env(redis_url, concurrency, 0, 0), True),
+        ("pipeline", [sys.executable, BENCH_PY, "--serve", "pipeline", "--redis-url",
+                      redis_url, "--concurrency", str(concurrency)], {}, True),
+    ]  # fmt: skip
+    if extras:
+        targets.append(("bare", [sys.executable, BENCH_PY, "--serve", "bare"], {}, False))
+    results: dict[str, Any] = {"orders": shape.orders, "users": shape.users}
+    for name, argv, env, watch in targets:
+        await flush(redis_url)
+        server = await start_server(argv, env)
+        load = Load(shape.orders, shape.users, shape.clients, amounts=(1, 7))
+        measured = await run_load(server, load, redis_url if name != "bare" else None, watch)
+        if name == "engine" and extras:
+            half = measured.figures["ordersPerS"] / 2
+            seconds = 4 if args.quick else 10
+            measured.figures["atHalfMaxRate"] = await post_at_rate(
+                server, half, seconds, shape.users
+            )
+            measured.figures |= await drained_memory(redis_url, server)
+        await server.stop()
+        results[name] = measured.figures
     engine_rate = results["engine"]["ordersPerS"]
     results["engineOverPipeline"] = round(engine_rate / results["pipeline"]["ordersPerS"], 3)
-    results["engineOverBare"] = round(engine_rate / results["bare"]["ordersPerS"], 3)
+    if extras:
+        results["engineOverBare"] = round(engine_rate / results["bare"]["ordersPerS"], 3)
     return results
 
 
@@ -562,14 +627,14 @@ async def waiting(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"marketOrders": orders, "waitingOrders": args.waiting}
     with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
         async with redis_server(directory) as redis_url:
-            env = engine_env(redis_url, args.concurrency, 0, 0)
+            env = engine_env(redis_url, args.concurrency or 100, 0, 0)
             server = await start_server([sys.executable, ENGINE_PY], env)
-            load = Load(orders, args.users, args.clients)
+            load = Load(orders, args.users or 10, args.clients or 32)
             results["without"] = (await run_load(server, load, redis_url, True)).figures
             started = time.perf_counter()
             results["redisMemoryWithWaitingMB"] = await park(server, redis_url, args.waiting)
             results["parkingOrdersPerS"] = round(args.waiting / (time.perf_counter() - started))
-            load = Load(orders, args.users, args.clients)
+            load = Load(orders, args.users or 10, args.clients or 32)
             results["with"] = (await run_load(server, load, redis_url, True)).figures
             await server.stop()
     rate = results["with"]["ordersPerS"] / results["without"]["ordersPerS"]
@@ -635,14 +700,14 @@ async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
 
 async def realistic(args: argparse.Namespace) -> dict[str, Any]:
     """Real venue latencies: throughput is concurrency / latency; how close does it get?"""
-    concurrency = args.concurrency if args.concurrency != 100 else 1000
-    orders = args.orders if args.orders != 20_000 else concurrency * 10
+    concurrency = args.concurrency or 1000
+    orders = args.orders or concurrency * 10
     with tempfile.TemporaryDirectory(prefix="oee-bench-") as directory:
         async with redis_server(directory) as redis_url:
             env = engine_env(redis_url, concurrency, 1.0, args.fail_rate)
             env["ENGINE_QUOTE_TIMEOUT_MS"] = "2000"  # 1,000 quotes in flight must not time out
             server = await start_server([sys.executable, ENGINE_PY], env)
-            load = Load(orders, args.users, args.clients)
+            load = Load(orders, args.users or 10, args.clients or 32)
             measured = await run_load(server, load, redis_url, True)
             await server.stop()
     # Ideal: every worker always busy, each order holding one for as long as its attempts ran.
@@ -815,7 +880,7 @@ async def stuck_report(client: aioredis.Redis, keys: engine.Keys) -> str:
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(7)
-    orders = args.orders if args.orders != 20_000 else 10_000
+    orders = args.orders or 10_000
     keys = engine.Keys("oee:")
     with tempfile.TemporaryDirectory(prefix="oee-soak-") as directory:
         redis = ChaosRedis(directory)
@@ -838,7 +903,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             batch = 200
             for first in range(0, orders, batch):
                 indexes = range(first, min(first + batch, orders))
-                await asyncio.gather(*(fleet.post(http, i, args.users) for i in indexes))
+                await asyncio.gather(*(fleet.post(http, i, args.users or 10) for i in indexes))
                 if rng.random() < args.kills * batch / orders:
                     await fleet.kill_one(rng)
         await chaos
@@ -937,7 +1002,7 @@ def show(result: dict[str, Any], indent: str = "") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="throughput with 3,000 orders")
+    mode.add_argument("--quick", action="store_true", help="throughput, 2,000 orders a shape")
     mode.add_argument("--realistic", action="store_true", help="real latencies, high concurrency")
     mode.add_argument("--soak", action="store_true", help="a long, rough run and a key audit")
     mode.add_argument("--routing", action="store_true", help="CPU per order of routing only")
@@ -945,10 +1010,10 @@ def main() -> None:
         "--waiting", type=int, metavar="N", help="market orders with N limit orders waiting"
     )
     mode.add_argument("--serve", choices=["bare", "pipeline"], help=argparse.SUPPRESS)
-    parser.add_argument("--orders", type=int, default=20_000)
-    parser.add_argument("--users", type=int, default=10, help="one WebSocket each")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
-    parser.add_argument("--concurrency", type=int, default=100, help="ENGINE_CONCURRENCY")
+    parser.add_argument("--orders", type=int)
+    parser.add_argument("--users", type=int, help="one WebSocket each (default: three shapes)")
+    parser.add_argument("--clients", type=int, help="concurrent HTTP clients")
+    parser.add_argument("--concurrency", type=int, help="ENGINE_CONCURRENCY")
     parser.add_argument("--fail-rate", type=float, default=0.05, help="--realistic: faults")
     parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
     parser.add_argument("--kills", type=int, default=6, help="--soak: engines killed mid-run")
