@@ -5473,6 +5473,8 @@ class HubLimits:
     write_buffer_max: int = WS_WRITE_BUFFER_BYTES  # bytes sent but not taken by the kernel
     sockets_per_user: int = WS_MAX_PER_USER
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
+    keepalive_s: float = WS_HEARTBEAT_S  # a quiet socket is pinged this often, and has half of
+    # it to answer
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
@@ -5483,23 +5485,6 @@ def _limit_send_buffer(transport: asyncio.Transport | None, size: int) -> None:
     if raw is not None:
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-
-def text_frames(texts: Sequence[str]) -> bytes:
-    """Server-to-client text frames, back to back (RFC 6455 §5.2: FIN + opcode 1, unmasked; the
-    sockets never negotiate compression)."""
-    out = bytearray()
-    for text in texts:
-        payload = text.encode()
-        size = len(payload)
-        if size < 126:
-            out += bytes((0x81, size))
-        elif size < 1 << 16:
-            out += bytes((0x81, 126)) + size.to_bytes(2, "big")
-        else:
-            out += bytes((0x81, 127)) + size.to_bytes(8, "big")
-        out += payload
-    return bytes(out)
 
 
 def _unsent(transport: asyncio.Transport) -> int:
@@ -5514,15 +5499,9 @@ def _unsent(transport: asyncio.Transport) -> int:
     return unsent
 
 
-def ping_frame(payload: bytes) -> bytes:
-    """A server-to-client ping (RFC 6455 §5.5.2: FIN + opcode 9, unmasked, at most 125 bytes)."""
-    return bytes([0x89, len(payload)]) + payload
-
-
-def close_frame(code: int, reason: str) -> bytes:
-    """A server-to-client WebSocket close frame (RFC 6455 §5.5.1: FIN + opcode 8, unmasked)."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:123]
-    return bytes([0x88, len(payload)]) + payload
+def close_payload(code: int, reason: str) -> bytes:
+    """A close frame's payload (RFC 6455 §5.5.1): the code, then a reason of at most 123 bytes."""
+    return code.to_bytes(2, "big") + reason.encode()[:123]
 
 
 @dataclass(eq=False)
@@ -5549,7 +5528,14 @@ class Subscriber:
     read: asyncio.Event = field(default_factory=asyncio.Event)  # set when read_seq moves
     caught_up: bool = False  # has had every event there was, once (a resume may start far back)
     slow: bool = False
-    close_code: int | None = None  # the code this server closed it with
+    close_code: int | None = None  # the code of the close frame sent to it: nothing follows it
+    pinged_at: float | None = None  # the keepalive ping it has not answered (time.monotonic)
+    keepalive_at: float = field(default_factory=time.monotonic)  # the last keepalive ping sent
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # serve() is done with it
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
 
 
 class Hub:
@@ -5585,6 +5571,7 @@ class Hub:
         self._filling = False  # a socket's queue is more than half full
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()  # sockets closed as slow, draining
         self.slow_closed = 0  # sockets closed with 1013 since start
 
@@ -5594,6 +5581,7 @@ class Hub:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow_peers(), name="hub")
+        self._pinger = asyncio.create_task(self._keepalive(), name="hub keepalive")
 
     def deliver(self, user_id: str, event: str) -> None:
         """An event this engine just recorded (Store.on_event)."""
@@ -5620,25 +5608,70 @@ class Hub:
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._finishing])
-        if self._task is not None:
-            await cancel_and_wait([self._task])
+        await cancel_and_wait([task for task in (self._task, self._pinger) if task is not None])
 
     async def close_all(self, code: int, message: str) -> None:
         subs = [sub for subs in self._sockets.values() for sub in subs]
         await asyncio.gather(*(self._close(sub, code, message) for sub in subs))
 
-    @staticmethod
-    async def _close(sub: Subscriber, code: int, message: str) -> None:
-        """Close politely, within a bound; a client that does not answer in time is cut off."""
-        sub.close_code = code
+    async def _close(self, sub: Subscriber, code: int, message: str) -> None:
+        """Close politely, within a bound: the close frame goes out behind everything sent before
+        it, and a client that does not answer it in time is cut off."""
+        if self._send_close(sub, code, message) is None:
+            return
         try:
             async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
-                await sub.ws.close(code=code, message=message.encode())
+                await sub.ended.wait()
         except TimeoutError:
             if sub.transport is not None:
                 sub.transport.abort()
-        except ConnectionResetError:
-            pass
+
+    async def _keepalive(self) -> None:
+        """Each socket is pinged every keepalive_s; one that says nothing (not even the pong) for
+        half as long again is gone without a word, and is cut off."""
+        every_s = self.limits.keepalive_s / 2
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for sub in [sub for subs in self._sockets.values() for sub in subs]:
+                transport = sub.transport
+                if sub.closing or transport is None:
+                    continue
+                if sub.pinged_at is not None:
+                    if now - sub.pinged_at >= every_s:
+                        transport.abort()
+                elif now - sub.keepalive_at >= self.limits.keepalive_s:
+                    sub.pinged_at = sub.keepalive_at = now
+                    # Not onto what it has not taken yet: the ping must not wait on the client.
+                    if not transport.get_write_buffer_size():
+                        with contextlib.suppress(ConnectionResetError):
+                            await self._control(sub, WSMsgType.PING, b"")
+
+    # -- sending: every frame goes through aiohttp's writer, which puts each one on the transport
+    # whole. aiohttp sends nothing by itself (no heartbeat, no automatic pong or close), so the
+    # hub decides every frame, and none follows a socket's close frame.
+
+    @staticmethod
+    async def _control(sub: Subscriber, opcode: WSMsgType, payload: bytes) -> None:
+        if not sub.closing:
+            await sub.ws.send_frame(payload, opcode)
+
+    def _send_close(self, sub: Subscriber, code: int, reason: str) -> asyncio.Task[None] | None:
+        """Send the close frame (in a task, so that a caller never waits on the client), unless
+        one was sent already; from here on nothing else is sent."""
+        if sub.closing:
+            return None
+        sub.close_code = code
+        sub.read.set()  # a pump waiting for the client to read stops waiting
+        sending = asyncio.create_task(self._write_close(sub.ws, close_payload(code, reason)))
+        self._finishing.add(sending)
+        sending.add_done_callback(self._finishing.discard)
+        return sending
+
+    @staticmethod
+    async def _write_close(ws: web.WebSocketResponse, payload: bytes) -> None:
+        with contextlib.suppress(ConnectionResetError):  # the client has gone already
+            await ws.send_frame(payload, WSMsgType.CLOSE)
 
     # -- Pub/Sub in ------------------------------------------------------------------------------
 
@@ -5729,19 +5762,18 @@ class Hub:
         stays open until the client answers it, so that a client still reading what came
         before (pings among it, which it answers) is not cut off mid-way; one that never
         answers is cut off after WS_ABORT_AFTER_S. Either way serve() then cleans up."""
-        if sub.slow:
+        if sub.closing:
             return
-        sub.slow, sub.close_code = True, WS_CLOSE_TRY_AGAIN_LATER
-        sub.read.set()  # its pump stops waiting for the client
+        sub.slow = True
         self.slow_closed += 1
         log.warning(
             "slow websocket closed",
             extra={"userId": sub.user_id, "code": 1013, "sent": sub.last_seq, "read": sub.read_seq},
         )
+        self._send_close(sub, WS_CLOSE_TRY_AGAIN_LATER, "too slow; reconnect with since")
         transport = sub.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(close_frame(WS_CLOSE_TRY_AGAIN_LATER, "too slow; reconnect with since"))
         finishing = asyncio.create_task(self._finish_slow(transport, self.limits.cut_after_s))
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
@@ -5782,14 +5814,24 @@ class Hub:
         if expires_at is not None:
             tasks.append(asyncio.create_task(self._expire(sub, expires_at)))
         try:
-            async for message in ws:  # pings and pongs; clients have nothing else to say
+            while True:  # pings, pongs and a close; clients have nothing else to say
+                message = await ws.receive()
+                sub.pinged_at = None  # whatever it says answers the keepalive
                 if message.type is WSMsgType.PONG:
-                    self._pong(sub, message.data)
+                    await self._pong(sub, message.data)
                 elif message.type is WSMsgType.PING:
-                    await ws.pong(message.data)
-                elif message.type is WSMsgType.ERROR:
+                    await self._control(sub, WSMsgType.PONG, message.data)
+                elif message.type is WSMsgType.CLOSE:  # answered with its own code, unless it
+                    code = message.data if 1000 <= message.data < 5000 else 1000  # answers ours
+                    if (answer := self._send_close(sub, code, "")) is not None:
+                        await answer
+                    break
+                elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
         finally:
+            sub.ended.set()
+            if transport is not None:
+                transport.close()  # after what it holds; aiohttp then has nothing left to send
             subs = self._sockets.get(user_id, set())
             subs.discard(sub)
             if not subs:
@@ -5812,11 +5854,11 @@ class Hub:
         try:
             if since is None:
                 seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
-                self._write(sub, [connected, *self._snapshot(sub, seq, events)])
+                await self._write(sub, [connected, *self._snapshot(sub, seq, events)])
             else:
                 sub.last_seq = sub.read_seq = since  # what it has is its own business
                 first = await self._read_log(sub)
-                self._write(sub, [connected])
+                await self._write(sub, [connected])
                 await self._catch_up(sub, until=None, first=first)
             sub.caught_up = True
             await self._forward(sub)
@@ -5826,7 +5868,7 @@ class Hub:
     async def _forward(self, sub: Subscriber) -> None:
         """Live events in seq order: duplicates skipped, gaps filled from the log, and whatever
         has queued up meanwhile sent at once (as far as the client keeps up)."""
-        while not sub.slow:
+        while not sub.closing:
             ready = [await sub.queue.get()]
             while not sub.queue.empty():
                 ready.append(sub.queue.get_nowait())
@@ -5860,10 +5902,11 @@ class Hub:
         the client reads them; resync if the log does not reach back that far. `first`: the
         first chunk, when it was read already."""
         events = first if first is not None else await self._read_log(sub)
-        while not sub.slow:
+        while not sub.closing:
             if events is None:
                 seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
-                self._write(sub, ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)])
+                resync = ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)]
+                await self._write(sub, resync)
                 return
             numbered = [(event_seq(event), event) for event in events]
             before = sub.last_seq
@@ -5877,7 +5920,7 @@ class Hub:
         """Send events (in seq order, after last_seq), never more than `unread_max` beyond what
         the client has shown it read: past that, wait for its next pong, up to `unread_max_s`
         (then it is too slow). Meanwhile new events queue up, to `queue_max`."""
-        while events and not sub.slow:
+        while events and not sub.closing:
             room = self.limits.unread_max - (sub.last_seq - sub.read_seq)
             if room <= 0:
                 sub.read.clear()
@@ -5888,37 +5931,38 @@ class Hub:
                     self._drop_slow(sub)
                 continue
             chunk, events = events[:room], events[room:]
-            self._write(sub, [event for _, event in chunk], newest=chunk[-1][0])
+            await self._write(sub, [event for _, event in chunk], newest=chunk[-1][0])
 
-    def _pong(self, sub: Subscriber, data: bytes) -> None:
+    async def _pong(self, sub: Subscriber, data: bytes) -> None:
         """A pong: if it answers our ping, the client has read every event up to that one."""
         if sub.ping_for is None or data != str(sub.ping_for).encode():
             return  # aiohttp's heartbeat, or a pong we did not ask for
         sub.read_seq, sub.ping_for = max(sub.read_seq, sub.ping_for), None
         sub.read.set()
-        self._write(sub, [], newest=sub.last_seq)  # a ping, if as many are unread still
+        await self._write(sub, [], newest=sub.last_seq)  # a ping, if as many are unread still
 
-    def _write(self, sub: Subscriber, texts: list[str], newest: int | None = None) -> None:
-        """Put text frames straight onto the transport, all in one write (aiohttp's send_str
-        writes one frame per system call); `newest` is the seq of the last of them, and a ping
-        answering for it follows when half of `unread_max` are unread (and none is in flight).
-        Never waits: a client whose unsent data passes `write_buffer_max` cannot keep up and is
-        closed with 1013 (_drop_slow)."""
-        if sub.slow:
-            return
-        transport = sub.transport
-        if transport is None or transport.is_closing() or sub.ws.closed:
-            raise ConnectionResetError
-        frames = text_frames(texts)
-        if newest is not None:
+    async def _write(self, sub: Subscriber, texts: list[str], newest: int | None = None) -> None:
+        """Send events; `newest` is the seq of the last of them, and a ping answering for it
+        follows when half of `unread_max` are unread (and none is in flight). aiohttp waits
+        only while the transport holds more than its high-water mark (the pump of this socket
+        alone waits); a client whose unsent data passes `write_buffer_max` cannot keep up and
+        is closed with 1013 (_drop_slow)."""
+        ws = sub.ws
+        for text in texts:
+            if sub.closing:
+                return
+            await ws.send_str(text)
+        if newest is not None and not sub.closing:
             sub.last_seq = newest
             unread = newest - sub.read_seq
             if sub.ping_for is None and unread >= max(1, self.limits.unread_max // 2):
-                frames += ping_frame(str(newest).encode())
                 sub.ping_for, sub.ping_at = newest, time.monotonic()
-        if frames:
-            transport.write(frames)
-        if transport.get_write_buffer_size() > self.limits.write_buffer_max:
+                await ws.ping(str(newest).encode())
+        transport = sub.transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() > self.limits.write_buffer_max
+        ):
             self._drop_slow(sub)
 
 
@@ -6572,10 +6616,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             429, "TOO_MANY_SOCKETS", f"at most {hub.limits.sockets_per_user} sockets per user"
         )
     ws = web.WebSocketResponse(
-        heartbeat=WS_HEARTBEAT_S,
         max_msg_size=WS_INBOUND_MAX_BYTES + 1,  # aiohttp refuses a message of max_msg_size
-        compress=False,  # Hub._write puts frames on the wire itself
+        # The hub decides every frame (Hub._write): no compression (events are small and many),
+        # and none of aiohttp's heartbeat pings, automatic pongs or closes.
+        compress=False,
         autoping=False,  # the hub reads pongs: they say what the client has read
+        autoclose=False,
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")

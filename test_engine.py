@@ -3485,6 +3485,93 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
 
 
+async def test_every_frame_goes_out_whole_and_nothing_follows_a_close_frame(
+    start: Start, config: Config
+) -> None:
+    limits = replace(SMALL_LIMITS, unread_max=4, queue_max=8, unread_max_s=0.2, cut_after_s=5)
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(upgrade_request("quiet"))
+    await reader.readuntil(b"\r\n\r\n")
+
+    async def closed_as_slow() -> bool:  # it reads nothing and answers no ping meanwhile
+        await post(client, {**ORDER, "userId": "quiet"})
+        return bool((await (await client.get("/healthz")).json())["slowWebsocketsClosed"])
+
+    await wait_for(closed_as_slow, "the socket to be closed as too slow")
+    writer.write(client_frame(0x9, b"late"))  # a ping after the close: no pong may answer it
+    frames = []
+    while (frame := await asyncio.wait_for(read_frame(reader), DEADLINE_S))[0] != 0x8:
+        frames.append(frame)
+    assert {opcode for opcode, _ in frames} == {0x1, 0x9}  # events and the hub's pings
+    texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    assert texts[0]["type"] == "connected"
+    assert [e["seq"] for e in texts[1:]] == list(range(1, len(texts)))
+    assert int.from_bytes(frame[1][:2], "big") == 1013
+    writer.write(client_frame(0x8, frame[1][:2]))  # the client answers the close
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""  # then the server hangs up
+    writer.close()
+
+    # A close the client starts is answered once, with its code, and nothing else.
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(upgrade_request("polite"))
+    await reader.readuntil(b"\r\n\r\n")
+    assert orjson.loads((await read_frame(reader))[1])["type"] == "connected"
+    writer.write(client_frame(0x8, (1000).to_bytes(2, "big") + b"bye"))
+    assert await asyncio.wait_for(read_frame(reader), DEADLINE_S) == (
+        0x8,
+        (1000).to_bytes(2, "big"),
+    )
+    assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""
+    writer.close()
+
+
+async def test_a_socket_that_answers_no_keepalive_ping_is_cut_off_and_one_that_does_stays(
+    start: Start, config: Config
+) -> None:
+    client = await start(hub_limits=replace(SMALL_LIMITS, keepalive_s=0.4))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(upgrade_request("1"))
+    await reader.readuntil(b"\r\n\r\n")
+    async with client.ws_connect("/ws?userId=1") as answering:
+        seen: list[str] = []
+
+        async def read_all() -> None:  # aiohttp answers pings while it reads
+            async for message in answering:
+                assert message.type is WSMsgType.TEXT, message
+                seen.append(message.data)
+
+        reading = asyncio.create_task(read_all())
+        frames = []
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionResetError):
+            while True:  # read, but answer nothing
+                frames.append(await asyncio.wait_for(read_frame(reader), DEADLINE_S))
+        writer.close()
+        assert [opcode for opcode, _ in frames] == [0x1, 0x9]  # connected, the ping; no close
+        order_id = await order_id_of(client)
+        done = f'"orderId":"{order_id}","userId":"1","status":"confirmed"'
+        await wait_for(lambda: any(done in text for text in seen), "the answering socket's event")
+        reading.cancel()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One server frame, which must be whole: FIN set, no extension bits, unmasked."""
+    first, second = await reader.readexactly(2)
+    assert first & 0xF0 == 0x80, first
+    assert not second & 0x80, second
+    length = second & 0x7F
+    if length >= 126:
+        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A client frame (masked, as clients must) of a small payload."""
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
+
+
 def upgrade_request(user: str) -> bytes:
     return (
         f"GET /ws?userId={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
