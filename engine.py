@@ -2497,18 +2497,16 @@ class Store:
         self.keys = Keys(config.redis_prefix)
         self._config = config
         self._clock = clock
-        self._create = client.register_script(lua(LUA_CREATE, self.keys, config))
-        self._claim = client.register_script(lua(LUA_CLAIM, self.keys, config))
-        self._advance = client.register_script(lua(LUA_ADVANCE, self.keys, config))
-        self._end = client.register_script(lua(LUA_END, self.keys, config))
-        self._fire = client.register_script(lua(LUA_FIRE, self.keys, config))
-        self._recover = client.register_script(lua(LUA_RECOVER, self.keys, config))
-        self._requeue = client.register_script(lua(LUA_REQUEUE, self.keys, config))
-        self._dedupe = client.register_script(lua(LUA_DEDUPE, self.keys, config))
-        self._take = client.register_script(lua(LUA_TAKE, self.keys, config))
-        self._promote = client.register_script(lua(LUA_PROMOTE, self.keys, config))
-        self._snapshot = client.register_script(lua(LUA_SNAPSHOT, self.keys, config))
-        self._replay = client.register_script(lua(LUA_REPLAY, self.keys, config))
+
+        def script(template: str) -> AsyncScript:
+            return client.register_script(lua(template, self.keys, config))
+
+        self._create, self._claim = script(LUA_CREATE), script(LUA_CLAIM)
+        self._advance, self._end = script(LUA_ADVANCE), script(LUA_END)
+        self._fire, self._recover = script(LUA_FIRE), script(LUA_RECOVER)
+        self._requeue, self._dedupe = script(LUA_REQUEUE), script(LUA_DEDUPE)
+        self._take, self._promote = script(LUA_TAKE), script(LUA_PROMOTE)
+        self._snapshot, self._replay = script(LUA_SNAPSHOT), script(LUA_REPLAY)
 
     def _sent(self, user: str) -> Callable[[Any], None]:
         """Hand an emitting script's event (its reply's second item) to `on_event`."""
