@@ -88,7 +88,16 @@ from typing import (
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
-from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, hdrs, http_exceptions, web
+from aiohttp import (
+    ClientError,
+    ClientSession,
+    ClientTimeout,
+    StreamReader,
+    WSMsgType,
+    hdrs,
+    http_exceptions,
+    web,
+)
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -190,6 +199,7 @@ REDIS_SPARE_CONNECTIONS: Final = 32  # HTTP handlers, heartbeat, recovery, the f
 # A Redis Cluster client refuses a command, rather than wait, when a node's connections are all in
 # use: this many more per node than the pool above holds, for bursts of HTTP handlers.
 CLUSTER_SPARE_CONNECTIONS: Final = 256
+CLUSTER_READ_TIMEOUT_S: Final = 2.5  # inside a batch's 5 s, so that the client sees it first
 REDIS_RETRY_MIN_S: Final = 0.05
 REDIS_RETRY_MAX_S: Final = 2.0
 # An attempt that waited on Redis longer than this in all (or a tenth of the execution timeout,
@@ -875,7 +885,8 @@ REDIS_TRANSIENT: Final = (
     redis_errors.BusyLoadingError,
     redis_errors.ReadOnlyError,
     redis_errors.TryAgainError,
-    redis_errors.ClusterDownError,  # a cluster failing over (MasterDownError is one)
+    redis_errors.ClusterError,  # a cluster failing over or resharding (ClusterDownError, ...)
+    redis_errors.NoScriptError,  # a script still loading on a primary just promoted
     redis_errors.RedisClusterException,  # no node of the cluster reachable, a slot not served
 )
 
@@ -1428,6 +1439,8 @@ def _check_cluster(config: Config) -> None:
     url = config.redis_url or ""
     if not re.match(r"rediss?://", url):
         raise ConfigError("ENGINE_REDIS_CLUSTER=1 needs REDIS_URL=redis://<any node>:<port>")
+    if re.search(r"^rediss?://[^/?]*/(?!0?(\?|$))|[?&]db=(?!0(&|$))", url):
+        raise ConfigError("ENGINE_REDIS_CLUSTER=1: a Redis Cluster has database 0 only")
     prefix = config.redis_prefix
     opened = prefix.find("{")
     if opened < 0 or prefix.find("}", opened + 1) <= opened + 1:
@@ -2318,6 +2331,9 @@ class RoundTrips:
     def counting(self, base: type[AbstractConnection]) -> type[AbstractConnection]:
         counter = self
 
+        # A connection torn down under a command (seen with the cluster client when a frozen
+        # node comes back) can fail as RuntimeError or AttributeError inside redis-py: that is a
+        # lost connection, and is raised as one, so that callers wait and the client reconnects.
         class Counting(base):  # type: ignore[valid-type,misc]
             async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
                 counter.count += 1
@@ -2326,6 +2342,9 @@ class RoundTrips:
                 except REDIS_TRANSIENT:
                     counter.errors += 1
                     raise
+                except (RuntimeError, AttributeError) as exc:
+                    counter.errors += 1
+                    raise redis_errors.ConnectionError(f"connection lost: {exc}") from exc
 
             async def read_response(self, *args: Any, **kwargs: Any) -> Any:
                 try:
@@ -2334,6 +2353,8 @@ class RoundTrips:
                     if REFUSED_FOR_NOW_RE.search(str(exc)) and not isinstance(exc, REDIS_TRANSIENT):
                         raise RedisRefusingForNow(str(exc)) from exc
                     raise
+                except (RuntimeError, AttributeError) as exc:
+                    raise redis_errors.ConnectionError(f"connection lost: {exc}") from exc
 
         return Counting
 
@@ -2350,10 +2371,13 @@ def connect_redis(
     `cluster`, redis-py's Redis Cluster client, which finds the node of each key's slot."""
     counting = (round_trips or RoundTrips()).counting
     if cluster:
+        # Every read has a timeout: a primary that stalls (SIGSTOP, a frozen host) while its
+        # replica takes over is noticed by the client itself, which then learns the new layout;
+        # a timeout of the caller's would leave it sending to the stalled node.
         client = RedisCluster.from_url(
             url,
             max_connections=max_connections + CLUSTER_SPARE_CONNECTIONS,
-            socket_timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s or CLUSTER_READ_TIMEOUT_S,
             socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
             decode_responses=True,
         )
@@ -2713,6 +2737,11 @@ class Store:
             pipe.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
             pipe.sadd(self.keys.instances, instance)
             await pipe.execute()
+
+    async def ping(self) -> bool:
+        """A round trip to the Redis node that holds the engine's keys (in a Redis Cluster, the
+        one serving their slot, which a PING might not reach)."""
+        return int(await self.redis.exists(self.keys.instances)) >= 0
 
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
@@ -5594,6 +5623,9 @@ class Hub:
             while True:
                 instances = await persist("instances", self.store.instances)
                 peers = any(instance != self._instance_id for instance in instances)
+                if listener is not None and listener.done():  # it failed: say why, start again
+                    log.error("event subscription failed", exc_info=listener.exception())
+                    listener = None
                 if peers and listener is None:
                     listener = asyncio.create_task(self._listen())
                 elif not peers and listener is not None:
@@ -5677,6 +5709,9 @@ class Hub:
         backoff = Backoff()
         while True:
             try:
+                # A command on the channel's key first: a cluster client learns (or relearns,
+                # after a failover) which node serves it before subscribing there.
+                await self._client.exists(self.store.keys.channel)
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.store.keys.channel)
                     backoff.reset()
@@ -6554,7 +6589,7 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
     engine = request.app[ENGINE]
     checks: dict[str, str] = {}
-    answered = await probe_redis(engine, engine.store.redis.ping())
+    answered = await probe_redis(engine, engine.store.ping())
     checks["redis"] = "ok" if answered is not None else "unavailable"
     if engine.history is not None:
         try:
@@ -6626,7 +6661,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # A socket opened while Redis does not answer could send nothing, not even `connected`:
     # 503 instead, like every request. (An open socket waits out an outage and catches up.)
     engine = request.app[ENGINE]
-    await within_deadline(engine, engine.store.redis.ping())
+    await within_deadline(engine, engine.store.ping())
     await ws.prepare(request)
     await hub.serve(ws, user_id, since, request.transport, expires_at)
     return ws
@@ -6728,6 +6763,7 @@ class Connection(web.RequestHandler):
         self._timeout_s = timeout_s
         self._stuck: asyncio.TimerHandle | None = None
         self._half_closed = False
+        self._last_body: StreamReader | None = None  # the body of the request answered last
         self.refused = False
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: True keeps it open
@@ -6737,13 +6773,15 @@ class Connection(web.RequestHandler):
         still being read ends here: what came of it is all there will be."""
         self._half_closed = True
         reading = getattr(self, "_current_request", None)  # aiohttp has no public handle on it
-        if reading is not None:
-            reading.content.feed_eof()
+        for body in (reading.content if reading is not None else None, self._last_body):
+            if body is not None and not body.is_eof():  # aiohttp may wait for the rest of a
+                body.feed_eof()  # body it answered without reading ("lingering"): none comes
         return True
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        self._last_body = request.content
         answered = await super().finish_response(request, resp, start_time)
         if self._half_closed:
             self.close()  # nothing more can come: close once this answer is out
@@ -7111,6 +7149,11 @@ async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
     outage: start-up stops at once."""
     shown = redacted(url)
     info = await within_startup_wait(f"redis at {shown}", _first_answer(client))
+    if info.get("redis_mode") == "cluster" and not isinstance(client, RedisCluster):
+        raise StartupError(
+            f"redis at {shown} is a Redis Cluster node: set ENGINE_REDIS_CLUSTER=1 and a hash "
+            "tag in ENGINE_REDIS_PREFIX (such as {oee}:)"
+        )
     version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:2])
     if version < REDIS_MIN_VERSION:
         raise StartupError(

@@ -201,7 +201,7 @@ class RedisCluster:
                         eng.redis_server_binary(),
                         *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
                         *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-                        *("--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"),
+                        *("--cluster-node-timeout", "500", "--save", "", "--appendonly", "no"),
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -228,16 +228,20 @@ class RedisCluster:
         slot = int(_command(self.ports[0], "CLUSTER", "KEYSLOT", key))
         return min(slot // (CLUSTER_SLOTS // 3), 2)
 
-    def fail_over(self) -> None:
-        """SIGKILL node 2 once its replica has every write, and wait for the replica to serve
-        its slots."""
+    def stall_primary(self) -> None:
+        """SIGSTOP node 2 once its replica has every write (a frozen host: its connections stay
+        open and silent), and wait for the replica to serve its slots."""
         assert _command(self.ports[2], "WAIT", "1", "5000") == "1"
-        self.procs[2].kill()
-        self.procs[2].wait(timeout=DEADLINE_S)
+        self.procs[2].send_signal(signal.SIGSTOP)
         replica = self.ports[3]
         wait_sync(_says(replica, "role:master", "INFO", "replication"), "the replica's promotion")
         for port in (self.ports[0], self.ports[1], replica):
             wait_sync(_says(port, "cluster_state:ok", "CLUSTER", "INFO"), "the cluster to heal")
+
+    def resume_old_primary(self) -> None:
+        """SIGCONT node 2: it finds itself replaced and rejoins as a replica."""
+        self.procs[2].send_signal(signal.SIGCONT)
+        wait_sync(_says(self.ports[2], "role:slave", "INFO", "replication"), "the rejoining")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -763,6 +767,9 @@ def test_a_redis_cluster_needs_a_node_s_url_and_a_hash_tag_in_the_prefix() -> No
         with pytest.raises(eng.ConfigError, match="needs a hash tag in ENGINE_REDIS_PREFIX"):
             Config.load(node | {"ENGINE_REDIS_PREFIX": prefix})
     assert Config.load(node | {"ENGINE_REDIS_PREFIX": "{oee}:"}).redis_cluster
+    for url in ("redis://10.0.0.1:7000/3", "redis://10.0.0.1:7000?db=2"):
+        with pytest.raises(eng.ConfigError, match="database 0 only"):
+            Config.load(node | {"REDIS_URL": url, "ENGINE_REDIS_PREFIX": "{oee}:"})
 
 
 async def test_bad_configuration_stops_start_up_with_one_line(tmp_path: Path) -> None:
@@ -1139,6 +1146,23 @@ async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
 # ── Redis Cluster ───────────────────────────────────────────────────────────────────────────────
 
 
+async def placed_in_an_outage(client: TestClient[Any, Any]) -> str:
+    """POST an order as a careful client does while Redis fails over: again after a 503, with
+    the same Idempotency-Key; its orderId."""
+    key, placed = secrets.token_hex(8), []
+
+    async def accepted() -> bool:
+        status, reply = await post(client, None, **{"Idempotency-Key": key})
+        if status == 503 and reply["error"]["retryable"]:
+            return False
+        assert status == 202, reply
+        placed.append(reply["orderId"])
+        return True
+
+    await wait_for(accepted, "the order to be accepted")
+    return str(placed[0])
+
+
 def cluster_config(config: Config, cluster: RedisCluster) -> Config:
     """`config` on `cluster`, through node 0, with a hash tag whose slot node 2 serves: every
     script must be routed to a node the URL does not name."""
@@ -1148,8 +1172,17 @@ def cluster_config(config: Config, cluster: RedisCluster) -> Config:
 
 
 async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failover_exactly_once(
-    start: Start, config: Config, processes: list[EngineProcess], redis_cluster: RedisCluster
+    start: Start,
+    config: Config,
+    processes: list[EngineProcess],
+    redis_cluster: RedisCluster,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(eng, "CLUSTER_READ_TIMEOUT_S", 1.0)  # a frozen node noticed sooner
+    plain = aioredis.from_url(redis_cluster.url(0))  # a node, taken for a Redis of its own
+    with pytest.raises(eng.StartupError, match="is a Redis Cluster node: set ENGINE_REDIS_CLUSTER"):
+        await eng.wait_for_redis(plain, redis_cluster.url(0))
+    await plain.aclose()
     config = replace(cluster_config(config, redis_cluster), max_attempts=1)
     env = engine_env(config, ENGINE_REDIS_CLUSTER="1", ENGINE_MAX_ATTEMPTS="1")
     # Executions take about a second; the survivor waits out the victim's 1.5 s expiry.
@@ -1194,19 +1227,25 @@ async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failove
     await chain.aclose()
     assert landed[order_id] == [after[-1]["txHash"]]
 
-    # The node serving the slot dies; its replica takes over and the engine carries on with it.
-    await asyncio.to_thread(redis_cluster.fail_over)
-    async with survivor.ws_connect(f"/ws?userId=1&since={after[-1]['seq']}") as ws:
+    # The node serving the slot freezes; its replica takes over and the engine carries on with
+    # it. A second engine joins through another node: events cross between them over Pub/Sub.
+    await asyncio.to_thread(redis_cluster.stall_primary)
+    joined = await start(replace(config, redis_url=redis_cluster.url(1)))
+    async with joined.ws_connect("/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
-        later = await order_id_of(survivor)
+        later = await placed_in_an_outage(survivor)  # its events reach this socket by Pub/Sub
         events = await events_until_done(ws, later)
+        await asyncio.to_thread(redis_cluster.resume_old_primary)  # it rejoins, as a replica
+        last = await placed_in_an_outage(joined)
+        events += await events_until_done(ws, last)
     assert statuses(events, later) == HAPPY_PATH
-    assert [e["seq"] for e in events] == list(range(after[-1]["seq"] + 1, events[-1]["seq"] + 1))
+    assert statuses(events, last) == HAPPY_PATH
     assert (await get_order(survivor, order_id))["status"] == "confirmed"
     promoted = aioredis.from_url(redis_cluster.url(3), decode_responses=True)
     landed = await landed_transactions(promoted, config)
     await promoted.aclose()
-    assert landed[later] == [events[-1]["txHash"]]
+    confirmed = {e["orderId"]: e["txHash"] for e in events if e["status"] == "confirmed"}
+    assert (landed[later], landed[last]) == ([confirmed[later]], [confirmed[last]])
     assert landed[order_id] == [after[-1]["txHash"]]
 
 
