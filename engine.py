@@ -875,6 +875,7 @@ AUTH_REFUSED_RE: Final = re.compile(
 )
 REFUSED_FOR_NOW_RE: Final = re.compile(
     r"(?:^|: -)(OOM|READONLY|NOREPLICAS|MASTERDOWN|MISCONF|BUSY|LOADING|TRYAGAIN)\b"
+    r"|attempted to access a non local key"  # a Redis Cluster moving the slot to another node
 )
 
 # Redis trouble that goes away by itself: the caller waits and tries again.
@@ -887,6 +888,7 @@ REDIS_TRANSIENT: Final = (
     redis_errors.TryAgainError,
     redis_errors.ClusterError,  # a cluster failing over or resharding (ClusterDownError, ...)
     redis_errors.NoScriptError,  # a script still loading on a primary just promoted
+    redis_errors.AskError,  # a key on its way to another node (MovedError is one)
     redis_errors.RedisClusterException,  # no node of the cluster reachable, a slot not served
 )
 
@@ -2733,10 +2735,10 @@ class Store:
     # -- instances: heartbeat and recovery --------------------------------------------------------
 
     async def heartbeat(self, instance: str, info: Mapping[str, Any], ttl_s: int) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
-            pipe.sadd(self.keys.instances, instance)
-            await pipe.execute()
+        """The heartbeat first, then the listing: an instance listed is never without one (two
+        commands, not a transaction, which a Redis Cluster moving the slot would refuse)."""
+        await self.redis.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
+        await self.redis.sadd(self.keys.instances, instance)
 
     async def ping(self) -> bool:
         """A round trip to the Redis node that holds the engine's keys (in a Redis Cluster, the
