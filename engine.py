@@ -6453,6 +6453,9 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
     cut off). A fractional `amount` is kept as the exact decimal the body wrote."""
     if request.content_type != "application/json":
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+    protocol = request.protocol
+    if isinstance(protocol, Connection) and protocol.half_closed:  # its end came before this
+        request.content.feed_eof()  # handler did: what has arrived is all there will be
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()  # aiohttp answers 413 past client_max_size
@@ -6779,6 +6782,10 @@ class Connection(web.RequestHandler):
             if body is not None and not body.is_eof():  # aiohttp may wait for the rest of a
                 body.feed_eof()  # body it answered without reading ("lingering"): none comes
         return True
+
+    @property
+    def half_closed(self) -> bool:
+        return self._half_closed
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
