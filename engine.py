@@ -209,7 +209,7 @@ REDIS_SLOW_S: Final = 1.0
 REDIS_SLOW_MIN_S: Final = 0.05
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
-PUBSUB_PING_S: Final = 5.0
+PUBSUB_PING_S: Final = 2.0  # a subscription silent for 3 of these is renewed
 PUBSUB_SILENCE_S: Final = 3 * PUBSUB_PING_S
 
 CANCEL_RETRY_S: Final = 0.1  # see cancel_and_wait
