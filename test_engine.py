@@ -4828,8 +4828,10 @@ async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
         sock = str(config.data_dir / "redis.sock")
         embedded = aioredis.Redis(unix_socket_path=sock, decode_responses=True)
         settings = await embedded.config_get("append*")
+        compact = await embedded.config_get("hash-max-ziplist-value")
         await embedded.aclose()
         assert (settings["appendonly"], settings["appendfsync"]) == ("yes", fsync)
+        assert compact["hash-max-ziplist-value"] == "1024"  # order records kept compact
         process.proc.send_signal(signal.SIGTERM)
         assert await process.exit_code() == 0
 
