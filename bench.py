@@ -663,9 +663,8 @@ async def park(server: Server, redis_url: str, count: int) -> float:
     redis = aioredis.from_url(redis_url)
     expiring = engine.Keys("oee:").expiring
     await poll(lambda: _equals(redis.zcard(expiring), count), 600)
-    memory = float((await redis.info("memory"))["used_memory"]) / 2**20
     await redis.aclose()
-    return round(memory, 1)
+    return round(await redis_memory(redis_url) / 2**20, 1)
 
 
 async def redis_memory(redis_url: str) -> float:

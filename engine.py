@@ -2253,8 +2253,12 @@ class Keys:
 
     def of_user(self, user_id: str) -> tuple[str, str, str, str]:
         """The user's keys an order's status change touches: active, orders, seq, log."""
-        user = self.user(user_id)
-        return f"{user}:active", f"{user}:orders", f"{user}:seq", f"{user}:events"
+        return (
+            self.user_active(user_id),
+            self.user_orders(user_id),
+            self.user_seq(user_id),
+            self.user_log(user_id),
+        )
 
     def idempotency(self, user_id: str, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -2374,7 +2378,8 @@ def connect_redis(
     `cluster`, redis-py's Redis Cluster client, which finds the node of each key's slot."""
     counting = (round_trips or RoundTrips()).counting
     if cluster:
-        # Every read has a timeout: a primary that stalls (SIGSTOP, a frozen host) while its
+        # Every read has a timeout (the batches', which have none on one Redis, the shorter
+        # CLUSTER_READ_TIMEOUT_S): a primary that stalls (SIGSTOP, a frozen host) while its
         # replica takes over is noticed by the client itself, which then learns the new layout;
         # a timeout of the caller's would leave it sending to the stalled node.
         client = RedisCluster.from_url(
@@ -2741,10 +2746,10 @@ class Store:
         await self.redis.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
         await self.redis.sadd(self.keys.instances, instance)
 
-    async def ping(self) -> bool:
+    async def ping(self) -> int:
         """A round trip to the Redis node that holds the engine's keys (in a Redis Cluster, the
         one serving their slot, which a PING might not reach)."""
-        return int(await self.redis.exists(self.keys.instances)) >= 0
+        return int(await self.redis.exists(self.keys.instances))
 
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
@@ -5557,7 +5562,6 @@ class Subscriber:
     ping_at: float = 0.0  # when it was sent (time.monotonic)
     read: asyncio.Event = field(default_factory=asyncio.Event)  # set when read_seq moves
     caught_up: bool = False  # has had every event there was, once (a resume may start far back)
-    slow: bool = False
     close_code: int | None = None  # the code of the close frame sent to it: nothing follows it
     pinged_at: float | None = None  # the keepalive ping it has not answered (time.monotonic)
     keepalive_at: float = field(default_factory=time.monotonic)  # the last keepalive ping sent
@@ -5609,6 +5613,10 @@ class Hub:
     def connections(self) -> int:
         return sum(len(subs) for subs in self._sockets.values())
 
+    def _every_socket(self) -> list[Subscriber]:
+        """A copy: the sockets may change while the caller awaits."""
+        return [sub for subs in self._sockets.values() for sub in subs]
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow_peers(), name="hub")
         self._pinger = asyncio.create_task(self._keepalive(), name="hub keepalive")
@@ -5644,8 +5652,7 @@ class Hub:
         await cancel_and_wait([task for task in (self._task, self._pinger) if task is not None])
 
     async def close_all(self, code: int, message: str) -> None:
-        subs = [sub for subs in self._sockets.values() for sub in subs]
-        await asyncio.gather(*(self._close(sub, code, message) for sub in subs))
+        await asyncio.gather(*(self._close(sub, code, message) for sub in self._every_socket()))
 
     async def _close(self, sub: Subscriber, code: int, message: str) -> None:
         """Close politely, within a bound: the close frame goes out behind everything sent before
@@ -5666,7 +5673,7 @@ class Hub:
         while True:
             await asyncio.sleep(every_s)
             now = time.monotonic()
-            for sub in [sub for subs in self._sockets.values() for sub in subs]:
+            for sub in self._every_socket():
                 transport = sub.transport
                 if sub.closing or transport is None:
                     continue
@@ -5767,9 +5774,8 @@ class Hub:
             self._offer(sub, item)
 
     def _offer_all(self, item: tuple[int, str]) -> None:
-        for subs in list(self._sockets.values()):
-            for sub in list(subs):
-                self._offer(sub, item)
+        for sub in self._every_socket():
+            self._offer(sub, item)
 
     def _offer(self, sub: Subscriber, item: tuple[int, str]) -> None:
         """Queue an event for a socket. A socket with queue_max waiting drops them and reads
@@ -5793,14 +5799,13 @@ class Hub:
     def _drop_slow(self, sub: Subscriber) -> None:
         """Close a socket that cannot keep up with 1013, without waiting on it for anything.
 
-        The close frame goes straight onto the transport behind what the client has not read yet
-        (never through aiohttp's writer, whose drain would wait on the client). The connection
-        stays open until the client answers it, so that a client still reading what came
-        before (pings among it, which it answers) is not cut off mid-way; one that never
-        answers is cut off after WS_ABORT_AFTER_S. Either way serve() then cleans up."""
+        The close frame goes out behind what the client has not read yet (sent in a task, which
+        alone waits on the client). The connection stays open until the client answers it, so
+        that a client still reading what came before (pings among it, which it answers) is not
+        cut off mid-way; one that takes nothing for WS_ABORT_AFTER_S is cut off. Either way
+        serve() then cleans up."""
         if sub.closing:
             return
-        sub.slow = True
         self.slow_closed += 1
         log.warning(
             "slow websocket closed",
