@@ -212,7 +212,7 @@ REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 2.0  # a subscription silent for 3 of these is renewed
 PUBSUB_SILENCE_S: Final = 3 * PUBSUB_PING_S
 
-CANCEL_RETRY_S: Final = 0.1  # see cancel_and_wait
+CANCEL_RETRY_S: Final = 0.01  # see cancel_and_wait
 
 # Queue mechanics.
 RETRY_MAX_DELAY_MS: Final = 30_000
