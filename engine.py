@@ -510,22 +510,24 @@ return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
 )
 
-# Record one status change made by the lease holder, move the job as the outcome requires, emit.
-# The action is keep, retry, done, fail or wait; the score is the due time of a retry, now for a
-# failure, the trigger price to wait for. `wait` parks the order in its trigger set (the record's
-# triggerKey) and the expiry set, with no job and no lease, and keeps its keys until it expires.
-# Answers the event as sent.
+# Record the status changes the lease holder makes at one moment (one, or several in a row: the
+# steps of an attempt that nothing separates), move the job as the outcome requires, emit an
+# event for each. The action is keep, retry, done, fail or wait; the score is the due time of a
+# retry, now for a failure, the trigger price to wait for. `wait` parks the order in its trigger
+# set (the record's triggerKey) and the expiry set, with no job and no lease, and keeps its keys
+# until it expires. Answers the events as sent.
 # KEYS: order, processing, delayed, waiting expiry, user active, user orders, user seq, user
 #       log, failed, outbox
-# ARGV: order_id, lease, expected status, step, action, score, instance, user, history entry,
-#       event body, record fields
+# ARGV: order_id, lease, expected status, step (the last), action, score, instance, user, the
+#       number of changes, a history entry and an event body for each, record fields
 LUA_ADVANCE: Final = (
     LUA_VALUES
     + LUA_EMIT
     + LUA_FINISH
     + """
 local a = values(ARGV[1])
-local id, lease, expected, step, action, score, instance, user = unpack(a, 1, 8)
+local id, lease, expected, step, action, score, instance, user, changes = unpack(a, 1, 9)
+changes = tonumber(changes)
 local order = KEYS[1]
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
 if current[2] == '$CANCELLED' then return {'cancelled'} end
@@ -553,8 +555,15 @@ elseif action == 'wait' then
 else
   redis.call('EXPIRE', order, $ORDER_TTL)
 end
-local extra = {'step', step, 'history', append(current[4], a[9])}
-return {'ok', write(order, a, 11, extra, KEYS[7], KEYS[8], user, a[10], instance)}
+local history, events = current[4], {'ok'}
+for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
+  history = append(history, a[8 + 2 * i])
+  events[#events + 1] = emit(KEYS[7], KEYS[8], user, a[9 + 2 * i], instance)
+end
+local extra = {'step', step, 'history', append(history, a[8 + 2 * changes])}
+local at = 10 + 2 * changes  -- the record fields
+events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
+return events
 """
 )
 
@@ -2541,11 +2550,12 @@ class Store:
         self._snapshot, self._replay = script(LUA_SNAPSHOT), script(LUA_REPLAY)
 
     def _sent(self, user: str) -> Callable[[Any], None]:
-        """Hand an emitting script's event (its reply's second item) to `on_event`."""
+        """Hand an emitting script's events (its reply's items after the first) to `on_event`."""
 
         def deliver(reply: Any) -> None:
             if reply[0] in {"created", "ok", "applied"}:
-                self.on_event(user, reply[1])
+                for event in reply[1:]:
+                    self.on_event(user, event)
 
         return deliver
 
@@ -2678,19 +2688,21 @@ class Store:
         action: JobAction,
         delay_ms: int,
         score: float | None = None,
+        passing: Sequence[tuple[Status, Mapping[str, Any]]] = (),
     ) -> None:
         """Record before.status -> after.status as the lease holder (and send its event).
-        `score` is the trigger price an order that goes waiting waits for."""
+        `passing` lists the changes made on the way at the same moment (status and info each):
+        they are recorded in the same step, each with its history entry and event. `score` is
+        the trigger price an order that goes waiting waits for."""
         now = self._clock()
         ts = iso_ms(now)
         attempt = after.attempts + 1 if after.status is Status.PENDING else after.attempts
-        # None in `info` clears a record field (an earlier attempt's error); events omit it.
-        event_extra = {"attempt": attempt, **{k: v for k, v in info.items() if v is not None}}
-        if after.status is Status.FAILED:
-            event_extra["attempts"] = after.attempts
-        history = {"status": after.status, "ts": ts, "attempt": attempt}
-        history |= {name: event_extra[name] for name in _HISTORY_DETAIL if name in event_extra}
-        fields = {"status": after.status, "attempts": after.attempts, "updatedAt": ts, **info}
+        steps = [*passing, (after.status, info)]
+        fields = {"status": after.status, "attempts": after.attempts, "updatedAt": ts}
+        changes: list[bytes] = []
+        for status, details in steps:
+            fields |= details
+            changes += _change(after, status, ts, attempt, details)
         user = after.user_id
         head = [
             after.order_id,
@@ -2701,9 +2713,9 @@ class Store:
             repr(score) if score is not None else int(now * 1000) + delay_ms,
             instance,
             user,
+            len(steps),
         ]
-        event = orjson.dumps(order_event(after, after.status, ts, event_extra))
-        args = [lines(head, orjson.dumps(history), event, field_blob(fields))]
+        args = [lines(head, *changes, field_blob(fields))]
         keys = self.keys
         script_keys = [
             keys.order(after.order_id),
@@ -2721,7 +2733,8 @@ class Store:
             raise LeaseLost(f"{after.order_id}: lease taken over by another worker")
         if reply[0] == "conflict":
             raise LeaseLost(f"{after.order_id}: expected {before.status}, found {reply[1]}")
-        self._count(after.status, info)
+        for status, details in steps:
+            self._count(status, details)
 
     def _count(self, status: Status, info: Mapping[str, Any]) -> None:
         metrics = self.metrics
@@ -3054,6 +3067,19 @@ def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any])
         "amount": order.amount,
         **extra,
     }
+
+
+def _change(
+    order: Order, status: Status, ts: str, attempt: int, info: Mapping[str, Any]
+) -> list[bytes]:
+    """A status change's history entry and event, as LUA_ADVANCE takes them."""
+    # None in `info` clears a record field (an earlier attempt's error); events omit it.
+    extra = {"attempt": attempt, **{k: v for k, v in info.items() if v is not None}}
+    if status is Status.FAILED:
+        extra["attempts"] = order.attempts
+    history = {"status": status, "ts": ts, "attempt": attempt}
+    history |= {name: extra[name] for name in _HISTORY_DETAIL if name in extra}
+    return [orjson.dumps(history), orjson.dumps(order_event(order, status, ts, extra))]
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -4641,6 +4667,10 @@ class Router:
         log.warning("venue unknown here; its transaction taken as expired", extra={"dex": dex})
         return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {dex} expired")
 
+    def signs(self, tx: SwapTx) -> bool:
+        """Whether the route's venue signs its transactions (a simulated one does not)."""
+        return getattr(self._venue(tx.dex), "sign", None) is not None
+
     async def sign(self, tx: SwapTx) -> SwapTx:
         """The transaction as the route's venue signs it (a simulated one: as it is)."""
         sign = getattr(self._venue(tx.dex), "sign", None)
@@ -5317,10 +5347,15 @@ class _Attempt:
             # The transaction may land only until the worker stops waiting for it.
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature(), floor)
-            await self.move(Status.BUILDING, info=self.building_info(best, quotes, tx, self.order))
-            tx = await engine.router.sign(tx)
-            # The intent, signature and expiry recorded before the first send.
-            await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx))
+            building = self.building_info(best, quotes, tx, self.order)
+            # The intent, signature and expiry recorded before the first send. A venue that
+            # signs gets its own step for that; otherwise nothing happens between building and
+            # submitted, and both are recorded in one.
+            passing: list[tuple[Status, Mapping[str, Any]]] = [(Status.BUILDING, building)]
+            if engine.router.signs(tx):
+                await self.move(Status.BUILDING, info=building)
+                tx, passing = await engine.router.sign(tx), []
+            await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx), passing=passing)
             self.order = replace(
                 self.order,
                 dex=tx.dex,
@@ -5466,13 +5501,18 @@ class _Attempt:
         action: JobAction = "keep",
         delay_ms: int = 0,
         score: float | None = None,
+        passing: Sequence[tuple[Status, Mapping[str, Any]]] = (),
     ) -> None:
-        """Apply one transition: checked against the table, written to Redis (record, history, job
-        and event in one script), and only then visible to the user."""
+        """Apply one transition (or, with `passing`, the ones on the way to `status` too, at one
+        moment): checked against the table, written to Redis (record, history, job and events in
+        one script), and only then visible to the user."""
         before = self.order
+        reached = before.status
+        for step, _ in passing:
+            reached = advance(reached, step)
         after = replace(
             before,
-            status=advance(before.status, status),
+            status=advance(reached, status),
             attempts=before.attempts if attempts is None else attempts,
             given_back=(info or {}).get("attemptsGivenBack", before.given_back),
             handed_back=False,
@@ -5488,6 +5528,7 @@ class _Attempt:
             action=action,
             delay_ms=delay_ms,
             score=score,
+            passing=passing,
         )
         self.order = after
         log.debug("status", extra={**self.ctx, "status": status})

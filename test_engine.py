@@ -1007,6 +1007,51 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     assert await redis.xlen(store.keys.user_log("u")) == 2
 
 
+async def test_changes_made_at_one_moment_are_one_step_with_an_event_each(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50)
+    order = eng.Order("order_" + "b" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0)
+    await store.create(order, request, None, "inst-a")
+    await store.claim(order.order_id, "inst-a", "inst-a/1")
+    routing = replace(order, status=Status.ROUTING, attempts=1)
+
+    async def step(before: eng.Order, after: eng.Order, **how: Any) -> None:
+        await store.advance(
+            before, after, lease="inst-a/1", instance="inst-a", action="keep", delay_ms=0, **how
+        )
+
+    await step(order, routing, info={})
+    submitted = replace(routing, status=Status.SUBMITTED)
+    passing = [(Status.BUILDING, {"expectedAmountOut": 150.5})]
+    for _ in range(2):  # the second time as if the first reply was lost: answered, not applied
+        await step(routing, submitted, info={"txHash": "sig"}, passing=passing)
+    log = [orjson.loads(f["e"]) for _, f in await stream(redis, store.keys.user_log("u"))]
+    assert [(e["seq"], e["status"]) for e in log] == [
+        (1, "pending"),
+        (2, "routing"),
+        (3, "building"),
+        (4, "submitted"),
+    ]
+    assert (log[2]["expectedAmountOut"], log[3]["txHash"]) == (150.5, "sig")
+    record = await store.get_order(order.order_id)
+    assert record is not None
+    assert (record["status"], record["expectedAmountOut"], record["txHash"]) == (
+        "submitted",
+        150.5,
+        "sig",
+    )
+    history = [entry["status"] for entry in record["history"]]
+    assert history == ["pending", "routing", "building", "submitted"]
+    # A step from a status the order has left is refused whole: nothing more is written.
+    building = replace(routing, status=Status.BUILDING)
+    confirmed = replace(routing, status=Status.CONFIRMED)
+    with pytest.raises(eng.LeaseLost):
+        await step(building, confirmed, info={}, passing=[(Status.SUBMITTED, {})])
+    assert await redis.xlen(store.keys.user_log("u")) == 4
+
+
 async def test_finished_jobs_leave_the_queue_and_every_key_is_bounded(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
@@ -2347,7 +2392,8 @@ async def test_a_swap_that_would_move_funds_elsewhere_is_refused_before_signing(
     assert record["attempts"] == 1
     assert says in record["error"]
     assert cluster.sends == []
-    assert record["txHash"] is None
+    assert record["txHash"] is None  # built, never submitted: the venue signs in a step of its own
+    assert [entry["status"] for entry in record["history"]][-2:] == ["building", "failed"]
 
 
 async def test_a_rebroadcast_of_a_landed_swap_is_already_processed_and_lands_once(
