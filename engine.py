@@ -2946,18 +2946,15 @@ class Store:
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
-        reply = await self._snapshot(
-            keys=[self.keys.user_active(user_id), self.keys.user_seq(user_id)], args=[]
-        )
+        keys = [self.keys.user_active(user_id), self.keys.user_seq(user_id)]
+        reply = await self.batch.call(self._snapshot, keys, [])
         return int(reply[0]), sorted(reply[1:], key=event_seq)
 
     async def replay(self, user_id: str, since: int, most: int) -> list[str] | None:
         """The first `most` logged events after `since`, or None when the log does not reach
         back that far."""
-        reply = await self._replay(
-            keys=[self.keys.user_log(user_id), self.keys.user_seq(user_id)],
-            args=[lines([since, most])],
-        )
+        keys = [self.keys.user_log(user_id), self.keys.user_seq(user_id)]
+        reply = await self.batch.call(self._replay, keys, [lines([since, most])])
         return None if reply[0] == "resync" else list(reply[1:])
 
 
@@ -5612,6 +5609,11 @@ class Subscriber:
     def closing(self) -> bool:
         return self.close_code is not None
 
+    @property
+    def open(self) -> bool:
+        """Past the handshake, and no close frame sent."""
+        return self.ws.prepared and not self.closing
+
 
 class Hub:
     """Delivers each user's events, in seq order and exactly once, to every socket of that user.
@@ -5734,13 +5736,14 @@ class Hub:
 
     @staticmethod
     async def _control(sub: Subscriber, opcode: WSMsgType, payload: bytes) -> None:
-        if not sub.closing:
+        if sub.open:
             await sub.ws.send_frame(payload, opcode)
 
     def _send_close(self, sub: Subscriber, code: int, reason: str) -> asyncio.Task[None] | None:
         """Send the close frame (in a task, so that a caller never waits on the client), unless
-        one was sent already; from here on nothing else is sent."""
-        if sub.closing:
+        one was sent already; from here on nothing else is sent. (A socket still joining has
+        nothing to close yet: it is served, or refused, once its first read is done.)"""
+        if not sub.open:
             return None
         sub.close_code = code
         sub.read.set()  # a pump waiting for the client to read stops waiting
@@ -5821,12 +5824,13 @@ class Hub:
     def _offer(self, sub: Subscriber, item: tuple[int, str]) -> None:
         """Queue an event for a socket. A socket with queue_max waiting drops them and reads
         from the log instead, as its client takes them; one that has read nothing for
-        unread_max_s while events wait, or that falls behind_max behind, is closed (1013)."""
+        unread_max_s while events wait, or that falls behind_max behind, is closed (1013). (A
+        socket still joining does not know yet what it has read: it is only queued for.)"""
         stalled = sub.ping_for is not None and (
             time.monotonic() - sub.ping_at > self.limits.unread_max_s
         )
         limit = self.behind_max if sub.caught_up else self.reach_max
-        if stalled or item[0] - sub.read_seq > limit:
+        if sub.open and (stalled or item[0] - sub.read_seq > limit):
             self._drop_slow(sub)
             return
         try:
@@ -5876,23 +5880,46 @@ class Hub:
 
     # -- one socket -------------------------------------------------------------------------------
 
+    def join(
+        self, ws: web.WebSocketResponse, user_id: str, transport: asyncio.Transport | None
+    ) -> Subscriber:
+        """Register a socket about to open. Registered before its first read from Redis, so
+        nothing published from then on is missed; what the read covered is skipped by seq."""
+        sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max), transport)
+        self._sockets.setdefault(user_id, set()).add(sub)
+        return sub
+
+    def leave(self, sub: Subscriber) -> None:
+        subs = self._sockets.get(sub.user_id, set())
+        subs.discard(sub)
+        if not subs:
+            self._sockets.pop(sub.user_id, None)
+
+    async def first_read(self, sub: Subscriber, since: int | None) -> list[str] | None:
+        """What a socket is sent first, read before it opens (a socket that Redis cannot serve
+        is refused, not opened silent): the snapshot, or the log's first chunk after `since`
+        (None if the log does not reach back that far)."""
+        if since is None:
+            seq, events = await self.store.snapshot(sub.user_id)
+            return self._snapshot(sub, seq, events)
+        sub.last_seq = sub.read_seq = since  # what it has is its own business
+        async with self._log_reads:
+            return await self.store.replay(sub.user_id, since, self.limits.unread_max)
+
     async def serve(
         self,
-        ws: web.WebSocketResponse,
-        user_id: str,
+        sub: Subscriber,
         since: int | None,
-        transport: asyncio.Transport | None,
+        first: list[str] | None,
         expires_at: float | None = None,
     ) -> None:
-        """Run one socket until it closes. `expires_at` (seconds since the epoch): the moment its
-        JWT expires, when it is closed with 4001."""
-        sub = Subscriber(ws, user_id, asyncio.Queue(self.limits.queue_max), transport)
+        """Run one joined socket until it closes, `first` (its first_read) sent first.
+        `expires_at` (seconds since the epoch): the moment its JWT expires, when it is closed
+        with 4001."""
+        ws, user_id, transport = sub.ws, sub.user_id, sub.transport
         _limit_send_buffer(transport, self.limits.socket_send_buffer)
-        # Registered before the first read from Redis, so nothing published from here on is missed;
-        # what the read already covered is skipped by seq.
-        self._sockets.setdefault(user_id, set()).add(sub)
         log.info("websocket opened", extra={"userId": user_id, "since": since})
-        tasks = [asyncio.create_task(self._pump(sub, since))]
+        tasks = [asyncio.create_task(self._pump(sub, since, first))]
         if expires_at is not None:
             tasks.append(asyncio.create_task(self._expire(sub, expires_at)))
         try:
@@ -5914,10 +5941,7 @@ class Hub:
             sub.ended.set()
             if transport is not None:
                 transport.close()  # after what it holds; aiohttp then has nothing left to send
-            subs = self._sockets.get(user_id, set())
-            subs.discard(sub)
-            if not subs:
-                self._sockets.pop(user_id, None)
+            self.leave(sub)
             code = sub.close_code or ws.close_code
             log.info("websocket closed", extra={"userId": user_id, "code": code})
             await cancel_and_wait(tasks)
@@ -5929,17 +5953,14 @@ class Hub:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
         await self._close(sub, WS_CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one")
 
-    async def _pump(self, sub: Subscriber, since: int | None) -> None:
-        # Redis is read before `connected` is sent, so whatever the client does after seeing
+    async def _pump(self, sub: Subscriber, since: int | None, first: list[str] | None) -> None:
+        # Redis was read before `connected` is sent, so whatever the client does after seeing
         # `connected` arrives live: the snapshot or replay it gets first is already fixed.
         connected = orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
         try:
             if since is None:
-                seq, events = await persist("snapshot", self.store.snapshot, sub.user_id)
-                await self._write(sub, [connected, *self._snapshot(sub, seq, events)])
+                await self._write(sub, [connected, *(first or ())])
             else:
-                sub.last_seq = sub.read_seq = since  # what it has is its own business
-                first = await self._read_log(sub)
                 await self._write(sub, [connected])
                 await self._catch_up(sub, until=None, first=first)
             sub.caught_up = True
@@ -6711,11 +6732,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
     # A socket opened while Redis does not answer could send nothing, not even `connected`:
-    # 503 instead, like every request. (An open socket waits out an outage and catches up.)
+    # its first read comes before the upgrade, and without it the answer is 503, like every
+    # request's. (An open socket waits out an outage and catches up.)
     engine = request.app[ENGINE]
-    await within_deadline(engine, engine.store.ping())
-    await ws.prepare(request)
-    await hub.serve(ws, user_id, since, request.transport, expires_at)
+    sub = hub.join(ws, user_id, request.transport)
+    try:
+        first = await within_deadline(engine, hub.first_read(sub, since))
+        await ws.prepare(request)
+    except BaseException:
+        hub.leave(sub)
+        raise
+    await hub.serve(sub, since, first, expires_at)
     return ws
 
 

@@ -3447,6 +3447,35 @@ SMALL_LOG = 200
 SMALL_LIMITS = eng.HubLimits(unread_max=40, queue_max=40, resume_slack=80)
 
 
+async def test_sockets_opened_while_a_long_lived_user_s_events_flow_miss_none_and_stay_open(
+    start: Start, config: Config
+) -> None:
+    client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=SMALL_LIMITS)
+    for order_id in [await order_id_of(client) for _ in range(SMALL_LOG // 5)]:
+        await wait_status(client, order_id, "confirmed")  # the user's seq is past the log's reach
+    stop = asyncio.Event()
+
+    async def keep_posting() -> list[str]:
+        posted = []
+        while not stop.is_set():
+            posted.append(await order_id_of(client))
+        return posted
+
+    posting = asyncio.create_task(keep_posting())
+    for _ in range(8):  # each opened while events flow: none missed, none twice, never closed
+        async with client.ws_connect("/ws?userId=1") as ws:
+            assert (await receive(ws))["type"] == "connected"
+            live: list[int] = []
+            while len(live) < 15:
+                event = await receive(ws)
+                if "snapshot" not in event:
+                    live.append(event["seq"])
+            assert live == list(range(live[0], live[0] + 15))
+    stop.set()
+    for order_id in await posting:
+        await wait_status(client, order_id, "confirmed")
+
+
 async def test_resume_at_the_edge_of_the_capped_log(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
