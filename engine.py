@@ -85,6 +85,7 @@ from typing import (
     cast,
 )
 
+import hiredis
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -2337,6 +2338,22 @@ class Created:
     replayed: bool
 
 
+class HiredisPacking(AbstractConnection):
+    """Commands packed by hiredis, in C, to the same bytes as redis-py's own packer, which cost
+    the engine about 9 µs per script call (1 µs this way). What hiredis does not take (a command
+    name of two words, a type it refuses) goes to redis-py's packer, with its errors."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if not (isinstance(name, str) and " " in name):  # "CONFIG GET": two words to Redis
+            with contextlib.suppress(TypeError):
+                return [hiredis.pack_command(args)]
+        return super().pack_command(*args)
+
+    def pack_commands(self, commands: Iterable[Iterable[Any]]) -> list[bytes]:
+        return [b"".join(b"".join(self.pack_command(*command)) for command in commands)]
+
+
 @dataclass
 class RoundTrips:
     """Requests sent to Redis (a pipeline or a script is one): what bounds an order's latency."""
@@ -2350,7 +2367,7 @@ class RoundTrips:
         # A connection torn down under a command (seen with the cluster client when a frozen
         # node comes back) can fail as RuntimeError or AttributeError inside redis-py: that is a
         # lost connection, and is raised as one, so that callers wait and the client reconnects.
-        class Counting(base):  # type: ignore[valid-type,misc]
+        class Counting(HiredisPacking, base):  # type: ignore[valid-type,misc]
             async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
                 counter.count += 1
                 try:

@@ -50,6 +50,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.connection import Connection as RedisConnection
+from redis.exceptions import DataError
 from solders.account import Account
 from solders.address_lookup_table_account import AddressLookupTableAccount
 from solders.compute_budget import set_compute_unit_limit, set_compute_unit_price
@@ -1005,6 +1007,22 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
         order, routing, lease="inst-b/2", instance="inst-b", info={}, action="keep", delay_ms=0
     )
     assert await redis.xlen(store.keys.user_log("u")) == 2
+
+
+def test_commands_are_packed_to_the_bytes_redis_py_packs_and_refused_as_it_refuses() -> None:
+    ours = eng.RoundTrips().counting(RedisConnection)()
+    theirs = RedisConnection()
+    commands = [
+        ("EVALSHA", "a" * 40, 2, "oee:order:x", "oee:user:ü:seq", b"line\n" * 2000),
+        ("ZADD", "k", float("inf"), "m", 0.1, "n", 2**70, "o"),
+        ("CONFIG GET", "maxmemory"),  # two words: Redis takes them as two arguments
+    ]
+    for command in commands:
+        assert b"".join(ours.pack_command(*command)) == b"".join(theirs.pack_command(*command))
+    both = b"".join(ours.pack_commands(commands))
+    assert both == b"".join(theirs.pack_commands(commands))
+    with pytest.raises(DataError):
+        ours.pack_command("SET", "k", cast(Any, None))
 
 
 async def test_changes_made_at_one_moment_are_one_step_with_an_event_each(
