@@ -699,6 +699,7 @@ async def drained_memory(redis_url: str, server: Server, orders: int) -> dict[st
         if await client.ttl(raw) > 0:
             await client.delete(raw)
     expired = (await client.info("memory"))["used_memory"]
+    finished = kinds.get(keys.order("*"), 0) or orders
     left = sorted([raw.decode() async for raw in client.scan_iter() if await client.ttl(raw) < 0])
     await client.aclose()
     return {
@@ -706,7 +707,8 @@ async def drained_memory(redis_url: str, server: Server, orders: int) -> dict[st
         "keysAfterDrain": kinds,
         "redisMemoryOnceTtlsExpireMB": round(expired / 2**20, 1),
         # what a finished order holds until its TTLs run out: record, chain record, log entries
-        "redisBytesPerFinishedOrder": round((after - expired) / orders),
+        # (every order the run placed, the open-loop posts included)
+        "redisBytesPerFinishedOrder": round((after - expired) / finished),
         "keysWithoutTtl": left,
     }
 
