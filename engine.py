@@ -329,9 +329,16 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 #   logs and publishes, answered to the caller.
 LUA_VALUES: Final = """
 local function values(blob)
-  local out = {}
-  for part in string.gmatch(blob .. '\\n', '([^\\n]*)\\n') do out[#out + 1] = part end
-  return out
+  local out, pos = {}, 1
+  while true do  -- a plain find: a pattern costs ~50 % more on lines of event JSON
+    local stop = string.find(blob, '\\n', pos, true)
+    if not stop then
+      out[#out + 1] = string.sub(blob, pos)
+      return out
+    end
+    out[#out + 1] = string.sub(blob, pos, stop - 1)
+    pos = stop + 1
+  end
 end
 """
 # `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
