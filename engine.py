@@ -316,8 +316,8 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. A key a
-#   script learns only from what it reads (the holder named in a lease, an order's trigger set,
-#   the ids in a list) it builds from the same prefix: every key of an engine starts with
+#   script learns only from what it reads (the holder named in a lease, the ids in a list) it
+#   builds from the same prefix: every key of an engine starts with
 #   ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster slot, where
 #   a script may reach them all.
 # - ARGV[1] holds the values, one per line (`values(ARGV[1])`; lines() on the Python side); a
@@ -522,10 +522,10 @@ return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 # steps of an attempt that nothing separates), move the job as the outcome requires, emit an
 # event for each. The action is keep, retry, done, fail or wait; the score is the due time of a
 # retry, now for a failure, the trigger price to wait for. `wait` parks the order in its trigger
-# set (the record's triggerKey) and the expiry set, with no job and no lease, and keeps its keys
-# until it expires. Answers the events as sent.
+# set and the expiry set, with no job and no lease, and keeps its keys until it expires. Answers
+# the events as sent.
 # KEYS: order, processing, delayed, waiting expiry, user active, user orders, user seq, user
-#       log, failed, outbox
+#       log, failed, outbox, trigger set (an order with a condition)
 # ARGV: order_id, lease, expected status, step (the last), action, score, instance, user, the
 #       number of changes, a history entry and an event body for each, record fields
 LUA_ADVANCE: Final = (
@@ -552,11 +552,11 @@ end
 if action == 'fail' then
   keep_failed(KEYS[9], order, id, score)
 elseif action == 'wait' then
-  local parked = redis.call('HMGET', order, 'triggerKey', 'expiresAtMs')
-  redis.call('ZADD', parked[1], score, id)
-  redis.call('ZADD', KEYS[4], parked[2], id)
+  local expires = redis.call('HGET', order, 'expiresAtMs')
+  redis.call('ZADD', KEYS[11], score, id)
+  redis.call('ZADD', KEYS[4], expires, id)
   redis.call('HDEL', order, 'lease')
-  local ttl = math.ceil(tonumber(parked[2]) / 1000 - redis.call('TIME')[1]) + $ORDER_TTL
+  local ttl = math.ceil(tonumber(expires) / 1000 - redis.call('TIME')[1]) + $ORDER_TTL
   for _, key in ipairs({order, KEYS[5], KEYS[6]}) do
     if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
   end
@@ -582,7 +582,7 @@ return events
 # (which comes before anything is sent: the change to submitted is one). Answers the event as
 # sent.
 # KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
-#       failed, outbox
+#       failed, outbox, trigger set (an order with a condition)
 # ARGV: order_id, the status the caller read, user, origin, final status, score (now), history
 #       entry, event body, record fields
 LUA_END: Final = (
@@ -593,12 +593,12 @@ LUA_END: Final = (
 local a = values(ARGV[1])
 local id, expected, user, origin, final, score = unpack(a, 1, 6)
 local order = KEYS[1]
-local current = redis.call('HMGET', order, 'status', 'history', 'triggerKey')
+local current = redis.call('HMGET', order, 'status', 'history')
 if not current[1] then return {'missing'} end
 if current[1] ~= expected then return {'conflict', current[1]} end
 redis.call('LREM', KEYS[2], 0, id)
 redis.call('ZREM', KEYS[3], id)
-if current[3] then redis.call('ZREM', current[3], id) end
+if KEYS[11] then redis.call('ZREM', KEYS[11], id) end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', order, 'lease')
 redis.call('SREM', KEYS[5], id)
@@ -2322,6 +2322,12 @@ class Keys:
         """Waiting orders of one pair, by trigger price (or listing), for one direction."""
         return f"{self.prefix}waiting:{direction}:{sell}:{buy}"
 
+    def trigger_of(self, order: Order) -> list[str]:
+        """The trigger set an order with a condition waits in (none for a market order)."""
+        if (condition := order.condition) is None:
+            return []
+        return [self.triggers(condition.direction, order.input_token, order.output_token)]
+
     @property
     def expiring(self) -> str:
         return f"{self.prefix}waiting:expiry"
@@ -2611,10 +2617,7 @@ class Store:
         if (condition := order.condition) is not None:
             extra |= condition.to_json()
             fields |= condition.to_json()
-            direction = condition.direction
-            fields["triggerKey"] = self.keys.triggers(
-                direction, order.input_token, order.output_token
-            )
+            fields["triggerKey"] = self.keys.trigger_of(order)[0]
             fields["expiresAtMs"] = str(condition.expires_at_ms)
         event = order_event(order, Status.PENDING, ts, extra)
         user = order.user_id
@@ -2749,6 +2752,7 @@ class Store:
             *keys.of_user(user),
             keys.failed,
             keys.outbox,
+            *keys.trigger_of(after),
         ]
         reply = await self.batch.call(self._advance, script_keys, args, self._sent(user))
         if reply[0] == "cancelled":
@@ -2902,6 +2906,7 @@ class Store:
             *keys.of_user(order.user_id),
             keys.failed,
             keys.outbox,
+            *keys.trigger_of(order),
         ]
         reply = await self.batch.call(self._end, script_keys, args, self._sent(order.user_id))
         if reply[0] != "ok":
