@@ -984,13 +984,19 @@ async def test_post_answers_202_only_with_record_job_and_event_in_redis(
     held.set()
 
 
-async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
-    config: Config, redis: aioredis.Redis
-) -> None:
+async def order_in_store(redis: aioredis.Redis, config: Config) -> tuple[eng.Store, eng.Order]:
+    """A store on the test's prefix, with one market order of user "u" created by "inst-a"."""
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     request = eng.OrderRequest("u", "SOL", "USDC", 1, 50)
     order = eng.Order("order_" + "a" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0)
     await store.create(order, request, None, "inst-a")
+    return store, order
+
+
+async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store, order = await order_in_store(redis, config)
     assert (await store.claim(order.order_id, "inst-a", "inst-a/1"))[0] == "claimed"
     assert (await store.claim(order.order_id, "inst-b", "inst-b/2"))[0] == "claimed"  # takeover
     routing = replace(order, status=Status.ROUTING, attempts=1)
@@ -1028,10 +1034,7 @@ def test_commands_are_packed_to_the_bytes_redis_py_packs_and_refused_as_it_refus
 async def test_changes_made_at_one_moment_are_one_step_with_an_event_each(
     config: Config, redis: aioredis.Redis
 ) -> None:
-    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
-    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50)
-    order = eng.Order("order_" + "b" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0)
-    await store.create(order, request, None, "inst-a")
+    store, order = await order_in_store(redis, config)
     await store.claim(order.order_id, "inst-a", "inst-a/1")
     routing = replace(order, status=Status.ROUTING, attempts=1)
 
