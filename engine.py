@@ -5580,6 +5580,17 @@ class HubLimits:
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
+RESYNC: Final = '{"type":"resync"}'
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """What a socket is sent first, read before it opens: frames sent at once after `connected`
+    (a snapshot, with resync before it when the log did not reach the client's `since`), or
+    the log's first chunk after `since`, sent as the client reads (then the rest of the log)."""
+
+    at_once: list[str]
+    log: list[str] | None
 
 
 def _limit_send_buffer(transport: asyncio.Transport | None, size: int) -> None:
@@ -5679,6 +5690,7 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()  # sockets closed as slow, draining
+        self._closed_all: tuple[int, str] | None = None  # close_all's code and reason, once called
         self.slow_closed = 0  # sockets closed with 1013 since start
 
     @property
@@ -5724,6 +5736,7 @@ class Hub:
         await cancel_and_wait([task for task in (self._task, self._pinger) if task is not None])
 
     async def close_all(self, code: int, message: str) -> None:
+        self._closed_all = (code, message)
         await asyncio.gather(*(self._close(sub, code, message) for sub in self._every_socket()))
 
     async def _close(self, sub: Subscriber, code: int, message: str) -> None:
@@ -5924,33 +5937,40 @@ class Hub:
         if not subs:
             self._sockets.pop(sub.user_id, None)
 
-    async def first_read(self, sub: Subscriber, since: int | None) -> list[str] | None:
+    async def first_read(self, sub: Subscriber, since: int | None) -> Opening:
         """What a socket is sent first, read before it opens (a socket that Redis cannot serve
-        is refused, not opened silent): the snapshot, or the log's first chunk after `since`
-        (None if the log does not reach back that far)."""
-        if since is None:
-            seq, events = await self.store.snapshot(sub.user_id)
-            return self._snapshot(sub, seq, events)
-        sub.last_seq = sub.read_seq = since  # what it has is its own business
-        async with self._log_reads:
-            return await self.store.replay(sub.user_id, since, self.limits.unread_max)
+        is refused, not opened silent): the log's first chunk after `since`, or else (no
+        `since`, or a log that does not reach it) the snapshot, which then says where the
+        socket stands."""
+        if since is not None:
+            sub.last_seq = sub.read_seq = since  # what it has is its own business
+            async with self._log_reads:
+                chunk = await self.store.replay(sub.user_id, since, self.limits.unread_max)
+            if chunk is not None:
+                return Opening([], chunk)
+        seq, events = await self.store.snapshot(sub.user_id)
+        frames = self._snapshot(sub, seq, events)
+        return Opening(frames if since is None else [RESYNC, *frames], None)
 
     async def serve(
         self,
         sub: Subscriber,
         since: int | None,
-        first: list[str] | None,
+        opening: Opening,
         expires_at: float | None = None,
     ) -> None:
-        """Run one joined socket until it closes, `first` (its first_read) sent first.
+        """Run one joined socket until it closes, `opening` (its first_read) sent first.
         `expires_at` (seconds since the epoch): the moment its JWT expires, when it is closed
-        with 4001."""
+        with 4001. A socket that opens once the hub has closed them all (the engine shutting
+        down) is closed at once the same way."""
         ws, user_id, transport = sub.ws, sub.user_id, sub.transport
         _limit_send_buffer(transport, self.limits.socket_send_buffer)
         log.info("websocket opened", extra={"userId": user_id, "since": since})
-        tasks = [asyncio.create_task(self._pump(sub, since, first))]
+        tasks = [asyncio.create_task(self._pump(sub, opening))]
         if expires_at is not None:
             tasks.append(asyncio.create_task(self._expire(sub, expires_at)))
+        if self._closed_all is not None:
+            tasks.append(asyncio.create_task(self._close(sub, *self._closed_all)))
         try:
             while True:  # pings, pongs and a close; clients have nothing else to say
                 message = await ws.receive()
@@ -5982,16 +6002,14 @@ class Hub:
         await asyncio.sleep(max(0.0, expires_at - time.time()))
         await self._close(sub, WS_CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new one")
 
-    async def _pump(self, sub: Subscriber, since: int | None, first: list[str] | None) -> None:
+    async def _pump(self, sub: Subscriber, opening: Opening) -> None:
         # Redis was read before `connected` is sent, so whatever the client does after seeing
         # `connected` arrives live: the snapshot or replay it gets first is already fixed.
         connected = orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
         try:
-            if since is None:
-                await self._write(sub, [connected, *(first or ())])
-            else:
-                await self._write(sub, [connected])
-                await self._catch_up(sub, until=None, first=first)
+            await self._write(sub, [connected, *opening.at_once])
+            if opening.log is not None:
+                await self._catch_up(sub, until=None, first=opening.log)
             sub.caught_up = True
             await self._forward(sub)
         except ConnectionResetError:
@@ -6018,7 +6036,9 @@ class Hub:
 
     @staticmethod
     def _snapshot(sub: Subscriber, seq: int, events: list[str]) -> list[str]:
-        sub.last_seq = sub.read_seq = max(sub.read_seq, seq)
+        """The snapshot's frames; the socket stands where the snapshot was read (also when the
+        client claimed more: a `since` beyond the user's seq, which a log that expired resets)."""
+        sub.last_seq = sub.read_seq = seq
         return ['{"snapshot":true,' + event[1:] for event in events]
 
     async def _read_log(self, sub: Subscriber) -> list[str] | None:
@@ -6037,7 +6057,7 @@ class Hub:
         while not sub.closing:
             if events is None:
                 seq, snapshot = await persist("snapshot", self.store.snapshot, sub.user_id)
-                resync = ['{"type":"resync"}', *self._snapshot(sub, seq, snapshot)]
+                resync = [RESYNC, *self._snapshot(sub, seq, snapshot)]
                 await self._write(sub, resync)
                 return
             numbered = [(event_seq(event), event) for event in events]
@@ -6766,12 +6786,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     sub = hub.join(ws, user_id, request.transport)
     try:
-        first = await within_deadline(engine, hub.first_read(sub, since))
+        opening = await within_deadline(engine, hub.first_read(sub, since))
         await ws.prepare(request)
     except BaseException:
         hub.leave(sub)
         raise
-    await hub.serve(sub, since, first, expires_at)
+    await hub.serve(sub, since, opening, expires_at)
     return ws
 
 
@@ -6903,7 +6923,9 @@ class Connection(web.RequestHandler):
         """aiohttp logs a body it could not read to the end (a bad gzip stream, a client gone) as
         an error with its traceback; that is the client's doing, so one debug line."""
         error = kwargs.get("exc_info")
-        if isinstance(error, http_exceptions.HttpProcessingError | ConnectionError):
+        if isinstance(
+            error, http_exceptions.HttpProcessingError | web.RequestPayloadError | ConnectionError
+        ):
             log.debug("a request's body could not be read", extra={"error": type(error).__name__})
             return
         super().log_exception(*args, **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import inspect
 import logging
 import math
@@ -3436,6 +3437,42 @@ async def test_resume_from_before_the_log_or_beyond_it_resyncs(
     held.set()
 
 
+async def test_a_resume_from_beyond_the_user_s_seq_resyncs_and_then_gets_every_event(
+    start: Start,
+) -> None:
+    client = await start()
+    await wait_status(client, await order_id_of(client), "confirmed")  # seq 1-5
+    for since in (6, 1000, 2**53):  # a client ahead of the log (as after the log expired)
+        async with client.ws_connect(f"/ws?userId=1&since={since}") as ws:
+            assert [(await receive(ws))["type"] for _ in range(2)] == ["connected", "resync"]
+            order_id = await order_id_of(client)
+            events = await events_until_done(ws, order_id)
+        assert statuses(events, order_id) == HAPPY_PATH
+        seqs = [event["seq"] for event in events]
+        assert seqs == list(range(seqs[0], seqs[0] + 5))
+
+
+async def test_a_socket_that_opens_after_the_sockets_were_closed_for_shutdown_gets_1001(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    own_redis.signal(signal.SIGSTOP)  # its first read waits on Redis ...
+    try:
+        opening = asyncio.create_task(client.ws_connect("/ws?userId=1"))
+        await wait_for(lambda: client.app[eng.HUB].connections == 1, "the socket to be joining")
+        # ... while the shutdown closes every socket
+        await client.app[eng.HUB].close_all(1001, "server shutting down")
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    ws = await opening
+    message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+    if message.type is WSMsgType.TEXT:  # `connected` may come first, nothing else
+        assert orjson.loads(message.data)["type"] == "connected"
+        message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+    assert (message.type, message.data) == (WSMsgType.CLOSE, 1001)
+    await ws.close()
+
+
 async def test_a_users_sockets_on_two_instances_see_the_same_events_in_order(
     start: Start,
 ) -> None:
@@ -3472,7 +3509,7 @@ async def test_sockets_opened_while_a_long_lived_user_s_events_flow_miss_none_an
     start: Start, config: Config
 ) -> None:
     client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=SMALL_LIMITS)
-    for order_id in [await order_id_of(client) for _ in range(SMALL_LOG // 5)]:
+    for order_id in [await order_id_of(client) for _ in range(SMALL_LOG // 3)]:
         await wait_status(client, order_id, "confirmed")  # the user's seq is past the log's reach
     stop = asyncio.Event()
 
@@ -3483,9 +3520,13 @@ async def test_sockets_opened_while_a_long_lived_user_s_events_flow_miss_none_an
         return posted
 
     posting = asyncio.create_task(keep_posting())
-    for _ in range(8):  # each opened while events flow: none missed, none twice, never closed
-        async with client.ws_connect("/ws?userId=1") as ws:
+    # Each opened while events flow, fresh or resuming from before the log (a resync): none
+    # missed, none twice, never closed.
+    for since in ["", "&since=1"] * 4:
+        async with client.ws_connect(f"/ws?userId=1{since}") as ws:
             assert (await receive(ws))["type"] == "connected"
+            if since:
+                assert (await receive(ws))["type"] == "resync"
             live: list[int] = []
             while len(live) < 15:
                 event = await receive(ws)
@@ -4233,6 +4274,21 @@ async def test_a_client_gone_mid_request_is_let_go_without_an_error_logged(
         await wait_for(let_go, "the engine to let the client go")
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_a_body_that_is_not_the_gzip_it_says_is_a_400_and_no_error_in_the_log(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = await served()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with ClientSession() as http:
+        for body in (b"not gzip at all", gzip.compress(orjson.dumps(ORDER))[:-12] + b"x" * 12):
+            async with http.post(url + EXECUTE, data=body, headers=headers) as response:
+                assert response.status == 400
+                assert set((await response.json())["error"]) >= {"code", "message"}
+        async with http.post(url + EXECUTE, json=ORDER) as response:
+            assert response.status == 202  # still serving
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
