@@ -6571,8 +6571,10 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
     if request.content_type != "application/json":
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
     protocol = request.protocol
-    if isinstance(protocol, Connection) and protocol.half_closed:  # its end came before this
-        request.content.feed_eof()  # handler did: what has arrived is all there will be
+    if isinstance(protocol, Connection):
+        protocol.reading = request.content  # a half-close from here on ends it
+        if protocol.half_closed:  # its end came before this handler did: what has arrived is
+            request.content.feed_eof()  # all there will be
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()  # aiohttp answers 413 past client_max_size
@@ -6892,6 +6894,7 @@ class Connection(web.RequestHandler):
         self._stuck: asyncio.TimerHandle | None = None
         self._half_closed = False
         self._last_body: StreamReader | None = None  # the body of the request answered last
+        self.reading: StreamReader | None = None  # the body a handler reads (read_json)
         self.refused = False
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: True keeps it open
@@ -6900,8 +6903,7 @@ class Connection(web.RequestHandler):
         the idle deadline). asyncio would close it at once and the answer would be lost. A body
         still being read ends here: what came of it is all there will be."""
         self._half_closed = True
-        reading = getattr(self, "_current_request", None)  # aiohttp has no public handle on it
-        for body in (reading.content if reading is not None else None, self._last_body):
+        for body in (self.reading, self._last_body):
             if body is not None and not body.is_eof():  # aiohttp may wait for the rest of a
                 body.feed_eof()  # body it answered without reading ("lingering"): none comes
         return True

@@ -4291,6 +4291,25 @@ async def test_a_body_that_is_not_the_gzip_it_says_is_a_400_and_no_error_in_the_
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def test_a_body_cut_short_by_a_half_close_is_answered_400_not_waited_for(
+    served: Served, config: Config
+) -> None:
+    url = await served(replace(config, http_timeout_s=30))  # waiting would answer 408 after 30 s
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")  # the handler is reading the body now
+    writer.write(b'{"userId": "1"')
+    writer.write_eof()  # and that is all the body there will be
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
     served: Served,
 ) -> None:
