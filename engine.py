@@ -6147,8 +6147,14 @@ _STATUS_CODES: Final = {
     417: "EXPECTATION_FAILED",
 }
 REDIS_UNAVAILABLE: Final = "the order store is unreachable; retry shortly"
+
+
 # What aiohttp's parser refused, by its error's class (never its message, which quotes the
 # request); the first match wins, so subclasses come first.
+def shutting_down() -> ApiError:
+    return ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
+
+
 MALFORMED: Final = (
     (http_exceptions.LineTooLong, "the request line or a header is longer than 8 KiB"),
     (http_exceptions.BadHttpMethod, "the request method is not one this server knows"),
@@ -6156,7 +6162,7 @@ MALFORMED: Final = (
     (http_exceptions.BadStatusLine, "the request line is malformed"),
     (http_exceptions.InvalidHeader, "a request header is malformed"),
     (http_exceptions.TransferEncodingError, "the chunked body is malformed"),
-    (http_exceptions.ContentLengthError, "the body is shorter than its Content-Length"),
+    (http_exceptions.ContentLengthError, "the body ended before all of it arrived"),
     (http_exceptions.PayloadEncodingError, "the body's encoding is malformed"),
     (http_exceptions.BadHttpMessage, "the request is not valid HTTP/1.1"),
     (web.RequestPayloadError, "the body is malformed"),
@@ -6565,24 +6571,33 @@ def parse_query_int(value: str | None, name: str, low: int, high: int) -> int | 
     return int(value)
 
 
-async def read_json(request: web.Request, timeout_s: float) -> object:
-    """The body as JSON, read within `timeout_s` (a client that stops mid-body gets 408 and is
-    cut off). A fractional `amount` is kept as the exact decimal the body wrote."""
-    if request.content_type != "application/json":
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The whole body, read within `timeout_s`; one that ended before all of it arrived (the
+    client closed its side, or the engine began to shut down) is refused."""
     protocol = request.protocol
     if isinstance(protocol, Connection):
-        protocol.reading = request.content  # a half-close from here on ends it
+        protocol.reading = request.content  # a half-close or a shutdown from here on ends it
         if protocol.half_closed:  # its end came before this handler did: what has arrived is
-            request.content.feed_eof()  # all there will be
+            protocol.end_body(request.content)  # all there will be
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()  # aiohttp answers 413 past client_max_size
     except TimeoutError:
         message = f"the body did not arrive within {timeout_s:g} s"
         raise ApiError(408, "REQUEST_TIMEOUT", message) from None
-    if len(raw) < (request.content_length or 0):  # the client closed its side mid-body
-        raise malformed(http_exceptions.ContentLengthError("short body"))
+    if isinstance(protocol, Connection) and protocol.cut_short is request.content:
+        if protocol.closing:
+            raise shutting_down()
+        raise malformed(http_exceptions.ContentLengthError("cut short"))
+    return raw
+
+
+async def read_json(request: web.Request, timeout_s: float) -> object:
+    """The body as JSON, read within `timeout_s` (a client that stops mid-body gets 408 and is
+    cut off). A fractional `amount` is kept as the exact decimal the body wrote."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json")
+    raw = await read_body(request, timeout_s)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -6604,7 +6619,7 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
 async def execute_order(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if engine.draining:
-        raise ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
+        raise shutting_down()
     auth = request.app[AUTH]
     user = auth.user(bearer_token(request)) if auth.enabled else None
     body = await read_json(request, engine.config.http_timeout_s)
@@ -6895,6 +6910,8 @@ class Connection(web.RequestHandler):
         self._half_closed = False
         self._last_body: StreamReader | None = None  # the body of the request answered last
         self.reading: StreamReader | None = None  # the body a handler reads (read_json)
+        self.cut_short: StreamReader | None = None  # a body ended before the parser saw its end
+        self.closing = False  # aiohttp takes no more bytes: the engine is shutting down
         self.refused = False
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: True keeps it open
@@ -6903,10 +6920,23 @@ class Connection(web.RequestHandler):
         the idle deadline). asyncio would close it at once and the answer would be lost. A body
         still being read ends here: what came of it is all there will be."""
         self._half_closed = True
-        for body in (self.reading, self._last_body):
-            if body is not None and not body.is_eof():  # aiohttp may wait for the rest of a
-                body.feed_eof()  # body it answered without reading ("lingering"): none comes
+        for body in (self.reading, self._last_body):  # aiohttp may wait for the rest of a
+            self.end_body(body)  # body it answered without reading ("lingering"): none comes
         return True
+
+    def end_body(self, body: StreamReader | None) -> None:
+        """What has arrived of a body is all there will be. One the parser had not seen the end
+        of is cut short: read_json refuses it, whatever its framing or encoding claimed."""
+        if body is not None and not body.is_eof():
+            self.cut_short = body
+            body.feed_eof()
+
+    def close(self) -> None:
+        """aiohttp's shutdown: from here on it drops what arrives, so a body still arriving
+        ends now (its handler answers 503 at once instead of waiting out the read deadline)."""
+        self.closing = True
+        super().close()
+        self.end_body(self.reading)
 
     @property
     def half_closed(self) -> bool:

@@ -2806,6 +2806,32 @@ async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
     return await redis.llen(eng.Keys(config.redis_prefix).pending) == 0
 
 
+async def test_a_body_still_arriving_when_the_engine_stops_is_answered_503_at_once(
+    config: Config, processes: list[EngineProcess]
+) -> None:
+    env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="60", ENGINE_SHUTDOWN_GRACE_S="1")
+    engine = await EngineProcess.spawn(env)
+    processes.append(engine)
+    url = await engine.url()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")  # its handler is reading the body
+    writer.write(b'{"userId": "1"')
+    engine.proc.send_signal(signal.SIGTERM)
+    # Answered as the engine stops, not at the 60 s read deadline (which would also hold the
+    # engine's exit that long): the client did nothing wrong, so retry elsewhere.
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b'"code":"SHUTTING_DOWN"' in answer
+    assert await asyncio.wait_for(engine.exit_code(), DEADLINE_S) == 0
+
+
 async def test_shutdown_drains_answers_503_then_requeues_and_closes_sockets_1001(
     start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -4308,6 +4334,45 @@ async def test_a_body_cut_short_by_a_half_close_is_answered_400_not_waited_for(
     answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
     writer.close()
     assert answer.startswith(b"HTTP/1.1 400"), answer
+
+
+def _chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+
+
+ORDER_GZIPPED = gzip.compress(orjson.dumps(ORDER))
+
+
+@pytest.mark.parametrize(
+    ("framing", "body", "expected"),
+    [
+        ("Content-Length: %d\r\nContent-Encoding: gzip", ORDER_GZIPPED, 202),  # shorter unzipped
+        ("Content-Length: %d\r\nContent-Encoding: gzip", ORDER_GZIPPED[:-8], 400),  # no trailer
+        ("Transfer-Encoding: chunked", _chunked(orjson.dumps(ORDER), b""), 202),
+        ("Transfer-Encoding: chunked", _chunked(orjson.dumps(ORDER)), 400),  # no last chunk
+        ("Transfer-Encoding: chunked", b"400\r\n" + orjson.dumps(ORDER), 400),  # a short chunk
+    ],
+    ids=["gzip", "gzip-without-trailer", "chunked", "chunked-without-end", "chunk-short"],
+)
+async def test_a_body_is_taken_whole_or_refused_when_its_client_half_closes(
+    served: Served, framing: str, body: bytes, expected: int
+) -> None:
+    url = await served()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = framing % len(ORDER_GZIPPED) if "%d" in framing else framing
+    writer.write(
+        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + head.encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    writer.write_eof()  # all it will send: a body cut short ends here
+    answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 %d" % expected), answer
+    if expected == 400:
+        assert b'"code":"MALFORMED_REQUEST"' in answer
 
 
 async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
