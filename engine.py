@@ -161,6 +161,7 @@ EVENT_LOG_TTL_S: Final = 24 * 3600
 # The seq counter outlives the log so that a client coming back after the log expired is told to
 # resync instead of silently seeing numbers start again from 1.
 SEQ_TTL_S: Final = 7 * 24 * 3600
+SEQ_KEEP_S: Final = 3600.0  # how often the counters of users with open sockets are renewed
 
 # WebSocket delivery. A socket is sent at most WS_UNREAD_MAX events its client has not shown it
 # read (a pong to a ping sent after them) and holds at most WS_QUEUE_MAX live events; past that
@@ -2972,6 +2973,13 @@ class Store:
             "waiting": waiting,
         }
 
+    async def keep_counters(self, users: Iterable[str]) -> None:
+        """Renew these users' seq counters (those that exist) for another SEQ_TTL_S."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for user in users:
+                pipe.expire(self.keys.user_seq(user), SEQ_TTL_S)
+            await pipe.execute()
+
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
@@ -5577,6 +5585,7 @@ class HubLimits:
     socket_send_buffer: int = WS_SOCKET_SNDBUF_BYTES
     keepalive_s: float = WS_HEARTBEAT_S  # a quiet socket is pinged this often, and has half of
     # it to answer
+    counters_kept_s: float = SEQ_KEEP_S  # how often the seq of each user with a socket is renewed
 
 
 _CATCH_UP: Final = (-1, "")  # queue marker: look in the log for events Pub/Sub may have dropped
@@ -5689,6 +5698,7 @@ class Hub:
         self._sockets: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()  # sockets closed as slow, draining
         self._closed_all: tuple[int, str] | None = None  # close_all's code and reason, once called
         self.slow_closed = 0  # sockets closed with 1013 since start
@@ -5704,6 +5714,19 @@ class Hub:
     def start(self) -> None:
         self._task = asyncio.create_task(self._follow_peers(), name="hub")
         self._pinger = asyncio.create_task(self._keepalive(), name="hub keepalive")
+        self._keeper = asyncio.create_task(self._keep_counters(), name="hub counters")
+
+    async def _keep_counters(self) -> None:
+        """A user's seq counter lives SEQ_TTL_S after their last event; while a socket of theirs
+        is open it is renewed, so that it never starts again from 1 under a socket standing
+        further on (which would take the new events for ones it has sent)."""
+        while True:
+            await asyncio.sleep(self.limits.counters_kept_s)
+            if users := list(self._sockets):
+                try:
+                    await self.store.keep_counters(users)
+                except REDIS_TRANSIENT as exc:  # the next round renews them
+                    log.warning("cannot renew seq counters", extra={"error": str(exc)})
 
     def deliver(self, user_id: str, event: str) -> None:
         """An event this engine just recorded (Store.on_event)."""
@@ -5733,7 +5756,8 @@ class Hub:
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._finishing])
-        await cancel_and_wait([task for task in (self._task, self._pinger) if task is not None])
+        tasks = (self._task, self._pinger, self._keeper)
+        await cancel_and_wait([task for task in tasks if task is not None])
 
     async def close_all(self, code: int, message: str) -> None:
         self._closed_all = (code, message)

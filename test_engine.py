@@ -3463,6 +3463,25 @@ async def test_resume_from_before_the_log_or_beyond_it_resyncs(
     held.set()
 
 
+async def test_the_seq_of_a_user_with_an_open_socket_never_runs_out(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(hub_limits=eng.HubLimits(counters_kept_s=0.05))
+    keys = eng.Keys(config.redis_prefix)
+    for user in ("1", "2"):
+        await wait_status(client, await order_id_of(client, {**ORDER, "userId": user}), "confirmed")
+        await redis.expire(keys.user_seq(user), 5)  # as if its week were nearly over
+    async with client.ws_connect("/ws?userId=1") as ws:  # user 2 has no socket
+        await receive(ws)
+
+        async def renewed() -> bool:
+            return await redis.ttl(keys.user_seq("1")) > 5
+
+        await wait_for(renewed, "user 1's counter to be renewed")
+        assert await redis.ttl(keys.user_seq("1")) > eng.SEQ_TTL_S - 60
+        assert 0 < await redis.ttl(keys.user_seq("2")) <= 5  # left to run out, as it should
+
+
 async def test_a_resume_from_beyond_the_user_s_seq_resyncs_and_then_gets_every_event(
     start: Start,
 ) -> None:
