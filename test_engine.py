@@ -2812,16 +2812,7 @@ async def test_a_body_still_arriving_when_the_engine_stops_is_answered_503_at_on
     env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="60", ENGINE_SHUTDOWN_GRACE_S="1")
     engine = await EngineProcess.spawn(env)
     processes.append(engine)
-    url = await engine.url()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-    )
-    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
-    assert interim.startswith(b"HTTP/1.1 100 Continue")  # its handler is reading the body
-    writer.write(b'{"userId": "1"')
+    reader, writer = await body_being_read(await engine.url())
     engine.proc.send_signal(signal.SIGTERM)
     # Answered as the engine stops, not at the 60 s read deadline (which would also hold the
     # engine's exit that long): the client did nothing wrong, so retry elsewhere.
@@ -4336,10 +4327,9 @@ async def test_a_body_that_is_not_the_gzip_it_says_is_a_400_and_no_error_in_the_
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-async def test_a_body_cut_short_by_a_half_close_is_answered_400_not_waited_for(
-    served: Served, config: Config
-) -> None:
-    url = await served(replace(config, http_timeout_s=30))  # waiting would answer 408 after 30 s
+async def body_being_read(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose POST announced 100 bytes of body and has sent 14 of them, after the
+    engine's `100 Continue` (its handler is reading the body)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
@@ -4347,8 +4337,16 @@ async def test_a_body_cut_short_by_a_half_close_is_answered_400_not_waited_for(
         b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
     )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
-    assert interim.startswith(b"HTTP/1.1 100 Continue")  # the handler is reading the body now
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
     writer.write(b'{"userId": "1"')
+    return reader, writer
+
+
+async def test_a_body_cut_short_by_a_half_close_is_answered_400_not_waited_for(
+    served: Served, config: Config
+) -> None:
+    url = await served(replace(config, http_timeout_s=30))  # waiting would answer 408 after 30 s
+    reader, writer = await body_being_read(url)
     writer.write_eof()  # and that is all the body there will be
     answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
     writer.close()
