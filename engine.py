@@ -2744,17 +2744,7 @@ class Store:
             len(steps),
         ]
         args = [lines(head, *changes, field_blob(fields))]
-        keys = self.keys
-        script_keys = [
-            keys.order(after.order_id),
-            keys.processing(instance),
-            keys.delayed,
-            keys.expiring,
-            *keys.of_user(user),
-            keys.failed,
-            keys.outbox,
-            *keys.trigger_of(after),
-        ]
+        script_keys = self._change_keys(after, self.keys.processing(instance))
         reply = await self.batch.call(self._advance, script_keys, args, self._sent(user))
         if reply[0] == "cancelled":
             raise LeaseLost(f"{after.order_id}: cancelled by its user")
@@ -2764,6 +2754,21 @@ class Store:
             raise LeaseLost(f"{after.order_id}: expected {before.status}, found {reply[1]}")
         for status, details in steps:
             self._count(status, details)
+
+    def _change_keys(self, order: Order, job_list: str) -> list[str]:
+        """The keys a status change of the order touches (LUA_ADVANCE's and LUA_END's KEYS):
+        `job_list` is where its job is, the processing list of a worker's engine or pending."""
+        keys = self.keys
+        return [
+            keys.order(order.order_id),
+            job_list,
+            keys.delayed,
+            keys.expiring,
+            *keys.of_user(order.user_id),
+            keys.failed,
+            keys.outbox,
+            *keys.trigger_of(order),
+        ]
 
     def _count(self, status: Status, info: Mapping[str, Any]) -> None:
         metrics = self.metrics
@@ -2898,17 +2903,7 @@ class Store:
         fields = {"status": final, "updatedAt": ts, "error": None, "code": None, **detail}
         head = [order.order_id, order.status, order.user_id, origin, final, int(now * 1000)]
         args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
-        keys = self.keys
-        script_keys = [
-            keys.order(order.order_id),
-            keys.pending,
-            keys.delayed,
-            keys.expiring,
-            *keys.of_user(order.user_id),
-            keys.failed,
-            keys.outbox,
-            *keys.trigger_of(order),
-        ]
+        script_keys = self._change_keys(order, self.keys.pending)
         reply = await self.batch.call(self._end, script_keys, args, self._sent(order.user_id))
         if reply[0] != "ok":
             return False
@@ -6173,12 +6168,12 @@ _STATUS_CODES: Final = {
 REDIS_UNAVAILABLE: Final = "the order store is unreachable; retry shortly"
 
 
-# What aiohttp's parser refused, by its error's class (never its message, which quotes the
-# request); the first match wins, so subclasses come first.
 def shutting_down() -> ApiError:
     return ApiError(503, "SHUTTING_DOWN", "this engine is shutting down; retry", retryable=True)
 
 
+# What aiohttp's parser refused, by its error's class (never its message, which quotes the
+# request); the first match wins, so subclasses come first.
 MALFORMED: Final = (
     (http_exceptions.LineTooLong, "the request line or a header is longer than 8 KiB"),
     (http_exceptions.BadHttpMethod, "the request method is not one this server knows"),
