@@ -631,10 +631,21 @@ async def reach(
     return records
 
 
+class Processes(list[EngineProcess]):
+    """Engine processes a test started (spawned here, or added), killed at its end."""
+
+    async def spawn(
+        self, env: dict[str, str], *args: str, script: str = ENGINE_PY
+    ) -> EngineProcess:
+        process = await EngineProcess.spawn(env, *args, script=script)
+        self.append(process)
+        return process
+
+
 @pytest.fixture
-async def processes() -> AsyncIterator[list[EngineProcess]]:
+async def processes() -> AsyncIterator[Processes]:
     """Engine processes a test started; any still running at the end are killed."""
-    started: list[EngineProcess] = []
+    started = Processes()
     yield started
     for process in started:
         process.kill()
@@ -1241,7 +1252,7 @@ def cluster_config(config: Config, cluster: RedisCluster) -> Config:
 async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failover_exactly_once(
     start: Start,
     config: Config,
-    processes: list[EngineProcess],
+    processes: Processes,
     redis_cluster: RedisCluster,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1254,8 +1265,7 @@ async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failove
     env = engine_env(config, ENGINE_REDIS_CLUSTER="1", ENGINE_MAX_ATTEMPTS="1")
     # Executions take about a second; the survivor waits out the victim's 1.5 s expiry.
     slow = {"ENGINE_DEX_LATENCY_SCALE": "0.3", "ENGINE_EXECUTION_TIMEOUT_MS": "1500"}
-    victim = await EngineProcess.spawn(env | slow)
-    processes.append(victim)
+    victim = await processes.spawn(env | slow)
     url = await victim.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
         await receive(ws)
@@ -2210,16 +2220,14 @@ class EnginesOn:
     config: Config
     cluster: SolanaCluster
     tmp_path: Path
-    processes: list[EngineProcess]
+    processes: Processes
 
     async def spawn(self) -> EngineProcess:
         tokens = self.tmp_path / "tokens.json"  # ENGINE_TOKENS may name a file
         tokens.write_text(self.cluster.tokens())
         env = engine_env(self.config) | solana_env(self.cluster, self.tmp_path)
         env["ENGINE_TOKENS"] = str(tokens)
-        process = await EngineProcess.spawn(env)
-        self.processes.append(process)
-        return process
+        return await self.processes.spawn(env)
 
     async def kill_one_after(
         self, http: ClientSession, moment: Callable[[], Any], what: str
@@ -2331,7 +2339,8 @@ async def test_a_node_that_is_down_or_rate_limits_before_the_send_is_retried_the
     start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path, answer: int
 ) -> None:
     cluster.down, cluster.down_status = True, answer  # the signed swap's expiry cannot be read
-    client = await start(solana_config(config, cluster, tmp_path))
+    # Attempts enough that the node is back before they run out, however slow this machine.
+    client = await start(solana_config(replace(config, max_attempts=20), cluster, tmp_path))
     order_id = await solana_order(client)
     await wait_for(lambda: len(cluster.swaps_asked) >= 2, "a retry of the swap")
     assert cluster.sends == []
@@ -2437,7 +2446,7 @@ async def test_a_rebroadcast_of_a_landed_swap_is_already_processed_and_lands_onc
 async def test_a_recovered_order_whose_send_was_lost_waits_for_its_blockhash_to_expire(
     start: Start,
     config: Config,
-    processes: list[EngineProcess],
+    processes: Processes,
     cluster: SolanaCluster,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -2504,7 +2513,7 @@ async def test_readiness_names_the_node_and_the_wallet(
 
 
 async def test_a_killed_engine_s_sent_swap_is_confirmed_once_after_a_restart(
-    config: Config, processes: list[EngineProcess], cluster: SolanaCluster, tmp_path: Path
+    config: Config, processes: Processes, cluster: SolanaCluster, tmp_path: Path
 ) -> None:
     cluster.hold_confirmations = True  # it lands, but no one can tell yet
     async with ClientSession() as http:
@@ -2578,7 +2587,8 @@ async def test_answers_of_a_wrong_shape_are_a_venue_s_failure_never_a_crash(
     start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path
 ) -> None:
     cluster.garbled = {"getBlockHeight": "soon", "getAccountInfo": {"value": {"data": 7}}}
-    client = await start(solana_config(config, cluster, tmp_path))
+    # Attempts enough that the answers are mended before they run out, however slow this machine.
+    client = await start(solana_config(replace(config, max_attempts=20), cluster, tmp_path))
     order_id = await solana_order(client)
     await wait_for(lambda: len(cluster.swaps_asked) >= 2, "a retry of the swap")
     assert cluster.sends == []
@@ -2807,11 +2817,10 @@ async def _queue_empty(redis: aioredis.Redis, config: Config) -> bool:
 
 
 async def test_a_body_still_arriving_when_the_engine_stops_is_answered_503_at_once(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="60", ENGINE_SHUTDOWN_GRACE_S="1")
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
+    engine = await processes.spawn(env)
     reader, writer = await body_being_read(await engine.url())
     engine.proc.send_signal(signal.SIGTERM)
     # Answered as the engine stops, not at the 60 s read deadline (which would also hold the
@@ -4117,11 +4126,20 @@ async def served(config: Config) -> AsyncIterator[Served]:
         yield serve_it
 
 
+# A POST of an order, its head up to the framing (Content-Length, chunks...), which the test adds.
+POST_HEAD = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+async def connect_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to an engine's URL, to write HTTP by hand."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
 async def exchange(url: str, data: bytes, *, more: bytes = b"") -> tuple[int, bytes, bytes]:
     """Send raw bytes; answer the status, the headers and the body of the response (read to the
     end of the connection, which every error closes). `more` follows a `100 Continue`."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect_raw(url)
     writer.write(data)
     async with asyncio.timeout(DEADLINE_S):
         if more:
@@ -4224,40 +4242,37 @@ async def test_a_client_that_stops_reading_its_answers_is_cut_off(
 
 async def test_a_body_announced_too_large_is_refused_before_it_is_sent(served: Served) -> None:
     url = await served()
-    expect = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     status, head, body = await exchange(
-        url, expect + b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
+        url, POST_HEAD + b"Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n"
     )
     assert (status, orjson.loads(body)["error"]["code"]) == (413, "BODY_TOO_LARGE")
     assert b"100 Continue" not in head
     order = orjson.dumps(ORDER)
     announce = b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(order)
-    status, _, body = await exchange(url, expect + announce, more=order)  # small: go ahead
+    status, _, body = await exchange(url, POST_HEAD + announce, more=order)  # small: go ahead
     assert (status, set(orjson.loads(body))) == (202, {"orderId", "status"})
 
 
 async def test_half_sent_requests_are_cut_off_and_open_connections_capped(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(config, ENGINE_HTTP_TIMEOUT_S="2", ENGINE_MAX_CONNECTIONS="300")
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
+    engine = await processes.spawn(env)
     url = await engine.url()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
+    port = url.rsplit(":", 1)[1]
     rss = _process_rss_kb(engine)
     header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Half: "  # and never the rest
-    body = b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-    body += b"Content-Length: 100\r\n\r\n{}"  # 2 bytes of 100
+    body = POST_HEAD + b"Content-Length: 100\r\n\r\n{}"  # 2 bytes of 100
     held = []
     for index in range(280):
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect_raw(url)
         writer.write(header if index % 2 else body)
         held.append((reader, writer))
     await wait_for(lambda: _clients_of(engine, port) >= 280, "the engine to hold them")
     # Past the cap (300 open) a new connection is told so and closed.
     refused = 0
     for _ in range(40):
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect_raw(url)
         held.append((reader, writer))
     for reader, _ in held[280:]:
         answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
@@ -4292,13 +4307,9 @@ async def test_a_client_gone_mid_request_is_let_go_without_an_error_logged(
     served: Served, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = await served(replace(config, http_timeout_s=2))  # the read deadline, at the latest
-    host, port = url.removeprefix("http://").rsplit(":", 1)
     caplog.set_level(logging.DEBUG)
-    _, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\n\r\n{"
-    )
+    _, writer = await connect_raw(url)
+    writer.write(POST_HEAD + b"Content-Length: 100\r\n\r\n{")
     await writer.drain()
     writer.close()  # gone, 1 byte of 100 sent
     async with ClientSession() as http:
@@ -4330,12 +4341,8 @@ async def test_a_body_that_is_not_the_gzip_it_says_is_a_400_and_no_error_in_the_
 async def body_being_read(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection whose POST announced 100 bytes of body and has sent 14 of them, after the
     engine's `100 Continue` (its handler is reading the body)."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
-    )
+    reader, writer = await connect_raw(url)
+    writer.write(POST_HEAD + b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_S)
     assert interim.startswith(b"HTTP/1.1 100 Continue")
     writer.write(b'{"userId": "1"')
@@ -4375,15 +4382,9 @@ async def test_a_body_is_taken_whole_or_refused_when_its_client_half_closes(
     served: Served, framing: str, body: bytes, expected: int
 ) -> None:
     url = await served()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect_raw(url)
     head = framing % len(ORDER_GZIPPED) if "%d" in framing else framing
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + head.encode()
-        + b"\r\n\r\n"
-        + body
-    )
+    writer.write(POST_HEAD + head.encode() + b"\r\n\r\n" + body)
     writer.write_eof()  # all it will send: a body cut short ends here
     answer = await asyncio.wait_for(reader.read(), DEADLINE_S)
     writer.close()
@@ -4396,13 +4397,9 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
     served: Served,
 ) -> None:
     url = await served()
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = await connect_raw(url)
     body = orjson.dumps(ORDER)
-    writer.write(
-        b"POST /api/orders/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    writer.write(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     writer.write_eof()  # as `nc -N` does: all sent, still listening
     answer = await asyncio.wait_for(reader.read(), DEADLINE_S)  # then the engine closes
     writer.close()
@@ -4897,11 +4894,10 @@ async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_in
 
 
 async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(replace(config, redis_url=None))
-    process = await EngineProcess.spawn(env)
-    processes.append(process)
+    process = await processes.spawn(env)
     url = await process.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
@@ -4916,8 +4912,7 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
     assert not _pings(data / "redis.sock")  # the embedded Redis stopped with the engine
     assert (data / "appendonly.aof").exists()
 
-    restarted = await EngineProcess.spawn(env)
-    processes.append(restarted)
+    restarted = await processes.spawn(env)
     url = await restarted.url()
     async with ClientSession() as http:
         [record] = await records_at(http, url, [order_id])
@@ -4930,13 +4925,12 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
 
 
 async def test_a_signal_while_waiting_for_redis_at_start_up_stops_the_engine(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     with socket.socket() as unused:  # a port nothing listens on
         unused.bind(("127.0.0.1", 0))
         nowhere = f"redis://127.0.0.1:{unused.getsockname()[1]}"
-    process = await EngineProcess.spawn(engine_env(replace(config, redis_url=nowhere)))
-    processes.append(process)
+    process = await processes.spawn(engine_env(replace(config, redis_url=nowhere)))
     await wait_for(lambda: any("redis unavailable" in line for line in process.lines), "a retry")
     process.proc.send_signal(signal.SIGTERM)
     assert await process.exit_code() == 1
@@ -4945,15 +4939,14 @@ async def test_a_signal_while_waiting_for_redis_at_start_up_stops_the_engine(
 
 
 async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawned_with_redis_url(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+    start: Start, config: Config, processes: Processes, redis: aioredis.Redis
 ) -> None:
     # Real latencies: execution takes 2-3 s, so the order is surely mid-flight when it dies; its
     # transaction may land until 4 s after it was sent, and the survivor must wait that out.
     # One attempt allowed: the death must not spend it.
     config = replace(config, max_attempts=1)
     slow = {"ENGINE_DEX_LATENCY_SCALE": "1", "ENGINE_EXECUTION_TIMEOUT_MS": "4000"}
-    victim = await EngineProcess.spawn(engine_env(config, ENGINE_MAX_ATTEMPTS="1", **slow))
-    processes.append(victim)
+    victim = await processes.spawn(engine_env(config, ENGINE_MAX_ATTEMPTS="1", **slow))
     url = await victim.url()
     async with ClientSession() as http, http.ws_connect(f"{url}/ws?userId=1") as ws:
         await receive(ws)
@@ -4985,11 +4978,10 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
 
 
 async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_alone(
-    config: Config, processes: list[EngineProcess], tmp_path: Path
+    config: Config, processes: Processes, tmp_path: Path
 ) -> None:
     env = engine_env(replace(config, redis_url=None))
-    first = await EngineProcess.spawn(env)
-    processes.append(first)
+    first = await processes.spawn(env)
     url = await first.url()
     port = url.rsplit(":", 1)[1]
     not_a_dir = tmp_path / "a-file"
@@ -5003,8 +4995,7 @@ async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_a
         "DATA_DIR a file": ({"DATA_DIR": str(not_a_dir)}, f"DATA_DIR {not_a_dir} cannot be used"),
     }
     for case, (extra, message) in refused.items():
-        second = await EngineProcess.spawn({**env, **extra})
-        processes.append(second)
+        second = await processes.spawn({**env, **extra})
         assert await second.exit_code() == 1, case
         assert len(second.lines) == 1, second.lines  # one line, no traceback
         assert f"engine could not start: {message}" in second.lines[0], second.lines
@@ -5018,11 +5009,10 @@ async def test_a_second_engine_on_a_data_dir_in_use_exits_and_leaves_the_first_a
 
 
 async def test_a_stopped_embedded_redis_of_a_killed_engine_keeps_its_data_dir_from_a_second(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(replace(config, redis_url=None))
-    first = await EngineProcess.spawn(env)
-    processes.append(first)
+    first = await processes.spawn(env)
     async with ClientSession() as http:
         url = await first.url()
         order_id = await place(http, url)
@@ -5034,15 +5024,13 @@ async def test_a_stopped_embedded_redis_of_a_killed_engine_keeps_its_data_dir_fr
     try:
         first.kill()
         await first.exit_code()
-        second = await EngineProcess.spawn(env)
-        processes.append(second)
+        second = await processes.spawn(env)
         assert await second.exit_code() == 1
         assert "is in use by another engine" in second.lines[-1]  # no second server on its AOF
     finally:
         server.resume()
     await wait_for(lambda: not server.is_running(), "the old redis-server to exit")
-    third = await EngineProcess.spawn(env)
-    processes.append(third)
+    third = await processes.spawn(env)
     async with ClientSession() as http:
         url = await third.url()
         [record] = await records_at(http, url, [order_id])
@@ -5050,7 +5038,7 @@ async def test_a_stopped_embedded_redis_of_a_killed_engine_keeps_its_data_dir_fr
 
 
 async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+    start: Start, config: Config, processes: Processes, redis: aioredis.Redis
 ) -> None:
     env = engine_env(
         config,
@@ -5058,8 +5046,7 @@ async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
         ENGINE_EXECUTION_TIMEOUT_MS="3000",  # what the survivor waits out if it never landed
         ENGINE_SHUTDOWN_GRACE_S="60",
     )
-    process = await EngineProcess.spawn(env)
-    processes.append(process)
+    process = await processes.spawn(env)
     url = await process.url()
     async with ClientSession() as http:
         order_id = await place(http, url)
@@ -5075,12 +5062,11 @@ async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
 
 
 async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     for durability, fsync in (("everysec", "everysec"), ("strict", "always")):
         env = engine_env(replace(config, redis_url=None), ENGINE_DURABILITY=durability)
-        process = await EngineProcess.spawn(env)
-        processes.append(process)
+        process = await processes.spawn(env)
         await process.url()
         sock = str(config.data_dir / "redis.sock")
         embedded = aioredis.Redis(unix_socket_path=sock, decode_responses=True)
@@ -5134,7 +5120,7 @@ asyncio.run(main())
 
 
 async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
-    config: Config, processes: list[EngineProcess], redis: aioredis.Redis, tmp_path: Path
+    config: Config, processes: Processes, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     poison = 13.37
     script = tmp_path / "poisoned_engine.py"
@@ -5142,15 +5128,13 @@ async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
     env = engine_env(config, ENGINE_EXECUTION_TIMEOUT_MS="300")
     killer = {**ORDER, "amount": poison}
     for death in range(eng.RECOVERY_LIMIT):
-        process = await EngineProcess.spawn(env, script=str(script))
-        processes.append(process)
+        process = await processes.spawn(env, script=str(script))
         url = await process.url()
         if death == 0:
             async with ClientSession() as http:
                 order_id = await place(http, url, killer)
         assert await process.exit_code() == 70  # it took the engine down with it, again
-    last = await EngineProcess.spawn(env, script=str(script))
-    processes.append(last)
+    last = await processes.spawn(env, script=str(script))
     url = await last.url()
     async with ClientSession() as http:
         [record] = await reach(http, url, [order_id], "failed")
@@ -5181,11 +5165,10 @@ def test_optional_features_are_not_imported_when_off() -> None:
 
 
 async def test_a_stalled_engine_whose_orders_were_taken_over_cannot_execute_or_record(
-    start: Start, config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+    start: Start, config: Config, processes: Processes, redis: aioredis.Redis
 ) -> None:
     env = engine_env(config, ENGINE_DEX_LATENCY_SCALE="1", ENGINE_EXECUTION_TIMEOUT_MS="3000")
-    stalled = await EngineProcess.spawn(env)
-    processes.append(stalled)
+    stalled = await processes.spawn(env)
     url = await stalled.url()
     async with ClientSession() as http:
         order_ids = [await place(http, url) for _ in range(3)]
@@ -5251,14 +5234,13 @@ class Fleet:
     """Real engine processes sharing one Redis: started, killed and replaced at random."""
 
     env: dict[str, str]
-    processes: list[EngineProcess]
+    processes: Processes
     rng: random.Random
     running: dict[str, EngineProcess] = field(default_factory=dict)
     live: list[str] = field(default_factory=list)  # URLs of running engines, shared with clients
 
     async def spawn(self) -> None:
-        process = await EngineProcess.spawn(self.env)
-        self.processes.append(process)
+        process = await self.processes.spawn(self.env)
         self.running[await process.url()] = process
         self.live[:] = list(self.running)
 
@@ -5303,7 +5285,7 @@ async def check_from_outside(redis: aioredis.Redis, config: Config, watcher: Wat
 
 
 async def test_engines_killed_at_random_moments_lose_nothing_and_run_nothing_twice(
-    config: Config, processes: list[EngineProcess], redis: aioredis.Redis
+    config: Config, processes: Processes, redis: aioredis.Redis
 ) -> None:
     env = engine_env(
         config,
@@ -5414,11 +5396,10 @@ class OwnRedis:
 
 @contextlib.asynccontextmanager
 async def engine_on_own_redis(
-    config: Config, processes: list[EngineProcess], server: RedisServer, **env: str
+    config: Config, processes: Processes, server: RedisServer, **env: str
 ) -> AsyncIterator[OwnRedis]:
     own = replace(config, redis_url=server.url)
-    engine = await EngineProcess.spawn(engine_env(own, **env))
-    processes.append(engine)
+    engine = await processes.spawn(engine_env(own, **env))
     redis = aioredis.from_url(server.url, decode_responses=True)
     try:
         yield OwnRedis(server, own, engine, await engine.url(), redis)
@@ -5428,7 +5409,7 @@ async def engine_on_own_redis(
 
 
 async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
     """A failover's new primary answers reads before it takes writes: the engine's start-up
     check passes there and its first write is refused. It waits, then serves."""
@@ -5436,8 +5417,7 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
     try:
         await redis.execute_command("REPLICAOF", "127.0.0.1", "1")  # type: ignore[no-untyped-call]
         own = replace(config, redis_url=own_redis.url)
-        engine = await EngineProcess.spawn(engine_env(own))
-        processes.append(engine)
+        engine = await processes.spawn(engine_env(own))
 
         async def refused() -> bool:
             assert engine.proc.returncode is None, "\n".join(engine.lines)
@@ -5462,7 +5442,7 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
 )
 async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
     config: Config,
-    processes: list[EngineProcess],
+    processes: Processes,
     own_redis: RedisServer,
     refusal: list[str],
     says: str,
@@ -5471,8 +5451,7 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
     try:
         await redis.execute_command(*refusal)  # type: ignore[no-untyped-call]
         url = own_redis.url + "?password=wrong-secret"  # the server's own only asks for one
-        engine = await EngineProcess.spawn(engine_env(replace(config, redis_url=url)))
-        processes.append(engine)
+        engine = await processes.spawn(engine_env(replace(config, redis_url=url)))
         assert await engine.exit_code() == 1
         [line] = [line for line in engine.lines if "WARNING authentication off" not in line]
         assert "ERROR engine could not start: redis" in line
@@ -5483,7 +5462,7 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
 
 
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
     # Out of memory with nothing to evict: every write, in a script or not, is refused (OOM).
     # READONLY in a failover, NOREPLICAS, MISCONF and the rest go the same way.
@@ -5519,7 +5498,7 @@ async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_5
 
 
 async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
     async with (
         engine_on_own_redis(
@@ -5561,7 +5540,7 @@ async def test_redis_killed_mid_execution_and_restarted_fails_no_order(
 
 
 async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
     async with (
         engine_on_own_redis(
@@ -5588,13 +5567,12 @@ async def test_redis_stalled_as_transactions_expire_lands_no_order_twice(
 
 
 async def test_the_embedded_redis_killed_is_started_again_and_no_order_fails(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(
         replace(config, redis_url=None), ENGINE_DEX_LATENCY_SCALE="0.3", ENGINE_DEX_FAULTS=NO_TAIL
     )
-    engine = await EngineProcess.spawn(env)
-    processes.append(engine)
+    engine = await processes.spawn(env)
     url = await engine.url()
     async with ClientSession() as http:
         order_ids = [await place(http, url) for _ in range(10)]
@@ -5619,13 +5597,12 @@ def torn_transaction(*keys: str) -> bytes:
 
 
 async def test_a_torn_write_at_the_end_of_the_aof_never_shows_later(
-    config: Config, processes: list[EngineProcess]
+    config: Config, processes: Processes
 ) -> None:
     env = engine_env(replace(config, redis_url=None))
     keys = eng.Keys(config.redis_prefix)
     for start_number in range(3):
-        engine = await EngineProcess.spawn(env)
-        processes.append(engine)
+        engine = await processes.spawn(env)
         url = await engine.url()
         async with ClientSession() as http:
             await reach(http, url, [await place(http, url)], "confirmed")
@@ -5653,7 +5630,7 @@ async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]
 
 
 async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
-    config: Config, processes: list[EngineProcess], own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
     # Every heartbeat lapses while Redis is away; the engines are alive all the same, and
     # none may take another's orders for a dead engine's (one attempt each: that would fail).
@@ -5663,8 +5640,7 @@ async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
         ENGINE_MAX_ATTEMPTS="1",
         ENGINE_DEX_FAULTS=NO_TAIL,
     )
-    engines = [await EngineProcess.spawn(env) for _ in range(3)]
-    processes.extend(engines)
+    engines = [await processes.spawn(env) for _ in range(3)]
     urls = [await engine.url() for engine in engines]
     async with ClientSession() as http:
         order_ids = []
