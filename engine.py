@@ -217,6 +217,7 @@ PUBSUB_SILENCE_S: Final = 3 * PUBSUB_PING_S
 CANCEL_RETRY_S: Final = 0.01  # see cancel_and_wait
 
 # Queue mechanics.
+CLAIM_TRIES: Final = 3  # a claim asks again for each new lease holder it is told of, this often
 RETRY_MAX_DELAY_MS: Final = 30_000
 # An order whose engine dies under it this many times is failed with RECOVERY_LIMIT instead of
 # being tried again: something about it keeps killing workers.
@@ -316,9 +317,12 @@ DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DAT
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
 
 # The Lua scripts, one convention for all of them:
-# - KEYS holds every key the caller can name, in the order the script's header lists. A key a
-#   script learns only from what it reads (the holder named in a lease, the ids in a list) it
-#   builds from the same prefix: every key of an engine starts with
+# - KEYS holds every key the caller can name, in the order the script's header lists. Where the
+#   key depends on what the script reads, the script answers what it found and the caller asks
+#   again with its keys (LUA_CLAIM and a lease's holder). Three scripts reach records whose ids
+#   they read in the same step, which no caller can know beforehand: older failed orders
+#   (keep_failed), the jobs handed back (LUA_RECOVER) and a user's active orders (LUA_SNAPSHOT).
+#   They build those keys from the same prefix: every key of an engine starts with
 #   ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster slot, where
 #   a script may reach them all.
 # - ARGV[1] holds the values, one per line (`values(ARGV[1])`; lines() on the Python side); a
@@ -477,12 +481,15 @@ return {'created', event}
 # Take the lease on an order whose job this instance just moved into its processing list, and
 # answer what a worker needs of it (CLAIM_FIELDS, in that order) and whether it was taken from
 # an engine that died in the middle of an attempt ('taken') rather than handed back by one that
-# shut down ('handed', no lease left) or idle ('idle').
-# KEYS: order, processing   ARGV: order_id, lease, instance
+# shut down ('handed', no lease left) or idle ('idle'). An order leased by another instance is
+# answered {'holder', name} and nothing changes, unless the caller named that holder (and so
+# passed its keys): then its job goes back to a holder that is alive, and is taken from a dead one.
+# KEYS: order, processing, the named holder's heartbeat and processing list (if one is named)
+# ARGV: order_id, lease, instance, the holder named ('' for none)
 LUA_CLAIM: Final = (
     LUA_VALUES
     + """
-local id, lease, instance = unpack(values(ARGV[1]))
+local id, lease, instance, named = unpack(values(ARGV[1]))
 local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
 local status, held = current[1], current[2]
 if not status then
@@ -500,11 +507,13 @@ end
 local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
 if not idle and held then
   local holder = string.match(held, '^(.*)/')
-  if holder and holder ~= instance and redis.call('EXISTS', '$HEARTBEAT_PREFIX' .. holder) == 1 then
-    redis.call('LREM', KEYS[2], 1, id)
-    local holder_jobs = '$PROCESSING_PREFIX' .. holder
-    if not redis.call('LPOS', holder_jobs, id) then redis.call('LPUSH', holder_jobs, id) end
-    return {'busy'}
+  if holder and holder ~= instance then
+    if holder ~= named then return {'holder', holder} end
+    if redis.call('EXISTS', KEYS[3]) == 1 then
+      redis.call('LREM', KEYS[2], '1', id)
+      if not redis.call('LPOS', KEYS[4], id) then redis.call('LPUSH', KEYS[4], id) end
+      return {'busy'}
+    end
   end
 end
 local how = 'idle'
@@ -2225,8 +2234,6 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         IDEMPOTENCY_TTL=IDEMPOTENCY_TTL_S,
         FAILED_KEEP=config.failed_keep,
         ORDER_PREFIX=keys.order(""),
-        HEARTBEAT_PREFIX=keys.heartbeat(""),
-        PROCESSING_PREFIX=keys.processing(""),
         TERMINAL=" ".join(TERMINAL),
         PENDING_STATUS=Status.PENDING,
         WAITING_STATUS=Status.WAITING,
@@ -2694,12 +2701,19 @@ class Store:
 
     async def claim(self, order_id: str, instance: str, lease: str) -> tuple[str, Order | None]:
         """Take the lease on an order. Returns ("claimed", order) or (why not, None); an order
-        handed back by its engine's clean shutdown has `handed_back` set."""
-        reply = await self.batch.call(
-            self._claim,
-            keys=[self.keys.order(order_id), self.keys.processing(instance)],
-            args=[lines([order_id, lease, instance])],
-        )
+        handed back by its engine's clean shutdown has `handed_back` set. An order leased by
+        another instance is asked about again with that holder's keys (LUA_CLAIM); one whose
+        lease keeps changing hands meanwhile is left in the processing list, where the orphan
+        audit finds it."""
+        keys, holder = [self.keys.order(order_id), self.keys.processing(instance)], ""
+        for _ in range(CLAIM_TRIES):
+            theirs = [self.keys.heartbeat(holder), self.keys.processing(holder)] if holder else []
+            reply = await self.batch.call(
+                self._claim, keys=keys + theirs, args=[lines([order_id, lease, instance, holder])]
+            )
+            if reply[0] != "holder":
+                break
+            holder = reply[1]
         if reply[0] != "claimed":
             return reply[0], None
         record = {name: v for name, v in zip(CLAIM_FIELDS, reply[1], strict=True) if v is not None}
@@ -5040,7 +5054,7 @@ class Engine:
         lease = f"{self.instance_id}/{self._unique.getrandbits(48):012x}"
         outcome, order = await persist("claim", self.store.claim, order_id, self.instance_id, lease)
         if order is None:
-            log.info("job dropped", extra={"orderId": order_id, "reason": outcome})
+            log.info("job not run", extra={"orderId": order_id, "reason": outcome})
             return
         worker = _Attempt(self, order, lease)
         try:

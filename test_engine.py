@@ -1027,6 +1027,32 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     assert await redis.xlen(store.keys.user_log("u")) == 2
 
 
+async def test_a_claim_gives_a_live_holder_its_job_back_and_takes_over_from_a_dead_one(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store, order = await order_in_store(redis, config)
+    keys = store.keys
+    await store.claim(order.order_id, "inst-a", "inst-a/1")
+    routing = replace(order, status=Status.ROUTING, attempts=1)
+    await store.advance(
+        order, routing, lease="inst-a/1", instance="inst-a", info={}, action="keep", delay_ms=0
+    )
+    await store.heartbeat("inst-a", {}, ttl_s=60)
+    # inst-a's heartbeat lapsed for a moment, and inst-b took the job from pending
+    await redis.rpush(keys.processing("inst-b"), order.order_id)
+    assert await store.claim(order.order_id, "inst-b", "inst-b/2") == ("busy", None)
+    assert await redis.lrange(keys.processing("inst-a"), 0, -1) == [order.order_id]
+    assert await redis.llen(keys.processing("inst-b")) == 0
+    assert await redis.hget(keys.order(order.order_id), "lease") == "inst-a/1"
+    # inst-a is dead: its order is taken over, and that counts as a recovery
+    await redis.delete(keys.heartbeat("inst-a"))
+    await redis.lmove(keys.processing("inst-a"), keys.processing("inst-b"))
+    outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/2")
+    assert outcome == "claimed" and claimed is not None
+    assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, False)
+    assert await redis.hget(keys.order(order.order_id), "lease") == "inst-b/2"
+
+
 def test_commands_are_packed_to_the_bytes_redis_py_packs_and_refused_as_it_refuses() -> None:
     ours = eng.RoundTrips().counting(RedisConnection)()
     theirs = RedisConnection()
