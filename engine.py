@@ -325,27 +325,15 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 #   They build those keys from the same prefix: every key of an engine starts with
 #   ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster slot, where
 #   a script may reach them all.
-# - ARGV[1] holds the values, one per line (`values(ARGV[1])`; lines() on the Python side); a
-#   script that writes record fields takes them last, as name and value lines (field_blob()).
-#   JSON values never hold a raw newline. One argument, because the engine pays for every
-#   argument it packs (the benchmark found ~0.6 µs each).
+# - ARGV holds the values, in the order the header lists (script_args() on the Python side); a
+#   script that writes record fields takes them last, as name and value pairs (field_args()).
+#   Splitting one argument of lines inside the script cost Redis more than the arguments cost
+#   the engine to pack (hiredis packs them).
 # - $NAME placeholders are settings filled in once per Store (lua()): TTLs, caps, statuses.
+#   Numbers a script hands to redis.call on the path of every order are written as strings
+#   ('$ORDER_TTL', '1'): Redis 6.2 formats a Lua number for each call with snprintf.
 # - A script that changes an order ends with `write`: the record's fields, the event `emit`
 #   logs and publishes, answered to the caller.
-LUA_VALUES: Final = """
-local function values(blob)
-  local out, pos = {}, 1
-  while true do  -- a plain find: a pattern costs ~50 % more on lines of event JSON
-    local stop = string.find(blob, '\\n', pos, true)
-    if not stop then
-      out[#out + 1] = string.sub(blob, pos)
-      return out
-    end
-    out[#out + 1] = string.sub(blob, pos, stop - 1)
-    pos = stop + 1
-  end
-end
-"""
 # `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
 # `body` is the event's JSON without "seq", which is spliced in as the first field.
 LUA_EMIT: Final = """
@@ -353,16 +341,17 @@ local function emit(seq_key, log_key, user, body, origin)
   local seq = redis.call('INCR', seq_key)
   if seq == 1 then
     -- A new counter. Should an older log have survived it, continue after that log.
-    local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', 1)[1]
+    local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
     if top then
       seq = tonumber(string.match(top[1], '^%d+')) + 1
       redis.call('SET', seq_key, seq)
     end
   end
-  redis.call('EXPIRE', seq_key, $SEQ_TTL)
+  seq = tostring(seq)  -- formatted once, not at each use
+  redis.call('EXPIRE', seq_key, '$SEQ_TTL')
   local event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
-  redis.call('XADD', log_key, 'MAXLEN', '~', $LOG_KEEP, seq .. '-0', 'e', event)
-  redis.call('EXPIRE', log_key, $LOG_TTL)
+  redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', event)
+  redis.call('EXPIRE', log_key, '$LOG_TTL')
   redis.call('PUBLISH', '$CHANNEL', origin .. ' ' .. user .. ' ' .. seq .. ' ' .. event)
   return event
 end
@@ -394,7 +383,7 @@ local function keep_failed(failed, order, id, score)
   redis.call('PERSIST', order)
   redis.call('ZADD', failed, score, id)
   for _, old in ipairs(redis.call('ZRANGE', failed, 0, -$FAILED_KEEP - 1)) do
-    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, $ORDER_TTL)
+    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, '$ORDER_TTL')
   end
   redis.call('ZREMRANGEBYRANK', failed, 0, -$FAILED_KEEP - 1)
 end
@@ -431,7 +420,7 @@ local function throttle(bucket)
   local wait = 0
   if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) / per_ms) end
   redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', now)
-  redis.call('PEXPIRE', bucket, 60000)
+  redis.call('PEXPIRE', bucket, '60000')
   return wait
 end
 """
@@ -444,11 +433,10 @@ end
 #       rate bucket, idempotency (only with an Idempotency-Key)
 # ARGV: order_id, user, created_us, fingerprint, origin, order type, event body, record fields
 LUA_CREATE: Final = (
-    LUA_VALUES
-    + LUA_EMIT
+    LUA_EMIT
     + LUA_THROTTLE
     + """
-local a = values(ARGV[1])
+local a = ARGV
 local id, user, created, fingerprint, origin, kind = unpack(a, 1, 6)
 local order, idempotency = KEYS[1], KEYS[10]
 if idempotency then
@@ -470,10 +458,10 @@ redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], created, id)
 redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -$USER_ORDERS_KEEP - 1)
 if idempotency then
-  redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', $IDEMPOTENCY_TTL)
+  redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', '$IDEMPOTENCY_TTL')
 end
 local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
-for _, key in ipairs({order, KEYS[5], KEYS[6]}) do redis.call('EXPIRE', key, $ORDER_TTL) end
+for _, key in ipairs({order, KEYS[5], KEYS[6]}) do redis.call('EXPIRE', key, '$ORDER_TTL') end
 return {'created', event}
 """
 )
@@ -486,18 +474,16 @@ return {'created', event}
 # passed its keys): then its job goes back to a holder that is alive, and is taken from a dead one.
 # KEYS: order, processing, the named holder's heartbeat and processing list (if one is named)
 # ARGV: order_id, lease, instance, the holder named ('' for none)
-LUA_CLAIM: Final = (
-    LUA_VALUES
-    + """
-local id, lease, instance, named = unpack(values(ARGV[1]))
+LUA_CLAIM: Final = """
+local id, lease, instance, named = unpack(ARGV)
 local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
 local status, held = current[1], current[2]
 if not status then
-  redis.call('LREM', KEYS[2], 1, id)
+  redis.call('LREM', KEYS[2], '1', id)
   return {'missing'}
 end
 if string.find(' $TERMINAL ', ' ' .. status .. ' ', 1, true) then
-  redis.call('LREM', KEYS[2], 1, id)
+  redis.call('LREM', KEYS[2], '1', id)
   return {'finished'}
 end
 -- An order in the middle of an attempt belongs to its lease holder while that instance is alive
@@ -519,14 +505,13 @@ end
 local how = 'idle'
 if not idle and held then
   how = 'taken'
-  redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
+  redis.call('HINCRBY', KEYS[1], 'recoveries', '1')
 elseif not idle then
   how = 'handed'
 end
 redis.call('HSET', KEYS[1], 'lease', lease)
 return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
-)
 
 # Record the status changes the lease holder makes at one moment (one, or several in a row: the
 # steps of an attempt that nothing separates), move the job as the outcome requires, emit an
@@ -539,11 +524,10 @@ return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 # ARGV: order_id, lease, expected status, step (the last), action, score, instance, user, the
 #       number of changes, a history entry and an event body for each, record fields
 LUA_ADVANCE: Final = (
-    LUA_VALUES
-    + LUA_EMIT
+    LUA_EMIT
     + LUA_FINISH
     + """
-local a = values(ARGV[1])
+local a = ARGV
 local id, lease, expected, step, action, score, instance, user, changes = unpack(a, 1, 9)
 changes = tonumber(changes)
 local order = KEYS[1]
@@ -553,7 +537,7 @@ if current[1] ~= lease then return {'lease_lost'} end
 -- The same step sent twice (the first reply was lost) is answered, not applied again.
 if current[3] == step then return {'applied', redis.call('HGET', order, 'lastEvent')} end
 if current[2] ~= expected then return {'conflict', current[2]} end
-if action ~= 'keep' then redis.call('LREM', KEYS[2], 1, id) end
+if action ~= 'keep' then redis.call('LREM', KEYS[2], '1', id) end
 if action == 'retry' then redis.call('ZADD', KEYS[3], score, id) end
 if action == 'done' or action == 'fail' then
   redis.call('SREM', KEYS[5], id)
@@ -571,7 +555,7 @@ elseif action == 'wait' then
     if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
   end
 else
-  redis.call('EXPIRE', order, $ORDER_TTL)
+  redis.call('EXPIRE', order, '$ORDER_TTL')
 end
 local history, events = current[4], {'ok'}
 for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
@@ -596,17 +580,16 @@ return events
 # ARGV: order_id, the status the caller read, user, origin, final status, score (now), history
 #       entry, event body, record fields
 LUA_END: Final = (
-    LUA_VALUES
-    + LUA_EMIT
+    LUA_EMIT
     + LUA_FINISH
     + """
-local a = values(ARGV[1])
+local a = ARGV
 local id, expected, user, origin, final, score = unpack(a, 1, 6)
 local order = KEYS[1]
 local current = redis.call('HMGET', order, 'status', 'history')
 if not current[1] then return {'missing'} end
 if current[1] ~= expected then return {'conflict', current[1]} end
-redis.call('LREM', KEYS[2], 0, id)
+redis.call('LREM', KEYS[2], '0', id)
 redis.call('ZREM', KEYS[3], id)
 if KEYS[11] then redis.call('ZREM', KEYS[11], id) end
 redis.call('ZREM', KEYS[4], id)
@@ -616,7 +599,7 @@ to_outbox(KEYS[10], id)
 if final == '$FAILED_STATUS' then
   keep_failed(KEYS[9], order, id, score)
 else
-  redis.call('EXPIRE', order, $ORDER_TTL)
+  redis.call('EXPIRE', order, '$ORDER_TTL')
 end
 local extra = {'step', final, 'history', append(current[2], a[7])}
 return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
@@ -628,10 +611,8 @@ return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 # once, so it fires once however many instances watch the pair. Returns how many fired.
 # KEYS: trigger set, waiting expiry, pending
 # ARGV: how (up: scores <= price | down: scores >= price | all), price, batch
-LUA_FIRE: Final = (
-    LUA_VALUES
-    + """
-local how, price, batch = unpack(values(ARGV[1]))
+LUA_FIRE: Final = """
+local how, price, batch = unpack(ARGV)
 local ids
 if how == 'up' then
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', price, 'LIMIT', 0, batch)
@@ -647,7 +628,6 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
-)
 
 # The simulated chain: what became of a signed transaction, decided once per signature and by
 # Redis's own clock, so that a send delayed in any queue can never land after a lookup was told
@@ -657,12 +637,11 @@ return #ids
 # may still land, or, once its expiry has passed with no outcome, records and answers the expiry.
 # KEYS: tx   ARGV: expires_at_ms, outcome fields (none for a lookup)
 LUA_CHAIN_SETTLE: Final = (
-    LUA_VALUES
-    + LUA_NOW
+    LUA_NOW
     + """
 local existing = redis.call('HGETALL', KEYS[1])
 if existing[1] then return existing end
-local a = values(ARGV[1])
+local a = ARGV
 local record = {unpack(a, 2)}
 if now_ms() > tonumber(a[1]) then
   record = {'landed', 'false', 'code', '"TX_EXPIRED"',
@@ -671,7 +650,7 @@ elseif not record[1] then
   return {}
 end
 redis.call('HSET', KEYS[1], unpack(record))
-redis.call('EXPIRE', KEYS[1], $TX_TTL)
+redis.call('EXPIRE', KEYS[1], '$TX_TTL')
 return record
 """
 )
@@ -687,10 +666,8 @@ return record
 # draining mark, set when the drain began, says so).
 # KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since, draining
 # ARGV: instance, only_if_dead, grace_s
-LUA_RECOVER: Final = (
-    LUA_VALUES
-    + """
-local instance, only_if_dead, grace_s = unpack(values(ARGV[1]))
+LUA_RECOVER: Final = """
+local instance, only_if_dead, grace_s = unpack(ARGV)
 if only_if_dead == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('ZREM', KEYS[7], instance)
   return -1
@@ -716,23 +693,19 @@ end
 if only_if_dead == '0' then redis.call('DEL', KEYS[4]) end
 return moved
 """
-)
 
 # Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
 # KEYS: processing, pending   ARGV: order ids
-LUA_REQUEUE: Final = (
-    LUA_VALUES
-    + """
+LUA_REQUEUE: Final = """
 local moved = 0
-for _, id in ipairs(values(ARGV[1])) do
-  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+for _, id in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], '1', id) == 1 then
     redis.call('RPUSH', KEYS[2], id)
     moved = moved + 1
   end
 end
 return moved
 """
-)
 
 # Move up to `most` jobs from the pending list into a processing list, oldest first; the
 # fetcher's way when several workers are free and jobs are waiting (else it blocks in BLMOVE).
@@ -753,17 +726,15 @@ return jobs
 # KEYS: processing   ARGV: order_id
 LUA_DEDUPE: Final = """
 if #redis.call('LPOS', KEYS[1], ARGV[1], 'COUNT', 0) > 1 then
-  redis.call('LREM', KEYS[1], 1, ARGV[1])
+  redis.call('LREM', KEYS[1], '1', ARGV[1])
 end
 return 1
 """
 
 # Move retries whose back-off has elapsed to the consumer end of the pending list.
 # KEYS: delayed, pending   ARGV: now_ms, batch   Returns {moved, next due score or ''}
-LUA_PROMOTE: Final = (
-    LUA_VALUES
-    + """
-local now, batch = unpack(values(ARGV[1]))
+LUA_PROMOTE: Final = """
+local now, batch = unpack(ARGV)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, batch)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
@@ -772,7 +743,6 @@ end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or ''}
 """
-)
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
 # KEYS: user active, user seq   ARGV: none
@@ -787,10 +757,8 @@ return out
 
 # The first `most` logged events after `since`, or {'resync'} when the log no longer reaches
 # back that far. KEYS: user log, user seq   ARGV: since, most
-LUA_REPLAY: Final = (
-    LUA_VALUES
-    + """
-local since, most = unpack(values(ARGV[1]))
+LUA_REPLAY: Final = """
+local since, most = unpack(ARGV)
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if tonumber(since) > current then return {'resync'} end
 if tonumber(since) == current then return {'ok'} end
@@ -800,7 +768,6 @@ local out = {'ok'}
 for i, entry in ipairs(entries) do out[i + 1] = entry[2][2] end
 return out
 """
-)
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 2. Errors
@@ -2188,17 +2155,17 @@ def order_view(record: Mapping[str, str]) -> dict[str, Any]:
     return view
 
 
-def lines(head: Iterable[object], *rest: bytes) -> bytes:
-    """A script's values as its one argument: one per line (see the note on the Lua scripts)."""
-    return b"\n".join([*(str(item).encode() for item in head), *rest])
+def script_args(head: Iterable[object], *rest: bytes) -> list[str | bytes]:
+    """A script's ARGV: `head` as text, then `rest` as it is (see the note on the Lua scripts)."""
+    return [*(str(item) for item in head), *rest]
 
 
-def field_blob(fields: Mapping[str, Any]) -> bytes:
-    """Record fields as one script argument, "name\\nvalue\\n...", values JSON (a few raw)."""
+def field_args(fields: Mapping[str, Any]) -> list[bytes]:
+    """Record fields as script arguments, name then value, values JSON (a few raw)."""
     parts: list[bytes] = []
     for name, value in fields.items():
         parts += [name.encode(), value.encode() if name in _RAW_FIELDS else orjson.dumps(value)]
-    return b"\n".join(parts)
+    return parts
 
 
 # What a worker needs of an order it claims (LUA_CLAIM answers these, in this order).
@@ -2649,7 +2616,7 @@ class Store:
         ]
         if idempotency_key:
             script_keys.append(keys.idempotency(user, idempotency_key))
-        args = [lines(head, orjson.dumps(event), field_blob(fields))]
+        args = script_args(head, orjson.dumps(event), *field_args(fields))
         reply = await self.batch.call(self._create, script_keys, args, self._sent(user))
         if reply[0] == "full":
             raise ApiError(
@@ -2709,7 +2676,9 @@ class Store:
         for _ in range(CLAIM_TRIES):
             theirs = [self.keys.heartbeat(holder), self.keys.processing(holder)] if holder else []
             reply = await self.batch.call(
-                self._claim, keys=keys + theirs, args=[lines([order_id, lease, instance, holder])]
+                self._claim,
+                keys=keys + theirs,
+                args=script_args([order_id, lease, instance, holder]),
             )
             if reply[0] != "holder":
                 break
@@ -2757,7 +2726,7 @@ class Store:
             user,
             len(steps),
         ]
-        args = [lines(head, *changes, field_blob(fields))]
+        args = script_args(head, *changes, *field_args(fields))
         script_keys = self._change_keys(after, self.keys.processing(instance))
         reply = await self.batch.call(self._advance, script_keys, args, self._sent(user))
         if reply[0] == "cancelled":
@@ -2795,7 +2764,7 @@ class Store:
     async def promote(self, now_ms: int) -> tuple[int, int | None]:
         """Move due retries to pending; returns how many moved and when the next one is due."""
         moved, next_due = await self._promote(
-            keys=[self.keys.delayed, self.keys.pending], args=[lines([now_ms, PROMOTE_BATCH])]
+            keys=[self.keys.delayed, self.keys.pending], args=script_args([now_ms, PROMOTE_BATCH])
         )
         return int(moved), int(float(next_due)) if next_due else None
 
@@ -2829,7 +2798,7 @@ class Store:
                 keys.dead,
                 keys.draining(instance),
             ],
-            args=[lines([instance, "1" if only_if_dead else "0", DEAD_GRACE_S])],
+            args=script_args([instance, "1" if only_if_dead else "0", DEAD_GRACE_S]),
         )
         return int(moved)
 
@@ -2846,7 +2815,7 @@ class Store:
         if not ids:
             return 0
         keys = [self.keys.processing(instance), self.keys.pending]
-        return int(await self._requeue(keys=keys, args=[lines(ids)]))
+        return int(await self._requeue(keys=keys, args=script_args(ids)))
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -2916,7 +2885,7 @@ class Store:
         # An earlier attempt's error is not why it ended (a failure's own detail replaces it).
         fields = {"status": final, "updatedAt": ts, "error": None, "code": None, **detail}
         head = [order.order_id, order.status, order.user_id, origin, final, int(now * 1000)]
-        args = [lines(head, orjson.dumps(entry), orjson.dumps(event), field_blob(fields))]
+        args = script_args(head, orjson.dumps(entry), orjson.dumps(event), *field_args(fields))
         script_keys = self._change_keys(order, self.keys.pending)
         reply = await self.batch.call(self._end, script_keys, args, self._sent(order.user_id))
         if reply[0] != "ok":
@@ -2950,7 +2919,7 @@ class Store:
             batch = await self.batch.call(
                 self._fire,
                 [key, self.keys.expiring, self.keys.pending],
-                [lines([how, repr(price), FIRE_BATCH])],
+                script_args([how, repr(price), FIRE_BATCH]),
             )
             fired += int(batch)
             if batch < FIRE_BATCH:
@@ -3000,7 +2969,7 @@ class Store:
         """The first `most` logged events after `since`, or None when the log does not reach
         back that far."""
         keys = [self.keys.user_log(user_id), self.keys.user_seq(user_id)]
-        reply = await self.batch.call(self._replay, keys, [lines([since, most])])
+        reply = await self.batch.call(self._replay, keys, script_args([since, most]))
         return None if reply[0] == "resync" else list(reply[1:])
 
 
@@ -3733,17 +3702,17 @@ class MockChain:
                 "routePlan": fill.route_plan,
             }
         fields |= {"code": status.code, "error": status.error}
-        reply = await self._call(tx.signature, lines([tx.expires_at_ms], field_blob(fields)))
+        reply = await self._call(tx.signature, script_args([tx.expires_at_ms], *field_args(fields)))
         assert reply is not None  # a send always leaves an outcome
         return reply
 
     async def lookup(self, signature: str, expires_at_ms: int) -> TxStatus | None:
         """The outcome; None while the transaction may still land."""
-        return await self._call(signature, lines([expires_at_ms]))
+        return await self._call(signature, script_args([expires_at_ms]))
 
-    async def _call(self, signature: str, args: bytes) -> TxStatus | None:
+    async def _call(self, signature: str, args: list[str | bytes]) -> TxStatus | None:
         keys = [self._keys.chain(signature)]
-        reply = await self._batch.call(self._settle, keys=keys, args=[args])
+        reply = await self._batch.call(self._settle, keys=keys, args=args)
         return _tx_status(signature, reply) if reply else None
 
 
