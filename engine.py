@@ -263,9 +263,6 @@ EXPIRE_BATCH: Final = 100
 EXPIRY_CHECK_S: Final = 1.0
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
-# One batch in flight at a time: replies then come back in the order Redis ran the scripts, which
-# is the order of each user's seq, so this engine's own events reach its sockets in order.
-AUTOPIPELINE_SENDERS: Final = 1
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
 
 # Simulated venues (README: "The simulated venues").
@@ -2433,14 +2430,16 @@ class AutoPipeline:
         self,
         client: aioredis.Redis,
         max_batch: int = AUTOPIPELINE_MAX_BATCH,
-        senders: int = AUTOPIPELINE_SENDERS,
     ) -> None:
         self._client = client
         self._max_batch = max_batch
-        self._max_senders = senders
         self.failures = 0  # batches Redis did not answer (each caller retries)
         self._queue: list[_Call] = []
-        self._senders: set[asyncio.Task[None]] = set()
+        # One sender, so one batch in flight at a time: replies then come back in the order Redis
+        # ran the scripts, which is the order of each user's seq, so this engine's own events
+        # reach its sockets in order. On one Redis it has a connection of its own (_pipeline).
+        self._sender: asyncio.Task[None] | None = None
+        self._connection: AbstractConnection | None = None
 
     async def call(
         self,
@@ -2453,12 +2452,13 @@ class AutoPipeline:
         order Redis ran the scripts (one batch in flight at a time)."""
         call = _Call(script, keys, args, asyncio.get_running_loop().create_future(), on_reply)
         self._queue.append(call)
-        if len(self._senders) < self._max_senders:
-            self._senders.add(asyncio.create_task(self._send_queued()))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued())
         return await call.reply
 
     async def close(self) -> None:
-        await cancel_and_wait(list(self._senders))
+        if self._sender is not None:
+            await cancel_and_wait([self._sender])
 
     async def _send_queued(self) -> None:
         try:
@@ -2466,9 +2466,9 @@ class AutoPipeline:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
                 await self._answer(batch)
         finally:
-            # Leave the set the moment the queue is seen empty, with no await in between: a call
-            # queued after this point finds room to start a new sender.
-            self._senders.discard(asyncio.current_task())
+            # Gone the moment the queue is seen empty, with no await in between: a call queued
+            # after this point starts a new sender.
+            self._sender = None
 
     async def _answer(self, batch: list[_Call]) -> None:
         try:
@@ -2505,12 +2505,31 @@ class AutoPipeline:
         return replies
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for call in batch:
-                pipe.execute_command(
-                    "EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args
-                )
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]
+        if isinstance(self._client, RedisCluster):  # the client finds the node of the slot
+            async with self._client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
+        # On one Redis the sender keeps a connection of its own: redis-py's pipeline (and the
+        # pool around it) cost more CPU per script than packing the script and reading its reply.
+        if self._connection is None:
+            pool = self._client.connection_pool
+            self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(await connection.read_response())
+                except redis_errors.ResponseError as exc:  # that script's error, not the batch's
+                    replies.append(exc)
+        except BaseException:
+            # Replies may be left unread: the next batch starts on a new connection.
+            await connection.disconnect(nowait=True)
+            raise
         return replies
 
 
