@@ -1058,6 +1058,33 @@ async def test_a_claim_gives_a_live_holder_its_job_back_and_takes_over_from_a_de
     assert await redis.hget(keys.order(order.order_id), "lease") == "inst-b/2"
 
 
+async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
+    own_redis: RedisServer,
+) -> None:
+    trips = eng.RoundTrips()
+    client = eng.connect_redis(own_redis.url, 2, trips, socket_timeout_s=None)
+    echo = client.register_script("return ARGV[1]")
+    batch = eng.AutoPipeline(client)
+    try:
+        assert await batch.call(echo, [], ["warm"]) == "warm"
+        sent = trips.count
+        own_redis.signal(signal.SIGSTOP)
+        try:
+            first = asyncio.create_task(batch.call(echo, [], ["first"]))
+            await wait_for(lambda: trips.count > sent, "the batch to be sent")
+            await batch.close()  # cut short while it waits for its reply (a shutdown, a timeout)
+        finally:
+            own_redis.signal(signal.SIGCONT)  # Redis runs the script, and answers "first"
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        # that answer must not be taken for the reply to the next call
+        assert await batch.call(echo, [], ["second"]) == "second"
+        assert await batch.call(echo, [], ["third"]) == "third"
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
 def test_commands_are_packed_to_the_bytes_redis_py_packs_and_refused_as_it_refuses() -> None:
     ours = eng.RoundTrips().counting(RedisConnection)()
     theirs = RedisConnection()
