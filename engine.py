@@ -115,14 +115,12 @@ from redis.asyncio.connection import Connection as RedisConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from solders.address_lookup_table_account import AddressLookupTable
-from solders.keypair import Keypair
-from solders.message import to_bytes_versioned
-from solders.pubkey import Pubkey
-from solders.transaction import VersionedTransaction
 
 if TYPE_CHECKING:  # optional features: imported when configured (see history_errors, Authenticator)
     import asyncpg  # type: ignore[import-untyped]  # no type information published
+    from solders.keypair import Keypair  # ENGINE_VENUES=solana, ENGINE_TOKENS (section 8)
+    from solders.pubkey import Pubkey
+    from solders.transaction import VersionedTransaction
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 1. Constants and Lua scripts
@@ -1691,6 +1689,8 @@ def _keypair_file(text: str) -> Path:
 
 
 def load_keypair(path: Path) -> Keypair:
+    from solders.keypair import Keypair
+
     try:
         secret = orjson.loads(path.read_bytes())
         return Keypair.from_bytes(bytes(secret))
@@ -1703,6 +1703,8 @@ def load_keypair(path: Path) -> Keypair:
 def _tokens(text: str) -> dict[str, Token]:
     """ENGINE_TOKENS: {"SYMBOL": {"mint": "<base58>", "decimals": N}, ...}, given inline or as
     the path of a file holding it."""
+    from solders.pubkey import Pubkey
+
     raw = text if text.lstrip().startswith("{") else _read_text(text)
     try:
         spec = orjson.loads(raw)
@@ -4055,6 +4057,8 @@ class SolanaVenue:
 
     async def sign(self, tx: SwapTx) -> SwapTx:
         """Ask Jupiter for the swap transaction, check it is the swap asked for, sign it."""
+        from solders.transaction import VersionedTransaction
+
         quote = dict(tx.venue_data or {})
         amount_out = int(quote.get("outAmount", 0)) or 1
         quote["otherAmountThreshold"] = str(tx.min_amount_out)  # enforced by the swap on chain
@@ -4223,6 +4227,8 @@ class SolanaVenue:
     async def _account_keys(self, tx: VersionedTransaction) -> list[Pubkey]:
         """Every account the message names: its own keys, then those of its address lookup
         tables (writable ones first), read from the chain."""
+        from solders.address_lookup_table_account import AddressLookupTable
+
         message = tx.message
         keys = list(message.account_keys)
         lookups = list(getattr(message, "address_table_lookups", ()))
@@ -4283,6 +4289,9 @@ def received(meta: Mapping[str, Any], wallet: str, token: Token) -> int:
 
 def sign_as(tx: VersionedTransaction, keypair: Keypair) -> VersionedTransaction:
     """`tx` with `keypair`'s signature in its place; a co-signer's (an RFQ maker's) is kept."""
+    from solders.message import to_bytes_versioned
+    from solders.transaction import VersionedTransaction
+
     message = tx.message
     signers = list(message.account_keys[: message.header.num_required_signatures])
     signatures = list(tx.signatures)
@@ -4421,6 +4430,8 @@ class SwapCheck:
 
 def ata_of(owner: Pubkey, mint: str) -> Pubkey:
     """The owner's associated token account for `mint` (SPL Token program)."""
+    from solders.pubkey import Pubkey
+
     seeds = [
         bytes(owner),
         bytes(Pubkey.from_string(SPL_TOKEN_PROGRAM)),
