@@ -41,6 +41,7 @@ import contextlib
 import contextvars
 import fcntl
 import functools
+import gc
 import hashlib
 import importlib.util
 import json
@@ -301,6 +302,12 @@ SPLIT_STEPS_MAX: Final = 64
 PROBE_MIN_AMOUNTS: Final = 10  # a pair's price is quoted for 10 x the smallest order
 TX_HASH_CHARS: Final = 88
 BASE58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+# The cyclic garbage collector of `python engine.py` (see _tune_garbage_collector): a pass over
+# young objects every GC_YOUNG allocations (Python's default is 700), over older ones every
+# GC_OLDER passes of the generation below (default 10).
+GC_YOUNG: Final = 10_000
+GC_OLDER: Final = 20
 
 # Embedded Redis.
 EMBEDDED_START_TIMEOUT_S: Final = 60.0
@@ -7616,6 +7623,17 @@ def _raise_open_file_limit(wanted: int) -> None:
         )
 
 
+def _tune_garbage_collector() -> None:
+    """Almost all of an order's garbage is freed by reference counting; the cyclic collector's
+    passes over young objects, with thousands of sockets' objects alive, took about a sixth of
+    the engine's CPU with 2,000 users (bench.py). It now looks at young objects every GC_YOUNG
+    allocations instead of 700, and never again at what start-up made (gc.freeze). Only for the
+    process `python engine.py` runs; an application that embeds the engine keeps its own."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, GC_OLDER, GC_OLDER)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.load(os.environ, sys.argv[1:] if argv is None else argv)
@@ -7624,6 +7642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config)
     _raise_open_file_limit(config.max_connections + FILE_DESCRIPTORS_SPARE)
+    _tune_garbage_collector()
     try:
         run(_serve_until_signalled(config))
     except StartupError as exc:
