@@ -6430,12 +6430,12 @@ def parse_amount(value: object, sell: Token) -> float:
     exact = _decimal(value)
     if exact is None or not exact.is_finite() or exact <= 0:
         raise ApiError(400, "INVALID_AMOUNT", "amount must be a positive number", field="amount")
-    if not sell.min_amount <= exact <= sell.max_amount:
+    # The limits as the decimals they are written as: the float 0.01 is a little above 0.01.
+    least, most = Decimal(repr(sell.min_amount)), Decimal(repr(sell.max_amount))
+    if not least <= exact <= most:
+        between = f"between {least.normalize():f} and {most.normalize():f}"
         raise ApiError(
-            400,
-            "INVALID_AMOUNT",
-            f"amount of {sell.symbol} must be between {sell.min_amount:g} and {sell.max_amount:g}",
-            field="amount",
+            400, "INVALID_AMOUNT", f"amount of {sell.symbol} must be {between}", field="amount"
         )
     if exact.normalize().as_tuple().exponent < -sell.decimals:  # type: ignore[operator]
         raise ApiError(

@@ -4068,6 +4068,32 @@ async def test_requests_that_are_not_json_orders_get_the_error_envelope(
         assert ("POST" if path == EXECUTE else "GET") in response.headers["Allow"]
 
 
+@pytest.mark.parametrize("symbol", list(eng.BUILT_IN_TOKENS))
+async def test_each_token_takes_its_smallest_and_largest_amount_and_nothing_beyond(
+    start: Start, symbol: str
+) -> None:
+    client = await start()
+    token = eng.BUILT_IN_TOKENS[symbol]
+    least, most = Decimal(repr(token.min_amount)), Decimal(repr(token.max_amount))
+    unit = Decimal(10) ** -token.decimals
+    buy = "USDC" if symbol != "USDC" else "SOL"
+
+    async def post(amount: Decimal) -> tuple[int, Any]:
+        body = f'{{"userId": "1", "inputToken": "{symbol}", "outputToken": "{buy}", '
+        response = await client.post(EXECUTE, data=body + f'"amount": {amount:f}}}', headers=JSON)
+        return response.status, await response.json()
+
+    for amount in (least, most):
+        status, reply = await post(amount)
+        assert status == 202, (amount, reply)
+    for amount in (least - unit, most + unit):
+        status, reply = await post(amount)
+        assert status == 400
+        assert reply["error"]["code"] == "INVALID_AMOUNT"
+        written = f"between {least.normalize():f} and {most.normalize():f}"
+        assert reply["error"]["message"] == f"amount of {symbol} must be {written}"
+
+
 @pytest.mark.parametrize(
     "amount",
     [
