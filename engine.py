@@ -873,6 +873,7 @@ AUTH_REFUSED_RE: Final = re.compile(
 REFUSED_FOR_NOW_RE: Final = re.compile(
     r"(?:^|: -)(OOM|READONLY|NOREPLICAS|MASTERDOWN|MISCONF|BUSY|LOADING|TRYAGAIN)\b"
     r"|attempted to access a non local key"  # a Redis Cluster moving the slot to another node
+    r"|^UNBLOCKED\b"  # a blocking pop ended by CLIENT UNBLOCK, or by the node turning replica
 )
 
 # Redis trouble that goes away by itself: the caller waits and tries again.

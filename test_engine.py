@@ -2804,6 +2804,24 @@ async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_
     await blocked.aclose()
 
 
+async def test_a_dequeue_that_redis_unblocks_is_waited_out_not_taken_for_a_crash(
+    start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await wait_for(lambda: _blocked_clients(redis), "the fetcher to block in its pop")
+        blocked = [int(c["id"]) for c in await redis.client_list() if c["cmd"] == "blmove"]
+        assert blocked
+        for client_id in blocked:  # as CLIENT UNBLOCK ... ERROR, or a REPLICAOF, does
+            assert await redis.client_unblock(client_id, error=True)
+        order_id = await order_id_of(client)
+        await wait_status(client, order_id, "confirmed")
+    finally:
+        await redis.aclose()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def _blocked_clients(redis: aioredis.Redis) -> bool:
     return bool((await redis.info("clients"))["blocked_clients"] > 0)
 
