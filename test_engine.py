@@ -4729,6 +4729,24 @@ async def test_a_pending_order_is_cancelled_once_and_never_runs(
     assert not await redis.lrange(eng.Keys(config.redis_prefix).pending, 0, -1)
 
 
+async def test_an_order_cancelled_while_it_waits_to_retry_keeps_its_failure_in_history_only(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    slow_retries = replace(config, retry_base_ms=60_000)
+    client = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
+    order_id = await order_id_of(client)
+    delayed = eng.Keys(config.redis_prefix).delayed
+    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    status, record = await cancel(client, order_id)
+    assert (status, record["status"]) == (200, "cancelled")
+    # It ended by its user, not by that failure: the record says so, its history keeps both.
+    assert (record["error"], record["code"], record["attempts"]) == (None, None, 1)
+    retry, cancelled = record["history"][-2:]
+    assert (retry["status"], retry["code"], retry["attempt"]) == ("pending", "NO_QUOTES", 2)
+    assert (cancelled["status"], cancelled["attempt"]) == ("cancelled", 1)  # the last one made
+    assert await redis.zscore(delayed, order_id) is None
+
+
 async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
     venue, held = gated()
     client = await start(venues=[venue])
