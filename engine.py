@@ -7359,6 +7359,15 @@ async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
         raise StartupError(
             f"redis at {shown} is {info['redis_version']}; the engine needs 6.2 or newer"
         )
+    memory = await within_startup_wait(
+        f"redis at {shown}", persist("start-up", client.info, "memory")
+    )
+    policy = memory.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        raise StartupError(
+            f"redis at {shown} evicts keys when it is full (maxmemory-policy {policy}), which "
+            "would lose orders, queued jobs and events: set maxmemory-policy noeviction"
+        )
     await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client))
 
 

@@ -5559,6 +5559,9 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
         (["ACL", "SETUSER", "default", "-set"], "no permissions to run the 'set' command"),
         (["ACL", "SETUSER", "default", "-evalsha"], "no permissions to run the 'evalsha' command"),
         (["CONFIG", "SET", "requirepass", "secret"], "invalid username-password pair"),
+        # A Redis that evicts keys when full would silently lose orders and queued jobs.
+        (["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"], "(maxmemory-policy allkeys-lru)"),
+        (["CONFIG", "SET", "maxmemory-policy", "volatile-ttl"], "(maxmemory-policy volatile-ttl)"),
     ],
 )
 async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
