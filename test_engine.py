@@ -2743,19 +2743,33 @@ async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 
+SLOW_RETRIES = 60_000  # ENGINE_RETRY_BASE_MS: a retry waits a minute
+
+
+async def waiting_to_retry(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> tuple[TestClient[Any, Any], str]:
+    """An engine whose first quote fails, with a minute's back-off, and its order waiting in
+    the delayed set for its retry."""
+    slow_retries = replace(config, retry_base_ms=SLOW_RETRIES)
+    client = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
+    order_id = await order_id_of(client)
+    delayed = eng.Keys(config.redis_prefix).delayed
+    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    return client, order_id
+
+
 async def test_a_retry_waits_in_redis_and_survives_a_restart(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    slow_retries = replace(config, retry_base_ms=60_000)
-    first = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
-    order_id = await order_id_of(first)
-    delayed = eng.Keys(config.redis_prefix).delayed
-    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    first, order_id = await waiting_to_retry(start, config, redis)
     record = await get_order(first, order_id)
     await first.close()
     assert (record["status"], record["code"], record["attempts"]) == ("pending", "NO_QUOTES", 1)
     # The back-off lives in the sorted set, so a new engine finds it; its clock says it is due.
-    second = await start(slow_retries, clock=lambda: time.time() + 120)
+    second = await start(
+        replace(config, retry_base_ms=SLOW_RETRIES), clock=lambda: time.time() + 120
+    )
     record = await wait_status(second, order_id, "confirmed")
     assert record["attempts"] == 2
     assert [h["status"] for h in record["history"]].count("pending") == 2
@@ -4732,11 +4746,7 @@ async def test_a_pending_order_is_cancelled_once_and_never_runs(
 async def test_an_order_cancelled_while_it_waits_to_retry_keeps_its_failure_in_history_only(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    slow_retries = replace(config, retry_base_ms=60_000)
-    client = await start(slow_retries, venues=[ScriptedVenue("RAYDIUM", quote_errors=1)])
-    order_id = await order_id_of(client)
-    delayed = eng.Keys(config.redis_prefix).delayed
-    await wait_for(lambda: redis.zscore(delayed, order_id), "the retry to be scheduled")
+    client, order_id = await waiting_to_retry(start, config, redis)
     status, record = await cancel(client, order_id)
     assert (status, record["status"]) == (200, "cancelled")
     # It ended by its user, not by that failure: the record says so, its history keeps both.
@@ -4744,7 +4754,7 @@ async def test_an_order_cancelled_while_it_waits_to_retry_keeps_its_failure_in_h
     retry, cancelled = record["history"][-2:]
     assert (retry["status"], retry["code"], retry["attempt"]) == ("pending", "NO_QUOTES", 2)
     assert (cancelled["status"], cancelled["attempt"]) == ("cancelled", 1)  # the last one made
-    assert await redis.zscore(delayed, order_id) is None
+    assert await redis.zscore(eng.Keys(config.redis_prefix).delayed, order_id) is None
 
 
 async def test_cancelling_a_submitted_or_finished_order_is_refused(start: Start) -> None:
