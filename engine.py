@@ -321,12 +321,11 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
 #   key depends on what the script reads, the script answers what it found and the caller asks
-#   again with its keys (LUA_CLAIM and a lease's holder). Three scripts reach records whose ids
-#   they read in the same step, which no caller can know beforehand: older failed orders
-#   (keep_failed), the jobs handed back (LUA_RECOVER) and a user's active orders (LUA_SNAPSHOT).
-#   They build those keys from the same prefix: every key of an engine starts with
-#   ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster slot, where
-#   a script may reach them all.
+#   again with its keys (LUA_CLAIM and a lease's holder). Two reach records whose ids they read
+#   in the same step, which no caller can know beforehand: older failed orders (keep_failed)
+#   and a user's active orders (LUA_SNAPSHOT). They build those keys from the same prefix: every
+#   key of an engine starts with ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in
+#   one Redis Cluster slot, where a script may reach them all.
 # - ARGV holds the values, in the order the header lists (script_args() on the Python side); a
 #   script that writes record fields takes them last, as name and value pairs (field_args()).
 #   Splitting one argument of lines inside the script cost Redis more than the arguments cost
@@ -474,7 +473,8 @@ return {'created', event}
 # shut down ('handed', no lease left) or idle ('idle'). An order leased by another instance is
 # answered {'holder', name} and nothing changes, unless the caller named that holder (and so
 # passed its keys): then its job goes back to a holder that is alive, and is taken from a dead one.
-# KEYS: order, processing, the named holder's heartbeat and processing list (if one is named)
+# KEYS: order, processing, the named holder's heartbeat, processing list and draining mark (if
+#       one is named)
 # ARGV: order_id, lease, instance, the holder named ('' for none)
 LUA_CLAIM: Final = """
 local id, lease, instance, named = unpack(ARGV)
@@ -491,9 +491,13 @@ end
 -- An order in the middle of an attempt belongs to its lease holder while that instance is alive
 -- (its heartbeat may have lapsed for a moment, letting its jobs be recovered). Its job goes back
 -- to the holder's processing list, so that it is recovered with the rest if the holder dies
--- later. A dead holder's order is taken over.
+-- later. A dead holder's order is taken over, and that counts as a recovery, unless the holder
+-- shut down cleanly and handed it back (its draining mark says so). An order with no lease
+-- left mid-attempt was handed back by an engine of before the draining mark was kept.
 local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
+local how = 'idle'
 if not idle and held then
+  how = 'taken'
   local holder = string.match(held, '^(.*)/')
   if holder and holder ~= instance then
     if holder ~= named then return {'holder', holder} end
@@ -502,15 +506,12 @@ if not idle and held then
       if not redis.call('LPOS', KEYS[4], id) then redis.call('LPUSH', KEYS[4], id) end
       return {'busy'}
     end
+    if redis.call('EXISTS', KEYS[5]) == 1 then how = 'handed' end
   end
-end
-local how = 'idle'
-if not idle and held then
-  how = 'taken'
-  redis.call('HINCRBY', KEYS[1], 'recoveries', '1')
 elseif not idle then
   how = 'handed'
 end
+if how == 'taken' then redis.call('HINCRBY', KEYS[1], 'recoveries', '1') end
 redis.call('HSET', KEYS[1], 'lease', lease)
 return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
@@ -663,9 +664,9 @@ return record
 # with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
 # every round, until it has been dead for grace_s seconds (longer than a blocking pop lasts).
 # '0' (its own clean shutdown) forgets it at once. The orders of an instance shutting down
-# cleanly are handed back with their leases dropped, so that LUA_CLAIM counts no recovery for
-# them: by itself, or by another instance when its own hand-back did not reach Redis (its
-# draining mark, set when the drain began, says so).
+# cleanly are handed back, by itself or, when its own hand-back did not reach Redis, by another
+# instance (its draining mark, set when the drain began, says so): the mark is then kept as long
+# as an order is, so that LUA_CLAIM, seeing the mark of the lease's holder, counts no recovery.
 # KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since, draining
 # ARGV: instance, only_if_dead, grace_s
 LUA_RECOVER: Final = """
@@ -676,12 +677,8 @@ if only_if_dead == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
 end
 local moved = 0
 local handed = only_if_dead == '0' or redis.call('EXISTS', KEYS[8]) == 1
-while true do
-  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not id then break end
-  moved = moved + 1
-  if handed then redis.call('HDEL', '$ORDER_PREFIX' .. id, 'lease') end
-end
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do moved = moved + 1 end
+if handed then redis.call('SET', KEYS[8], '1', 'EX', '$ORDER_TTL') end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 local now = tonumber(redis.call('TIME')[1])
 local since = tonumber(redis.call('ZSCORE', KEYS[7], instance))
@@ -690,7 +687,6 @@ if only_if_dead == '1' and not since then
 elseif only_if_dead == '0' or now - since > tonumber(grace_s) then
   redis.call('SREM', KEYS[3], instance)
   redis.call('ZREM', KEYS[7], instance)
-  redis.call('DEL', KEYS[8])
 end
 if only_if_dead == '0' then redis.call('DEL', KEYS[4]) end
 return moved
@@ -2266,6 +2262,11 @@ class Keys:
     def draining(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}:draining"
 
+    def of_holder(self, instance: str) -> list[str]:
+        """What LUA_CLAIM reads of an order's lease holder: is it alive, where do its jobs go, did
+        it shut down cleanly."""
+        return [self.heartbeat(instance), self.processing(instance), self.draining(instance)]
+
     @property
     def pending(self) -> str:
         return f"{self.prefix}queue:pending"
@@ -2694,7 +2695,7 @@ class Store:
         audit finds it."""
         keys, holder = [self.keys.order(order_id), self.keys.processing(instance)], ""
         for _ in range(CLAIM_TRIES):
-            theirs = [self.keys.heartbeat(holder), self.keys.processing(holder)] if holder else []
+            theirs = self.keys.of_holder(holder) if holder else []
             reply = await self.batch.call(
                 self._claim,
                 keys=keys + theirs,

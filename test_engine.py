@@ -1031,19 +1031,20 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     assert await redis.xlen(store.keys.user_log("u")) == 2
 
 
-async def test_a_claim_gives_a_live_holder_its_job_back_and_takes_over_from_a_dead_one(
+async def test_a_claim_returns_a_live_holder_s_job_takes_a_dead_one_s_and_a_shut_down_one_s(
     config: Config, redis: aioredis.Redis
 ) -> None:
     store, order = await order_in_store(redis, config)
     keys = store.keys
+    await redis.lmove(keys.pending, keys.processing("inst-a"))
     await store.claim(order.order_id, "inst-a", "inst-a/1")
     routing = replace(order, status=Status.ROUTING, attempts=1)
     await store.advance(
         order, routing, lease="inst-a/1", instance="inst-a", info={}, action="keep", delay_ms=0
     )
     await store.heartbeat("inst-a", {}, ttl_s=60)
-    # inst-a's heartbeat lapsed for a moment, and inst-b took the job from pending
-    await redis.rpush(keys.processing("inst-b"), order.order_id)
+    # inst-a's heartbeat lapsed for a moment, its job was recovered, and inst-b took it
+    await redis.lmove(keys.processing("inst-a"), keys.processing("inst-b"))
     assert await store.claim(order.order_id, "inst-b", "inst-b/2") == ("busy", None)
     assert await redis.lrange(keys.processing("inst-a"), 0, -1) == [order.order_id]
     assert await redis.llen(keys.processing("inst-b")) == 0
@@ -1056,6 +1057,17 @@ async def test_a_claim_gives_a_live_holder_its_job_back_and_takes_over_from_a_de
     assert claimed is not None
     assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, False)
     assert await redis.hget(keys.order(order.order_id), "lease") == "inst-b/2"
+    # inst-b shuts down cleanly and hands its jobs back: taking the order up is no recovery
+    assert await store.recover("inst-b", only_if_dead=False) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [order.order_id]
+    # The hand-back touches no order: inst-b's draining mark, kept, is what tells a claim.
+    assert await redis.hget(keys.order(order.order_id), "lease") == "inst-b/2"
+    assert await redis.ttl(keys.draining("inst-b")) > config.order_ttl_s - 60
+    await redis.lmove(keys.pending, keys.processing("inst-c"))
+    outcome, claimed = await store.claim(order.order_id, "inst-c", "inst-c/3")
+    assert outcome == "claimed"
+    assert claimed is not None
+    assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, True)
 
 
 async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
