@@ -259,6 +259,7 @@ HISTORY_TIMEOUT_S: Final = 10.0  # one PostgreSQL connect or write
 HISTORY_POOL_MAX: Final = 4
 FIRE_BATCH: Final = 500  # waiting orders woken per script call
 EXPIRE_BATCH: Final = 100
+TRIM_BATCH: Final = 500  # failed orders given their TTL back per round, at most
 EXPIRY_CHECK_S: Final = 1.0
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
@@ -321,11 +322,12 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
 #   key depends on what the script reads, the script answers what it found and the caller asks
-#   again with its keys (LUA_CLAIM and a lease's holder). Two reach records whose ids they read
-#   in the same step, which no caller can know beforehand: older failed orders (keep_failed)
-#   and a user's active orders (LUA_SNAPSHOT). They build those keys from the same prefix: every
-#   key of an engine starts with ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in
-#   one Redis Cluster slot, where a script may reach them all.
+#   again with its keys (LUA_CLAIM and a lease's holder), or works on them one at a time from
+#   outside (LUA_UNKEEP). One reaches records whose ids it reads in the same step, which no
+#   caller can know beforehand: a user's active orders (LUA_SNAPSHOT). It builds those keys
+#   from the same prefix: every key of an engine starts with ENGINE_REDIS_PREFIX, and a
+#   hash-tagged prefix puts them all in one Redis Cluster slot, where a script may reach them
+#   all.
 # - ARGV holds the values, in the order the header lists (script_args() on the Python side); a
 #   script that writes record fields takes them last, as name and value pairs (field_args()).
 #   Splitting one argument of lines inside the script cost Redis more than the arguments cost
@@ -371,9 +373,10 @@ end
 """
 # A finished order's history is a JSON array kept as text, so appending needs no JSON round trip.
 # A failed order stays readable while it is among the newest ENGINE_FAILED_KEEP (the set
-# `failed`); older ones fall back to the ordinary record TTL. With DATABASE_URL set, a finished
-# order's id goes to the outbox, from which it is written to PostgreSQL; the outbox keeps the
-# newest OUTBOX_KEEP (older ones are dropped, with a log line).
+# `failed`); older ones fall back to the ordinary record TTL a few seconds later (LUA_UNKEEP,
+# which the recovery loop runs for each id past them). With DATABASE_URL set, a finished order's
+# id goes to the outbox, from which it is written to PostgreSQL; the outbox keeps the newest
+# OUTBOX_KEEP (older ones are dropped, with a log line).
 LUA_FINISH: Final = """
 local function append(history, entry)
   if history == '[]' then return '[' .. entry .. ']' end
@@ -383,10 +386,6 @@ end
 local function keep_failed(failed, order, id, score)
   redis.call('PERSIST', order)
   redis.call('ZADD', failed, score, id)
-  for _, old in ipairs(redis.call('ZRANGE', failed, 0, -$FAILED_KEEP - 1)) do
-    redis.call('EXPIRE', '$ORDER_PREFIX' .. old, '$ORDER_TTL')
-  end
-  redis.call('ZREMRANGEBYRANK', failed, 0, -$FAILED_KEEP - 1)
 end
 
 local function to_outbox(outbox, id)
@@ -690,6 +689,17 @@ elseif only_if_dead == '0' or now - since > tonumber(grace_s) then
 end
 if only_if_dead == '0' then redis.call('DEL', KEYS[4]) end
 return moved
+"""
+
+# A failed order no longer among the newest ENGINE_FAILED_KEEP: its record gets the ordinary
+# TTL again and it leaves the set `failed`. Nothing if it is among them (again) or gone.
+# KEYS: failed, order   ARGV: order_id
+LUA_UNKEEP: Final = """
+local rank = redis.call('ZREVRANK', KEYS[1], ARGV[1])
+if not rank or rank < $FAILED_KEEP then return 0 end
+redis.call('EXPIRE', KEYS[2], '$ORDER_TTL')
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
 """
 
 # Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
@@ -2573,6 +2583,7 @@ class Store:
         self._fire, self._recover = script(LUA_FIRE), script(LUA_RECOVER)
         self._requeue, self._dedupe = script(LUA_REQUEUE), script(LUA_DEDUPE)
         self._take, self._promote = script(LUA_TAKE), script(LUA_PROMOTE)
+        self._unkeep = script(LUA_UNKEEP)
         self._snapshot, self._replay = script(LUA_SNAPSHOT), script(LUA_REPLAY)
 
     def _sent(self, user: str) -> Callable[[Any], None]:
@@ -2781,6 +2792,19 @@ class Store:
             metrics.attempts.inc()
         if info.get("code") and status in (Status.PENDING, Status.FAILED):
             metrics.failures.labels(info["code"], str(status is Status.FAILED).lower()).inc()
+
+    async def trim_failed(self) -> int:
+        """Give the failed orders past the newest ENGINE_FAILED_KEEP the ordinary record TTL
+        again, one script each (LUA_UNKEEP); returns how many."""
+        excess = await self.redis.zcard(self.keys.failed) - self._config.failed_keep
+        if excess <= 0:
+            return 0
+        past = await self.redis.zrange(self.keys.failed, 0, min(excess, TRIM_BATCH) - 1)
+        trimmed = 0
+        for order_id in map(str, past):
+            keys = [self.keys.failed, self.keys.order(order_id)]
+            trimmed += int(await self._unkeep(keys=keys, args=[order_id]))
+        return trimmed
 
     async def promote(self, now_ms: int) -> tuple[int, int | None]:
         """Move due retries to pending; returns how many moved and when the next one is due."""
@@ -5115,6 +5139,7 @@ class Engine:
                 if instance != self.instance_id and self._heartbeats_settled:
                     await self._recover_if_dead(instance)
             await self._requeue_orphans()
+            await persist("trim failed", self.store.trim_failed)
             await asyncio.sleep(self._beat_interval_s)
 
     async def _recover_if_dead(self, instance: str) -> None:
