@@ -1411,7 +1411,7 @@ class Config:
             try:
                 changes[setting.attr] = setting.parse(raw)
             except ValueError as exc:
-                shown = "<hidden>" if setting.secret else repr(raw)
+                shown = "<hidden>" if setting.secret else setting.shown(raw)
                 raise ConfigError(f"{name} {exc}, got {shown}") from None
         if changes.get("venues") == "solana":  # a blockhash lives 60-90 s: wait for it
             changes.setdefault("execution_timeout_ms", SOLANA_EXECUTION_TIMEOUT_MS)
@@ -1618,6 +1618,13 @@ def _read_text(path: str) -> str:
 def _redis_url(text: str) -> str:
     if not re.match(r"(redis|rediss|unix)://", text):
         raise ValueError("must start with redis://, rediss:// or unix://")
+    try:
+        aioredis.ConnectionPool.from_url(text)  # parses it as the client will, connects nowhere
+    except ValueError as exc:
+        raise ValueError(f"is not a URL Redis's client takes: {exc}") from None
+    database = re.match(r"rediss?://[^/?#]*(/[^?#]*)?", text)
+    if database and not re.fullmatch(r"/?\d*", database.group(1) or ""):
+        raise ValueError("names a database that is not a number (redis://host:port/0)")
     return text
 
 
@@ -1763,6 +1770,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False  # never echoed in an error
+    shown: Callable[[str], str] = repr  # how an error echoes a bad value
 
     @property
     def flag(self) -> str:
@@ -1773,7 +1781,13 @@ DAY_S: Final = 86_400
 SETTINGS: Final = (
     Setting("HOST", "host", _host, "listen address"),
     Setting("PORT", "port", _integer(0, 65535), "listen port (0 picks a free one)"),
-    Setting("REDIS_URL", "redis_url", _redis_url, "external Redis 6.2+; unset: embedded Redis"),
+    Setting(
+        "REDIS_URL",
+        "redis_url",
+        _redis_url,
+        "external Redis 6.2+; unset: embedded Redis",
+        shown=lambda url: repr(redacted(url)),  # its password never
+    ),
     Setting("DATA_DIR", "data_dir", _path, "embedded Redis data directory"),
     Setting("ENGINE_REDIS_PREFIX", "redis_prefix", _prefix, "prefix of every Redis key"),
     Setting("ENGINE_REDIS_CLUSTER", "redis_cluster", _flag, "REDIS_URL is a Redis Cluster node"),

@@ -749,6 +749,11 @@ def test_flags_have_the_variable_names_and_override_the_environment() -> None:
         ("ENGINE_DEX_FAIL_RATE", "1.5"),
         ("ENGINE_DEX_LATENCY_SCALE", "nan"),
         ("REDIS_URL", "localhost:6379"),
+        ("REDIS_URL", "redis://127.0.0.1:99999"),
+        ("REDIS_URL", "redis://127.0.0.1:notaport"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/abc"),
+        ("REDIS_URL", "unix:///tmp/redis.sock?db=x"),
         ("LOG_FORMAT", "xml"),
         ("ENGINE_REDIS_PREFIX", "has space"),
         ("ENGINE_DEX_FAULTS", "nope"),
@@ -775,6 +780,13 @@ def test_flags_have_the_variable_names_and_override_the_environment() -> None:
 def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(eng.ConfigError, match=rf"^{name} .*got '{re.escape(value)}'$"):
         Config.load({name: value})
+
+
+def test_a_bad_redis_url_is_refused_without_its_password() -> None:
+    with pytest.raises(eng.ConfigError) as refused:
+        Config.load({"REDIS_URL": "redis://user:s3cret@127.0.0.1:99999/0"})
+    assert "s3cret" not in str(refused.value)
+    assert str(refused.value).endswith("got 'redis://user:***@127.0.0.1:99999/0'")
 
 
 def test_a_redis_cluster_needs_a_node_s_url_and_a_hash_tag_in_the_prefix() -> None:
