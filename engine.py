@@ -5840,7 +5840,7 @@ class Hub:
                     sub.pinged_at = sub.keepalive_at = now
                     # Not onto what it has not taken yet: the ping must not wait on the client.
                     if not transport.get_write_buffer_size():
-                        with contextlib.suppress(ConnectionResetError):
+                        with contextlib.suppress(ConnectionError):
                             await self._control(sub, WSMsgType.PING, b"")
 
     # -- sending: every frame goes through aiohttp's writer, which puts each one on the transport
@@ -5867,7 +5867,7 @@ class Hub:
 
     @staticmethod
     async def _write_close(ws: web.WebSocketResponse, payload: bytes) -> None:
-        with contextlib.suppress(ConnectionResetError):  # the client has gone already
+        with contextlib.suppress(ConnectionError):  # the client has gone already
             await ws.send_frame(payload, WSMsgType.CLOSE)
 
     # -- Pub/Sub in ------------------------------------------------------------------------------
@@ -6083,7 +6083,7 @@ class Hub:
                 await self._catch_up(sub, until=None, first=opening.log)
             sub.caught_up = True
             await self._forward(sub)
-        except ConnectionResetError:
+        except ConnectionError:  # reset, or lost while aiohttp waited to write
             pass  # the client went away; serve() cleans up
 
     async def _forward(self, sub: Subscriber) -> None:
@@ -6875,6 +6875,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     sub = hub.join(ws, user_id, request.transport)
     try:
         opening = await within_deadline(engine, hub.first_read(sub, since))
+        if isinstance(request.protocol, Connection):  # (an embedding program's may be another)
+            request.protocol.upgraded = True
         await ws.prepare(request)
     except BaseException:
         hub.leave(sub)
@@ -6980,6 +6982,7 @@ class Connection(web.RequestHandler):
         self._stuck: asyncio.TimerHandle | None = None
         self._half_closed = False
         self._last_body: StreamReader | None = None  # the body of the request answered last
+        self.upgraded = False  # a WebSocket now (set by its handler once it is open)
         self.reading: StreamReader | None = None  # the body a handler reads (read_json)
         self.cut_short: StreamReader | None = None  # a body ended before the parser saw its end
         self.closing = False  # aiohttp takes no more bytes: the engine is shutting down
@@ -6989,7 +6992,12 @@ class Connection(web.RequestHandler):
         """The client has sent all it will (a half-close, as `nc -N` does): the connection stays
         open for the answer to what it sent, and closes after it (or, with nothing to answer, at
         the idle deadline). asyncio would close it at once and the answer would be lost. A body
-        still being read ends here: what came of it is all there will be."""
+        still being read ends here: what came of it is all there will be. A WebSocket's client
+        that closes its side has left (a close frame, if any, came before): the connection
+        closes at once, and so does the socket, instead of holding its places until the
+        keepalive finds it gone."""
+        if self.upgraded:
+            return False
         self._half_closed = True
         for body in (self.reading, self._last_body):  # aiohttp may wait for the rest of a
             self.end_body(body)  # body it answered without reading ("lingering"): none comes

@@ -3841,6 +3841,30 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
 
 
+async def test_a_client_that_closes_its_side_without_a_close_frame_frees_its_place_at_once(
+    config: Config, processes: Processes
+) -> None:
+    # A real engine: its connections are the engine's own, which keep a half-closed HTTP
+    # connection open for its answer. The keepalive (20 s) would find such a socket gone only
+    # after the test's deadline, and meanwhile it would hold one of the user's 32 places.
+    engine = await processes.spawn(engine_env(config))
+    url = await engine.url()
+
+    async def dropped() -> bool:
+        async with ClientSession() as http, http.get(f"{url}/healthz") as reply:
+            return bool((await reply.json())["websockets"] == 0)
+
+    for _ in range(3):
+        reader, writer = await connect_raw(url)
+        writer.write(upgrade_request("leaver"))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        assert orjson.loads((await read_frame(reader))[1])["type"] == "connected"
+        writer.write_eof()  # a FIN, no close frame: the client has left
+        await wait_for(dropped, "the server to drop the socket")
+        assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""  # and close it
+        writer.close()
+
+
 async def test_every_frame_goes_out_whole_and_nothing_follows_a_close_frame(
     start: Start, config: Config
 ) -> None:
