@@ -1669,7 +1669,10 @@ def venue_factory(path: str) -> Callable[[Config], Any]:
 
 def plugged_venues(config: Config) -> list[Venue]:
     """The venues ENGINE_VENUES=package.module:factory makes; each must have the Venue methods."""
-    made = venue_factory(config.venues)(config)
+    try:
+        made = venue_factory(config.venues)(config)
+    except Exception as exc:  # the factory's own error: one line, as for any setting
+        raise ConfigError(f"ENGINE_VENUES {config.venues} failed: {exc!r}") from None
     venues = list(made) if isinstance(made, list | tuple) else [made]
     if not venues:
         raise ConfigError(f"ENGINE_VENUES {config.venues} made no venue")
@@ -7703,6 +7706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_garbage_collector()
     try:
         run(_serve_until_signalled(config))
+    except ConfigError as exc:  # found once the engine starts (ENGINE_VENUES' factory)
+        print(f"engine: configuration error: {exc}", file=sys.stderr)
+        return 2
     except StartupError as exc:
         log.error("engine could not start: %s", exc)
         return 1

@@ -2753,6 +2753,10 @@ def not_a_venue(config: Config) -> object:
     return object()
 
 
+def failing_factory(config: Config) -> object:
+    raise RuntimeError("the venue's credentials are missing")
+
+
 async def test_a_venue_named_by_its_import_path_routes_and_fills_orders(
     start: Start, config: Config
 ) -> None:
@@ -2781,6 +2785,24 @@ def test_a_venue_path_that_names_no_factory_is_refused(value: str, says: str) ->
 async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config: Config) -> None:
     with pytest.raises(eng.ConfigError, match=r"not a venue .*quote, execute, lookup, has_pool"):
         await start(replace(config, venues="test_engine:not_a_venue"))
+
+
+@pytest.mark.parametrize(
+    ("factory", "says"),
+    [
+        ("not_a_venue", "made <object object at 0x"),
+        ("failing_factory", 'failed: RuntimeError("the venue\'s credentials are missing")'),
+    ],
+)
+async def test_a_factory_that_fails_or_makes_no_venue_stops_the_engine_with_one_line(
+    config: Config, processes: Processes, factory: str, says: str
+) -> None:
+    engine = await processes.spawn(engine_env(config, ENGINE_VENUES=f"test_engine:{factory}"))
+    assert await engine.exit_code() == 2
+    assert not [line for line in engine.lines if "Traceback" in line or "ERROR" in line]
+    line = engine.lines[-1]  # after the embedded Redis, started and stopped again
+    assert line.startswith(f"engine: configuration error: ENGINE_VENUES test_engine:{factory} ")
+    assert says in line
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
