@@ -875,6 +875,7 @@ class RedisRefusingForNow(redis_errors.ConnectionError):
 
 AUTH_REFUSED_RE: Final = re.compile(
     r"invalid username-password pair|invalid password|WRONGPASS|NOAUTH|Authentication required"
+    r"|must be called with the client already authenticated"  # no password, one is required
 )
 REFUSED_FOR_NOW_RE: Final = re.compile(
     r"(?:^|: -)(OOM|READONLY|NOREPLICAS|MASTERDOWN|MISCONF|BUSY|LOADING|TRYAGAIN)\b"

@@ -5686,6 +5686,23 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
         await redis.aclose()
 
 
+async def test_an_engine_without_the_password_redis_requires_stops_start_up_at_once(
+    config: Config, processes: Processes, own_redis: RedisServer
+) -> None:
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.config_set("requirepass", "secret")
+        engine = await processes.spawn(engine_env(replace(config, redis_url=own_redis.url)))
+        assert await engine.exit_code() == 1  # at once: not 30 s of waiting for an outage
+        assert not [line for line in engine.lines if "redis unavailable" in line]
+        assert "ERROR engine could not start: redis" in engine.lines[-1]
+        assert "refused" in engine.lines[-1]
+    finally:
+        await redis.execute_command("AUTH", "secret")  # type: ignore[no-untyped-call]
+        await redis.config_set("requirepass", "")
+        await redis.aclose()
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
