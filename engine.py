@@ -2491,8 +2491,8 @@ class AutoPipeline:
         order Redis ran the scripts (one batch in flight at a time)."""
         call = _Call(script, keys, args, asyncio.get_running_loop().create_future(), on_reply)
         self._queue.append(call)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_queued())
+        if self._sender is None:  # in a context of its own: not the first caller's order's
+            self._sender = asyncio.create_task(self._send_queued(), context=contextvars.Context())
         return await call.reply
 
     async def close(self) -> None:

@@ -1082,6 +1082,21 @@ async def test_a_claim_returns_a_live_holder_s_job_takes_a_dead_one_s_and_a_shut
     assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, True)
 
 
+async def test_the_batch_sender_logs_in_no_caller_s_name(redis: aioredis.Redis) -> None:
+    # What a batch's replies set off (events to sockets, a socket closed as slow) is nobody's
+    # order: it must not be logged under the order of whichever worker started the sender.
+    echo = redis.register_script("return ARGV[1]")
+    batch = eng.AutoPipeline(redis)
+    seen: list[str | None] = []
+    token = eng.CURRENT_ORDER.set("order_of_a_worker")
+    try:
+        reply = await batch.call(echo, [], ["x"], lambda _: seen.append(eng.CURRENT_ORDER.get()))
+    finally:
+        eng.CURRENT_ORDER.reset(token)
+        await batch.close()
+    assert (reply, seen) == ("x", [None])
+
+
 async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
     own_redis: RedisServer,
 ) -> None:
