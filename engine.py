@@ -259,6 +259,7 @@ HISTORY_TIMEOUT_S: Final = 10.0  # one PostgreSQL connect or write
 HISTORY_POOL_MAX: Final = 4
 FIRE_BATCH: Final = 500  # waiting orders woken per script call
 EXPIRE_BATCH: Final = 100
+READY_KEY_TTL_MS: Final = 60_000  # the key /readyz writes to see that Redis takes writes
 TRIM_BATCH: Final = 500  # failed orders given their TTL back per round, at most
 EXPIRY_CHECK_S: Final = 1.0
 PROMOTE_IDLE_S: Final = 0.5
@@ -2287,6 +2288,10 @@ class Keys:
     def heartbeat(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}"
 
+    @property
+    def ready(self) -> str:
+        return f"{self.prefix}ready"
+
     def draining(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}:draining"
 
@@ -2839,10 +2844,11 @@ class Store:
         await self.redis.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
         await self.redis.sadd(self.keys.instances, instance)
 
-    async def ping(self) -> int:
-        """A round trip to the Redis node that holds the engine's keys (in a Redis Cluster, the
-        one serving their slot, which a PING might not reach)."""
-        return int(await self.redis.exists(self.keys.instances))
+    async def ping(self) -> None:
+        """A write to the Redis node that holds the engine's keys (in a Redis Cluster, the one
+        serving their slot, which a PING might not reach): a Redis that answers reads but
+        refuses writes (a disk it cannot save to, out of memory, a replica) takes no order."""
+        await self.redis.set(self.keys.ready, 1, px=READY_KEY_TTL_MS)
 
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
@@ -6803,8 +6809,13 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
     engine = request.app[ENGINE]
     checks: dict[str, str] = {}
-    answered = await probe_redis(engine, engine.store.ping())
-    checks["redis"] = "ok" if answered is not None else "unavailable"
+    try:
+        await within_deadline(engine, engine.store.ping())
+        checks["redis"] = "ok"
+    except RedisRefusingForNow:
+        checks["redis"] = "refusing writes"
+    except (ApiError, *REDIS_TRANSIENT):
+        checks["redis"] = "unavailable"
     if engine.history is not None:
         try:
             await engine.history.ping()

@@ -5718,6 +5718,29 @@ async def test_an_engine_without_the_password_redis_requires_stops_start_up_at_o
         await redis.aclose()
 
 
+async def test_readiness_says_so_while_redis_answers_but_refuses_writes(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    assert (await client.get("/readyz")).status == 200
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.config_set(
+            "min-replicas-to-write", 1
+        )  # NOREPLICAS, as a failing disk's MISCONF
+        ready = await client.get("/readyz")
+        assert (ready.status, await ready.json()) == (
+            503,
+            {"status": "unavailable", "redis": "refusing writes"},
+        )
+        post = await client.post(EXECUTE, json=ORDER)
+        assert post.status == 503  # what a load balancer is kept from sending it
+        await redis.config_set("min-replicas-to-write", 0)
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await redis.aclose()
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
