@@ -6441,7 +6441,8 @@ def claimed_by(user: str, claimed: object) -> str:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A JSON number of a time: not a boolean, and finite (PyJWT reads NaN, Infinity, 1e400)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_user_id(value: object) -> str:

@@ -4983,6 +4983,8 @@ def unsigned(header: dict[str, Any], claims: Any = None) -> str:
         (bearer(token(exp=str(int(time.time()) + 600))), "TOKEN_INVALID"),  # a string, not a time
         (bearer(token(nbf="0")), "TOKEN_INVALID"),
         (bearer(token(exp=True)), "TOKEN_INVALID"),  # a boolean, not a time (not 1 s past 1970)
+        (bearer(token(exp=float("nan"))), "TOKEN_INVALID"),  # JSON's NaN: no time, never expiring
+        (bearer(token(exp=float("inf"))), "TOKEN_INVALID"),  # 1e400 reads as infinity
         # a header naming extensions the server must know, checked before the signature: the
         # answer names none of them (they could carry anything, line breaks included)
         (
