@@ -1615,6 +1615,8 @@ def _read_text(path: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise ValueError(f"cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError("is a file that is not text (UTF-8)") from None
 
 
 def _redis_url(text: str) -> str:

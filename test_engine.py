@@ -5095,9 +5095,14 @@ async def test_without_a_key_the_engine_says_it_is_open(
     assert not any("authentication off" in r.message for r in caplog.records)
 
 
-def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret() -> None:
+def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret(tmp_path: Path) -> None:
     with pytest.raises(eng.ConfigError, match=r"at least 32 bytes .*, got <hidden>$"):
         Config.load({"ENGINE_JWT_SECRET": "short"})
+    binary = tmp_path / "key.der"
+    binary.write_bytes(b"\xff\xfe\x00binary")  # a DER key, say, where a PEM is wanted
+    for name in ("ENGINE_JWT_PUBLIC_KEY", "ENGINE_TOKENS"):
+        with pytest.raises(eng.ConfigError, match=f"^{name} is a file that is not text"):
+            Config.load({name: str(binary)})
     with pytest.raises(eng.ConfigError, match="ENGINE_JWT_PUBLIC_KEY must be a PEM"):
         Config.load({"ENGINE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnope"})
     pem = (
