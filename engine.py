@@ -6444,7 +6444,9 @@ def claimed_by(user: str, claimed: object) -> str:
 
 def _is_number(value: object) -> bool:
     """A JSON number of a time: not a boolean, and finite (PyJWT reads NaN, Infinity, 1e400)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)  # any int, 10**400 too
 
 
 def parse_user_id(value: object) -> str:
