@@ -452,6 +452,7 @@ end
 if kind ~= 'market' and redis.call('ZCARD', KEYS[4]) >= $MAX_WAITING then
   return {'full_waiting'}
 end
+if redis.call('SCARD', KEYS[5]) >= $MAX_OPEN then return {'too_many_open'} end
 local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', KEYS[2], id)
@@ -1367,6 +1368,7 @@ class Config:
     max_attempts: int = 3
     max_queued: int = 100_000
     max_waiting: int = 1_000_000
+    max_open_per_user: int = 1_000  # unfinished orders of one user (what a snapshot sends)
     order_ttl_s: int = 86_400
     failed_keep: int = 1000
     dex_latency_scale: float = 1.0
@@ -1804,6 +1806,12 @@ SETTINGS: Final = (
     Setting(
         "ENGINE_MAX_WAITING", "max_waiting", _integer(1, 100_000_000), "cap on limit/sniper orders"
     ),
+    Setting(
+        "ENGINE_MAX_OPEN_PER_USER",
+        "max_open_per_user",
+        _integer(1, 1_000_000),
+        "cap on one user's unfinished orders",
+    ),
     Setting("ENGINE_ORDER_TTL_S", "order_ttl_s", _integer(60, 365 * DAY_S), "finished order TTL"),
     Setting("ENGINE_FAILED_KEEP", "failed_keep", _integer(1, 1_000_000), "failed orders kept"),
     Setting("ENGINE_DEX_LATENCY_SCALE", "dex_latency_scale", _number(0, 1000), "mock latency x"),
@@ -2234,6 +2242,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         HISTORY=1 if config.database_url else 0,
         OUTBOX_KEEP=OUTBOX_KEEP,
         MAX_WAITING=config.max_waiting,
+        MAX_OPEN=config.max_open_per_user,
         RATE_LIMIT=config.rate_limit_per_min,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
@@ -2684,6 +2693,10 @@ class Store:
             raise ApiError(503, "QUEUE_FULL", message, retryable=True)
         if reply[0] == "throttled":
             raise rate_limited(self._config.rate_limit_per_min, int(reply[1]))
+        if reply[0] == "too_many_open":
+            most = self._config.max_open_per_user
+            message = f"at most {most} unfinished orders per user; cancel some or let them end"
+            raise ApiError(429, "TOO_MANY_OPEN_ORDERS", message)
         if reply[0] == "created":
             self.metrics.order_counted(Status.PENDING, "")
             return Created(order.order_id, Status.PENDING, replayed=False)

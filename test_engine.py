@@ -5115,6 +5115,24 @@ def test_a_bad_key_is_refused_at_start_up_without_echoing_a_secret(tmp_path: Pat
         Config.load({"ENGINE_JWT_SECRET": SECRET, "ENGINE_JWT_PUBLIC_KEY": pem})
 
 
+async def test_a_user_s_unfinished_orders_are_capped_and_the_cap_frees_as_they_end(
+    start: Start, config: Config
+) -> None:
+    venue, held = gated()  # executions wait: the orders stay unfinished
+    client = await start(replace(config, max_open_per_user=2), venues=[venue])
+    first, second = await order_id_of(client), await order_id_of(client)
+    response = await client.post(EXECUTE, json=ORDER)
+    error = (await response.json())["error"]
+    assert (response.status, error["code"]) == (429, "TOO_MANY_OPEN_ORDERS")
+    assert "at most 2 unfinished orders per user" in error["message"]
+    other = await client.post(EXECUTE, json={**ORDER, "userId": "someone-else"})
+    assert other.status == 202  # a cap of the user's own
+    held.set()
+    for order_id in (first, second):
+        await wait_status(client, order_id, "confirmed")
+    assert (await client.post(EXECUTE, json=ORDER)).status == 202
+
+
 async def test_orders_beyond_the_rate_limit_get_429_with_retry_after_on_every_instance(
     start: Start, config: Config
 ) -> None:
