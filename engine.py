@@ -7015,7 +7015,7 @@ class Connection(web.RequestHandler):
         self._stuck: asyncio.TimerHandle | None = None
         self._half_closed = False
         self._last_body: StreamReader | None = None  # the body of the request answered last
-        self.upgraded = False  # a WebSocket now (set by its handler once it is open)
+        self.upgraded = False  # a WebSocket now (set by its handler as it upgrades)
         self.reading: StreamReader | None = None  # the body a handler reads (read_json)
         self.cut_short: StreamReader | None = None  # a body ended before the parser saw its end
         self.closing = False  # aiohttp takes no more bytes: the engine is shutting down
@@ -7728,15 +7728,11 @@ def _tune_garbage_collector() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.load(os.environ, sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        print(f"engine: configuration error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config)
-    _raise_open_file_limit(config.max_connections + FILE_DESCRIPTORS_SPARE)
-    _tune_garbage_collector()
-    try:
+        configure_logging(config)
+        _raise_open_file_limit(config.max_connections + FILE_DESCRIPTORS_SPARE)
+        _tune_garbage_collector()
         run(_serve_until_signalled(config))
-    except ConfigError as exc:  # found once the engine starts (ENGINE_VENUES' factory)
+    except ConfigError as exc:  # a setting, or what one names (ENGINE_VENUES' factory) at start
         print(f"engine: configuration error: {exc}", file=sys.stderr)
         return 2
     except StartupError as exc:
