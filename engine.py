@@ -2138,9 +2138,7 @@ def advance(current: Status, new: Status) -> Status:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 # Record fields that Lua reads or writes itself; every other field holds a JSON value.
-_RAW_FIELDS: Final = frozenset(
-    {"status", "lease", "step", "history", "lastEvent", "triggerKey", "expiresAtMs"}
-)
+_RAW_FIELDS: Final = frozenset({"status", "lease", "step", "history", "lastEvent", "expiresAtMs"})
 PUBLIC_FIELDS: Final = (
     "orderId",
     "userId",
@@ -2658,7 +2656,6 @@ class Store:
         if (condition := order.condition) is not None:
             extra |= condition.to_json()
             fields |= condition.to_json()
-            fields["triggerKey"] = self.keys.trigger_of(order)[0]
             fields["expiresAtMs"] = str(condition.expires_at_ms)
         event = order_event(order, Status.PENDING, ts, extra)
         user = order.user_id
