@@ -5172,14 +5172,23 @@ class Engine:
     async def _recovery_loop(self) -> None:
         while True:
             for instance in await persist("instances", self.store.instances):
-                if instance != self.instance_id and self._heartbeats_settled:
+                if instance != self.instance_id:
                     await self._recover_if_dead(instance)
             await self._requeue_orphans()
             await persist("trim failed", self.store.trim_failed)
             await asyncio.sleep(self._beat_interval_s)
 
     async def _recover_if_dead(self, instance: str) -> None:
-        moved = await persist("recover", self.store.recover, instance, only_if_dead=True)
+        """One try, sent only while heartbeats are settled. Never tried again after Redis failed
+        it: the retry would run the moment Redis is back, before the living have beaten again
+        (the next round judges afresh)."""
+        if not self._heartbeats_settled:
+            return
+        try:
+            moved = await self.store.recover(instance, only_if_dead=True)
+        except REDIS_TRANSIENT as exc:
+            log.warning("redis unavailable; will retry", extra={"op": "recover", "error": str(exc)})
+            return
         if moved > 0:  # a dead instance is looked at again for a while; most rounds find nothing
             log.warning(
                 "recovered jobs of a dead instance", extra={"instance": instance, "jobs": moved}

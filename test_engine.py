@@ -5934,11 +5934,14 @@ async def _logged(http: ClientSession, url: str) -> AsyncIterator[dict[str, str]
                 return
 
 
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
 async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
-    config: Config, processes: Processes, own_redis: RedisServer
+    config: Config, processes: Processes, own_redis: RedisServer, fault: str
 ) -> None:
-    # Every heartbeat lapses while Redis is away; the engines are alive all the same, and
-    # none may take another's orders for a dead engine's (one attempt each: that would fail).
+    # Every heartbeat lapses while Redis is away (killed, or standing still); the engines are
+    # alive all the same, and none may take another's orders for a dead engine's (one attempt
+    # each: that would fail). A recovery that Redis failed is judged again, not retried the
+    # moment Redis is back, before the living have beaten again.
     env = engine_env(
         replace(config, redis_url=own_redis.url),
         ENGINE_DEX_LATENCY_SCALE="0.5",
@@ -5952,9 +5955,15 @@ async def test_a_redis_outage_longer_than_the_heartbeat_is_no_engine_s_death(
         for outage in range(2):
             order_ids += [await place(http, urls[i % 3]) for i in range(15)]
             await reach(http, urls[0], order_ids[-3:], "submitted", *TERMINAL)
-            own_redis.kill()
+            if fault == "killed":
+                own_redis.kill()
+            else:
+                own_redis.signal(signal.SIGSTOP)
             await hold_fault(1.5 + outage)  # longer than ENGINE_HEARTBEAT_TTL_S (1 s)
-            own_redis.start()
+            if fault == "killed":
+                own_redis.start()
+            else:
+                own_redis.signal(signal.SIGCONT)
         records = await reach(http, urls[1], order_ids, *TERMINAL)
     assert {record["status"] for record in records} == {"confirmed"}
     assert {record["recoveries"] for record in records} == {0}
