@@ -56,6 +56,7 @@ import shutil
 import signal
 import socket
 import string
+import struct
 import subprocess
 import sys
 import termios
@@ -3946,14 +3947,38 @@ TOKEN_PROGRAMS: Final = frozenset(
     (SPL_TOKEN_PROGRAM, "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb")
 )
 ASSOCIATED_TOKEN_PROGRAM: Final = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"
-# Jupiter's aggregator (v6): its swap moves the wallet's tokens by its own on-chain checks.
+# Jupiter's aggregator (v6): its swap moves the wallet's tokens by its own on-chain checks, which
+# hold it to what its instruction says (amount in, quoted amount out, slippage, where the output
+# goes): the engine reads that and checks it. Two instructions swap exact-in: `route` and
+# `shared_accounts_route` (which has an id byte first); their arguments are a route plan, then
+# in_amount u64, quoted_out_amount u64, slippage_bps u16 and platform_fee_bps u8.
 JUPITER_PROGRAM: Final = "JUP6LkbZbjS1jKKwapdHNy74zcZ3tLUZoi5QNyVTaV4"
+JUPITER_ROUTE, JUPITER_SHARED_ROUTE = (
+    bytes.fromhex("e517cb977ae3ad2a"),
+    bytes.fromhex("c1209b3341d69c81"),
+)
+JUPITER_ROUTE_TAIL: Final = struct.Struct("<QQHB")
+# The bytes that follow the tag of each variant of Jupiter's Swap enum (one per AMM, in its IDL's
+# order); None: WhirlpoolSwapV2's, a flag and an optional list of two-byte slices. A route through
+# an AMM not listed here cannot be read to its end, so its amounts cannot be trusted: refused.
+# fmt: off
+JUPITER_SWAP_SIZES: Final = (
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 0,  # Saber .. Lifinity
+    0, 0, 1, 0, 0, 1, 1, 1, 1, 0,  # Mercurial .. Meteora
+    0, 1, 0, 1, 1, 0, 0, 1, 1, 16,  # GooseFX .. Symmetry
+    0, 0, 0, 4, 0, 0, 0, 0, 0, 1,  # TokenSwapV2 .. OpenBookV2
+    0, 4, 3, 10, 5, 5, 0, None, 0, 0,  # RaydiumClmmV2 .. PumpdotfunWrappedBuy
+    0, 0, 0, 0, 0, 0, 0, 0, 1, 0,  # PumpdotfunWrappedSell .. FoxBuyFromEstimatedCost
+    1, 1,  # FoxClaimPartial, SolFi
+)
+# fmt: on
 MEMO_PROGRAMS: Final = frozenset(
     ("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr", "Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo")
 )
 COMPUTE_BUDGET_PROGRAM: Final = "ComputeBudget111111111111111111111111111111"
 BUDGET_UNIT_LIMIT, BUDGET_UNIT_PRICE = 2, 3
 BUDGET_HARMLESS: Final = frozenset((1, 4))  # a heap frame, a loaded-data limit
+SWAP_SIGNERS_MAX: Final = 2  # the wallet, and an RFQ maker co-signing its fill
 COMPUTE_UNITS_MAX: Final = 1_400_000  # a transaction's most; what a fee is priced on by default
 TOKEN_TRANSFER, TOKEN_CLOSE, TOKEN_TRANSFER_CHECKED = 3, 9, 12
 # Token instructions that move nothing out of the wallet: initialize an account, sync native.
@@ -4390,7 +4415,33 @@ def swap_refusal(
             return f"instruction {index} names an account the transaction does not have"
         if (refused := check.instruction(program, bytes(instruction.data), accounts)) is not None:
             return f"instruction {index} ({program}) {refused}"
+    if len(signers) > SWAP_SIGNERS_MAX:  # each costs the wallet a signature fee
+        return f"it needs {len(signers)} signatures: the wallet's and at most a counterparty's"
     return check.verdict(fee_cap)
+
+
+def jupiter_route(data: bytes, shared: bool) -> tuple[int, int, int, int] | None:
+    """A Jupiter route's (in_amount, quoted_out_amount, slippage_bps, platform_fee_bps), read
+    after its route plan, step by step: None unless that ends exactly where the data does (the
+    program reads the amounts that follow the plan, whatever bytes come after them)."""
+    at = 9 if shared else 8  # the discriminator, and shared_accounts_route's id
+    try:
+        (steps,) = struct.unpack_from("<I", data, at)
+        at += 4
+        for _ in range(min(steps, len(data))):
+            size = JUPITER_SWAP_SIZES[data[at]]
+            if size is None:  # WhirlpoolSwapV2: a_to_b, then Option<Vec<2-byte slice>>
+                some = data[at + 2]
+                size = 2 + (4 + 2 * struct.unpack_from("<I", data, at + 3)[0] if some == 1 else 0)
+                if some > 1:
+                    return None
+            at += 1 + size + 3  # the tag, its fields, percent, input and output index
+        tail = JUPITER_ROUTE_TAIL.unpack_from(data, at)
+    except (IndexError, struct.error):
+        return None
+    if steps > len(data) or at + JUPITER_ROUTE_TAIL.size != len(data):
+        return None
+    return tail
 
 
 @dataclass
@@ -4409,8 +4460,11 @@ class SwapCheck:
     tokens_out: int = 0
     paid_in: int = 0
     aggregated: bool = False
+    route_in: int = 0  # what Jupiter's route takes from the wallet
+    route_floor: int = 0  # the least it pays the wallet, or the chain refuses it
     unit_price: int = 0  # micro-lamports per compute unit
     unit_limit: int = COMPUTE_UNITS_MAX
+    budgeted: set[int] = field(default_factory=set)  # the compute budget instructions seen
 
     def __post_init__(self) -> None:
         self.source = ata_of(self.wallet, self.swap.sell.mint)
@@ -4423,16 +4477,49 @@ class SwapCheck:
         if program in TOKEN_PROGRAMS:
             return self.token(data, accounts)
         if program == ASSOCIATED_TOKEN_PROGRAM:  # creates a token account: the wallet's own
-            theirs = len(accounts) < 3 or (
-                accounts[0] == self.wallet and accounts[2] != self.wallet
-            )
-            return "pays for another owner's token account" if theirs else None
+            return self.account(accounts)
         if program == COMPUTE_BUDGET_PROGRAM:
             return self.budget(data)
         if program == JUPITER_PROGRAM:
-            self.aggregated = True
-            return None
+            return self.jupiter(data, accounts)
         return None if program in MEMO_PROGRAMS else "is not a program a swap needs"
+
+    def jupiter(self, data: bytes, accounts: list[Pubkey]) -> str | None:
+        """Jupiter's exact-in swap, once: from the wallet's account of the input, to its account
+        of the output, no platform fee; its amounts are checked in the verdict."""
+        shared = data[:8] == JUPITER_SHARED_ROUTE
+        if self.aggregated or not (shared or data[:8] == JUPITER_ROUTE):
+            return "is not the one exact-in route of Jupiter's that a swap needs"
+        self.aggregated = True
+        route = jupiter_route(data, shared)
+        if route is None:
+            return "is a route the engine cannot read to its end (through an AMM it does not know)"
+        self.route_in, quoted_out, slippage_bps, fee_bps = route
+        self.route_floor = quoted_out * (10_000 - min(slippage_bps, 10_000)) // 10_000
+        # Where its accounts are: the wallet signing, its input account, where the output goes
+        # (for `route`, a second, optional one, which Jupiter's own id leaves out), the mint.
+        at = (2, 3, 6, 6, 8) if shared else (1, 2, 3, 4, 5)
+        if len(accounts) <= at[-1] or fee_bps != 0:
+            return "is not a route of Jupiter's without a platform fee"
+        wallet, source, *paid, mint = (accounts[i] for i in at)
+        if wallet != self.wallet or source != self.source:
+            return "swaps from an account other than the wallet's account of the input"
+        outputs = {str(account) for account in paid} - {JUPITER_PROGRAM}
+        if outputs != {str(self.destination)} or str(mint) != self.swap.buy.mint:
+            return "pays the output to an account other than the wallet's account of it"
+        return None
+
+    def account(self, accounts: list[Pubkey]) -> str | None:
+        """A token account the wallet pays rent for: its own, of the swap's input or output (the
+        rent of any other could be locked away by its mint's freeze authority)."""
+        if len(accounts) < 4:
+            return "creates a token account the engine cannot tell whose it is"
+        if accounts[0] != self.wallet:
+            return None
+        if accounts[2] != self.wallet:
+            return "pays for another owner's token account"
+        mints = {self.swap.sell.mint, self.swap.buy.mint}
+        return None if str(accounts[3]) in mints else "pays for a token account the swap needs not"
 
     def system(self, data: bytes, accounts: list[Pubkey]) -> str | None:
         tag = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
@@ -4473,6 +4560,9 @@ class SwapCheck:
 
     def budget(self, data: bytes) -> str | None:
         tag = data[0] if data else -1
+        if tag in self.budgeted:  # the chain refuses the transaction: it could never land
+            return "sets the same compute budget twice"
+        self.budgeted.add(tag)
         if tag == BUDGET_UNIT_LIMIT and len(data) == 5:
             self.unit_limit = int.from_bytes(data[1:5], "little")
         elif tag == BUDGET_UNIT_PRICE and len(data) == 9:
@@ -4483,7 +4573,7 @@ class SwapCheck:
 
     def verdict(self, fee_cap: int) -> str | None:
         swap = self.swap
-        taken = max(self.lamports_out, self.tokens_out)
+        taken = max(self.lamports_out, self.tokens_out, self.route_in)
         fee = ceil_div(self.unit_price * min(self.unit_limit, COMPUTE_UNITS_MAX), 10**6)
         if taken > swap.amount_in:
             return f"it would take {taken} base units of {swap.sell.symbol}, not {swap.amount_in}"
@@ -4491,6 +4581,11 @@ class SwapCheck:
             return f"its priority fee of {fee} lamports is over the cap of {fee_cap}"
         if self.aggregated and self.tokens_out:
             return "it moves the input itself beside Jupiter's swap"
+        if self.aggregated and self.route_floor < swap.min_amount_out:
+            least = swap.min_amount_out
+            return (
+                f"its route may pay {self.route_floor} base units of {swap.buy.symbol}, not {least}"
+            )
         if not self.aggregated and self.paid_in < swap.min_amount_out:
             least = swap.min_amount_out
             return f"it pays the wallet {self.paid_in} base units of {swap.buy.symbol}, not {least}"

@@ -1972,6 +1972,8 @@ class SolanaCluster:
     blockhash_life: int = BLOCKHASH_LIFE  # the lastValidBlockHeight /swap answers (a lie if short)
     garbled: dict[str, Any] = field(default_factory=dict)  # method -> a result of a wrong shape
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
+    # A Jupiter route instead of the maker's fill (of the user, amount in, amount quoted out).
+    route: Callable[[Pubkey, int, int], list[Instruction]] | None = None
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
     api_keys: list[str | None] = field(default_factory=list)  # x-api-key of each quote asked
     url: str = ""
@@ -2117,8 +2119,11 @@ class SolanaCluster:
         instructions = [
             *wrap,
             spl.create_idempotent_associated_token_account(user, user, self.wif),
-            spl.transfer(pay),
-            *([spl.transfer(fill)] if self.maker_pays else []),
+            *(
+                self.route(user, amount_in, amount_out)
+                if self.route is not None
+                else [spl.transfer(pay), *([spl.transfer(fill)] if self.maker_pays else [])]
+            ),
             *unwrap,
             *self.hostile,
         ]
@@ -2515,6 +2520,14 @@ def _hostile(cluster: SolanaCluster, how: str) -> list[Instruction]:
         return [advance_nonce_account(nonce)]
     if how == "fee":  # 4.2 SOL of priority fee for a 10 USDC swap
         return [set_compute_unit_limit(1_400_000), set_compute_unit_price(3_000_000_000)]
+    if how == "budget twice":  # the chain refuses it, which the engine would not know
+        return [set_compute_unit_price(3_000_000_000), set_compute_unit_price(1)]
+    if how == "rent":  # the wallet's own account of a mint whose freeze authority locks it
+        return [spl.create_idempotent_associated_token_account(wallet, wallet, Keypair().pubkey())]
+    if how == "signers":  # each signature costs the wallet a fee
+        memo = Pubkey.from_string(next(iter(eng.MEMO_PROGRAMS)))
+        signers = [AccountMeta(Keypair().pubkey(), True, False) for _ in range(10)]
+        return [Instruction(memo, b"hello", signers)]
     return [Instruction(thief, b"", [AccountMeta(wallet, is_signer=True, is_writable=True)])]
 
 
@@ -2526,6 +2539,9 @@ def _hostile(cluster: SolanaCluster, how: str) -> list[Instruction]:
         ("approval", "could move the wallet's tokens elsewhere"),
         ("nonce", "uses a durable nonce"),
         ("fee", "priority fee of 4200000000 lamports is over the cap of 5000000"),
+        ("budget twice", "sets the same compute budget twice"),
+        ("rent", "pays for a token account the swap needs not"),
+        ("signers", "it needs 12 signatures: the wallet's and at most a counterparty's"),
         ("program", "is not a program a swap needs"),
         ("nothing back", "it pays the wallet 0 base units of WIF, not 39800000"),
     ],
@@ -2543,6 +2559,137 @@ async def test_a_swap_that_would_move_funds_elsewhere_is_refused_before_signing(
     assert cluster.sends == []
     assert record["txHash"] is None  # built, never submitted: the venue signs in a step of its own
     assert [entry["status"] for entry in record["history"]][-2:] == ["building", "failed"]
+
+
+JUPITER = Pubkey.from_string("JUP6LkbZbjS1jKKwapdHNy74zcZ3tLUZoi5QNyVTaV4")
+# Jupiter v6's IDL: the discriminators of `route` and `shared_accounts_route`, two AMMs' variants
+ROUTE, SHARED_ROUTE = bytes.fromhex("e517cb977ae3ad2a"), bytes.fromhex("c1209b3341d69c81")
+WHIRLPOOL_V2, METEORA_DLMM = 47, 38
+
+
+def jupiter_route(
+    cluster: SolanaCluster,
+    user: Pubkey,
+    amount_in: int,
+    quoted_out: int,
+    *,
+    slippage_bps: int = 50,
+    fee_bps: int = 0,
+    to: Pubkey = JUPITER,  # route's optional second output account: none (Jupiter's own id)
+    plan: bytes = bytes([METEORA_DLMM, 100, 0, 1]),
+    steps: int = 1,
+    shared: bool = False,
+    after: bytes = b"",
+) -> Instruction:
+    """Jupiter v6's exact-in swap as its /swap answer writes it: `route`, or
+    `shared_accounts_route` (with its id byte and its own account layout)."""
+    args = struct.pack("<QQHB", amount_in, quoted_out, slippage_bps, fee_bps)
+    head = SHARED_ROUTE + b"\x00" if shared else ROUTE
+    data = head + struct.pack("<I", steps) + plan + args + after
+    source = spl.get_associated_token_address(user, cluster.usdc)
+    output = spl.get_associated_token_address(user, cluster.wif)
+    meta = [
+        AccountMeta(TOKEN_PROGRAM_ID, False, False),
+        *([AccountMeta(Keypair().pubkey(), False, False)] if shared else []),  # its authority
+        AccountMeta(user, True, False),
+        AccountMeta(source, False, True),
+        *(
+            [AccountMeta(Keypair().pubkey(), False, True)] * 2  # its own two token accounts
+            + [AccountMeta(to if to != JUPITER else output, False, True)]
+            + [AccountMeta(cluster.usdc, False, False)]
+            if shared
+            else [AccountMeta(output, False, True), AccountMeta(to, False, True)]
+        ),
+        AccountMeta(cluster.wif, False, False),
+        AccountMeta(JUPITER, False, False),  # no platform fee account
+    ]
+    return Instruction(JUPITER, data, meta)
+
+
+def _jupiter(cluster: SolanaCluster, how: str) -> Callable[[Pubkey, int, int], list[Instruction]]:
+    thief = spl.get_associated_token_address(Keypair().pubkey(), cluster.wif)
+
+    def route(user: Pubkey, amount_in: int, out: int) -> list[Instruction]:
+        honest = jupiter_route(cluster, user, amount_in, out)
+        return {
+            "to a thief": [jupiter_route(cluster, user, amount_in, out, to=thief)],
+            "shared, to a thief": [
+                jupiter_route(cluster, user, amount_in, out, to=thief, shared=True)
+            ],
+            "no floor": [jupiter_route(cluster, user, amount_in, 0)],
+            "any slippage": [jupiter_route(cluster, user, amount_in, out, slippage_bps=10_000)],
+            "more in": [jupiter_route(cluster, user, amount_in + 1, out)],
+            "platform fee": [jupiter_route(cluster, user, amount_in, out, fee_bps=100)],
+            # The program reads the amounts right after the plan; the honest ones come after.
+            "hidden amounts": [jupiter_route(cluster, user, amount_in, 0, after=honest.data[-19:])],
+            "unknown AMM": [
+                jupiter_route(cluster, user, amount_in, out, plan=bytes([250, 100, 0, 1]))
+            ],
+            "two routes": [honest, honest],
+            "another instruction": [
+                Instruction(JUPITER, bytes(8), [AccountMeta(user, True, True)])
+            ],
+        }[how]
+
+    return route
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("to a thief", "pays the output to an account other than the wallet's account of it"),
+        ("shared, to a thief", "pays the output to an account other than the wallet's"),
+        ("no floor", "its route may pay 0 base units of WIF, not 39800000"),
+        ("any slippage", "its route may pay 0 base units of WIF, not 39800000"),
+        ("more in", "it would take 10000001 base units of USDC, not 10000000"),
+        ("platform fee", "is not a route of Jupiter's without a platform fee"),
+        ("hidden amounts", "is a route the engine cannot read to its end"),
+        ("unknown AMM", "is a route the engine cannot read to its end"),
+        ("two routes", "is not the one exact-in route of Jupiter's that a swap needs"),
+        ("another instruction", "is not the one exact-in route of Jupiter's that a swap needs"),
+    ],
+)
+async def test_a_jupiter_route_is_signed_only_for_the_order_s_amount_floor_and_wallet(
+    start: Start, config: Config, cluster: SolanaCluster, tmp_path: Path, how: str, says: str
+) -> None:
+    # Jupiter's program holds a route to what its instruction says, and the API writes that:
+    # whoever answers /swap could route the whole balance, at any price, to anyone.
+    cluster.route = _jupiter(cluster, how)
+    client = await start(solana_config(config, cluster, tmp_path))
+    record = await wait_status(client, await solana_order(client), "failed")
+    assert (record["code"], record["attempts"]) == ("TRANSACTION_REFUSED", 1)
+    assert says in record["error"]
+    assert cluster.sends == []
+
+
+@pytest.mark.parametrize(
+    ("plan", "steps"),
+    [
+        (bytes([METEORA_DLMM, 100, 0, 1]), 1),
+        # Whirlpool's v2 step (a flag, then one two-byte slice), half; then Meteora's, half
+        (bytes([WHIRLPOOL_V2, 1, 1, 1, 0, 0, 0, 0, 1, 50, 0, 1, METEORA_DLMM, 50, 0, 1]), 2),
+    ],
+    ids=["one AMM", "split, with a step of variable length"],
+)
+@pytest.mark.parametrize("shared", [False, True], ids=["route", "shared accounts"])
+async def test_an_honest_jupiter_route_is_signed_and_sent(
+    start: Start,
+    config: Config,
+    cluster: SolanaCluster,
+    tmp_path: Path,
+    plan: bytes,
+    steps: int,
+    shared: bool,
+) -> None:
+    def route(user: Pubkey, amount_in: int, out: int) -> list[Instruction]:
+        return [jupiter_route(cluster, user, amount_in, out, plan=plan, steps=steps, shared=shared)]
+
+    cluster.route = route
+    client = await start(solana_config(config, cluster, tmp_path))
+    await solana_order(client)
+    # Signed and sent (this cluster has no Jupiter program, so it goes no further).
+    await wait_for(lambda: cluster.sends, "the route to be signed and sent")
+    assert cluster.sends[0] != str(Signature.default())
 
 
 async def test_a_rebroadcast_of_a_landed_swap_is_already_processed_and_lands_once(
