@@ -2863,6 +2863,11 @@ class Store:
         refuses writes (a disk it cannot save to, out of memory, a replica) takes no order."""
         await self.redis.set(self.keys.ready, 1, px=READY_KEY_TTL_MS)
 
+    async def memory(self) -> Mapping[str, Any]:
+        """INFO memory: what /readyz reads the eviction policy from (it may change at any time)."""
+        memory: Mapping[str, Any] = await self.redis.info("memory")
+        return memory
+
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
 
@@ -6930,7 +6935,8 @@ async def readyz(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     try:
         await within_deadline(engine, engine.store.ping())
-        checks["redis"] = "ok"
+        policy = eviction_policy(await within_deadline(engine, engine.store.memory()))
+        checks["redis"] = "ok" if policy == "noeviction" else f"evicts keys ({policy})"
     except RedisRefusingForNow:
         checks["redis"] = "refusing writes"
     except (ApiError, *REDIS_TRANSIENT):
@@ -7544,13 +7550,18 @@ async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
     memory = await within_startup_wait(
         f"redis at {shown}", persist("start-up", client.info, "memory")
     )
-    policy = memory.get("maxmemory_policy", "noeviction")
-    if policy != "noeviction":
+    if (policy := eviction_policy(memory)) != "noeviction":
         raise StartupError(
             f"redis at {shown} evicts keys when it is full (maxmemory-policy {policy}), which "
             "would lose orders, queued jobs and events: set maxmemory-policy noeviction"
         )
     await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client))
+
+
+def eviction_policy(memory: Mapping[str, Any]) -> str:
+    """maxmemory-policy from INFO memory (in a Redis Cluster, the node the URL names). The engine
+    needs noeviction: every key it keeps has a TTL, so even a volatile-* policy evicts orders."""
+    return str(memory.get("maxmemory_policy", "noeviction"))
 
 
 async def _scripts_run(client: aioredis.Redis) -> None:

@@ -1395,6 +1395,7 @@ async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failove
     await victim.exit_code()
 
     survivor = await start(config)
+    assert (await (await survivor.get("/readyz")).json())["redis"] == "ok"
     async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
         assert (await receive(ws))["type"] == "connected"
         after = await events_until_done(ws, order_id)
@@ -5366,6 +5367,7 @@ async def test_a_killed_engine_s_order_finishes_on_another_and_nothing_is_spawne
     assert not config.data_dir.exists()  # with REDIS_URL set nothing was spawned or written
 
     survivor = await start(config)
+    assert (await (await survivor.get("/readyz")).json())["redis"] == "ok"
     async with survivor.ws_connect(f"/ws?userId=1&since={before[-1]['seq']}") as ws:
         assert (await receive(ws))["type"] == "connected"
         after = await events_until_done(ws, order_id)
@@ -5869,6 +5871,25 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
         assert "ERROR engine could not start: redis" in line
         assert f"refused: {says}" in line or says in line
         assert "wrong-secret" not in line  # a password is never written to the log
+    finally:
+        await redis.aclose()
+
+
+async def test_a_redis_set_to_evict_keys_after_start_up_makes_the_engine_unready(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    # Checked at start-up too, but an operator may change it later (CONFIG SET), and from then
+    # on a full Redis would silently drop orders: load balancers must hear of it.
+    client = await start(replace(config, redis_url=own_redis.url))
+    assert (await (await client.get("/readyz")).json())["redis"] == "ok"
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.config_set("maxmemory-policy", "volatile-lru")
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        assert (await ready.json())["redis"] == "evicts keys (volatile-lru)"
+        await redis.config_set("maxmemory-policy", "noeviction")
+        assert (await client.get("/readyz")).status == 200
     finally:
         await redis.aclose()
 
