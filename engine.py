@@ -133,6 +133,9 @@ USER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 ORDER_ID_RE: Final = re.compile(r"order_[0-9a-f]{32}")
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,128}")
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
+# What a replayed Idempotency-Key answers as its order's status once the order's record has
+# expired (ENGINE_ORDER_TTL_S shorter than IDEMPOTENCY_TTL_S) and no history has it.
+REPLAYED_EXPIRED: Final = "expired"
 SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
 JWT_SECRET_MIN_BYTES: Final = 32
@@ -2707,7 +2710,7 @@ class Store:
                 field="Idempotency-Key",
             )
         status = await self.redis.hget(keys.order(prior_id), "status")
-        return Created(prior_id, str(status or Status.PENDING), replayed=True)
+        return Created(prior_id, str(status or REPLAYED_EXPIRED), replayed=True)
 
     # -- the reliable queue -----------------------------------------------------------------------
 
@@ -5053,6 +5056,10 @@ class Engine:
             created = await self.store.create(order, request, idempotency_key, self.instance_id)
         if not created.replayed:
             log.debug("order accepted", extra={"orderId": order.order_id, "userId": order.user_id})
+        elif created.status == REPLAYED_EXPIRED and self.history is not None:
+            with contextlib.suppress(*history_errors()):  # unknown is what "expired" says
+                if (record := await self.history.get(created.order_id)) is not None:
+                    return replace(created, status=record["status"])
         return created
 
     @property

@@ -1272,7 +1272,9 @@ async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expi
     start: Start, config: Config, redis: aioredis.Redis, postgres: str
 ) -> None:
     client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    confirmed = await order_id_of(client)
+    key = {"Idempotency-Key": "archived-1"}
+    placed = await client.post("/api/orders/execute", json=ORDER, headers=key)
+    confirmed = (await placed.json())["orderId"]
     cancelled = await order_id_of(client, LIMIT | {"limitPrice": 1000})
     await wait_status(client, cancelled, "waiting")
     assert (await cancel(client, cancelled))[0] == 200
@@ -1288,6 +1290,8 @@ async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expi
     assert rows[confirmed] == {**record, "status": "confirmed"}
     await redis.delete(eng.Keys(config.redis_prefix).order(confirmed))  # its TTL ran out
     assert await get_order(client, confirmed) == record
+    replayed = await client.post("/api/orders/execute", json=ORDER, headers=key)
+    assert await replayed.json() == {"orderId": confirmed, "status": "confirmed"}
     assert (await client.get(f"/api/orders/order_{'0' * 32}")).status == 404
     assert (await (await client.get("/readyz")).json()) == {
         "status": "ready",
@@ -4898,7 +4902,7 @@ async def test_healthz_reports_redis_and_the_queue(start: Start) -> None:
 
 
 async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_body(
-    start: Start,
+    start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
     client = await start()
     first = await client.post(
@@ -4922,6 +4926,15 @@ async def test_an_idempotency_key_returns_the_same_order_and_refuses_another_bod
     assert (await conflict.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
     listed = await (await client.get("/api/orders?userId=1")).json()
     assert [o["orderId"] for o in listed["orders"]] == [order_id]
+    # The key outlives the order's record (ENGINE_ORDER_TTL_S may be shorter than its 24 h):
+    # still the same order, never a second one, and no status the engine no longer knows.
+    await wait_status(client, order_id, "confirmed")
+    await redis.delete(eng.Keys(config.redis_prefix).order(order_id))  # its TTL ran out
+    late = await client.post(
+        "/api/orders/execute", json=ORDER, headers={"Idempotency-Key": "abc-1"}
+    )
+    assert (late.status, late.headers["Idempotent-Replayed"]) == (202, "true")
+    assert await late.json() == {"orderId": order_id, "status": "expired"}
 
 
 async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
