@@ -4164,9 +4164,10 @@ class SolanaVenue:
         quote = dict(tx.venue_data or {})
         amount_out = int(quote.get("outAmount", 0)) or 1
         quote["otherAmountThreshold"] = str(tx.min_amount_out)  # enforced by the swap on chain
-        quote["slippageBps"] = max(
-            0, ceil_div((amount_out - tx.min_amount_out) * 10_000, amount_out)
-        )
+        # The route's floor is the quote less this slippage (rounded down): the most slippage
+        # whose floor is still minAmountOut (rounding it up made the floor a unit short, and
+        # the transaction refused, for most amounts).
+        quote["slippageBps"] = max(0, (amount_out - tx.min_amount_out) * 10_000 // amount_out)
         body = {
             "quoteResponse": quote,
             "userPublicKey": str(self.wallet),

@@ -1977,8 +1977,9 @@ class SolanaCluster:
     blockhash_life: int = BLOCKHASH_LIFE  # the lastValidBlockHeight /swap answers (a lie if short)
     garbled: dict[str, Any] = field(default_factory=dict)  # method -> a result of a wrong shape
     hostile: list[Instruction] = field(default_factory=list)  # added to every /swap answer
-    # A Jupiter route instead of the maker's fill (of the user, amount in, amount quoted out).
-    route: Callable[[Pubkey, int, int], list[Instruction]] | None = None
+    # A Jupiter route instead of the maker's fill: of the user, the amount in, the amount
+    # quoted out and the slippage asked (which, as Jupiter does, an honest route's floor uses).
+    route: Callable[[Pubkey, int, int, int], list[Instruction]] | None = None
     asked: list[tuple[str, Any]] = field(default_factory=list)  # every RPC call: method, params
     api_keys: list[str | None] = field(default_factory=list)  # x-api-key of each quote asked
     url: str = ""
@@ -2125,7 +2126,7 @@ class SolanaCluster:
             *wrap,
             spl.create_idempotent_associated_token_account(user, user, self.wif),
             *(
-                self.route(user, amount_in, amount_out)
+                self.route(user, amount_in, amount_out, int(quote["slippageBps"]))
                 if self.route is not None
                 else [spl.transfer(pay), *([spl.transfer(fill)] if self.maker_pays else [])]
             ),
@@ -2611,10 +2612,12 @@ def jupiter_route(
     return Instruction(JUPITER, data, meta)
 
 
-def _jupiter(cluster: SolanaCluster, how: str) -> Callable[[Pubkey, int, int], list[Instruction]]:
+def _jupiter(
+    cluster: SolanaCluster, how: str
+) -> Callable[[Pubkey, int, int, int], list[Instruction]]:
     thief = spl.get_associated_token_address(Keypair().pubkey(), cluster.wif)
 
-    def route(user: Pubkey, amount_in: int, out: int) -> list[Instruction]:
+    def route(user: Pubkey, amount_in: int, out: int, slippage_bps: int) -> list[Instruction]:
         honest = jupiter_route(cluster, user, amount_in, out)
         return {
             "to a thief": [jupiter_route(cluster, user, amount_in, out, to=thief)],
@@ -2668,13 +2671,15 @@ async def test_a_jupiter_route_is_signed_only_for_the_order_s_amount_floor_and_w
 
 
 @pytest.mark.parametrize(
-    ("plan", "steps"),
+    ("plan", "steps", "amount"),
     [
-        (bytes([METEORA_DLMM, 100, 0, 1]), 1),
+        (bytes([METEORA_DLMM, 100, 0, 1]), 1, 10),
         # Whirlpool's v2 step (a flag, then one two-byte slice), half; then Meteora's, half
-        (bytes([WHIRLPOOL_V2, 1, 1, 1, 0, 0, 0, 0, 1, 50, 0, 1, METEORA_DLMM, 50, 0, 1]), 2),
+        (bytes([WHIRLPOOL_V2, 1, 1, 1, 0, 0, 0, 0, 1, 50, 0, 1, METEORA_DLMM, 50, 0, 1]), 2, 10),
+        # minAmountOut 39800003 of 40000004: the slippage asked must still floor at least that
+        (bytes([METEORA_DLMM, 100, 0, 1]), 1, 10.000001),
     ],
-    ids=["one AMM", "split, with a step of variable length"],
+    ids=["one AMM", "split, with a step of variable length", "an uneven amount"],
 )
 @pytest.mark.parametrize("shared", [False, True], ids=["route", "shared accounts"])
 async def test_an_honest_jupiter_route_is_signed_and_sent(
@@ -2684,14 +2689,21 @@ async def test_an_honest_jupiter_route_is_signed_and_sent(
     tmp_path: Path,
     plan: bytes,
     steps: int,
+    amount: object,
     shared: bool,
 ) -> None:
-    def route(user: Pubkey, amount_in: int, out: int) -> list[Instruction]:
-        return [jupiter_route(cluster, user, amount_in, out, plan=plan, steps=steps, shared=shared)]
+    def route(user: Pubkey, amount_in: int, out: int, slippage_bps: int) -> list[Instruction]:
+        # As Jupiter writes it: the quote's amount out, less the slippage the engine asked.
+        return [
+            jupiter_route(
+                cluster, user, amount_in, out, slippage_bps=slippage_bps, plan=plan, steps=steps,
+                shared=shared,
+            )
+        ]  # fmt: skip
 
     cluster.route = route
     client = await start(solana_config(config, cluster, tmp_path))
-    await solana_order(client)
+    await solana_order(client, {**SWAP, "amount": amount})
     # Signed and sent (this cluster has no Jupiter program, so it goes no further).
     await wait_for(lambda: cluster.sends, "the route to be signed and sent")
     assert cluster.sends[0] != str(Signature.default())
