@@ -467,7 +467,12 @@ if idempotency then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', '$IDEMPOTENCY_TTL')
 end
 local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
-for _, key in ipairs({order, KEYS[5], KEYS[6]}) do redis.call('EXPIRE', key, '$ORDER_TTL') end
+redis.call('EXPIRE', order, '$ORDER_TTL')
+-- The user's index and active set outlive every order in them: a waiting one extended them to
+-- its expiry, which this order must not shorten.
+for _, key in ipairs({KEYS[5], KEYS[6]}) do
+  if redis.call('TTL', key) < $ORDER_TTL then redis.call('EXPIRE', key, '$ORDER_TTL') end
+end
 return {'created', event}
 """
 )
@@ -5468,7 +5473,11 @@ class _Attempt:
 
     @property
     def first_claim(self) -> bool:
-        return self.order.status is Status.PENDING and self.order.attempts == 0
+        """Never run before: a sniper then waits for its trigger. One that has fired may come
+        back to pending with no attempt counted (an attempt given back resets the count), and
+        runs again at once."""
+        order = self.order
+        return order.status is Status.PENDING and order.attempts == 0 and order.given_back == 0
 
     def trigger_score(self, condition: Condition) -> float:
         """Where a sniper waits in its trigger set: its price, or its arrival for a listing."""
@@ -5493,15 +5502,18 @@ class _Attempt:
 
     async def wait_for_limit(self, best: Quote) -> None:
         """Back to waiting, at the pair price at which this order's own route would meet its limit
-        (its size costs fees and impact the pair's price does not show)."""
+        (its size costs fees and impact the pair's price does not show). The pair's price is
+        the one its trigger is checked against (Router.probe), read now: measured any other way
+        (the chosen route's own price less its fee) it can sit below the probe, and the order
+        would fire, route and wait again every slot until it expires."""
         condition = self.order.condition
         assert condition is not None
         assert condition.limit_price is not None
         got = from_units(best.amount_out, self.order.buy) / self.order.amount
-        pair_price = best.price * (1 - best.fee)
+        pair_price = await self.engine.router.probe(self.order.sell, self.order.buy)
         score = (
             condition.limit_price * pair_price / got
-            if got > 0 and pair_price > 0
+            if got > 0 and pair_price is not None and pair_price > 0
             else condition.limit_price
         )
         await self.wait(condition, max(score, condition.limit_price), bestPrice=significant(got))
@@ -5575,6 +5587,10 @@ class _Attempt:
             if engine.router.signs(tx):
                 await self.move(Status.BUILDING, info=building)
                 tx, passing = await engine.router.sign(tx), []
+            condition = self.order.condition
+            if condition is not None and engine.now() * 1000 > condition.expires_at_ms:
+                # Routing (or signing) took it past its expiry: it is not sent.
+                raise AttemptFailed("EXPIRED", "the order expired before it was sent", sent=False)
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx), passing=passing)
             self.order = replace(
                 self.order,

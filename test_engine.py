@@ -3619,6 +3619,99 @@ async def test_a_sniper_order_fires_when_the_price_crosses_its_trigger(
     assert record["finalPrice"] == moved_price
 
 
+@dataclass
+class HangsOnOrders(ScriptedVenue):
+    """Quotes a pair's price (a small amount) but never an order's size: its route hangs."""
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        if amount_in >= eng.to_units(1, sell):
+            await asyncio.Event().wait()
+        return await super().quote(sell, buy, amount_in)
+
+
+async def test_a_sniper_whose_attempt_is_given_back_after_it_fired_runs_and_never_waits_again(
+    start: Start, config: Config
+) -> None:
+    stuck = replace(config, quote_timeout_ms=10_000, shutdown_grace_s=0.1)
+    first = await start(stuck, venues=[HangsOnOrders("RAYDIUM")])
+    order_id = await order_id_of(first, sniper("priceBelow", triggerPrice=1000))
+    await wait_status(first, order_id, "routing")  # it waited, fired, and its route hangs
+    await first.close()  # the attempt is cut off and handed back: not counted
+    second = await start(venues=[ScriptedVenue("RAYDIUM")])
+    record = await wait_status(second, order_id, "confirmed")
+    history = [h["status"] for h in record["history"]]
+    assert history.count("waiting") == 1  # its trigger fired once; it waits no more
+    assert history[-5:] == ["pending", *HAPPY_PATH[1:]]
+    assert record["attempts"] == 1
+
+
+@dataclass
+class Shallow(ScriptedVenue):
+    """The best price for a small amount, and a tenth less for anything above 0.1 SOL: an order
+    routes through a deeper venue that charges a higher fee. Counts the pair's price probes."""
+
+    probes: int = 0
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        self.probes += amount_in == eng.to_units(sell.min_amount * eng.PROBE_MIN_AMOUNTS, sell)
+        return await super().quote(sell, buy, amount_in)
+
+    def pays(self, amount_in: int, sell: eng.Token, buy: eng.Token, factor: float = 1.0) -> int:
+        deep = amount_in > eng.to_units(0.1, sell)
+        return super().pays(amount_in, sell, buy, factor * (0.9 if deep else 1.0))
+
+
+async def test_a_limit_order_sent_back_to_wait_does_not_fire_again_until_the_market_moves(
+    start: Start,
+) -> None:
+    # The pair's price (a small order's, on the shallow venue) is 99.7 after fees; the order's
+    # 2 SOL get about 98.8 (mostly on the deep venue, at its 1.2 % fee), below its limit of 99.5.
+    shallow, deep = Shallow("RAYDIUM", fee=0.003), ScriptedVenue("METEORA", fee=0.012)
+    client = await start(venues=[shallow, deep])
+    order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99.5})
+    await wait_status(client, order_id, "waiting")
+    probed = shallow.probes
+    await wait_for(lambda: shallow.probes >= probed + 3, "its trigger to be checked thrice")
+    record = await get_order(client, order_id)
+    assert [h["status"] for h in record["history"]] == ["pending", "routing", "waiting"]
+    shallow.price = deep.price = 101.0  # the market moves up 1 %: its limit is there
+    record = await wait_status(client, order_id, "confirmed")
+    assert [h["status"] for h in record["history"]][:3] == ["pending", "routing", "waiting"]
+    assert record["amountOut"] >= 2 * 99.5
+
+
+async def test_a_new_order_does_not_shorten_the_life_of_a_user_s_waiting_orders_index(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    waiting = await order_id_of(client, {**LIMIT, "expiresInS": 7 * 24 * 3600})
+    await wait_status(client, waiting, "waiting")
+    keys = eng.Keys(config.redis_prefix)
+    await wait_status(client, await order_id_of(client), "confirmed")  # a market order after it
+    for key in (keys.user_active("1"), keys.user_orders("1")):
+        assert await redis.ttl(key) > 7 * 24 * 3600  # as long as the waiting order may wait
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        assert snapshot_of(await receive(ws)) == (waiting, "waiting")
+
+
+async def test_a_limit_order_whose_route_outlasts_its_expiry_is_not_sent(
+    start: Start, config: Config
+) -> None:
+    # Its price is there, but routing takes it past its expiry: it fails EXPIRED, unsent.
+    slow = ScriptedVenue("RAYDIUM", price=100.0, quote_gate=asyncio.Event())
+    client = await start(replace(config, quote_timeout_ms=10_000), venues=[slow])
+    order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99, "expiresInS": 1})
+    routing = await wait_status(client, order_id, "routing")
+    expires_ms = eng.parse_iso_ms(routing["expiresAt"])
+    await wait_for(lambda: time.time() * 1000 > expires_ms, "a route longer than the order lives")
+    assert slow.quote_gate is not None
+    slow.quote_gate.set()
+    record = await wait_status(client, order_id, "failed")
+    assert (record["code"], record["error"]) == ("EXPIRED", "the order expired before it was sent")
+    assert slow.executions == []
+
+
 async def test_a_sniper_order_fires_when_its_pair_is_listed(start: Start) -> None:
     venue = ScriptedVenue("RAYDIUM", listed=False)
     client = await start(venues=[venue])
