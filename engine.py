@@ -6746,7 +6746,8 @@ def parse_price(value: object, name: str, code: str) -> float:
 
 
 def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
-    """expiresAt (ISO 8601, UTC) or expiresInS (seconds): exactly one, at most MAX_WAIT_S away."""
+    """expiresAt (ISO 8601, with its zone) or expiresInS (seconds): exactly one, at most
+    MAX_WAIT_S away."""
     at, within = body.get("expiresAt"), body.get("expiresInS")
     if at is None and within is None:
         raise ApiError(
@@ -6763,7 +6764,8 @@ def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
         return int((now_s + within) * 1000)
     expires_ms = _parse_timestamp_ms(at)
     if expires_ms is None or not now_s * 1000 < expires_ms <= (now_s + MAX_WAIT_S) * 1000:
-        message = f"expiresAt must be an ISO 8601 UTC time in the next {MAX_WAIT_S} s"
+        zoned = "an ISO 8601 time with its zone (Z, +hh:mm)"
+        message = f"expiresAt must be {zoned} in the next {MAX_WAIT_S} s"
         raise ApiError(400, "INVALID_EXPIRY", message, field="expiresAt")
     return expires_ms
 

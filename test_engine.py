@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -4410,6 +4411,17 @@ async def test_every_field_is_validated_with_a_clear_error(
     assert reply["error"]["code"] == code
     assert reply["error"].get("field") == field
     assert reply["error"]["message"]
+
+
+async def test_an_expiry_with_an_offset_is_the_same_moment_in_utc(start: Start) -> None:
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    moment = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    in_karachi = moment.astimezone(timezone(timedelta(hours=5))).isoformat()
+    order_id = await order_id_of(
+        client, {**ORDER, "type": "limit", "limitPrice": 105, "expiresAt": in_karachi}
+    )
+    record = await wait_status(client, order_id, "waiting")
+    assert record["expiresAt"] == moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
 JSON = {"Content-Type": "application/json"}
