@@ -436,13 +436,16 @@ end
 # rate limit; a new order takes one. Answers the event as sent.
 # KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
 #       rate bucket, idempotency (only with an Idempotency-Key)
-# ARGV: order_id, user, created_us, fingerprint, origin, order type, event body, record fields
+# ARGV: order_id, user, created_us, fingerprint, origin, expiry (ms; '' for a market order),
+#       event body, record fields
+# A limit or sniper order joins the expiry set as it is accepted, not only once a worker parks
+# it: orders placed at once count toward $MAX_WAITING at once.
 LUA_CREATE: Final = (
     LUA_EMIT
     + LUA_THROTTLE
     + """
 local a = ARGV
-local id, user, created, fingerprint, origin, kind = unpack(a, 1, 6)
+local id, user, created, fingerprint, origin, expires = unpack(a, 1, 6)
 local order, idempotency = KEYS[1], KEYS[10]
 if idempotency then
   local prior = redis.call('GET', idempotency)
@@ -453,13 +456,14 @@ if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerpr
 if redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= $MAX_QUEUED then
   return {'full'}
 end
-if kind ~= 'market' and redis.call('ZCARD', KEYS[4]) >= $MAX_WAITING then
+if expires ~= '' and redis.call('ZCARD', KEYS[4]) >= $MAX_WAITING then
   return {'full_waiting'}
 end
 if redis.call('SCARD', KEYS[5]) >= $MAX_OPEN then return {'too_many_open'} end
 local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', KEYS[2], id)
+if expires ~= '' then redis.call('ZADD', KEYS[4], expires, id) end
 redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], created, id)
 redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -$USER_ORDERS_KEEP - 1)
@@ -554,6 +558,7 @@ if action ~= 'keep' then redis.call('LREM', KEYS[2], '1', id) end
 if action == 'retry' then redis.call('ZADD', KEYS[3], score, id) end
 if action == 'done' or action == 'fail' then
   redis.call('SREM', KEYS[5], id)
+  if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
   to_outbox(KEYS[10], id)
 end
 if action == 'fail' then
@@ -2676,7 +2681,7 @@ class Store:
             int(now * 1_000_000),  # µs: orders of one user a millisecond apart still sort
             fingerprint,
             origin,
-            order.condition.kind if order.condition else "market",
+            str(order.condition.expires_at_ms) if order.condition else "",
         ]
         script_keys = [
             keys.order(order.order_id),

@@ -3681,6 +3681,23 @@ async def test_a_limit_order_sent_back_to_wait_does_not_fire_again_until_the_mar
     assert record["amountOut"] >= 2 * 99.5
 
 
+async def test_limit_orders_placed_at_once_never_take_the_waiting_cap_past_its_bound(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    client = await start(replace(config, max_waiting=3), venues=[ScriptedVenue("RAYDIUM")])
+    placed = await asyncio.gather(*(post(client, LIMIT) for _ in range(10)))  # before any waits
+    assert sorted(status for status, _ in placed) == [202] * 3 + [503] * 7
+    assert {reply["error"]["code"] for status, reply in placed if status == 503} == {"QUEUE_FULL"}
+    accepted = [reply["orderId"] for status, reply in placed if status == 202]
+    for order_id in accepted:
+        await wait_status(client, order_id, "waiting")
+    assert (await cancel(client, accepted[0]))[0] == 200  # a place comes free
+    marketable = await order_id_of(client, {**LIMIT, "limitPrice": 99})
+    await wait_status(client, marketable, "confirmed")  # it filled at once, and freed it again
+    assert (await post(client, LIMIT))[0] == 202
+    assert await redis.zcard(eng.Keys(config.redis_prefix).expiring) == 3
+
+
 async def test_a_new_order_does_not_shorten_the_life_of_a_user_s_waiting_orders_index(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
