@@ -61,6 +61,7 @@ import subprocess
 import sys
 import termios
 import time
+import urllib.parse
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -257,6 +258,7 @@ AUTO_FEE_MAX: Final = 5_000_000  # SOLANA_PRIORITY_FEE=auto: Jupiter's estimate,
 # blockhash lives 150 blocks), with a margin for a quote built on a node a little ahead of ours.
 SOLANA_VALID_BLOCKS: Final = 150 + 10
 OUTBOX_KEEP: Final = 1_000_000  # finished orders waiting to be written to PostgreSQL, at most
+OUTBOX_FULL_LOG_S: Final = 60.0  # a full outbox is logged this often while it stays full
 OUTBOX_BATCH: Final = 200
 HISTORY_IDLE_S: Final = 0.5  # how often an empty outbox is looked at again
 HISTORY_TIMEOUT_S: Final = 10.0  # one PostgreSQL connect or write
@@ -381,7 +383,7 @@ end
 # `failed`); older ones fall back to the ordinary record TTL a few seconds later (LUA_UNKEEP,
 # which the recovery loop runs for each id past them). With DATABASE_URL set, a finished order's
 # id goes to the outbox, from which it is written to PostgreSQL; the outbox keeps the newest
-# OUTBOX_KEEP (older ones are dropped, with a log line).
+# OUTBOX_KEEP (older ones are dropped; the history writer logs it while the outbox is full).
 LUA_FINISH: Final = """
 local function append(history, entry)
   if history == '[]' then return '[' .. entry .. ']' end
@@ -1599,8 +1601,16 @@ def _http_url(text: str) -> str:
 
 
 def _database_url(text: str) -> str:
+    """A postgresql:// URL whose hosts and ports read as asyncpg will read them (several hosts
+    may be listed, comma-separated), so that a typo stops start-up rather than every request."""
     if not text.startswith(("postgresql://", "postgres://")):
         raise ValueError("must be a postgresql:// URL")
+    try:
+        hosts = urllib.parse.urlsplit(text).netloc.rpartition("@")[2]
+        for host in filter(None, hosts.split(",")):
+            urllib.parse.urlsplit(f"//{host}").port  # noqa: B018  # raises on a bad one
+    except ValueError:
+        raise ValueError("has a host or port that cannot be read") from None
     return text
 
 
@@ -3035,6 +3045,9 @@ class Store:
         # An index entry can outlive its record by a little; such entries are skipped.
         return await self.records(order_ids)
 
+    async def outbox_depth(self) -> int:
+        return int(await self.redis.llen(self.keys.outbox))
+
     async def queue_depths(self, instance: str) -> dict[str, int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.llen(self.keys.pending)
@@ -3094,12 +3107,18 @@ WHERE order_history.updated_at <= EXCLUDED.updated_at
 """
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a shared future's error seen: its waiters may all have given up."""
+    if not future.cancelled():
+        future.exception()
+
+
 def history_errors() -> tuple[type[BaseException], ...]:
     """What a PostgreSQL call may raise (asyncpg is imported only with DATABASE_URL set: an
     `except history_errors()` clause is evaluated only once something was raised)."""
     import asyncpg
 
-    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError)
 
 
 def _history_row(record: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -3127,26 +3146,49 @@ class History:
     def __init__(self, url: str) -> None:
         self._url = url
         self._pool: asyncpg.Pool | None = None
+        # The one connect under way: requests arriving meanwhile wait for it, rather than each
+        # making (and leaking) a pool of its own; a request that gives up does not stop it.
+        self._connecting: asyncio.Future[asyncpg.Pool] | None = None
 
     async def _connected(self) -> asyncpg.Pool:
         if self._pool is None:
-            import asyncpg
-
-            async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
-                try:
-                    await pool.execute(HISTORY_TABLE)
-                except BaseException:
-                    await pool.close()
-                    raise
-            self._pool = pool
+            if self._connecting is None or self._connecting.done():
+                self._connecting = asyncio.ensure_future(self._connect())
+                self._connecting.add_done_callback(_retrieved)
+            self._pool = await asyncio.shield(self._connecting)
         return self._pool
 
+    async def _connect(self) -> asyncpg.Pool:
+        import asyncpg
+
+        async with asyncio.timeout(HISTORY_TIMEOUT_S):
+            pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
+            try:
+                await pool.execute(HISTORY_TABLE)
+            except BaseException:
+                pool.terminate()
+                raise
+        return pool
+
     async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write a batch. A row PostgreSQL refuses for its data (a value it cannot store, such
+        as a NUL in an error text) is logged and skipped, the batch then written row by row, so
+        that it does not hold up every batch after it."""
+        import asyncpg
+
         rows = [row for row in map(_history_row, records) if row is not None]
         pool = await self._connected()
-        async with asyncio.timeout(HISTORY_TIMEOUT_S):
-            await pool.executemany(HISTORY_UPSERT, rows)
+        try:
+            async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                await pool.executemany(HISTORY_UPSERT, rows)
+        except asyncpg.DataError:
+            for row in rows:
+                try:
+                    async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                        await pool.execute(HISTORY_UPSERT, *row)
+                except asyncpg.DataError as exc:
+                    message = "order record refused by postgresql; skipped"
+                    log.error(message, extra={"orderId": row[0], "error": str(exc)})
 
     async def get(self, order_id: str) -> dict[str, Any] | None:
         pool = await self._connected()
@@ -3162,8 +3204,16 @@ class History:
             await pool.fetchval("SELECT 1")
 
     async def close(self) -> None:
+        """Close the pool; a PostgreSQL that does not answer is not waited for (a stalled one
+        would hold the engine's exit as long as it stalls)."""
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                    await self._pool.close()
+            except TimeoutError:
+                self._pool.terminate()
 
 
 def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -5038,6 +5088,7 @@ class Engine:
         # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
+        self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
         self._beaten_at = time.monotonic()  # this instance's last heartbeat
@@ -5389,7 +5440,9 @@ class Engine:
             try:
                 await self.history.write(records)
             except history_errors() as exc:
-                log.warning("postgresql unavailable; history waits", extra={"error": str(exc)})
+                error = str(exc) or type(exc).__name__  # a timeout has no text
+                log.warning("postgresql unavailable; history waits", extra={"error": error})
+                await self._warn_if_outbox_full()
                 await backoff.wait()
                 continue
             backoff.reset()
@@ -5399,6 +5452,18 @@ class Engine:
                     extra={"lost": len(batch) - len(records)},
                 )
             await persist("outbox done", self.store.outbox_done, self.instance_id)
+
+    async def _warn_if_outbox_full(self) -> None:
+        """At OUTBOX_KEEP waiting ids, each order that finishes pushes the oldest out of the
+        history: say so (once a minute), since nothing else would."""
+        if time.monotonic() - self._outbox_warned_at < OUTBOX_FULL_LOG_S:
+            return
+        if await persist("outbox depth", self.store.outbox_depth) >= OUTBOX_KEEP:
+            self._outbox_warned_at = time.monotonic()
+            log.error(
+                "history outbox full: the oldest finished orders are dropped from the history",
+                extra={"kept": OUTBOX_KEEP},
+            )
 
     async def _expiry_loop(self) -> None:
         """Fail waiting orders whose time has run out (any instance may; each once)."""
@@ -6422,21 +6487,27 @@ def malformed(exc: BaseException | None) -> ApiError:
 
 
 async def within_deadline(
-    engine: Engine, operation: Awaitable[T], message: str = REDIS_UNAVAILABLE
+    engine: Engine,
+    operation: Awaitable[T],
+    message: str = REDIS_UNAVAILABLE,
+    *,
+    deadline_s: float = REDIS_REQUEST_DEADLINE_S,
+    code: str = "REDIS_UNAVAILABLE",
 ) -> T:
-    """What a request asks of Redis, answered within REDIS_REQUEST_DEADLINE_S or else 503,
+    """What a request asks of Redis (or PostgreSQL), answered within the deadline or else 503,
     retryable (README, HTTP API). The operation runs as a task of its own, abandoned rather than
-    awaited at the deadline: Redis's client can hold up its own cancellation (Python 3.11's
-    wait_for in redis-py's connect does), and the answer must not wait for that."""
+    awaited at the deadline: a client can hold up its own cancellation (Python 3.11's wait_for in
+    redis-py's connect does; asyncpg waits for a stalled server to take a cancel), and the answer
+    must not wait for that."""
     task = asyncio.ensure_future(operation)
     try:
-        done, _ = await asyncio.wait({task}, timeout=REDIS_REQUEST_DEADLINE_S)
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
     except asyncio.CancelledError:
         task.cancel()
         raise
     if not done:
         engine.abandon(task)
-        raise ApiError(503, "REDIS_UNAVAILABLE", message, retryable=True)
+        raise ApiError(503, code, message, retryable=True)
     return task.result()
 
 
@@ -6901,10 +6972,13 @@ async def archived(engine: Engine, order_id: str) -> dict[str, Any] | None:
     """An order whose Redis record has expired, from PostgreSQL when DATABASE_URL is set."""
     if engine.history is None:
         return None
+    message = "the order history does not answer; retry"
+    reading = engine.history.get(order_id)
     try:
-        return await engine.history.get(order_id)
+        return await within_deadline(
+            engine, reading, message, deadline_s=HISTORY_TIMEOUT_S, code="HISTORY_UNAVAILABLE"
+        )
     except history_errors():
-        message = "the order history does not answer; retry"
         raise ApiError(503, "HISTORY_UNAVAILABLE", message, retryable=True) from None
 
 
@@ -6974,8 +7048,10 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = "unavailable"
     if engine.history is not None:
         try:
-            await engine.history.ping()
+            await within_deadline(engine, engine.history.ping(), deadline_s=HISTORY_TIMEOUT_S)
             checks["postgres"] = "ok"
+        except ApiError:  # no answer within the deadline
+            checks["postgres"] = "unavailable"
         except history_errors():
             checks["postgres"] = "unavailable"
     venues: dict[str, Any] = {}

@@ -783,6 +783,15 @@ def test_a_bad_value_is_refused_naming_the_variable(name: str, value: str) -> No
         Config.load({name: value})
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:pw@db:notaport/x", "postgresql://u:pw@[::1/x", "postgres://db:99999/x"]
+)
+def test_a_database_url_that_cannot_be_read_stops_start_up(url: str) -> None:
+    # Caught here, not by every request and the history loop (a 500 and a traceback each time).
+    with pytest.raises(eng.ConfigError, match=r"^DATABASE_URL has a host or port that cannot be"):
+        Config.load({"DATABASE_URL": url})
+
+
 def test_a_bad_redis_url_is_refused_without_its_password() -> None:
     with pytest.raises(eng.ConfigError) as refused:
         Config.load({"REDIS_URL": "redis://user:s3cret@127.0.0.1:99999/0"})
@@ -1301,13 +1310,84 @@ async def test_finished_orders_are_written_to_postgresql_and_read_back_once_expi
     }
 
 
+async def _backends(database_url: str) -> list[int]:
+    """The server processes of the connections to this database (the asker's own aside)."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        rows = await admin.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [row["pid"] for row in rows]
+    finally:
+        await admin.close()
+
+
+async def test_requests_arriving_as_the_history_connects_share_one_small_pool(
+    postgres: str,
+) -> None:
+    history = eng.History(postgres)
+    unknown = [f"order_{secrets.token_hex(16)}" for _ in range(20)]
+    try:
+        assert await asyncio.gather(*map(history.get, unknown)) == [None] * 20
+        held = await _backends(postgres)
+        assert 0 < len(held) <= eng.HISTORY_POOL_MAX  # not a pool (and connection) per request
+    finally:
+        await history.close()
+
+
+async def test_a_stalled_postgresql_holds_neither_a_read_nor_the_engine_s_exit(
+    start: Start,
+    config: Config,
+    redis: aioredis.Redis,
+    postgres: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(eng, "HISTORY_TIMEOUT_S", 0.5)
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [order_id]), "the history to reach PostgreSQL")
+    await redis.delete(eng.Keys(config.redis_prefix).order(order_id))  # its TTL ran out
+    pids = await _backends(postgres)
+    assert pids  # the engine's pool, open
+    for pid in pids:  # the engine's own connections stand still, as on a frozen host
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(5):  # not as long as PostgreSQL stands still
+            read = await client.get(f"/api/orders/{order_id}")
+            assert (read.status, (await read.json())["error"]["code"]) == (
+                503,
+                "HISTORY_UNAVAILABLE",
+            )
+            await client.close()  # the engine stops: its pool is let go, not waited on
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+UNFIT: dict[str, dict[str, str]] = {
+    "unreadable": {"createdAt": '"soon"'},  # the engine cannot make it a row
+    # PostgreSQL refuses it: jsonb cannot hold a NUL (a venue's error text could carry one)
+    "refused by postgresql": {
+        "userId": '"1"',
+        "status": "failed",
+        "createdAt": '"2026-01-01T00:00:00.000Z"',
+        "updatedAt": '"2026-01-01T00:00:01.000Z"',
+        "error": orjson.dumps("account data\x00 truncated").decode(),
+    },
+}
+
+
+@pytest.mark.parametrize("how", UNFIT)
 async def test_a_record_unfit_for_the_history_is_skipped_not_retried_forever(
-    start: Start, config: Config, redis: aioredis.Redis, postgres: str
+    start: Start, config: Config, redis: aioredis.Redis, postgres: str, how: str
 ) -> None:
     client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
     keys = eng.Keys(config.redis_prefix)
     broken = "order_" + "b" * 32
-    await redis.hset(keys.order(broken), mapping={"orderId": f'"{broken}"', "createdAt": '"soon"'})
+    record = {"orderId": f'"{broken}"', **UNFIT[how]}
+    await redis.hset(keys.order(broken), mapping=cast(Any, record))
     await redis.lpush(keys.outbox, broken)
     order_id = await order_id_of(client)
     await wait_status(client, order_id, "confirmed")
@@ -1318,6 +1398,28 @@ async def test_a_record_unfit_for_the_history_is_skipped_not_retried_forever(
 
 async def _has_rows(url: str, order_ids: list[str]) -> bool:
     return set(order_ids) <= set(await history_rows(url))
+
+
+async def test_an_outbox_full_during_an_outage_says_history_is_being_dropped(
+    start: Start,
+    config: Config,
+    redis: aioredis.Redis,
+    postgres_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(eng, "OUTBOX_KEEP", 3)
+    down = database_url(postgres_server, f"t{secrets.token_hex(4)}")  # no such database yet
+    client = await start(replace(config, database_url=down), venues=[ScriptedVenue("RAYDIUM")])
+    keys = eng.Keys(config.redis_prefix)
+    batch = keys.outbox_batch(client.app[eng.ENGINE].instance_id)
+    await wait_status(client, await order_id_of(client), "confirmed")
+    await wait_for(lambda: redis.llen(batch), "the writer to hold a batch it cannot write")
+    for order_id in [await order_id_of(client) for _ in range(5)]:
+        await wait_status(client, order_id, "confirmed")
+    assert await redis.llen(keys.outbox) == 3  # two of the five were dropped from the history ...
+    message = "history outbox full: the oldest finished orders are dropped from the history"
+    await wait_for(lambda: message in caplog.messages, "the loss to be logged")  # ... not silently
 
 
 async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
