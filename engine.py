@@ -7961,4 +7961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A venue of one's own imports `engine` (README, Venues of your own): that must be this very
+    # module, not a second copy whose VenueError and types the running engine would not know.
+    sys.modules.setdefault("engine", sys.modules[__name__])
     sys.exit(main())

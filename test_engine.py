@@ -3035,6 +3035,12 @@ def not_a_venue(config: Config) -> object:
     return object()
 
 
+def erring(config: Config) -> list[ScriptedVenue]:
+    """A venue whose executions fail as the README says a venue's should: `VenueError`,
+    imported from `engine` (which `python engine.py` runs as __main__)."""
+    return [ScriptedVenue("PLUGGED", fill_factors=[0.5])]  # the first fill is below its floor
+
+
 def failing_factory(config: Config) -> object:
     raise RuntimeError("the venue's credentials are missing")
 
@@ -3067,6 +3073,18 @@ def test_a_venue_path_that_names_no_factory_is_refused(value: str, says: str) ->
 async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config: Config) -> None:
     with pytest.raises(eng.ConfigError, match=r"not a venue .*quote, execute, lookup, has_pool"):
         await start(replace(config, venues="test_engine:not_a_venue"))
+
+
+async def test_a_plugged_venue_s_errors_are_the_engine_s_own_under_python_engine_py(
+    config: Config, processes: Processes
+) -> None:
+    engine = await processes.spawn(engine_env(config, ENGINE_VENUES="test_engine:erring"))
+    url = await engine.url()
+    async with ClientSession() as http:
+        [record] = await reach(http, url, [await place(http, url)], "confirmed", "failed")
+    assert (record["status"], record["attempts"]) == ("confirmed", 2)
+    assert record["history"][4]["code"] == "SLIPPAGE_EXCEEDED"  # an attempt's failure, retried
+    assert not [line for line in engine.lines if "Traceback" in line or "unexpectedly" in line]
 
 
 @pytest.mark.parametrize(
