@@ -3149,6 +3149,8 @@ class History:
         # The one connect under way: requests arriving meanwhile wait for it, rather than each
         # making (and leaking) a pool of its own; a request that gives up does not stop it.
         self._connecting: asyncio.Future[asyncpg.Pool] | None = None
+        self._chunk = OUTBOX_BATCH  # rows written in one statement, halved after a timeout
+        self.refusal: str | None = None  # why PostgreSQL refused the last write, if it did
 
     async def _connected(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -3171,24 +3173,41 @@ class History:
         return pool
 
     async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Write a batch. A row PostgreSQL refuses for its data (a value it cannot store, such
+        """Write a batch, in chunks that each must finish within HISTORY_TIMEOUT_S: a chunk that
+        does not halves the next ones (a slow PostgreSQL still makes progress; rows written
+        twice are upserts). A row PostgreSQL refuses for its data (a value it cannot store, such
         as a NUL in an error text) is logged and skipped, the batch then written row by row, so
-        that it does not hold up every batch after it."""
+        that it does not hold up every batch after it. Any other refusal (a table of another
+        shape, a missing permission) is kept for /readyz until a write succeeds."""
         import asyncpg
 
         rows = [row for row in map(_history_row, records) if row is not None]
         pool = await self._connected()
         try:
-            async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                await pool.executemany(HISTORY_UPSERT, rows)
+            for at in range(0, len(rows), self._chunk):
+                async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                    await pool.executemany(HISTORY_UPSERT, rows[at : at + self._chunk])
+        except TimeoutError:
+            self._chunk = max(1, self._chunk // 2)
+            raise
         except asyncpg.DataError:
-            for row in rows:
-                try:
-                    async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                        await pool.execute(HISTORY_UPSERT, *row)
-                except asyncpg.DataError as exc:
-                    message = "order record refused by postgresql; skipped"
-                    log.error(message, extra={"orderId": row[0], "error": str(exc)})
+            await self._write_each(pool, rows)
+        except asyncpg.PostgresError as exc:
+            self.refusal = f"{type(exc).__name__}: {exc}"
+            raise
+        self.refusal = None
+        self._chunk = min(OUTBOX_BATCH, self._chunk * 2)
+
+    async def _write_each(self, pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]) -> None:
+        import asyncpg
+
+        for row in rows:
+            try:
+                async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                    await pool.execute(HISTORY_UPSERT, *row)
+            except asyncpg.DataError as exc:
+                message = "order record refused by postgresql; skipped"
+                log.error(message, extra={"orderId": row[0], "error": str(exc)})
 
     async def get(self, order_id: str) -> dict[str, Any] | None:
         pool = await self._connected()
@@ -7049,7 +7068,7 @@ async def readyz(request: web.Request) -> web.Response:
     if engine.history is not None:
         try:
             await within_deadline(engine, engine.history.ping(), deadline_s=HISTORY_TIMEOUT_S)
-            checks["postgres"] = "ok"
+            checks["postgres"] = "ok" if engine.history.refusal is None else "refusing writes"
         except ApiError:  # no answer within the deadline
             checks["postgres"] = "unavailable"
         except history_errors():

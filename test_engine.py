@@ -1422,6 +1422,55 @@ async def test_an_outbox_full_during_an_outage_says_history_is_being_dropped(
     await wait_for(lambda: message in caplog.messages, "the loss to be logged")  # ... not silently
 
 
+async def test_a_history_table_of_another_shape_makes_the_engine_unready_until_it_fits(
+    start: Start, config: Config, postgres: str
+) -> None:
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(eng.HISTORY_TABLE)
+        await admin.execute("ALTER TABLE order_history ADD COLUMN tenant text NOT NULL")
+        history = replace(config, database_url=postgres)
+        client = await start(history, venues=[ScriptedVenue("RAYDIUM")])
+        order_id = await order_id_of(client)
+        await wait_status(client, order_id, "confirmed")
+
+        async def refusing() -> bool:
+            ready = await client.get("/readyz")
+            return ready.status == 503 and (await ready.json())["postgres"] == "refusing writes"
+
+        await wait_for(refusing, "/readyz to say PostgreSQL refuses the history")
+        await admin.execute("ALTER TABLE order_history DROP COLUMN tenant")  # the operator's fix
+        await wait_for(lambda: _has_rows(postgres, [order_id]), "the held history to be written")
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await admin.close()
+
+
+async def test_a_slow_postgresql_still_takes_the_whole_history_in_smaller_writes(
+    start: Start, config: Config, postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each row costs 50 ms (a slow trigger): a batch of 20 does not fit one write's time.
+    monkeypatch.setattr(eng, "HISTORY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(eng, "OUTBOX_BATCH", 20)
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(eng.HISTORY_TABLE)
+        await admin.execute(
+            "CREATE FUNCTION slow() RETURNS trigger AS $$"
+            " BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$ LANGUAGE plpgsql;"
+            " CREATE TRIGGER slow BEFORE INSERT ON order_history"
+            " FOR EACH ROW EXECUTE FUNCTION slow()"
+        )
+        history = replace(config, database_url=postgres)
+        client = await start(history, venues=[ScriptedVenue("RAYDIUM")])
+        order_ids = [await order_id_of(client) for _ in range(20)]
+        for order_id in order_ids:
+            await wait_status(client, order_id, "confirmed")
+        await wait_for(lambda: _has_rows(postgres, order_ids), "every row, however slow")
+    finally:
+        await admin.close()
+
+
 async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
     start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
 ) -> None:
