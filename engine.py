@@ -5465,10 +5465,10 @@ class Engine:
                 await backoff.wait()
                 continue
             backoff.reset()
-            if len(records) < len(batch):
+            if lost := sorted(set(batch) - {str(record["orderId"]) for record in records}):
                 log.warning(
                     "records expired before they were written",
-                    extra={"lost": len(batch) - len(records)},
+                    extra={"lost": len(lost), "orderIds": lost},  # a batch's at most
                 )
             await persist("outbox done", self.store.outbox_done, self.instance_id)
 

@@ -1472,7 +1472,11 @@ async def test_a_slow_postgresql_still_takes_the_whole_history_in_smaller_writes
 
 
 async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
-    start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
+    start: Start,
+    config: Config,
+    redis: aioredis.Redis,
+    postgres_server: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     name = f"t{secrets.token_hex(4)}"  # a database that does not exist yet: PostgreSQL is "down"
     url = database_url(postgres_server, name)
@@ -1480,6 +1484,9 @@ async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
     order_ids = [await order_id_of(client) for _ in range(5)]
     for order_id in order_ids:
         await wait_status(client, order_id, "confirmed")  # orders do not wait for PostgreSQL
+    # One more finished meanwhile, whose record expired before PostgreSQL came back: lost, named.
+    expired = "order_" + "e" * 32
+    await redis.lpush(eng.Keys(config.redis_prefix).outbox, expired)
     ready = await client.get("/readyz")
     assert (ready.status, (await ready.json())["postgres"]) == (503, "unavailable")
     admin = await asyncpg.connect(postgres_server)
@@ -1489,6 +1496,8 @@ async def test_a_postgresql_outage_delays_no_order_and_loses_no_history(
         keys = eng.Keys(config.redis_prefix)
         await wait_for(lambda: _count_is(redis.llen(keys.outbox), 0), "the outbox to empty")
         assert (await client.get("/readyz")).status == 200
+        [lost] = [r for r in caplog.records if r.msg == "records expired before they were written"]
+        assert (lost.__dict__["lost"], lost.__dict__["orderIds"]) == (1, [expired])
     finally:
         await client.close()
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
