@@ -4858,6 +4858,8 @@ class Router:
             best = best_route(quotes, amount_in, slot)
             if best.valid_until_slot is None or slot <= best.valid_until_slot:
                 return best, quotes
+            if asked == REQUOTES_MAX:
+                break
             log.warning(
                 "quote expired; quoting again",
                 extra={

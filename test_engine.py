@@ -1961,10 +1961,16 @@ async def test_an_expired_quote_is_priced_again_instead_of_filled(
     assert [r.message for r in caplog.records].count("quote expired; quoting again") == 2
 
 
-async def test_quotes_that_keep_expiring_fail_the_order_with_quote_expired(start: Start) -> None:
-    client = await start(venues=[StaleVenue("RAYDIUM", stale=10**6)])
+async def test_quotes_that_keep_expiring_fail_the_order_with_quote_expired(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    venue = StaleVenue("RAYDIUM", stale=10**6)
+    client = await start(replace(config, max_attempts=1), venues=[venue])
     record = await wait_status(client, await order_id_of(client), "failed")
-    assert (record["code"], record["attempts"]) == ("QUOTE_EXPIRED", 3)
+    assert (record["code"], record["attempts"]) == ("QUOTE_EXPIRED", 1)
+    # Quoted three times: the first, and the two fresh ones asked; each of those two logged.
+    assert venue.asked == 1 + eng.REQUOTES_MAX
+    assert [r.message for r in caplog.records].count("quote expired; quoting again") == 2
 
 
 @pytest.mark.parametrize(
