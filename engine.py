@@ -839,10 +839,19 @@ class VenueError(EngineError):
     """A venue refused or failed a call. `code` is the order failure code (FINAL_CODES says
     whether it is retried)."""
 
-    def __init__(self, message: str, code: str = "EXECUTION_FAILED", *, sent: bool = True) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str = "EXECUTION_FAILED",
+        *,
+        sent: bool = True,
+        routes: tuple[Route, ...] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.sent = sent  # False: the transaction never left the engine, so it cannot land
+        # A venue with no route for the whole order: those that can take part of it, for a split.
+        self.routes = routes
 
 
 class ApiError(EngineError):
@@ -3942,9 +3951,10 @@ class SimVenue:
         )
         if not scored or scored[0][0] < 0:
             message = f"no route from {sell.symbol} to {buy.symbol} for this amount"
-            raise VenueError(message, "NO_ROUTE")
-        usable = tuple(pair for pair in scored if pair[0] >= 0)
-        return plan_quote([(scored[0][1], amount_in)], slot, usable)
+            raise VenueError(message, "NO_ROUTE", routes=tuple(route for _, route in scored))
+        # Every route goes to the split search, those that cannot take the whole order too
+        # (scored -1): part of it may still pay more down them.
+        return plan_quote([(scored[0][1], amount_in)], slot, tuple(scored))
 
     async def execute(self, tx: SwapTx) -> Fill:
         await self._pause(self.rng.uniform(EXECUTION_LATENCY_MIN_S, EXECUTION_LATENCY_MAX_S))
@@ -4717,15 +4727,19 @@ def solana_venues(
 # -- routing --------------------------------------------------------------------------------------
 
 
-def best_route(quotes: Sequence[Quote], amount_in: int, slot: int) -> Quote:
+def best_route(
+    quotes: Sequence[Quote], amount_in: int, slot: int, partial: Sequence[Route] = ()
+) -> Quote:
     """The plan that pays the most: the best venue's quote, or a split of the order between two of
-    the best routes (sharing no pool) when that pays more. A venue whose quote carries no routes
-    competes with its quote as it is."""
+    the best routes (sharing no pool) when that pays more. A route that cannot take the whole
+    order (scored -1, or `partial`: of a venue that quoted nothing for it) may still take the
+    rest of a split. A venue whose quote carries no routes competes with its quote as it is."""
     best = max(quotes, key=lambda quote: quote.amount_out)
     ranked = sorted((pair for quote in quotes for pair in quote.routes), key=lambda p: -p[0])
-    top = [route for _, route in ranked[:SPLIT_CANDIDATES]]
+    top = [route for score, route in ranked if score >= 0][:SPLIT_CANDIDATES]
+    partial = [*(route for score, route in ranked if score < 0), *partial]
     for i, first in enumerate(top):
-        for second in top[i + 1 :]:
+        for second in [*top[i + 1 :], *partial]:
             if first.pool_ids & second.pool_ids:
                 continue
             share = split(first, second, amount_in, slot)
@@ -4850,12 +4864,14 @@ class Router:
         is chosen is priced again, a bounded number of times (QUOTE_EXPIRED after that)."""
         amount_in = order.amount_in  # a Decimal conversion: once
         for asked in range(REQUOTES_MAX + 1):
-            quotes, skipped = await self.quotes(order.sell, order.buy, amount_in, order.order_id)
+            partial: list[Route] = []
+            asking = self.quotes(order.sell, order.buy, amount_in, order.order_id, partial)
+            quotes, skipped = await asking
             if not quotes:
                 reasons = "; ".join(f"{dex}: {reason}" for dex, reason in skipped.items())
                 raise AttemptFailed("NO_QUOTES", f"no venue returned a quote ({reasons})")
             slot = slot_at(self._clock())
-            best = best_route(quotes, amount_in, slot)
+            best = best_route(quotes, amount_in, slot, partial)
             if best.valid_until_slot is None or slot <= best.valid_until_slot:
                 return best, quotes
             if asked == REQUOTES_MAX:
@@ -4888,10 +4904,17 @@ class Router:
         return any(venue.has_pool(sell, buy) for venue in self.venues.values())
 
     async def quotes(
-        self, sell: Token, buy: Token, amount_in: int, context: str
+        self,
+        sell: Token,
+        buy: Token,
+        amount_in: int,
+        context: str,
+        partial: list[Route] | None = None,
     ) -> tuple[list[Quote], dict[str, str]]:
         """Every venue's quote that came within the timeout (the same deadline for each, so one
-        timer serves them all), and why each other venue was skipped (logged too)."""
+        timer serves them all), and why each other venue was skipped (logged too). A venue
+        skipped for having no route for the whole amount adds the routes that can take part of
+        it to `partial`."""
         asks = {
             asyncio.ensure_future(self._timed_quote(venue, sell, buy, amount_in)): venue.name
             for venue in self.venues.values()
@@ -4908,6 +4931,8 @@ class Router:
             elif (error := task.exception()) is not None:  # a venue's failure stays its own
                 known = isinstance(error, VenueError)
                 skipped[dex] = str(error) if known else f"{type(error).__name__}: {error}"
+                if isinstance(error, VenueError) and partial is not None:
+                    partial += error.routes
             else:
                 quotes.append(task.result())
         for dex, reason in skipped.items():

@@ -1927,6 +1927,21 @@ async def test_a_split_route_is_shown_in_building_and_confirmed(start: Start) ->
     assert submitted["lastValidSlot"] == eng.slot_at(expires_s)
 
 
+async def test_a_venue_that_cannot_take_a_whole_order_still_takes_its_part_of_a_split(
+    start: Start,
+) -> None:
+    # 3,000,000 JUP is more than Meteora's JUP/USDC bins hold (about 2.16 million): Meteora
+    # quotes nothing for it alone, yet most of the order is best sent there.
+    client = await start()
+    body = {**ORDER, "inputToken": "JUP", "outputToken": "USDC", "amount": 3_000_000}
+    record = await wait_status(
+        client, await order_id_of(client, {**body, "slippageBps": 500}), "confirmed"
+    )
+    assert [q["dex"] for q in record["quotes"]] == ["RAYDIUM"]  # the only whole-order quote
+    assert sorted(record["dex"].split("+")) == ["METEORA", "RAYDIUM"]
+    assert record["amountOut"] > 1.5 * record["quotes"][0]["amountOut"]
+
+
 async def test_consecutive_orders_see_each_others_price_impact(start: Start) -> None:
     client = await start()
     first = await wait_status(client, await order_id_of(client, BIG_ORDER), "confirmed")
