@@ -137,6 +137,7 @@ IDEMPOTENCY_TTL_S: Final = 24 * 3600
 # What a replayed Idempotency-Key answers as its order's status once the order's record has
 # expired (ENGINE_ORDER_TTL_S shorter than IDEMPOTENCY_TTL_S) and no history has it.
 REPLAYED_EXPIRED: Final = "expired"
+REPLAY_HISTORY_WAIT_S: Final = 1.0  # how long such a replay asks PostgreSQL for the status
 SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
 JWT_SECRET_MIN_BYTES: Final = 32
@@ -5165,9 +5166,14 @@ class Engine:
         if not created.replayed:
             log.debug("order accepted", extra={"orderId": order.order_id, "userId": order.user_id})
         elif created.status == REPLAYED_EXPIRED and self.history is not None:
-            with contextlib.suppress(*history_errors()):  # unknown is what "expired" says
-                if (record := await self.history.get(created.order_id)) is not None:
-                    return replace(created, status=record["status"])
+            # Asked briefly (the answer must come within the request's deadline): if PostgreSQL
+            # does not say, "expired" stands, which says the engine no longer knows.
+            asking = asyncio.ensure_future(self.history.get(created.order_id))
+            done, _ = await asyncio.wait({asking}, timeout=REPLAY_HISTORY_WAIT_S)
+            if not done:
+                self.abandon(asking)
+            elif asking.exception() is None and (record := asking.result()) is not None:
+                return replace(created, status=record["status"])
         return created
 
     @property
