@@ -3459,6 +3459,15 @@ class BinPool:
     def spot(self) -> float:
         return self.prices[self.active] / Q64
 
+    def entry(self, sell_base: bool) -> float:
+        """The price a swap starts at: the active bin's, or, when it holds none of what the swap
+        takes out (a swap or an arbitrage emptied that side), the nearest bin that does."""
+        step, side = (-1, 1) if sell_base else (1, 0)
+        at = self.active
+        while at in self.bins and self.bins[at][side] == 0:
+            at += step
+        return self.prices.get(at, self.prices[self.active]) / Q64
+
     def fee_ppm(self, slot: int) -> int:
         reference_bin, reference = self._references(slot)
         return self._fee_at(self.active, reference_bin, reference)
@@ -3587,8 +3596,11 @@ class Hop:
         return self.pool.quote if self.sell_base else self.pool.base
 
     def spot(self) -> float:
-        """Output base units per input base unit, before fees."""
-        return self.pool.spot() if self.sell_base else 1 / self.pool.spot()
+        """Output base units per input base unit, before fees, where the swap starts (what its
+        price impact is measured from)."""
+        pool = self.pool
+        price = pool.entry(self.sell_base) if isinstance(pool, BinPool) else pool.spot()
+        return price if self.sell_base else 1 / price
 
 
 @dataclass(frozen=True, slots=True)

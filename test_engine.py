@@ -1828,6 +1828,21 @@ def test_the_meteora_fee_rises_with_volatility_and_decays() -> None:
     assert pool.fee_ppm(slot_now(clock)) == quiet
 
 
+def test_a_small_order_s_impact_is_measured_from_the_bin_it_starts_in() -> None:
+    # A sell that empties the active bin's quote leaves it holding base only: the next small
+    # sell starts a bin lower, and that is no impact of its own (nor a better price).
+    m = market()
+    pool = m.pools["meteora-dlmm-SOL-USDC"]
+    assert isinstance(pool, eng.BinPool)
+    pool.bins[pool.active][1] = 0  # its quote taken by an earlier swap
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    hop = eng.Hop(pool, sell_base=True)
+    quote = eng.plan_quote([(eng.Route("METEORA", (hop,)), eng.to_units(0.001, sol))], m.slot)
+    assert quote.price_impact_pct < 0.001  # was 0.1 %: the gap between two bins
+    scale = 10 ** (sol.decimals - usdc.decimals)  # base units to whole tokens
+    assert quote.price == pytest.approx(pool.prices[pool.active - 1] / eng.Q64 * scale, rel=1e-6)
+
+
 def slot_now(clock: ManualClock) -> int:
     return eng.slot_at(clock())
 
