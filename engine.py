@@ -5652,6 +5652,13 @@ class _Attempt:
         )
         await self.wait(condition, max(score, condition.limit_price), bestPrice=significant(got))
 
+    def unsent_if_expired(self) -> None:
+        """A limit or sniper order past its expiresAt is not sent (a transaction sent before it
+        may still land after it)."""
+        condition = self.order.condition
+        if condition is not None and self.engine.now() * 1000 > condition.expires_at_ms:
+            raise AttemptFailed("EXPIRED", "the order expired before it was sent", sent=False)
+
     async def resume(self) -> None:
         """Carry on after Redis failed under a step that was not retried: ask the chain about a
         sent transaction, else run the attempt again, uncounted (Redis held it up)."""
@@ -5721,11 +5728,9 @@ class _Attempt:
             if engine.router.signs(tx):
                 await self.move(Status.BUILDING, info=building)
                 tx, passing = await engine.router.sign(tx), []
-            condition = self.order.condition
-            if condition is not None and engine.now() * 1000 > condition.expires_at_ms:
-                # Routing (or signing) took it past its expiry: it is not sent.
-                raise AttemptFailed("EXPIRED", "the order expired before it was sent", sent=False)
+            self.unsent_if_expired()  # routing (or signing) took it past its expiry
             await self.move(Status.SUBMITTED, info=self.submitted_info(best, tx), passing=passing)
+            self.unsent_if_expired()  # Redis held that write up past it
             self.order = replace(
                 self.order,
                 dex=tx.dex,

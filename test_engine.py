@@ -3927,6 +3927,26 @@ async def test_a_new_order_does_not_shorten_the_life_of_a_user_s_waiting_orders_
         assert snapshot_of(await receive(ws)) == (waiting, "waiting")
 
 
+async def test_a_limit_order_whose_submitted_write_redis_holds_past_its_expiry_is_not_sent(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    slow = ScriptedVenue("RAYDIUM", price=100.0, quote_gate=asyncio.Event())
+    client = await start(replace(config, redis_url=own_redis.url), venues=[slow])
+    order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99, "expiresInS": 1})
+    routing = await wait_status(client, order_id, "routing")
+    own_redis.signal(signal.SIGSTOP)  # the route is chosen in time; its record is not
+    try:
+        assert slow.quote_gate is not None
+        slow.quote_gate.set()
+        expires_ms = eng.parse_iso_ms(routing["expiresAt"])
+        await wait_for(lambda: time.time() * 1000 > expires_ms + 200, "its expiry to pass")
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    record = await wait_status(client, order_id, "failed")
+    assert (record["code"], record["error"]) == ("EXPIRED", "the order expired before it was sent")
+    assert slow.executions == []
+
+
 async def test_a_limit_order_whose_route_outlasts_its_expiry_is_not_sent(
     start: Start, config: Config
 ) -> None:
