@@ -6256,25 +6256,6 @@ async def test_an_engine_redis_refuses_stops_start_up_with_one_line(
         await redis.aclose()
 
 
-async def test_a_redis_set_to_evict_keys_after_start_up_makes_the_engine_unready(
-    start: Start, config: Config, own_redis: RedisServer
-) -> None:
-    # Checked at start-up too, but an operator may change it later (CONFIG SET), and from then
-    # on a full Redis would silently drop orders: load balancers must hear of it.
-    client = await start(replace(config, redis_url=own_redis.url))
-    assert (await (await client.get("/readyz")).json())["redis"] == "ok"
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    try:
-        await redis.config_set("maxmemory-policy", "volatile-lru")
-        ready = await client.get("/readyz")
-        assert ready.status == 503
-        assert (await ready.json())["redis"] == "evicts keys (volatile-lru)"
-        await redis.config_set("maxmemory-policy", "noeviction")
-        assert (await client.get("/readyz")).status == 200
-    finally:
-        await redis.aclose()
-
-
 async def test_an_engine_without_the_password_redis_requires_stops_start_up_at_once(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
@@ -6292,24 +6273,37 @@ async def test_an_engine_without_the_password_redis_requires_stops_start_up_at_o
         await redis.aclose()
 
 
-async def test_readiness_says_so_while_redis_answers_but_refuses_writes(
-    start: Start, config: Config, own_redis: RedisServer
+@pytest.mark.parametrize(
+    ("setting", "bad", "good", "says"),
+    [
+        # NOREPLICAS, as a failing disk's MISCONF: every POST would be refused
+        ("min-replicas-to-write", "1", "0", "refusing writes"),
+        # Checked at start-up too, but an operator may change it later (CONFIG SET), and from
+        # then on a full Redis would silently drop orders: load balancers must hear of it.
+        ("maxmemory-policy", "volatile-lru", "noeviction", "evicts keys (volatile-lru)"),
+    ],
+)
+async def test_readiness_says_so_while_redis_refuses_writes_or_evicts_keys(
+    start: Start,
+    config: Config,
+    own_redis: RedisServer,
+    setting: str,
+    bad: str,
+    good: str,
+    says: str,
 ) -> None:
     client = await start(replace(config, redis_url=own_redis.url))
-    assert (await client.get("/readyz")).status == 200
+    first = await client.get("/readyz")
+    assert (first.status, (await first.json())["redis"]) == (200, "ok")
     redis = aioredis.from_url(own_redis.url, decode_responses=True)
     try:
-        await redis.config_set(
-            "min-replicas-to-write", 1
-        )  # NOREPLICAS, as a failing disk's MISCONF
+        await redis.config_set(setting, bad)
         ready = await client.get("/readyz")
-        assert (ready.status, await ready.json()) == (
-            503,
-            {"status": "unavailable", "redis": "refusing writes"},
-        )
-        post = await client.post(EXECUTE, json=ORDER)
-        assert post.status == 503  # what a load balancer is kept from sending it
-        await redis.config_set("min-replicas-to-write", 0)
+        assert (ready.status, await ready.json()) == (503, {"status": "unavailable", "redis": says})
+        if says == "refusing writes":
+            post = await client.post(EXECUTE, json=ORDER)
+            assert post.status == 503  # what a load balancer is kept from sending it
+        await redis.config_set(setting, good)
         assert (await client.get("/readyz")).status == 200
     finally:
         await redis.aclose()
