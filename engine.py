@@ -490,6 +490,7 @@ return {'created', event}
 # shut down ('handed', no lease left) or idle ('idle'). An order leased by another instance is
 # answered {'holder', name} and nothing changes, unless the caller named that holder (and so
 # passed its keys): then its job goes back to a holder that is alive, and is taken from a dead one.
+# A job no longer in the caller's processing list is answered {'gone'}: someone else has it.
 # KEYS: order, processing, the named holder's heartbeat, processing list and draining mark (if
 #       one is named)
 # ARGV: order_id, lease, instance, the holder named ('' for none)
@@ -505,6 +506,10 @@ if string.find(' $TERMINAL ', ' ' .. status .. ' ', 1, true) then
   redis.call('LREM', KEYS[2], '1', id)
   return {'finished'}
 end
+-- A job that left this instance's processing list was taken from it (recovered while its
+-- heartbeat had lapsed): whoever took it runs the order, or parked it (a waiting order's job
+-- is gone until its trigger fires), and this copy is stale.
+if not redis.call('LPOS', KEYS[2], id) then return {'gone'} end
 -- An order in the middle of an attempt belongs to its lease holder while that instance is alive
 -- (its heartbeat may have lapsed for a moment, letting its jobs be recovered). Its job goes back
 -- to the holder's processing list, so that it is recovered with the rest if the holder dies

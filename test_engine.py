@@ -1035,7 +1035,10 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     config: Config, redis: aioredis.Redis
 ) -> None:
     store, order = await order_in_store(redis, config)
+    keys = store.keys
+    await redis.lmove(keys.pending, keys.processing("inst-a"))
     assert (await store.claim(order.order_id, "inst-a", "inst-a/1"))[0] == "claimed"
+    await redis.lmove(keys.processing("inst-a"), keys.processing("inst-b"))  # recovered
     assert (await store.claim(order.order_id, "inst-b", "inst-b/2"))[0] == "claimed"  # takeover
     routing = replace(order, status=Status.ROUTING, attempts=1)
     with pytest.raises(eng.LeaseLost):
@@ -1090,6 +1093,48 @@ async def test_a_claim_returns_a_live_holder_s_job_takes_a_dead_one_s_and_a_shut
     assert outcome == "claimed"
     assert claimed is not None
     assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, True)
+
+
+async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    # inst-a's blocked pop received the sniper's job as inst-a stalled; its heartbeat lapsed, the
+    # job was recovered, and inst-b ran the order, which parked to wait for its trigger. When
+    # inst-a wakes with its copy of the job, the order must not run: its trigger has not fired.
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    keys = store.keys
+    condition = eng.Condition("sniper", 1_700_000_600_000, trigger="priceAbove", trigger_price=1e6)
+    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50, condition)
+    order = eng.Order(
+        "order_" + "b" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0, condition=condition
+    )
+    await store.create(order, request, None, "inst-a")
+    await redis.lmove(keys.pending, keys.processing("inst-a"))  # the pop that inst-a never saw
+    assert await store.recover("inst-a", only_if_dead=True) == 1
+    await redis.lmove(keys.pending, keys.processing("inst-b"))
+    outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/1")
+    assert outcome == "claimed"
+    assert claimed is not None
+    waiting = replace(claimed, status=Status.WAITING)
+    await store.advance(
+        claimed,
+        waiting,
+        lease="inst-b/1",
+        instance="inst-b",
+        info={},
+        action="wait",
+        delay_ms=0,
+        score=1e6,
+    )
+    trigger_set = keys.triggers("up", "SOL", "USDC")
+    assert await redis.zscore(trigger_set, order.order_id) == 1e6
+    # inst-a wakes and claims the job it holds
+    assert await store.claim(order.order_id, "inst-a", "inst-a/2") == ("gone", None)
+    record = await redis.hgetall(keys.order(order.order_id))
+    assert record["status"] == Status.WAITING
+    assert "lease" not in record
+    assert await redis.zscore(trigger_set, order.order_id) == 1e6
+    assert await redis.llen(keys.processing("inst-a")) == 0
 
 
 async def test_the_batch_sender_logs_in_no_caller_s_name(redis: aioredis.Redis) -> None:
@@ -1154,6 +1199,7 @@ async def test_changes_made_at_one_moment_are_one_step_with_an_event_each(
     config: Config, redis: aioredis.Redis
 ) -> None:
     store, order = await order_in_store(redis, config)
+    await redis.lmove(store.keys.pending, store.keys.processing("inst-a"))
     await store.claim(order.order_id, "inst-a", "inst-a/1")
     routing = replace(order, status=Status.ROUTING, attempts=1)
 
