@@ -137,6 +137,8 @@ IDEMPOTENCY_TTL_S: Final = 24 * 3600
 # What a replayed Idempotency-Key answers as its order's status once the order's record has
 # expired (ENGINE_ORDER_TTL_S shorter than IDEMPOTENCY_TTL_S) and no history has it.
 REPLAYED_EXPIRED: Final = "expired"
+NOT_MET: Final = "the order expired before its condition was met"
+FIRED_NOT_RUN: Final = "the order expired after its condition was met, before it could run"
 REPLAY_HISTORY_WAIT_S: Final = 1.0  # how long such a replay asks PostgreSQL for the status
 SLIPPAGE_BPS_DEFAULT: Final = 50
 SLIPPAGE_BPS_MAX: Final = 5000
@@ -632,10 +634,11 @@ return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 """
 )
 
-# Wake waiting orders whose trigger has fired: take them out of their trigger set (and the expiry
-# set) and push their jobs to the consumer end of the pending list. Each order leaves the set
-# once, so it fires once however many instances watch the pair. Returns how many fired.
-# KEYS: trigger set, waiting expiry, pending
+# Wake waiting orders whose trigger has fired: take them out of their trigger set and push their
+# jobs to the consumer end of the pending list. Each order leaves the set once, so it fires once
+# however many instances watch the pair. It stays in the expiry set (counted toward
+# ENGINE_MAX_WAITING) until it fills or fails. Returns how many fired.
+# KEYS: trigger set, pending
 # ARGV: how (up: scores <= price | down: scores >= price | all), price, batch
 LUA_FIRE: Final = """
 local how, price, batch = unpack(ARGV)
@@ -649,8 +652,7 @@ else
 end
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('RPUSH', KEYS[3], id)
+  redis.call('RPUSH', KEYS[2], id)
 end
 return #ids
 """
@@ -2985,12 +2987,16 @@ class Store:
         return [order_view(record) for record in found if record]
 
     async def expire(self, order_id: str, origin: str) -> bool:
-        """Fail a waiting order whose time ran out (EXPIRED). False if it was no longer waiting."""
+        """Fail a waiting order whose time ran out (EXPIRED), parked or fired and not yet taken
+        up by a worker. False if it was no longer waiting."""
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
         if not record or record["status"] != Status.WAITING:
-            await self.redis.zrem(self.keys.expiring, order_id)  # a leftover: nothing waits
+            # Running (its worker checks the expiry before it sends), or a leftover.
+            await self.redis.zrem(self.keys.expiring, order_id)
             return False
-        detail = {"code": "EXPIRED", "error": "the order expired before its condition was met"}
+        (trigger_set,) = self.keys.trigger_of(Order.from_record(record))
+        parked = await self.redis.zscore(trigger_set, order_id) is not None
+        detail = {"code": "EXPIRED", "error": NOT_MET if parked else FIRED_NOT_RUN}
         return await self._end_order(record, Status.FAILED, detail, origin)
 
     async def _end_order(
@@ -3043,7 +3049,7 @@ class Store:
         while True:
             batch = await self.batch.call(
                 self._fire,
-                [key, self.keys.expiring, self.keys.pending],
+                [key, self.keys.pending],
                 script_args([how, repr(price), FIRE_BATCH]),
             )
             fired += int(batch)
@@ -5575,7 +5581,8 @@ class Engine:
         return self._paused_at > moment or overdue
 
 
-EXPIRED: Final = AttemptFailed("EXPIRED", "the order expired before its condition was met")
+EXPIRED: Final = AttemptFailed("EXPIRED", NOT_MET)
+EXPIRED_FIRED: Final = AttemptFailed("EXPIRED", FIRED_NOT_RUN)
 
 
 class _Attempt:
@@ -5604,7 +5611,8 @@ class _Attempt:
             return
         condition = self.order.condition
         if condition is not None and self.engine.now() * 1000 > condition.expires_at_ms:
-            await self.retry_or_fail(EXPIRED)
+            fired = self.order.status is Status.WAITING  # claimed: its trigger took it out
+            await self.retry_or_fail(EXPIRED_FIRED if fired else EXPIRED)
         elif condition is not None and condition.kind == "sniper" and self.first_claim:
             await self.wait(condition, self.trigger_score(condition))
         else:

@@ -1095,6 +1095,36 @@ async def test_a_claim_returns_a_live_holder_s_job_takes_a_dead_one_s_and_a_shut
     assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, True)
 
 
+def sniper_in_store(order_id: str, trigger_price: float) -> tuple[eng.Order, eng.OrderRequest]:
+    """A priceAbove sniper order of user "u" (SOL for USDC), not yet created."""
+    condition = eng.Condition(
+        "sniper", 1_700_000_600_000, trigger="priceAbove", trigger_price=trigger_price
+    )
+    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50, condition)
+    order = eng.Order(order_id, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0, condition=condition)
+    return order, request
+
+
+async def park(store: eng.Store, order: eng.Order, instance: str) -> None:
+    """Run the order as `instance` would, from its processing list, to waiting for its trigger."""
+    outcome, claimed = await store.claim(order.order_id, instance, f"{instance}/1")
+    assert outcome == "claimed"
+    assert claimed is not None
+    assert claimed.condition is not None
+    waiting = replace(claimed, status=Status.WAITING)
+    score = claimed.condition.trigger_price
+    await store.advance(
+        claimed,
+        waiting,
+        lease=f"{instance}/1",
+        instance=instance,
+        info={},
+        action="wait",
+        delay_ms=0,
+        score=score,
+    )
+
+
 async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
     config: Config, redis: aioredis.Redis
 ) -> None:
@@ -1103,29 +1133,12 @@ async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
     # inst-a wakes with its copy of the job, the order must not run: its trigger has not fired.
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     keys = store.keys
-    condition = eng.Condition("sniper", 1_700_000_600_000, trigger="priceAbove", trigger_price=1e6)
-    request = eng.OrderRequest("u", "SOL", "USDC", 1, 50, condition)
-    order = eng.Order(
-        "order_" + "b" * 32, "u", "SOL", "USDC", 1, 50, Status.PENDING, 0, condition=condition
-    )
+    order, request = sniper_in_store("order_" + "b" * 32, 1e6)
     await store.create(order, request, None, "inst-a")
     await redis.lmove(keys.pending, keys.processing("inst-a"))  # the pop that inst-a never saw
     assert await store.recover("inst-a", only_if_dead=True) == 1
     await redis.lmove(keys.pending, keys.processing("inst-b"))
-    outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/1")
-    assert outcome == "claimed"
-    assert claimed is not None
-    waiting = replace(claimed, status=Status.WAITING)
-    await store.advance(
-        claimed,
-        waiting,
-        lease="inst-b/1",
-        instance="inst-b",
-        info={},
-        action="wait",
-        delay_ms=0,
-        score=1e6,
-    )
+    await park(store, order, "inst-b")
     trigger_set = keys.triggers("up", "SOL", "USDC")
     assert await redis.zscore(trigger_set, order.order_id) == 1e6
     # inst-a wakes and claims the job it holds
@@ -1134,7 +1147,39 @@ async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
     assert record["status"] == Status.WAITING
     assert "lease" not in record
     assert await redis.zscore(trigger_set, order.order_id) == 1e6
-    assert await redis.llen(keys.processing("inst-a")) == 0
+
+
+async def test_an_expired_sniper_says_whether_its_trigger_had_fired(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    keys = store.keys
+    orders = [sniper_in_store("order_" + "c" * 32, 1e6), sniper_in_store("order_" + "d" * 32, 1e3)]
+    for order, request in orders:
+        await store.create(order, request, None, "inst-a")
+        await redis.lmove(keys.pending, keys.processing("inst-a"))
+        await park(store, order, "inst-a")
+    (parked, _), (fired, _) = orders
+    assert await store.fire("up", "SOL", "USDC", 1e4) == 1
+    assert await redis.lrange(keys.pending, 0, -1) == [fired.order_id]
+    # a fired order stays counted toward ENGINE_MAX_WAITING until it ends
+    assert await redis.zcard(keys.expiring) == 2
+    assert await store.expire(parked.order_id, "inst-a")
+    assert await store.expire(fired.order_id, "inst-a")
+    errors = {
+        order.order_id: (await redis.hmget(keys.order(order.order_id), "status", "error"))
+        for order in (parked, fired)
+    }
+    assert errors == {
+        parked.order_id: ["failed", '"the order expired before its condition was met"'],
+        fired.order_id: [
+            "failed",
+            '"the order expired after its condition was met, before it could run"',
+        ],
+    }
+    assert await redis.llen(keys.pending) == 0
+    assert await redis.zcard(keys.expiring) == 0
+    assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
 
 
 async def test_the_batch_sender_logs_in_no_caller_s_name(redis: aioredis.Redis) -> None:
@@ -3956,6 +4001,51 @@ async def test_limit_orders_placed_at_once_never_take_the_waiting_cap_past_its_b
     await wait_status(client, marketable, "confirmed")  # it filled at once, and freed it again
     assert (await post(client, LIMIT))[0] == 202
     assert await redis.zcard(eng.Keys(config.redis_prefix).expiring) == 3
+
+
+@dataclass
+class HeldRoutes(ScriptedVenue):
+    """Answers the pair's price probes at once, and an order's own quote (anything above 0.1 SOL,
+    for which it pays `depth` of the probe's price) only while `routes` is set."""
+
+    depth: float = 0.9
+    routes: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        if amount_in > eng.to_units(0.1, sell):
+            await self.routes.wait()
+        return await super().quote(sell, buy, amount_in)
+
+    def pays(self, amount_in: int, sell: eng.Token, buy: eng.Token, factor: float = 1.0) -> int:
+        deep = amount_in > eng.to_units(0.1, sell)
+        return super().pays(amount_in, sell, buy, factor * (self.depth if deep else 1.0))
+
+
+async def test_limit_orders_that_fired_keep_their_place_under_the_waiting_cap(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue = HeldRoutes("RAYDIUM", price=90.0)
+    venue.routes.set()
+    held = replace(config, max_waiting=3, quote_timeout_ms=60_000)  # the test opens the quotes
+    client = await start(held, venues=[venue])
+    limit = {**LIMIT, "limitPrice": 99.5}
+    placed = [await order_id_of(client, limit) for _ in range(3)]
+    for order_id in placed:  # their 2 SOL get about 80.8 each: they wait
+        await wait_status(client, order_id, "waiting")
+    venue.routes.clear()
+    venue.price, venue.depth = 125.0, 0.7  # the pair's price passes what they wait for: they fire
+    for order_id in placed:
+        await wait_status(client, order_id, "routing")
+    # while they route, the cap is still theirs
+    status, reply = await post(client, limit)
+    assert (status, reply["error"]["code"]) == (503, "QUEUE_FULL")
+    venue.routes.set()  # their 2 SOL get about 87.2 each: back to waiting
+    for order_id in placed:
+        record = await wait_status(client, order_id, "waiting")
+        history = [h["status"] for h in record["history"]]
+        assert history == ["pending", "routing", "waiting", "routing", "waiting"]
+    assert await redis.zcard(eng.Keys(config.redis_prefix).expiring) == 3
+    assert (await post(client, limit))[0] == 503
 
 
 async def test_a_new_order_does_not_shorten_the_life_of_a_user_s_waiting_orders_index(
