@@ -393,6 +393,15 @@ local function append(history, entry)
   return string.sub(history, 1, -2) .. ',' .. entry .. ']'
 end
 
+-- An order's record, and its user's index and active set, live while it is open: whatever
+-- holds it up (a long queue, an outage, engines stopped), it ends with an event. A finished
+-- order's record gets $ORDER_TTL (a failed one is kept, below), and so does the user's index
+-- once the user's last open order has ended.
+local function closed(order, active, orders)
+  if order then redis.call('EXPIRE', order, '$ORDER_TTL') end
+  if redis.call('EXISTS', active) == 0 then redis.call('EXPIRE', orders, '$ORDER_TTL') end
+end
+
 local function keep_failed(failed, order, id, score)
   redis.call('PERSIST', order)
   redis.call('ZADD', failed, score, id)
@@ -476,12 +485,9 @@ if idempotency then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', '$IDEMPOTENCY_TTL')
 end
 local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
-redis.call('EXPIRE', order, '$ORDER_TTL')
--- The user's index and active set outlive every order in them: a waiting one extended them to
--- its expiry, which this order must not shorten.
-for _, key in ipairs({KEYS[5], KEYS[6]}) do
-  if redis.call('TTL', key) < $ORDER_TTL then redis.call('EXPIRE', key, '$ORDER_TTL') end
-end
+-- Open, the order's record has no TTL, nor have its user's index and active set (closed()).
+redis.call('PERSIST', KEYS[5])
+redis.call('PERSIST', KEYS[6])
 return {'created', event}
 """
 )
@@ -570,20 +576,16 @@ if action == 'done' or action == 'fail' then
   redis.call('SREM', KEYS[5], id)
   if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
   to_outbox(KEYS[10], id)
-end
-if action == 'fail' then
-  keep_failed(KEYS[9], order, id, score)
-elseif action == 'wait' then
-  local expires = redis.call('HGET', order, 'expiresAtMs')
-  redis.call('ZADD', KEYS[11], score, id)
-  redis.call('ZADD', KEYS[4], expires, id)
-  redis.call('HDEL', order, 'lease')
-  local ttl = math.ceil(tonumber(expires) / 1000 - redis.call('TIME')[1]) + $ORDER_TTL
-  for _, key in ipairs({order, KEYS[5], KEYS[6]}) do
-    if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
+  if action == 'fail' then
+    keep_failed(KEYS[9], order, id, score)
+    closed(nil, KEYS[5], KEYS[6])
+  else
+    closed(order, KEYS[5], KEYS[6])
   end
-else
-  redis.call('EXPIRE', order, '$ORDER_TTL')
+elseif action == 'wait' then
+  redis.call('ZADD', KEYS[11], score, id)
+  redis.call('ZADD', KEYS[4], redis.call('HGET', order, 'expiresAtMs'), id)
+  redis.call('HDEL', order, 'lease')
 end
 local history, events = current[4], {'ok'}
 for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
@@ -626,8 +628,9 @@ redis.call('SREM', KEYS[5], id)
 to_outbox(KEYS[10], id)
 if final == '$FAILED_STATUS' then
   keep_failed(KEYS[9], order, id, score)
+  closed(nil, KEYS[5], KEYS[6])
 else
-  redis.call('EXPIRE', order, '$ORDER_TTL')
+  closed(order, KEYS[5], KEYS[6])
 end
 local extra = {'step', final, 'history', append(current[2], a[7])}
 return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
@@ -779,13 +782,16 @@ return {#due, nxt[2] or ''}
 """
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
-# KEYS: user active, user seq   ARGV: none
+# An id whose record is gone (deleted by hand) leaves the set, and the index gets its TTL once
+# nothing is left open.
+# KEYS: user active, user seq, user orders   ARGV: none
 LUA_SNAPSHOT: Final = """
 local out = {redis.call('GET', KEYS[2]) or '0'}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local event = redis.call('HGET', '$ORDER_PREFIX' .. id, 'lastEvent')
   if event then out[#out + 1] = event else redis.call('SREM', KEYS[1], id) end
 end
+if #out == 1 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
 return out
 """
 
@@ -3095,8 +3101,9 @@ class Store:
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
-        keys = [self.keys.user_active(user_id), self.keys.user_seq(user_id)]
-        reply = await self.batch.call(self._snapshot, keys, [])
+        keys = self.keys
+        user = [keys.user_active(user_id), keys.user_seq(user_id), keys.user_orders(user_id)]
+        reply = await self.batch.call(self._snapshot, user, [])
         return int(reply[0]), sorted(reply[1:], key=event_seq)
 
     async def replay(self, user_id: str, since: int, most: int) -> list[str] | None:

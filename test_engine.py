@@ -4048,19 +4048,41 @@ async def test_limit_orders_that_fired_keep_their_place_under_the_waiting_cap(
     assert (await post(client, limit))[0] == 503
 
 
-async def test_a_new_order_does_not_shorten_the_life_of_a_user_s_waiting_orders_index(
+async def test_open_orders_outlive_the_order_ttl_and_finished_ones_get_it(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
-    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
-    waiting = await order_id_of(client, {**LIMIT, "expiresInS": 7 * 24 * 3600})
+    # A second of ENGINE_ORDER_TTL_S: a waiting order, one held mid-execution and one queued
+    # behind it all stay open well past it, and each ends with its event.
+    venue, held = gated()
+    client = await start(replace(config, concurrency=1, order_ttl_s=1), venues=[venue])
+    waiting = await order_id_of(client, {**LIMIT, "expiresInS": 600})
     await wait_status(client, waiting, "waiting")
+    running = await order_id_of(client)
+    await wait_status(client, running, "submitted")  # held, and retried after its timeout
+    queued = await order_id_of(client)
+    began = float((await redis.time())[0])
+
+    async def past_the_ttl() -> bool:
+        return float((await redis.time())[0]) > began + 2
+
+    await wait_for(past_the_ttl, "two seconds to pass")
     keys = eng.Keys(config.redis_prefix)
-    await wait_status(client, await order_id_of(client), "confirmed")  # a market order after it
-    for key in (keys.user_active("1"), keys.user_orders("1")):
-        assert await redis.ttl(key) > 7 * 24 * 3600  # as long as the waiting order may wait
+    for key in (*map(keys.order, (waiting, running, queued)), *keys.of_user("1")[:2]):
+        assert await redis.ttl(key) == -1, key
     async with client.ws_connect("/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
-        assert snapshot_of(await receive(ws)) == (waiting, "waiting")
+        snapshot = dict([snapshot_of(await receive(ws)) for _ in range(3)])
+        assert snapshot.keys() == {waiting, running, queued}
+        assert snapshot[waiting] == "waiting"
+        assert {snapshot[running], snapshot[queued]} <= {"pending", "routing", "submitted"}
+        held.set()
+        for order_id in (running, queued):
+            await wait_status(client, order_id, "confirmed")
+            assert 0 <= await redis.ttl(keys.order(order_id)) <= 1
+        assert await redis.ttl(keys.user_orders("1")) == -1  # the waiting order is open
+        assert (await cancel(client, waiting))[0] == 200
+        assert 0 <= await redis.ttl(keys.user_orders("1")) <= 1
+        assert not await redis.exists(keys.user_active("1"))
 
 
 async def test_a_limit_order_whose_submitted_write_redis_holds_past_its_expiry_is_not_sent(
