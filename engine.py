@@ -81,6 +81,7 @@ from typing import (
     Any,
     Final,
     Literal,
+    NoReturn,
     ParamSpec,
     Protocol,
     TypedDict,
@@ -3135,6 +3136,16 @@ WHERE order_history.updated_at <= EXCLUDED.updated_at
 """
 
 
+# A row PostgreSQL refuses for one of its values, which other rows do not share: a NUL in a venue's
+# error text (jsonb cannot hold it). Such a row is skipped; any other refusal is the table's or
+# the role's, and holds the history until the operator fixes it.
+HISTORY_ROW_REFUSED: Final = frozenset({"22P05", "22021"})  # untranslatable character, repertoire
+# SQLSTATE classes of a PostgreSQL that is away, not refusing the history: a lost connection, a
+# deadlock or serialization failure, a shutdown or restart, and a connection refused (a wrong
+# password, a database not there yet) as before anything is set up.
+HISTORY_PASSING: Final = frozenset({"08", "40", "57", "28", "3D"})
+
+
 def _retrieved(future: asyncio.Future[Any]) -> None:
     """Mark a shared future's error seen: its waiters may all have given up."""
     if not future.cancelled():
@@ -3146,7 +3157,23 @@ def history_errors() -> tuple[type[BaseException], ...]:
     `except history_errors()` clause is evaluated only once something was raised)."""
     import asyncpg
 
-    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError)
+    return (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,  # a connection reset as it was dropped
+        OSError,
+        TimeoutError,
+        ValueError,
+    )
+
+
+def history_refusal(exc: BaseException) -> str | None:
+    """Why PostgreSQL refuses the history (a table of another shape, a role without a right),
+    or None for an error that is not a refusal (PostgreSQL away, busy, or restarting)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not isinstance(sqlstate, str) or sqlstate[:2] in HISTORY_PASSING:
+        return None
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _history_row(record: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -3168,8 +3195,8 @@ def _history_row(record: Mapping[str, Any]) -> tuple[Any, ...] | None:
 class History:
     """Finished orders in PostgreSQL (DATABASE_URL), for as long as the operator keeps them: the
     engine writes them from the Redis outbox, never on an order's path, and reads one back when
-    its Redis record has expired. Connects (and creates its table) on first use, so PostgreSQL
-    may be down when the engine starts."""
+    its Redis record has expired. Connects (and creates its table if there is none) on first
+    use, so PostgreSQL may be down when the engine starts."""
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -3194,19 +3221,33 @@ class History:
         async with asyncio.timeout(HISTORY_TIMEOUT_S):
             pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
             try:
-                await pool.execute(HISTORY_TABLE)
+                await self._prepare(pool)
             except BaseException:
                 pool.terminate()
                 raise
         return pool
 
+    async def _prepare(self, pool: asyncpg.Pool) -> None:
+        """Create the table and its index if there is no table: an operator's table (made ahead,
+        for a role that may write rows but not create tables) is used as it is, and no DDL waits
+        for the locks of its writers."""
+        import asyncpg
+
+        try:
+            if await pool.fetchval("SELECT to_regclass('order_history')") is None:
+                await pool.execute(HISTORY_TABLE)
+        except asyncpg.PostgresError as exc:
+            self.refusal = history_refusal(exc) or self.refusal
+            raise
+
     async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Write a batch, in chunks that each must finish within HISTORY_TIMEOUT_S: a chunk that
         does not halves the next ones (a slow PostgreSQL still makes progress; rows written
-        twice are upserts). A row PostgreSQL refuses for its data (a value it cannot store, such
-        as a NUL in an error text) is logged and skipped, the batch then written row by row, so
+        twice are upserts). A row PostgreSQL refuses for a value of its own (HISTORY_ROW_REFUSED:
+        a NUL in an error text) is logged and skipped, the batch then written row by row, so
         that it does not hold up every batch after it. Any other refusal (a table of another
-        shape, a missing permission) is kept for /readyz until a write succeeds."""
+        shape or column type, a constraint, a missing permission) holds the batch, and is kept
+        for /readyz until a write succeeds; a dropped table is created again."""
         import asyncpg
 
         rows = [row for row in map(_history_row, records) if row is not None]
@@ -3218,13 +3259,27 @@ class History:
         except TimeoutError:
             self._chunk = max(1, self._chunk // 2)
             raise
-        except asyncpg.DataError:
-            await self._write_each(pool, rows)
         except asyncpg.PostgresError as exc:
-            self.refusal = f"{type(exc).__name__}: {exc}"
-            raise
+            if exc.sqlstate not in HISTORY_ROW_REFUSED:
+                await self._refused(pool, exc)
+            await self._write_each(pool, rows)
         self.refusal = None
         self._chunk = min(OUTBOX_BATCH, self._chunk * 2)
+
+    async def _refused(self, pool: asyncpg.Pool, exc: BaseException) -> NoReturn:
+        """Keep why (for /readyz) and raise: the batch waits. A table dropped meanwhile (or a
+        database emptied) is created again for the next try."""
+        import asyncpg
+
+        why = history_refusal(exc)
+        if why is not None:
+            self.refusal = why  # (a passing error clears nothing)
+            # The connections' cached statements know the table as it was: the operator's fix
+            # (a column's type) is seen only by statements prepared afresh.
+            await pool.expire_connections()
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            await self._prepare(pool)
+        raise exc
 
     async def _write_each(self, pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]) -> None:
         import asyncpg
@@ -3233,7 +3288,9 @@ class History:
             try:
                 async with asyncio.timeout(HISTORY_TIMEOUT_S):
                     await pool.execute(HISTORY_UPSERT, *row)
-            except asyncpg.DataError as exc:
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate not in HISTORY_ROW_REFUSED:
+                    await self._refused(pool, exc)
                 message = "order record refused by postgresql; skipped"
                 log.error(message, extra={"orderId": row[0], "error": str(exc)})
 
@@ -7141,8 +7198,10 @@ async def readyz(request: web.Request) -> web.Response:
             checks["postgres"] = "ok" if engine.history.refusal is None else "refusing writes"
         except ApiError:  # no answer within the deadline
             checks["postgres"] = "unavailable"
-        except history_errors():
-            checks["postgres"] = "unavailable"
+        except history_errors() as exc:  # no table, and the role may not make one
+            checks["postgres"] = (
+                "unavailable" if history_refusal(exc) is None else "refusing writes"
+            )
     venues: dict[str, Any] = {}
     for venue in engine.router.venues.values():
         if (health := getattr(venue, "health", None)) is not None:

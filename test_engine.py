@@ -1513,28 +1513,84 @@ async def test_an_outbox_full_during_an_outage_says_history_is_being_dropped(
     await wait_for(lambda: message in caplog.messages, "the loss to be logged")  # ... not silently
 
 
+async def postgres_refusing(client: TestClient[Any, Any]) -> bool:
+    ready = await client.get("/readyz")
+    return ready.status == 503 and (await ready.json())["postgres"] == "refusing writes"
+
+
+@pytest.mark.parametrize(
+    ("unfit", "fix"),
+    [
+        ("ADD COLUMN tenant text NOT NULL", "DROP COLUMN tenant"),
+        ("ALTER COLUMN user_id TYPE integer USING 0", "ALTER COLUMN user_id TYPE text"),
+        ("ADD CONSTRAINT unfinished CHECK (status <> 'confirmed')", "DROP CONSTRAINT unfinished"),
+    ],
+    ids=["extra-column", "column-type", "check"],
+)
 async def test_a_history_table_of_another_shape_makes_the_engine_unready_until_it_fits(
-    start: Start, config: Config, postgres: str
+    start: Start, config: Config, postgres: str, unfit: str, fix: str
 ) -> None:
+    # No row is written, and none is dropped as unfit: the history waits for the operator's fix.
     admin = await asyncpg.connect(postgres)
     try:
         await admin.execute(eng.HISTORY_TABLE)
-        await admin.execute("ALTER TABLE order_history ADD COLUMN tenant text NOT NULL")
+        await admin.execute(f"ALTER TABLE order_history {unfit}")
         history = replace(config, database_url=postgres)
         client = await start(history, venues=[ScriptedVenue("RAYDIUM")])
         order_id = await order_id_of(client)
         await wait_status(client, order_id, "confirmed")
-
-        async def refusing() -> bool:
-            ready = await client.get("/readyz")
-            return ready.status == 503 and (await ready.json())["postgres"] == "refusing writes"
-
-        await wait_for(refusing, "/readyz to say PostgreSQL refuses the history")
-        await admin.execute("ALTER TABLE order_history DROP COLUMN tenant")  # the operator's fix
+        await wait_for(lambda: postgres_refusing(client), "/readyz to say PostgreSQL refuses")
+        await admin.execute(f"ALTER TABLE order_history {fix}")  # the operator's fix
         await wait_for(lambda: _has_rows(postgres, [order_id]), "the held history to be written")
         assert (await client.get("/readyz")).status == 200
     finally:
         await admin.close()
+
+
+async def test_a_role_that_may_write_rows_but_not_make_tables_keeps_the_history(
+    start: Start, config: Config, postgres: str
+) -> None:
+    role = f"writer_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        writer = postgres.replace("postgres:@", f"{role}:@", 1)
+        client = await start(
+            replace(config, database_url=writer), venues=[ScriptedVenue("RAYDIUM")]
+        )
+        first = await order_id_of(client)
+        await wait_status(client, first, "confirmed")
+        # no table, and the role may not create one
+        await wait_for(lambda: postgres_refusing(client), "/readyz to say PostgreSQL refuses")
+        await admin.execute(eng.HISTORY_TABLE)  # the operator makes it, and grants the rest
+        await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON order_history TO {role}")
+        await wait_for(lambda: _has_rows(postgres, [first]), "the held history to be written")
+        second = await order_id_of(client)
+        await wait_status(client, second, "confirmed")
+        await wait_for(lambda: _has_rows(postgres, [second]), "the next order to be written")
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_a_history_table_dropped_while_the_engine_runs_is_made_again(
+    start: Start, config: Config, postgres: str
+) -> None:
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    first = await order_id_of(client)
+    await wait_status(client, first, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [first]), "the first order to be written")
+    admin = await asyncpg.connect(postgres)
+    try:
+        await admin.execute("DROP TABLE order_history")
+    finally:
+        await admin.close()
+    second = await order_id_of(client)
+    await wait_status(client, second, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [second]), "the next order to be written")
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_a_slow_postgresql_still_takes_the_whole_history_in_smaller_writes(
