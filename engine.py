@@ -267,6 +267,7 @@ OUTBOX_BATCH: Final = 200
 HISTORY_IDLE_S: Final = 0.5  # how often an empty outbox is looked at again
 HISTORY_TIMEOUT_S: Final = 10.0  # one PostgreSQL connect or write
 HISTORY_POOL_MAX: Final = 4
+HISTORY_CLOSE_S: Final = 2.0  # closing a pool at shutdown (a healthy one takes milliseconds)
 FIRE_BATCH: Final = 500  # waiting orders woken per script call
 EXPIRE_BATCH: Final = 100
 READY_KEY_TTL_MS: Final = 60_000  # the key /readyz writes to see that Redis takes writes
@@ -3204,12 +3205,19 @@ class History:
         # The one connect under way: requests arriving meanwhile wait for it, rather than each
         # making (and leaking) a pool of its own; a request that gives up does not stop it.
         self._connecting: asyncio.Future[asyncpg.Pool] | None = None
+        # A failed connect is not tried again before the back-off says: until then a request
+        # is answered the same error (many readers would otherwise connect in a tight loop).
+        self._failed: BaseException | None = None
+        self._retry_at = 0.0
+        self._backoff = Backoff(first_s=HISTORY_IDLE_S)
         self._chunk = OUTBOX_BATCH  # rows written in one statement, halved after a timeout
         self.refusal: str | None = None  # why PostgreSQL refused the last write, if it did
 
     async def _connected(self) -> asyncpg.Pool:
         if self._pool is None:
             if self._connecting is None or self._connecting.done():
+                if self._failed is not None and time.monotonic() < self._retry_at:
+                    raise self._failed.with_traceback(None)
                 self._connecting = asyncio.ensure_future(self._connect())
                 self._connecting.add_done_callback(_retrieved)
             self._pool = await asyncio.shield(self._connecting)
@@ -3218,13 +3226,19 @@ class History:
     async def _connect(self) -> asyncpg.Pool:
         import asyncpg
 
-        async with asyncio.timeout(HISTORY_TIMEOUT_S):
-            pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
-            try:
-                await self._prepare(pool)
-            except BaseException:
-                pool.terminate()
-                raise
+        try:
+            async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
+                try:
+                    await self._prepare(pool)
+                except BaseException:
+                    pool.terminate()
+                    raise
+        except Exception as exc:
+            self._failed, self._retry_at = exc, time.monotonic() + self._backoff.step()
+            raise
+        self._failed = None
+        self._backoff.reset()
         return pool
 
     async def _prepare(self, pool: asyncpg.Pool) -> None:
@@ -3314,7 +3328,7 @@ class History:
             self._connecting.cancel()
         if self._pool is not None:
             try:
-                async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                async with asyncio.timeout(HISTORY_CLOSE_S):
                     await self._pool.close()
             except TimeoutError:
                 self._pool.terminate()
@@ -5154,9 +5168,13 @@ class Backoff:
     def __post_init__(self) -> None:
         self.next_s = self.first_s
 
+    def step(self) -> float:
+        """The wait before the next try (the one after waits twice as long)."""
+        wait_s, self.next_s = self.next_s, min(self.next_s * 2, self.most_s)
+        return wait_s
+
     async def wait(self) -> None:
-        await asyncio.sleep(self.next_s)
-        self.next_s = min(self.next_s * 2, self.most_s)
+        await asyncio.sleep(self.step())
 
     def reset(self) -> None:
         self.next_s = self.first_s

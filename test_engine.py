@@ -1457,6 +1457,33 @@ async def test_a_stalled_postgresql_holds_neither_a_read_nor_the_engine_s_exit(
             os.kill(pid, signal.SIGCONT)
 
 
+async def test_reads_of_an_unreachable_postgresql_do_not_connect_in_a_loop(
+    start: Start, config: Config
+) -> None:
+    # A "PostgreSQL" that accepts connections and drops them at once, counting them.
+    attempts = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = f"postgresql://engine@127.0.0.1:{port}/history"
+        client = await start(replace(config, database_url=url), venues=[ScriptedVenue("RAYDIUM")])
+        for _ in range(30):  # expired orders: each read asks PostgreSQL
+            read = await client.get(f"/api/orders/order_{secrets.token_hex(16)}")
+            assert (read.status, (await read.json())["error"]["code"]) == (
+                503,
+                "HISTORY_UNAVAILABLE",
+            )
+        assert 1 <= attempts <= 5  # a connect per back-off (0.5 s, doubling), not per read
+    finally:
+        server.close()
+
+
 UNFIT: dict[str, dict[str, str]] = {
     "unreadable": {"createdAt": '"soon"'},  # the engine cannot make it a row
     # PostgreSQL refuses it: jsonb cannot hold a NUL (a venue's error text could carry one)
