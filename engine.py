@@ -783,6 +783,12 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or ''}
 """
 
+# What /readyz writes to see that Redis runs the engine's scripts and takes their writes.
+# KEYS: ready   ARGV: ttl_ms
+LUA_READY: Final = """
+return redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+"""
+
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
 # An id whose record is gone (deleted by hand) leaves the set, and the index gets its TTL once
 # nothing is left open.
@@ -920,8 +926,14 @@ AUTH_REFUSED_RE: Final = re.compile(
     r"invalid username-password pair|invalid password|WRONGPASS|NOAUTH|Authentication required"
     r"|must be called with the client already authenticated"  # no password, one is required
 )
+# An ACL that takes a permission away (a command, a key pattern): refused at start-up, waited
+# out once running (an operator's change, and undone the same way).
+NO_PERMISSION_RE: Final = re.compile(
+    r"NOPERM|[Nn]o permissions to|user executing the script can't"  # (the last inside a script)
+)
 REFUSED_FOR_NOW_RE: Final = re.compile(
     r"(?:^|: -)(OOM|READONLY|NOREPLICAS|MASTERDOWN|MISCONF|BUSY|LOADING|TRYAGAIN)\b"
+    rf"|{NO_PERMISSION_RE.pattern}"
     r"|attempted to access a non local key"  # a Redis Cluster moving the slot to another node
     r"|^UNBLOCKED\b"  # a blocking pop ended by CLIENT UNBLOCK, or by the node turning replica
 )
@@ -2664,7 +2676,7 @@ class Store:
         self._fire, self._recover = script(LUA_FIRE), script(LUA_RECOVER)
         self._requeue, self._dedupe = script(LUA_REQUEUE), script(LUA_DEDUPE)
         self._take, self._promote = script(LUA_TAKE), script(LUA_PROMOTE)
-        self._unkeep = script(LUA_UNKEEP)
+        self._unkeep, self._ready = script(LUA_UNKEEP), script(LUA_READY)
         self._snapshot, self._replay = script(LUA_SNAPSHOT), script(LUA_REPLAY)
 
     def _sent(self, user: str) -> Callable[[Any], None]:
@@ -2908,8 +2920,9 @@ class Store:
     async def ping(self) -> None:
         """A write to the Redis node that holds the engine's keys (in a Redis Cluster, the one
         serving their slot, which a PING might not reach): a Redis that answers reads but
-        refuses writes (a disk it cannot save to, out of memory, a replica) takes no order."""
-        await self.redis.set(self.keys.ready, 1, px=READY_KEY_TTL_MS)
+        refuses writes (a disk it cannot save to, out of memory, a replica) takes no order. A
+        script, as every write of the engine is one: a user whose ACL lost them refuses too."""
+        await self._ready(keys=[self.keys.ready], args=[READY_KEY_TTL_MS])
 
     async def memory(self) -> Mapping[str, Any]:
         """INFO memory: what /readyz reads the eviction policy from (it may change at any time)."""
@@ -7804,7 +7817,7 @@ async def within_startup_wait(what: str, step: Awaitable[T]) -> T:
         raise StartupError(f"{what} refused: {exc}") from None
 
 
-async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
+async def wait_for_redis(client: aioredis.Redis, url: str, ready_key: str) -> None:
     """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE and lets the
     engine run its scripts. A wrong password or a missing permission is a refusal, not an
     outage: start-up stops at once."""
@@ -7820,27 +7833,48 @@ async def wait_for_redis(client: aioredis.Redis, url: str) -> None:
         raise StartupError(
             f"redis at {shown} is {info['redis_version']}; the engine needs 6.2 or newer"
         )
-    memory = await within_startup_wait(
-        f"redis at {shown}", persist("start-up", client.info, "memory")
-    )
+    memory = await within_startup_wait(f"redis at {shown}", persist("start-up", _memory, client))
     if (policy := eviction_policy(memory)) != "noeviction":
         raise StartupError(
             f"redis at {shown} evicts keys when it is full (maxmemory-policy {policy}), which "
             "would lose orders, queued jobs and events: set maxmemory-policy noeviction"
         )
-    await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client))
+    await within_startup_wait(
+        f"redis at {shown}", persist("start-up", _scripts_run, client, ready_key)
+    )
+
+
+async def _memory(client: aioredis.Redis) -> Mapping[str, Any]:
+    try:
+        memory: Mapping[str, Any] = await client.info("memory")
+    except RedisRefusingForNow as exc:
+        _refused_if_denied(exc)
+        raise
+    return memory
 
 
 def eviction_policy(memory: Mapping[str, Any]) -> str:
     """maxmemory-policy from INFO memory (in a Redis Cluster, the node the URL names). The engine
-    needs noeviction: every key it keeps has a TTL, so even a volatile-* policy evicts orders."""
+    needs noeviction: finished orders and events have TTLs, so even a volatile-* policy evicts
+    them."""
     return str(memory.get("maxmemory_policy", "noeviction"))
 
 
-async def _scripts_run(client: aioredis.Redis) -> None:
-    """The engine is its Lua scripts: load one and run it as the engine runs them all."""
-    sha = await client.script_load("return 1")
-    await client.evalsha(sha, 0)
+async def _scripts_run(client: aioredis.Redis, ready_key: str) -> None:
+    """The engine is its Lua scripts: load one and run it as the engine runs them all, writing
+    one of the engine's keys (what /readyz writes)."""
+    try:
+        sha = await client.script_load(LUA_READY)
+        await client.evalsha(sha, 1, ready_key, READY_KEY_TTL_MS)
+    except RedisRefusingForNow as exc:
+        _refused_if_denied(exc)
+        raise
+
+
+def _refused_if_denied(exc: BaseException) -> None:
+    """At start-up a missing permission is a refusal (stop), not an outage to wait out."""
+    if NO_PERMISSION_RE.search(str(exc)):
+        raise redis_errors.NoPermissionError(str(exc)) from None
 
 
 async def _first_answer(client: aioredis.Redis) -> dict[str, Any]:
@@ -7851,6 +7885,7 @@ async def _first_answer(client: aioredis.Redis) -> dict[str, Any]:
         except REDIS_TRANSIENT as exc:
             if AUTH_REFUSED_RE.search(str(exc)):  # redis-py reports it as a connection error
                 raise redis_errors.AuthenticationError(str(exc)) from None
+            _refused_if_denied(exc)
             if "Cluster mode is not enabled" in str(exc):  # ENGINE_REDIS_CLUSTER=1 by mistake
                 raise redis_errors.RedisError(str(exc)) from None
             log.warning("redis unavailable; will retry", extra={"error": str(exc)})
@@ -7904,7 +7939,7 @@ def create_app(
                 url, BATCH_CONNECTIONS, round_trips, socket_timeout_s=None, cluster=cluster
             )
             stack.push_async_callback(batch_client.aclose)
-            await wait_for_redis(client, url)
+            await wait_for_redis(client, url, Keys(config.redis_prefix).ready)
             metrics = app[METRICS]
             store = Store(client, config, clock, batch_client, metrics)
             stack.push_async_callback(store.batch.close)

@@ -1716,7 +1716,7 @@ async def test_on_a_redis_cluster_orders_survive_an_engine_s_death_and_a_failove
     monkeypatch.setattr(eng, "CLUSTER_READ_TIMEOUT_S", 1.0)  # a frozen node noticed sooner
     plain = aioredis.from_url(redis_cluster.url(0))  # a node, taken for a Redis of its own
     with pytest.raises(eng.StartupError, match="is a Redis Cluster node: set ENGINE_REDIS_CLUSTER"):
-        await eng.wait_for_redis(plain, redis_cluster.url(0))
+        await eng.wait_for_redis(plain, redis_cluster.url(0), "ready")
     await plain.aclose()
     config = replace(cluster_config(config, redis_cluster), max_attempts=1)
     env = engine_env(config, ENGINE_REDIS_CLUSTER="1", ENGINE_MAX_ATTEMPTS="1")
@@ -6468,7 +6468,7 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
 @pytest.mark.parametrize(
     ("refusal", "says"),
     [
-        (["ACL", "SETUSER", "default", "-set"], "no permissions to run the 'set' command"),
+        (["ACL", "SETUSER", "default", "-set"], "script can't run this command"),
         (["ACL", "SETUSER", "default", "-evalsha"], "no permissions to run the 'evalsha' command"),
         (["CONFIG", "SET", "requirepass", "secret"], "invalid username-password pair"),
         # A Redis that evicts keys when full would silently lose orders and queued jobs.
@@ -6547,6 +6547,43 @@ async def test_readiness_says_so_while_redis_refuses_writes_or_evicts_keys(
         await redis.config_set(setting, good)
         assert (await client.get("/readyz")).status == 200
     finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    ("taken", "given"),
+    [(["-evalsha"], ["+@all"]), (["resetkeys", "~elsewhere:*"], ["~*"])],
+    ids=["scripts", "keys"],
+)
+async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_500(
+    start: Start, config: Config, own_redis: RedisServer, taken: list[str], given: list[str]
+) -> None:
+    venue, held = gated()
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    running = await order_id_of(client)
+    await wait_status(client, running, "submitted")
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.execute_command("ACL", "SETUSER", "default", *taken)  # type: ignore[no-untyped-call]
+        ready = await client.get("/readyz")
+        assert (ready.status, await ready.json()) == (
+            503,
+            {"status": "unavailable", "redis": "refusing writes"},
+        )
+        placed = await client.post(EXECUTE, json=ORDER)
+        assert (placed.status, (await placed.json())["error"]["code"]) == (
+            503,
+            "REDIS_UNAVAILABLE",
+        )
+        held.set()  # the order lands while its engine may not record it
+        await wait_for(lambda: venue.ledger, "the transaction to land")
+        await redis.execute_command("ACL", "SETUSER", "default", *given)  # type: ignore[no-untyped-call]
+        record = await wait_status(client, running, "confirmed")
+        assert record["attempts"] == 1
+        assert len(venue.executions) == 1
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all", "~*")  # type: ignore[no-untyped-call]
         await redis.aclose()
 
 
