@@ -395,25 +395,24 @@ local function append(history, entry)
   return string.sub(history, 1, -2) .. ',' .. entry .. ']'
 end
 
--- An order's record, and its user's index and active set, live while it is open: whatever
--- holds it up (a long queue, an outage, engines stopped), it ends with an event. A finished
--- order's record gets $ORDER_TTL (a failed one is kept, below), and so does the user's index
--- once the user's last open order has ended.
-local function closed(order, active, orders)
-  if order then redis.call('EXPIRE', order, '$ORDER_TTL') end
-  if redis.call('EXISTS', active) == 0 then redis.call('EXPIRE', orders, '$ORDER_TTL') end
-end
-
-local function keep_failed(failed, order, id, score)
-  redis.call('PERSIST', order)
-  redis.call('ZADD', failed, score, id)
-end
-
-local function to_outbox(outbox, id)
+-- An order ends: it leaves its user's open orders and goes to the outbox. Its record, and its
+-- user's index and active set, lived with no TTL while it was open (whatever held it up, a long
+-- queue, an outage, engines stopped, it ends with an event): now the record gets $ORDER_TTL (a
+-- failed one is kept while among the newest), and so does the index once the user's last open
+-- order has ended. `k` holds LUA_ADVANCE's and LUA_END's KEYS (the same where they are used).
+local function ended(k, order, id, failed, score)
+  redis.call('SREM', k[5], id)
   if $HISTORY == 1 then
-    redis.call('LPUSH', outbox, id)
-    redis.call('LTRIM', outbox, 0, $OUTBOX_KEEP - 1)
+    redis.call('LPUSH', k[10], id)
+    redis.call('LTRIM', k[10], 0, $OUTBOX_KEEP - 1)
   end
+  if failed then
+    redis.call('PERSIST', order)  -- (a record of an engine of before open ones had no TTL)
+    redis.call('ZADD', k[9], score, id)
+  else
+    redis.call('EXPIRE', order, '$ORDER_TTL')
+  end
+  if redis.call('EXISTS', k[5]) == 0 then redis.call('EXPIRE', k[6], '$ORDER_TTL') end
 end
 """
 # Redis's clock in ms: the one clock every instance shares (rate limits, the simulated chain).
@@ -487,7 +486,7 @@ if idempotency then
   redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', '$IDEMPOTENCY_TTL')
 end
 local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
--- Open, the order's record has no TTL, nor have its user's index and active set (closed()).
+-- Open, the order's record has no TTL, nor have its user's index and active set (ended()).
 redis.call('PERSIST', KEYS[5])
 redis.call('PERSIST', KEYS[6])
 return {'created', event}
@@ -575,15 +574,8 @@ if current[2] ~= expected then return {'conflict', current[2]} end
 if action ~= 'keep' then redis.call('LREM', KEYS[2], '1', id) end
 if action == 'retry' then redis.call('ZADD', KEYS[3], score, id) end
 if action == 'done' or action == 'fail' then
-  redis.call('SREM', KEYS[5], id)
   if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
-  to_outbox(KEYS[10], id)
-  if action == 'fail' then
-    keep_failed(KEYS[9], order, id, score)
-    closed(nil, KEYS[5], KEYS[6])
-  else
-    closed(order, KEYS[5], KEYS[6])
-  end
+  ended(KEYS, order, id, action == 'fail', score)
 elseif action == 'wait' then
   redis.call('ZADD', KEYS[11], score, id)
   redis.call('ZADD', KEYS[4], redis.call('HGET', order, 'expiresAtMs'), id)
@@ -626,14 +618,7 @@ redis.call('ZREM', KEYS[3], id)
 if KEYS[11] then redis.call('ZREM', KEYS[11], id) end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', order, 'lease')
-redis.call('SREM', KEYS[5], id)
-to_outbox(KEYS[10], id)
-if final == '$FAILED_STATUS' then
-  keep_failed(KEYS[9], order, id, score)
-  closed(nil, KEYS[5], KEYS[6])
-else
-  closed(order, KEYS[5], KEYS[6])
-end
+ended(KEYS, order, id, final == '$FAILED_STATUS', score)
 local extra = {'step', final, 'history', append(current[2], a[7])}
 return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 """
