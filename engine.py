@@ -273,6 +273,7 @@ EXPIRE_BATCH: Final = 100
 READY_KEY_TTL_MS: Final = 60_000  # the key /readyz writes to see that Redis takes writes
 TRIM_BATCH: Final = 500  # failed orders given their TTL back per round, at most
 EXPIRY_CHECK_S: Final = 1.0
+EXPIRY_RECHECK_S: Final = 10.0  # an expired order that a worker runs is looked at again after
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
@@ -1100,6 +1101,7 @@ class Order:
     tx_expires_at_ms: int = 0
     tx_last_valid_height: int | None = None
     condition: Condition | None = None  # a limit or sniper order's; None for a market order
+    condition_met: bool = False  # its condition was met once (conditionMetAt)
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
@@ -1126,6 +1128,7 @@ class Order:
             tx_expires_at_ms=parse_iso_ms(expires) if expires else 0,
             tx_last_valid_height=value("lastValidBlockHeight"),
             condition=condition,
+            condition_met="conditionMetAt" in record,
         )
 
     @property
@@ -2193,6 +2196,7 @@ PUBLIC_FIELDS: Final = (
     "amount",
     "slippageBps",
     *CONDITION_FIELDS,
+    "conditionMetAt",
     "bestPrice",
     "status",
     "attempts",
@@ -2262,6 +2266,7 @@ CLAIM_FIELDS: Final = (
     "txExpiresAt",
     "lastValidBlockHeight",
     *CONDITION_FIELDS,
+    "conditionMetAt",
 )
 
 
@@ -2993,16 +2998,24 @@ class Store:
         return [order_view(record) for record in found if record]
 
     async def expire(self, order_id: str, origin: str) -> bool:
-        """Fail a waiting order whose time ran out (EXPIRED), parked or fired and not yet taken
-        up by a worker. False if it was no longer waiting."""
+        """Fail an open limit or sniper order whose time ran out (EXPIRED) that no worker runs:
+        waiting (parked, or fired and not yet taken up) or pending (queued, or to be retried).
+        One a worker runs stays counted toward ENGINE_MAX_WAITING (its worker fails it before
+        it sends, or it lands) and is looked at again later. False if it was not ended."""
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
-        if not record or record["status"] != Status.WAITING:
-            # Running (its worker checks the expiry before it sends), or a leftover.
+        if not record or record["status"] in TERMINAL:  # a leftover
             await self.redis.zrem(self.keys.expiring, order_id)
             return False
-        (trigger_set,) = self.keys.trigger_of(Order.from_record(record))
-        parked = await self.redis.zscore(trigger_set, order_id) is not None
-        detail = {"code": "EXPIRED", "error": NOT_MET if parked else FIRED_NOT_RUN}
+        order = Order.from_record(record)
+        if order.status not in (Status.WAITING, Status.PENDING):
+            later = int((self._clock() + EXPIRY_RECHECK_S) * 1000)
+            await self.redis.zadd(self.keys.expiring, {order_id: later}, xx=True)
+            return False
+        met = order.condition_met
+        if order.status is Status.WAITING:
+            (trigger_set,) = self.keys.trigger_of(order)
+            met = await self.redis.zscore(trigger_set, order_id) is None  # fired
+        detail = {"code": "EXPIRED", "error": FIRED_NOT_RUN if met else NOT_MET}
         return await self._end_order(record, Status.FAILED, detail, origin)
 
     async def _end_order(
@@ -5691,8 +5704,9 @@ class _Attempt:
             return
         condition = self.order.condition
         if condition is not None and self.engine.now() * 1000 > condition.expires_at_ms:
-            fired = self.order.status is Status.WAITING  # claimed: its trigger took it out
-            await self.retry_or_fail(EXPIRED_FIRED if fired else EXPIRED)
+            # Claimed as it waits, its trigger took it out; or it was met on an earlier try.
+            met = self.order.status is Status.WAITING or self.order.condition_met
+            await self.retry_or_fail(EXPIRED_FIRED if met else EXPIRED)
         elif condition is not None and condition.kind == "sniper" and self.first_claim:
             await self.wait(condition, self.trigger_score(condition))
         else:
@@ -5797,11 +5811,10 @@ class _Attempt:
         self.began = time.monotonic()
         if (held_up := HELD_UP.get()) is not None:  # an earlier step's wait excuses nothing here
             held_up.waited_s, held_up.failed = 0.0, False
-        await self.move(
-            Status.ROUTING,
-            attempts=self.order.attempts + 1,
-            info={"instance": engine.instance_id},
-        )
+        routing: dict[str, Any] = {"instance": engine.instance_id}
+        if self.order.status is Status.WAITING:  # claimed as it waits: its trigger fired
+            routing["conditionMetAt"] = iso_ms(engine.now())
+        await self.move(Status.ROUTING, attempts=self.order.attempts + 1, info=routing)
         try:
             with engine.tracing.span("routing", attempt=self.order.attempts):
                 best, quotes = await engine.router.route(self.order)
@@ -5814,6 +5827,8 @@ class _Attempt:
             expires_at_ms = int((engine.now() + timeout_s) * 1000)
             tx = build_swap(self.order, best, expires_at_ms, engine.new_signature(), floor)
             building = self.building_info(best, quotes, tx, self.order)
+            if self.order.condition is not None and "conditionMetAt" not in routing:
+                building["conditionMetAt"] = iso_ms(engine.now())  # a limit met as it routed
             # The intent, signature and expiry recorded before the first send. A venue that
             # signs gets its own step for that; otherwise nothing happens between building and
             # submitted, and both are recorded in one.

@@ -1154,32 +1154,56 @@ async def test_an_expired_sniper_says_whether_its_trigger_had_fired(
 ) -> None:
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     keys = store.keys
-    orders = [sniper_in_store("order_" + "c" * 32, 1e6), sniper_in_store("order_" + "d" * 32, 1e3)]
+    orders = [sniper_in_store(f"order_{c * 32}", 1e6 if c in "ce" else 1e3) for c in "cdef"]
     for order, request in orders:
         await store.create(order, request, None, "inst-a")
-        await redis.lmove(keys.pending, keys.processing("inst-a"))
+    (parked, _), (fired, _), (queued, _), (interrupted, _) = orders
+    for order in (parked, fired):
+        await redis.lmove(keys.pending, keys.processing("inst-a"), "RIGHT", "LEFT")
         await park(store, order, "inst-a")
-    (parked, _), (fired, _) = orders
     assert await store.fire("up", "SOL", "USDC", 1e4) == 1
-    assert await redis.lrange(keys.pending, 0, -1) == [fired.order_id]
+    assert await redis.lindex(keys.pending, -1) == fired.order_id  # at the consumer end
+    # one fired, ran, and was sent back to pending when its engine died
+    await redis.hset(keys.order(interrupted.order_id), "conditionMetAt", '"2023-11-14T22:13:20Z"')
     # a fired order stays counted toward ENGINE_MAX_WAITING until it ends
-    assert await redis.zcard(keys.expiring) == 2
-    assert await store.expire(parked.order_id, "inst-a")
-    assert await store.expire(fired.order_id, "inst-a")
+    assert await redis.zcard(keys.expiring) == 4
+    for order, _ in orders:
+        assert await store.expire(order.order_id, "inst-a")
     errors = {
         order.order_id: (await redis.hmget(keys.order(order.order_id), "status", "error"))
-        for order in (parked, fired)
+        for order, _ in orders
     }
+    not_met = ["failed", '"the order expired before its condition was met"']
+    met = ["failed", '"the order expired after its condition was met, before it could run"']
     assert errors == {
-        parked.order_id: ["failed", '"the order expired before its condition was met"'],
-        fired.order_id: [
-            "failed",
-            '"the order expired after its condition was met, before it could run"',
-        ],
+        parked.order_id: not_met,
+        fired.order_id: met,
+        queued.order_id: not_met,
+        interrupted.order_id: met,
     }
     assert await redis.llen(keys.pending) == 0
     assert await redis.zcard(keys.expiring) == 0
     assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
+
+
+async def test_an_expired_order_that_a_worker_runs_stays_counted_and_is_left_to_it(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    keys = store.keys
+    order, request = sniper_in_store("order_" + "a" * 32, 1e3)
+    await store.create(order, request, None, "inst-a")
+    await redis.lmove(keys.pending, keys.processing("inst-a"))
+    _, claimed = await store.claim(order.order_id, "inst-a", "inst-a/1")
+    assert claimed is not None
+    routing = replace(claimed, status=Status.ROUTING, attempts=1)
+    await store.advance(
+        claimed, routing, lease="inst-a/1", instance="inst-a", info={}, action="keep", delay_ms=0
+    )
+    assert not await store.expire(order.order_id, "inst-a")
+    assert await redis.hget(keys.order(order.order_id), "status") == "routing"
+    later = (1_700_000_000.0 + eng.EXPIRY_RECHECK_S) * 1000  # looked at again, still counted
+    assert await redis.zscore(keys.expiring, order.order_id) == later
 
 
 async def test_the_batch_sender_logs_in_no_caller_s_name(redis: aioredis.Redis) -> None:
@@ -4129,6 +4153,56 @@ async def test_limit_orders_that_fired_keep_their_place_under_the_waiting_cap(
         assert history == ["pending", "routing", "waiting", "routing", "waiting"]
     assert await redis.zcard(eng.Keys(config.redis_prefix).expiring) == 3
     assert (await post(client, limit))[0] == 503
+
+
+async def test_limit_orders_running_past_their_expiry_keep_their_place_under_the_cap(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue, held = gated()
+    capped = replace(config, max_waiting=2, execution_timeout_ms=30_000)
+    client = await start(capped, venues=[venue])
+    marketable = {**LIMIT, "limitPrice": 99, "expiresInS": 1}
+    running = [await order_id_of(client, marketable) for _ in range(2)]
+    for order_id in running:
+        record = await wait_status(client, order_id, "submitted")  # sent in time, held there
+        assert record["conditionMetAt"] is not None  # its route met its limit
+    expiring = eng.Keys(config.redis_prefix).expiring
+    expires_ms = eng.parse_iso_ms(record["expiresAt"])
+
+    async def looked_at() -> bool:  # by the expiry loop, which leaves them counted
+        scores = [await redis.zscore(expiring, order_id) for order_id in running]
+        return all(score is not None and score > expires_ms for score in scores)
+
+    await wait_for(looked_at, "the expiry loop to pass over the running orders")
+    status, reply = await post(client, marketable)
+    assert (status, reply["error"]["code"]) == (503, "QUEUE_FULL")
+    held.set()
+    for order_id in running:
+        await wait_status(client, order_id, "confirmed")
+    assert await redis.zcard(expiring) == 0
+    assert (await post(client, marketable))[0] == 202
+
+
+async def test_a_limit_order_met_then_expired_while_it_waits_to_retry_says_it_was_met(
+    start: Start, config: Config
+) -> None:
+    venue = ScriptedVenue("RAYDIUM", fill_factors=[0.5])  # its first fill slips: a retry
+    client = await start(replace(config, retry_base_ms=5_000), venues=[venue])
+    order_id = await order_id_of(client, {**LIMIT, "limitPrice": 99, "expiresInS": 1})
+    record = await wait_status(client, order_id, "failed")
+    assert (record["code"], record["error"]) == (
+        "EXPIRED",
+        "the order expired after its condition was met, before it could run",
+    )
+    assert record["conditionMetAt"] is not None
+    assert [h["status"] for h in record["history"]] == [
+        "pending",
+        "routing",
+        "building",
+        "submitted",
+        "pending",
+        "failed",
+    ]
 
 
 async def test_open_orders_outlive_the_order_ttl_and_finished_ones_get_it(
