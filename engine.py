@@ -273,6 +273,7 @@ EXPIRE_BATCH: Final = 100
 READY_KEY_TTL_MS: Final = 60_000  # the key /readyz writes to see that Redis takes writes
 TRIM_BATCH: Final = 500  # failed orders given their TTL back per round, at most
 EXPIRY_CHECK_S: Final = 1.0
+PRICE_FRESH_MS: Final = 1000  # a pair's price fires triggers this long after it was read, at most
 EXPIRY_RECHECK_S: Final = 10.0  # an expired order that a worker runs is looked at again after
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
@@ -628,11 +629,17 @@ return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 # Wake waiting orders whose trigger has fired: take them out of their trigger set and push their
 # jobs to the consumer end of the pending list. Each order leaves the set once, so it fires once
 # however many instances watch the pair. It stays in the expiry set (counted toward
-# ENGINE_MAX_WAITING) until it fills or fails. Returns how many fired.
+# ENGINE_MAX_WAITING) until it fills or fails. A price is good until `not_after` (ms, Redis's
+# clock; '' for a listing): a call that reaches Redis later (sent into a stalled Redis, or
+# retried after an outage) fires nothing, and the next look reads the price again. Returns how
+# many fired.
 # KEYS: trigger set, pending
-# ARGV: how (up: scores <= price | down: scores >= price | all), price, batch
-LUA_FIRE: Final = """
-local how, price, batch = unpack(ARGV)
+# ARGV: how (up: scores <= price | down: scores >= price | all), price, batch, not_after
+LUA_FIRE: Final = (
+    LUA_NOW
+    + """
+local how, price, batch, not_after = unpack(ARGV)
+if not_after ~= '' and now_ms() > tonumber(not_after) then return 0 end
 local ids
 if how == 'up' then
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', price, 'LIMIT', 0, batch)
@@ -647,6 +654,7 @@ for _, id in ipairs(ids) do
 end
 return #ids
 """
+)
 
 # The simulated chain: what became of a signed transaction, decided once per signature and by
 # Redis's own clock, so that a send delayed in any queue can never land after a lookup was told
@@ -3060,20 +3068,29 @@ class Store:
             for up, down, listing in zip(replies[::3], replies[1::3], replies[2::3], strict=True)
         ]
 
-    async def fire(self, how: str, sell: str, buy: str, price: float = 0.0) -> int:
-        """Wake every order on the pair whose trigger `price` meets (all of them for a listing)."""
+    async def fire(
+        self, how: str, sell: str, buy: str, price: float = 0.0, not_after_ms: int | None = None
+    ) -> int:
+        """Wake every order on the pair whose trigger `price` meets (all of them for a listing),
+        if Redis's clock has not passed `not_after_ms` (the price is stale then)."""
         direction = "listing" if how == "all" else how
         key = self.keys.triggers(direction, sell, buy)
         fired = 0
+        not_after = "" if not_after_ms is None else not_after_ms
         while True:
             batch = await self.batch.call(
                 self._fire,
                 [key, self.keys.pending],
-                script_args([how, repr(price), FIRE_BATCH]),
+                script_args([how, repr(price), FIRE_BATCH, not_after]),
             )
             fired += int(batch)
             if batch < FIRE_BATCH:
                 return fired
+
+    async def time_ms(self) -> int:
+        """Redis's clock (the one every instance shares), in ms."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def due_to_expire(self, now_ms: int) -> list[str]:
         due = await self.redis.zrangebyscore(self.keys.expiring, "-inf", now_ms, 0, EXPIRE_BATCH)
@@ -5581,17 +5598,33 @@ class Engine:
                 fired += await persist("fire", self.store.fire, "all", sell, buy)
             price = None
             if up is not None or down is not None:
-                price = await self.router.probe(TOKENS[sell], TOKENS[buy])
-            if price is not None and up is not None and price >= up:
-                fired += await persist("fire", self.store.fire, "up", sell, buy, price)
-            if price is not None and down is not None and price <= down:
-                fired += await persist("fire", self.store.fire, "down", sell, buy, price)
+                price, on_price = await self._fire_on_price(sell, buy, up, down)
+                fired += on_price
             if fired:
                 self.store.metrics.triggers_fired.inc(fired)
                 log.info(
                     "triggers fired",
                     extra={"pair": f"{sell}/{buy}", "price": price, "fired": fired},
                 )
+
+    async def _fire_on_price(
+        self, sell: str, buy: str, up: float | None, down: float | None
+    ) -> tuple[float | None, int]:
+        """The pair's price, and how many orders it fired: those waiting for a rise to `up` or
+        more, or a fall to `down` or less. The price is good for as long as it may take to read,
+        and a second: no longer, by Redis's clock, whatever holds the firing up (a stalled
+        Redis, this engine paused)."""
+        read_ms = await persist("time", self.store.time_ms)
+        price = await self.router.probe(TOKENS[sell], TOKENS[buy])
+        if price is None:
+            return None, 0
+        fresh_until = read_ms + self.config.quote_timeout_ms + PRICE_FRESH_MS
+        fire, fired = self.store.fire, 0
+        if up is not None and price >= up:
+            fired += await persist("fire", fire, "up", sell, buy, price, fresh_until)
+        if down is not None and price <= down:
+            fired += await persist("fire", fire, "down", sell, buy, price, fresh_until)
+        return price, fired
 
     async def _history_loop(self) -> None:
         """Write finished orders from the outbox to PostgreSQL, a batch at a time. A batch stays

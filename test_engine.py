@@ -4033,6 +4033,55 @@ async def test_a_sniper_order_fires_when_the_price_crosses_its_trigger(
 
 
 @dataclass
+class StallsRedisOnProbe(ScriptedVenue):
+    """Once `stall` is set: answers the next price probe as the market stands, then stops Redis
+    (for `stall_s`) and moves the market to `after`, as if Redis stood still between the read
+    of the pair's price and the firing of the triggers it meets."""
+
+    redis: RedisServer | None = None
+    stall: bool = False
+    stall_s: float = 3.0
+    after: float = 0.0
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+    probes: int = 0
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        answer = await super().quote(sell, buy, amount_in)
+        self.probes += 1
+        if self.stall and self.redis is not None:
+            self.stall, self.price = False, self.after
+            self.redis.signal(signal.SIGSTOP)
+            asyncio.get_running_loop().call_later(self.stall_s, self._resume)
+        return answer
+
+    def _resume(self) -> None:
+        assert self.redis is not None
+        self.redis.signal(signal.SIGCONT)
+        self.resumed.set()
+
+
+async def test_a_trigger_fires_on_no_price_that_a_stalled_redis_made_stale(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    venue = StallsRedisOnProbe("RAYDIUM", price=90.0, redis=own_redis, after=90.0)
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    order_id = await order_id_of(client, sniper("priceAbove", triggerPrice=100))
+    await wait_status(client, order_id, "waiting")
+    # The price rises past the trigger for one read; Redis stalls before the firing reaches it,
+    # and by the time it wakes the price is back below.
+    venue.price, venue.stall = 110.0, True
+    await venue.resumed.wait()
+    probed = venue.probes
+    await wait_for(
+        lambda: venue.probes >= probed + 3 or venue.executions,
+        "the price to be read thrice more (or the order to run)",
+    )
+    record = await get_order(client, order_id)
+    assert record["status"] == "waiting"
+    assert venue.executions == []
+
+
+@dataclass
 class HangsOnOrders(ScriptedVenue):
     """Quotes a pair's price (a small amount) but never an order's size: its route hangs."""
 
