@@ -691,10 +691,15 @@ return record
 # cleanly are handed back, by itself or, when its own hand-back did not reach Redis, by another
 # instance (its draining mark, set when the drain began, says so): the mark is then kept as long
 # as an order is, so that LUA_CLAIM, seeing the mark of the lease's holder, counts no recovery.
+# With not_after (ms, Redis's clock; '' for none) a script run later does nothing: held in a
+# stalled Redis while the heartbeats of the living lapsed, it would take their orders.
 # KEYS: processing, pending, instances, heartbeat, outbox batch, outbox, dead since, draining
-# ARGV: instance, only_if_dead, grace_s
-LUA_RECOVER: Final = """
-local instance, only_if_dead, grace_s = unpack(ARGV)
+# ARGV: instance, only_if_dead, grace_s, not_after
+LUA_RECOVER: Final = (
+    LUA_NOW
+    + """
+local instance, only_if_dead, grace_s, not_after = unpack(ARGV)
+if not_after ~= '' and now_ms() > tonumber(not_after) then return -1 end
 if only_if_dead == '1' and redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('ZREM', KEYS[7], instance)
   return -1
@@ -715,6 +720,7 @@ end
 if only_if_dead == '0' then redis.call('DEL', KEYS[4]) end
 return moved
 """
+)
 
 # A failed order no longer among the newest ENGINE_FAILED_KEEP: its record gets the ordinary
 # TTL again and it leaves the set `failed`. Nothing if it is among them (again) or gone.
@@ -2930,8 +2936,11 @@ class Store:
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
 
-    async def recover(self, instance: str, *, only_if_dead: bool) -> int:
-        """Return an instance's jobs to pending; -1 if it is alive and only_if_dead is set."""
+    async def recover(
+        self, instance: str, *, only_if_dead: bool, not_after_ms: int | None = None
+    ) -> int:
+        """Return an instance's jobs to pending; -1 if it is alive and only_if_dead is set, or
+        if Redis runs the script after `not_after_ms` (its clock)."""
         keys = self.keys
         moved = await self._recover(
             keys=[
@@ -2944,7 +2953,14 @@ class Store:
                 keys.dead,
                 keys.draining(instance),
             ],
-            args=script_args([instance, "1" if only_if_dead else "0", DEAD_GRACE_S]),
+            args=script_args(
+                [
+                    instance,
+                    "1" if only_if_dead else "0",
+                    DEAD_GRACE_S,
+                    "" if not_after_ms is None else not_after_ms,
+                ]
+            ),
         )
         return int(moved)
 
@@ -5535,11 +5551,16 @@ class Engine:
     async def _recover_if_dead(self, instance: str) -> None:
         """One try, sent only while heartbeats are settled. Never tried again after Redis failed
         it: the retry would run the moment Redis is back, before the living have beaten again
-        (the next round judges afresh)."""
+        (the next round judges afresh). Nor does it run late: a script that Redis holds for a
+        beat's time (stalled, as heartbeats lapse) does nothing."""
         if not self._heartbeats_settled:
             return
         try:
-            moved = await self.store.recover(instance, only_if_dead=True)
+            redis_ms = await self.store.time_ms()
+            if not self._heartbeats_settled:  # the read itself was held up
+                return
+            not_after_ms = redis_ms + int(self._beat_interval_s * 1000)
+            moved = await self.store.recover(instance, only_if_dead=True, not_after_ms=not_after_ms)
         except REDIS_TRANSIENT as exc:
             log.warning("redis unavailable; will retry", extra={"op": "recover", "error": str(exc)})
             return

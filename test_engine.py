@@ -5513,6 +5513,61 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
     assert b'"orderId":"order_' in answer
 
 
+async def test_a_recovery_check_held_in_a_stalled_redis_takes_no_live_engine_s_orders(
+    start: Start,
+    config: Config,
+    own_redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # inst-a is alive and beats. The engine under test sends its "recover inst-a if dead" check
+    # just as Redis stalls; inst-a's heartbeat lapses in the stall, and Redis runs the check
+    # the moment it wakes, before inst-a could beat again.
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    keys = eng.Keys(config.redis_prefix)
+    job = "order_" + "a" * 32
+    await redis.sadd(keys.instances, "inst-a")
+    await redis.lpush(keys.processing("inst-a"), job)
+    beating = True
+
+    async def beat() -> None:
+        while beating:
+            await redis.set(keys.heartbeat("inst-a"), "{}", px=1000)
+            await asyncio.sleep(0.1)
+
+    beater = asyncio.create_task(beat())
+    resumed, seen = asyncio.Event(), list[list[str]]()
+    real = eng.Store.recover
+
+    async def stalled(store: eng.Store, instance: str, **how: Any) -> int:
+        nonlocal beating
+        if instance != "inst-a" or resumed.is_set():
+            return await real(store, instance, **how)
+        beating = False
+        await beater
+        own_redis.signal(signal.SIGSTOP)
+
+        def wake() -> None:
+            own_redis.signal(signal.SIGCONT)
+            resumed.set()
+
+        asyncio.get_running_loop().call_later(2.5, wake)  # inst-a's heartbeat lapses meanwhile
+        try:
+            return await real(store, instance, **how)
+        finally:
+            await resumed.wait()
+            seen.append([str(j) for j in await redis.lrange(keys.processing("inst-a"), 0, -1)])
+
+    monkeypatch.setattr(eng.Store, "recover", stalled)
+    try:
+        await start(replace(config, redis_url=own_redis.url))
+        await wait_for(lambda: seen, "the check to have run in Redis")
+        assert seen == [[job]]  # inst-a's job is where inst-a left it
+    finally:
+        beating = False
+        own_redis.signal(signal.SIGCONT)
+        await redis.aclose()
+
+
 async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
     start: Start, config: Config, own_redis: RedisServer
 ) -> None:
