@@ -3182,13 +3182,24 @@ WHERE order_history.updated_at <= EXCLUDED.updated_at
 
 
 # A row PostgreSQL refuses for one of its values, which other rows do not share: a NUL in a venue's
-# error text (jsonb cannot hold it). Such a row is skipped; any other refusal is the table's or
-# the role's, and holds the history until the operator fixes it.
-HISTORY_ROW_REFUSED: Final = frozenset({"22P05", "22021"})  # untranslatable character, repertoire
-# SQLSTATE classes of a PostgreSQL that is away, not refusing the history: a lost connection, a
-# deadlock or serialization failure, a shutdown or restart, and a connection refused (a wrong
-# password, a database not there yet) as before anything is set up.
-HISTORY_PASSING: Final = frozenset({"08", "40", "57", "28", "3D"})
+# error text (jsonb cannot hold "\u0000": SQLSTATE 22P05). Only such a row, NUL and all, is
+# skipped; any other refusal is the table's, the database's or the role's, and holds the history
+# until the operator fixes it.
+HISTORY_ROW_REFUSED: Final = "22P05"
+# SQLSTATE classes of a PostgreSQL that is away or busy, not refusing the history: a lost
+# connection, too many connections or no disk, a deadlock or serialization failure, a lock it
+# waited for too long, a shutdown or restart, and a connection refused (a wrong password, a
+# database not there yet) as before anything is set up.
+HISTORY_PASSING: Final = frozenset({"08", "53", "40", "55", "57", "28", "3D"})
+HISTORY_RACED: Final = frozenset({"23505", "42P07"})  # another engine made the table meanwhile
+
+
+def _refused_for_its_nul(exc: BaseException, rows: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether PostgreSQL refused these rows for a NUL that one of them carries (jsonb cannot
+    hold it), rather than for the table, the database's encoding or a constraint."""
+    if getattr(exc, "sqlstate", None) != HISTORY_ROW_REFUSED:
+        return False
+    return any("\\u0000" in row[-1] for row in rows)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -3256,6 +3267,8 @@ class History:
         self._backoff = Backoff(first_s=HISTORY_IDLE_S)
         self._chunk = OUTBOX_BATCH  # rows written in one statement, halved after a timeout
         self.refusal: str | None = None  # why PostgreSQL refused the last write, if it did
+        self.no_table: str | None = None  # why there is no table, while the role may make none
+        self.failing: str | None = None  # why the last write did not go through, if it did not
 
     async def _connected(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -3272,7 +3285,9 @@ class History:
 
         try:
             async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                pool = await asyncpg.create_pool(self._url, min_size=1, max_size=HISTORY_POOL_MAX)
+                # No connection kept open for its own sake: an outage would log the pool's
+                # every failed try to keep one.
+                pool = await asyncpg.create_pool(self._url, min_size=0, max_size=HISTORY_POOL_MAX)
                 try:
                     await self._prepare(pool)
                 except BaseException:
@@ -3295,8 +3310,12 @@ class History:
             if await pool.fetchval("SELECT to_regclass('order_history')") is None:
                 await pool.execute(HISTORY_TABLE)
         except asyncpg.PostgresError as exc:
-            self.refusal = history_refusal(exc) or self.refusal
+            if exc.sqlstate in HISTORY_RACED:  # made by another engine as this one tried
+                self.no_table = None
+                return
+            self.no_table = history_refusal(exc) or self.no_table
             raise
+        self.no_table = None
 
     async def write(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Write a batch, in chunks that each must finish within HISTORY_TIMEOUT_S: a chunk that
@@ -3309,19 +3328,23 @@ class History:
         import asyncpg
 
         rows = [row for row in map(_history_row, records) if row is not None]
-        pool = await self._connected()
         try:
-            for at in range(0, len(rows), self._chunk):
-                async with asyncio.timeout(HISTORY_TIMEOUT_S):
-                    await pool.executemany(HISTORY_UPSERT, rows[at : at + self._chunk])
-        except TimeoutError:
-            self._chunk = max(1, self._chunk // 2)
+            pool = await self._connected()
+            try:
+                for at in range(0, len(rows), self._chunk):
+                    async with asyncio.timeout(HISTORY_TIMEOUT_S):
+                        await pool.executemany(HISTORY_UPSERT, rows[at : at + self._chunk])
+            except TimeoutError:
+                self._chunk = max(1, self._chunk // 2)
+                raise
+            except asyncpg.PostgresError as exc:
+                if not _refused_for_its_nul(exc, rows):
+                    await self._refused(pool, exc)
+                await self._write_each(pool, rows)
+        except BaseException as exc:
+            self.failing = str(exc) or type(exc).__name__
             raise
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate not in HISTORY_ROW_REFUSED:
-                await self._refused(pool, exc)
-            await self._write_each(pool, rows)
-        self.refusal = None
+        self.refusal = self.failing = None
         self._chunk = min(OUTBOX_BATCH, self._chunk * 2)
 
     async def _refused(self, pool: asyncpg.Pool, exc: BaseException) -> NoReturn:
@@ -3329,14 +3352,15 @@ class History:
         database emptied) is created again for the next try."""
         import asyncpg
 
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            await self._prepare(pool)  # (no_table says why, if it cannot be made)
+            raise exc
         why = history_refusal(exc)
         if why is not None:
             self.refusal = why  # (a passing error clears nothing)
             # The connections' cached statements know the table as it was: the operator's fix
             # (a column's type) is seen only by statements prepared afresh.
             await pool.expire_connections()
-        if isinstance(exc, asyncpg.UndefinedTableError):
-            await self._prepare(pool)
         raise exc
 
     async def _write_each(self, pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -3347,7 +3371,7 @@ class History:
                 async with asyncio.timeout(HISTORY_TIMEOUT_S):
                     await pool.execute(HISTORY_UPSERT, *row)
             except asyncpg.PostgresError as exc:
-                if exc.sqlstate not in HISTORY_ROW_REFUSED:
+                if not _refused_for_its_nul(exc, [row]):
                     await self._refused(pool, exc)
                 message = "order record refused by postgresql; skipped"
                 log.error(message, extra={"orderId": row[0], "error": str(exc)})
@@ -3361,9 +3385,10 @@ class History:
         return orjson.loads(row) if row is not None else None
 
     async def ping(self) -> None:
+        """PostgreSQL answers, and the table is there (made again if it was dropped)."""
         pool = await self._connected()
         async with asyncio.timeout(HISTORY_TIMEOUT_S):
-            await pool.fetchval("SELECT 1")
+            await self._prepare(pool)
 
     async def close(self) -> None:
         """Close the pool; a PostgreSQL that does not answer is not waited for (a stalled one
@@ -3376,6 +3401,13 @@ class History:
                     await self._pool.close()
             except TimeoutError:
                 self._pool.terminate()
+
+
+def history_check(history: History) -> str:
+    """/readyz's word on the history, PostgreSQL answering: whether it took the last write."""
+    if history.refusal is not None or history.no_table is not None:
+        return "refusing writes"
+    return "ok" if history.failing is None else "unavailable"
 
 
 def order_event(order: Order, status: Status, ts: str, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -5663,7 +5695,9 @@ class Engine:
                 await self.history.write(records)
             except history_errors() as exc:
                 error = str(exc) or type(exc).__name__  # a timeout has no text
-                log.warning("postgresql unavailable; history waits", extra={"error": error})
+                refused = self.history.refusal or self.history.no_table
+                what = "postgresql refuses the history" if refused else "postgresql unavailable"
+                log.warning(f"{what}; history waits", extra={"error": error})
                 await self._warn_if_outbox_full()
                 await backoff.wait()
                 continue
@@ -7280,7 +7314,7 @@ async def readyz(request: web.Request) -> web.Response:
     if engine.history is not None:
         try:
             await within_deadline(engine, engine.history.ping(), deadline_s=HISTORY_TIMEOUT_S)
-            checks["postgres"] = "ok" if engine.history.refusal is None else "refusing writes"
+            checks["postgres"] = history_check(engine.history)
         except ApiError:  # no answer within the deadline
             checks["postgres"] = "unavailable"
         except history_errors() as exc:  # no table, and the role may not make one

@@ -1598,8 +1598,9 @@ async def test_a_history_table_of_another_shape_makes_the_engine_unready_until_i
         await admin.close()
 
 
+@pytest.mark.parametrize("held", [True, False], ids=["an-order-held", "idle"])
 async def test_a_role_that_may_write_rows_but_not_make_tables_keeps_the_history(
-    start: Start, config: Config, postgres: str
+    start: Start, config: Config, postgres: str, held: bool
 ) -> None:
     role = f"writer_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(postgres)
@@ -1609,13 +1610,20 @@ async def test_a_role_that_may_write_rows_but_not_make_tables_keeps_the_history(
         client = await start(
             replace(config, database_url=writer), venues=[ScriptedVenue("RAYDIUM")]
         )
-        first = await order_id_of(client)
-        await wait_status(client, first, "confirmed")
+        first = await order_id_of(client) if held else None
+        if first is not None:
+            await wait_status(client, first, "confirmed")
         # no table, and the role may not create one
         await wait_for(lambda: postgres_refusing(client), "/readyz to say PostgreSQL refuses")
         await admin.execute(eng.HISTORY_TABLE)  # the operator makes it, and grants the rest
         await admin.execute(f"GRANT SELECT, INSERT, UPDATE ON order_history TO {role}")
-        await wait_for(lambda: _has_rows(postgres, [first]), "the held history to be written")
+
+        async def ready() -> bool:  # an idle engine sees the fix as well
+            return (await client.get("/readyz")).status == 200
+
+        await wait_for(ready, "/readyz to see the table")
+        if first is not None:
+            await wait_for(lambda: _has_rows(postgres, [first]), "the held history to be written")
         second = await order_id_of(client)
         await wait_status(client, second, "confirmed")
         await wait_for(lambda: _has_rows(postgres, [second]), "the next order to be written")
@@ -1623,6 +1631,73 @@ async def test_a_role_that_may_write_rows_but_not_make_tables_keeps_the_history(
     finally:
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_engines_starting_together_on_an_empty_database_all_find_the_table(
+    postgres: str,
+) -> None:
+    histories = [eng.History(postgres) for _ in range(8)]
+    try:
+        await asyncio.gather(*(history.ping() for history in histories))  # each makes it
+        assert [eng.history_check(history) for history in histories] == ["ok"] * 8
+    finally:
+        for history in histories:
+            await history.close()
+
+
+async def test_a_record_the_database_cannot_encode_is_held_not_skipped(
+    start: Start, config: Config, redis: aioredis.Redis, postgres_server: str
+) -> None:
+    name = f"t{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(postgres_server)
+    await admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LOCALE 'C' TEMPLATE template0")
+    url = database_url(postgres_server, name)
+    try:
+        client = await start(replace(config, database_url=url), venues=[ScriptedVenue("RAYDIUM")])
+        keys = eng.Keys(config.redis_prefix)
+        order_id = "order_" + "e" * 32
+        record = {**UNFIT["refused by postgresql"], "orderId": f'"{order_id}"'}
+        record["error"] = orjson.dumps("prix trop élevé — 3 €").decode()  # not in LATIN1
+        await redis.hset(keys.order(order_id), mapping=cast(Any, record))
+        await redis.lpush(keys.outbox, order_id)
+        await wait_for(lambda: postgres_refusing(client), "/readyz to say PostgreSQL refuses")
+        batch = keys.outbox_batch(client.app[eng.ENGINE].instance_id)
+        assert order_id in await redis.lrange(batch, 0, -1) + await redis.lrange(keys.outbox, 0, -1)
+        await client.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_a_history_write_held_by_a_lock_makes_the_engine_unready_until_it_passes(
+    start: Start,
+    config: Config,
+    postgres: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(eng, "HISTORY_TIMEOUT_S", 0.5)
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    first = await order_id_of(client)
+    await wait_status(client, first, "confirmed")  # the table is made
+    await wait_for(lambda: _has_rows(postgres, [first]), "the first row")
+    admin = await asyncpg.connect(postgres)
+    try:
+        locking = admin.transaction()
+        await locking.start()
+        await admin.execute("LOCK TABLE order_history IN ACCESS EXCLUSIVE MODE")  # a DBA's
+        order_id = await order_id_of(client)
+        await wait_status(client, order_id, "confirmed")
+
+        async def unavailable() -> bool:
+            ready = await client.get("/readyz")
+            return ready.status == 503 and (await ready.json())["postgres"] == "unavailable"
+
+        await wait_for(unavailable, "/readyz to say the history does not get through")
+        await locking.rollback()
+        await wait_for(lambda: _has_rows(postgres, [order_id]), "the held history to be written")
+        assert (await client.get("/readyz")).status == 200
+    finally:
         await admin.close()
 
 
