@@ -354,6 +354,20 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
 # `body` is the event's JSON without "seq", which is spliced in as the first field.
 LUA_EMIT: Final = """
+-- Events are published last, when everything else of the script is written: Redis keeps what
+-- a script wrote before a command it refused (an ACL that took one away), so a script stopped
+-- half-way and sent again finds its events logged and its record written, and publishes them
+-- then, not anew with new numbers. (Sockets skip an event whose seq they have.)
+local outgoing = {}
+
+local function publish(origin, user, seq, event)
+  outgoing[#outgoing + 1] = origin .. ' ' .. user .. ' ' .. seq .. ' ' .. event
+end
+
+local function publish_all()
+  for _, message in ipairs(outgoing) do redis.call('PUBLISH', '$CHANNEL', message) end
+end
+
 local function emit(seq_key, log_key, user, body, origin)
   local seq = redis.call('INCR', seq_key)
   if seq == 1 then
@@ -369,7 +383,7 @@ local function emit(seq_key, log_key, user, body, origin)
   local event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
   redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', event)
   redis.call('EXPIRE', log_key, '$LOG_TTL')
-  redis.call('PUBLISH', '$CHANNEL', origin .. ' ' .. user .. ' ' .. seq .. ' ' .. event)
+  publish(origin, user, seq, event)
   return event
 end
 
@@ -491,6 +505,7 @@ local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
 -- Open, the order's record has no TTL, nor have its user's index and active set (ended()).
 redis.call('PERSIST', KEYS[5])
 redis.call('PERSIST', KEYS[6])
+publish_all()
 return {'created', event}
 """
 )
@@ -570,12 +585,30 @@ local order = KEYS[1]
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
 if current[2] == '$CANCELLED' then return {'cancelled'} end
 if current[1] ~= lease then return {'lease_lost'} end
--- The same step sent twice (the first reply was lost) is answered, not applied again.
-if current[3] == step then return {'applied', redis.call('HGET', order, 'lastEvent')} end
-if current[2] ~= expected then return {'conflict', current[2]} end
-if action ~= 'keep' then redis.call('LREM', KEYS[2], '1', id) end
-if action == 'retry' then redis.call('ZADD', KEYS[3], score, id) end
-if action == 'done' or action == 'fail' then
+local events
+if current[3] == step then
+  -- The same step sent again (its reply lost, or Redis refused a command after the record was
+  -- written): answered, and what it does to the queue and the sets finished, not applied again.
+  local last = redis.call('HGET', order, 'lastEvent')
+  publish(instance, user, string.match(last, '^{"seq":(%d+)'), last)
+  events = {'applied', last}
+else
+  if current[2] ~= expected then return {'conflict', current[2]} end
+  local history = current[4]
+  events = {'ok'}
+  for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
+    history = append(history, a[8 + 2 * i])
+    events[#events + 1] = emit(KEYS[7], KEYS[8], user, a[9 + 2 * i], instance)
+  end
+  local extra = {'step', step, 'history', append(history, a[8 + 2 * changes])}
+  local at = 10 + 2 * changes  -- the record fields
+  events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
+end
+-- The queue and the sets, once the record and the events are written (each can be done twice):
+-- stopped before, the job is still where it was and the order open.
+if action == 'retry' then
+  redis.call('ZADD', KEYS[3], score, id)
+elseif action == 'done' or action == 'fail' then
   if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
   ended(KEYS, order, id, action == 'fail', score)
 elseif action == 'wait' then
@@ -583,14 +616,8 @@ elseif action == 'wait' then
   redis.call('ZADD', KEYS[4], redis.call('HGET', order, 'expiresAtMs'), id)
   redis.call('HDEL', order, 'lease')
 end
-local history, events = current[4], {'ok'}
-for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
-  history = append(history, a[8 + 2 * i])
-  events[#events + 1] = emit(KEYS[7], KEYS[8], user, a[9 + 2 * i], instance)
-end
-local extra = {'step', step, 'history', append(history, a[8 + 2 * changes])}
-local at = 10 + 2 * changes  -- the record fields
-events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
+if action ~= 'keep' then redis.call('LREM', KEYS[2], '1', id) end
+publish_all()
 return events
 """
 )
@@ -614,15 +641,26 @@ local id, expected, user, origin, final, score = unpack(a, 1, 6)
 local order = KEYS[1]
 local current = redis.call('HMGET', order, 'status', 'history')
 if not current[1] then return {'missing'} end
-if current[1] ~= expected then return {'conflict', current[1]} end
-redis.call('LREM', KEYS[2], '0', id)
+local reply
+if current[1] == expected then
+  local extra = {'step', final, 'history', append(current[2], a[7])}
+  reply = {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
+elseif current[1] == final then
+  -- Ended already (by this, sent again after Redis refused a command of it, or otherwise): what
+  -- follows is finished, and the order counted ended by whoever ended it.
+  reply = {'conflict', final}
+else
+  return {'conflict', current[1]}
+end
+-- The queue and the sets, once the record and the event are written (each can be done twice).
 redis.call('ZREM', KEYS[3], id)
 if KEYS[11] then redis.call('ZREM', KEYS[11], id) end
 redis.call('ZREM', KEYS[4], id)
 redis.call('HDEL', order, 'lease')
 ended(KEYS, order, id, final == '$FAILED_STATUS', score)
-local extra = {'step', final, 'history', append(current[2], a[7])}
-return {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
+redis.call('LREM', KEYS[2], '0', id)
+publish_all()
+return reply
 """
 )
 

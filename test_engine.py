@@ -6840,6 +6840,47 @@ async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_
         await redis.aclose()
 
 
+@pytest.mark.parametrize("command", ["publish", "zadd"])
+async def test_a_command_refused_half_way_through_a_script_neither_repeats_nor_strands_an_order(
+    start: Start,
+    config: Config,
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    command: str,
+) -> None:
+    # Redis keeps what a script wrote before the command it refused. With PUBLISH (the last of
+    # a status change) or ZADD (the retry's delayed set, after the record) taken away, the
+    # change is sent again until the command is back: one event per change, none stranded.
+    venue, held = gated()
+    venue.fill_factors = [0.5] if command == "zadd" else []  # slips: a retry, scheduled
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    try:
+        await redis.execute_command("ACL", "SETUSER", "default", f"-{command}")  # type: ignore[no-untyped-call]
+        held.set()
+
+        def refused_twice() -> bool:
+            refusals = [r for r in caplog.records if "can't run this command" in str(r.__dict__)]
+            return len(refusals) >= 2
+
+        await wait_for(refused_twice, "the change to be refused, and sent again")
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        record = await wait_status(client, order_id, "confirmed")
+        keys = eng.Keys(config.redis_prefix)
+        logged = [orjson.loads(e["e"]) for _, e in await stream(redis, keys.user_log("1"))]
+        assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))  # no gap
+        statuses = [e["status"] for e in logged]
+        assert statuses == [h["status"] for h in record["history"]]  # one event per change
+        assert statuses.count("confirmed") == 1
+        assert await redis.zcard(keys.delayed) == 0
+        assert await redis.scard(keys.user_active("1")) == 0
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
