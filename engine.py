@@ -270,7 +270,8 @@ HISTORY_POOL_MAX: Final = 4
 HISTORY_CLOSE_S: Final = 2.0  # closing a pool at shutdown (a healthy one takes milliseconds)
 FIRE_BATCH: Final = 500  # waiting orders woken per script call
 EXPIRE_BATCH: Final = 100
-READY_KEY_TTL_MS: Final = 60_000  # the key /readyz writes to see that Redis takes writes
+READY_KEY_TTL_MS: Final = 60_000  # the keys /readyz writes to see that Redis takes writes
+READY_BLMOVE_S: Final = 1  # (the list is not empty: it answers at once)
 TRIM_BATCH: Final = 500  # failed orders given their TTL back per round, at most
 EXPIRY_CHECK_S: Final = 1.0
 PRICE_FRESH_MS: Final = 1000  # a pair's price fires triggers this long after it was read, at most
@@ -354,10 +355,11 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
 # `body` is the event's JSON without "seq", which is spliced in as the first field.
 LUA_EMIT: Final = """
--- Events are published last, when everything else of the script is written: Redis keeps what
--- a script wrote before a command it refused (an ACL that took one away), so a script stopped
--- half-way and sent again finds its events logged and its record written, and publishes them
--- then, not anew with new numbers. (Sockets skip an event whose seq they have.)
+-- Events are published last, when everything else of the script is written, and a refused
+-- PUBLISH (an ACL that took it away) is let pass: the events are in the log, which sockets on
+-- other instances read when the next one comes (or they reconnect); a script failed at its end
+-- would have written all but that, and its caller would take it for not done. (Redis keeps
+-- what a script wrote before a command it refused.) Sockets skip an event whose seq they have.
 local outgoing = {}
 
 local function publish(origin, user, seq, event)
@@ -365,7 +367,7 @@ local function publish(origin, user, seq, event)
 end
 
 local function publish_all()
-  for _, message in ipairs(outgoing) do redis.call('PUBLISH', '$CHANNEL', message) end
+  for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
 end
 
 local function emit(seq_key, log_key, user, body, origin)
@@ -821,10 +823,57 @@ local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {#due, nxt[2] or ''}
 """
 
-# What /readyz writes to see that Redis runs the engine's scripts and takes their writes.
-# KEYS: ready   ARGV: ttl_ms
+# What /readyz (and start-up) run to see that Redis runs the engine's scripts, and lets them run
+# every command they use on keys and the channel like the engine's: an ACL that took one away
+# would stop a script half-way. Its keys expire within READY_KEY_TTL_MS.
+# KEYS: ready, ready:hash, ready:list, ready:zset, ready:set, ready:log   ARGV: ttl_ms, channel
 LUA_READY: Final = """
-return redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+local ttl, channel = ARGV[1], ARGV[2]
+local string_key, hash, list, zset, set, log = unpack(KEYS)
+redis.call('DEL', hash, list, zset, set)
+redis.call('SET', string_key, '1', 'PX', ttl)
+redis.call('INCR', string_key)
+redis.call('GET', string_key)
+redis.call('HSET', hash, 'a', '1')
+redis.call('HINCRBY', hash, 'b', '1')
+redis.call('HMGET', hash, 'a', 'b')
+redis.call('HGET', hash, 'a')
+redis.call('HGETALL', hash)
+redis.call('HDEL', hash, 'b')
+redis.call('LPUSH', list, 'a')
+redis.call('RPUSH', list, 'b')
+redis.call('LMOVE', list, list, 'LEFT', 'RIGHT')
+redis.call('LPOS', list, 'a')
+redis.call('LLEN', list)
+redis.call('LRANGE', list, 0, -1)
+redis.call('LREM', list, '1', 'b')
+redis.call('LTRIM', list, 0, 9)
+redis.call('ZADD', zset, '1', 'a', '2', 'b')
+redis.call('ZSCORE', zset, 'a')
+redis.call('ZCARD', zset)
+redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+redis.call('ZRANGEBYSCORE', zset, '-inf', '1', 'LIMIT', 0, 1)
+redis.call('ZREVRANGEBYSCORE', zset, '+inf', '1', 'LIMIT', 0, 1)
+redis.call('ZREVRANK', zset, 'a')
+redis.call('ZREM', zset, 'b')
+redis.call('ZREMRANGEBYRANK', zset, 0, -10)
+redis.call('SADD', set, 'a')
+redis.call('SCARD', set)
+redis.call('SMEMBERS', set)
+redis.call('SREM', set, 'a')
+redis.call('XADD', log, 'MAXLEN', '~', '10', '*', 'e', '{}')
+redis.call('XREVRANGE', log, '+', '-', 'COUNT', '1')
+redis.call('XRANGE', log, '-', '+', 'COUNT', '1')
+redis.call('TIME')
+for _, key in ipairs({hash, list, zset, log}) do
+  redis.call('EXISTS', key)
+  redis.call('TTL', key)
+  redis.call('PERSIST', key)
+  redis.call('PEXPIRE', key, ttl)
+end
+redis.call('EXPIRE', list, '60')
+redis.call('PUBLISH', channel, 'ready  0 {}')  -- to no user: every instance drops it
+return 1
 """
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
@@ -2401,8 +2450,11 @@ class Keys:
         return f"{self.prefix}instance:{instance}"
 
     @property
-    def ready(self) -> str:
-        return f"{self.prefix}ready"
+    def ready(self) -> list[str]:
+        """The keys LUA_READY writes (the first a string, then a hash, a list, a sorted set, a
+        set and a stream)."""
+        ready = f"{self.prefix}ready"
+        return [ready, *(f"{ready}:{kind}" for kind in ("hash", "list", "zset", "set", "log"))]
 
     def draining(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}:draining"
@@ -2964,7 +3016,7 @@ class Store:
         serving their slot, which a PING might not reach): a Redis that answers reads but
         refuses writes (a disk it cannot save to, out of memory, a replica) takes no order. A
         script, as every write of the engine is one: a user whose ACL lost them refuses too."""
-        await self._ready(keys=[self.keys.ready], args=[READY_KEY_TTL_MS])
+        await self._ready(keys=self.keys.ready, args=[READY_KEY_TTL_MS, self.keys.channel])
 
     async def memory(self) -> Mapping[str, Any]:
         """INFO memory: what /readyz reads the eviction policy from (it may change at any time)."""
@@ -7943,7 +7995,7 @@ async def within_startup_wait(what: str, step: Awaitable[T]) -> T:
         raise StartupError(f"{what} refused: {exc}") from None
 
 
-async def wait_for_redis(client: aioredis.Redis, url: str, ready_key: str) -> None:
+async def wait_for_redis(client: aioredis.Redis, url: str, keys: Keys) -> None:
     """Wait (bounded) for Redis to answer, then check it is new enough for BLMOVE and lets the
     engine run its scripts. A wrong password or a missing permission is a refusal, not an
     outage: start-up stops at once."""
@@ -7965,9 +8017,7 @@ async def wait_for_redis(client: aioredis.Redis, url: str, ready_key: str) -> No
             f"redis at {shown} evicts keys when it is full (maxmemory-policy {policy}), which "
             "would lose orders, queued jobs and events: set maxmemory-policy noeviction"
         )
-    await within_startup_wait(
-        f"redis at {shown}", persist("start-up", _scripts_run, client, ready_key)
-    )
+    await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client, keys))
 
 
 async def _memory(client: aioredis.Redis) -> Mapping[str, Any]:
@@ -7986,12 +8036,14 @@ def eviction_policy(memory: Mapping[str, Any]) -> str:
     return str(memory.get("maxmemory_policy", "noeviction"))
 
 
-async def _scripts_run(client: aioredis.Redis, ready_key: str) -> None:
-    """The engine is its Lua scripts: load one and run it as the engine runs them all, writing
-    one of the engine's keys (what /readyz writes)."""
+async def _scripts_run(client: aioredis.Redis, keys: Keys) -> None:
+    """The engine is its Lua scripts: load one and run it as the engine runs them all, with the
+    commands they use (what /readyz runs), and take a job as the fetcher does (BLMOVE)."""
     try:
         sha = await client.script_load(LUA_READY)
-        await client.evalsha(sha, 1, ready_key, READY_KEY_TTL_MS)
+        ready = keys.ready
+        await client.evalsha(sha, len(ready), *ready, READY_KEY_TTL_MS, keys.channel)
+        await client.blmove(ready[2], ready[2], READY_BLMOVE_S, "LEFT", "RIGHT")
     except RedisRefusingForNow as exc:
         _refused_if_denied(exc)
         raise
@@ -8065,7 +8117,7 @@ def create_app(
                 url, BATCH_CONNECTIONS, round_trips, socket_timeout_s=None, cluster=cluster
             )
             stack.push_async_callback(batch_client.aclose)
-            await wait_for_redis(client, url, Keys(config.redis_prefix).ready)
+            await wait_for_redis(client, url, Keys(config.redis_prefix))
             metrics = app[METRICS]
             store = Store(client, config, clock, batch_client, metrics)
             stack.push_async_callback(store.batch.close)
