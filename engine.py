@@ -6455,16 +6455,20 @@ class Hub:
     async def _listen(self) -> None:
         backoff = Backoff()
         while True:
+            began = time.monotonic()
             try:
                 # A command on the channel's key first: a cluster client learns (or relearns,
                 # after a failover) which node serves it before subscribing there.
                 await self._client.exists(self.store.keys.channel)
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.store.keys.channel)
-                    backoff.reset()
                     self._offer_all(_CATCH_UP)  # whatever was published while we were away
                     await self._receive(pubsub)
             except REDIS_TRANSIENT as exc:
+                # A subscription that held a while was good: start the back-off afresh. One
+                # refused at once (an ACL without the channel) is tried ever less often.
+                if time.monotonic() - began > PUBSUB_SILENCE_S:
+                    backoff.reset()
                 log.warning("event subscription lost; resubscribing", extra={"error": str(exc)})
                 await backoff.wait()
 

@@ -6891,6 +6891,34 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
         await redis.aclose()
 
 
+async def test_a_subscription_redis_refuses_is_tried_ever_less_often(
+    start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    keys = eng.Keys(config.redis_prefix)
+    await redis.sadd(keys.instances, "inst-peer")  # another instance: the hub subscribes
+    await start(replace(config, redis_url=own_redis.url))
+    try:
+
+        async def subscribed() -> bool:
+            return bool((await redis.pubsub_numsub(keys.channel))[0][1])
+
+        await wait_for(subscribed, "the hub to subscribe to the other instances' events")
+        began = float((await redis.time())[0])
+        await redis.execute_command("ACL", "SETUSER", "default", "resetchannels")  # type: ignore[no-untyped-call]
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+
+        async def three_seconds_on() -> bool:
+            return float((await redis.time())[0]) > began + 3
+
+        await wait_for(three_seconds_on, "three seconds to pass")
+        lost = [r for r in caplog.records if r.msg == "event subscription lost; resubscribing"]
+        assert 1 <= len(lost) <= 10  # a back-off that doubles: not one try every 50 ms
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "allchannels")  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
