@@ -1105,6 +1105,17 @@ def sniper_in_store(order_id: str, trigger_price: float) -> tuple[eng.Order, eng
     return order, request
 
 
+async def sniper_taken(
+    store: eng.Store, order_id: str, trigger_price: float, instance: str
+) -> eng.Order:
+    """A priceAbove sniper order of user "u" accepted, its job taken into the processing list of
+    `instance` (as its BLMOVE takes one)."""
+    order, request = sniper_in_store(order_id, trigger_price)
+    await store.create(order, request, None, "inst-a")
+    await store.redis.lmove(store.keys.pending, store.keys.processing(instance), "RIGHT", "LEFT")
+    return order
+
+
 async def park(store: eng.Store, order: eng.Order, instance: str) -> None:
     """Run the order as `instance` would, from its processing list, to waiting for its trigger."""
     outcome, claimed = await store.claim(order.order_id, instance, f"{instance}/1")
@@ -1133,9 +1144,7 @@ async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
     # inst-a wakes with its copy of the job, the order must not run: its trigger has not fired.
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     keys = store.keys
-    order, request = sniper_in_store("order_" + "b" * 32, 1e6)
-    await store.create(order, request, None, "inst-a")
-    await redis.lmove(keys.pending, keys.processing("inst-a"))  # the pop that inst-a never saw
+    order = await sniper_taken(store, "order_" + "b" * 32, 1e6, "inst-a")  # a pop unseen
     assert await store.recover("inst-a", only_if_dead=True) == 1
     await redis.lmove(keys.pending, keys.processing("inst-b"))
     await park(store, order, "inst-b")
@@ -1191,9 +1200,7 @@ async def test_an_expired_order_that_a_worker_runs_stays_counted_and_is_left_to_
 ) -> None:
     store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
     keys = store.keys
-    order, request = sniper_in_store("order_" + "a" * 32, 1e3)
-    await store.create(order, request, None, "inst-a")
-    await redis.lmove(keys.pending, keys.processing("inst-a"))
+    order = await sniper_taken(store, "order_" + "a" * 32, 1e3, "inst-a")
     _, claimed = await store.claim(order.order_id, "inst-a", "inst-a/1")
     assert claimed is not None
     routing = replace(claimed, status=Status.ROUTING, attempts=1)
@@ -1451,6 +1458,17 @@ async def test_requests_arriving_as_the_history_connects_share_one_small_pool(
         await history.close()
 
 
+async def with_one_order_written(
+    start: Start, config: Config, postgres: str
+) -> tuple[TestClient[Any, Any], str]:
+    """An engine writing its history to `postgres`, and an order of it confirmed and written."""
+    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "confirmed")
+    await wait_for(lambda: _has_rows(postgres, [order_id]), "the history to reach PostgreSQL")
+    return client, order_id
+
+
 async def test_a_stalled_postgresql_holds_neither_a_read_nor_the_engine_s_exit(
     start: Start,
     config: Config,
@@ -1459,10 +1477,7 @@ async def test_a_stalled_postgresql_holds_neither_a_read_nor_the_engine_s_exit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(eng, "HISTORY_TIMEOUT_S", 0.5)
-    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    order_id = await order_id_of(client)
-    await wait_status(client, order_id, "confirmed")
-    await wait_for(lambda: _has_rows(postgres, [order_id]), "the history to reach PostgreSQL")
+    client, order_id = await with_one_order_written(start, config, postgres)
     await redis.delete(eng.Keys(config.redis_prefix).order(order_id))  # its TTL ran out
     pids = await _backends(postgres)
     assert pids  # the engine's pool, open
@@ -1677,10 +1692,7 @@ async def test_a_history_write_held_by_a_lock_makes_the_engine_unready_until_it_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(eng, "HISTORY_TIMEOUT_S", 0.5)
-    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    first = await order_id_of(client)
-    await wait_status(client, first, "confirmed")  # the table is made
-    await wait_for(lambda: _has_rows(postgres, [first]), "the first row")
+    client, _ = await with_one_order_written(start, config, postgres)  # the table is made
     admin = await asyncpg.connect(postgres)
     try:
         locking = admin.transaction()
@@ -1704,10 +1716,7 @@ async def test_a_history_write_held_by_a_lock_makes_the_engine_unready_until_it_
 async def test_a_history_table_dropped_while_the_engine_runs_is_made_again(
     start: Start, config: Config, postgres: str
 ) -> None:
-    client = await start(replace(config, database_url=postgres), venues=[ScriptedVenue("RAYDIUM")])
-    first = await order_id_of(client)
-    await wait_status(client, first, "confirmed")
-    await wait_for(lambda: _has_rows(postgres, [first]), "the first order to be written")
+    client, _ = await with_one_order_written(start, config, postgres)
     admin = await asyncpg.connect(postgres)
     try:
         await admin.execute("DROP TABLE order_history")
