@@ -644,13 +644,14 @@ local order = KEYS[1]
 local current = redis.call('HMGET', order, 'status', 'history')
 if not current[1] then return {'missing'} end
 local reply
-if current[1] == expected then
+if current[1] == final then
+  -- Ended already (by this, sent again after Redis refused a command of it, or otherwise; or
+  -- asked to finish that: expected is final then): what follows is finished, and the order
+  -- counted ended by whoever ended it.
+  reply = {'conflict', final}
+elseif current[1] == expected then
   local extra = {'step', final, 'history', append(current[2], a[7])}
   reply = {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
-elseif current[1] == final then
-  -- Ended already (by this, sent again after Redis refused a command of it, or otherwise): what
-  -- follows is finished, and the order counted ended by whoever ended it.
-  reply = {'conflict', final}
 else
   return {'conflict', current[1]}
 end
@@ -826,7 +827,8 @@ return {#due, nxt[2] or ''}
 # What /readyz (and start-up) run to see that Redis runs the engine's scripts, and lets them run
 # every command they use on keys and the channel like the engine's: an ACL that took one away
 # would stop a script half-way. Its keys expire within READY_KEY_TTL_MS.
-# KEYS: ready, ready:hash, ready:list, ready:zset, ready:set, ready:log   ARGV: ttl_ms, channel
+# KEYS: ready, ready:hash, ready:list, ready:zset, ready:set, ready:log, then one key of each kind
+#       the engine keeps (Keys.ready)   ARGV: ttl_ms, channel
 LUA_READY: Final = """
 local ttl, channel = ARGV[1], ARGV[2]
 local string_key, hash, list, zset, set, log = unpack(KEYS)
@@ -855,6 +857,7 @@ redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
 redis.call('ZRANGEBYSCORE', zset, '-inf', '1', 'LIMIT', 0, 1)
 redis.call('ZREVRANGEBYSCORE', zset, '+inf', '1', 'LIMIT', 0, 1)
 redis.call('ZREVRANK', zset, 'a')
+redis.call('ZREVRANGE', zset, 0, 0)
 redis.call('ZREM', zset, 'b')
 redis.call('ZREMRANGEBYRANK', zset, 0, -10)
 redis.call('SADD', set, 'a')
@@ -873,6 +876,7 @@ for _, key in ipairs({hash, list, zset, log}) do
 end
 redis.call('EXPIRE', list, '60')
 redis.call('PUBLISH', channel, 'ready  0 {}')  -- to no user: every instance drops it
+for i = 7, #KEYS do redis.call('EXISTS', KEYS[i]) end  -- the engine's own keys, one of a kind
 return 1
 """
 
@@ -2451,10 +2455,33 @@ class Keys:
 
     @property
     def ready(self) -> list[str]:
-        """The keys LUA_READY writes (the first a string, then a hash, a list, a sorted set, a
-        set and a stream)."""
+        """The keys LUA_READY writes (a string, a hash, a list, a sorted set, a set and a
+        stream), then one of each kind the engine keeps, which it only looks for (an ACL's key
+        patterns may leave out some)."""
         ready = f"{self.prefix}ready"
-        return [ready, *(f"{ready}:{kind}" for kind in ("hash", "list", "zset", "set", "log"))]
+        kinds = ("hash", "list", "zset", "set", "log")
+        probe, pair = "-", ("SOL", "USDC")
+        return [
+            ready,
+            *(f"{ready}:{kind}" for kind in kinds),
+            self.order(probe),
+            self.pending,
+            self.delayed,
+            self.processing(probe),
+            self.failed,
+            self.instances,
+            self.dead,
+            self.heartbeat(probe),
+            self.draining(probe),
+            self.expiring,
+            *(self.triggers(direction, *pair) for direction in ("up", "down", "listing")),
+            *self.of_user(probe),
+            self.idempotency(probe, probe),
+            self.rate_limit(probe),
+            self.chain(probe),
+            self.outbox,
+            self.outbox_batch(probe),
+        ]
 
     def draining(self, instance: str) -> str:
         return f"{self.prefix}instance:{instance}:draining"
@@ -3119,6 +3146,7 @@ class Store:
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
         if not record or record["status"] in TERMINAL:  # a leftover
             await self.redis.zrem(self.keys.expiring, order_id)
+            await self.finish_ended(record)
             return False
         order = Order.from_record(record)
         if order.status not in (Status.WAITING, Status.PENDING):
@@ -3131,6 +3159,24 @@ class Store:
             met = await self.redis.zscore(trigger_set, order_id) is None  # fired
         detail = {"code": "EXPIRED", "error": FIRED_NOT_RUN if met else NOT_MET}
         return await self._end_order(record, Status.FAILED, detail, origin)
+
+    async def finish_ended(self, record: Mapping[str, str]) -> None:
+        """Finish what the step that ended an order left undone, if it did: Redis refused a
+        command of it (an ACL), and the engine that would have sent it again died. LUA_END,
+        finding the order ended, moves it out of its sets and gives its record its TTL (each
+        of which can be done twice)."""
+        if not record or record.get("status") not in TERMINAL:
+            return
+        order = Order.from_record(record)
+        updated = record.get("updatedAt")
+        ended_ms = parse_iso_ms(orjson.loads(updated)) if updated else int(self._clock() * 1000)
+        head = [order.order_id, order.status, order.user_id, "", order.status, ended_ms]
+        args = script_args(head, b"", b"")
+        await self.batch.call(self._end, self._change_keys(order, self.keys.pending), args)
+
+    async def ended_record(self, order_id: str) -> dict[str, str]:
+        record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+        return record
 
     async def _end_order(
         self, record: Mapping[str, str], final: Status, detail: Mapping[str, Any], origin: str
@@ -5606,6 +5652,9 @@ class Engine:
         outcome, order = await persist("claim", self.store.claim, order_id, self.instance_id, lease)
         if order is None:
             log.info("job not run", extra={"orderId": order_id, "reason": outcome})
+            if outcome == "finished":  # its last step may have been cut short: finish that
+                record = await persist("record", self.store.ended_record, order_id)
+                await persist("finish ended", self.store.finish_ended, record)
             return
         worker = _Attempt(self, order, lease)
         try:

@@ -6928,6 +6928,39 @@ async def test_a_subscription_redis_refuses_is_tried_ever_less_often(
         await redis.aclose()
 
 
+async def test_an_order_whose_last_step_was_cut_short_is_finished_by_whoever_meets_it(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    # Redis refused a command of the step that ended each order after its record was written,
+    # and the engine that would have sent it again died: the rest is left undone.
+    client = await start(venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    keys = eng.Keys(config.redis_prefix)
+    confirmed = await order_id_of(client)
+    await wait_status(client, confirmed, "confirmed")
+    expired = await order_id_of(client, sniper("priceAbove", triggerPrice=1e6, expiresInS=1))
+    await wait_status(client, expired, "failed")
+    trigger_set = keys.triggers("up", "SOL", "USDC")
+    for order_id in (confirmed, expired):
+        await redis.sadd(keys.user_active("1"), order_id)
+        await redis.persist(keys.order(order_id))
+    await redis.zadd(trigger_set, {expired: 1e6})
+    await redis.zadd(keys.expiring, {expired: 0})  # the expiry loop meets it
+    await redis.lpush(keys.pending, confirmed)  # its job, recovered: a worker meets it
+
+    async def finished() -> bool:
+        ttl = await redis.ttl(keys.order(confirmed))
+        return ttl > 0 and not await redis.exists(keys.user_active("1"), trigger_set)
+
+    await wait_for(finished, "what the steps left undone to be done")
+    for order_id, status in ((confirmed, "confirmed"), (expired, "failed")):
+        history = [h["status"] for h in (await get_order(client, order_id))["history"]]
+        assert history[-1] == status
+        assert sum(s in TERMINAL for s in history) == 1  # finished, not ended again
+    assert await redis.zscore(keys.failed, expired) is not None  # kept, as failed orders are
+    assert await redis.llen(keys.pending) == 0
+    assert await redis.zcard(keys.expiring) == 0
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
