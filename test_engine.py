@@ -6736,6 +6736,8 @@ async def test_an_engine_started_on_a_replica_waits_for_its_promotion(
         (["ACL", "SETUSER", "default", "-publish"], "script can't run this command"),
         (["ACL", "SETUSER", "default", "resetchannels"], "can't publish to the channel"),
         (["ACL", "SETUSER", "default", "-blmove"], "no permissions to run the 'blmove' command"),
+        # the keys /readyz writes, but none of the engine's others
+        (["ACL", "SETUSER", "default", "resetkeys", "~*ready*"], "access one of the keys"),
         (["CONFIG", "SET", "requirepass", "secret"], "invalid username-password pair"),
         # A Redis that evicts keys when full would silently lose orders and queued jobs.
         (["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"], "(maxmemory-policy allkeys-lru)"),
@@ -6818,8 +6820,12 @@ async def test_readiness_says_so_while_redis_refuses_writes_or_evicts_keys(
 
 @pytest.mark.parametrize(
     ("taken", "given"),
-    [(["-evalsha"], ["+@all"]), (["resetkeys", "~elsewhere:*"], ["~*"])],
-    ids=["scripts", "keys"],
+    [
+        (["-evalsha"], ["+@all"]),
+        (["resetkeys", "~elsewhere:*"], ["~*"]),
+        (["resetkeys", "~*ready*"], ["~*"]),  # the keys /readyz writes, but none of the others
+    ],
+    ids=["scripts", "keys", "some-keys"],
 )
 async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_500(
     start: Start, config: Config, own_redis: RedisServer, taken: list[str], given: list[str]
