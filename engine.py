@@ -606,13 +606,13 @@ else
   local at = 10 + 2 * changes  -- the record fields
   events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
 end
--- The queue and the sets, once the record and the events are written (each can be done twice):
--- stopped before, the job is still where it was and the order open.
+-- The queue and the sets, once the record and the events are written (each can be done twice),
+-- the job last: stopped before, the job is still where it was, and whoever meets it finishes.
 if action == 'retry' then
   redis.call('ZADD', KEYS[3], score, id)
 elseif action == 'done' or action == 'fail' then
-  if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
   ended(KEYS, order, id, action == 'fail', score)
+  if KEYS[11] then redis.call('ZREM', KEYS[4], id) end  -- counted since it was accepted
 elseif action == 'wait' then
   redis.call('ZADD', KEYS[11], score, id)
   redis.call('ZADD', KEYS[4], redis.call('HGET', order, 'expiresAtMs'), id)
@@ -655,12 +655,13 @@ elseif current[1] == expected then
 else
   return {'conflict', current[1]}
 end
--- The queue and the sets, once the record and the event are written (each can be done twice).
+-- The queue and the sets, once the record and the event are written (each can be done twice),
+-- where whoever meets the order next finds it last: stopped half-way, it is still in one.
+redis.call('HDEL', order, 'lease')
+ended(KEYS, order, id, final == '$FAILED_STATUS', score)
 redis.call('ZREM', KEYS[3], id)
 if KEYS[11] then redis.call('ZREM', KEYS[11], id) end
 redis.call('ZREM', KEYS[4], id)
-redis.call('HDEL', order, 'lease')
-ended(KEYS, order, id, final == '$FAILED_STATUS', score)
 redis.call('LREM', KEYS[2], '0', id)
 publish_all()
 return reply
@@ -3110,7 +3111,8 @@ class Store:
             if not record or orjson.loads(record["userId"]) != user_id:
                 return "missing", {}
             status = Status(record["status"])
-            if status is Status.CANCELLED:
+            if status is Status.CANCELLED:  # (a DELETE sent again finishes what it left)
+                await self.finish_ended(record)
                 return "cancelled", order_view(record)
             if status not in CANCELLABLE:
                 return "not_cancellable", order_view(record)
@@ -3144,8 +3146,10 @@ class Store:
         One a worker runs stays counted toward ENGINE_MAX_WAITING (its worker fails it before
         it sends, or it lands) and is looked at again later. False if it was not ended."""
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
-        if not record or record["status"] in TERMINAL:  # a leftover
+        if not record:  # a leftover
             await self.redis.zrem(self.keys.expiring, order_id)
+            return False
+        if record["status"] in TERMINAL:  # ended: leaves the set as what that left is finished
             await self.finish_ended(record)
             return False
         order = Order.from_record(record)

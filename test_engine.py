@@ -6967,6 +6967,61 @@ async def test_an_order_whose_last_step_was_cut_short_is_finished_by_whoever_mee
     assert await redis.zcard(keys.expiring) == 0
 
 
+async def test_a_cancel_cut_short_by_a_refused_command_is_finished_when_sent_again(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    waiting = await order_id_of(client, {**LIMIT, "limitPrice": 1000})
+    await wait_status(client, waiting, "waiting")
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    keys = eng.Keys(config.redis_prefix)
+    try:
+        await redis.execute_command("ACL", "SETUSER", "default", "-srem")  # type: ignore[no-untyped-call]
+        status, reply = await cancel(client, waiting)  # refused after the record was written
+        assert (status, reply["error"]["code"]) == (503, "REDIS_UNAVAILABLE")
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        assert (await cancel(client, waiting))[0] == 200  # the client sends it again
+        assert not await redis.sismember(keys.user_active("1"), waiting)
+        assert await redis.ttl(keys.order(waiting)) > 0
+        assert await redis.zscore(keys.expiring, waiting) is None
+        assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
+        record = await get_order(client, waiting)
+        assert [h["status"] for h in record["history"]][-1] == "cancelled"
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def test_an_expiry_cut_short_by_a_refused_command_is_finished(
+    start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    order_id = await order_id_of(client, sniper("priceAbove", triggerPrice=1e6, expiresInS=1))
+    await wait_status(client, order_id, "waiting")
+    redis = aioredis.from_url(own_redis.url, decode_responses=True)
+    keys = eng.Keys(config.redis_prefix)
+    try:
+        await redis.execute_command("ACL", "SETUSER", "default", "-srem")  # type: ignore[no-untyped-call]
+
+        def refused() -> bool:  # the expiry, after its record was written
+            return any(r.__dict__.get("op") == "expire" for r in caplog.records)
+
+        await wait_for(refused, "the expiry to be refused half-way")
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+
+        async def finished() -> bool:
+            return not await redis.exists(keys.user_active("1"), keys.expiring)
+
+        await wait_for(finished, "the expiry to be finished")
+        assert await redis.zscore(keys.failed, order_id) is not None
+        assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
+        record = await get_order(client, order_id)
+        assert [h["status"] for h in record["history"]] == ["pending", "waiting", "failed"]
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
     config: Config, processes: Processes, own_redis: RedisServer
 ) -> None:
