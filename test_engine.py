@@ -6818,6 +6818,18 @@ async def test_readiness_says_so_while_redis_refuses_writes_or_evicts_keys(
         await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def acl_changes(own: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of `own` for a test that changes the default user's rights (ACL SETUSER):
+    every right is given back when it ends."""
+    redis = aioredis.from_url(own.url, decode_responses=True)
+    try:
+        yield redis
+    finally:
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all", "~*", "&*")  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
 @pytest.mark.parametrize(
     ("taken", "given"),
     [
@@ -6834,8 +6846,7 @@ async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_
     client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
     running = await order_id_of(client)
     await wait_status(client, running, "submitted")
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    try:
+    async with acl_changes(own_redis) as redis:
         await redis.execute_command("ACL", "SETUSER", "default", *taken)  # type: ignore[no-untyped-call]
         ready = await client.get("/readyz")
         assert (ready.status, await ready.json()) == (
@@ -6854,9 +6865,6 @@ async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_
         assert record["attempts"] == 1
         assert len(venue.executions) == 1
         assert (await client.get("/readyz")).status == 200
-    finally:
-        await redis.execute_command("ACL", "SETUSER", "default", "+@all", "~*")  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 @pytest.mark.parametrize("command", ["publish", "zadd"])
@@ -6876,8 +6884,7 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
     client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
     order_id = await order_id_of(client)
     await wait_status(client, order_id, "submitted")
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    try:
+    async with acl_changes(own_redis) as redis:
         await redis.execute_command("ACL", "SETUSER", "default", f"-{command}")  # type: ignore[no-untyped-call]
         held.set()
 
@@ -6901,19 +6908,15 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
         assert statuses.count("confirmed") == 1
         assert await redis.zcard(keys.delayed) == 0
         assert await redis.scard(keys.user_active("1")) == 0
-    finally:
-        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_a_subscription_redis_refuses_is_tried_ever_less_often(
     start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    keys = eng.Keys(config.redis_prefix)
-    await redis.sadd(keys.instances, "inst-peer")  # another instance: the hub subscribes
-    await start(replace(config, redis_url=own_redis.url))
-    try:
+    async with acl_changes(own_redis) as redis:
+        keys = eng.Keys(config.redis_prefix)
+        await redis.sadd(keys.instances, "inst-peer")  # another instance: the hub subscribes
+        await start(replace(config, redis_url=own_redis.url))
 
         async def subscribed() -> bool:
             return bool((await redis.pubsub_numsub(keys.channel))[0][1])
@@ -6929,9 +6932,6 @@ async def test_a_subscription_redis_refuses_is_tried_ever_less_often(
         await wait_for(three_seconds_on, "three seconds to pass")
         lost = [r for r in caplog.records if r.msg == "event subscription lost; resubscribing"]
         assert 1 <= len(lost) <= 10  # a back-off that doubles: not one try every 50 ms
-    finally:
-        await redis.execute_command("ACL", "SETUSER", "default", "allchannels")  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_an_order_whose_last_step_was_cut_short_is_finished_by_whoever_meets_it(
@@ -6973,9 +6973,8 @@ async def test_a_cancel_cut_short_by_a_refused_command_is_finished_when_sent_aga
     client = await start(replace(config, redis_url=own_redis.url))
     waiting = await order_id_of(client, {**LIMIT, "limitPrice": 1000})
     await wait_status(client, waiting, "waiting")
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    keys = eng.Keys(config.redis_prefix)
-    try:
+    async with acl_changes(own_redis) as redis:
+        keys = eng.Keys(config.redis_prefix)
         await redis.execute_command("ACL", "SETUSER", "default", "-srem")  # type: ignore[no-untyped-call]
         status, reply = await cancel(client, waiting)  # refused after the record was written
         assert (status, reply["error"]["code"]) == (503, "REDIS_UNAVAILABLE")
@@ -6987,9 +6986,6 @@ async def test_a_cancel_cut_short_by_a_refused_command_is_finished_when_sent_aga
         assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
         record = await get_order(client, waiting)
         assert [h["status"] for h in record["history"]][-1] == "cancelled"
-    finally:
-        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_an_expiry_cut_short_by_a_refused_command_is_finished(
@@ -6998,9 +6994,8 @@ async def test_an_expiry_cut_short_by_a_refused_command_is_finished(
     client = await start(replace(config, redis_url=own_redis.url))
     order_id = await order_id_of(client, sniper("priceAbove", triggerPrice=1e6, expiresInS=1))
     await wait_status(client, order_id, "waiting")
-    redis = aioredis.from_url(own_redis.url, decode_responses=True)
-    keys = eng.Keys(config.redis_prefix)
-    try:
+    async with acl_changes(own_redis) as redis:
+        keys = eng.Keys(config.redis_prefix)
         await redis.execute_command("ACL", "SETUSER", "default", "-srem")  # type: ignore[no-untyped-call]
 
         def refused() -> bool:  # the expiry, after its record was written
@@ -7017,9 +7012,6 @@ async def test_an_expiry_cut_short_by_a_refused_command_is_finished(
         assert await redis.zcard(keys.triggers("up", "SOL", "USDC")) == 0
         record = await get_order(client, order_id)
         assert [h["status"] for h in record["history"]] == ["pending", "waiting", "failed"]
-    finally:
-        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_redis_refusing_writes_for_a_while_fails_no_order_and_answers_no_500(
