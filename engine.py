@@ -3099,15 +3099,20 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    async def get_order(self, order_id: str) -> dict[str, Any] | None:
+    async def record(self, order_id: str) -> dict[str, str]:
+        """An order's record as Redis holds it (empty once it has expired)."""
         record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+        return record
+
+    async def get_order(self, order_id: str) -> dict[str, Any] | None:
+        record = await self.record(order_id)
         return order_view(record) if record else None
 
     async def cancel(self, order_id: str, user_id: str, origin: str) -> tuple[str, dict[str, Any]]:
         """Cancel a user's order: ("cancelled", record), also when it already was, or
         ("not_cancellable", record), or ("missing", {}) for no such order of this user."""
         while True:
-            record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+            record = await self.record(order_id)
             if not record or orjson.loads(record["userId"]) != user_id:
                 return "missing", {}
             status = Status(record["status"])
@@ -3145,7 +3150,7 @@ class Store:
         waiting (parked, or fired and not yet taken up) or pending (queued, or to be retried).
         One a worker runs stays counted toward ENGINE_MAX_WAITING (its worker fails it before
         it sends, or it lands) and is looked at again later. False if it was not ended."""
-        record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
+        record = await self.record(order_id)
         if not record:  # a leftover
             await self.redis.zrem(self.keys.expiring, order_id)
             return False
@@ -3177,10 +3182,6 @@ class Store:
         head = [order.order_id, order.status, order.user_id, "", order.status, ended_ms]
         args = script_args(head, b"", b"")
         await self.batch.call(self._end, self._change_keys(order, self.keys.pending), args)
-
-    async def ended_record(self, order_id: str) -> dict[str, str]:
-        record: dict[str, str] = await self.redis.hgetall(self.keys.order(order_id))  # type: ignore[assignment]
-        return record
 
     async def _end_order(
         self, record: Mapping[str, str], final: Status, detail: Mapping[str, Any], origin: str
@@ -5657,7 +5658,7 @@ class Engine:
         if order is None:
             log.info("job not run", extra={"orderId": order_id, "reason": outcome})
             if outcome == "finished":  # its last step may have been cut short: finish that
-                record = await persist("record", self.store.ended_record, order_id)
+                record = await persist("record", self.store.record, order_id)
                 await persist("finish ended", self.store.finish_ended, record)
             return
         worker = _Attempt(self, order, lease)
@@ -8068,22 +8069,28 @@ async def wait_for_redis(client: aioredis.Redis, url: str, keys: Keys) -> None:
         raise StartupError(
             f"redis at {shown} is {info['redis_version']}; the engine needs 6.2 or newer"
         )
-    memory = await within_startup_wait(f"redis at {shown}", persist("start-up", _memory, client))
+    memory = await within_startup_wait(
+        f"redis at {shown}", persist("start-up", _unless_denied, client.info, "memory")
+    )
     if (policy := eviction_policy(memory)) != "noeviction":
         raise StartupError(
             f"redis at {shown} evicts keys when it is full (maxmemory-policy {policy}), which "
             "would lose orders, queued jobs and events: set maxmemory-policy noeviction"
         )
-    await within_startup_wait(f"redis at {shown}", persist("start-up", _scripts_run, client, keys))
+    await within_startup_wait(
+        f"redis at {shown}", persist("start-up", _unless_denied, _scripts_run, client, keys)
+    )
 
 
-async def _memory(client: aioredis.Redis) -> Mapping[str, Any]:
+async def _unless_denied(
+    operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """A start-up step that a missing permission stops (a refusal), rather than waits out."""
     try:
-        memory: Mapping[str, Any] = await client.info("memory")
+        return await operation(*args, **kwargs)
     except RedisRefusingForNow as exc:
         _refused_if_denied(exc)
         raise
-    return memory
 
 
 def eviction_policy(memory: Mapping[str, Any]) -> str:
@@ -8096,14 +8103,10 @@ def eviction_policy(memory: Mapping[str, Any]) -> str:
 async def _scripts_run(client: aioredis.Redis, keys: Keys) -> None:
     """The engine is its Lua scripts: load one and run it as the engine runs them all, with the
     commands they use (what /readyz runs), and take a job as the fetcher does (BLMOVE)."""
-    try:
-        sha = await client.script_load(LUA_READY)
-        ready = keys.ready
-        await client.evalsha(sha, len(ready), *ready, READY_KEY_TTL_MS, keys.channel)
-        await client.blmove(ready[2], ready[2], READY_BLMOVE_S, "LEFT", "RIGHT")
-    except RedisRefusingForNow as exc:
-        _refused_if_denied(exc)
-        raise
+    sha = await client.script_load(LUA_READY)
+    ready = keys.ready
+    await client.evalsha(sha, len(ready), *ready, READY_KEY_TTL_MS, keys.channel)
+    await client.blmove(ready[2], ready[2], READY_BLMOVE_S, "LEFT", "RIGHT")
 
 
 def _refused_if_denied(exc: BaseException) -> None:
