@@ -165,6 +165,8 @@ FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedd
 # (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow can always
 # resume from it).
 USER_ORDERS_KEEP: Final = 1000
+# An order's history: its first entry and its newest ones within this many bytes (LUA_FINISH).
+HISTORY_MAX_BYTES: Final = 8192
 EVENT_LOG_TTL_S: Final = 24 * 3600
 # The seq counter outlives the log so that a client coming back after the log expired is told to
 # resync instead of silently seeing numbers start again from 1.
@@ -413,6 +415,30 @@ local function append(history, entry)
   return string.sub(history, 1, -2) .. ',' .. entry .. ']'
 end
 
+-- A history past $HISTORY_MAX_BYTES (a limit order that fires and waits again as the market
+-- swings, for as long as it lives) keeps its first entry and its newest ones within half of
+-- that; the record field historyDropped counts the entries left out. Every entry starts with
+-- {"status": (_change, _end_order, create), and a JSON string escapes its quotes, so what
+-- separates two entries is found as text. Answers the history; adds the fields to `extra`.
+local function bounded(order, history, extra)
+  if #history <= $HISTORY_MAX_BYTES then return history end
+  local sep = '},{"status":'
+  local first = string.find(history, sep, 1, true)
+  if not first then return history end
+  local from = math.max(first + 1, #history - $HISTORY_MAX_BYTES / 2)
+  local cut = string.find(history, sep, from, true)
+  if not cut then  -- the newest entry alone is longer than that: it is kept
+    from = first
+    repeat cut, from = from, string.find(history, sep, from + 1, true) until not from
+  end
+  if cut == first then return history end
+  local dropped = select(2, string.gsub(string.sub(history, first, cut - 1), sep, ''))
+  local before = tonumber(redis.call('HGET', order, 'historyDropped') or '0')
+  extra[#extra + 1] = 'historyDropped'
+  extra[#extra + 1] = tostring(before + dropped)
+  return string.sub(history, 1, first) .. string.sub(history, cut + 1)
+end
+
 -- An order ends: it leaves its user's open orders and goes to the outbox. Its record, and its
 -- user's index and active set, lived with no TTL while it was open (whatever held it up, a long
 -- queue, an outage, engines stopped, it ends with an event): now the record gets $ORDER_TTL (a
@@ -602,7 +628,8 @@ else
     history = append(history, a[8 + 2 * i])
     events[#events + 1] = emit(KEYS[7], KEYS[8], user, a[9 + 2 * i], instance)
   end
-  local extra = {'step', step, 'history', append(history, a[8 + 2 * changes])}
+  local extra = {'step', step, 'history', ''}
+  extra[4] = bounded(order, append(history, a[8 + 2 * changes]), extra)
   local at = 10 + 2 * changes  -- the record fields
   events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
 end
@@ -650,7 +677,8 @@ if current[1] == final then
   -- counted ended by whoever ended it.
   reply = {'conflict', final}
 elseif current[1] == expected then
-  local extra = {'step', final, 'history', append(current[2], a[7])}
+  local extra = {'step', final, 'history', ''}
+  extra[4] = bounded(order, append(current[2], a[7]), extra)
   reply = {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
 else
   return {'conflict', current[1]}
@@ -2328,6 +2356,7 @@ PUBLIC_FIELDS: Final = (
     "createdAt",
     "updatedAt",
     "history",
+    "historyDropped",
 )
 # The history entry of a status change carries these of its fields besides status, ts and attempt.
 _HISTORY_DETAIL: Final = ("dex", "txHash", "retryInMs", "error", "code")
@@ -2399,6 +2428,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         MAX_WAITING=config.max_waiting,
         MAX_OPEN=config.max_open_per_user,
         RATE_LIMIT=config.rate_limit_per_min,
+        HISTORY_MAX_BYTES=HISTORY_MAX_BYTES,
         CLAIM_FIELDS=", ".join(f"'{name}'" for name in CLAIM_FIELDS),
     )
 

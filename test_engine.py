@@ -4226,6 +4226,44 @@ async def test_a_limit_order_sent_back_to_wait_does_not_fire_again_until_the_mar
     assert record["amountOut"] >= 2 * 99.5
 
 
+@dataclass
+class Runaway(ScriptedVenue):
+    """The pair's price climbs by half at each read, while an order's own size pays 90: a limit
+    order fires at every read of its trigger and is sent back to wait, for as long as it lives."""
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        if amount_in == eng.to_units(sell.min_amount * eng.PROBE_MIN_AMOUNTS, sell):
+            self.price *= 1.5
+            return await super().quote(sell, buy, amount_in)
+        paid = self.pays(amount_in, sell, buy, 90 / self.price)
+        return eng.Quote(self.name, 90.0, self.fee, paid)
+
+
+async def test_a_limit_order_sent_back_to_wait_again_and_again_keeps_a_bounded_history(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(eng, "HISTORY_MAX_BYTES", 1024)
+    monkeypatch.setattr(eng, "SLOT_S", 0.02)  # its trigger is read every 20 ms
+    client = await start(venues=[Runaway("RAYDIUM")])
+    async with client.ws_connect("/ws?userId=1") as ws:
+        order_id = await order_id_of(client, LIMIT)
+
+        async def dropped() -> bool:
+            return ((await get_order(client, order_id)).get("historyDropped") or 0) > 40
+
+        await wait_for(dropped, "the order to fire and wait again some 20 times")
+        assert (await cancel(client, order_id))[0] == 200
+        events = await events_until_done(ws, order_id)
+    record = await get_order(client, order_id)
+    history = [entry["status"] for entry in record["history"]]
+    assert len(orjson.dumps(record["history"])) <= 1024
+    seen = statuses(events, order_id)  # every status the order went through
+    assert record["historyDropped"] + len(history) == len(seen)
+    assert history == [seen[0], *seen[len(seen) - len(history) + 1 :]]
+    assert (history[0], history[-1]) == ("pending", "cancelled")
+    assert seen.count("waiting") > 20
+
+
 async def test_limit_orders_placed_at_once_never_take_the_waiting_cap_past_its_bound(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
