@@ -493,10 +493,18 @@ end
 # Accept an order: record, job and first event in one atomic step, so a 202 means all three exist.
 # A replay of an Idempotency-Key answers the order it made and takes no token from the user's
 # rate limit; a new order takes one. Answers the event as sent.
+# Redis keeps what a script wrote before a command it refused (an ACL): the record is the point
+# of no return. Before it only the job is pushed (a worker drops a job with no record) and the
+# key written, marked ' ?' (the order may not be whole); after it, the sets, each of which a
+# cut short create leaves the order able to do without (it runs, and ends, all the same), and
+# last the key's mark is dropped. A replay
+# that finds the mark asks again, naming the key's order as `void` and passing its record's key:
+# with no record, that order never existed and this one takes the key over; with one, what its
+# create left undone is finished.
 # KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
-#       rate bucket, idempotency (only with an Idempotency-Key)
+#       rate bucket, idempotency and the void order's record (only with an Idempotency-Key)
 # ARGV: order_id, user, created_us, fingerprint, origin, expiry (ms; '' for a market order),
-#       event body, record fields
+#       void (an order id, or ''), event body, record fields
 # A limit or sniper order joins the expiry set as it is accepted, not only once a worker parks
 # it: orders placed at once count toward $MAX_WAITING at once.
 LUA_CREATE: Final = (
@@ -504,11 +512,29 @@ LUA_CREATE: Final = (
     + LUA_THROTTLE
     + """
 local a = ARGV
-local id, user, created, fingerprint, origin, expires = unpack(a, 1, 6)
+local id, user, created, fingerprint, origin, expires, void = unpack(a, 1, 7)
 local order, idempotency = KEYS[1], KEYS[10]
+local claim = id .. ' ' .. fingerprint
 if idempotency then
   local prior = redis.call('GET', idempotency)
-  if prior then return {'exists', prior} end
+  if prior and (void == '' or prior ~= void .. ' ' .. fingerprint .. ' ?') then
+    return {'exists', prior}
+  end
+  local state = prior and redis.call('HMGET', KEYS[11], 'status', 'expiresAtMs')
+  if state and state[1] then  -- cut short after its record: what it left undone is finished
+    redis.call('ZADD', KEYS[6], 'NX', created, void)
+    if string.find(' $TERMINAL ', ' ' .. state[1] .. ' ', 1, true) then  -- as ended() left it
+      if redis.call('EXISTS', KEYS[5]) == 0 then redis.call('EXPIRE', KEYS[6], '$ORDER_TTL') end
+    else
+      if state[2] then redis.call('ZADD', KEYS[4], state[2], void) end
+      redis.call('SADD', KEYS[5], void)
+      redis.call('PERSIST', KEYS[5])
+      redis.call('PERSIST', KEYS[6])
+    end
+    claim = void .. ' ' .. fingerprint
+    redis.call('SET', idempotency, claim, 'EX', '$IDEMPOTENCY_TTL')
+    return {'exists', claim}
+  end
 end
 -- A create re-sent after a lost reply finds its own record and changes nothing.
 if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerprint} end
@@ -522,17 +548,16 @@ if redis.call('SCARD', KEYS[5]) >= $MAX_OPEN then return {'too_many_open'} end
 local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', KEYS[2], id)
+if idempotency then redis.call('SET', idempotency, claim .. ' ?', 'EX', '$IDEMPOTENCY_TTL') end
+local event = write(order, a, 9, {}, KEYS[7], KEYS[8], user, a[8], origin)
 if expires ~= '' then redis.call('ZADD', KEYS[4], expires, id) end
 redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], created, id)
 redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -$USER_ORDERS_KEEP - 1)
-if idempotency then
-  redis.call('SET', idempotency, id .. ' ' .. fingerprint, 'EX', '$IDEMPOTENCY_TTL')
-end
-local event = write(order, a, 8, {}, KEYS[7], KEYS[8], user, a[7], origin)
 -- Open, the order's record has no TTL, nor have its user's index and active set (ended()).
 redis.call('PERSIST', KEYS[5])
 redis.call('PERSIST', KEYS[6])
+if idempotency then redis.call('SET', idempotency, claim, 'EX', '$IDEMPOTENCY_TTL') end
 publish_all()
 return {'created', event}
 """
@@ -2844,8 +2869,15 @@ class Store:
     # -- accepting orders -------------------------------------------------------------------------
 
     async def create(
-        self, order: Order, request: OrderRequest, idempotency_key: str | None, origin: str
+        self,
+        order: Order,
+        request: OrderRequest,
+        idempotency_key: str | None,
+        origin: str,
+        void: str = "",
     ) -> Created:
+        """Accept an order (LUA_CREATE). `void`: the order an Idempotency-Key names, found
+        never written (its create was cut short before its record), whose key this one takes."""
         now = self._clock()
         ts = iso_ms(now)
         fields = {
@@ -2881,6 +2913,7 @@ class Store:
             fingerprint,
             origin,
             str(order.condition.expires_at_ms) if order.condition else "",
+            void,
         ]
         script_keys = [
             keys.order(order.order_id),
@@ -2892,6 +2925,7 @@ class Store:
         ]
         if idempotency_key:
             script_keys.append(keys.idempotency(user, idempotency_key))
+            script_keys += [keys.order(void)] if void else []
         args = script_args(head, orjson.dumps(event), *field_args(fields))
         reply = await self.batch.call(self._create, script_keys, args, self._sent(user))
         if reply[0] == "full":
@@ -2910,7 +2944,7 @@ class Store:
         if reply[0] == "created":
             self.metrics.order_counted(Status.PENDING, "")
             return Created(order.order_id, Status.PENDING, replayed=False)
-        prior_id, prior_fingerprint = reply[1].split(" ")
+        prior_id, prior_fingerprint, *unwritten = reply[1].split(" ")
         if prior_fingerprint != fingerprint:
             raise ApiError(
                 409,
@@ -2918,6 +2952,8 @@ class Store:
                 "this Idempotency-Key was already used with a different order",
                 field="Idempotency-Key",
             )
+        if unwritten and not void:
+            return await self.create(order, request, idempotency_key, origin, void=prior_id)
         status = await self.redis.hget(keys.order(prior_id), "status")
         return Created(prior_id, str(status or REPLAYED_EXPIRED), replayed=True)
 

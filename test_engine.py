@@ -7005,6 +7005,40 @@ async def test_an_order_whose_last_step_was_cut_short_is_finished_by_whoever_mee
     assert await redis.zcard(keys.expiring) == 0
 
 
+@pytest.mark.parametrize("command", ["incr", "sadd"])  # before its record is written, after
+async def test_a_create_cut_short_by_a_refused_command_is_made_whole_by_its_replay(
+    start: Start, config: Config, own_redis: RedisServer, command: str
+) -> None:
+    venue, held = gated()
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    key = {"Idempotency-Key": "cut-1"}
+    keys = eng.Keys(config.redis_prefix)
+    async with acl_changes(own_redis) as redis:
+        await redis.execute_command("ACL", "SETUSER", "default", f"-{command}")  # type: ignore[no-untyped-call]
+        refused = await client.post(EXECUTE, json=ORDER, headers=key)
+        assert refused.status == 503
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        again = await client.post(EXECUTE, json=ORDER, headers=key)
+        assert again.status == 202
+        order_id = (await again.json())["orderId"]
+        # Never written, the first is no order: the key is this one's. Written, it is that one.
+        replayed = "false" if command == "incr" else "true"
+        assert again.headers.get("Idempotent-Replayed", "false") == replayed
+        listed = await (await client.get("/api/orders?userId=1")).json()
+        assert [o["orderId"] for o in listed["orders"]] == [order_id]
+        async with client.ws_connect("/ws?userId=1") as ws:
+            assert (await receive(ws))["type"] == "connected"
+            assert snapshot_of(await receive(ws))[0] == order_id  # among the user's open orders
+        held.set()
+        record = await wait_status(client, order_id, "confirmed")
+        assert [tx.order_id for tx in venue.executions] == [order_id]
+        assert [h["status"] for h in record["history"]] == ["pending", *HAPPY_PATH[1:]]
+        last = await client.post(EXECUTE, json=ORDER, headers=key)
+        assert await last.json() == {"orderId": order_id, "status": "confirmed"}
+        assert not await redis.exists(keys.user_active("1"), keys.pending)
+        assert await redis.ttl(keys.user_orders("1")) > 0
+
+
 async def test_a_cancel_cut_short_by_a_refused_command_is_finished_when_sent_again(
     start: Start, config: Config, own_redis: RedisServer
 ) -> None:
