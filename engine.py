@@ -165,6 +165,7 @@ FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedd
 # (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow can always
 # resume from it).
 USER_ORDERS_KEEP: Final = 1000
+SNAPSHOT_ROUNDS: Final = 8  # a snapshot asked again for orders placed while it was read, at most
 # An order's history: its first entry and its newest ones within this many bytes (LUA_FINISH).
 HISTORY_MAX_BYTES: Final = 8192
 EVENT_LOG_TTL_S: Final = 24 * 3600
@@ -339,12 +340,11 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
 #   key depends on what the script reads, the script answers what it found and the caller asks
-#   again with its keys (LUA_CLAIM and a lease's holder), or works on them one at a time from
-#   outside (LUA_UNKEEP). One reaches records whose ids it reads in the same step, which no
-#   caller can know beforehand: a user's active orders (LUA_SNAPSHOT). It builds those keys
-#   from the same prefix: every key of an engine starts with ENGINE_REDIS_PREFIX, and a
-#   hash-tagged prefix puts them all in one Redis Cluster slot, where a script may reach them
-#   all.
+#   again with its keys (LUA_CLAIM and a lease's holder, LUA_SNAPSHOT and orders placed since
+#   the caller read the user's set, LUA_CREATE and an Idempotency-Key's order), or works on them
+#   one at a time from outside (LUA_UNKEEP). No script builds a key. Every key of an engine
+#   starts with ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster
+#   slot, where a script may reach them all.
 # - ARGV holds the values, in the order the header lists (script_args() on the Python side); a
 #   script that writes record fields takes them last, as name and value pairs (field_args()).
 #   Splitting one argument of lines inside the script cost Redis more than the arguments cost
@@ -935,16 +935,24 @@ return 1
 """
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
-# An id whose record is gone (deleted by hand) leaves the set, and the index gets its TTL once
-# nothing is left open.
-# KEYS: user active, user seq, user orders   ARGV: none
+# The caller names the records it read the active set for; an order that joined the set since is
+# answered {'again', ids} (the caller asks again with their records too). An id whose record is
+# gone (deleted by hand) leaves the set, and the index gets its TTL once nothing is left open.
+# KEYS: user active, user seq, user orders, the records of ARGV's orders   ARGV: order ids
 LUA_SNAPSHOT: Final = """
-local out = {redis.call('GET', KEYS[2]) or '0'}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local event = redis.call('HGET', '$ORDER_PREFIX' .. id, 'lastEvent')
+local record = {}
+for i, id in ipairs(ARGV) do record[id] = KEYS[3 + i] end
+local ids, unnamed = redis.call('SMEMBERS', KEYS[1]), {'again'}
+for _, id in ipairs(ids) do
+  if not record[id] then unnamed[#unnamed + 1] = id end
+end
+if #unnamed > 1 then return unnamed end
+local out = {'ok', redis.call('GET', KEYS[2]) or '0'}
+for _, id in ipairs(ids) do
+  local event = redis.call('HGET', record[id], 'lastEvent')
   if event then out[#out + 1] = event else redis.call('SREM', KEYS[1], id) end
 end
-if #out == 1 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
+if #out == 2 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
 return out
 """
 
@@ -2442,7 +2450,6 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         ORDER_TTL=config.order_ttl_s,
         IDEMPOTENCY_TTL=IDEMPOTENCY_TTL_S,
         FAILED_KEEP=config.failed_keep,
-        ORDER_PREFIX=keys.order(""),
         TERMINAL=" ".join(TERMINAL),
         PENDING_STATUS=Status.PENDING,
         WAITING_STATUS=Status.WAITING,
@@ -3356,8 +3363,14 @@ class Store:
         at that moment."""
         keys = self.keys
         user = [keys.user_active(user_id), keys.user_seq(user_id), keys.user_orders(user_id)]
-        reply = await self.batch.call(self._snapshot, user, [])
-        return int(reply[0]), sorted(reply[1:], key=event_seq)
+        ids = [str(order_id) for order_id in await self.redis.smembers(user[0])]
+        for _ in range(SNAPSHOT_ROUNDS):
+            records = [keys.order(order_id) for order_id in ids]
+            reply = await self.batch.call(self._snapshot, [*user, *records], ids)
+            if reply[0] == "ok":
+                return int(reply[1]), sorted(reply[2:], key=event_seq)
+            ids += reply[1:]  # orders placed since the set was read
+        raise redis_errors.TryAgainError(f"the orders of {user_id} kept changing under a snapshot")
 
     async def replay(self, user_id: str, since: int, most: int) -> list[str] | None:
         """The first `most` logged events after `since`, or None when the log does not reach

@@ -4572,6 +4572,35 @@ async def test_a_socket_opened_after_the_post_gets_a_snapshot(start: Start) -> N
     assert "snapshot" not in confirmed
 
 
+async def test_a_snapshot_holds_an_order_placed_while_it_was_read(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venue, held = gated()
+    client = await start(venues=[venue])
+    first = await order_id_of(client)
+    await wait_status(client, first, "submitted")
+    redis = client.app[eng.ENGINE].store.redis
+    read, placed = redis.smembers, list[str]()
+
+    async def read_then_place(key: str) -> Any:
+        members = await read(key)
+        if not placed:  # an order placed between the read of the set and the snapshot
+            placed.append(await order_id_of(client))
+        return members
+
+    monkeypatch.setattr(redis, "smembers", read_then_place)
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        snapshot = [snapshot_of(await receive(ws)) for _ in range(2)]
+        held.set()
+        events = await events_until_done(ws, first, *placed)
+    assert {order_id for order_id, _ in snapshot} == {first, placed[0]}
+    assert (first, "submitted") in snapshot
+    assert statuses(events, first) == ["confirmed"]
+    assert statuses(events, placed[0])[-1] == "confirmed"
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+
+
 async def test_every_socket_of_a_user_gets_every_event_and_other_users_none(start: Start) -> None:
     client = await start()
     async with (
