@@ -2519,11 +2519,11 @@ class Keys:
     @property
     def ready(self) -> list[str]:
         """The keys LUA_READY writes (a string, a hash, a list, a sorted set, a set and a
-        stream), then one of each kind the engine keeps, which it only looks for (an ACL's key
-        patterns may leave out some)."""
+        stream), then one of each kind the engine keeps (the trigger sets of every pair), which
+        it only looks for (an ACL's key patterns may leave out some)."""
         ready = f"{self.prefix}ready"
         kinds = ("hash", "list", "zset", "set", "log")
-        probe, pair = "-", ("SOL", "USDC")
+        probe = "-"
         return [
             ready,
             *(f"{ready}:{kind}" for kind in kinds),
@@ -2537,7 +2537,7 @@ class Keys:
             self.heartbeat(probe),
             self.draining(probe),
             self.expiring,
-            *(self.triggers(direction, *pair) for direction in ("up", "down", "listing")),
+            *(self.triggers(way, *pair) for pair in PAIRS for way in ("up", "down", "listing")),
             *self.of_user(probe),
             self.idempotency(probe, probe),
             self.rate_limit(probe),

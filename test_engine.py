@@ -6934,6 +6934,23 @@ async def test_an_acl_that_takes_the_engine_s_rights_away_is_waited_out_with_no_
         assert (await client.get("/readyz")).status == 200
 
 
+async def test_readiness_says_so_when_an_acl_leaves_out_the_trigger_sets_of_some_pairs(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    client = await start(replace(config, redis_url=own_redis.url))
+    assert (await client.get("/readyz")).status == 200
+    prefix = config.redis_prefix
+    # Every key but the trigger sets (waiting:...), and those of the pairs that sell SOL.
+    allowed = [f"~{prefix}[a-v]*", f"~{prefix}[x-z]*", f"~{prefix}waiting:*:SOL:*"]
+    allowed.append(f"~{prefix}waiting:expiry")
+    async with acl_changes(own_redis) as redis:
+        await redis.execute_command("ACL", "SETUSER", "default", "resetkeys", *allowed)  # type: ignore[no-untyped-call]
+        ready = await client.get("/readyz")
+        assert (ready.status, (await ready.json())["redis"]) == (503, "refusing writes")
+        await redis.execute_command("ACL", "SETUSER", "default", "~*")  # type: ignore[no-untyped-call]
+        assert (await client.get("/readyz")).status == 200
+
+
 @pytest.mark.parametrize("command", ["publish", "zadd"])
 async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_order(
     start: Start,
