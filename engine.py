@@ -3411,7 +3411,8 @@ HISTORY_ROW_REFUSED: Final = "22P05"
 # waited for too long, a shutdown or restart, and a connection refused (a wrong password, a
 # database not there yet) as before anything is set up.
 HISTORY_PASSING: Final = frozenset({"08", "53", "40", "55", "57", "28", "3D"})
-HISTORY_RACED: Final = frozenset({"23505", "42P07"})  # another engine made the table meanwhile
+# Another engine made the table meanwhile: its row in pg_type (23505), its type (42710), the table.
+HISTORY_RACED: Final = frozenset({"23505", "42710", "42P07"})
 
 
 def _refused_for_its_nul(exc: BaseException, rows: Sequence[tuple[Any, ...]]) -> bool:
