@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import contextvars
 import fcntl
@@ -44,6 +45,7 @@ import functools
 import gc
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -103,15 +105,6 @@ from aiohttp import (
     http_exceptions,
     web,
 )
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.registry import Collector
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
@@ -122,6 +115,7 @@ from redis.commands.core import AsyncScript
 
 if TYPE_CHECKING:  # optional features: imported when configured (see history_errors, Authenticator)
     import asyncpg  # type: ignore[import-untyped]  # no type information published
+    from prometheus_client import CollectorRegistry  # rendering GET /metrics (Metrics.scrape)
     from solders.keypair import Keypair  # ENGINE_VENUES=solana, ENGINE_TOKENS (section 8)
     from solders.pubkey import Pubkey
     from solders.transaction import VersionedTransaction
@@ -2159,68 +2153,118 @@ def configure_logging(config: Config) -> None:
 LATENCY_BUCKETS_S: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30)
 
 
+# GET /metrics: each metric's help text and labels.
+COUNTERS: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
+    "oee_orders": ("Status changes recorded by this instance", ("status", "dex")),
+    "oee_attempts": ("Attempts started", ()),
+    "oee_failures": ("Failed attempts, by code; final: no retry left", ("code", "final")),
+    "oee_triggers_fired": ("Waiting orders woken by their trigger", ()),
+    "oee_solana": (
+        "Solana transactions sent, rebroadcast, confirmed and expired, and RPC errors",
+        ("event",),
+    ),
+}
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+HISTOGRAMS: Final = {
+    "quote": ("oee_quote_seconds", "Venue quote latency"),
+    "execution": ("oee_execution_seconds", "Venue execution latency, sent to settled"),
+}
+LEVELS: Final = {  # read, not counted: a gauge, or a counter kept elsewhere
+    "oee_inflight_orders": ("gauge", "Orders this instance's workers hold"),
+    "oee_websocket_connections": ("gauge", "Open WebSockets on this instance"),
+    "oee_http_connections": ("gauge", "Open connections on this instance's listener"),
+    "oee_websocket_slow_closed": ("counter", "WebSockets closed 1013 for not keeping up"),
+    "oee_redis_errors": ("counter", "Redis requests not sent or not answered (callers retry)"),
+    "oee_redis_round_trips": ("counter", "Requests sent to Redis"),
+    "oee_http_connections_refused": (
+        "counter",
+        "Connections refused: ENGINE_MAX_CONNECTIONS open",
+    ),
+}
+
+
 class Metrics:
-    """This instance's Prometheus metrics, in a registry of its own (GET /metrics). Counters and
-    histograms are updated where things happen; what is a level (queue depths, sockets) is read
-    when scraped, through `levels`."""
+    """This instance's metrics (GET /metrics): plain numbers, counted where things happen; what
+    is a level (queue depths, sockets) is read when scraped, through `levels` and `depths`.
+    prometheus_client renders them, imported at the first scrape: an engine nobody scrapes
+    never loads it, and a count costs a dict update (a Prometheus child takes a lock)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
-        self.orders = Counter(
-            "oee_orders", "Status changes recorded by this instance", ["status", "dex"],
-            registry=registry,
-        )  # fmt: skip
-        self.attempts = Counter("oee_attempts", "Attempts started", registry=registry)
-        self.failures = Counter(
-            "oee_failures", "Failed attempts, by code; final: no retry left", ["code", "final"],
-            registry=registry,
-        )  # fmt: skip
-        self.quote_seconds = Histogram(
-            "oee_quote_seconds", "Venue quote latency", ["dex", "outcome"],
-            buckets=LATENCY_BUCKETS_S, registry=registry,
-        )  # fmt: skip
-        self.execution_seconds = Histogram(
-            "oee_execution_seconds", "Venue execution latency, sent to settled", ["dex", "outcome"],
-            buckets=LATENCY_BUCKETS_S, registry=registry,
-        )  # fmt: skip
-        self.triggers_fired = Counter(
-            "oee_triggers_fired", "Waiting orders woken by their trigger", registry=registry
-        )
-        self.solana = Counter(
-            "oee_solana", "Solana transactions sent, rebroadcast, confirmed and expired, and RPC "
-            "errors", ["event"], registry=registry,
-        )  # fmt: skip
-        self._orders: dict[tuple[str, str], Any] = {}
-        self._latencies: dict[tuple[str, str, str], Any] = {}
+        self.counts: dict[str, dict[tuple[str, ...], float]] = {
+            name: {} if labels else {(): 0} for name, (_, labels) in COUNTERS.items()
+        }
+        # what -> (dex, outcome) -> [observations per bucket (the last: above them all), sum]
+        self.latencies: dict[str, dict[tuple[str, str], list[float]]] = {
+            what: {} for what in HISTOGRAMS
+        }
         self.levels: dict[str, Callable[[], float]] = {}  # filled in by create_app
         self.depths: dict[str, int] = {}  # queue depths, read from Redis before each scrape
-        registry.register(_Levels(self))
+
+    def count(self, name: str, *labels: str, by: float = 1) -> None:
+        counts = self.counts[name]
+        counts[labels] = counts.get(labels, 0) + by
 
     def order_counted(self, status: str, dex: str) -> None:
-        """oee_orders_total{status, dex} + 1, through a cached child (this runs per status)."""
-        child = self._orders.get((status, dex))
-        if child is None:
-            child = self._orders[(status, dex)] = self.orders.labels(status, dex)
-        child.inc()
+        """oee_orders_total{status, dex} + 1 (this runs per status change)."""
+        self.count("oee_orders", status, dex)
 
     def observe(
         self, what: Literal["quote", "execution"], dex: str, outcome: str, s: float
     ) -> None:
-        """A venue call's latency, through a cached child of its histogram."""
-        child = self._latencies.get((what, dex, outcome))
-        if child is None:
-            histogram = self.quote_seconds if what == "quote" else self.execution_seconds
-            child = self._latencies[(what, dex, outcome)] = histogram.labels(dex, outcome)
-        child.observe(s)
+        """A venue call's latency."""
+        histogram = self.latencies[what].get((dex, outcome))
+        if histogram is None:
+            histogram = self.latencies[what][dex, outcome] = [0.0] * (len(LATENCY_BUCKETS_S) + 2)
+        histogram[bisect.bisect_left(LATENCY_BUCKETS_S, s)] += 1
+        histogram[-1] += s
 
     def solana_event(
         self, event: Literal["sends", "rebroadcasts", "confirmations", "expiries", "rpc_errors"]
     ) -> None:
-        self.solana.labels(event).inc()
+        self.count("oee_solana", event)
 
     def scrape(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        """The Prometheus text format (0.0.4)."""
+        from prometheus_client import exposition, metrics_core, utils
+
+        families: list[metrics_core.Metric] = []
+        for name, (text, labels) in COUNTERS.items():
+            counter = metrics_core.CounterMetricFamily(name, text, labels=labels)
+            for values, value in self.counts[name].items():
+                counter.add_metric(values, value)
+            families.append(counter)
+        bounds = [*map(utils.floatToGoString, LATENCY_BUCKETS_S), "+Inf"]
+        for what, (name, text) in HISTOGRAMS.items():
+            histogram = metrics_core.HistogramMetricFamily(name, text, labels=("dex", "outcome"))
+            for values, (*per_bucket, total) in self.latencies[what].items():
+                cumulative = list(itertools.accumulate(per_bucket))
+                histogram.add_metric(values, list(zip(bounds, cumulative, strict=True)), total)
+            families.append(histogram)
+        depth = metrics_core.GaugeMetricFamily(
+            "oee_queue_depth", "Orders in each queue", labels=["queue"]
+        )
+        for queue, value in self.depths.items():
+            depth.add_metric([queue], value)
+        families.append(depth)
+        for name, (kind, text) in LEVELS.items():
+            if (level := self.levels.get(name)) is not None:
+                family = (
+                    metrics_core.GaugeMetricFamily
+                    if kind == "gauge"
+                    else metrics_core.CounterMetricFamily
+                )
+                families.append(family(name, text, value=level()))
+        return bytes(exposition.generate_latest(cast("CollectorRegistry", _Families(families))))
+
+
+@dataclass
+class _Families:
+    """What generate_latest asks of a registry: the metrics to render."""
+
+    families: list[Any]
+
+    def collect(self) -> list[Any]:
+        return self.families
 
 
 class Tracing:
@@ -2281,40 +2325,6 @@ def tracer_provider_from(config: Config) -> Any | None:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads the OTEL_* env
     return provider
-
-
-class _Levels(Collector):
-    """Values that are read, not counted: queue depths, in-flight orders, sockets, Redis."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        depth = GaugeMetricFamily("oee_queue_depth", "Orders in each queue", labels=["queue"])
-        for queue, value in self._metrics.depths.items():
-            depth.add_metric([queue], value)
-        yield depth
-        levels = self._metrics.levels
-        gauges = {
-            "oee_inflight_orders": "Orders this instance's workers hold",
-            "oee_websocket_connections": "Open WebSockets on this instance",
-            "oee_http_connections": "Open connections on this instance's listener",
-        }
-        for name, text in gauges.items():
-            if name in levels:
-                yield GaugeMetricFamily(name, text, value=levels[name]())
-        counters = {
-            "oee_websocket_slow_closed": "WebSockets closed 1013 for not keeping up",
-            "oee_redis_errors": "Redis requests not sent or not answered (callers retry)",
-            "oee_redis_round_trips": "Requests sent to Redis",
-            "oee_http_connections_refused": "Connections refused: ENGINE_MAX_CONNECTIONS open",
-        }
-        for name, text in counters.items():
-            if name in levels:
-                yield CounterMetricFamily(name, text, value=levels[name]())
-
-    def describe(self) -> Iterable[Metric]:
-        return []
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -3080,9 +3090,9 @@ class Store:
         metrics = self.metrics
         metrics.order_counted(status, info.get("dex") or "")
         if status is Status.ROUTING:
-            metrics.attempts.inc()
+            metrics.count("oee_attempts")
         if info.get("code") and status in (Status.PENDING, Status.FAILED):
-            metrics.failures.labels(info["code"], str(status is Status.FAILED).lower()).inc()
+            metrics.count("oee_failures", info["code"], str(status is Status.FAILED).lower())
 
     async def trim_failed(self) -> int:
         """Give the failed orders past the newest ENGINE_FAILED_KEEP the ordinary record TTL
@@ -5878,7 +5888,7 @@ class Engine:
                 price, on_price = await self._fire_on_price(sell, buy, up, down)
                 fired += on_price
             if fired:
-                self.store.metrics.triggers_fired.inc(fired)
+                self.store.metrics.count("oee_triggers_fired", by=fired)
                 log.info(
                     "triggers fired",
                     extra={"pair": f"{sell}/{buy}", "price": price, "fired": fired},
@@ -7524,7 +7534,7 @@ async def metrics(request: web.Request) -> web.Response:
     depths = await probe_redis(engine, engine.store.queue_depths(engine.instance_id))
     if depths is not None:  # Redis away: the last depths, and the errors
         collected.depths = depths
-    return web.Response(body=collected.scrape(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+    return web.Response(body=collected.scrape(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -6509,10 +6509,11 @@ async def test_an_order_that_keeps_killing_its_engine_fails_with_recovery_limit(
 
 def test_optional_features_are_not_imported_when_off() -> None:
     """PostgreSQL, JWT and Solana support load only when DATABASE_URL, a JWT key or
-    ENGINE_VENUES=solana (or ENGINE_TOKENS) is set."""
+    ENGINE_VENUES=solana (or ENGINE_TOKENS) is set; Prometheus's library when /metrics is
+    first scraped."""
     probe = (
         "import sys, engine; engine.create_app(engine.Config()); "
-        "print(sorted({'asyncpg', 'jwt', 'solders'} & set(sys.modules)))"
+        "print(sorted({'asyncpg', 'jwt', 'solders', 'prometheus_client'} & set(sys.modules)))"
     )
     shown = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True,
