@@ -346,10 +346,9 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # - $NAME placeholders are settings filled in once per Store (lua()): TTLs, caps, statuses.
 #   Numbers a script hands to redis.call on the path of every order are written as strings
 #   ('$ORDER_TTL', '1'): Redis 6.2 formats a Lua number for each call with snprintf.
-# - A script that changes an order ends with `write`: the record's fields, the event `emit`
-#   logs and publishes, answered to the caller.
-# `emit` gives an event the user's next seq, appends it to the user's capped log and publishes it.
-# `body` is the event's JSON without "seq", which is spliced in as the first field.
+# - A script that changes an order ends with `write`: the record's fields, then the events it
+#   numbers, logs and publishes, answered to the caller. An event's body is its JSON without
+#   "seq", which is spliced in as the first field.
 LUA_EMIT: Final = """
 -- Events are published last, when everything else of the script is written, and a refused
 -- PUBLISH (an ACL that took it away) is let pass: the events are in the log, which sockets on
@@ -366,35 +365,45 @@ local function publish_all()
   for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
 end
 
-local function emit(seq_key, log_key, user, body, origin)
+-- The user's next seq. A new counter continues after an older log that survived it.
+local function next_seq(seq_key, log_key)
   local seq = redis.call('INCR', seq_key)
   if seq == 1 then
-    -- A new counter. Should an older log have survived it, continue after that log.
     local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
     if top then
       seq = tonumber(string.match(top[1], '^%d+')) + 1
       redis.call('SET', seq_key, seq)
     end
   end
-  seq = tostring(seq)  -- formatted once, not at each use
   redis.call('EXPIRE', seq_key, '$SEQ_TTL')
-  local event = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+  return tostring(seq)  -- formatted once, not at each use
+end
+
+-- Append an event to the user's capped log, and publish it (last, with the script's others).
+local function log(log_key, user, origin, seq, event)
   redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', event)
   redis.call('EXPIRE', log_key, '$LOG_TTL')
   publish(origin, user, seq, event)
-  return event
 end
 
--- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the event it
--- emits; answer the event.
-local function write(order, a, first, extra, seq_key, log_key, user, body, origin)
+-- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the events of
+-- `bodies`, numbered, the last one kept as its lastEvent; answer the events. The record comes
+-- before the log: a command Redis refuses after it leaves a step that, sent again, finds itself
+-- applied (the events are not logged twice), and one refused before it leaves no event of an
+-- order that has no record (a seq given and not used: sockets resync over the gap).
+local function write(order, a, first, extra, seq_key, log_key, user, bodies, origin)
   local record = {unpack(a, first)}
   for _, item in ipairs(extra) do record[#record + 1] = item end
-  local event = emit(seq_key, log_key, user, body, origin)
+  local seqs, events = {}, {}
+  for i, body in ipairs(bodies) do
+    seqs[i] = next_seq(seq_key, log_key)
+    events[i] = '{"seq":' .. seqs[i] .. ',' .. string.sub(body, 2)
+  end
   record[#record + 1] = 'lastEvent'
-  record[#record + 1] = event
+  record[#record + 1] = events[#events]
   redis.call('HSET', order, unpack(record))
-  return event
+  for i, event in ipairs(events) do log(log_key, user, origin, seqs[i], event) end
+  return events
 end
 """
 # A finished order's history is a JSON array kept as text, so appending needs no JSON round trip.
@@ -543,7 +552,7 @@ local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', KEYS[2], id)
 if idempotency then redis.call('SET', idempotency, claim .. ' ?', 'EX', '$IDEMPOTENCY_TTL') end
-local event = write(order, a, 9, {}, KEYS[7], KEYS[8], user, a[8], origin)
+local event = write(order, a, 9, {}, KEYS[7], KEYS[8], user, {a[8]}, origin)[1]
 if expires ~= '' then redis.call('ZADD', KEYS[4], expires, id) end
 redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], created, id)
@@ -636,21 +645,24 @@ local events
 if current[3] == step then
   -- The same step sent again (its reply lost, or Redis refused a command after the record was
   -- written): answered, and what it does to the queue and the sets finished, not applied again.
+  -- Its last event is logged again if Redis refused that (an older one is refused in turn).
   local last = redis.call('HGET', order, 'lastEvent')
-  publish(instance, user, string.match(last, '^{"seq":(%d+)'), last)
+  local seq = string.match(last, '^{"seq":(%d+)')
+  local added = redis.pcall('XADD', KEYS[8], 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', last)
+  if type(added) == 'string' then redis.call('EXPIRE', KEYS[8], '$LOG_TTL') end
+  publish(instance, user, seq, last)
   events = {'applied', last}
 else
   if current[2] ~= expected then return {'conflict', current[2]} end
-  local history = current[4]
-  events = {'ok'}
-  for i = 1, changes - 1 do  -- the changes before the last: their history entries and events
+  local history, bodies = current[4], {}
+  for i = 1, changes do  -- a history entry and an event body for each
     history = append(history, a[8 + 2 * i])
-    events[#events + 1] = emit(KEYS[7], KEYS[8], user, a[9 + 2 * i], instance)
+    bodies[i] = a[9 + 2 * i]
   end
   local extra = {'step', step, 'history', ''}
-  extra[4] = bounded(order, append(history, a[8 + 2 * changes]), extra)
-  local at = 10 + 2 * changes  -- the record fields
-  events[#events + 1] = write(order, a, at, extra, KEYS[7], KEYS[8], user, a[at - 1], instance)
+  extra[4] = bounded(order, history, extra)
+  events = write(order, a, 10 + 2 * changes, extra, KEYS[7], KEYS[8], user, bodies, instance)
+  table.insert(events, 1, 'ok')
 end
 -- The queue and the sets, once the record and the events are written (each can be done twice),
 -- the job last: stopped before, the job is still where it was, and whoever meets it finishes.
@@ -698,7 +710,7 @@ if current[1] == final then
 elseif current[1] == expected then
   local extra = {'step', final, 'history', ''}
   extra[4] = bounded(order, append(current[2], a[7]), extra)
-  reply = {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, a[8], origin)}
+  reply = {'ok', write(order, a, 9, extra, KEYS[7], KEYS[8], user, {a[8]}, origin)[1]}
 else
   return {'conflict', current[1]}
 end
@@ -2476,7 +2488,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
 
 
 def event_seq(event: str) -> int:
-    """The seq of a logged event; LUA_EMIT always writes it first: {"seq":N,..."""
+    """The seq of a logged event; LUA_EMIT's write() always puts it first: {"seq":N,..."""
     return int(event[7 : event.index(",")])
 
 
