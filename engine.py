@@ -768,7 +768,11 @@ LUA_CHAIN_SETTLE: Final = (
     LUA_NOW
     + """
 local existing = redis.call('HGETALL', KEYS[1])
-if existing[1] then return existing end
+if existing[1] then
+  -- Settled by this, sent again after Redis refused its EXPIRE: the TTL is given now.
+  if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], '$TX_TTL') end
+  return existing
+end
 local a = ARGV
 local record = {unpack(a, 2)}
 if now_ms() > tonumber(a[1]) then
@@ -896,6 +900,7 @@ redis.call('DEL', hash, list, zset, set)
 redis.call('SET', string_key, '1', 'PX', ttl)
 redis.call('INCR', string_key)
 redis.call('GET', string_key)
+redis.call('TTL', string_key)
 redis.call('HSET', hash, 'a', '1')
 redis.call('HINCRBY', hash, 'b', '1')
 redis.call('HMGET', hash, 'a', 'b')

@@ -2175,6 +2175,27 @@ async def test_an_outage_window_takes_a_venue_down_and_brings_it_back(
     assert (await raydium.quote(sol, usdc, 10**9)).dex == "RAYDIUM"
 
 
+async def test_a_transaction_settled_while_redis_refused_its_expire_gets_its_ttl_when_resent(
+    config: Config, own_redis: RedisServer
+) -> None:
+    keys = eng.Keys(config.redis_prefix)
+    client = eng.connect_redis(own_redis.url, 4)
+    chain = eng.MockChain(client, keys, 60, time.time)
+    sol, usdc = eng.TOKENS["SOL"], eng.TOKENS["USDC"]
+    expires_at_ms = int((time.time() + 60) * 1000)
+    tx = eng.SwapTx("order_1", "RAYDIUM", sol, usdc, 10**9, 1, 100.0, (), False, False, "sig-1",
+                    expires_at_ms, 0)  # fmt: skip
+    landed = eng.TxStatus(True, eng.Fill("sig-1", 100.0, 99_700_000))
+    async with acl_changes(own_redis) as redis:
+        await redis.execute_command("ACL", "SETUSER", "default", "-expire")  # type: ignore[no-untyped-call]
+        with pytest.raises(eng.RedisRefusingForNow):
+            await chain.record(tx, landed)
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        assert (await chain.record(tx, landed)).landed  # sent again
+        assert 0 < await redis.ttl(keys.chain("sig-1")) <= 60
+    await client.aclose()
+
+
 def test_venue_latency_has_a_long_tail_and_calls_that_never_answer(config: Config) -> None:
     faults = {"METEORA": {"tail_rate": 0.1, "tail_factor": 20.0}, "RAYDIUM": {"timeout_rate": 0.3}}
     tuned = replace(config, dex_latency_scale=1.0, dex_faults=faults)
