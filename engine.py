@@ -159,7 +159,6 @@ FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedd
 # (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow can always
 # resume from it).
 USER_ORDERS_KEEP: Final = 1000
-SNAPSHOT_ROUNDS: Final = 8  # a snapshot asked again for orders placed while it was read, at most
 # An order's history: its first entry and its newest ones within this many bytes (LUA_FINISH).
 HISTORY_MAX_BYTES: Final = 8192
 EVENT_LOG_TTL_S: Final = 24 * 3600
@@ -334,9 +333,9 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
 #   key depends on what the script reads, the script answers what it found and the caller asks
-#   again with its keys (LUA_CLAIM and a lease's holder, LUA_SNAPSHOT and orders placed since
-#   the caller read the user's set, LUA_CREATE and an Idempotency-Key's order), or works on them
-#   one at a time from outside (LUA_UNKEEP). No script builds a key. Every key of an engine
+#   again with its keys (LUA_CLAIM and a lease's holder, LUA_CREATE and an Idempotency-Key's
+#   order), or reads or works on them from outside (LUA_SNAPSHOT and orders placed since the
+#   caller read the user's set, LUA_UNKEEP). No script builds a key. Every key of an engine
 #   starts with ENGINE_REDIS_PREFIX, and a hash-tagged prefix puts them all in one Redis Cluster
 #   slot, where a script may reach them all.
 # - ARGV holds the values, in the order the header lists (script_args() on the Python side); a
@@ -946,24 +945,28 @@ return 1
 """
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
-# The caller names the records it read the active set for; an order that joined the set since is
-# answered {'again', ids} (the caller asks again with their records too). An id whose record is
-# gone (deleted by hand) leaves the set, and the index gets its TTL once nothing is left open.
+# The caller names the records it read the active set for; orders that joined the set since are
+# answered after the events, by id (the caller reads them: their records are not in KEYS). An id
+# whose record is gone (deleted by hand) leaves the set, and the index gets its TTL once nothing
+# is left open.
 # KEYS: user active, user seq, user orders, the records of ARGV's orders   ARGV: order ids
+# Answers: seq, the number of events, the events, the ids of the orders not named
 LUA_SNAPSHOT: Final = """
 local record = {}
 for i, id in ipairs(ARGV) do record[id] = KEYS[3 + i] end
-local ids, unnamed = redis.call('SMEMBERS', KEYS[1]), {'again'}
-for _, id in ipairs(ids) do
-  if not record[id] then unnamed[#unnamed + 1] = id end
+local events, unnamed = {}, {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if not record[id] then
+    unnamed[#unnamed + 1] = id
+  else
+    local event = redis.call('HGET', record[id], 'lastEvent')
+    if event then events[#events + 1] = event else redis.call('SREM', KEYS[1], id) end
+  end
 end
-if #unnamed > 1 then return unnamed end
-local out = {'ok', redis.call('GET', KEYS[2]) or '0'}
-for _, id in ipairs(ids) do
-  local event = redis.call('HGET', record[id], 'lastEvent')
-  if event then out[#out + 1] = event else redis.call('SREM', KEYS[1], id) end
-end
-if #out == 2 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
+if #events + #unnamed == 0 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
+local out = {redis.call('GET', KEYS[2]) or '0', #events}
+for _, event in ipairs(events) do out[#out + 1] = event end
+for _, id in ipairs(unnamed) do out[#out + 1] = id end
 return out
 """
 
@@ -3391,13 +3394,16 @@ class Store:
         keys = self.keys
         user = [keys.user_active(user_id), keys.user_seq(user_id), keys.user_orders(user_id)]
         ids = [str(order_id) for order_id in await self.redis.smembers(user[0])]
-        for _ in range(SNAPSHOT_ROUNDS):
-            records = [keys.order(order_id) for order_id in ids]
-            reply = await self.batch.call(self._snapshot, [*user, *records], ids)
-            if reply[0] == "ok":
-                return int(reply[1]), sorted(reply[2:], key=event_seq)
-            ids += reply[1:]  # orders placed since the set was read
-        raise redis_errors.TryAgainError(f"the orders of {user_id} kept changing under a snapshot")
+        records = [keys.order(order_id) for order_id in ids]
+        reply = await self.batch.call(self._snapshot, [*user, *records], ids)
+        seq, count = int(reply[0]), int(reply[1])
+        events, placed = reply[2 : 2 + count], reply[2 + count :]
+        if placed:  # since the set was read: their last event, unless it comes after `seq`,
+            # and so reaches the socket live, as the events of every order do after a snapshot
+            reads = (self.redis.hget(keys.order(order_id), "lastEvent") for order_id in placed)
+            late = await asyncio.gather(*reads)
+            events += [str(e) for e in late if e is not None and event_seq(str(e)) <= seq]
+        return seq, sorted(events, key=event_seq)
 
     async def replay(self, user_id: str, since: int, most: int) -> list[str] | None:
         """The first `most` logged events after `since`, or None when the log does not reach
