@@ -364,45 +364,64 @@ local function publish_all()
   for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
 end
 
--- The user's next seq. A new counter continues after an older log that survived it.
-local function next_seq(seq_key, log_key)
-  local seq = redis.call('INCR', seq_key)
-  if seq == 1 then
-    local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
-    if top then
-      seq = tonumber(string.match(top[1], '^%d+')) + 1
-      redis.call('SET', seq_key, seq)
-    end
-  end
-  redis.call('EXPIRE', seq_key, '$SEQ_TTL')
-  return tostring(seq)  -- formatted once, not at each use
+-- The user's newest seq: its counter's, or its log's newest if that is ahead (a counter that
+-- expired before the log, or one that Redis refused to advance after the events were logged).
+local function newest_seq(seq_key, log_key)
+  local seq = tonumber(redis.call('GET', seq_key) or '0')
+  local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
+  if top then seq = math.max(seq, tonumber(string.match(top[1], '^%d+'))) end
+  return seq
 end
 
 -- Append an event to the user's capped log, and publish it (last, with the script's others).
 local function log(log_key, user, origin, seq, event)
   redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', event)
-  redis.call('EXPIRE', log_key, '$LOG_TTL')
   publish(origin, user, seq, event)
 end
 
 -- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the events of
--- `bodies`, numbered, the last one kept as its lastEvent; answer the events. The record comes
--- before the log: a command Redis refuses after it leaves a step that, sent again, finds itself
--- applied (the events are not logged twice), and one refused before it leaves no event of an
--- order that has no record (a seq given and not used: sockets resync over the gap).
+-- `bodies`, numbered after the user's newest seq, the last one kept as its lastEvent; answer
+-- the events. The record first, the log next, the counter last: a command Redis refuses leaves
+-- a step that, sent again, finds itself applied (relog), and no seq given and not used.
 local function write(order, a, first, extra, seq_key, log_key, user, bodies, origin)
   local record = {unpack(a, first)}
   for _, item in ipairs(extra) do record[#record + 1] = item end
-  local seqs, events = {}, {}
+  local newest, seqs, events = newest_seq(seq_key, log_key), {}, {}
   for i, body in ipairs(bodies) do
-    seqs[i] = next_seq(seq_key, log_key)
+    seqs[i] = tostring(newest + i)  -- formatted once, not at each use
     events[i] = '{"seq":' .. seqs[i] .. ',' .. string.sub(body, 2)
   end
   record[#record + 1] = 'lastEvent'
   record[#record + 1] = events[#events]
   redis.call('HSET', order, unpack(record))
   for i, event in ipairs(events) do log(log_key, user, origin, seqs[i], event) end
+  redis.call('EXPIRE', log_key, '$LOG_TTL')
+  redis.call('SET', seq_key, seqs[#seqs], 'EX', '$SEQ_TTL')
   return events
+end
+
+-- The last event of a step sent again (its reply lost, or Redis refused a command after its
+-- record was written), logged if it was not, at the end of the log (renumbered if need be: an
+-- event is published only once logged, so nobody saw it). One missing from a log that has gone
+-- past it was trimmed. Published again either way (sockets skip a seq they have). Answers it.
+local function relog(order, seq_key, log_key, user, origin)
+  local last = redis.call('HGET', order, 'lastEvent')
+  local seq = string.match(last, '^{"seq":(%d+)')
+  local at = redis.call('XRANGE', log_key, seq .. '-0', seq .. '-0')[1]
+  local newest = newest_seq(seq_key, log_key)
+  if (at and at[2][2] ~= last) or (not at and tonumber(seq) > newest) then
+    local old = seq
+    seq = tostring(newest + 1)
+    if seq ~= old then
+      last = '{"seq":' .. seq .. ',' .. string.sub(last, #old + 9)
+      redis.call('HSET', order, 'lastEvent', last)
+    end
+    redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', last)
+    redis.call('EXPIRE', log_key, '$LOG_TTL')
+    redis.call('SET', seq_key, seq, 'EX', '$SEQ_TTL')
+  end
+  publish(origin, user, seq, last)
+  return last
 end
 """
 # A finished order's history is a JSON array kept as text, so appending needs no JSON round trip.
@@ -533,8 +552,10 @@ if idempotency then
       redis.call('PERSIST', KEYS[5])
       redis.call('PERSIST', KEYS[6])
     end
+    relog(KEYS[11], KEYS[7], KEYS[8], user, origin)
     claim = void .. ' ' .. fingerprint
     redis.call('SET', idempotency, claim, 'EX', '$IDEMPOTENCY_TTL')
+    publish_all()
     return {'exists', claim}
   end
 end
@@ -644,13 +665,7 @@ local events
 if current[3] == step then
   -- The same step sent again (its reply lost, or Redis refused a command after the record was
   -- written): answered, and what it does to the queue and the sets finished, not applied again.
-  -- Its last event is logged again if Redis refused that (an older one is refused in turn).
-  local last = redis.call('HGET', order, 'lastEvent')
-  local seq = string.match(last, '^{"seq":(%d+)')
-  local added = redis.pcall('XADD', KEYS[8], 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', last)
-  if type(added) == 'string' then redis.call('EXPIRE', KEYS[8], '$LOG_TTL') end
-  publish(instance, user, seq, last)
-  events = {'applied', last}
+  events = {'applied', relog(order, KEYS[7], KEYS[8], user, instance)}
 else
   if current[2] ~= expected then return {'conflict', current[2]} end
   local history, bodies = current[4], {}
@@ -704,7 +719,8 @@ local reply
 if current[1] == final then
   -- Ended already (by this, sent again after Redis refused a command of it, or otherwise; or
   -- asked to finish that: expected is final then): what follows is finished, and the order
-  -- counted ended by whoever ended it.
+  -- counted ended by whoever ended it; its last event logged if Redis refused that.
+  relog(order, KEYS[7], KEYS[8], user, origin)
   reply = {'conflict', final}
 elseif current[1] == expected then
   local extra = {'step', final, 'history', ''}
@@ -897,7 +913,6 @@ local ttl, channel = ARGV[1], ARGV[2]
 local string_key, hash, list, zset, set, log = unpack(KEYS)
 redis.call('DEL', hash, list, zset, set)
 redis.call('SET', string_key, '1', 'PX', ttl)
-redis.call('INCR', string_key)
 redis.call('GET', string_key)
 redis.call('TTL', string_key)
 redis.call('HSET', hash, 'a', '1')
