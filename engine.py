@@ -348,7 +348,19 @@ DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the eng
 # - A script that changes an order ends with `write`: the record's fields, then the events it
 #   numbers, logs and publishes, answered to the caller. An event's body is its JSON without
 #   "seq", which is spliced in as the first field.
-LUA_EMIT: Final = """
+# The user's newest seq: its counter's, or its log's newest if that is ahead (a counter that
+# expired before the log, or one that Redis refused to advance after the events were logged).
+LUA_NEWEST: Final = """
+local function newest_seq(seq_key, log_key)
+  local seq = tonumber(redis.call('GET', seq_key) or '0')
+  local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
+  if top then seq = math.max(seq, tonumber(string.match(top[1], '^%d+'))) end
+  return seq
+end
+"""
+LUA_EMIT: Final = (
+    LUA_NEWEST
+    + """
 -- Events are published last, when everything else of the script is written, and a refused
 -- PUBLISH (an ACL that took it away) is let pass: the events are in the log, which sockets on
 -- other instances read when the next one comes (or they reconnect); a script failed at its end
@@ -362,15 +374,6 @@ end
 
 local function publish_all()
   for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
-end
-
--- The user's newest seq: its counter's, or its log's newest if that is ahead (a counter that
--- expired before the log, or one that Redis refused to advance after the events were logged).
-local function newest_seq(seq_key, log_key)
-  local seq = tonumber(redis.call('GET', seq_key) or '0')
-  local top = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', '1')[1]
-  if top then seq = math.max(seq, tonumber(string.match(top[1], '^%d+'))) end
-  return seq
 end
 
 -- Append an event to the user's capped log, and publish it (last, with the script's others).
@@ -424,6 +427,7 @@ local function relog(order, seq_key, log_key, user, origin)
   return last
 end
 """
+)
 # A finished order's history is a JSON array kept as text, so appending needs no JSON round trip.
 # A failed order stays readable while it is among the newest ENGINE_FAILED_KEEP (the set
 # `failed`); older ones fall back to the ordinary record TTL a few seconds later (LUA_UNKEEP,
@@ -964,11 +968,13 @@ return 1
 # answered after the events, by id (the caller reads them: their records are not in KEYS). An id
 # whose record is gone (deleted by hand) leaves the set, and the index gets its TTL once nothing
 # is left open.
-# KEYS: user active, user seq, user orders, the records of ARGV's orders   ARGV: order ids
-# Answers: seq, the number of events, the events, the ids of the orders not named
-LUA_SNAPSHOT: Final = """
+# KEYS: user active, user seq, user orders, user log, the records of ARGV's orders
+# ARGV: order ids    Answers: seq, the number of events, the events, the ids of orders not named
+LUA_SNAPSHOT: Final = (
+    LUA_NEWEST
+    + """
 local record = {}
-for i, id in ipairs(ARGV) do record[id] = KEYS[3 + i] end
+for i, id in ipairs(ARGV) do record[id] = KEYS[4 + i] end
 local events, unnamed = {}, {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if not record[id] then
@@ -979,17 +985,20 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 if #events + #unnamed == 0 then redis.call('EXPIRE', KEYS[3], '$ORDER_TTL') end
-local out = {redis.call('GET', KEYS[2]) or '0', #events}
+local out = {tostring(newest_seq(KEYS[2], KEYS[4])), #events}
 for _, event in ipairs(events) do out[#out + 1] = event end
 for _, id in ipairs(unnamed) do out[#out + 1] = id end
 return out
 """
+)
 
 # The first `most` logged events after `since`, or {'resync'} when the log no longer reaches
 # back that far. KEYS: user log, user seq   ARGV: since, most
-LUA_REPLAY: Final = """
+LUA_REPLAY: Final = (
+    LUA_NEWEST
+    + """
 local since, most = unpack(ARGV)
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local current = newest_seq(KEYS[2], KEYS[1])
 if tonumber(since) > current then return {'resync'} end
 if tonumber(since) == current then return {'ok'} end
 local entries = redis.call('XRANGE', KEYS[1], '(' .. since .. '-0', '+', 'COUNT', most)
@@ -998,6 +1007,7 @@ local out = {'ok'}
 for i, entry in ipairs(entries) do out[i + 1] = entry[2][2] end
 return out
 """
+)
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 2. Errors
@@ -3407,7 +3417,12 @@ class Store:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
         keys = self.keys
-        user = [keys.user_active(user_id), keys.user_seq(user_id), keys.user_orders(user_id)]
+        user = [
+            keys.user_active(user_id),
+            keys.user_seq(user_id),
+            keys.user_orders(user_id),
+            keys.user_log(user_id),
+        ]
         ids = [str(order_id) for order_id in await self.redis.smembers(user[0])]
         records = [keys.order(order_id) for order_id in ids]
         reply = await self.batch.call(self._snapshot, [*user, *records], ids)

@@ -6996,7 +6996,8 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
     venue.fill_factors = [0.5] if command == "zadd" else []  # slips: a retry, scheduled
     client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
     order_id = await order_id_of(client)
-    await wait_status(client, order_id, "submitted")
+    submitted = (await wait_status(client, order_id, "submitted"))["history"]
+    live = await client.ws_connect("/ws?userId=1&since=0")
     async with acl_changes(own_redis) as redis:
         await redis.execute_command("ACL", "SETUSER", "default", f"-{command}")  # type: ignore[no-untyped-call]
         held.set()
@@ -7021,6 +7022,16 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
         assert statuses == [h["status"] for h in record["history"]]  # one event per change
         assert statuses.count("confirmed") == 1
         assert await redis.zcard(keys.delayed) == 0
+    # A socket open throughout, and one resuming after `submitted`, get each event once, in
+    # order, with no resync.
+    async with client.ws_connect(f"/ws?userId=1&since={len(submitted)}") as resumed:
+        for ws in (live, resumed):
+            seen: list[dict[str, Any]] = []
+            while not seen or seen[-1].get("status") not in TERMINAL:
+                seen.append(await receive(ws))
+            seen = [e for e in seen if e["type"] != "connected"]
+            assert [e.get("seq") for e in seen] == [e["seq"] for e in logged][-len(seen) :]
+    await live.close()
 
 
 async def done(redis: aioredis.Redis, keys: eng.Keys, user: str = "1") -> bool:
