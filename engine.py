@@ -376,20 +376,16 @@ local function publish_all()
   for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
 end
 
--- Append an event to the user's capped log, and publish it (last, with the script's others).
-local function log(log_key, user, origin, seq, event)
-  redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', event)
-  publish(origin, user, seq, event)
-end
-
 -- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the events of
--- `bodies`, numbered after the user's newest seq, the last one kept as its lastEvent; answer
--- the events. The record first, the log next, the counter last: a command Redis refuses leaves
--- a step that, sent again, finds itself applied (relog), and no seq given and not used.
+-- `bodies`, numbered after the user's counter, the last one kept as its lastEvent; answer the
+-- events. The record first, the log next, the counter last: a command Redis refuses leaves a
+-- step that, sent again, finds itself applied (relog), and no seq given and not used. A counter
+-- behind the log (its advance refused, or expired before the log) shows when the log refuses
+-- an event's seq: the rest are numbered after the log's newest instead.
 local function write(order, a, first, extra, seq_key, log_key, user, bodies, origin)
   local record = {unpack(a, first)}
   for _, item in ipairs(extra) do record[#record + 1] = item end
-  local newest, seqs, events = newest_seq(seq_key, log_key), {}, {}
+  local newest, seqs, events = tonumber(redis.call('GET', seq_key) or '0'), {}, {}
   for i, body in ipairs(bodies) do
     seqs[i] = tostring(newest + i)  -- formatted once, not at each use
     events[i] = '{"seq":' .. seqs[i] .. ',' .. string.sub(body, 2)
@@ -397,7 +393,28 @@ local function write(order, a, first, extra, seq_key, log_key, user, bodies, ori
   record[#record + 1] = 'lastEvent'
   record[#record + 1] = events[#events]
   redis.call('HSET', order, unpack(record))
-  for i, event in ipairs(events) do log(log_key, user, origin, seqs[i], event) end
+  local i, renumbered = 1, false
+  while i <= #events do
+    local id = seqs[i] .. '-0'
+    local added = redis.pcall('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', id, 'e', events[i])
+    local behind = type(added) == 'table' and string.find(added.err, 'equal or smaller', 1, true)
+    if not behind or renumbered then
+      if type(added) == 'table' then  -- raises what Redis refused, as every other command does
+        redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', id, 'e', events[i])
+      end
+      publish(origin, user, seqs[i], events[i])
+      i = i + 1
+    else
+      local top = newest_seq(seq_key, log_key)
+      for j = i, #events do
+        local old = seqs[j]
+        seqs[j] = tostring(top + j - i + 1)
+        events[j] = '{"seq":' .. seqs[j] .. ',' .. string.sub(events[j], #old + 9)
+      end
+      redis.call('HSET', order, 'lastEvent', events[#events])
+      renumbered = true
+    end
+  end
   redis.call('EXPIRE', log_key, '$LOG_TTL')
   redis.call('SET', seq_key, seqs[#seqs], 'EX', '$SEQ_TTL')
   return events

@@ -4720,6 +4720,27 @@ async def test_a_resume_from_beyond_the_user_s_seq_resyncs_and_then_gets_every_e
         assert seqs == list(range(seqs[0], seqs[0] + 5))
 
 
+@pytest.mark.parametrize("counter", [2, None], ids=["behind", "gone"])
+async def test_a_user_s_seq_counter_behind_its_log_numbers_after_the_log(
+    start: Start, config: Config, redis: aioredis.Redis, counter: int | None
+) -> None:
+    # A counter whose advance Redis refused after the events were logged (an ACL), or that
+    # expired before the log did: numbering goes on after the log's newest, with no gap.
+    client = await start()
+    await wait_status(client, await order_id_of(client), "confirmed")  # seq 1-5
+    keys = eng.Keys(config.redis_prefix)
+    await (redis.set(keys.user_seq("1"), counter) if counter else redis.delete(keys.user_seq("1")))
+    async with client.ws_connect("/ws?userId=1&since=5") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        order_id = await order_id_of(client)
+        events = await events_until_done(ws, order_id)
+    expected = list(zip(range(6, 11), HAPPY_PATH, strict=True))
+    assert [(e["seq"], e["status"]) for e in events] == expected
+    logged = [orjson.loads(e["e"])["seq"] for _, e in await stream(redis, keys.user_log("1"))]
+    assert logged == list(range(1, 11))
+    assert await integer(redis, keys.user_seq("1")) == 10
+
+
 async def test_a_socket_that_opens_after_the_sockets_were_closed_for_shutdown_gets_1001(
     start: Start, config: Config, own_redis: RedisServer
 ) -> None:
