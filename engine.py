@@ -619,7 +619,7 @@ return {'created', event}
 # ARGV: order_id, lease, instance, the holder named ('' for none)
 LUA_CLAIM: Final = """
 local id, lease, instance, named = unpack(ARGV)
-local current = redis.call('HMGET', KEYS[1], 'status', 'lease')
+local current = redis.call('HMGET', KEYS[1], 'status', 'lease', 'recoveries', 'claimed')
 local status, held = current[1], current[2]
 if not status then
   redis.call('LREM', KEYS[2], '1', id)
@@ -633,6 +633,10 @@ end
 -- heartbeat had lapsed): whoever took it runs the order, or parked it (a waiting order's job
 -- is gone until its trigger fires), and this copy is stale.
 if not redis.call('LPOS', KEYS[2], id) then return {'gone'} end
+-- This claim, sent again (its reply lost): answered as it was, and counted once.
+if held == lease then
+  return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), current[4]}
+end
 -- An order in the middle of an attempt belongs to its lease holder while that instance is alive
 -- (its heartbeat may have lapsed for a moment, letting its jobs be recovered). Its job goes back
 -- to the holder's processing list, so that it is recovered with the rest if the holder dies
@@ -656,8 +660,12 @@ if not idle and held then
 elseif not idle then
   how = 'handed'
 end
-if how == 'taken' then redis.call('HINCRBY', KEYS[1], 'recoveries', '1') end
-redis.call('HSET', KEYS[1], 'lease', lease)
+-- One HSET: a claim that Redis refused changed nothing, and counts no recovery when sent again.
+local claim = {'lease', lease, 'claimed', how}
+if how == 'taken' then
+  claim[5], claim[6] = 'recoveries', tostring((tonumber(current[3]) or 0) + 1)
+end
+redis.call('HSET', KEYS[1], unpack(claim))
 return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), how}
 """
 
@@ -2426,7 +2434,9 @@ def advance(current: Status, new: Status) -> Status:
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 # Record fields that Lua reads or writes itself; every other field holds a JSON value.
-_RAW_FIELDS: Final = frozenset({"status", "lease", "step", "history", "lastEvent", "expiresAtMs"})
+_RAW_FIELDS: Final = frozenset(
+    {"status", "lease", "claimed", "step", "history", "lastEvent", "expiresAtMs"}
+)
 PUBLIC_FIELDS: Final = (
     "orderId",
     "userId",

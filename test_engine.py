@@ -1095,6 +1095,35 @@ async def test_a_claim_returns_a_live_holder_s_job_takes_a_dead_one_s_and_a_shut
     assert (claimed.status, claimed.recoveries, claimed.handed_back) == (Status.ROUTING, 1, True)
 
 
+async def test_a_claim_refused_half_way_or_sent_twice_counts_one_recovery(
+    config: Config, own_redis: RedisServer
+) -> None:
+    client = eng.connect_redis(own_redis.url, 4)  # refusals raised as the engine sees them
+    store, order = await order_in_store(client, replace(config, redis_url=own_redis.url))
+    keys = store.keys
+    async with acl_changes(own_redis) as redis:
+        await redis.lmove(keys.pending, keys.processing("inst-a"))
+        await store.claim(order.order_id, "inst-a", "inst-a/1")
+        routing = replace(order, status=Status.ROUTING, attempts=1)
+        await store.advance(
+            order, routing, lease="inst-a/1", instance="inst-a", info={}, action="keep", delay_ms=0
+        )
+        # inst-a died mid-attempt, and inst-b recovered its job while Redis refused HSET
+        await redis.lmove(keys.processing("inst-a"), keys.processing("inst-b"))
+        await redis.execute_command("ACL", "SETUSER", "default", "-hset")  # type: ignore[no-untyped-call]
+        for _ in range(3):
+            with pytest.raises(eng.RedisRefusingForNow):
+                await store.claim(order.order_id, "inst-b", "inst-b/2")
+        await redis.execute_command("ACL", "SETUSER", "default", "+hset")  # type: ignore[no-untyped-call]
+        for _ in range(2):  # the second as after a lost reply
+            outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/2")
+            assert outcome == "claimed"
+            assert claimed is not None
+            assert (claimed.recoveries, claimed.handed_back) == (1, False)
+        assert await redis.hget(keys.order(order.order_id), "recoveries") == "1"
+    await client.aclose()
+
+
 def sniper_in_store(order_id: str, trigger_price: float) -> tuple[eng.Order, eng.OrderRequest]:
     """A priceAbove sniper order of user "u" (SOL for USDC), not yet created."""
     condition = eng.Condition(
