@@ -3440,6 +3440,12 @@ class Store:
                 pipe.expire(self.keys.user_seq(user), SEQ_TTL_S)
             await pipe.execute()
 
+    async def counters(self, users: Iterable[str]) -> dict[str, int]:
+        """These users' seq counters (0 for one that has none)."""
+        users = list(users)
+        values = await self.redis.mget([self.keys.user_seq(user) for user in users])
+        return {user: int(value or 0) for user, value in zip(users, values, strict=True)}
+
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
         at that moment."""
@@ -6504,6 +6510,7 @@ class Subscriber:
     pinged_at: float | None = None  # the keepalive ping it has not answered (time.monotonic)
     keepalive_at: float = field(default_factory=time.monotonic)  # the last keepalive ping sent
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # serve() is done with it
+    looked_at: int = -1  # last_seq when the hub last looked for events it might have missed
 
     @property
     def closing(self) -> bool:
@@ -6600,10 +6607,30 @@ class Hub:
                 elif not peers and listener is not None:
                     await cancel_and_wait([listener])
                     listener = None
+                if listener is not None:
+                    await self._look_in_logs()
                 await asyncio.sleep(self._peers_every_s)
         finally:
             if listener is not None:
                 await cancel_and_wait([listener])
+
+    async def _look_in_logs(self) -> None:
+        """Pub/Sub can lose another instance's event with nothing to show for it (Redis refused
+        the PUBLISH: an ACL); a socket learns of it from the user's next event, or never if
+        none comes. So each round, a socket that was sent nothing since the last round, whose
+        user's counter stands further on, reads the log."""
+        quiet = [sub for sub in self._every_socket() if sub.last_seq == sub.looked_at]
+        for sub in self._every_socket():
+            sub.looked_at = sub.last_seq
+        if not quiet:
+            return
+        try:
+            counters = await self.store.counters({sub.user_id for sub in quiet})
+        except REDIS_TRANSIENT:  # looked at again next round
+            return
+        for sub in quiet:
+            if counters.get(sub.user_id, 0) > sub.last_seq:
+                self._offer(sub, _CATCH_UP)
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._finishing])
