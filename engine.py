@@ -216,6 +216,10 @@ REDIS_SLOW_MIN_S: Final = 0.05
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 2.0  # a subscription silent for 3 of these is renewed
+# With peers, the hub reads its users' seq counters every round (a third of the heartbeat TTL),
+# COUNTERS_READ_MAX a command; a socket behind its counter LOOK_GRACE_S later reads the log.
+COUNTERS_READ_MAX: Final = 500
+LOOK_GRACE_S: Final = 0.5
 PUBSUB_SILENCE_S: Final = 3 * PUBSUB_PING_S
 
 CANCEL_RETRY_S: Final = 0.01  # see cancel_and_wait
@@ -3441,10 +3445,14 @@ class Store:
             await pipe.execute()
 
     async def counters(self, users: Iterable[str]) -> dict[str, int]:
-        """These users' seq counters (0 for one that has none)."""
-        users = list(users)
-        values = await self.redis.mget([self.keys.user_seq(user) for user in users])
-        return {user: int(value or 0) for user, value in zip(users, values, strict=True)}
+        """These users' seq counters (0 for one that has none), COUNTERS_READ_MAX at a time: no
+        one command holds Redis up for long."""
+        users, counters = list(users), dict[str, int]()
+        for first in range(0, len(users), COUNTERS_READ_MAX):
+            chunk = users[first : first + COUNTERS_READ_MAX]
+            values = await self.redis.mget([self.keys.user_seq(user) for user in chunk])
+            counters |= {user: int(value or 0) for user, value in zip(chunk, values, strict=True)}
+        return counters
 
     async def snapshot(self, user_id: str) -> tuple[int, list[str]]:
         """The last event of each unfinished order of the user, oldest first, and the user's seq
@@ -6510,7 +6518,6 @@ class Subscriber:
     pinged_at: float | None = None  # the keepalive ping it has not answered (time.monotonic)
     keepalive_at: float = field(default_factory=time.monotonic)  # the last keepalive ping sent
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # serve() is done with it
-    looked_at: int = -1  # last_seq when the hub last looked for events it might have missed
 
     @property
     def closing(self) -> bool:
@@ -6617,19 +6624,21 @@ class Hub:
     async def _look_in_logs(self) -> None:
         """Pub/Sub can lose another instance's event with nothing to show for it (Redis refused
         the PUBLISH: an ACL); a socket learns of it from the user's next event, or never if
-        none comes. So each round, a socket that was sent nothing since the last round, whose
-        user's counter stands further on, reads the log."""
-        quiet = [sub for sub in self._every_socket() if sub.last_seq == sub.looked_at]
-        for sub in self._every_socket():
-            sub.looked_at = sub.last_seq
-        if not quiet:
+        none comes. So each round the users' counters are read, and a socket still behind its
+        user's counter LOOK_GRACE_S later (when events in flight have arrived) reads the log."""
+        subs = self._every_socket()
+        if not subs:
             return
         try:
-            counters = await self.store.counters({sub.user_id for sub in quiet})
+            counters = await self.store.counters({sub.user_id for sub in subs})
         except REDIS_TRANSIENT:  # looked at again next round
             return
-        for sub in quiet:
-            if counters.get(sub.user_id, 0) > sub.last_seq:
+        behind = [(sub, counters.get(sub.user_id, 0)) for sub in subs]
+        behind = [(sub, seq) for sub, seq in behind if seq > sub.last_seq]
+        if behind:
+            await asyncio.sleep(LOOK_GRACE_S)
+        for sub, seq in behind:
+            if seq > sub.last_seq and not sub.closing:
                 self._offer(sub, _CATCH_UP)
 
     async def stop(self) -> None:
