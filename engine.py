@@ -424,28 +424,32 @@ local function write(order, a, first, extra, seq_key, log_key, user, bodies, ori
   return events
 end
 
--- The last event of a step sent again (its reply lost, or Redis refused a command after its
--- record was written), logged if it was not, at the end of the log (renumbered if need be: an
--- event is published only once logged, so nobody saw it). One missing from a log that has gone
--- past it was trimmed. Published again either way (sockets skip a seq they have). Answers it.
-local function relog(order, seq_key, log_key, user, origin)
+-- The events of a step sent again (its reply lost, or Redis refused a command after its record
+-- was written), logged if they were not, at the end of the log (renumbered if need be: an event
+-- is published only once logged, so nobody saw them). `bodies`, the step's event bodies when the
+-- caller has them, else the last one's, from lastEvent. One missing from a log that has gone
+-- past it was trimmed. Published again either way (sockets skip a seq they have). Answers the
+-- events.
+local function relog(order, seq_key, log_key, user, origin, bodies)
   local last = redis.call('HGET', order, 'lastEvent')
   local seq = string.match(last, '^{"seq":(%d+)')
   local at = redis.call('XRANGE', log_key, seq .. '-0', seq .. '-0')[1]
   local newest = newest_seq(seq_key, log_key)
-  if (at and at[2][2] ~= last) or (not at and tonumber(seq) > newest) then
-    local old = seq
-    seq = tostring(newest + 1)
-    if seq ~= old then
-      last = '{"seq":' .. seq .. ',' .. string.sub(last, #old + 9)
-      redis.call('HSET', order, 'lastEvent', last)
-    end
-    redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', last)
-    redis.call('EXPIRE', log_key, '$LOG_TTL')
-    redis.call('SET', seq_key, seq, 'EX', '$SEQ_TTL')
+  if not ((at and at[2][2] ~= last) or (not at and tonumber(seq) > newest)) then
+    publish(origin, user, seq, last)
+    return {last}
   end
-  publish(origin, user, seq, last)
-  return last
+  local events = {}
+  for i, body in ipairs(bodies or {'{' .. string.sub(last, #seq + 9)}) do
+    seq = tostring(newest + i)
+    events[i] = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
+    redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', events[i])
+    publish(origin, user, seq, events[i])
+  end
+  redis.call('HSET', order, 'lastEvent', events[#events])
+  redis.call('EXPIRE', log_key, '$LOG_TTL')
+  redis.call('SET', seq_key, seq, 'EX', '$SEQ_TTL')
+  return events
 end
 """
 )
@@ -698,7 +702,9 @@ local events
 if current[3] == step then
   -- The same step sent again (its reply lost, or Redis refused a command after the record was
   -- written): answered, and what it does to the queue and the sets finished, not applied again.
-  events = {'applied', relog(order, KEYS[7], KEYS[8], user, instance)}
+  local bodies = {}
+  for i = 1, tonumber(changes) do bodies[i] = a[9 + 2 * i] end
+  events = {'applied', unpack(relog(order, KEYS[7], KEYS[8], user, instance, bodies))}
 else
   if current[2] ~= expected then return {'conflict', current[2]} end
   local history, bodies = current[4], {}

@@ -7116,6 +7116,32 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
     await live.close()
 
 
+async def test_a_step_of_two_changes_refused_at_the_log_logs_both_when_sent_again(
+    start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    routed = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", quote_gate=routed)
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "routing")
+    async with acl_changes(own_redis) as redis:
+        await redis.execute_command("ACL", "SETUSER", "default", "-xadd")  # type: ignore[no-untyped-call]
+        routed.set()  # building and submitted, one step: written, its events refused
+
+        def refused_twice() -> bool:
+            refusals = [r for r in caplog.records if "can't run this command" in str(r.__dict__)]
+            return len(refusals) >= 2
+
+        await wait_for(refused_twice, "the step to be refused at the log, and sent again")
+        await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
+        record = await wait_status(client, order_id, "confirmed")
+        keys = eng.Keys(config.redis_prefix)
+        await wait_for(lambda: done(redis, keys), "the order to end")
+        logged = [orjson.loads(e["e"]) for _, e in await stream(redis, keys.user_log("1"))]
+    assert [e["status"] for e in logged] == [h["status"] for h in record["history"]] == HAPPY_PATH
+    assert [e["seq"] for e in logged] == list(range(1, 6))
+
+
 async def done(redis: aioredis.Redis, keys: eng.Keys, user: str = "1") -> bool:
     """Whether the user has no open order left (the step that ended the last one finished)."""
     return not await redis.exists(keys.user_active(user))
