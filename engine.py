@@ -380,47 +380,51 @@ local function publish_all()
   for _, message in ipairs(outgoing) do redis.pcall('PUBLISH', '$CHANNEL', message) end
 end
 
+-- The events of `bodies` numbered after `after`: their seqs, and the events ({"seq":N, first).
+local function numbered(after, bodies)
+  local seqs, events = {}, {}
+  for i, body in ipairs(bodies) do
+    seqs[i] = tostring(after + i)  -- formatted once, not at each use
+    events[i] = '{"seq":' .. seqs[i] .. ',' .. string.sub(body, 2)
+  end
+  return seqs, events
+end
+
+-- Log events (from the `from`-th on: those before are logged already) and publish them all;
+-- then the user's counter stands at the last one.
+local function logged(seq_key, log_key, user, origin, seqs, events, from)
+  for i = from, #events do
+    redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seqs[i] .. '-0', 'e', events[i])
+  end
+  for i, event in ipairs(events) do publish(origin, user, seqs[i], event) end
+  redis.call('EXPIRE', log_key, '$LOG_TTL')
+  redis.call('SET', seq_key, seqs[#seqs], 'EX', '$SEQ_TTL')
+end
+
 -- Write an order's fields (the lines of `a` from `first` on, then `extra`) and the events of
 -- `bodies`, numbered after the user's counter, the last one kept as its lastEvent; answer the
 -- events. The record first, the log next, the counter last: a command Redis refuses leaves a
 -- step that, sent again, finds itself applied (relog), and no seq given and not used. A counter
 -- behind the log (its advance refused, or expired before the log) shows when the log refuses
--- an event's seq: the rest are numbered after the log's newest instead.
+-- the first event's seq: the events are numbered after the log's newest instead.
 local function write(order, a, first, extra, seq_key, log_key, user, bodies, origin)
   local record = {unpack(a, first)}
   for _, item in ipairs(extra) do record[#record + 1] = item end
-  local newest, seqs, events = tonumber(redis.call('GET', seq_key) or '0'), {}, {}
-  for i, body in ipairs(bodies) do
-    seqs[i] = tostring(newest + i)  -- formatted once, not at each use
-    events[i] = '{"seq":' .. seqs[i] .. ',' .. string.sub(body, 2)
-  end
+  local seqs, events = numbered(tonumber(redis.call('GET', seq_key) or '0'), bodies)
   record[#record + 1] = 'lastEvent'
   record[#record + 1] = events[#events]
   redis.call('HSET', order, unpack(record))
-  local i, renumbered = 1, false
-  while i <= #events do
-    local id = seqs[i] .. '-0'
-    local added = redis.pcall('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', id, 'e', events[i])
-    local behind = type(added) == 'table' and string.find(added.err, 'equal or smaller', 1, true)
-    if not behind or renumbered then
-      if type(added) == 'table' then  -- raises what Redis refused, as every other command does
-        redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', id, 'e', events[i])
-      end
-      publish(origin, user, seqs[i], events[i])
-      i = i + 1
-    else
-      local top = newest_seq(seq_key, log_key)
-      for j = i, #events do
-        local old = seqs[j]
-        seqs[j] = tostring(top + j - i + 1)
-        events[j] = '{"seq":' .. seqs[j] .. ',' .. string.sub(events[j], #old + 9)
-      end
-      redis.call('HSET', order, 'lastEvent', events[#events])
-      renumbered = true
-    end
+  local xadd = {'XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seqs[1] .. '-0', 'e', events[1]}
+  local added = redis.pcall(unpack(xadd))
+  if type(added) ~= 'table' then
+    logged(seq_key, log_key, user, origin, seqs, events, 2)
+  elseif string.find(added.err, 'equal or smaller', 1, true) then
+    seqs, events = numbered(newest_seq(seq_key, log_key), bodies)
+    redis.call('HSET', order, 'lastEvent', events[#events])
+    logged(seq_key, log_key, user, origin, seqs, events, 1)
+  else
+    redis.call(unpack(xadd))  -- raises what Redis refused, as every other command does
   end
-  redis.call('EXPIRE', log_key, '$LOG_TTL')
-  redis.call('SET', seq_key, seqs[#seqs], 'EX', '$SEQ_TTL')
   return events
 end
 
@@ -439,16 +443,9 @@ local function relog(order, seq_key, log_key, user, origin, bodies)
     publish(origin, user, seq, last)
     return {last}
   end
-  local events = {}
-  for i, body in ipairs(bodies or {'{' .. string.sub(last, #seq + 9)}) do
-    seq = tostring(newest + i)
-    events[i] = '{"seq":' .. seq .. ',' .. string.sub(body, 2)
-    redis.call('XADD', log_key, 'MAXLEN', '~', '$LOG_KEEP', seq .. '-0', 'e', events[i])
-    publish(origin, user, seq, events[i])
-  end
+  local seqs, events = numbered(newest, bodies or {'{' .. string.sub(last, #seq + 9)})
   redis.call('HSET', order, 'lastEvent', events[#events])
-  redis.call('EXPIRE', log_key, '$LOG_TTL')
-  redis.call('SET', seq_key, seq, 'EX', '$SEQ_TTL')
+  logged(seq_key, log_key, user, origin, seqs, events, 1)
   return events
 end
 """
@@ -698,20 +695,16 @@ local order = KEYS[1]
 local current = redis.call('HMGET', order, 'lease', 'status', 'step', 'history')
 if current[2] == '$CANCELLED' then return {'cancelled'} end
 if current[1] ~= lease then return {'lease_lost'} end
-local events
+local events, bodies = nil, {}
+for i = 1, changes do bodies[i] = a[9 + 2 * i] end
 if current[3] == step then
   -- The same step sent again (its reply lost, or Redis refused a command after the record was
   -- written): answered, and what it does to the queue and the sets finished, not applied again.
-  local bodies = {}
-  for i = 1, tonumber(changes) do bodies[i] = a[9 + 2 * i] end
   events = {'applied', unpack(relog(order, KEYS[7], KEYS[8], user, instance, bodies))}
 else
   if current[2] ~= expected then return {'conflict', current[2]} end
-  local history, bodies = current[4], {}
-  for i = 1, changes do  -- a history entry and an event body for each
-    history = append(history, a[8 + 2 * i])
-    bodies[i] = a[9 + 2 * i]
-  end
+  local history = current[4]
+  for i = 1, changes do history = append(history, a[8 + 2 * i]) end
   local extra = {'step', step, 'history', ''}
   extra[4] = bounded(order, history, extra)
   events = write(order, a, 10 + 2 * changes, extra, KEYS[7], KEYS[8], user, bodies, instance)
