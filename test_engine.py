@@ -7084,17 +7084,13 @@ async def test_a_command_refused_in_a_script_neither_repeats_nor_strands_an_orde
         await redis.execute_command("ACL", "SETUSER", "default", f"-{command}")  # type: ignore[no-untyped-call]
         held.set()
 
-        def refused_twice() -> bool:
-            refusals = [r for r in caplog.records if "can't run this command" in str(r.__dict__)]
-            return len(refusals) >= 2
-
         keys = eng.Keys(config.redis_prefix)
         if command in ("publish", "set"):  # the last commands of a change: sent again, it ends
             await wait_for(lambda: done(redis, keys), "the change to go through")
             ready = await client.get("/readyz")  # though no order is held up: it needs fixing
             assert (ready.status, (await ready.json())["redis"]) == (503, "refusing writes")
         else:
-            await wait_for(refused_twice, "the change to be refused, and sent again")
+            await wait_for(lambda: refused_twice(caplog), "the change refused, and sent again")
         await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
         await wait_for(lambda: done(redis, keys), "the change to go through")
         record = await get_order(client, order_id)
@@ -7127,12 +7123,7 @@ async def test_a_step_of_two_changes_refused_at_the_log_logs_both_when_sent_agai
     async with acl_changes(own_redis) as redis:
         await redis.execute_command("ACL", "SETUSER", "default", "-xadd")  # type: ignore[no-untyped-call]
         routed.set()  # building and submitted, one step: written, its events refused
-
-        def refused_twice() -> bool:
-            refusals = [r for r in caplog.records if "can't run this command" in str(r.__dict__)]
-            return len(refusals) >= 2
-
-        await wait_for(refused_twice, "the step to be refused at the log, and sent again")
+        await wait_for(lambda: refused_twice(caplog), "the step refused at the log, and sent again")
         await redis.execute_command("ACL", "SETUSER", "default", "+@all")  # type: ignore[no-untyped-call]
         record = await wait_status(client, order_id, "confirmed")
         keys = eng.Keys(config.redis_prefix)
@@ -7140,6 +7131,12 @@ async def test_a_step_of_two_changes_refused_at_the_log_logs_both_when_sent_agai
         logged = [orjson.loads(e["e"]) for _, e in await stream(redis, keys.user_log("1"))]
     assert [e["status"] for e in logged] == [h["status"] for h in record["history"]] == HAPPY_PATH
     assert [e["seq"] for e in logged] == list(range(1, 6))
+
+
+def refused_twice(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether Redis refused a command of the engine's scripts twice (a step, and it sent again)."""
+    refusals = [r for r in caplog.records if "can't run this command" in str(r.__dict__)]
+    return len(refusals) >= 2
 
 
 async def done(redis: aioredis.Redis, keys: eng.Keys, user: str = "1") -> bool:
