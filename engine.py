@@ -7735,6 +7735,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "WEBSOCKET_REQUIRED", "this endpoint speaks WebSocket only")
+    handling = asyncio.current_task()
+    if handling is not None:  # (aiohttp runs each request's handler in a task of its own)
+        handling.add_done_callback(lambda _: _forget_close_error(ws))
     # A socket opened while Redis does not answer could send nothing, not even `connected`:
     # its first read comes before the upgrade, and without it the answer is 503, like every
     # request's. (An open socket waits out an outage and catches up.)
@@ -7750,6 +7753,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         raise
     await hub.serve(sub, since, opening, expires_at)
     return ws
+
+
+def _forget_close_error(ws: web.WebSocketResponse) -> None:
+    """Once the handler has returned, aiohttp closes the socket again (write_eof): its close
+    frame finds the transport the hub has closed, and it keeps the error, whose traceback (and
+    that of the error it was raised in handling) holds the socket's frames and so the socket.
+    That cycle (about 10 KB a socket) is freed only by a full pass of the cyclic collector,
+    which the engine's tuning (_tune_garbage_collector) makes rare: with sockets opening and
+    closing all day, memory grew by that much per socket. Without the tracebacks, reference
+    counting frees the socket when aiohttp lets it go."""
+    error = ws.exception()
+    while error is not None:  # and the error it was raised in handling (EOF on a dropped one)
+        error.__traceback__ = None
+        error = error.__context__
 
 
 def add_routes(app: web.Application) -> None:
