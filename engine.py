@@ -937,7 +937,8 @@ return {#due, nxt[2] or ''}
 
 # What /readyz (and start-up) run to see that Redis runs the engine's scripts, and lets them run
 # every command they use on keys and the channel like the engine's: an ACL that took one away
-# would stop a script half-way. Its keys expire within READY_KEY_TTL_MS.
+# would stop a script half-way. Its keys expire within READY_KEY_TTL_MS. Answers '', or what
+# Redis said to PUBLISH.
 # KEYS: ready, ready:hash, ready:list, ready:zset, ready:set, ready:log, then one key of each kind
 #       the engine keeps (Keys.ready)   ARGV: ttl_ms, channel
 LUA_READY: Final = """
@@ -986,9 +987,11 @@ for _, key in ipairs({hash, list, zset, log}) do
   redis.call('PEXPIRE', key, ttl)
 end
 redis.call('EXPIRE', list, '60')
-redis.call('PUBLISH', channel, 'ready  0 {}')  -- to no user: every instance drops it
+local published = redis.pcall('PUBLISH', channel, 'ready  0 {}')  -- to no user: all drop it
 for i = 7, #KEYS do redis.call('EXISTS', KEYS[i]) end  -- the engine's own keys, one of a kind
-return 1
+-- PUBLISH refused is answered, not raised: orders run without it (LUA_EMIT), and /readyz says so.
+if type(published) == 'table' then return published.err end
+return ''
 """
 
 # A user's unfinished orders (their last event each) and the seq they reflect, read atomically.
@@ -3197,12 +3200,14 @@ class Store:
         await self.redis.set(self.keys.heartbeat(instance), orjson.dumps(info), ex=ttl_s)
         await self.redis.sadd(self.keys.instances, instance)
 
-    async def ping(self) -> None:
+    async def ping(self) -> str | None:
         """A write to the Redis node that holds the engine's keys (in a Redis Cluster, the one
         serving their slot, which a PING might not reach): a Redis that answers reads but
         refuses writes (a disk it cannot save to, out of memory, a replica) takes no order. A
-        script, as every write of the engine is one: a user whose ACL lost them refuses too."""
-        await self._ready(keys=self.keys.ready, args=[READY_KEY_TTL_MS, self.keys.channel])
+        script, as every write of the engine is one: a user whose ACL lost them refuses too.
+        Answers what Redis said to PUBLISH if it refused it alone (orders run without it)."""
+        keys, args = self.keys.ready, [READY_KEY_TTL_MS, self.keys.channel]
+        return str(await self._ready(keys=keys, args=args)) or None
 
     async def memory(self) -> Mapping[str, Any]:
         """INFO memory: what /readyz reads the eviction policy from (it may change at any time)."""
@@ -7656,8 +7661,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready for traffic: Redis answers, PostgreSQL too if configured, and not draining."""
     engine = request.app[ENGINE]
     checks: dict[str, str] = {}
+    publish = None
     try:
-        await within_deadline(engine, engine.store.ping())
+        publish = await within_deadline(engine, engine.store.ping())
         policy = eviction_policy(await within_deadline(engine, engine.store.memory()))
         checks["redis"] = "ok" if policy == "noeviction" else f"evicts keys ({policy})"
     except RedisRefusingForNow:
@@ -7681,7 +7687,10 @@ async def readyz(request: web.Request) -> web.Response:
     checks |= {name: value for name, value in venues.items() if isinstance(value, str)}
     ready = all(v == "ok" for v in checks.values()) and not engine.draining
     status = "ready" if ready else ("draining" if engine.draining else "unavailable")
-    return json_response({"status": status, **venues, **checks}, 200 if ready else 503)
+    body = {"status": status, **venues, **checks}
+    if publish is not None:  # events still reach other instances' sockets, from the logs
+        body["publish"] = "refused"
+    return json_response(body, 200 if ready else 503)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -8327,7 +8336,10 @@ async def _scripts_run(client: aioredis.Redis, keys: Keys) -> None:
     commands they use (what /readyz runs), and take a job as the fetcher does (BLMOVE)."""
     sha = await client.script_load(LUA_READY)
     ready = keys.ready
-    await client.evalsha(sha, len(ready), *ready, READY_KEY_TTL_MS, keys.channel)
+    if publish := await client.evalsha(sha, len(ready), *ready, READY_KEY_TTL_MS, keys.channel):
+        # Orders would run, but a Redis that refuses an engine's command from the start is
+        # configured for another program: the operator hears of it now.
+        raise redis_errors.NoPermissionError(str(publish))
     await client.blmove(ready[2], ready[2], READY_BLMOVE_S, "LEFT", "RIGHT")
 
 
