@@ -3206,8 +3206,8 @@ class Store:
         refuses writes (a disk it cannot save to, out of memory, a replica) takes no order. A
         script, as every write of the engine is one: a user whose ACL lost them refuses too.
         Answers what Redis said to PUBLISH if it refused it alone (orders run without it)."""
-        keys, args = self.keys.ready, [READY_KEY_TTL_MS, self.keys.channel]
-        return str(await self._ready(keys=keys, args=args)) or None
+        args: list[str | int] = [READY_KEY_TTL_MS, self.keys.channel]
+        return str(await self._ready(keys=self.keys.ready, args=args)) or None
 
     async def memory(self) -> Mapping[str, Any]:
         """INFO memory: what /readyz reads the eviction policy from (it may change at any time)."""
