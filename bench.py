@@ -364,6 +364,7 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         redis_cpu_before = _redis_cpu_s(await client.info("cpu"))
     trips_before = (await server.stats())["redisRoundTrips"]
     cpu_before = server.cpu_s()
+    client_cpu_before = time.process_time()  # this process: the load client's own CPU
     peak = {"memory": 0}
 
     async def sample() -> None:
@@ -390,6 +391,7 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         for ws in sockets:
             await ws.close()
     cpu = server.cpu_s() - cpu_before
+    client_cpu = time.process_time() - client_cpu_before
     trips = (await server.stats())["redisRoundTrips"] - trips_before
     figures: dict[str, Any] = {
         "ordersPerS": round(load.orders / elapsed, 1),
@@ -397,6 +399,9 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         "postP95Ms": round(pct(load.post_s, 95) * 1000, 2),
         "postP99Ms": round(pct(load.post_s, 99) * 1000, 2),
         "serverCpuUsPerOrder": round(cpu / load.orders * 1e6),
+        "clientCpuUsPerOrder": round(client_cpu / load.orders * 1e6),
+        # how busy the server's process was: near 100 % it is bound by its own CPU
+        "serverCpuBusyPct": round(cpu / elapsed * 100),
     }
     if watch:
         latency = [load.finished_at[o] - load.posted_at[o] for o in load.finished_at]
