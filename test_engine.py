@@ -6426,6 +6426,40 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
         await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
 
 
+async def test_orders_of_an_engine_killed_while_redis_refuses_hset_are_recovered_once_each(
+    start: Start,
+    config: Config,
+    processes: Processes,
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An engine process dies mid-attempt, and the survivor's claims of its orders are refused
+    # (an ACL took HSET away) and sent again until Redis takes them: each death is counted once,
+    # however often the claim was refused, or three refusals would fail healthy orders with
+    # RECOVERY_LIMIT.
+    own = replace(config, redis_url=own_redis.url)
+    slow = {"ENGINE_DEX_LATENCY_SCALE": "1", "ENGINE_EXECUTION_TIMEOUT_MS": "4000"}
+    victim = await processes.spawn(engine_env(own, **slow))
+    url = await victim.url()
+    async with ClientSession() as http:
+        order_ids = [await place(http, url, {**ORDER, "amount": n}) for n in (1, 2, 3)]
+        await reach(http, url, order_ids, "submitted")
+    survivor = await start(own)  # started now: its start-up would be refused without HSET
+    async with acl_changes(own_redis) as redis:
+        await redis.execute_command("ACL", "SETUSER", "default", "-hset")  # type: ignore[no-untyped-call]
+        victim.kill()
+        assert await victim.exit_code() == -signal.SIGKILL
+        await wait_for(lambda: refused_twice(caplog), "the survivor's claim refused, and again")
+        await redis.execute_command("ACL", "SETUSER", "default", "+hset")  # type: ignore[no-untyped-call]
+        records = [await wait_status(survivor, o, "confirmed") for o in order_ids]
+        keys = eng.Keys(config.redis_prefix)
+        logged = [orjson.loads(e["e"]) for _, e in await stream(redis, keys.user_log("1"))]
+    assert [r["recoveries"] for r in records] == [1, 1, 1]
+    confirmed = [e["orderId"] for e in logged if e["status"] == "confirmed"]
+    assert sorted(confirmed) == sorted(order_ids)  # each once
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+
+
 async def test_a_signal_while_waiting_for_redis_at_start_up_stops_the_engine(
     config: Config, processes: Processes
 ) -> None:
