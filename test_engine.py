@@ -4923,20 +4923,15 @@ async def test_resume_at_the_edge_of_the_capped_log(
         assert (await receive(ws))["orderId"] == marker  # nothing unfinished to snapshot
 
 
-def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
-    """Server-to-client WebSocket frames (unmasked) as (opcode, payload)."""
-    frames, at = [], 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            (length,) = struct.unpack(">H", data[at : at + 2])
-            at += 2
-        elif length == 127:
-            (length,) = struct.unpack(">Q", data[at : at + 8])
-            at += 8
-        frames.append((opcode, data[at : at + length]))
-        at += length
+async def _read_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The whole server frames in `data` (a frame cut short at its end is left out)."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    frames = []
+    with contextlib.suppress(asyncio.IncompleteReadError):
+        while True:
+            frames.append(await read_frame(reader))
     return frames
 
 
@@ -4995,12 +4990,12 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
     await loop.sock_sendall(raw, upgrade_request("trickle"))
     received = b""
 
-    def closed() -> bool:
+    async def closed() -> bool:
         _, _, frames = received.partition(b"\r\n\r\n")
-        return any(opcode == 0x8 for opcode, _ in _read_frames(frames))
+        return any(opcode == 0x8 for opcode, _ in await _read_frames(frames))
 
     async def keep_placing() -> None:  # until the socket is closed as too slow
-        while not closed():
+        while not await closed():
             await post(client, {**ORDER, "userId": "trickle"})
 
     placing = asyncio.create_task(keep_placing())
@@ -5010,7 +5005,7 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
             await hold_fault(0.02)
     placing.cancel()
     raw.close()
-    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    frames = await _read_frames(received.split(b"\r\n\r\n", 1)[1])
     opcode, payload = frames[-1]  # reached in full, though it took longer than cut_after_s
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
 
@@ -5183,7 +5178,7 @@ async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_every
         while chunk := await loop.sock_recv(raw, 65536):
             received += chunk
     raw.close()
-    frames = _read_frames(received.split(b"\r\n\r\n", 1)[1])
+    frames = await _read_frames(received.split(b"\r\n\r\n", 1)[1])
     texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
     assert texts[0] == {"type": "connected", "userId": "slow"}
     seen = [event["seq"] for event in texts[1:]]
