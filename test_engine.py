@@ -255,10 +255,12 @@ class RedisCluster:
 
 
 def _cluster_ports(count: int) -> list[int]:
-    """Free ports whose cluster bus ports (+10000) are free too."""
+    """Free ports whose cluster bus ports (+10000) are free too, both below Linux's ephemeral
+    range (32768 on): a connection of another test could otherwise take one between this check
+    and the node's bind."""
     ports: list[int] = []
     while len(ports) < count:
-        port = random.randrange(20_000, 45_000)
+        port = random.randrange(10_000, 22_000)
         with contextlib.ExitStack() as stack:
             try:
                 for candidate in (port, port + 10_000):
