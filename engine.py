@@ -3724,6 +3724,7 @@ class History:
         would hold the engine's exit as long as it stalls)."""
         if self._connecting is not None:
             self._connecting.cancel()
+            self._connecting = None  # (Engine.stop: a cancelled task is let go of)
         if self._pool is not None:
             try:
                 async with asyncio.timeout(HISTORY_CLOSE_S):
@@ -5773,7 +5774,11 @@ class Engine:
     async def stop(self) -> None:
         if self._task is not None:
             await cancel_and_wait([*self._children, self._task, *self._abandoned])
-            self._task = None
+            # Let go of them once ended: a cancelled task keeps its CancelledError, whose
+            # traceback holds its coroutine's frames and so this engine. Python 3.11's collector
+            # does not see a task's hold on that error, so an engine still holding its cancelled
+            # tasks was never freed (a program starting engines again and again kept them all).
+            self._task, self._fetcher, self._children = None, None, []
 
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Keep a background loop alive: an unexpected error is logged and the loop restarted."""
@@ -6649,6 +6654,7 @@ class Hub:
         await cancel_and_wait([*self._finishing])
         tasks = (self._task, self._pinger, self._keeper)
         await cancel_and_wait([task for task in tasks if task is not None])
+        self._task = self._pinger = self._keeper = None  # so that it can be freed (Engine.stop)
 
     async def close_all(self, code: int, message: str) -> None:
         self._closed_all = (code, message)
