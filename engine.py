@@ -155,13 +155,12 @@ HTTP_LINGER_S: Final = 2.0  # reading what is left of a refused body before clos
 CONNECTIONS_WARN_EVERY_S: Final = 10.0
 FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedded Redis, logs
 
-# Per-user indexes and the event log: the README promises at least the last 1,000 events or 24 h
-# (ENGINE_EVENT_LOG_KEEP, 10,000 by default, so that a socket closed as too slow can always
-# resume from it).
+# Per-user indexes and the event log: the README promises at least the last 1,000 events, kept
+# ENGINE_ORDER_TTL_S after the last one, as long as the orders they tell of (ENGINE_EVENT_LOG_KEEP,
+# 10,000 by default, so that a socket closed as too slow can always resume from it).
 USER_ORDERS_KEEP: Final = 1000
 # An order's history: its first entry and its newest ones within this many bytes (LUA_FINISH).
 HISTORY_MAX_BYTES: Final = 8192
-EVENT_LOG_TTL_S: Final = 24 * 3600
 # The seq counter outlives the log so that a client coming back after the log expired is told to
 # resync instead of silently seeing numbers start again from 1.
 SEQ_TTL_S: Final = 7 * 24 * 3600
@@ -2531,7 +2530,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
     return string.Template(template).substitute(
         SEQ_TTL=SEQ_TTL_S,
         LOG_KEEP=config.event_log_keep,
-        LOG_TTL=EVENT_LOG_TTL_S,
+        LOG_TTL=config.order_ttl_s,  # the events, as long as the orders they tell of
         CHANNEL=keys.channel,
         MAX_QUEUED=config.max_queued,
         USER_ORDERS_KEEP=USER_ORDERS_KEEP,

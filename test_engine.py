@@ -1351,7 +1351,8 @@ async def test_finished_jobs_leave_the_queue_and_every_key_is_bounded(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
     venue = ScriptedVenue("RAYDIUM")
-    client = await start(replace(config, max_attempts=2), venues=[venue])
+    config = replace(config, max_attempts=2, order_ttl_s=600)
+    client = await start(config, venues=[venue])
     ok = [await order_id_of(client) for _ in range(3)]
     for order_id in ok:
         await wait_status(client, order_id, "confirmed")
@@ -1366,13 +1367,14 @@ async def test_finished_jobs_leave_the_queue_and_every_key_is_bounded(
     assert await redis.scard(keys.user_active("1")) == 0
     assert await redis.zrange(keys.failed, 0, -1) == [bad]
     # Nothing grows without bound: a key has a TTL, or it is a capped set (failed, instances),
-    # or it is a failed order kept by that cap.
+    # or it is a failed order kept by that cap. Orders and their events last ENGINE_ORDER_TTL_S.
     capped = {keys.failed, keys.instances, keys.order(bad)}
+    logs = {keys.user_log("1"), keys.user_log("2")}
     for key in await keys_of(redis, config):
         ttl = await redis.ttl(key)
         assert ttl > 0 or key in capped, (key, ttl)
-        if key.startswith(keys.order("")) and key != keys.order(bad):
-            assert ttl <= config.order_ttl_s
+        if (key.startswith(keys.order("")) and key != keys.order(bad)) or key in logs:
+            assert ttl <= config.order_ttl_s, (key, ttl)
 
 
 async def test_failed_orders_past_the_newest_get_the_ordinary_ttl_back_and_leave_the_set(
