@@ -38,6 +38,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import contextlib
 import contextvars
 import fcntl
@@ -277,6 +278,7 @@ PRICE_FRESH_MS: Final = 1000  # a pair's price fires triggers this long after it
 EXPIRY_RECHECK_S: Final = 10.0  # an expired order that a worker runs is looked at again after
 PROMOTE_IDLE_S: Final = 0.5
 AUTOPIPELINE_MAX_BATCH: Final = 256  # scripts in one round trip at most
+AUTOPIPELINE_IN_FLIGHT: Final = 4  # batches sent whose replies are not yet read, at most
 BATCH_CONNECTIONS: Final = 4  # the auto-pipeline's own, without per-read timeouts
 
 # Simulated venues (README: "The simulated venues").
@@ -2809,7 +2811,13 @@ class AutoPipeline:
     CPU on a request as on everything else an order needs); at low load a batch is a single call
     and nothing waits. Every script sent this way is idempotent (it checks the step it applies or
     finds its own earlier result), so a batch lost in a disconnect is simply sent again by each
-    caller's retry."""
+    caller's retry.
+
+    On one Redis a writer sends each batch on a connection of its own without waiting for the
+    replies to the ones before (up to AUTOPIPELINE_IN_FLIGHT of them), and a reader reads the
+    replies in the order they come, which is the order Redis ran the scripts: Redis runs one
+    batch while the engine works on the replies to the last. A connection that fails fails every
+    batch on it, and no batch is sent on a new one until the reader has let go of the old."""
 
     def __init__(
         self,
@@ -2820,11 +2828,15 @@ class AutoPipeline:
         self._max_batch = max_batch
         self.failures = 0  # batches Redis did not answer (each caller retries)
         self._queue: list[_Call] = []
-        # One sender, so one batch in flight at a time: replies then come back in the order Redis
-        # ran the scripts, which is the order of each user's seq, so this engine's own events
-        # reach its sockets in order. On one Redis it has a connection of its own (_pipeline).
+        # One writer and one reader on one connection: replies come back in the order Redis ran
+        # the scripts, which is the order of each user's seq, so this engine's own events reach
+        # its sockets in order.
         self._sender: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._connection: AbstractConnection | None = None
+        self._flights: collections.deque[list[_Call]] = collections.deque()  # sent, unanswered
+        self._answered = asyncio.Event()  # a batch in flight was answered, or failed
+        self._broken = False  # the connection failed: the reader lets go of it first
 
     async def call(
         self,
@@ -2834,7 +2846,7 @@ class AutoPipeline:
         on_reply: Callable[[Any], None] | None = None,
     ) -> Any:
         """Run `script` in the next batch. `on_reply` sees its reply before the caller does, in the
-        order Redis ran the scripts (one batch in flight at a time)."""
+        order Redis ran the scripts."""
         call = _Call(script, keys, args, asyncio.get_running_loop().create_future(), on_reply)
         self._queue.append(call)
         if self._sender is None:  # in a context of its own: not the first caller's order's
@@ -2842,29 +2854,135 @@ class AutoPipeline:
         return await call.reply
 
     async def close(self) -> None:
-        if self._sender is not None:
-            await cancel_and_wait([self._sender])
+        await cancel_and_wait([task for task in (self._sender, self._reader) if task is not None])
+        for batch in self._flights:  # their replies will never be read
+            for call in batch:
+                call.reply.cancel()
+        self._flights.clear()
+        if self._connection is not None:  # replies may be on their way: not for the next batch
+            await self._connection.disconnect(nowait=True)
 
     async def _send_queued(self) -> None:
         try:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-                await self._answer(batch)
+                if isinstance(self._client, RedisCluster):
+                    self._answer(batch, await self._cluster_replies(batch))
+                    continue
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:  # (a batch already sent is the reader's)
+                    for call in batch:
+                        call.reply.cancel()
+                    raise
         finally:
             # Gone the moment the queue is seen empty, with no await in between: a call queued
             # after this point starts a new sender.
             self._sender = None
 
-    async def _answer(self, batch: list[_Call]) -> None:
+    async def _write(self, batch: list[_Call]) -> None:
+        while len(self._flights) >= AUTOPIPELINE_IN_FLIGHT:
+            self._answered.clear()
+            await self._answered.wait()
+        if self._broken and self._reader is not None:  # it may still read the failed connection
+            await asyncio.wait([self._reader])
+        self._broken = False
+        if self._connection is None:
+            pool = self._client.connection_pool
+            self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._connection
+        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]
+        self._flights.append(batch)
         try:
-            replies = await self._send(batch)
+            async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
+                await connection.send_packed_command(connection.pack_commands(commands))
+        except asyncio.CancelledError:
+            await self._break(None)
+            raise
+        except Exception as exc:
+            await self._break(_batch_error(exc))
+            return
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), context=contextvars.Context())
+        await asyncio.sleep(0)  # what callers queue meanwhile goes in the next batch together
+
+    async def _read(self) -> None:
+        try:
+            while self._flights and not self._broken:
+                connection, count = self._connection, len(self._flights[0])
+                assert connection is not None
+                try:
+                    replies = await self._replies(connection, count)
+                except Exception as exc:
+                    await self._break(_batch_error(exc))
+                    return
+                batch = self._flights.popleft()
+                self._answered.set()
+                self._answer(batch, await self._reloaded(batch, replies))
+        finally:
+            self._reader = None
+
+    @staticmethod
+    async def _replies(connection: AbstractConnection, count: int) -> list[Any]:
+        # One bound for the whole batch: the client's connections have no per-read timeout,
+        # which redis-py would otherwise arm once for every reply.
+        replies: list[Any] = []
+        async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
+            for _ in range(count):
+                try:
+                    replies.append(await connection.read_response(disconnect_on_error=False))
+                except redis_errors.ResponseError as exc:  # that script's error, not the batch's
+                    replies.append(exc)
+        return replies
+
+    async def _break(self, error: Exception | None) -> None:
+        """The connection failed (or a write was cut short): every batch on it fails (None: is
+        cancelled), and the connection is closed; the next batch opens another."""
+        self._broken = True
+        self.failures += len(self._flights) if error is not None else 0
+        while self._flights:
+            for call in self._flights.popleft():
+                if call.reply.done():
+                    continue
+                if error is None:
+                    call.reply.cancel()
+                else:
+                    call.reply.set_exception(error)
+        self._answered.set()
+        if self._connection is not None:
+            await self._connection.disconnect(nowait=True)
+
+    async def _cluster_replies(self, batch: list[_Call]) -> list[Any]:
+        """On a Redis Cluster, one batch at a time through the cluster client's pipeline, which
+        finds the node of the slot."""
+        try:
+            async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for c in batch:
+                        pipe.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+                    replies: list[Any] = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
             for call in batch:
                 call.reply.cancel()
             raise
         except Exception as exc:  # the connection failed: every caller of the batch sees it
             self.failures += 1
-            replies = [exc] * len(batch)
+            return [_batch_error(exc)] * len(batch)
+        return await self._reloaded(batch, replies)
+
+    @staticmethod
+    async def _reloaded(batch: list[_Call], replies: list[Any]) -> list[Any]:
+        for index, reply in enumerate(replies):
+            if isinstance(reply, redis_errors.NoScriptError):  # Redis restarted: load and run
+                call = batch[index]
+                try:
+                    replies[index] = await call.script(keys=call.keys, args=call.args)
+                except Exception as exc:
+                    replies[index] = exc
+        return replies
+
+    @staticmethod
+    def _answer(batch: list[_Call], replies: list[Any]) -> None:
         for call, reply in zip(batch, replies, strict=True):
             if call.on_reply is not None and not isinstance(reply, Exception):
                 call.on_reply(reply)
@@ -2875,47 +2993,12 @@ class AutoPipeline:
             else:
                 call.reply.set_result(reply)
 
-    async def _send(self, batch: list[_Call]) -> list[Any]:
-        # One bound for the whole batch: the client's connections have no per-read timeout,
-        # which redis-py would otherwise arm once for every reply.
-        try:
-            async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
-                replies = await self._pipeline(batch)
-        except TimeoutError:
-            raise redis_errors.TimeoutError("no answer to a batch of scripts") from None
-        for index, reply in enumerate(replies):
-            if isinstance(reply, redis_errors.NoScriptError):  # Redis restarted: load and run
-                call = batch[index]
-                replies[index] = await call.script(keys=call.keys, args=call.args)
-        return replies
 
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]
-        if isinstance(self._client, RedisCluster):  # the client finds the node of the slot
-            async with self._client.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            return replies
-        # On one Redis the sender keeps a connection of its own: redis-py's pipeline (and the
-        # pool around it) cost more CPU per script than packing the script and reading its reply.
-        if self._connection is None:
-            pool = self._client.connection_pool
-            self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        connection = self._connection
-        try:
-            await connection.send_packed_command(connection.pack_commands(commands))
-            replies = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except redis_errors.ResponseError as exc:  # that script's error, not the batch's
-                    replies.append(exc)
-        except BaseException:
-            # Replies may be left unread: the next batch starts on a new connection.
-            await connection.disconnect(nowait=True)
-            raise
-        return replies
+def _batch_error(exc: Exception) -> Exception:
+    """What the callers of a failed batch see: a timeout as redis-py's, the rest as it was."""
+    if isinstance(exc, TimeoutError):
+        return redis_errors.TimeoutError("no answer to a batch of scripts")
+    return exc
 
 
 class Store:

@@ -55,6 +55,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.connection import Connection as RedisConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 from solders.account import Account
 from solders.address_lookup_table_account import AddressLookupTableAccount
@@ -1283,6 +1284,55 @@ async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
         # that answer must not be taken for the reply to the next call
         assert await batch.call(echo, [], ["second"]) == "second"
         assert await batch.call(echo, [], ["third"]) == "third"
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_batches_sent_ahead_of_their_replies_are_answered_in_order_or_fail_together(
+    own_redis: RedisServer,
+) -> None:
+    trips = eng.RoundTrips()
+    client = eng.connect_redis(own_redis.url, 2, trips, socket_timeout_s=None)
+    echo = client.register_script("return ARGV[1]")
+    batch = eng.AutoPipeline(client)
+    seen: list[str] = []
+
+    async def sent_ahead(values: list[str]) -> list[asyncio.Task[Any]]:
+        """Each value's call in a batch of its own, sent while Redis (stopped) answers none."""
+        calls = []
+        for value in values:
+            calls.append(asyncio.create_task(batch.call(echo, [], [value], seen.append)))
+            if len(calls) <= eng.AUTOPIPELINE_IN_FLIGHT:
+                await sent_after(trips.count)
+        return calls
+
+    async def sent_after(count: int) -> None:
+        await wait_for(lambda: trips.count > count, "the batch to be sent")
+
+    try:
+        assert await batch.call(echo, [], ["warm"]) == "warm"
+        sent = trips.count
+        own_redis.signal(signal.SIGSTOP)
+        try:
+            values = [str(n) for n in range(eng.AUTOPIPELINE_IN_FLIGHT + 2)]
+            calls = await sent_ahead(values)
+            assert trips.count == sent + eng.AUTOPIPELINE_IN_FLIGHT  # the rest wait their turn
+        finally:
+            own_redis.signal(signal.SIGCONT)
+        assert await asyncio.gather(*calls) == values
+        assert seen == values  # replies handed on in the order Redis ran them
+        # The connection fails with batches on it: each of them fails, and the next call goes
+        # on a new connection (to a Redis started again, that has to load the script anew).
+        own_redis.signal(signal.SIGSTOP)
+        calls = await sent_ahead(["a", "b", "c"])
+        own_redis.kill()
+        for call in calls:
+            with pytest.raises(RedisConnectionError):
+                await call
+        own_redis.start()
+        assert await batch.call(echo, [], ["after"]) == "after"
+        assert batch.failures == 3
     finally:
         await batch.close()
         await client.aclose()
