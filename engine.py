@@ -5739,6 +5739,10 @@ class Engine:
         self._children: list[asyncio.Task[None]] = []
         self._drained = False
         self.round_trips = round_trips or RoundTrips()
+        # Jobs held at once: one per worker and a quarter more (none below four workers), taken
+        # ahead, so that a worker that finishes finds its next one here rather than a round
+        # trip to Redis away.
+        self._jobs_max = config.concurrency + config.concurrency // 4
 
     # -- accepting orders (called by the POST handler) --------------------------------------------
 
@@ -5878,7 +5882,7 @@ class Engine:
         while True:
             await self._room.wait()
             try:
-                jobs = await self._take(self.config.concurrency - len(self._inflight))
+                jobs = await self._take(self._jobs_max - len(self._inflight))
             except REDIS_TRANSIENT as exc:
                 log.warning("cannot dequeue; will retry", extra={"error": str(exc)})
                 await backoff.wait()
@@ -5902,7 +5906,7 @@ class Engine:
             return
         self._inflight.add(order_id)
         self._idle.clear()
-        if len(self._inflight) >= self.config.concurrency:
+        if len(self._inflight) >= self._jobs_max:
             self._room.clear()
         self._jobs.put_nowait(order_id)
 
@@ -5910,7 +5914,8 @@ class Engine:
         while True:
             order_id = await self._jobs.get()
             try:
-                await self._process(order_id)
+                if not self.draining:  # one taken ahead is handed back with the rest (drain)
+                    await self._process(order_id)
             finally:
                 self._inflight.discard(order_id)
                 self._room.set()

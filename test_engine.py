@@ -3642,6 +3642,34 @@ async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
     assert await redis.llen(keys.processing(instance)) == 0
 
 
+async def test_a_job_taken_ahead_waits_for_a_worker_and_is_handed_back_if_the_drain_comes_first(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    venue, held = gated()
+    client = await start(replace(config, concurrency=4), venues=[venue])
+    engine = client.app[eng.ENGINE]
+    keys = eng.Keys(config.redis_prefix)
+    running = [await order_id_of(client) for _ in range(4)]
+    for order_id in running:
+        await wait_status(client, order_id, "submitted")
+    ahead = await order_id_of(client)  # a fifth, for four workers: taken ahead, not started
+
+    async def taken() -> bool:
+        return ahead in await redis.lrange(keys.processing(engine.instance_id), 0, -1)
+
+    await wait_for(taken, "the fifth job to be taken ahead")
+    assert (await get_order(client, ahead))["attempts"] == 0
+    closing = asyncio.create_task(client.close())
+    await wait_for(lambda: engine.draining, "the drain to begin")
+    held.set()  # the four finish within the grace period; the one taken ahead is not begun
+    await closing
+    assert await redis.lrange(keys.pending, 0, -1) == [ahead]  # handed back, for another
+    record = await redis.hgetall(keys.order(ahead))
+    assert (record["status"], record["attempts"]) == ("pending", "0")
+    for order_id in running:
+        assert await redis.hget(keys.order(order_id), "status") == "confirmed"
+
+
 async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_job(
     config: Config, redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
