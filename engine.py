@@ -5830,6 +5830,7 @@ class Engine:
         marked = await self._quickly(self.store.mark_draining(self.instance_id, self._mark_ttl_s))
         if self._fetcher is not None:
             await cancel_and_wait([self._fetcher])
+        await self._hand_back_ahead()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.shutdown_grace_s):
                 await self._idle.wait()
@@ -5841,6 +5842,18 @@ class Engine:
             log.error("could not hand orders back on shutdown; %s", how)
             return
         log.info("drained", extra={"unfinished": unfinished, "requeued": requeued})
+
+    async def _hand_back_ahead(self) -> None:
+        """The jobs taken ahead that no worker has begun go back to the pending list as the
+        drain begins, for another instance to run at once, not after the grace period. (Not
+        taken back by Redis: the drain's last step hands them back with the rest.)"""
+        ahead = []
+        while not self._jobs.empty():
+            ahead.append(self._jobs.get_nowait())
+        self._inflight.difference_update(ahead)
+        if not self._inflight:
+            self._idle.set()
+        await self._quickly(self.store.requeue(self.instance_id, ahead))
 
     @property
     def _mark_ttl_s(self) -> int:

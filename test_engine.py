@@ -3642,7 +3642,7 @@ async def test_a_job_whose_dequeue_reply_was_lost_is_put_back(
     assert await redis.llen(keys.processing(instance)) == 0
 
 
-async def test_a_job_taken_ahead_waits_for_a_worker_and_is_handed_back_if_the_drain_comes_first(
+async def test_a_job_taken_ahead_waits_for_a_worker_and_is_handed_back_as_the_drain_begins(
     start: Start, config: Config, redis: aioredis.Redis
 ) -> None:
     venue, held = gated()
@@ -3660,10 +3660,16 @@ async def test_a_job_taken_ahead_waits_for_a_worker_and_is_handed_back_if_the_dr
     await wait_for(taken, "the fifth job to be taken ahead")
     assert (await get_order(client, ahead))["attempts"] == 0
     closing = asyncio.create_task(client.close())
-    await wait_for(lambda: engine.draining, "the drain to begin")
-    held.set()  # the four finish within the grace period; the one taken ahead is not begun
+
+    async def handed_back() -> bool:
+        return await redis.lrange(keys.pending, 0, -1) == [ahead]
+
+    await wait_for(handed_back, "the job taken ahead to be handed back, for another instance")
+    # ... as the drain began: the four it runs are still its own, for the grace period
+    assert len(await redis.lrange(keys.processing(engine.instance_id), 0, -1)) == 4
+    held.set()  # they finish within it; the one taken ahead was never begun
     await closing
-    assert await redis.lrange(keys.pending, 0, -1) == [ahead]  # handed back, for another
+    assert await redis.lrange(keys.pending, 0, -1) == [ahead]
     record = await redis.hgetall(keys.order(ahead))
     assert (record["status"], record["attempts"]) == ("pending", "0")
     for order_id in running:
