@@ -840,7 +840,9 @@ return record
 # stalled (not exited) instance may still have a BLMOVE blocked in Redis, which Redis serves
 # with one of the very jobs handed back, so a dead instance stays listed, and is recovered again
 # every round, until it has been dead for grace_s seconds (longer than a blocking pop lasts).
-# '0' (its own clean shutdown) forgets it at once. The orders of an instance shutting down
+# '0' (its own clean shutdown) too, for other instances or the next start to look at: the pop
+# its fetcher had blocked in a stalled Redis may be served after the hand-back, with a job that
+# would otherwise sit in a list nobody looks at. The orders of an instance shutting down
 # cleanly are handed back, by itself or, when its own hand-back did not reach Redis, by another
 # instance (its draining mark, set when the drain began, says so): the mark is then kept as long
 # as an order is, so that LUA_CLAIM, seeing the mark of the lease's holder, counts no recovery.
@@ -864,9 +866,9 @@ if handed then redis.call('SET', KEYS[8], '1', 'EX', '$ORDER_TTL') end
 while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its history batch
 local now = tonumber(redis.call('TIME')[1])
 local since = tonumber(redis.call('ZSCORE', KEYS[7], instance))
-if only_if_dead == '1' and not since then
+if not since then  -- (an instance that shut down cleanly too: its cancelled pop may be served)
   redis.call('ZADD', KEYS[7], now, instance)
-elseif only_if_dead == '0' or now - since > tonumber(grace_s) then
+elseif now - since > tonumber(grace_s) then
   redis.call('SREM', KEYS[3], instance)
   redis.call('ZREM', KEYS[7], instance)
 end

@@ -3676,6 +3676,24 @@ async def test_a_job_taken_ahead_waits_for_a_worker_and_is_handed_back_as_the_dr
         assert await redis.hget(keys.order(order_id), "status") == "confirmed"
 
 
+async def test_a_job_a_pop_serves_after_a_clean_hand_back_is_recovered_by_another(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, time.time)
+    keys = store.keys
+    await redis.sadd(keys.instances, "inst-a")
+    await redis.lpush(keys.processing("inst-a"), "order_a")
+    assert await store.recover("inst-a", only_if_dead=False) == 1  # its own clean shutdown
+    # The pop its fetcher had blocked in a stalled Redis, served after the hand-back:
+    await redis.lmove(keys.pending, keys.processing("inst-a"), "RIGHT", "LEFT")
+    assert "inst-a" in await redis.smembers(keys.instances)  # still looked at, for a while
+    assert await store.recover("inst-a", only_if_dead=True) == 1  # another instance's round
+    assert await redis.lrange(keys.pending, 0, -1) == ["order_a"]
+    await redis.zadd(keys.dead, {"inst-a": time.time() - eng.DEAD_GRACE_S - 1})
+    assert await store.recover("inst-a", only_if_dead=True) == 0
+    assert "inst-a" not in await redis.smembers(keys.instances)  # then forgotten
+
+
 async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_job(
     config: Config, redis: aioredis.Redis, redis_server: RedisServer
 ) -> None:
