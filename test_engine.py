@@ -1262,14 +1262,26 @@ async def test_the_batch_sender_logs_in_no_caller_s_name(redis: aioredis.Redis) 
     assert (reply, seen) == ("x", [None])
 
 
+@contextlib.asynccontextmanager
+async def echoing(
+    redis: RedisServer,
+) -> AsyncIterator[tuple[eng.RoundTrips, eng.AutoPipeline, Any]]:
+    """An auto-pipeline on a client of its own (its requests counted), and a script answering
+    its argument."""
+    trips = eng.RoundTrips()
+    client = eng.connect_redis(redis.url, 2, trips, socket_timeout_s=None)
+    batch = eng.AutoPipeline(client)
+    try:
+        yield trips, batch, client.register_script("return ARGV[1]")
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
 async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
     own_redis: RedisServer,
 ) -> None:
-    trips = eng.RoundTrips()
-    client = eng.connect_redis(own_redis.url, 2, trips, socket_timeout_s=None)
-    echo = client.register_script("return ARGV[1]")
-    batch = eng.AutoPipeline(client)
-    try:
+    async with echoing(own_redis) as (trips, batch, echo):
         assert await batch.call(echo, [], ["warm"]) == "warm"
         sent = trips.count
         own_redis.signal(signal.SIGSTOP)
@@ -1284,33 +1296,26 @@ async def test_a_batch_cut_short_leaves_no_reply_behind_for_the_next_one(
         # that answer must not be taken for the reply to the next call
         assert await batch.call(echo, [], ["second"]) == "second"
         assert await batch.call(echo, [], ["third"]) == "third"
-    finally:
-        await batch.close()
-        await client.aclose()
 
 
 async def test_batches_sent_ahead_of_their_replies_are_answered_in_order_or_fail_together(
     own_redis: RedisServer,
 ) -> None:
-    trips = eng.RoundTrips()
-    client = eng.connect_redis(own_redis.url, 2, trips, socket_timeout_s=None)
-    echo = client.register_script("return ARGV[1]")
-    batch = eng.AutoPipeline(client)
     seen: list[str] = []
+    async with echoing(own_redis) as (trips, batch, echo):
 
-    async def sent_ahead(values: list[str]) -> list[asyncio.Task[Any]]:
-        """Each value's call in a batch of its own, sent while Redis (stopped) answers none."""
-        calls = []
-        for value in values:
-            calls.append(asyncio.create_task(batch.call(echo, [], [value], seen.append)))
-            if len(calls) <= eng.AUTOPIPELINE_IN_FLIGHT:
-                await sent_after(trips.count)
-        return calls
+        async def sent_ahead(values: list[str]) -> list[asyncio.Task[Any]]:
+            """Each value's call in a batch of its own, sent while Redis (stopped) answers none."""
+            calls = []
+            for value in values:
+                calls.append(asyncio.create_task(batch.call(echo, [], [value], seen.append)))
+                if len(calls) <= eng.AUTOPIPELINE_IN_FLIGHT:
+                    await sent_after(trips.count)
+            return calls
 
-    async def sent_after(count: int) -> None:
-        await wait_for(lambda: trips.count > count, "the batch to be sent")
+        async def sent_after(count: int) -> None:
+            await wait_for(lambda: trips.count > count, "the batch to be sent")
 
-    try:
         assert await batch.call(echo, [], ["warm"]) == "warm"
         sent = trips.count
         own_redis.signal(signal.SIGSTOP)
@@ -1333,9 +1338,6 @@ async def test_batches_sent_ahead_of_their_replies_are_answered_in_order_or_fail
         own_redis.start()
         assert await batch.call(echo, [], ["after"]) == "after"
         assert batch.failures == 3
-    finally:
-        await batch.close()
-        await client.aclose()
 
 
 def test_commands_are_packed_to_the_bytes_redis_py_packs_and_refused_as_it_refuses() -> None:
