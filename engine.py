@@ -6780,20 +6780,24 @@ class Hub:
         every_s = self.limits.keepalive_s / 2
         while True:
             await asyncio.sleep(every_s)
-            now = time.monotonic()
-            for sub in self._every_socket():
-                transport = sub.transport
-                if sub.closing or transport is None:
-                    continue
-                if sub.pinged_at is not None:
-                    if now - sub.pinged_at >= every_s:
-                        transport.abort()
-                elif now - sub.keepalive_at >= self.limits.keepalive_s:
-                    sub.pinged_at = sub.keepalive_at = now
-                    # Not onto what it has not taken yet: the ping must not wait on the client.
-                    if not transport.get_write_buffer_size():
-                        with contextlib.suppress(ConnectionError):
-                            await self._control(sub, WSMsgType.PING, b"")
+            await self._keepalive_round(every_s)
+
+    async def _keepalive_round(self, every_s: float) -> None:
+        # (A round of its own: between rounds nothing here holds the last socket it looked at.)
+        now = time.monotonic()
+        for sub in self._every_socket():
+            transport = sub.transport
+            if sub.closing or transport is None:
+                continue
+            if sub.pinged_at is not None:
+                if now - sub.pinged_at >= every_s:
+                    transport.abort()
+            elif now - sub.keepalive_at >= self.limits.keepalive_s:
+                sub.pinged_at = sub.keepalive_at = now
+                # Not onto what it has not taken yet: the ping must not wait on the client.
+                if not transport.get_write_buffer_size():
+                    with contextlib.suppress(ConnectionError):
+                        await self._control(sub, WSMsgType.PING, b"")
 
     # -- sending: every frame goes through aiohttp's writer, which puts each one on the transport
     # whole. aiohttp sends nothing by itself (no heartbeat, no automatic pong or close), so the

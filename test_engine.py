@@ -5635,7 +5635,7 @@ async def test_closed_sockets_are_freed_without_the_cyclic_collector(served: Ser
     # a socket caught in a reference cycle once closed stays in memory until one comes, which with
     # sockets opening and closing all day meant memory growing by about 10 KB a socket. With the
     # collector off here, every closed socket must be freed by reference counting alone.
-    url = await served()
+    url = await served(hub_limits=eng.HubLimits(keepalive_s=0.2))
 
     def sockets() -> list[web.WebSocketResponse]:
         return [o for o in gc.get_objects() if isinstance(o, web.WebSocketResponse)]
@@ -5651,6 +5651,10 @@ async def test_closed_sockets_are_freed_without_the_cyclic_collector(served: Ser
             for _ in range(3):  # closed politely: a close frame each way
                 async with http.ws_connect(f"{url}/ws?userId=1") as ws:
                     assert await receive(ws) == {"type": "connected", "userId": "1"}
+            # the last socket the keepalive looked at (it pinged it), with none after it
+            async with http.ws_connect(f"{url}/ws?userId=1", autoping=False) as ws:
+                assert await receive(ws) == {"type": "connected", "userId": "1"}
+                assert (await ws.receive()).type is WSMsgType.PING
         for _ in range(3):  # dropped: the connection closed with no close frame
             reader, writer = await connect_raw(url)
             writer.write(upgrade_request("1"))
