@@ -2918,6 +2918,8 @@ class AutoPipeline:
                 except Exception as exc:
                     await self._break(_batch_error(exc))
                     return
+                if self._broken:  # the writer failed the batches meanwhile: these are stale
+                    return
                 batch = self._flights.popleft()
                 self._answered.set()
                 self._answer(batch, await self._reloaded(batch, replies))
