@@ -2857,12 +2857,9 @@ class AutoPipeline:
 
     async def close(self) -> None:
         await cancel_and_wait([task for task in (self._sender, self._reader) if task is not None])
-        for batch in self._flights:  # their replies will never be read
-            for call in batch:
-                call.reply.cancel()
-        self._flights.clear()
-        if self._connection is not None:  # replies may be on their way: not for the next batch
-            await self._connection.disconnect(nowait=True)
+        # The batches in flight are cancelled, and their connection closed: their replies, on
+        # their way, must not be read for the next batch.
+        await self._break(None)
 
     async def _send_queued(self) -> None:
         try:
