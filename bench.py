@@ -355,16 +355,14 @@ class Measured:
 
 
 async def run_load(server: Server, load: Load, redis_url: str | None, watch: bool) -> Measured:
-    """Drive `load` through `server`; read Redis and the server's counters around it."""
+    """Drive `load` through `server`; read Redis and the server's counters around it. Every
+    figure per order covers the timed run alone: the users' sockets are open before it starts
+    and closed after it ends, and what opening and closing them cost the server is a figure of
+    its own, per socket."""
     client = aioredis.from_url(redis_url) if redis_url else None
     if client is not None:
         await client.config_resetstat()
         memory_before = (await client.info("memory"))["used_memory"]
-        commands_before = (await client.info("stats"))["total_commands_processed"]
-        redis_cpu_before = _redis_cpu_s(await client.info("cpu"))
-    trips_before = (await server.stats())["redisRoundTrips"]
-    cpu_before = server.cpu_s()
-    client_cpu_before = time.process_time()  # this process: the load client's own CPU
     peak = {"memory": 0}
 
     async def sample() -> None:
@@ -372,14 +370,15 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
             peak["memory"] = max(peak["memory"], (await client.info("memory"))["used_memory"])
             await asyncio.sleep(0.1)
 
+    figures: dict[str, Any] = {}
     connector = aiohttp.TCPConnector(limit=load.clients + load.users + 4)
     async with ClientSession(connector=connector) as http:
         sockets: list[aiohttp.ClientWebSocketResponse] = []
+        opening = server.cpu_s()
         if watch:
-            users = [f"u{user}" for user in range(load.users)]
-            for start in range(0, len(users), SOCKETS_AT_ONCE):
-                chunk = users[start : start + SOCKETS_AT_ONCE]
-                sockets += await asyncio.gather(*(_watching(http, server.url, u) for u in chunk))
+            sockets = await _watching_all(http, server.url, load.users)
+        opened = server.cpu_s()
+        before = await _counters(server, client)
         watchers = [asyncio.create_task(load.watch(ws)) for ws in sockets]
         sampler = asyncio.create_task(sample())
         started = time.perf_counter()
@@ -387,22 +386,26 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
         if watch:
             await asyncio.wait_for(load.done.wait(), timeout=600)
         elapsed = time.perf_counter() - started
+        after = await _counters(server, client)
         await engine.cancel_and_wait([sampler, *watchers])
+        closing = server.cpu_s()
         for ws in sockets:
             await ws.close()
-    cpu = server.cpu_s() - cpu_before
-    client_cpu = time.process_time() - client_cpu_before
-    trips = (await server.stats())["redisRoundTrips"] - trips_before
-    figures: dict[str, Any] = {
+        if sockets:
+            figures["socketOpenCpuUs"] = round((opened - opening) / len(sockets) * 1e6)
+            figures["socketCloseCpuUs"] = round((server.cpu_s() - closing) / len(sockets) * 1e6)
+    spent = {name: after[name] - before[name] for name in after}
+    per_order = {name: value / load.orders for name, value in spent.items()}
+    figures = {
         "ordersPerS": round(load.orders / elapsed, 1),
         "postP50Ms": round(pct(load.post_s, 50) * 1000, 2),
         "postP95Ms": round(pct(load.post_s, 95) * 1000, 2),
         "postP99Ms": round(pct(load.post_s, 99) * 1000, 2),
-        "serverCpuUsPerOrder": round(cpu / load.orders * 1e6),
-        "clientCpuUsPerOrder": round(client_cpu / load.orders * 1e6),
+        "serverCpuUsPerOrder": round(per_order["cpu"] * 1e6),
+        "clientCpuUsPerOrder": round(per_order["clientCpu"] * 1e6),
         # how busy the server's process was: near 100 % it is bound by its own CPU
-        "serverCpuBusyPct": round(cpu / elapsed * 100),
-    }
+        "serverCpuBusyPct": round(spent["cpu"] / elapsed * 100),
+    } | figures
     if watch:
         latency = [load.finished_at[o] - load.posted_at[o] for o in load.finished_at]
         figures |= {
@@ -411,14 +414,12 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
             "confirmed": sum(1 for s in load.outcomes.values() if s == "confirmed"),
         }
     if client is not None:
-        commands = (await client.info("stats"))["total_commands_processed"] - commands_before
-        redis_cpu_us = (_redis_cpu_s(await client.info("cpu")) - redis_cpu_before) * 1e6
         figures |= {
-            "redisCpuUsPerOrder": round(redis_cpu_us / load.orders),
+            "redisCpuUsPerOrder": round(per_order["redisCpu"] * 1e6),
             # orders/s this run's mix would reach with one Redis core fully busy
-            "redisCeilingOrdersPerS": round(load.orders / redis_cpu_us * 1e6),
-            "redisCommandsPerOrder": round(commands / load.orders, 1),
-            "redisRoundTripsPerOrder": round(trips / load.orders, 2),
+            "redisCeilingOrdersPerS": round(load.orders / spent["redisCpu"]),
+            "redisCommandsPerOrder": round(per_order["commands"], 1),
+            "redisRoundTripsPerOrder": round(per_order["trips"], 2),
             "redisMemoryBeforeMB": round(memory_before / 2**20, 1),
             "redisMemoryPeakMB": round(max(peak["memory"], memory_before) / 2**20, 1),
         }
@@ -427,7 +428,31 @@ async def run_load(server: Server, load: Load, redis_url: str | None, watch: boo
     return Measured("", figures)
 
 
+async def _counters(server: Server, client: aioredis.Redis | None) -> dict[str, float]:
+    """What the server, this process (the load client) and Redis have spent so far."""
+    counters = {
+        "trips": float((await server.stats())["redisRoundTrips"]),
+        "cpu": server.cpu_s(),
+        "clientCpu": time.process_time(),
+    }
+    if client is not None:
+        counters["commands"] = (await client.info("stats"))["total_commands_processed"]
+        counters["redisCpu"] = _redis_cpu_s(await client.info("cpu"))
+    return counters
+
+
 SOCKETS_AT_ONCE = 100  # WebSockets opened together at the start of a run
+
+
+async def _watching_all(
+    http: ClientSession, url: str, users: int
+) -> list[aiohttp.ClientWebSocketResponse]:
+    """One socket per user, SOCKETS_AT_ONCE opened together."""
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+    for start in range(0, users, SOCKETS_AT_ONCE):
+        chunk = range(start, min(users, start + SOCKETS_AT_ONCE))
+        sockets += await asyncio.gather(*(_watching(http, url, f"u{user}") for user in chunk))
+    return sockets
 
 
 async def _watching(http: ClientSession, url: str, user: str) -> aiohttp.ClientWebSocketResponse:
