@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import gc
 import gzip
@@ -44,7 +45,7 @@ import orjson
 import psutil  # type: ignore[import-untyped]
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, web
+from aiohttp import ClientSession, ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -6728,6 +6729,117 @@ async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
     survivor = await start()  # recovers the order once the dead engine's heartbeat expires
     record = await wait_status(survivor, order_id, "confirmed")
     assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
+
+
+ROLLING_USERS = 4
+ROLLING_ORDERS = 60
+
+
+async def test_a_rolling_restart_under_load_loses_and_repeats_nothing(
+    config: Config, processes: Processes, redis: aioredis.Redis
+) -> None:
+    # Two engine processes on one Redis; clients post to the first with an Idempotency-Key and
+    # send the same request to the second when the first refuses (503) or is gone, as the README
+    # tells them. The first is stopped with SIGTERM in the middle of the load, with orders waiting
+    # in its processing list, some running and some sent to the chain but not landed when its
+    # grace runs out: every order lands once, every socket sees every event once and in order.
+    env = engine_env(config, ENGINE_DEX_FAULTS=NO_TAIL, ENGINE_SHUTDOWN_GRACE_S="0.5")
+    leaving = await processes.spawn(
+        env
+        | {
+            "ENGINE_DEX_LATENCY_SCALE": "1",  # an execution takes 2-3 s: longer than the grace
+            "ENGINE_EXECUTION_TIMEOUT_MS": "4000",
+            "ENGINE_CONCURRENCY": "4",  # and five jobs at a time, one taken ahead
+        }
+    )
+    staying = await processes.spawn(
+        env
+        | {
+            "ENGINE_DEX_LATENCY_SCALE": "0.3",
+            "ENGINE_EXECUTION_TIMEOUT_MS": "2500",
+            "ENGINE_CONCURRENCY": "16",
+        }
+    )
+    urls = [await leaving.url(), await staying.url()]
+    answers: collections.Counter[int] = collections.Counter()
+    order_ids: dict[str, str] = {}  # Idempotency-Key: the order it made
+
+    async def post(http: ClientSession, key: str, body: dict[str, Any]) -> None:
+        for url in urls:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.post(
+                    f"{url}/api/orders/execute", json=body, headers={"Idempotency-Key": key}
+                ) as response:
+                    answers[response.status] += 1
+                    reply = await response.json()
+                    if response.status == 202:
+                        order_ids[key] = reply["orderId"]
+                        return
+                    assert reply["error"]["code"] == "SHUTTING_DOWN", reply
+        raise AssertionError(f"{key}: no engine took it")
+
+    stopping = asyncio.Event()
+
+    async def poster(http: ClientSession, number: int) -> None:
+        for index in range(number, ROLLING_ORDERS, ROLLING_USERS):
+            if index >= ROLLING_ORDERS // 3:  # the rest once the first engine is leaving
+                await stopping.wait()
+            body = {**ORDER, "userId": str(index % ROLLING_USERS), "amount": 1 + index % 5}
+            await post(http, f"rolling-{index}", body)
+
+    async with ClientSession() as http:
+        watchers = [
+            asyncio.create_task(watched_through_restarts(http, urls, str(user)))
+            for user in range(ROLLING_USERS)
+        ]
+        posting = [asyncio.create_task(poster(http, n)) for n in range(ROLLING_USERS)]
+        await wait_for(lambda: len(order_ids) >= ROLLING_ORDERS // 3, "a third of the orders")
+        await reach(http, urls[0], list(order_ids.values())[:4], "submitted", *TERMINAL)
+        leaving.proc.send_signal(signal.SIGTERM)
+        stopping.set()
+        await asyncio.gather(*posting)
+        assert await leaving.exit_code() == 0
+        records = await reach(http, urls[1], list(order_ids.values()), *TERMINAL)
+        seen = await asyncio.gather(*watchers)
+    assert not [line for line in leaving.lines + staying.lines if "Traceback" in line]
+    assert set(answers) <= {202, 503}, answers  # nothing else, and never a 500
+    assert answers[503] > 0  # the leaving engine refused what came during its grace period
+    assert len(set(order_ids.values())) == ROLLING_ORDERS  # one order per request, however sent
+    assert {record["status"] for record in records} == {"confirmed"}
+    assert any(record["attemptsGivenBack"] for record in records)  # the grace ran out on some
+    assert {record["recoveries"] for record in records} == {0}  # handed back: no engine died
+    landed = await landed_transactions(redis, config)
+    assert {o: landed[o] for o in order_ids.values()} == {
+        record["orderId"]: [record["txHash"]] for record in records
+    }  # each landed once, and it is the one its record names
+    for user, events in enumerate(seen):
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), user
+        ended = [e["orderId"] for e in events if e["status"] in TERMINAL]
+        assert sorted(ended) == sorted(
+            order_ids[f"rolling-{i}"] for i in range(user, ROLLING_ORDERS, ROLLING_USERS)
+        )  # each of the user's orders ended once on their socket
+
+
+async def watched_through_restarts(
+    http: ClientSession, urls: list[str], user: str
+) -> list[dict[str, Any]]:
+    """A user's events, as a client sees them that watches on the first engine and, when that
+    one closes its socket as it leaves (1001), resumes on the next from the last seq it saw,
+    until each of the user's orders has ended once."""
+    events: list[dict[str, Any]] = []
+    ended = 0
+    for url in urls:
+        since = events[-1]["seq"] if events else 0
+        async with http.ws_connect(f"{url}/ws?userId={user}&since={since}") as ws:
+            assert (await receive(ws))["type"] == "connected"
+            async for message in ws:
+                event = orjson.loads(message.data)
+                events.append(event)
+                ended += event["status"] in TERMINAL
+                if ended == ROLLING_ORDERS // ROLLING_USERS:
+                    return events
+            assert ws.close_code == WSCloseCode.GOING_AWAY, ws.close_code  # the first one left
+    raise AssertionError(f"user {user}: {ended} orders ended of {ROLLING_ORDERS // ROLLING_USERS}")
 
 
 async def test_strict_durability_makes_the_embedded_redis_fsync_every_write(
