@@ -3551,9 +3551,12 @@ class Store:
             keys.user_orders(user_id),
             keys.user_log(user_id),
         ]
-        ids = [str(order_id) for order_id in await self.redis.smembers(user[0])]
-        records = [keys.order(order_id) for order_id in ids]
-        reply = await self.batch.call(self._snapshot, [*user, *records], ids)
+        # Asked first with no record named: a user with no open order (most sockets) is
+        # answered at once; one with open orders is asked again, naming them.
+        reply = await self.batch.call(self._snapshot, user, [])
+        if ids := reply[2:]:
+            records = [keys.order(order_id) for order_id in ids]
+            reply = await self.batch.call(self._snapshot, [*user, *records], ids)
         seq, count = int(reply[0]), int(reply[1])
         events, placed = reply[2 : 2 + count], reply[2 + count :]
         if placed:  # since the set was read: their last event, unless it comes after `seq`,

@@ -4760,16 +4760,16 @@ async def test_a_snapshot_holds_an_order_placed_while_it_was_read(
     client = await start(venues=[venue])
     first = await order_id_of(client)
     await wait_status(client, first, "submitted")
-    redis = client.app[eng.ENGINE].store.redis
-    read, placed = redis.smembers, list[str]()
+    store = client.app[eng.ENGINE].store
+    call, placed = store.batch.call, list[str]()
 
-    async def read_then_place(key: str) -> Any:
-        members = await read(key)
-        if not placed:  # an order placed between the read of the set and the snapshot
-            placed.append(await order_id_of(client))
-        return members
+    async def read_then_place(script: Any, keys: Any, args: Any, *rest: Any) -> Any:
+        reply = await call(script, keys, args, *rest)
+        if script is store._snapshot and not placed:  # an order placed between the read of
+            placed.append(await order_id_of(client))  # the open orders and the snapshot
+        return reply
 
-    monkeypatch.setattr(redis, "smembers", read_then_place)
+    monkeypatch.setattr(store.batch, "call", read_then_place)
     async with client.ws_connect("/ws?userId=1") as ws:
         assert (await receive(ws))["type"] == "connected"
         opening = await receive(ws)
