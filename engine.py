@@ -867,7 +867,11 @@ while redis.call('LMOVE', KEYS[5], KEYS[6], 'LEFT', 'RIGHT') do end  -- its hist
 local now = tonumber(redis.call('TIME')[1])
 local since = tonumber(redis.call('ZSCORE', KEYS[7], instance))
 if not since then  -- (an instance that shut down cleanly too: its cancelled pop may be served)
-  redis.call('ZADD', KEYS[7], now, instance)
+  -- Unless it is forgotten already: another instance's round, reading the instances before
+  -- that, comes after it. Listed again, it would never be looked at (nor forgotten) again.
+  if redis.call('SISMEMBER', KEYS[3], instance) == 1 then
+    redis.call('ZADD', KEYS[7], now, instance)
+  end
 elseif now - since > tonumber(grace_s) then
   redis.call('SREM', KEYS[3], instance)
   redis.call('ZREM', KEYS[7], instance)
@@ -3299,6 +3303,12 @@ class Store:
 
     async def instances(self) -> list[str]:
         return sorted(str(member) for member in await self.redis.smembers(self.keys.instances))
+
+    async def recoverable(self) -> list[str]:
+        """The instances a recovery round looks at: those listed, and those dead that are not
+        (an engine of before listed one it had forgotten: LUA_RECOVER forgets it again)."""
+        dead = await self.redis.zrange(self.keys.dead, 0, -1)
+        return sorted({*await self.instances(), *(str(member) for member in dead)})
 
     async def recover(
         self, instance: str, *, only_if_dead: bool, not_after_ms: int | None = None
@@ -6014,7 +6024,7 @@ class Engine:
 
     async def _recovery_loop(self) -> None:
         while True:
-            for instance in await persist("instances", self.store.instances):
+            for instance in await persist("instances", self.store.recoverable):
                 if instance != self.instance_id:
                     await self._recover_if_dead(instance)
             await self._requeue_orphans()

@@ -3722,6 +3722,29 @@ async def test_a_pop_a_stalled_instance_left_blocked_cannot_swallow_a_recovered_
     await blocked.aclose()
 
 
+async def test_a_dead_instance_is_forgotten_for_good_whichever_instance_looks_last(
+    start: Start, config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, time.time)
+    keys = store.keys
+    await redis.sadd(keys.instances, "gone-1")  # its heartbeat long gone
+    assert await store.recover("gone-1", only_if_dead=True) == 0  # a round: dead since now
+    await redis.zadd(keys.dead, {"gone-1": time.time() - eng.DEAD_GRACE_S - 1})
+    assert await store.recover("gone-1", only_if_dead=True) == 0  # dead long enough: forgotten
+    # Another engine's round, from its own reading of the instances, comes after that one.
+    assert await store.recover("gone-1", only_if_dead=True) == 0
+    assert not await redis.exists(keys.dead)  # not listed again where nobody would look
+    assert "gone-1" not in await redis.smembers(keys.instances)
+    # One that an engine of before listed so is forgotten by a running engine's rounds.
+    await redis.zadd(keys.dead, {"gone-2": time.time() - eng.DEAD_GRACE_S - 1})
+    await start(config)
+    await wait_for(lambda: not_exists(redis, keys.dead), "the stale listing to be forgotten")
+
+
+async def not_exists(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
 async def test_a_dequeue_that_redis_unblocks_is_waited_out_not_taken_for_a_crash(
     start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
