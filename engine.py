@@ -144,7 +144,13 @@ JWT_RE: Final = re.compile(r"[\w=-]{1,4096}\.[\w=-]{0,4096}\.[\w=-]{0,1024}", re
 JWT_EXP_MAX_S: Final = 2**40  # a later exp (year 36,812) never closes a socket
 MAX_WAIT_S: Final = 7 * 86_400  # the longest a limit or sniper order may wait
 PRICE_MAX: Final = 1e15  # limit and trigger prices, output per input token
-TIMESTAMP_MAX_CHARS: Final = 40
+# ISO 8601's extended format with a zone: 2026-12-01T10:00[:00[.000]] then Z or +05:00 (what
+# datetime.fromisoformat reads besides, a NUL where the string ends or an offset with seconds
+# among them, is refused).
+TIMESTAMP_RE: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,9})?)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 BPS_PER_UNIT: Final = 10_000
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 100
@@ -7594,10 +7600,10 @@ def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
 
 
 def _parse_timestamp_ms(value: object) -> int | None:
-    if not isinstance(value, str) or len(value) > TIMESTAMP_MAX_CHARS:
+    if not isinstance(value, str) or not TIMESTAMP_RE.fullmatch(value):
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         return None
     return int(moment.timestamp() * 1000) if moment.tzinfo is not None else None

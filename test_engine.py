@@ -4243,6 +4243,8 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
 
 LIMIT = {**ORDER, "type": "limit", "limitPrice": 105, "expiresInS": 600}  # ORDER sells 2 SOL
+LIMIT_AT = {**ORDER, "type": "limit", "limitPrice": 105}  # expiresAt to be added
+SOON = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")  # no zone yet
 
 
 def sniper(trigger: str, **more: Any) -> dict[str, Any]:
@@ -5419,6 +5421,11 @@ async def _websockets(client: TestClient[Any, Any], count: int) -> bool:
             "INVALID_EXPIRY",
             "expiresAt",
         ),
+        *(  # within the week, but not a time of the form the README gives
+            ({**LIMIT_AT, "expiresAt": SOON + tail}, "INVALID_EXPIRY", "expiresAt")
+            for tail in ("Z\x00", "\x00+00:00", "+00:00:30.5", "-00:00:01", "Z junk")
+        ),
+        ({**LIMIT_AT, "expiresAt": SOON.replace("T", " ") + "Z"}, "INVALID_EXPIRY", "expiresAt"),
         ({**ORDER, "type": "sniper", "expiresInS": 60}, "MISSING_FIELD", "trigger"),
         (sniper("moon"), "INVALID_TRIGGER", "trigger"),
         (sniper("priceAbove"), "MISSING_FIELD", "triggerPrice"),
