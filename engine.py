@@ -222,10 +222,12 @@ REDIS_SLOW_MIN_S: Final = 0.05
 REDIS_STARTUP_WAIT_S: Final = 30.0
 REDIS_MIN_VERSION: Final = (6, 2)  # BLMOVE, LMOVE and exclusive XRANGE
 PUBSUB_PING_S: Final = 2.0  # a subscription silent for 3 of these is renewed
-# With peers, the hub reads its users' seq counters every round (a third of the heartbeat TTL),
-# COUNTERS_READ_MAX a command; a socket behind its counter LOOK_GRACE_S later reads the log.
+# With peers (or batches lost lately), the hub reads its users' seq counters every round (a third
+# of the heartbeat TTL), COUNTERS_READ_MAX a command; a socket behind its counter LOOK_GRACE_S
+# later reads the log.
 COUNTERS_READ_MAX: Final = 500
 LOOK_GRACE_S: Final = 0.5
+LOOKS_AFTER_LOSS: Final = 10  # rounds that look in the logs once batches were lost (Hub)
 PUBSUB_SILENCE_S: Final = 3 * PUBSUB_PING_S
 
 CANCEL_RETRY_S: Final = 0.01  # see cancel_and_wait
@@ -758,9 +760,9 @@ local reply
 if current[1] == final then
   -- Ended already (by this, sent again after Redis refused a command of it, or otherwise; or
   -- asked to finish that: expected is final then): what follows is finished, and the order
-  -- counted ended by whoever ended it; its last event logged if Redis refused that.
-  relog(order, KEYS[7], KEYS[8], user, origin)
-  reply = {'conflict', final}
+  -- counted ended by whoever ended it; its last event logged if Redis refused that, and
+  -- answered (the caller's sockets may not have it: the reply to the step that ended it lost).
+  reply = {'conflict', final, unpack(relog(order, KEYS[7], KEYS[8], user, origin))}
 elseif current[1] == expected then
   local extra = {'step', final, 'history', ''}
   extra[4] = bounded(order, append(current[2], a[7]), extra)
@@ -3049,8 +3051,13 @@ class Store:
 
         def deliver(reply: Any) -> None:
             if reply[0] in {"created", "ok", "applied"}:
-                for event in reply[1:]:
-                    self.on_event(user, event)
+                events = reply[1:]
+            elif reply[0] == "conflict":  # (LUA_END: the order had ended; its last event)
+                events = reply[2:]
+            else:
+                return
+            for event in events:
+                self.on_event(user, event)
 
         return deliver
 
@@ -3443,7 +3450,8 @@ class Store:
         ended_ms = parse_iso_ms(orjson.loads(updated)) if updated else int(self._clock() * 1000)
         head = [order.order_id, order.status, order.user_id, "", order.status, ended_ms]
         args = script_args(head, b"", b"")
-        await self.batch.call(self._end, self._change_keys(order, self.keys.pending), args)
+        keys = self._change_keys(order, self.keys.pending)
+        await self.batch.call(self._end, keys, args, self._sent(order.user_id))
 
     async def _end_order(
         self, record: Mapping[str, str], final: Status, detail: Mapping[str, Any], origin: str
@@ -6696,6 +6704,8 @@ class Hub:
         self._finishing: set[asyncio.Task[None]] = set()  # sockets closed as slow, draining
         self._closed_all: tuple[int, str] | None = None  # close_all's code and reason, once called
         self.slow_closed = 0  # sockets closed with 1013 since start
+        self._failures_seen = 0  # the auto-pipeline's lost batches, as last seen
+        self._looks_owed = 0  # rounds that still look in the logs for a lost batch's events
 
     @property
     def connections(self) -> int:
@@ -6743,25 +6753,38 @@ class Hub:
                 elif not peers and listener is not None:
                     await cancel_and_wait([listener])
                     listener = None
-                if listener is not None:
-                    await self._look_in_logs()
+                lost = self._lost_batches()
+                if (listener is not None or lost) and await self._look_in_logs():
+                    self._looks_owed = max(0, self._looks_owed - 1)
                 await asyncio.sleep(self._peers_every_s)
         finally:
             if listener is not None:
                 await cancel_and_wait([listener])
 
-    async def _look_in_logs(self) -> None:
+    def _lost_batches(self) -> bool:
+        """Whether batches of scripts were lost lately. The reply to a lost batch never comes,
+        but Redis may run its scripts all the same (it had them, and ran them once it could):
+        their events are logged, and only reach this engine's own sockets from the log. So the
+        hub looks in the logs, alone too, for LOOKS_AFTER_LOSS rounds in which Redis answered
+        once no more batches are lost."""
+        failures = self.store.batch.failures
+        if failures != self._failures_seen:
+            self._failures_seen, self._looks_owed = failures, LOOKS_AFTER_LOSS
+        return self._looks_owed > 0
+
+    async def _look_in_logs(self) -> bool:
         """Pub/Sub can lose another instance's event with nothing to show for it (Redis refused
-        the PUBLISH: an ACL); a socket learns of it from the user's next event, or never if
-        none comes. So each round the users' counters are read, and a socket still behind its
-        user's counter LOOK_GRACE_S later (when events in flight have arrived) reads the log."""
+        the PUBLISH: an ACL), and a lost batch its own (_lost_batches); a socket learns of it
+        from the user's next event, or never if none comes. So each round the users' counters
+        are read, and a socket still behind its user's counter LOOK_GRACE_S later (when events
+        in flight have arrived) reads the log. Answers whether Redis answered."""
         subs = self._every_socket()
         if not subs:
-            return
+            return True
         try:
             counters = await self.store.counters({sub.user_id for sub in subs})
         except REDIS_TRANSIENT:  # looked at again next round
-            return
+            return False
         behind = [(sub, counters.get(sub.user_id, 0)) for sub in subs]
         behind = [(sub, seq) for sub, seq in behind if seq > sub.last_seq]
         if behind:
@@ -6769,6 +6792,7 @@ class Hub:
         for sub, seq in behind:
             if seq > sub.last_seq and not sub.closing:
                 self._offer(sub, _CATCH_UP)
+        return True
 
     async def stop(self) -> None:
         await cancel_and_wait([*self._finishing])

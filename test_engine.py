@@ -4747,6 +4747,67 @@ async def test_a_waiting_order_can_be_cancelled_and_never_fires(
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 
 
+@pytest.mark.parametrize("client_retries", [False, True])
+async def test_an_event_whose_reply_redis_lost_still_reaches_the_engine_s_own_sockets(
+    start: Start, monkeypatch: pytest.MonkeyPatch, client_retries: bool
+) -> None:
+    # One engine, alone: it hands its own events to its sockets from the scripts' replies. The
+    # connection is lost after Redis ran a cancel and before its reply was read: the cancel
+    # took effect, its event is logged, nothing will follow it, and no reply brings it. The
+    # socket must get it all the same: from the log, and at once from the answer to a cancel
+    # sent again.
+    if client_retries:  # the answer to the DELETE sent again alone must bring it
+        monkeypatch.setattr(eng, "LOOKS_AFTER_LOSS", 0)
+    client = await start()
+    store = client.app[eng.ENGINE].store
+    write, read = eng.AutoPipeline._write, eng.AutoPipeline._replies
+    sent: collections.deque[bool] = collections.deque()  # whether to lose each batch's replies
+    to_lose = [True]  # the first batch that holds a cancel
+
+    async def write_noting(pipeline: eng.AutoPipeline, batch: list[Any]) -> None:
+        cancels = any(call.script is store._end for call in batch)
+        sent.append(cancels and bool(to_lose) and to_lose.pop())
+        await write(pipeline, batch)
+
+    async def read_then_lose(connection: Any, count: int) -> list[Any]:
+        replies = await read(connection, count)
+        if sent.popleft():  # Redis ran the cancel; the replies go down with the connection
+            raise RedisConnectionError("connection lost")
+        return replies
+
+    other = await order_id_of(client, {**LIMIT, "limitPrice": 1e6, "userId": "2"})
+    await wait_status(client, other, "waiting")
+    # (Cancelled once as usual first: Redis has the script then, and runs it at once.)
+    assert (await client.delete(f"/api/orders/{other}?userId=2")).status == 200
+    monkeypatch.setattr(eng.AutoPipeline, "_write", write_noting)
+    monkeypatch.setattr(eng.AutoPipeline, "_replies", staticmethod(read_then_lose))
+    async with client.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        order_id = await order_id_of(client, {**LIMIT, "limitPrice": 1e6})
+        await wait_status(client, order_id, "waiting")
+        seen = await events_until(ws, order_id, "waiting")
+        response = await client.delete(f"/api/orders/{order_id}?userId=1")
+        assert response.status == 503  # it may still apply: send it again
+        assert (await get_order(client, order_id))["status"] == "cancelled"  # it did
+        if client_retries:
+            response = await client.delete(f"/api/orders/{order_id}?userId=1")
+            assert (response.status, (await response.json())["status"]) == (200, "cancelled")
+        seen += await events_until(ws, order_id, "cancelled")
+    assert statuses(seen, order_id) == ["pending", "routing", "waiting", "cancelled"]
+    assert [e["seq"] for e in seen] == [1, 2, 3, 4]
+
+
+async def events_until(
+    ws: ClientWebSocketResponse, order_id: str, status: str
+) -> list[dict[str, Any]]:
+    """Events up to the order's `status`, which must come within the deadline."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(DEADLINE_S):
+        while not events or (events[-1]["orderId"], events[-1]["status"]) != (order_id, status):
+            events.append(await receive(ws))
+    return events
+
+
 async def test_a_socket_sees_connected_then_every_status_in_seq_order(start: Start) -> None:
     client = await start()
     async with client.ws_connect("/ws?userId=1") as ws:
