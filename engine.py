@@ -159,6 +159,10 @@ FIELD_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # named back i
 # A request waits this long for Redis, then answers 503 (README, HTTP API: Redis stalled ~2 s).
 REDIS_REQUEST_DEADLINE_S: Final = 2.0
 HTTP_LINGER_S: Final = 2.0  # reading what is left of a refused body before closing
+# What a connection still busy when the engine stops (orders drained, sockets closed) is given to
+# finish before it is cut: a request's Redis deadline and a second more. aiohttp's own default
+# (60 s) held an engine's exit for as long.
+HTTP_SHUTDOWN_S: Final = REDIS_REQUEST_DEADLINE_S + 1
 CONNECTIONS_WARN_EVERY_S: Final = 10.0
 FILE_DESCRIPTORS_SPARE: Final = 256  # beyond the connections: Redis, the embedded Redis, logs
 
@@ -8675,7 +8679,9 @@ async def running(config: Config, **inject: Any) -> AsyncIterator[list[str]]:
     are served once the engine runs. Leaving the block drains (new POSTs get 503 while the
     listener still answers), closes the sockets with 1001 and stops everything."""
     app = create_app(config, **inject)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S
+    )
     connections = app[CONNECTIONS]
 
     def connection() -> Connection:  # a protocol per connection, once the runner is set up
