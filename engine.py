@@ -7082,7 +7082,10 @@ class Hub:
     async def _pump(self, sub: Subscriber, opening: Opening) -> None:
         # Redis was read before `connected` is sent, so whatever the client does after seeing
         # `connected` arrives live: the snapshot or replay it gets first is already fixed.
-        connected = orjson.dumps({"type": "connected", "userId": sub.user_id}).decode()
+        # `seq`: where the socket stands (the snapshot's point, or `since`): what a client that
+        # has seen no event yet resumes from.
+        hello = {"type": "connected", "userId": sub.user_id, "seq": sub.last_seq}
+        connected = orjson.dumps(hello).decode()
         try:
             await self._write(sub, [connected, *opening.at_once])
             if opening.log is not None:
