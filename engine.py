@@ -8113,7 +8113,13 @@ class Connection(web.RequestHandler):
 
     async def start(self) -> None:
         """aiohttp's request loop, but a request it cannot even make (a URL whose host is no
-        valid IDNA name) is answered as malformed, not left to hold the connection for ever."""
+        valid IDNA name) is answered as malformed, not left to hold the connection for ever.
+        And a connection told to close before its loop began (accepted as the engine stopped)
+        is closed: aiohttp's loop would wait for a request, and its shutdown for the loop."""
+        if self.closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
         try:
             await super().start()
         except Exception as exc:

@@ -5741,6 +5741,28 @@ async def connect_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return await asyncio.open_connection(host, int(port))
 
 
+async def test_a_connection_told_to_close_before_it_began_is_closed_not_left_waiting(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the engine stops, aiohttp tells every connection to close; one accepted at that moment
+    # can be told before its request loop has run at all. That loop then waited for a request,
+    # and the engine's exit for the loop (a SIGTERMed engine stayed up 20-30 s).
+    told = asyncio.Event()
+    made = eng.Connection.connection_made
+
+    def made_then_told_to_close(self: eng.Connection, transport: asyncio.BaseTransport) -> None:
+        made(self, transport)
+        self.close()  # what the engine's stop does, before the loop's first step
+        told.set()
+
+    monkeypatch.setattr(eng.Connection, "connection_made", made_then_told_to_close)
+    async with eng.running(replace(config, host="127.0.0.1", port=0)) as urls:
+        reader, writer = await connect_raw(urls[0])
+        await asyncio.wait_for(told.wait(), DEADLINE_S)
+        assert await asyncio.wait_for(reader.read(), DEADLINE_S) == b""  # closed, at once
+        writer.close()
+
+
 async def test_closed_sockets_are_freed_without_the_cyclic_collector(served: Served) -> None:
     # `python engine.py` runs the cyclic collector's full passes rarely (_tune_garbage_collector):
     # a socket caught in a reference cycle once closed stays in memory until one comes, which with
