@@ -2822,6 +2822,10 @@ class _Call:
     reply: asyncio.Future[Any]
     on_reply: Callable[[Any], None] | None = None
 
+    @property
+    def command(self) -> tuple[Any, ...]:
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
 
 class AutoPipeline:
     """Scripts called at the same moment by different workers and handlers go to Redis together,
@@ -2881,11 +2885,11 @@ class AutoPipeline:
         try:
             while self._queue:
                 batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
-                if isinstance(self._client, RedisCluster):
-                    self._answer(batch, await self._cluster_replies(batch))
-                    continue
                 try:
-                    await self._write(batch)
+                    if isinstance(self._client, RedisCluster):
+                        self._answer(batch, await self._cluster_replies(batch))
+                    else:
+                        await self._write(batch)
                 except asyncio.CancelledError:  # (a batch already sent is the reader's)
                     for call in batch:
                         call.reply.cancel()
@@ -2906,7 +2910,7 @@ class AutoPipeline:
             pool = self._client.connection_pool
             self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         connection = self._connection
-        commands = [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in batch]
+        commands = [call.command for call in batch]
         self._flights.append(batch)
         try:
             async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
@@ -2975,13 +2979,9 @@ class AutoPipeline:
         try:
             async with asyncio.timeout(REDIS_SOCKET_TIMEOUT_S):
                 async with self._client.pipeline(transaction=False) as pipe:
-                    for c in batch:
-                        pipe.execute_command("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args)
+                    for call in batch:
+                        pipe.execute_command(*call.command)
                     replies: list[Any] = await pipe.execute(raise_on_error=False)
-        except asyncio.CancelledError:
-            for call in batch:
-                call.reply.cancel()
-            raise
         except Exception as exc:  # the connection failed: every caller of the batch sees it
             self.failures += 1
             return [_batch_error(exc)] * len(batch)
@@ -5882,9 +5882,7 @@ class Engine:
         ahead = []
         while not self._jobs.empty():
             ahead.append(self._jobs.get_nowait())
-        self._inflight.difference_update(ahead)
-        if not self._inflight:
-            self._idle.set()
+        self._let_go(ahead)
         await self._quickly(self.store.requeue(self.instance_id, ahead))
 
     @property
@@ -5962,10 +5960,14 @@ class Engine:
                 if not self.draining:  # one taken ahead is handed back with the rest (drain)
                     await self._process(order_id)
             finally:
-                self._inflight.discard(order_id)
-                self._room.set()
-                if not self._inflight:
-                    self._idle.set()
+                self._let_go([order_id])
+
+    def _let_go(self, order_ids: Iterable[str]) -> None:
+        """These jobs are no longer this engine's to run: room for more, idle once none is."""
+        self._inflight.difference_update(order_ids)
+        self._room.set()
+        if not self._inflight:
+            self._idle.set()
 
     async def _process(self, order_id: str) -> None:
         token = CURRENT_ORDER.set(order_id)  # this worker's log lines name the order it runs
