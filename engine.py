@@ -7419,13 +7419,13 @@ def _unauthorized(code: str, message: str) -> ApiError:
 
 def bearer_token(request: web.Request, *, query: bool = False) -> str | None:
     """The token in `Authorization: Bearer …` (or, for a WebSocket, the `token` parameter)."""
-    header = request.headers.get("Authorization")
+    header = header_value(request, "Authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("TOKEN_INVALID", "Authorization must be Bearer <jwt>")
         return token.strip()
-    return request.query.get("token") if query else None
+    return query_value(request, "token") if query else None
 
 
 def caller(request: web.Request, claimed: object, *, query_token: bool = False) -> str:
@@ -7655,6 +7655,35 @@ def parse_idempotency_key(value: str | None) -> str | None:
     return value
 
 
+# What a query parameter or header given more than once is refused as (the token's, 401).
+REPEATED_CODES: Final = {
+    "userId": "INVALID_USER_ID",
+    "limit": "INVALID_LIMIT",
+    "since": "INVALID_SINCE",
+    "Idempotency-Key": "INVALID_IDEMPOTENCY_KEY",
+}
+
+
+def query_value(request: web.Request, name: str) -> str | None:
+    """A query parameter, given at most once: given twice it is ambiguous (a proxy in front may
+    have read the other one), and refused."""
+    return _once(request.query.getall(name, ()), name)
+
+
+def header_value(request: web.Request, name: str) -> str | None:
+    """A header, given at most once (as a query parameter)."""
+    return _once(request.headers.getall(name, ()), name)
+
+
+def _once(values: Sequence[str], name: str) -> str | None:
+    if len(values) > 1:
+        message = f"{name} is given more than once"
+        if name in ("token", "Authorization"):
+            raise _unauthorized("TOKEN_INVALID", message)
+        raise ApiError(400, REPEATED_CODES[name], message, field=name)
+    return values[0] if values else None
+
+
 def parse_query_int(value: str | None, name: str, low: int, high: int) -> int | None:
     if value is None:
         return None
@@ -7695,6 +7724,10 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    if isinstance(body, dict) and raw.count(b":") > _keys_in(body):
+        # A colon in a string, or a key written twice (which one counts is the parser's pick:
+        # a proxy in front may have read the other).
+        _refuse_repeated_keys(raw)
     if isinstance(body, dict) and isinstance(body.get("amount"), float):
         # orjson has read it as the nearest float: read the number again as written.
         try:
@@ -7704,6 +7737,35 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
         except ArithmeticError:  # an exponent past what a decimal holds
             raise ApiError(400, "INVALID_JSON", "a number in the body is out of range") from None
     return body
+
+
+def _keys_in(value: object) -> int:
+    """The keys of every object in `value`. Each key written in a body comes with a colon, so a
+    body with no more colons than that has no key twice in one object."""
+    keys, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            keys += len(item)
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return keys
+
+
+def _refuse_repeated_keys(raw: bytes) -> None:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ApiError(400, "INVALID_JSON", f"the key {key!r} appears twice in one object")
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        json.loads(raw, object_pairs_hook=unique)
+    except (ValueError, RecursionError):  # what orjson takes and json does not
+        raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -7719,7 +7781,7 @@ async def execute_order(request: web.Request) -> web.Response:
     if user is not None and isinstance(body, dict):
         body = {**body, "userId": claimed_by(user, body.get("userId"))}
     order_request = parse_order_request(body, engine.now())
-    idempotency_key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+    idempotency_key = parse_idempotency_key(header_value(request, "Idempotency-Key"))
     submitted = engine.submit(order_request, idempotency_key)
     created = await within_deadline(engine, submitted, CREATE_UNANSWERED)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None
@@ -7771,7 +7833,7 @@ async def archived(engine: Engine, order_id: str) -> dict[str, Any] | None:
 async def cancel_order(request: web.Request) -> web.Response:
     """DELETE /api/orders/{orderId}?userId=: the owner cancels an order that has not been sent."""
     order_id = request.match_info["order_id"]
-    user_id = caller(request, request.query.get("userId"))
+    user_id = caller(request, query_value(request, "userId"))
     engine = request.app[ENGINE]
     outcome, record = "missing", dict[str, Any]()
     if ORDER_ID_RE.fullmatch(order_id):
@@ -7788,8 +7850,8 @@ async def cancel_order(request: web.Request) -> web.Response:
 
 
 async def list_orders(request: web.Request) -> web.Response:
-    user_id = caller(request, request.query.get("userId"))
-    limit = parse_query_int(request.query.get("limit"), "limit", 1, LIST_LIMIT_MAX)
+    user_id = caller(request, query_value(request, "userId"))
+    limit = parse_query_int(query_value(request, "limit"), "limit", 1, LIST_LIMIT_MAX)
     engine = request.app[ENGINE]
     listing = engine.store.list_orders(user_id, limit or LIST_LIMIT_DEFAULT)
     orders = await within_deadline(engine, listing)
@@ -7882,7 +7944,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     """README, WebSocket. What can be refused is refused before the upgrade, as plain HTTP."""
-    auth, claimed = request.app[AUTH], request.query.get("userId")
+    auth, claimed = request.app[AUTH], query_value(request, "userId")
     expires_at = None
     if auth.enabled:
         user_id, expires_at = auth.claims(bearer_token(request, query=True))
@@ -7891,7 +7953,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             raise _unauthorized("TOKEN_EXPIRED", "the token has expired")
     else:
         user_id = parse_user_id(claimed)
-    since = parse_query_int(request.query.get("since"), "since", 0, 2**53)
+    since = parse_query_int(query_value(request, "since"), "since", 0, 2**53)
     hub = request.app[HUB]
     if not hub.has_room(user_id):
         raise ApiError(

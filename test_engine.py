@@ -5532,6 +5532,9 @@ TEXT = {"Content-Type": "text/plain"}
 LONG_KEY = {"Idempotency-Key": "k" * 129}
 EXECUTE = "/api/orders/execute"
 HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
+TWICE = b'{"userId": "1", "inputToken": "SOL", "outputToken": "USDC", "amount": 1, "userId": "2"}'
+NESTED_TWICE = TWICE.replace(b', "userId": "2"', b', "x": [{"a": "1:2", "a": 2}]')
+TWO_KEYS = [("Idempotency-Key", "a"), ("Idempotency-Key", "b")]
 
 
 @pytest.mark.parametrize(
@@ -5562,6 +5565,15 @@ HUGE = b"{" + b" " * 70_000 + b"}"  # over the 64 KiB limit
         ("GET", f"/ws?userId=1&since={'9' * 4301}", {}, 400, "INVALID_SINCE"),
         ("GET", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
         ("DELETE", EXECUTE, {}, 405, "METHOD_NOT_ALLOWED"),
+        # given twice: which one counts would be the parser's pick (a proxy may read the other)
+        ("POST", EXECUTE, {"data": TWICE, "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"data": NESTED_TWICE, "headers": JSON}, 400, "INVALID_JSON"),
+        ("POST", EXECUTE, {"json": ORDER, "headers": TWO_KEYS}, 400, "INVALID_IDEMPOTENCY_KEY"),
+        ("GET", "/api/orders?userId=1&userId=2", {}, 400, "INVALID_USER_ID"),
+        ("GET", "/api/orders?userId=1&limit=5&limit=6", {}, 400, "INVALID_LIMIT"),
+        ("DELETE", f"/api/orders/order_{'0' * 32}?userId=1&userId=2", {}, 400, "INVALID_USER_ID"),
+        ("GET", "/ws?userId=1&userId=2", {}, 400, "INVALID_USER_ID"),
+        ("GET", "/ws?userId=1&since=1&since=2", {}, 400, "INVALID_SINCE"),
     ],
 )  # fmt: skip
 async def test_requests_that_are_not_json_orders_get_the_error_envelope(
@@ -6458,6 +6470,29 @@ def unsigned(header: dict[str, Any], claims: Any = None) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
 
     return f"{part(header)}.{part(claims or {})}.AAAA"
+
+
+async def test_a_token_given_twice_is_refused_and_places_nothing(
+    start: Start, config: Config
+) -> None:
+    """Two valid tokens in one request: which one counts would be the parser's pick (a proxy in
+    front may have checked the other), so neither does."""
+    client = await start(replace(config, jwt_secret=SECRET))
+    one, two = token("1"), token("2")
+    twice = [("Authorization", f"Bearer {one}"), ("Authorization", f"Bearer {two}")]
+    for method, path, headers in [
+        ("POST", "/api/orders/execute", twice),
+        ("GET", "/api/orders?userId=1", twice),
+        ("GET", f"/ws?userId=1&token={one}&token={two}", []),
+    ]:
+        response = await client.request(method, path, json=ORDER, headers=headers)
+        assert response.status == 401, (method, path)
+        error = (await response.json())["error"]
+        assert error["code"] == "TOKEN_INVALID"
+        assert "given more than once" in error["message"]
+    for user, value in (("1", one), ("2", two)):
+        response = await client.get(f"/api/orders?userId={user}", headers=bearer(value))
+        assert (await response.json())["orders"] == []
 
 
 @pytest.mark.parametrize(
