@@ -2812,7 +2812,9 @@ def connect_redis(
         **extra,
     )
     pool.connection_class = counting(pool.connection_class)
-    return aioredis.Redis(connection_pool=pool)
+    # The client owns its pool and closes its connections as it closes (a client made with
+    # Redis(connection_pool=…) would leave them open: three per engine started and stopped).
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(slots=True)
@@ -8711,6 +8713,10 @@ def create_app(
                 dexes = default_venues(config, chain, clock)
             tracing = Tracing(tracer_provider or tracer_provider_from(config))
             router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics, tracing)
+            # Let go of once the engine has stopped: aiohttp keeps the last 1,024 apps it served
+            # in a cache, and through them their engines, of which the venues (the simulated
+            # market) are nearly all the memory.
+            stack.callback(router.venues.clear)
             history = History(config.database_url) if config.database_url else None
             if history is not None:
                 stack.push_async_callback(history.close)
