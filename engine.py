@@ -69,7 +69,6 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -5541,13 +5540,11 @@ class Router:
         skipped for having no route for the whole amount adds the routes that can take part of
         it to `partial`."""
         asks = {
-            eagerly(self._timed_quote(venue, sell, buy, amount_in)): venue.name
+            asyncio.ensure_future(self._timed_quote(venue, sell, buy, amount_in)): venue.name
             for venue in self.venues.values()
         }
         try:
-            done = {ask for ask in asks if ask.done()}  # answered at once: nothing to wait for
-            if len(done) < len(asks):
-                done, _ = await asyncio.wait(asks, timeout=self._timeout_s)
+            done, _ = await asyncio.wait(asks, timeout=self._timeout_s)
         finally:
             for task in asks:
                 task.cancel()  # the late ones (and all of them if this worker is stopping)
@@ -5653,54 +5650,6 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)
-
-
-def eagerly(coroutine: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """Start `coroutine` as a task would, but run its first step now, as Python 3.12's eager
-    tasks do: one that finishes there (a venue that answers without waiting) costs no task and
-    no turn of the loop, and answers a future already done; one that waits goes on as a task.
-    Both steps run in a context of their own, as a task's do."""
-    loop = asyncio.get_running_loop()
-    context = contextvars.copy_context()
-    try:
-        awaited = context.run(coroutine.send, None)
-    except StopIteration as finished:
-        answered: asyncio.Future[T] = loop.create_future()
-        answered.set_result(finished.value)
-        return answered
-    except (Exception, asyncio.CancelledError) as exc:
-        failed: asyncio.Future[T] = loop.create_future()
-        if isinstance(exc, asyncio.CancelledError):
-            failed.cancel()
-        else:
-            failed.set_exception(exc)
-        return failed
-    return loop.create_task(_resumed(coroutine, awaited), context=context)
-
-
-async def _resumed(coroutine: Coroutine[Any, Any, T], awaited: Any) -> T:
-    """The rest of a coroutine `eagerly` began: wait for what it waits for, then resume it,
-    which reads the outcome itself (a cancelled future raises there, as under a task). A cancel
-    of this task that did not reach the future it waited for (already done) goes in as one."""
-    while True:
-        cancelled = False
-        if awaited is not None:
-            # Handed over, as a task takes a future its coroutine yields: the flag the future set
-            # as it was yielded is cleared, else awaiting it again is refused.
-            awaited._asyncio_future_blocking = False
-        try:
-            await (asyncio.sleep(0) if awaited is None else awaited)  # None: a bare yield
-        except asyncio.CancelledError:
-            cancelled = awaited is None or not awaited.cancelled()
-        except Exception:  # the awaited future's own error: the coroutine reads it
-            pass
-        try:
-            if cancelled:
-                awaited = coroutine.throw(asyncio.CancelledError())
-            else:
-                awaited = coroutine.send(None)
-        except StopIteration as finished:
-            return cast(T, finished.value)
 
 
 @dataclass

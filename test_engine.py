@@ -13,7 +13,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import contextvars
 import gc
 import gzip
 import inspect
@@ -2454,87 +2453,6 @@ async def test_a_venue_that_errors_or_hangs_is_skipped(start: Start, config: Con
     assert [q["dex"] for q in record["quotes"]] == ["ORCA"]
 
 
-WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("where", default="outside")
-
-
-async def test_a_quote_that_answers_at_once_costs_no_task_and_one_that_waits_runs_as_one() -> None:
-    """The router starts each venue's quote eagerly (as Python 3.12's eager tasks): what needs
-    no waiting is done in the call; what waits goes on as a task, in a context of its own."""
-
-    async def at_once() -> str:
-        WHERE.set("inside")
-        return "quoted"
-
-    async def failing_at_once() -> str:
-        raise eng.VenueError("no pool", "NO_ROUTE")
-
-    answered = eng.eagerly(at_once())
-    assert not isinstance(answered, asyncio.Task)
-    assert (answered.done(), answered.result(), WHERE.get()) == (True, "quoted", "outside")
-    failed = eng.eagerly(failing_at_once())
-    assert isinstance(failed.exception(), eng.VenueError)
-
-    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    seen: list[str] = []
-
-    async def waiting() -> str:
-        WHERE.set("inside")
-        await asyncio.sleep(0)  # a bare yield
-        seen.append(WHERE.get())
-        price = await gate
-        seen.append(WHERE.get())
-        return f"quoted at {price}"
-
-    running = eng.eagerly(waiting())
-    assert isinstance(running, asyncio.Task)
-    assert not running.done()
-    gate.set_result(7)
-    assert await running == "quoted at 7"
-    assert (seen, WHERE.get()) == (["inside", "inside"], "outside")
-
-
-@pytest.mark.parametrize("when", ["waiting", "its future just answered"])
-async def test_an_eagerly_started_quote_cancelled_sees_the_cancel_and_ends_cancelled(
-    when: str,
-) -> None:
-    """A cancel while the quote waits reaches it through what it waits for; one that comes when
-    that has just answered (the quote not yet resumed) is thrown into it, as a task's would be."""
-    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    cleaned: list[str] = []
-
-    async def waiting() -> int:
-        try:
-            return await gate
-        except asyncio.CancelledError:
-            cleaned.append("cancelled")
-            raise
-
-    running = eng.eagerly(waiting())
-    await asyncio.sleep(0)
-    if when != "waiting":
-        gate.set_result(1)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert running.cancelled()
-    assert cleaned == ["cancelled"]
-
-
-async def test_an_eagerly_started_quote_reads_the_error_of_what_it_waited_for() -> None:
-    gate: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-    async def waiting() -> str:
-        try:
-            await gate
-        except ConnectionResetError as exc:
-            return f"caught {exc}"
-        return "not caught"
-
-    running = eng.eagerly(waiting())
-    gate.set_exception(ConnectionResetError("reset"))
-    assert await running == "caught reset"
-
-
 async def test_sol_is_wrapped_going_in_and_unwrapped_coming_out(start: Start) -> None:
     client = await start()
     async with client.ws_connect("/ws?userId=1") as ws:
@@ -4193,15 +4111,14 @@ async def test_shutdowns_in_a_row_never_use_up_an_order_s_attempts(
 
 @dataclass
 class PausingVenue(ScriptedVenue):
-    """A venue whose first quote, once under way (the router waiting for it), stops the whole
-    process (a long garbage collection, a SIGSTOP): the event loop stands still for `pause_s`,
-    and the quote's own short wait only starts after it."""
+    """A venue whose first quote stops the whole process as it begins (a long garbage
+    collection, a SIGSTOP): the event loop stands still for `pause_s`, and the quote's own
+    short wait only starts after it."""
 
     pause_s: float = 0.0
 
     async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
         if self.pause_s:
-            await asyncio.sleep(0)
             time.sleep(self.pause_s)  # noqa: ASYNC251  (the point: nothing else runs meanwhile)
             self.pause_s = 0
         await asyncio.sleep(0.05)
