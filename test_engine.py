@@ -2453,6 +2453,32 @@ async def test_a_venue_that_errors_or_hangs_is_skipped(start: Start, config: Con
     assert [q["dex"] for q in record["quotes"]] == ["ORCA"]
 
 
+@dataclass
+class TimingOutVenue(ScriptedVenue):
+    """A venue that bounds its own call with a timeout, as a real one's HTTP client does, and
+    gives up on a source that does not answer."""
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.Event().wait()
+        except TimeoutError:
+            raise eng.VenueError("its price source timed out") from None
+        raise AssertionError("unreachable")
+
+
+async def test_a_venue_whose_own_timeout_expires_is_skipped_and_the_order_goes_on(
+    start: Start, config: Config
+) -> None:
+    """The venue's timeout cancels the venue's quote and nothing else (a quote run in the
+    worker's own task would have it cancel the worker)."""
+    venues = [TimingOutVenue("RAYDIUM", price=120.0), ScriptedVenue("METEORA", price=90.0)]
+    client = await start(replace(config, quote_timeout_ms=2_000), venues=venues)
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"], record["attempts"]) == ("confirmed", "METEORA", 1)
+    assert [quote["dex"] for quote in record["quotes"]] == ["METEORA"]
+
+
 async def test_sol_is_wrapped_going_in_and_unwrapped_coming_out(start: Start) -> None:
     client = await start()
     async with client.ws_connect("/ws?userId=1") as ws:
