@@ -69,6 +69,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -8733,8 +8734,11 @@ async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
     starting = asyncio.current_task()
     assert starting is not None
     watch = asyncio.create_task(stop.wait())
+    interrupted = False
 
     def interrupt(_: object) -> None:  # stop set while starting: start-up is cut short
+        nonlocal interrupted
+        interrupted = True
         starting.cancel()
 
     watch.add_done_callback(interrupt)
@@ -8744,7 +8748,9 @@ async def serve(config: Config, stop: asyncio.Event, **inject: Any) -> None:
             await stop.wait()
             log.info("shutting down", extra={"graceS": config.shutdown_grace_s})
     except asyncio.CancelledError:
-        if not stop.is_set() or starting.uncancel():
+        # Ours (stop set while starting) and no one else's: start-up was cut short. A cancel
+        # from outside, whenever it came, stays one.
+        if not interrupted or starting.uncancel():
             raise
         raise StartupError("stopped while starting") from None
     finally:
@@ -8756,7 +8762,20 @@ async def running(config: Config, **inject: Any) -> AsyncIterator[list[str]]:
     """The whole engine for as long as the block runs; yields the URLs it listens on. The port is
     bound first, so that a port in use stops start-up before anything else has started; requests
     are served once the engine runs. Leaving the block drains (new POSTs get 503 while the
-    listener still answers), closes the sockets with 1001 and stops everything."""
+    listener still answers), closes the sockets with 1001 and stops everything.
+
+    A cancel of the task stops start-up, or leaves the block, and the shutdown then runs to its
+    end (bounded by the grace period) before the cancel is raised on. On Python 3.11 the
+    libraries' waits (wait_for, which redis-py wraps around every write) drop a cancel that
+    arrives as what they wait for completes: one requested still counts (Task.cancelling())."""
+    task = asyncio.current_task()
+    assert task is not None
+    cancels = task.cancelling()
+
+    def cancelled_meanwhile() -> None:
+        if task.cancelling() > cancels:
+            raise asyncio.CancelledError
+
     app = create_app(config, **inject)
     runner = web.AppRunner(
         app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S
@@ -8767,22 +8786,37 @@ async def running(config: Config, **inject: Any) -> AsyncIterator[list[str]]:
         assert runner.server is not None
         return Connection(runner.server, connections, config.http_timeout_s)
 
+    async def shut_down() -> None:
+        await _drain(app)
+        listener.close()
+        await runner.cleanup()
+
     listener = await _listen(config, connection)
     try:
         await runner.setup()
         try:
+            cancelled_meanwhile()
             await listener.start_serving()
             urls = [_url(sock.getsockname()) for sock in listener.sockets]
             for url in urls:
                 log.info("listening", extra={"url": url})
             yield urls
-            await _drain(app)
         finally:
-            listener.close()
-            await runner.cleanup()
+            await to_the_end(shut_down())
+        cancelled_meanwhile()
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+async def to_the_end(operation: Coroutine[Any, Any, None]) -> None:
+    """Run `operation` to its end even if the caller is cancelled meanwhile (each cancel stays
+    requested: Task.cancelling() counts it, for the caller to raise once it is done)."""
+    running_to_the_end = asyncio.ensure_future(operation)
+    while not running_to_the_end.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(running_to_the_end)
+    running_to_the_end.result()
 
 
 async def _listen(config: Config, protocol: Callable[[], asyncio.Protocol]) -> asyncio.Server:
