@@ -8398,6 +8398,9 @@ async def _wait_until_serving(proc: asyncio.subprocess.Process, sock: Path) -> N
 async def _stop_process(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.terminate()  # redis-server writes out its AOF on SIGTERM
+        # A stopped server (SIGSTOP, a frozen host) acts on it only once continued: else it
+        # would be killed, its AOF not written out, after EMBEDDED_STOP_TIMEOUT_S.
+        proc.send_signal(signal.SIGCONT)
     try:
         async with asyncio.timeout(EMBEDDED_STOP_TIMEOUT_S):
             await proc.wait()

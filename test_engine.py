@@ -6857,6 +6857,30 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
         await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
 
 
+async def test_an_engine_stopped_while_its_embedded_redis_stands_still_stops_it_cleanly(
+    config: Config, processes: Processes
+) -> None:
+    """SIGTERM with the embedded redis-server stopped (SIGSTOP, a frozen host): the engine gives
+    up its Redis steps (2 s each) and stops the server, which writes out its AOF and exits as
+    on any stop, rather than being killed once it has not answered SIGTERM for 10 s."""
+    env = engine_env(replace(config, redis_url=None), ENGINE_SHUTDOWN_GRACE_S="0.2")
+    process = await processes.spawn(env)
+    url = await process.url()
+    async with ClientSession() as http:
+        await reach(http, url, [await place(http, url)], "confirmed")
+    [server] = [
+        child
+        for child in psutil.Process(process.proc.pid).children()
+        if "redis-server" in child.name()
+    ]
+    server.suspend()
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.exit_code() == 0
+    said = (config.data_dir / "redis.log").read_text()
+    assert "Received SIGTERM" in said.split("Server initialized")[-1]
+    assert "ready to exit" in said.split("Server initialized")[-1]
+
+
 async def test_orders_of_an_engine_killed_while_redis_refuses_hset_are_recovered_once_each(
     start: Start,
     config: Config,
