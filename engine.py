@@ -129,6 +129,7 @@ if TYPE_CHECKING:  # optional features: imported when configured (see history_er
 API_BODY_MAX_BYTES: Final = 64 * 1024
 USER_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 ORDER_ID_RE: Final = re.compile(r"order_[0-9a-f]{32}")
+INSTANCE_RE: Final = re.compile(r"\S{1,255}-[0-9]+-[0-9a-f]{6}")  # Engine.instance_id
 IDEMPOTENCY_KEY_RE: Final = re.compile(r"[\x20-\x7e]{1,128}")
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
 # What a replayed Idempotency-Key answers as its order's status once the order's record has
@@ -347,6 +348,8 @@ EMBEDDED_RESTART_MAX_S: Final = 5.0  # between tries to start again an embedded 
 UNIX_SOCKET_PATH_MAX: Final = 100
 DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DATA_DIR
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
+# The engines of this DATA_DIR that stopped cleanly while Redis was away (StopNotes).
+DATA_DIR_UNTOLD_STOPS: Final = "stopped-while-redis-was-away"
 
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
@@ -5723,6 +5726,38 @@ async def persist(
             _held_up_by_redis(waited_s=time.monotonic() - started)
 
 
+class StopNotes:
+    """The engines of a DATA_DIR that stopped cleanly while Redis was away, and so could neither
+    hand their orders back nor leave the draining mark that says they did not die. The next
+    engine started on that DATA_DIR does both for them before its first recovery round: their
+    orders come back as a clean shutdown's (no recovery counted), not as a dead engine's."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / DATA_DIR_UNTOLD_STOPS
+
+    def leave(self, instance: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as notes:
+                notes.write(f"{instance}\n")
+        except OSError as exc:
+            log.warning("could not note the stop in DATA_DIR", extra={"error": str(exc)})
+
+    def read(self) -> list[str]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("could not read the stops noted in DATA_DIR", extra={"error": str(exc)})
+            return []
+        return list(dict.fromkeys(line for line in lines if INSTANCE_RE.fullmatch(line)))
+
+    def forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 class Engine:
     """Runs orders: a fetcher moves jobs from the pending list into this instance's processing list
     while a worker is free, ENGINE_CONCURRENCY workers execute them, and background loops keep the
@@ -5746,6 +5781,7 @@ class Engine:
         self.store = store
         self.router = router
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.stop_notes = StopNotes(config.data_dir)
         self.draining = False
         self._clock = clock
         self._rng = rng or random.Random(config.seed)
@@ -5826,11 +5862,24 @@ class Engine:
     async def start(self) -> None:
         # Redis may go away between the start-up check and here: wait for it as start-up does.
         await within_startup_wait("redis", persist("heartbeat", self._beat))
+        await self._hand_back_for_untold_stops()
         self._task = asyncio.create_task(self._run(), name="engine")
         log.info(
             "engine started",
             extra={"instance": self.instance_id, "concurrency": self.config.concurrency},
         )
+
+    async def _hand_back_for_untold_stops(self) -> None:
+        """What the engines of this DATA_DIR that stopped while Redis was away could not do:
+        hand their orders back, with the draining mark (StopNotes)."""
+        for instance in self.stop_notes.read():
+            handing_back = persist("hand-back", self.store.recover, instance, only_if_dead=False)
+            requeued = await within_startup_wait("redis", handing_back)
+            log.info(
+                "handed back the orders of an engine that stopped while redis was away",
+                extra={"instance": instance, "requeued": requeued},
+            )
+        self.stop_notes.forget()
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -5873,7 +5922,13 @@ class Engine:
         await self.stop()
         requeued = await self._quickly(self.store.recover(self.instance_id, only_if_dead=False))
         if requeued is None:
-            how = "another instance or the next start will" if marked else "recovery will"
+            if not marked:
+                self.stop_notes.leave(self.instance_id)
+            how = (
+                "another instance or the next start will"
+                if marked
+                else "the next engine started on this DATA_DIR will, or recovery"
+            )
             log.error("could not hand orders back on shutdown; %s", how)
             return
         log.info("drained", extra={"unfinished": unfinished, "requeued": requeued})

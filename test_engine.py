@@ -6857,6 +6857,37 @@ async def test_python_engine_py_runs_with_its_embedded_redis_and_keeps_orders(
         await wait_for(lambda: not _pings(data / "redis.sock"), "the embedded redis to stop")
 
 
+async def test_clean_stops_while_redis_is_down_count_no_death_once_an_engine_starts_again(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    """Stopped cleanly while Redis was away (restarted with the application, say), an engine can
+    neither hand its orders back nor leave the mark that says it did not die: it notes the stop
+    in DATA_DIR, and the next engine started there does both for it. Three such stops under one
+    order would otherwise fail it with RECOVERY_LIMIT."""
+    own = replace(config, redis_url=own_redis.url, shutdown_grace_s=0.1, quote_timeout_ms=60_000)
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", quote_gate=held)
+    client = await start(own, venues=[venue])
+    order_id = await order_id_of(client)
+    for stop in range(3):
+
+        async def routing_here(client: TestClient[Any, Any] = client, stop: int = stop) -> bool:
+            history = (await get_order(client, order_id))["history"]
+            return [entry["status"] for entry in history].count("routing") == stop + 1
+
+        await wait_for(routing_here, "the order's attempt on this engine")
+        own_redis.kill()
+        await client.close()  # a clean stop, every Redis step refused
+        assert (own.data_dir / eng.DATA_DIR_UNTOLD_STOPS).exists()
+        own_redis.start()
+        client = await start(own, venues=[venue])
+    assert not (own.data_dir / eng.DATA_DIR_UNTOLD_STOPS).exists()
+    held.set()
+    record = await wait_status(client, order_id, "confirmed", "failed")
+    assert (record["status"], record["recoveries"]) == ("confirmed", 0)
+    assert record["attemptsGivenBack"] == 3
+
+
 async def test_an_engine_stopped_while_its_embedded_redis_stands_still_stops_it_cleanly(
     config: Config, processes: Processes
 ) -> None:
