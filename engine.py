@@ -5911,7 +5911,11 @@ class Engine:
         if self._drained:
             return
         self._drained = self.draining = True
-        marked = await self._quickly(self.store.mark_draining(self.instance_id, self._mark_ttl_s))
+        # Kept as long as an order is: whoever finds its orders, however long Redis was away
+        # before, sees it (a mark that lapsed first would make the shutdown a death).
+        marked = await self._quickly(
+            self.store.mark_draining(self.instance_id, self.config.order_ttl_s)
+        )
         if self._fetcher is not None:
             await cancel_and_wait([self._fetcher])
         await self._hand_back_ahead()
@@ -5942,11 +5946,6 @@ class Engine:
             ahead.append(self._jobs.get_nowait())
         self._let_go(ahead)
         await self._quickly(self.store.requeue(self.instance_id, ahead))
-
-    @property
-    def _mark_ttl_s(self) -> int:
-        """How long the draining mark must last: past the heartbeat, the grace and recovery."""
-        return self.config.heartbeat_ttl_s + math.ceil(self.config.shutdown_grace_s) + 60
 
     @staticmethod
     async def _quickly(operation: Awaitable[T]) -> T | None:
