@@ -350,6 +350,7 @@ DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DAT
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
 # The engines of this DATA_DIR that stopped cleanly while Redis was away (StopNotes).
 DATA_DIR_UNTOLD_STOPS: Final = "stopped-while-redis-was-away"
+STOP_NOTES_MAX_BYTES: Final = 64 * 1024  # about a thousand stops
 
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
@@ -5744,18 +5745,25 @@ class StopNotes:
             log.warning("could not note the stop in DATA_DIR", extra={"error": str(exc)})
 
     def read(self) -> list[str]:
+        """The instances noted, from a regular file only, and only as much of it as notes can
+        fill (whatever else lies there, a FIFO or a link to a device, must not hold start-up)."""
         try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as exc:
+            if not self.path.is_file():
+                if self.path.exists():
+                    log.warning("not a file: the stops noted in DATA_DIR are ignored")
+                return []
+            with self.path.open("rb") as notes:
+                lines = notes.read(STOP_NOTES_MAX_BYTES).decode(errors="replace").splitlines()
+        except OSError as exc:
             log.warning("could not read the stops noted in DATA_DIR", extra={"error": str(exc)})
             return []
         return list(dict.fromkeys(line for line in lines if INSTANCE_RE.fullmatch(line)))
 
     def forget(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # read back again at the next start: handed back twice, harmless
+            log.warning("could not clear the stops noted in DATA_DIR", extra={"error": str(exc)})
 
 
 class Engine:

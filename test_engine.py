@@ -6890,6 +6890,33 @@ async def test_clean_stops_while_redis_is_down_count_no_death_once_an_engine_sta
     assert record["attemptsGivenBack"] == 3
 
 
+@pytest.mark.parametrize("what", ["a FIFO", "a link to /dev/zero", "a huge file", "garbage"])
+def test_stop_notes_in_data_dir_that_are_no_notes_hold_nothing_up(
+    tmp_path: Path, what: str
+) -> None:
+    """Whatever lies where the notes go, start-up reads them at once and takes only names."""
+    notes = eng.StopNotes(tmp_path)
+    if what == "a FIFO":
+        os.mkfifo(notes.path)  # reading it would wait for a writer for ever
+    elif what == "a link to /dev/zero":
+        notes.path.symlink_to("/dev/zero")  # reading it would never end
+    elif what == "a huge file":
+        notes.path.write_bytes(b"host-1-abcdef\n" + b"x" * 10_000_000)
+    else:
+        notes.path.write_bytes(b"\xff\xfe\x00 not an instance\nhost-2-0a1b2c\n")
+    expected = {"a huge file": ["host-1-abcdef"], "garbage": ["host-2-0a1b2c"]}
+    assert notes.read() == expected.get(what, [])
+
+
+def test_stop_notes_that_cannot_be_cleared_do_not_stop_start_up(tmp_path: Path) -> None:
+    notes = eng.StopNotes(tmp_path)
+    notes.path.mkdir()  # where the notes go, something that cannot be removed as a file
+    (notes.path / "inside").touch()
+    assert notes.read() == []
+    notes.forget()  # logged, not raised: the engine starts all the same
+    assert notes.path.is_dir()
+
+
 async def test_an_engine_stopped_while_its_embedded_redis_stands_still_stops_it_cleanly(
     config: Config, processes: Processes
 ) -> None:
