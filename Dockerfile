@@ -25,6 +25,7 @@ EXPOSE 3000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\", \"3000\")}/livez', timeout=2)"
 
-# SIGTERM (docker stop) drains in-flight orders for ENGINE_SHUTDOWN_GRACE_S; give it that long.
+# SIGTERM (docker stop) drains in-flight orders for ENGINE_SHUTDOWN_GRACE_S; give it that long
+# plus 10 s (docker stop -t, stop_grace_period), or a stalled Redis can get it killed mid-drain.
 STOPSIGNAL SIGTERM
 CMD ["python", "engine.py"]
