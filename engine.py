@@ -7789,18 +7789,15 @@ async def read_json(request: web.Request, timeout_s: float) -> object:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
-    if isinstance(body, dict) and raw.count(b":") > _keys_in(body):
-        # A colon in a string, or a key written twice (which one counts is the parser's pick:
-        # a proxy in front may have read the other).
-        _refuse_repeated_keys(raw)
-    if isinstance(body, dict) and isinstance(body.get("amount"), float):
-        # orjson has read it as the nearest float: read the number again as written.
-        try:
-            body["amount"] = json.loads(raw, parse_float=Decimal)["amount"]
-        except (ValueError, RecursionError):  # what orjson takes and json does not
-            raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
-        except ArithmeticError:  # an exponent past what a decimal holds
-            raise ApiError(400, "INVALID_JSON", "a number in the body is out of range") from None
+    if isinstance(body, dict):
+        # orjson has read a fractional amount as the nearest float: it is read again as written.
+        # More colons than keys: a colon in a string, or a key written twice (which one counts
+        # is the parser's pick: a proxy in front may have read the other).
+        exact = isinstance(body.get("amount"), float)
+        if exact or raw.count(b":") > _keys_in(body):
+            again = _read_again(raw, exact=exact)
+            if exact:
+                body["amount"] = again["amount"]
     return body
 
 
@@ -7818,7 +7815,10 @@ def _keys_in(value: object) -> int:
     return keys
 
 
-def _refuse_repeated_keys(raw: bytes) -> None:
+def _read_again(raw: bytes, *, exact: bool) -> dict[str, Any]:
+    """The body (an object) read again by the standard parser, once for both reasons: a key
+    written twice in one object is refused, and with `exact` fractions are read as decimals."""
+
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
@@ -7828,9 +7828,12 @@ def _refuse_repeated_keys(raw: bytes) -> None:
         return dict(pairs)
 
     try:
-        json.loads(raw, object_pairs_hook=unique)
+        again = json.loads(raw, object_pairs_hook=unique, parse_float=Decimal if exact else float)
     except (ValueError, RecursionError):  # what orjson takes and json does not
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    except ArithmeticError:  # an exponent past what a decimal holds
+        raise ApiError(400, "INVALID_JSON", "a number in the body is out of range") from None
+    return cast(dict[str, Any], again)
 
 
 # -- handlers -------------------------------------------------------------------------------------
