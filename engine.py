@@ -5870,7 +5870,12 @@ class Engine:
     async def start(self) -> None:
         # Redis may go away between the start-up check and here: wait for it as start-up does.
         await within_startup_wait("redis", persist("heartbeat", self._beat))
+        self._beaten_at = time.monotonic()
         await self._hand_back_for_untold_stops()
+        # A new engine cannot tell a dead instance from one restarted with Redis (a deployment
+        # restarting everything): the others get a heartbeat's time to beat again, or to hand
+        # back what they noted (StopNotes), before it judges anyone dead.
+        self._lapsed_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="engine")
         log.info(
             "engine started",

@@ -6890,6 +6890,51 @@ async def test_clean_stops_while_redis_is_down_count_no_death_once_an_engine_sta
     assert record["attemptsGivenBack"] == 3
 
 
+async def test_engines_restarted_together_with_redis_each_hand_back_their_own_orders(
+    start: Start, config: Config, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A deployment restarts Redis and its engines together, each engine having stopped while
+    Redis was away. The first one up gives the others a heartbeat's time before it takes anyone
+    for dead, so each hands its own orders back (no death), rather than the first recovering
+    them the moment it starts, as a dead engine's."""
+    own = replace(config, redis_url=own_redis.url, shutdown_grace_s=0.1, quote_timeout_ms=60_000)
+    held = asyncio.Event()
+    venue = ScriptedVenue("RAYDIUM", quote_gate=held)
+    second = await start(own, venues=[venue])
+    order_id = await order_id_of(second)
+    await wait_status(second, order_id, "routing")
+    instance = second.app[eng.ENGINE].instance_id
+    heartbeat = eng.Keys(own.redis_prefix).heartbeat(instance)
+    own_redis.kill()
+    await second.close()  # a clean stop, noted in its DATA_DIR
+    own_redis.start()
+    async with aioredis.Redis.from_url(own_redis.url) as redis:
+
+        async def lapsed() -> bool:
+            return not await redis.exists(heartbeat)
+
+        async def recovery_rounds() -> int:
+            stats = await redis.info("commandstats")
+            return int(stats.get("cmdstat_smembers", {}).get("calls", 0))  # one a round
+
+        await wait_for(lapsed, "the stopped engine's heartbeat to lapse")
+        first_up = replace(own, data_dir=tmp_path / "first", heartbeat_ttl_s=4)
+        await start(first_up, venues=[ScriptedVenue("RAYDIUM")])
+
+        async def looked_twice() -> bool:
+            return await recovery_rounds() >= 2
+
+        await wait_for(looked_twice, "two recovery rounds of the first engine up")
+        assert await redis.lrange(eng.Keys(own.redis_prefix).processing(instance), 0, -1) == [
+            order_id.encode()
+        ]  # not taken for a dead engine's: its own engine may be starting too
+    second = await start(own, venues=[venue])
+    held.set()
+    record = await wait_status(second, order_id, "confirmed", "failed")
+    assert (record["status"], record["recoveries"]) == ("confirmed", 0)
+    assert record["attemptsGivenBack"] == 1
+
+
 @pytest.mark.parametrize("what", ["a FIFO", "a link to /dev/zero", "a huge file", "garbage"])
 def test_stop_notes_in_data_dir_that_are_no_notes_hold_nothing_up(
     tmp_path: Path, what: str
