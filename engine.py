@@ -350,7 +350,8 @@ DATA_DIR_LOCK: Final = "engine.lock"  # held (flock) by the engine that owns DAT
 DATA_DIR_PROBE: Final = ".writable"  # created and removed at start: can the engine write here?
 # The engines of this DATA_DIR that stopped cleanly while Redis was away (StopNotes).
 DATA_DIR_UNTOLD_STOPS: Final = "stopped-while-redis-was-away"
-STOP_NOTES_MAX_BYTES: Final = 64 * 1024  # about a thousand stops
+STOP_NOTES_MAX: Final = 1000  # stops noted in DATA_DIR that one start reads
+STOP_NOTE_MAX_BYTES: Final = 4096  # a note: where the stopped engine's orders are
 
 # The Lua scripts, one convention for all of them:
 # - KEYS holds every key the caller can name, in the order the script's header lists. Where the
@@ -5730,40 +5731,69 @@ async def persist(
 class StopNotes:
     """The engines of a DATA_DIR that stopped cleanly while Redis was away, and so could neither
     hand their orders back nor leave the draining mark that says they did not die. The next
-    engine started on that DATA_DIR does both for them before its first recovery round: their
-    orders come back as a clean shutdown's (no recovery counted), not as a dead engine's."""
+    engine started on that DATA_DIR with the same Redis and prefix does both for them before its
+    first recovery round: their orders come back as a clean shutdown's (no recovery counted),
+    not as a dead engine's. A file per stop, named after the instance and holding where its
+    orders are (`place`), so that engines sharing a DATA_DIR never rewrite each other's notes."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, place: str) -> None:
         self.path = directory / DATA_DIR_UNTOLD_STOPS
+        self.place = place
+
+    def check(self) -> None:
+        """Say at start, not at the stop that would need it, that no stop could be noted."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / DATA_DIR_PROBE
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            message = "DATA_DIR cannot be written: a stop while redis is away will count as a death"
+            log.warning(message, extra={"error": str(exc)})
 
     def leave(self, instance: str) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as notes:
-                notes.write(f"{instance}\n")
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / instance).write_text(self.place)
         except OSError as exc:
             log.warning("could not note the stop in DATA_DIR", extra={"error": str(exc)})
 
     def read(self) -> list[str]:
-        """The instances noted, from a regular file only, and only as much of it as notes can
-        fill (whatever else lies there, a FIFO or a link to a device, must not hold start-up)."""
+        """The instances noted for this Redis and prefix, from regular files only, and only as
+        much of each as a note can fill (whatever else lies there, a FIFO or a link to a
+        device, must not hold start-up)."""
+        mine, unread = [], 0
         try:
-            if not self.path.is_file():
+            if not self.path.is_dir():
                 if self.path.exists():
-                    log.warning("not a file: the stops noted in DATA_DIR are ignored")
+                    log.warning("not a directory: the stops noted in DATA_DIR are ignored")
                 return []
-            with self.path.open("rb") as notes:
-                lines = notes.read(STOP_NOTES_MAX_BYTES).decode(errors="replace").splitlines()
+            with os.scandir(self.path) as entries:
+                for entry in itertools.islice(entries, STOP_NOTES_MAX):
+                    if entry.name == DATA_DIR_PROBE:
+                        continue
+                    if not (
+                        INSTANCE_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
+                    ):
+                        unread += 1
+                        continue
+                    with open(entry.path, "rb") as note:
+                        place = note.read(STOP_NOTE_MAX_BYTES).decode(errors="replace")
+                    if place == self.place:
+                        mine.append(entry.name)
         except OSError as exc:
             log.warning("could not read the stops noted in DATA_DIR", extra={"error": str(exc)})
-            return []
-        return list(dict.fromkeys(line for line in lines if INSTANCE_RE.fullmatch(line)))
+        if unread:
+            log.warning("not notes of stops, left alone in DATA_DIR", extra={"entries": unread})
+        return sorted(mine)
 
-    def forget(self) -> None:
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as exc:  # read back again at the next start: handed back twice, harmless
-            log.warning("could not clear the stops noted in DATA_DIR", extra={"error": str(exc)})
+    def forget(self, instances: Iterable[str]) -> None:
+        for instance in instances:
+            try:
+                (self.path / instance).unlink(missing_ok=True)
+            except OSError as exc:  # read again at the next start: handed back twice, harmless
+                message = "could not clear a stop noted in DATA_DIR"
+                log.warning(message, extra={"instance": instance, "error": str(exc)})
 
 
 class Engine:
@@ -5789,7 +5819,7 @@ class Engine:
         self.store = store
         self.router = router
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.stop_notes = StopNotes(config.data_dir)
+        self.stop_notes = StopNotes(config.data_dir, redis_place(config))
         self.draining = False
         self._clock = clock
         self._rng = rng or random.Random(config.seed)
@@ -5885,14 +5915,16 @@ class Engine:
     async def _hand_back_for_untold_stops(self) -> None:
         """What the engines of this DATA_DIR that stopped while Redis was away could not do:
         hand their orders back, with the draining mark (StopNotes)."""
-        for instance in self.stop_notes.read():
+        notes = await asyncio.to_thread(self.stop_notes.read)
+        for instance in notes:
             handing_back = persist("hand-back", self.store.recover, instance, only_if_dead=False)
             requeued = await within_startup_wait("redis", handing_back)
             log.info(
                 "handed back the orders of an engine that stopped while redis was away",
                 extra={"instance": instance, "requeued": requeued},
             )
-        self.stop_notes.forget()
+        await asyncio.to_thread(self.stop_notes.forget, notes)
+        await asyncio.to_thread(self.stop_notes.check)
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -8669,6 +8701,12 @@ async def _first_answer(client: aioredis.Redis) -> dict[str, Any]:
                 raise redis_errors.RedisError(str(exc)) from None
             log.warning("redis unavailable; will retry", extra={"error": str(exc)})
             await backoff.wait()
+
+
+def redis_place(config: Config) -> str:
+    """Where an engine's orders are: its Redis (no password) and key prefix."""
+    where = "embedded" if config.redis_url is None else redacted(config.redis_url)
+    return f"{where} {config.redis_prefix}"
 
 
 def redacted(url: str) -> str:

@@ -22,6 +22,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -6879,11 +6880,17 @@ async def test_clean_stops_while_redis_is_down_count_no_death_once_an_engine_sta
 
         await wait_for(routing_here, "the order's attempt on this engine")
         own_redis.kill()
+        instance = client.app[eng.ENGINE].instance_id
         await client.close()  # a clean stop, every Redis step refused
-        assert (own.data_dir / eng.DATA_DIR_UNTOLD_STOPS).exists()
+        note = own.data_dir / eng.DATA_DIR_UNTOLD_STOPS / instance
+        assert note.exists()
         own_redis.start()
+        if stop == 0:  # an engine of another prefix on this DATA_DIR leaves the note alone
+            other = replace(own, redis_prefix=f"other{own.redis_prefix}")
+            await (await start(other, venues=[ScriptedVenue("RAYDIUM")])).close()
+            assert note.exists()
         client = await start(own, venues=[venue])
-    assert not (own.data_dir / eng.DATA_DIR_UNTOLD_STOPS).exists()
+        assert not note.exists()
     held.set()
     record = await wait_status(client, order_id, "confirmed", "failed")
     assert (record["status"], record["recoveries"]) == ("confirmed", 0)
@@ -6939,27 +6946,61 @@ async def test_engines_restarted_together_with_redis_each_hand_back_their_own_or
 def test_stop_notes_in_data_dir_that_are_no_notes_hold_nothing_up(
     tmp_path: Path, what: str
 ) -> None:
-    """Whatever lies where the notes go, start-up reads them at once and takes only names."""
-    notes = eng.StopNotes(tmp_path)
+    """Whatever lies where the notes go, start-up reads them at once and takes only its own."""
+    notes = eng.StopNotes(tmp_path, "embedded t:")
+    notes.leave("host-1-abcdef")
+    odd = notes.path / "host-2-0a1b2c"
     if what == "a FIFO":
-        os.mkfifo(notes.path)  # reading it would wait for a writer for ever
+        os.mkfifo(odd)  # reading it would wait for a writer for ever
     elif what == "a link to /dev/zero":
-        notes.path.symlink_to("/dev/zero")  # reading it would never end
+        odd.symlink_to("/dev/zero")  # reading it would never end
     elif what == "a huge file":
-        notes.path.write_bytes(b"host-1-abcdef\n" + b"x" * 10_000_000)
+        odd.write_bytes(b"embedded t:" + b"x" * 10_000_000)
     else:
-        notes.path.write_bytes(b"\xff\xfe\x00 not an instance\nhost-2-0a1b2c\n")
-    expected = {"a huge file": ["host-1-abcdef"], "garbage": ["host-2-0a1b2c"]}
-    assert notes.read() == expected.get(what, [])
+        odd.write_bytes(b"\xff\xfe\x00 not a place")
+        (notes.path / "not an instance").write_text("embedded t:")
+    assert notes.read() == ["host-1-abcdef"]
 
 
-def test_stop_notes_that_cannot_be_cleared_do_not_stop_start_up(tmp_path: Path) -> None:
-    notes = eng.StopNotes(tmp_path)
-    notes.path.mkdir()  # where the notes go, something that cannot be removed as a file
-    (notes.path / "inside").touch()
+def test_stop_notes_are_each_engine_s_own_redis_and_prefix(tmp_path: Path) -> None:
+    """Engines on one DATA_DIR with other Redis servers or prefixes leave each other's notes."""
+    url = "redis://user:secret@redis.internal:6380/2"
+    here = eng.StopNotes(tmp_path, eng.redis_place(Config(redis_url=url, redis_prefix="a:")))
+    here.leave("host-1-abcdef")
+    assert "secret" not in (here.path / "host-1-abcdef").read_text()
+    places = [
+        Config(redis_url=url, redis_prefix="b:"),
+        Config(redis_url="redis://user:secret@redis.internal:6380/3", redis_prefix="a:"),
+        Config(redis_url=None, redis_prefix="a:"),
+    ]
+    for config in places:
+        other = eng.StopNotes(tmp_path, eng.redis_place(config))
+        assert other.read() == []
+    rotated = Config(redis_url=url.replace("secret", "rotated"), redis_prefix="a:")
+    again = eng.StopNotes(tmp_path, eng.redis_place(rotated))  # a new password: the same Redis
+    assert again.read() == ["host-1-abcdef"]
+    again.forget(["host-1-abcdef"])
+    assert again.read() == []
+
+
+def test_stop_notes_that_cannot_be_cleared_do_not_stop_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notes = eng.StopNotes(tmp_path, "embedded t:")
+    notes.path.mkdir()
+    (notes.path / "host-1-abcdef").mkdir()  # a note that cannot be removed as a file
+    (notes.path / "host-1-abcdef" / "inside").touch()
     assert notes.read() == []
-    notes.forget()  # logged, not raised: the engine starts all the same
-    assert notes.path.is_dir()
+    notes.forget(["host-1-abcdef"])  # logged, not raised: the engine starts all the same
+    assert (notes.path / "host-1-abcdef").is_dir()
+    shutil.rmtree(notes.path)
+    notes.path.touch()  # a file where the notes go: none can be written
+    notes.check()  # logged at start: a stop while Redis is away could not be noted
+    notes.leave("host-2-0a1b2c")  # logged, not raised
+    said = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("DATA_DIR cannot be written") for message in said)
+    assert "could not note the stop in DATA_DIR" in said
+    assert notes.read() == []
 
 
 async def test_an_engine_stopped_while_its_embedded_redis_stands_still_stops_it_cleanly(
