@@ -6272,6 +6272,32 @@ async def test_a_recovery_check_held_in_a_stalled_redis_takes_no_live_engine_s_o
         await redis.aclose()
 
 
+async def test_an_execution_a_redis_stall_holds_past_its_timeout_is_given_back(
+    start: Start, config: Config, own_redis: RedisServer
+) -> None:
+    """The simulated venues' chain is in Redis: a stall that holds the transaction's record past
+    the execution timeout is the engine's trouble, not the venue's, and uses no attempt."""
+    stalls = replace(
+        config,
+        redis_url=own_redis.url,
+        dex_latency_scale=0.1,  # the transaction is recorded 0.2-0.3 s after it is sent
+        quote_timeout_ms=5000,
+        execution_timeout_ms=1000,
+        max_attempts=1,  # a counted failure would fail the order
+    )
+    client = await start(stalls)
+    order_id = await order_id_of(client)
+    await wait_status(client, order_id, "submitted")
+    own_redis.signal(signal.SIGSTOP)
+    try:
+        await hold_fault(1.5)  # past the execution timeout
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    record = await wait_status(client, order_id, "confirmed", "failed")
+    assert (record["status"], record["attemptsGivenBack"]) == ("confirmed", 1)
+    assert "EXECUTION_TIMEOUT" in [entry.get("code") for entry in record["history"]]
+
+
 async def test_a_stalled_redis_answers_503_in_time_and_a_keyed_retry_finds_the_one_order(
     start: Start, config: Config, own_redis: RedisServer
 ) -> None:
