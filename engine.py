@@ -8965,8 +8965,9 @@ async def _serve_until_signalled(config: Config) -> None:
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     """The first SIGINT or SIGTERM drains (README, the queue); a second one ends the process at
-    once. Its unfinished orders stay in its processing list and are recovered as after a crash,
-    and the embedded Redis is stopped by the kernel's parent-death signal."""
+    once. Its unfinished orders stay in its processing list and are recovered as after a crash
+    (as a shutdown's, by the draining mark), and the embedded Redis is stopped by the kernel's
+    parent-death signal."""
     if not stop.is_set():
         log.info("%s: draining; send it again to stop at once", sig.name)
         stop.set()

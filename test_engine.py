@@ -7223,6 +7223,7 @@ async def test_a_second_signal_during_the_drain_stops_at_once_and_loses_nothing(
     survivor = await start()  # recovers the order once the dead engine's heartbeat expires
     record = await wait_status(survivor, order_id, "confirmed")
     assert await landed_transactions(redis, config) == {order_id: [record["txHash"]]}
+    assert record["recoveries"] == 0  # the drain's mark: a shutdown, not a death
 
 
 ROLLING_USERS = 4
