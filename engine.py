@@ -5741,15 +5741,12 @@ class StopNotes:
         self.place = place
 
     def check(self) -> None:
-        """Say at start, not at the stop that would need it, that no stop could be noted."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / DATA_DIR_PROBE
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
+        """Say at start, not at the stop that would need it, that no stop could be noted (a
+        read-only mount, say), writing nothing: with REDIS_URL, DATA_DIR may not exist yet."""
+        there = next(path for path in (self.path, *self.path.parents) if path.exists())
+        if (there == self.path and not there.is_dir()) or not os.access(there, os.W_OK | os.X_OK):
             message = "DATA_DIR cannot be written: a stop while redis is away will count as a death"
-            log.warning(message, extra={"error": str(exc)})
+            log.warning(message, extra={"path": str(there)})
 
     def leave(self, instance: str) -> None:
         try:
@@ -5770,8 +5767,6 @@ class StopNotes:
                 return []
             with os.scandir(self.path) as entries:
                 for entry in itertools.islice(entries, STOP_NOTES_MAX):
-                    if entry.name == DATA_DIR_PROBE:
-                        continue
                     if not (
                         INSTANCE_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)
                     ):
