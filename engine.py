@@ -5813,7 +5813,10 @@ class Engine:
         self.tracing = tracing or Tracing()
         self.store = store
         self.router = router
-        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        # The host name as a word (a space in one would split the Pub/Sub messages that name
+        # the instance, and its stop notes would not be read back).
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:200] or "host"
+        self.instance_id = f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stop_notes = StopNotes(config.data_dir, redis_place(config))
         self.draining = False
         self._clock = clock

@@ -6968,6 +6968,23 @@ async def test_engines_restarted_together_with_redis_each_hand_back_their_own_or
     assert record["attemptsGivenBack"] == 1
 
 
+async def test_an_engine_on_a_host_whose_name_has_a_space_names_itself_in_one_word(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The instance's name goes into Pub/Sub messages (split at spaces) and stop notes."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "my host\n")
+    first, second = await start(), await start()
+    instance = first.app[eng.ENGINE].instance_id
+    assert eng.INSTANCE_RE.fullmatch(instance)
+    assert instance.startswith("my_host_-")
+    async with first.ws_connect("/ws?userId=1") as ws:
+        assert (await receive(ws))["type"] == "connected"
+        order_id = await order_id_of(second)  # its events reach the first over Pub/Sub
+        events = await events_until_done(ws, order_id)
+    assert statuses(events, order_id) == HAPPY_PATH
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 @pytest.mark.parametrize("what", ["a FIFO", "a link to /dev/zero", "a huge file", "garbage"])
 def test_stop_notes_in_data_dir_that_are_no_notes_hold_nothing_up(
     tmp_path: Path, what: str
