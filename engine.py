@@ -1979,6 +1979,8 @@ def venue_factory(path: str) -> Callable[[Config], Any]:
         factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"names nothing importable ({exc})") from None
+    except BaseException as exc:  # the module's own error as it is imported (even SystemExit)
+        raise ValueError(f"failed as it was imported: {venue_text(repr(exc))}") from None
     if not callable(factory):
         raise ValueError("must name a class or function")
     return cast(Callable[[Config], Any], factory)
@@ -1988,19 +1990,15 @@ def plugged_venues(config: Config) -> list[Venue]:
     """The venues ENGINE_VENUES=package.module:factory makes; each must have the Venue methods."""
     try:
         made = venue_factory(config.venues)(config)
-    except Exception as exc:  # the factory's own error: one line, as for any setting
-        raise ConfigError(f"ENGINE_VENUES {config.venues} failed: {exc!r}") from None
+    except ValueError as exc:
+        raise ConfigError(f"ENGINE_VENUES {config.venues} {exc}") from None
+    except BaseException as exc:  # the factory's own error (even SystemExit): one line
+        message = f"ENGINE_VENUES {config.venues} failed: {venue_text(repr(exc))}"
+        raise ConfigError(message) from None
     venues = list(made) if isinstance(made, list | tuple) else [made]
     if not venues:
         raise ConfigError(f"ENGINE_VENUES {config.venues} made no venue")
-    for venue in venues:
-        missing = [name for name in VENUE_METHODS if not callable(getattr(venue, name, None))]
-        if missing or not isinstance(getattr(venue, "name", None), str):
-            raise ConfigError(
-                f"ENGINE_VENUES {config.venues} made {venue!r}, not a venue "
-                f"(it needs a name and {', '.join(VENUE_METHODS)})"
-            )
-    return venues
+    return checked_venues(venues, f"ENGINE_VENUES {config.venues}")
 
 
 def _flag(text: str) -> bool:
@@ -3919,6 +3917,121 @@ class Venue(Protocol):
 
 
 VENUE_METHODS: Final = ("quote", "execute", "lookup", "has_pool")
+VENUE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # shown in records, logs and metrics
+VENUE_CODE_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,47}")
+VENUE_TEXT_MAX: Final = 500  # characters of a venue's error message kept
+VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for before it is let go
+AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
+
+
+class VenueFault(Exception):
+    """What a venue did that breaks its contract: an answer of the wrong shape, or something
+    raised that is no Exception (SystemExit, KeyboardInterrupt, GeneratorExit, a BaseException of
+    its own, a CancelledError nobody asked for). asyncio would end the process, the worker or
+    the engine's task group with those; here they are the venue's error like any other."""
+
+
+async def venue_call(call: Awaitable[T]) -> T:
+    """Await a venue's coroutine: what it raises other than a VenueError (or a Redis error of
+    the simulated chain) is a VenueFault."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():  # ours: a timeout or a shutdown
+            raise
+        raise VenueFault("CancelledError, unasked") from None
+    except (VenueError, *REDIS_TRANSIENT):  # its failure, or Redis's (the simulated chain's)
+        raise
+    except BaseException as exc:
+        raise VenueFault(f"{type(exc).__name__}: {exc}") from exc
+
+
+def venue_text(message: object) -> str:
+    """A venue's message as records and logs may hold it: one line, bounded."""
+    text = "".join(c if c.isprintable() else " " for c in str(message)[:VENUE_TEXT_MAX])
+    return text if len(str(message)) <= VENUE_TEXT_MAX else text + "..."
+
+
+def venue_code(code: object) -> str:
+    """A venue's failure code, if it is one (an upper-case word); else EXECUTION_FAILED."""
+    return code if isinstance(code, str) and VENUE_CODE_RE.fullmatch(code) else "EXECUTION_FAILED"
+
+
+def _amount(value: object) -> bool:
+    return type(value) is int and 0 <= value < AMOUNT_MAX
+
+
+def _finite(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def checked_quote(quote: object, dex: str) -> Quote:
+    """The venue's quote, if it is one the router can use (VenueFault otherwise)."""
+    if not (
+        isinstance(quote, Quote)
+        and quote.dex == dex
+        and _amount(quote.amount_out)
+        and _finite(quote.price)
+        and _finite(quote.fee)
+        and _finite(quote.price_impact_pct)
+        and (quote.valid_until_slot is None or type(quote.valid_until_slot) is int)
+        and isinstance(quote.legs, tuple)
+        and all(isinstance(leg, Leg) and leg.dex == dex for leg in quote.legs)
+        and isinstance(quote.routes, tuple)
+        and isinstance(quote.labels, tuple)
+        and all(isinstance(label, str) for label in quote.labels)
+    ):
+        raise VenueFault(f"not a usable quote: {venue_text(repr(quote))}")
+    return quote
+
+
+def checked_fill(fill: object) -> Fill:
+    if not (
+        isinstance(fill, Fill)
+        and isinstance(fill.tx_hash, str)
+        and _amount(fill.amount_out)
+        and _finite(fill.price)
+        and fill.price >= 0
+        and isinstance(fill.route_plan, tuple)
+    ):
+        raise VenueFault(f"not a usable fill: {venue_text(repr(fill))}")
+    return fill
+
+
+def checked_status(status: object) -> TxStatus | None:
+    if status is None:
+        return None
+    if not isinstance(status, TxStatus) or not isinstance(status.landed, bool):
+        raise VenueFault(f"not a transaction's status: {venue_text(repr(status))}")
+    if status.landed:
+        return TxStatus(True, checked_fill(status.fill))
+    return TxStatus(False, code=venue_code(status.code), error=venue_text(status.error))
+
+
+def checked_venues(venues: Sequence[Any], source: str) -> list[Venue]:
+    """Venues the engine can run: each with a name of its own and the Venue methods."""
+    names: set[str] = set()
+    for venue in venues:
+        missing = [name for name in VENUE_METHODS if not callable(getattr(venue, name, None))]
+        try:
+            name = getattr(venue, "name", None)
+        except Exception:
+            name = None
+        if missing or not isinstance(name, str):
+            raise ConfigError(
+                f"{source} made {venue_text(repr(venue))}, not a venue "
+                f"(it needs a name and {', '.join(VENUE_METHODS)})"
+            )
+        if not VENUE_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"{source} made a venue named {venue_text(repr(name))}: a name is 1 to 32 of "
+                "letters, digits, _ . -"
+            )
+        if name in names:
+            raise ConfigError(f"{source} made two venues named {name}")
+        names.add(name)
+    return list(venues)
 
 
 def slot_at(ts: float) -> int:
@@ -5531,7 +5644,16 @@ class Router:
         return from_units(best, buy) / from_units(amount_in, sell)
 
     def listed(self, sell: Token, buy: Token) -> bool:
-        return any(venue.has_pool(sell, buy) for venue in self.venues.values())
+        return any(self._has_pool(venue, sell, buy) for venue in self.venues.values())
+
+    @staticmethod
+    def _has_pool(venue: Venue, sell: Token, buy: Token) -> bool:
+        try:
+            return venue.has_pool(sell, buy) is True
+        except BaseException as exc:  # one venue's error hides no other venue's pool
+            reason = venue_text(f"{type(exc).__name__}: {exc}")
+            log.warning("venue skipped", extra={"dex": venue.name, "reason": reason})
+            return False
 
     async def quotes(
         self,
@@ -5559,10 +5681,10 @@ class Router:
             if task not in done or task.cancelled():
                 skipped[dex] = f"no answer within {self._timeout_s:g} s"
             elif (error := task.exception()) is not None:  # a venue's failure stays its own
-                known = isinstance(error, VenueError)
-                skipped[dex] = str(error) if known else f"{type(error).__name__}: {error}"
+                known = isinstance(error, VenueError | VenueFault)
+                skipped[dex] = venue_text(error if known else f"{type(error).__name__}: {error}")
                 if isinstance(error, VenueError) and partial is not None:
-                    partial += error.routes
+                    partial += tuple(route for route in error.routes if isinstance(route, Route))
             else:
                 quotes.append(task.result())
         for dex, reason in skipped.items():
@@ -5573,7 +5695,8 @@ class Router:
         started, outcome = time.perf_counter(), "error"
         try:
             with self._tracing.span("quote", dex=venue.name):
-                quote = await venue.quote(sell, buy, amount_in)
+                quoted = await venue_call(venue.quote(sell, buy, amount_in))
+            quote = checked_quote(quoted, venue.name)
             outcome = "ok"
             return quote
         except asyncio.CancelledError:
@@ -5583,24 +5706,29 @@ class Router:
             self._metrics.observe("quote", venue.name, outcome, time.perf_counter() - started)
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
+        """The venue's execution, in a task of its own: its timeout ends the attempt even when
+        the venue does not let itself be cancelled (that task is let go, and logged)."""
         started, outcome = time.perf_counter(), "ok"
-        try:
-            async with asyncio.timeout(timeout_s):
-                with self._tracing.span("execute", dex=tx.dex):
-                    return await self._venue(tx.dex).execute(tx)
-        except TimeoutError:
-            outcome = "timeout"
-            raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
-        except VenueError as exc:
-            outcome = "failed"
-            raise AttemptFailed(exc.code, str(exc), exc.sent) from None
-        finally:
-            self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
+        with self._tracing.span("execute", dex=tx.dex):
+            running = asyncio.ensure_future(venue_call(self._venue(tx.dex).execute(tx)))
+            try:
+                done, _ = await asyncio.wait((running,), timeout=timeout_s)
+                if not done:
+                    outcome = "timeout"
+                    raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout")
+                return checked_fill(running.result())
+            except VenueError as exc:
+                outcome = "failed"
+                raise AttemptFailed(venue_code(exc.code), venue_text(exc), exc.sent) from None
+            finally:
+                if not running.done():
+                    await let_go(running, f"{tx.dex} execute")
+                self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
     async def lookup(self, sent: SentTx) -> TxStatus | None:
         venue = self.venues.get(sent.dex.split("+")[0])
         if venue is not None:
-            return await venue.lookup(sent)
+            return checked_status(await venue_call(venue.lookup(sent)))
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
         if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
@@ -5619,9 +5747,11 @@ class Router:
         if sign is None:
             return tx
         try:
-            signed: SwapTx = await sign(tx)
+            signed = await venue_call(sign(tx))
         except VenueError as exc:
-            raise AttemptFailed(exc.code, str(exc)) from None
+            raise AttemptFailed(venue_code(exc.code), venue_text(exc)) from None
+        if not isinstance(signed, SwapTx):
+            raise VenueFault(f"not a signed transaction: {venue_text(repr(signed))}")
         return signed
 
     def _venue(self, dex: str) -> Venue:
@@ -5642,6 +5772,17 @@ def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+async def let_go(task: asyncio.Future[Any], what: str) -> None:
+    """Cancel a venue's call and wait VENUE_LET_GO_S at most for it to end: one that will not
+    be cancelled is left running (logged), rather than holding up its worker for ever."""
+    task.cancel()
+    await asyncio.wait((task,), timeout=VENUE_LET_GO_S)
+    if not task.done():
+        log.error("a venue call ignores its cancellation; left running", extra={"call": what})
+    elif not task.cancelled():
+        task.exception()  # retrieved: asyncio does not log it as never retrieved
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
@@ -6101,10 +6242,10 @@ class Engine:
                 extra={"orderId": order_id, "reason": str(exc)},
             )
             await persist("release", self.store.release_job, self.instance_id, order_id)
-        except Exception:
+        except Exception as exc:
             log.exception("order processing failed unexpectedly", extra={"orderId": order_id})
             try:
-                await worker.give_up()
+                await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
                 message = "could not end the order; it is taken up again when this engine restarts"
                 log.exception(message, extra={"orderId": order_id})
@@ -6617,12 +6758,16 @@ class _Attempt:
         )
         return excused and self.order.given_back < GIVEN_BACK_MAX
 
-    async def give_up(self) -> None:
+    async def give_up(self, error: Exception) -> None:
         """After an unexpected error: fail the order rather than leave it stuck in our list. An
         order whose transaction was sent asks the chain first, as every path out of `submitted`
-        does: a swap that landed is confirmed, never reported failed."""
+        does: a swap that landed is confirmed, never reported failed. (A venue that cannot say,
+        its lookup broken too, leaves the order as it is, to be taken up again.)"""
         order = self.order
-        internal = AttemptFailed("INTERNAL_ERROR", "internal error while executing the order")
+        message = "internal error while executing the order"
+        if isinstance(error, VenueFault):
+            message = f"the venue broke its contract: {error}"
+        internal = AttemptFailed("INTERNAL_ERROR", message)
         try:
             if order.status is Status.SUBMITTED and (sent := order.sent) is not None:
                 with contextlib.suppress(AttemptFailed):  # it did not land: fail it below
@@ -8959,6 +9104,15 @@ async def _serve_until_signalled(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, sig, stop)
     await serve(config, stop)
+    # Stopped. A task still running is a venue call that would not be cancelled (let go while
+    # the engine ran): asyncio would wait for it for ever as the loop closes; the process ends.
+    leftover = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in leftover:
+        task.cancel()
+    if leftover and (await asyncio.wait(leftover, timeout=VENUE_LET_GO_S))[1]:
+        log.error("stopped; calls that ignore their cancellation are left behind")
+        logging.shutdown()
+        os._exit(0)
 
 
 def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:

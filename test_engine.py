@@ -3571,6 +3571,96 @@ def failing_factory(config: Config) -> object:
     raise RuntimeError("the venue's credentials are missing")
 
 
+def exiting_factory(config: Config) -> object:
+    raise SystemExit(7)  # a library's idea of a fatal error
+
+
+def odd_names(config: Config) -> list[ScriptedVenue]:
+    return [ScriptedVenue("A+B")]  # "+" joins the venues of a split
+
+
+def one_name_twice(config: Config) -> list[ScriptedVenue]:
+    return [ScriptedVenue("SAME", price=99.0), ScriptedVenue("SAME", price=101.0)]
+
+
+@dataclass
+class Stubborn(ScriptedVenue):
+    """Its quotes never answer and will not be cancelled."""
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        while True:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+
+def stubborn(config: Config) -> list[ScriptedVenue]:
+    return [Stubborn("STUBBORN"), ScriptedVenue("GOOD")]
+
+
+class Other(BaseException):
+    """A BaseException of a venue's own."""
+
+
+# How a venue breaks its contract: what it raises, or returns instead of a quote or a fill.
+RAISED: dict[str, BaseException] = {
+    "KeyboardInterrupt": KeyboardInterrupt(),
+    "SystemExit": SystemExit(3),
+    "GeneratorExit": GeneratorExit(),
+    "a BaseException of its own": Other("its own"),
+    "CancelledError, unasked": asyncio.CancelledError(),
+}
+
+
+@dataclass
+class Misbehaving(ScriptedVenue):
+    """Quotes better than the honest venue, then breaks its contract as `how` says, once (in
+    its quote, or in its execution: `where`); honest after that."""
+
+    how: str = ""
+    where: str = "quote"
+    released: bool = False  # ends an execution that ignores its cancellation
+
+    def broken(self, where: str) -> bool:
+        if self.where != where or not self.how:
+            return False
+        self.where = ""
+        return True
+
+    async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+        quote = await super().quote(sell, buy, amount_in)
+        if not self.broken("quote"):
+            return quote
+        if self.how in RAISED:
+            raise RAISED[self.how]
+        wrong: dict[str, Any] = {
+            "None": None,
+            "a dict": {"dex": self.name, "amount_out": quote.amount_out},
+            "another venue's name": replace(quote, dex="GOOD"),
+            "a NaN amount": replace(quote, amount_out=cast(int, math.nan)),
+            "an amount past u64": replace(quote, amount_out=10**40),
+            "an amount as text": replace(quote, amount_out=cast(int, str(quote.amount_out))),
+        }
+        return cast(eng.Quote, wrong[self.how])
+
+    async def execute(self, tx: eng.SwapTx) -> eng.Fill:
+        if not self.broken("execute"):
+            return await super().execute(tx)
+        if self.how in RAISED:
+            raise RAISED[self.how]
+        if self.how == "ignoring its cancellation":
+            while not self.released:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+            raise eng.VenueError("released", sent=False)
+        fill = await super().execute(tx)  # landed: the chain knows, whatever it answers
+        wrong: dict[str, Any] = {
+            "a NaN fill": replace(fill, amount_out=cast(int, math.nan)),
+            "a negative fill": replace(fill, amount_out=-1),
+            "no fill": "landed",
+        }
+        return cast(eng.Fill, wrong[self.how])
+
+
 async def test_a_venue_named_by_its_import_path_routes_and_fills_orders(
     start: Start, config: Config
 ) -> None:
@@ -3618,6 +3708,9 @@ async def test_a_plugged_venue_s_errors_are_the_engine_s_own_under_python_engine
     [
         ("not_a_venue", "made <object object at 0x"),
         ("failing_factory", 'failed: RuntimeError("the venue\'s credentials are missing")'),
+        ("exiting_factory", "failed: SystemExit(7)"),
+        ("odd_names", "made a venue named 'A+B': a name is 1 to 32 of letters, digits"),
+        ("one_name_twice", "made two venues named SAME"),
     ],
 )
 async def test_a_factory_that_fails_or_makes_no_venue_stops_the_engine_with_one_line(
@@ -3629,6 +3722,115 @@ async def test_a_factory_that_fails_or_makes_no_venue_stops_the_engine_with_one_
     line = engine.lines[-1]  # after the embedded Redis, started and stopped again
     assert line.startswith(f"engine: configuration error: ENGINE_VENUES test_engine:{factory} ")
     assert says in line
+
+
+async def test_quotes_that_will_not_be_cancelled_hold_up_neither_orders_nor_the_stop(
+    config: Config, processes: Processes
+) -> None:
+    engine = await processes.spawn(engine_env(config, ENGINE_VENUES="test_engine:stubborn"))
+    url = await engine.url()
+    async with ClientSession() as http:
+        [record] = await reach(http, url, [await place(http, url)], "confirmed")
+    assert record["dex"] == "GOOD"
+    engine.proc.send_signal(signal.SIGTERM)
+    assert await engine.exit_code() == 0
+    assert "calls that ignore their cancellation are left behind" in engine.lines[-1]
+
+
+def test_a_venue_module_that_fails_as_it_is_imported_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit(9)\n")
+    (tmp_path / "broken_syntax.py").write_text("def venue(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("exits_on_import", "broken_syntax"):
+        with pytest.raises(eng.ConfigError, match=r"^ENGINE_VENUES failed as it was imported"):
+            Config.load({"ENGINE_VENUES": f"{module}:venue"})
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        *RAISED,
+        "None",
+        "a dict",
+        "another venue's name",
+        "a NaN amount",
+        "an amount past u64",
+        "an amount as text",
+    ],
+)
+async def test_a_venue_whose_quote_breaks_its_contract_is_skipped_and_the_engine_lives_on(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    evil = Misbehaving("EVIL", price=101.0, how=how)
+    client = await start(replace(config, concurrency=1), venues=[evil, ScriptedVenue("GOOD")])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"]) == ("confirmed", "GOOD")
+    skipped = [r for r in caplog.records if r.getMessage() == "venue skipped"]
+    assert [getattr(r, "dex", None) for r in skipped] == ["EVIL"]
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"]) == ("confirmed", "EVIL")  # honest again: the best
+
+
+@pytest.mark.parametrize(
+    ("how", "ends"),
+    [
+        *((how, "failed") for how in RAISED),  # it never landed: the chain says so at its expiry
+        ("a NaN fill", "confirmed"),  # it landed: the chain says so
+        ("a negative fill", "confirmed"),
+        ("no fill", "confirmed"),
+        ("ignoring its cancellation", "failed"),
+    ],
+)
+async def test_a_venue_whose_execution_breaks_its_contract_ends_the_order_and_no_worker(
+    start: Start, config: Config, how: str, ends: str
+) -> None:
+    """One worker: the second order confirms only if the first one's worker lived on."""
+    evil = Misbehaving("EVIL", how=how, where="execute")
+    once = replace(config, concurrency=1, max_attempts=1, execution_timeout_ms=300)
+    client = await start(once, venues=[evil])
+    try:
+        record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+        assert record["status"] == ends
+        if how in RAISED:
+            assert record["code"] == "INTERNAL_ERROR"
+            assert record["error"].startswith("the venue broke its contract: ")
+        elif ends == "failed":
+            assert record["code"] == "EXECUTION_TIMEOUT"
+        else:
+            assert record["amountOut"] == 199.4  # as the chain has it
+        record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+        assert record["status"] == "confirmed"
+    finally:
+        evil.released = True
+
+
+async def test_a_venue_s_error_code_and_message_are_kept_to_one_bounded_line(
+    start: Start, config: Config
+) -> None:
+    @dataclass
+    class Rude(ScriptedVenue):
+        async def execute(self, tx: eng.SwapTx) -> eng.Fill:
+            raise eng.VenueError("x\nforged log line " + "y" * 2_000_000, "NOT A CODE\nforged")
+
+    client = await start(replace(config, max_attempts=1), venues=[Rude("RAYDIUM")])
+    record = await wait_status(client, await order_id_of(client), "failed")
+    assert record["code"] == "EXECUTION_FAILED"
+    assert record["error"].startswith("x forged log line yyy")
+    assert len(record["error"]) <= eng.VENUE_TEXT_MAX + 3
+    assert record["error"].isprintable()
+
+
+async def test_a_venue_whose_pool_check_raises_hides_no_other_venue_s_pool(start: Start) -> None:
+    @dataclass
+    class Raising(ScriptedVenue):
+        def has_pool(self, sell: eng.Token, buy: eng.Token) -> bool:
+            raise KeyError("pool?")
+
+    client = await start(venues=[Raising("EVIL", price=90.0), ScriptedVenue("GOOD")])
+    record = await wait_status(client, await order_id_of(client, sniper("listing")), "confirmed")
+    assert record["dex"] == "GOOD"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════════════
