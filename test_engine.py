@@ -3691,13 +3691,22 @@ async def test_a_factory_that_makes_no_venue_stops_start_up(start: Start, config
         await start(replace(config, venues="test_engine:not_a_venue"))
 
 
+async def plugged_order(
+    config: Config, processes: Processes, factory: str, *statuses: str
+) -> tuple[EngineProcess, dict[str, Any]]:
+    """A real `python engine.py` with ENGINE_VENUES=test_engine:<factory>, and the record of
+    one order placed on it once it has reached one of `statuses`."""
+    engine = await processes.spawn(engine_env(config, ENGINE_VENUES=f"test_engine:{factory}"))
+    url = await engine.url()
+    async with ClientSession() as http:
+        [record] = await reach(http, url, [await place(http, url)], *statuses)
+    return engine, record
+
+
 async def test_a_plugged_venue_s_errors_are_the_engine_s_own_under_python_engine_py(
     config: Config, processes: Processes
 ) -> None:
-    engine = await processes.spawn(engine_env(config, ENGINE_VENUES="test_engine:erring"))
-    url = await engine.url()
-    async with ClientSession() as http:
-        [record] = await reach(http, url, [await place(http, url)], "confirmed", "failed")
+    engine, record = await plugged_order(config, processes, "erring", "confirmed", "failed")
     assert (record["status"], record["attempts"]) == ("confirmed", 2)
     assert record["history"][4]["code"] == "SLIPPAGE_EXCEEDED"  # an attempt's failure, retried
     assert not [line for line in engine.lines if "Traceback" in line or "unexpectedly" in line]
@@ -3727,10 +3736,7 @@ async def test_a_factory_that_fails_or_makes_no_venue_stops_the_engine_with_one_
 async def test_quotes_that_will_not_be_cancelled_hold_up_neither_orders_nor_the_stop(
     config: Config, processes: Processes
 ) -> None:
-    engine = await processes.spawn(engine_env(config, ENGINE_VENUES="test_engine:stubborn"))
-    url = await engine.url()
-    async with ClientSession() as http:
-        [record] = await reach(http, url, [await place(http, url)], "confirmed")
+    engine, record = await plugged_order(config, processes, "stubborn", "confirmed")
     assert record["dex"] == "GOOD"
     engine.proc.send_signal(signal.SIGTERM)
     assert await engine.exit_code() == 0
