@@ -1980,7 +1980,7 @@ def venue_factory(path: str) -> Callable[[Config], Any]:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"names nothing importable ({exc})") from None
     except BaseException as exc:  # the module's own error as it is imported (even SystemExit)
-        raise ValueError(f"failed as it was imported: {venue_text(repr(exc))}") from None
+        raise ValueError(f"failed as it was imported: {shown(exc)}") from None
     if not callable(factory):
         raise ValueError("must name a class or function")
     return cast(Callable[[Config], Any], factory)
@@ -1993,9 +1993,9 @@ def plugged_venues(config: Config) -> list[Venue]:
     except ValueError as exc:
         raise ConfigError(f"ENGINE_VENUES {config.venues} {exc}") from None
     except BaseException as exc:  # the factory's own error (even SystemExit): one line
-        message = f"ENGINE_VENUES {config.venues} failed: {venue_text(repr(exc))}"
+        message = f"ENGINE_VENUES {config.venues} failed: {shown(exc)}"
         raise ConfigError(message) from None
-    venues = list(made) if isinstance(made, list | tuple) else [made]
+    venues = _read(lambda: list(made) if isinstance(made, list | tuple) else [made], [made])
     if not venues:
         raise ConfigError(f"ENGINE_VENUES {config.venues} made no venue")
     return checked_venues(venues, f"ENGINE_VENUES {config.venues}")
@@ -3918,6 +3918,10 @@ class Venue(Protocol):
 
 VENUE_METHODS: Final = ("quote", "execute", "lookup", "has_pool")
 VENUE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # shown in records, logs and metrics
+VENUE_NAME_MAX: Final = 64  # characters of a pool's or an AMM's name in a quote
+LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has four)
+SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
+ROUTES_MAX: Final = 64  # routes a venue offers the split search
 VENUE_CODE_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,47}")
 VENUE_TEXT_MAX: Final = 500  # characters of a venue's error message kept
 VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for before it is let go
@@ -3931,26 +3935,58 @@ class VenueFault(Exception):
     the engine's task group with those; here they are the venue's error like any other."""
 
 
-async def venue_call(call: Awaitable[T]) -> T:
-    """Await a venue's coroutine: what it raises other than a VenueError (or a Redis error of
-    the simulated chain) is a VenueFault."""
+async def venue_call(venue: Venue, method: str, *args: Any) -> Any:
+    """Call a venue's coroutine method and await it: what it raises other than a VenueError (or
+    a Redis error of the simulated chain) is a VenueFault, and a VenueError comes out as one of
+    plain values, whatever the venue's subclass does when it is read."""
     try:
-        return await call
+        return await getattr(venue, method)(*args)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is None or task.cancelling():  # ours: a timeout or a shutdown
             raise
         raise VenueFault("CancelledError, unasked") from None
-    except (VenueError, *REDIS_TRANSIENT):  # its failure, or Redis's (the simulated chain's)
+    except REDIS_TRANSIENT:
         raise
+    except VenueError as exc:
+        raise plain_error(exc) from None
     except BaseException as exc:
-        raise VenueFault(f"{type(exc).__name__}: {exc}") from exc
+        raise VenueFault(described(exc)) from None
+
+
+def _read(read: Callable[[], T], default: T) -> T:
+    """A value of the venue's objects, read as it may fail (a property that raises)."""
+    try:
+        return read()
+    except BaseException:
+        return default
+
+
+def plain_error(exc: VenueError) -> VenueError:
+    none: tuple[Route, ...] = ()
+    routes = _read(lambda: tuple(r for r in exc.routes if isinstance(r, Route)), none)
+    return VenueError(
+        venue_text(exc),
+        venue_code(_read(lambda: exc.code, None)),
+        sent=_read(lambda: exc.sent is not False, True),
+        routes=routes[:ROUTES_MAX],
+    )
+
+
+def described(exc: BaseException) -> str:
+    return venue_text(f"{type(exc).__name__}: {_read(lambda: str(exc), '(unprintable)')}")
+
+
+def shown(answer: object) -> str:
+    """A venue's answer as a message may show it."""
+    return venue_text(_read(lambda: repr(answer), "(unprintable)"))
 
 
 def venue_text(message: object) -> str:
     """A venue's message as records and logs may hold it: one line, bounded."""
-    text = "".join(c if c.isprintable() else " " for c in str(message)[:VENUE_TEXT_MAX])
-    return text if len(str(message)) <= VENUE_TEXT_MAX else text + "..."
+    text = _read(lambda: str(message), "(unprintable)")
+    kept = "".join(c if c.isprintable() else " " for c in text[:VENUE_TEXT_MAX])
+    return kept if len(text) <= VENUE_TEXT_MAX else kept + "..."
 
 
 def venue_code(code: object) -> str:
@@ -3966,66 +4002,149 @@ def _finite(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
+def _name(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= VENUE_NAME_MAX and value.isprintable()
+
+
+def _leg(leg: object, dex: str) -> bool:
+    return (
+        type(leg) is Leg
+        and type(leg.route) is int
+        and type(leg.dex) is str
+        and leg.dex == dex
+        and _name(leg.pool)
+        and type(leg.sell) is Token
+        and type(leg.buy) is Token
+        and all(_amount(n) for n in (leg.amount_in, leg.amount_out, leg.fee))
+        and _finite(leg.percent)
+    )
+
+
 def checked_quote(quote: object, dex: str) -> Quote:
     """The venue's quote, if it is one the router can use (VenueFault otherwise)."""
-    if not (
-        isinstance(quote, Quote)
+    if not _read(functools.partial(_usable_quote, quote, dex), False):
+        raise VenueFault(f"not a usable quote: {shown(quote)}")
+    return cast(Quote, quote)
+
+
+def _usable_quote(quote: object, dex: str) -> bool:
+    return (
+        type(quote) is Quote
+        and type(quote.dex) is str
         and quote.dex == dex
         and _amount(quote.amount_out)
-        and _finite(quote.price)
-        and _finite(quote.fee)
-        and _finite(quote.price_impact_pct)
-        and (quote.valid_until_slot is None or type(quote.valid_until_slot) is int)
-        and isinstance(quote.legs, tuple)
-        and all(isinstance(leg, Leg) and leg.dex == dex for leg in quote.legs)
-        and isinstance(quote.routes, tuple)
-        and isinstance(quote.labels, tuple)
-        and all(isinstance(label, str) for label in quote.labels)
-    ):
-        raise VenueFault(f"not a usable quote: {venue_text(repr(quote))}")
-    return quote
+        and all(_finite(n) for n in (quote.price, quote.fee, quote.price_impact_pct))
+        and (quote.valid_until_slot is None or _amount(quote.valid_until_slot))
+        and type(quote.legs) is tuple
+        and len(quote.legs) <= LEGS_MAX
+        and all(_leg(leg, dex) for leg in quote.legs)
+        and type(quote.routes) is tuple
+        and len(quote.routes) <= ROUTES_MAX
+        and all(_route(offered) for offered in quote.routes)
+        and type(quote.labels) is tuple
+        and len(quote.labels) <= LEGS_MAX
+        and all(_name(label) for label in quote.labels)
+    )
+
+
+def _route(offered: object) -> bool:
+    """One of the routes a venue offers the split search: (what it pays, the Route)."""
+    return (
+        type(offered) is tuple
+        and len(offered) == 2
+        and type(offered[0]) is int
+        and type(offered[1]) is Route
+    )
 
 
 def checked_fill(fill: object) -> Fill:
-    if not (
-        isinstance(fill, Fill)
-        and isinstance(fill.tx_hash, str)
+    """The venue's fill, if it is one (VenueFault otherwise). A route plan that cannot be
+    shown (more than LEGS_MAX legs, or legs that are not objects of names and numbers) is left
+    out: the swap landed all the same."""
+    if not _read(functools.partial(_usable_fill, fill), False):
+        raise VenueFault(f"not a usable fill: {shown(fill)}")
+    checked = cast(Fill, fill)
+    plan = checked.route_plan
+    if not _read(
+        lambda: type(plan) is tuple and len(plan) <= LEGS_MAX and all(map(_shown, plan)), False
+    ):
+        log.warning("a fill's route plan left out", extra={"txHash": checked.tx_hash})
+        return replace(checked, route_plan=())
+    return checked
+
+
+def _usable_fill(fill: object) -> bool:
+    return (
+        type(fill) is Fill
+        and _signature(fill.tx_hash)
         and _amount(fill.amount_out)
         and _finite(fill.price)
         and fill.price >= 0
-        and isinstance(fill.route_plan, tuple)
+    )
+
+
+def _signature(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= SIGNATURE_MAX and value.isprintable()
+
+
+def checked_signed(tx: SwapTx, signed: object) -> SwapTx:
+    """What a venue's `sign` answers, if it is this transaction signed: the same order, route
+    and amounts, with a signature and an expiry of its own (VenueFault otherwise)."""
+    kept = ("order_id", "dex", "sell", "buy", "amount_in", "min_amount_out", "legs")
+    if not _read(
+        lambda: (
+            type(signed) is SwapTx
+            and all(getattr(signed, name) == getattr(tx, name) for name in kept)
+            and _signature(signed.signature)
+            and _amount(signed.expires_at_ms)
+            and _amount(signed.last_valid_slot)
+            and (signed.last_valid_height is None or _amount(signed.last_valid_height))
+            and type(signed.payload) is bytes
+        ),
+        False,
     ):
-        raise VenueFault(f"not a usable fill: {venue_text(repr(fill))}")
-    return fill
+        raise VenueFault(f"not this transaction, signed: {shown(signed)}")
+    return cast(SwapTx, signed)
+
+
+def _shown(leg: object) -> bool:
+    return type(leg) is dict and all(
+        type(key) is str and (_name(value) or _finite(value)) for key, value in leg.items()
+    )
 
 
 def checked_status(status: object) -> TxStatus | None:
     if status is None:
         return None
-    if not isinstance(status, TxStatus) or not isinstance(status.landed, bool):
-        raise VenueFault(f"not a transaction's status: {venue_text(repr(status))}")
+    if type(status) is not TxStatus or type(status.landed) is not bool:
+        raise VenueFault(f"not a transaction's status: {shown(status)}")
     if status.landed:
         return TxStatus(True, checked_fill(status.fill))
     return TxStatus(False, code=venue_code(status.code), error=venue_text(status.error))
+
+
+def _attribute(venue: object, name: str) -> object:
+    return _read(functools.partial(getattr, venue, name, None), None)
+
+
+def _has_method(venue: object, name: str) -> bool:
+    return callable(_attribute(venue, name))
 
 
 def checked_venues(venues: Sequence[Any], source: str) -> list[Venue]:
     """Venues the engine can run: each with a name of its own and the Venue methods."""
     names: set[str] = set()
     for venue in venues:
-        missing = [name for name in VENUE_METHODS if not callable(getattr(venue, name, None))]
-        try:
-            name = getattr(venue, "name", None)
-        except Exception:
-            name = None
+        missing = [method for method in VENUE_METHODS if not _has_method(venue, method)]
+        name = _attribute(venue, "name")
         if missing or not isinstance(name, str):
             raise ConfigError(
-                f"{source} made {venue_text(repr(venue))}, not a venue "
+                f"{source} made {shown(venue)}, not a venue "
                 f"(it needs a name and {', '.join(VENUE_METHODS)})"
             )
         if not VENUE_NAME_RE.fullmatch(name):
             raise ConfigError(
-                f"{source} made a venue named {venue_text(repr(name))}: a name is 1 to 32 of "
+                f"{source} made a venue named {shown(name)}: a name is 1 to 32 of "
                 "letters, digits, _ . -"
             )
         if name in names:
@@ -5644,15 +5763,14 @@ class Router:
         return from_units(best, buy) / from_units(amount_in, sell)
 
     def listed(self, sell: Token, buy: Token) -> bool:
-        return any(self._has_pool(venue, sell, buy) for venue in self.venues.values())
+        return any(self._has_pool(dex, venue, sell, buy) for dex, venue in self.venues.items())
 
     @staticmethod
-    def _has_pool(venue: Venue, sell: Token, buy: Token) -> bool:
+    def _has_pool(dex: str, venue: Venue, sell: Token, buy: Token) -> bool:
         try:
             return venue.has_pool(sell, buy) is True
         except BaseException as exc:  # one venue's error hides no other venue's pool
-            reason = venue_text(f"{type(exc).__name__}: {exc}")
-            log.warning("venue skipped", extra={"dex": venue.name, "reason": reason})
+            log.warning("venue skipped", extra={"dex": dex, "reason": described(exc)})
             return False
 
     async def quotes(
@@ -5668,8 +5786,8 @@ class Router:
         skipped for having no route for the whole amount adds the routes that can take part of
         it to `partial`."""
         asks = {
-            asyncio.ensure_future(self._timed_quote(venue, sell, buy, amount_in)): venue.name
-            for venue in self.venues.values()
+            asyncio.ensure_future(self._timed_quote(dex, venue, sell, buy, amount_in)): dex
+            for dex, venue in self.venues.items()
         }
         try:
             done, _ = await asyncio.wait(asks, timeout=self._timeout_s)
@@ -5682,7 +5800,7 @@ class Router:
                 skipped[dex] = f"no answer within {self._timeout_s:g} s"
             elif (error := task.exception()) is not None:  # a venue's failure stays its own
                 known = isinstance(error, VenueError | VenueFault)
-                skipped[dex] = venue_text(error if known else f"{type(error).__name__}: {error}")
+                skipped[dex] = venue_text(error) if known else described(error)
                 if isinstance(error, VenueError) and partial is not None:
                     partial += tuple(route for route in error.routes if isinstance(route, Route))
             else:
@@ -5691,35 +5809,37 @@ class Router:
             log.warning("venue skipped", extra={"orderId": context, "dex": dex, "reason": reason})
         return quotes, skipped
 
-    async def _timed_quote(self, venue: Venue, sell: Token, buy: Token, amount_in: int) -> Quote:
+    async def _timed_quote(
+        self, dex: str, venue: Venue, sell: Token, buy: Token, amount_in: int
+    ) -> Quote:
         started, outcome = time.perf_counter(), "error"
         try:
-            with self._tracing.span("quote", dex=venue.name):
-                quoted = await venue_call(venue.quote(sell, buy, amount_in))
-            quote = checked_quote(quoted, venue.name)
+            with self._tracing.span("quote", dex=dex):
+                quoted = await venue_call(venue, "quote", sell, buy, amount_in)
+            quote = checked_quote(quoted, dex)
             outcome = "ok"
             return quote
         except asyncio.CancelledError:
             outcome = "timeout"
             raise
         finally:
-            self._metrics.observe("quote", venue.name, outcome, time.perf_counter() - started)
+            self._metrics.observe("quote", dex, outcome, time.perf_counter() - started)
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
         """The venue's execution, in a task of its own: its timeout ends the attempt even when
         the venue does not let itself be cancelled (that task is let go, and logged)."""
         started, outcome = time.perf_counter(), "ok"
         with self._tracing.span("execute", dex=tx.dex):
-            running = asyncio.ensure_future(venue_call(self._venue(tx.dex).execute(tx)))
+            running = asyncio.ensure_future(venue_call(self._venue(tx.dex), "execute", tx))
             try:
                 done, _ = await asyncio.wait((running,), timeout=timeout_s)
                 if not done:
                     outcome = "timeout"
                     raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout")
                 return checked_fill(running.result())
-            except VenueError as exc:
+            except VenueError as exc:  # plain (venue_call)
                 outcome = "failed"
-                raise AttemptFailed(venue_code(exc.code), venue_text(exc), exc.sent) from None
+                raise AttemptFailed(exc.code, str(exc), exc.sent) from None
             finally:
                 if not running.done():
                     await let_go(running, f"{tx.dex} execute")
@@ -5728,7 +5848,7 @@ class Router:
     async def lookup(self, sent: SentTx) -> TxStatus | None:
         venue = self.venues.get(sent.dex.split("+")[0])
         if venue is not None:
-            return checked_status(await venue_call(venue.lookup(sent)))
+            return checked_status(await venue_call(venue, "lookup", sent))
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
         if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
@@ -5739,20 +5859,17 @@ class Router:
 
     def signs(self, tx: SwapTx) -> bool:
         """Whether the route's venue signs its transactions (a simulated one does not)."""
-        return getattr(self._venue(tx.dex), "sign", None) is not None
+        return _attribute(self._venue(tx.dex), "sign") is not None
 
     async def sign(self, tx: SwapTx) -> SwapTx:
         """The transaction as the route's venue signs it (a simulated one: as it is)."""
-        sign = getattr(self._venue(tx.dex), "sign", None)
-        if sign is None:
+        if not self.signs(tx):
             return tx
         try:
-            signed = await venue_call(sign(tx))
-        except VenueError as exc:
-            raise AttemptFailed(venue_code(exc.code), venue_text(exc)) from None
-        if not isinstance(signed, SwapTx):
-            raise VenueFault(f"not a signed transaction: {venue_text(repr(signed))}")
-        return signed
+            signed = await venue_call(self._venue(tx.dex), "sign", tx)
+        except VenueError as exc:  # plain (venue_call)
+            raise AttemptFailed(exc.code, str(exc)) from None
+        return checked_signed(tx, signed)
 
     def _venue(self, dex: str) -> Venue:
         # A split is one transaction through an aggregator: its first venue sends it.
@@ -8905,7 +9022,7 @@ def create_app(
             stack.push_async_callback(store.batch.close)
             chain = MockChain(client, store.keys, config.order_ttl_s, clock, store.batch)
             if venues:
-                dexes = list(venues)
+                dexes = checked_venues(venues, "create_app(venues=...)")
             elif ":" in config.venues:
                 dexes = plugged_venues(config)
             elif config.venues == "solana":

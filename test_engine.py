@@ -3601,6 +3601,30 @@ class Other(BaseException):
     """A BaseException of a venue's own."""
 
 
+class Touchy(str):
+    """A text that ends the process when compared."""
+
+    def __eq__(self, other: object) -> bool:
+        raise SystemExit(14)
+
+    __hash__ = str.__hash__
+
+
+class Unprintable(eng.VenueError):
+    """A venue's error that cannot be read: its message and its code raise."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
+
+    @property
+    def code(self) -> str:
+        raise SystemExit(5)
+
+    @code.setter
+    def code(self, value: str) -> None:
+        pass
+
+
 # How a venue breaks its contract: what it raises, or returns instead of a quote or a fill.
 RAISED: dict[str, BaseException] = {
     "KeyboardInterrupt": KeyboardInterrupt(),
@@ -3632,8 +3656,19 @@ class Misbehaving(ScriptedVenue):
             return quote
         if self.how in RAISED:
             raise RAISED[self.how]
+        if self.how == "an error that cannot be read":
+            raise Unprintable("")
+        leg = eng.Leg(0, "OTHER", "pool", sell, buy, amount_in, quote.amount_out, 0, 100.0)
         wrong: dict[str, Any] = {
             "None": None,
+            "legs of another venue": replace(quote, legs=(leg,)),
+            "legs with NaN amounts": replace(
+                quote, legs=(replace(leg, dex=self.name, amount_out=cast(int, math.nan)),)
+            ),
+            "50,000 legs": replace(quote, legs=(replace(leg, dex=self.name),) * 50_000),
+            "a slot past u64": replace(quote, valid_until_slot=10**30),
+            "routes of junk": replace(quote, routes=cast(Any, ((),))),
+            "a name that will not be compared": replace(quote, dex=Touchy(self.name)),
             "a dict": {"dex": self.name, "amount_out": quote.amount_out},
             "another venue's name": replace(quote, dex="GOOD"),
             "a NaN amount": replace(quote, amount_out=cast(int, math.nan)),
@@ -3654,6 +3689,7 @@ class Misbehaving(ScriptedVenue):
             raise eng.VenueError("released", sent=False)
         fill = await super().execute(tx)  # landed: the chain knows, whatever it answers
         wrong: dict[str, Any] = {
+            "a route plan of junk": replace(fill, route_plan=cast(Any, (object(),))),
             "a NaN fill": replace(fill, amount_out=cast(int, math.nan)),
             "a negative fill": replace(fill, amount_out=-1),
             "no fill": "landed",
@@ -3758,9 +3794,16 @@ def test_a_venue_module_that_fails_as_it_is_imported_is_refused_in_one_line(
     "how",
     [
         *RAISED,
+        "an error that cannot be read",
         "None",
         "a dict",
         "another venue's name",
+        "legs of another venue",
+        "legs with NaN amounts",
+        "50,000 legs",
+        "a slot past u64",
+        "routes of junk",
+        "a name that will not be compared",
         "a NaN amount",
         "an amount past u64",
         "an amount as text",
@@ -3783,6 +3826,7 @@ async def test_a_venue_whose_quote_breaks_its_contract_is_skipped_and_the_engine
     ("how", "ends"),
     [
         *((how, "failed") for how in RAISED),  # it never landed: the chain says so at its expiry
+        ("a route plan of junk", "confirmed"),  # it landed: shown without its route plan
         ("a NaN fill", "confirmed"),  # it landed: the chain says so
         ("a negative fill", "confirmed"),
         ("no fill", "confirmed"),
@@ -3810,6 +3854,42 @@ async def test_a_venue_whose_execution_breaks_its_contract_ends_the_order_and_no
         assert record["status"] == "confirmed"
     finally:
         evil.released = True
+
+
+@dataclass
+class Signing(ScriptedVenue):
+    """A venue that signs its transactions, or changes them as `how` says."""
+
+    how: str = ""
+
+    async def sign(self, tx: eng.SwapTx) -> eng.SwapTx:
+        signed = replace(tx, signature=f"signed{tx.signature[:40]}")
+        changed = {
+            "": signed,
+            "for another venue": replace(signed, dex="GOOD"),
+            "with no minimum": replace(signed, min_amount_out=0),
+            "with a signature of 2 MB": replace(signed, signature="x\n" * 1_000_000),
+        }
+        return changed[self.how]
+
+
+@pytest.mark.parametrize(
+    "how", ["for another venue", "with no minimum", "with a signature of 2 MB"]
+)
+async def test_a_venue_that_signs_another_transaction_than_it_was_given_sends_nothing(
+    start: Start, config: Config, how: str
+) -> None:
+    venue = Signing("EVIL", price=101.0, how=how)
+    client = await start(replace(config, max_attempts=1), venues=[venue, ScriptedVenue("GOOD")])
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["code"]) == ("failed", "INTERNAL_ERROR")
+    assert record["error"].startswith("the venue broke its contract: not this transaction")
+    assert len(record["error"]) < 600
+    assert venue.executions == []
+    venue.how = ""
+    record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    assert (record["status"], record["dex"]) == ("confirmed", "EVIL")
+    assert record["txHash"].startswith("signed")
 
 
 async def test_a_venue_s_error_code_and_message_are_kept_to_one_bounded_line(
@@ -7598,6 +7678,9 @@ class Poisoned:
 
     async def lookup(self, sent):
         return await self.inner.lookup(sent)
+
+    def has_pool(self, sell, buy):
+        return self.inner.has_pool(sell, buy)
 
     async def execute(self, tx):
         if tx.amount_in == {poison!r} * 10**tx.sell.decimals:
