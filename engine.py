@@ -4020,14 +4020,27 @@ def _leg(leg: object, dex: str) -> bool:
     )
 
 
-def checked_quote(quote: object, dex: str) -> Quote:
+def checked_quote(quote: object, dex: str, sell: Token, buy: Token) -> Quote:
     """The venue's quote, if it is one the router can use (VenueFault otherwise)."""
-    if not _read(functools.partial(_usable_quote, quote, dex), False):
+    if not _read(functools.partial(_usable_quote, quote, dex, sell, buy), False):
         raise VenueFault(f"not a usable quote: {shown(quote)}")
     return cast(Quote, quote)
 
 
-def _usable_quote(quote: object, dex: str) -> bool:
+def _chained(legs: tuple[Leg, ...], sell: Token, buy: Token) -> bool:
+    """Whether each route of the legs goes from `sell` to `buy`, one leg into the next."""
+    routes: dict[int, list[Leg]] = {}
+    for leg in legs:
+        routes.setdefault(leg.route, []).append(leg)
+    return all(
+        path[0].sell == sell
+        and path[-1].buy == buy
+        and all(a.buy == b.sell for a, b in itertools.pairwise(path))
+        for path in routes.values()
+    )
+
+
+def _usable_quote(quote: object, dex: str, sell: Token, buy: Token) -> bool:
     return (
         type(quote) is Quote
         and type(quote.dex) is str
@@ -4038,6 +4051,7 @@ def _usable_quote(quote: object, dex: str) -> bool:
         and type(quote.legs) is tuple
         and len(quote.legs) <= LEGS_MAX
         and all(_leg(leg, dex) for leg in quote.legs)
+        and _chained(quote.legs, sell, buy)
         and type(quote.routes) is tuple
         and len(quote.routes) <= ROUTES_MAX
         and all(_route(offered) for offered in quote.routes)
@@ -5816,7 +5830,7 @@ class Router:
         try:
             with self._tracing.span("quote", dex=dex):
                 quoted = await venue_call(venue, "quote", sell, buy, amount_in)
-            quote = checked_quote(quoted, dex)
+            quote = checked_quote(quoted, dex, sell, buy)
             outcome = "ok"
             return quote
         except asyncio.CancelledError:

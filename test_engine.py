@@ -3666,6 +3666,10 @@ class Misbehaving(ScriptedVenue):
                 quote, legs=(replace(leg, dex=self.name, amount_out=cast(int, math.nan)),)
             ),
             "50,000 legs": replace(quote, legs=(replace(leg, dex=self.name),) * 50_000),
+            "legs of other tokens": replace(
+                quote,
+                legs=(replace(leg, dex=self.name, sell=eng.TOKENS["BONK"], buy=eng.TOKENS["JUP"]),),
+            ),
             "a slot past u64": replace(quote, valid_until_slot=10**30),
             "routes of junk": replace(quote, routes=cast(Any, ((),))),
             "a name that will not be compared": replace(quote, dex=Touchy(self.name)),
@@ -3801,6 +3805,7 @@ def test_a_venue_module_that_fails_as_it_is_imported_is_refused_in_one_line(
         "legs of another venue",
         "legs with NaN amounts",
         "50,000 legs",
+        "legs of other tokens",
         "a slot past u64",
         "routes of junk",
         "a name that will not be compared",
