@@ -672,7 +672,9 @@ local how = 'idle'
 if not idle and held then
   how = 'taken'
   local holder = string.match(held, '^(.*)/')
-  if holder and holder ~= instance then
+  if holder == instance then  -- left by a worker of this instance (an unexpected error): no death
+    how = 'own'
+  elseif holder then
     if holder ~= named then return {'holder', holder} end
     if redis.call('EXISTS', KEYS[3]) == 1 then
       redis.call('LREM', KEYS[2], '1', id)
@@ -6378,7 +6380,7 @@ class Engine:
             try:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
-                message = "could not end the order; it is taken up again when this engine restarts"
+                message = "could not end the order; it is taken up again"
                 log.exception(message, extra={"orderId": order_id})
 
     # -- background loops -------------------------------------------------------------------------

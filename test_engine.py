@@ -4611,7 +4611,7 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
 
 
 async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
-    start: Start, config: Config
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     @dataclass
     class BrokenLookups(ScriptedVenue):
@@ -4625,7 +4625,15 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     venue.land_then_crash = False
     record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
     assert record["status"] == "confirmed"
-    assert (await get_order(client, stuck))["status"] == "submitted"  # its outcome is unknown
+
+    def asked_twice() -> bool:  # its job put back by the audit, and the chain asked again
+        said = [r.getMessage() for r in caplog.records if getattr(r, "orderId", None) == stuck]
+        return said.count("could not end the order; it is taken up again") >= 2
+
+    await wait_for(asked_twice, "the stuck order to be taken up again")
+    record = await get_order(client, stuck)
+    assert record["status"] == "submitted"  # its outcome is unknown
+    assert record["recoveries"] == 0  # no engine died: its own worker left it
 
 
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
