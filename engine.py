@@ -3923,6 +3923,8 @@ VENUE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # shown in records, 
 VENUE_NAME_MAX: Final = 64  # characters of a pool's or an AMM's name in a quote
 LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has four)
 SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
+LEG_FIELDS_MAX: Final = 16  # fields of one leg of a fill's route plan (LegJSON has eight)
+TIME_MS_MAX: Final = 253_402_300_799_999  # the last ms of the year 9999: a date's last
 ROUTES_MAX: Final = 64  # routes a venue offers the split search
 VENUE_CODE_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,47}")
 VENUE_TEXT_MAX: Final = 500  # characters of a venue's error message kept
@@ -4001,7 +4003,10 @@ def _amount(value: object) -> bool:
 
 
 def _finite(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+    """A number JSON carries as it is: a finite float, or an integer a double holds exactly."""
+    if type(value) is float:
+        return math.isfinite(value)
+    return type(value) is int and -(2**53) <= value <= 2**53
 
 
 def _name(value: object) -> bool:
@@ -4112,7 +4117,8 @@ def checked_signed(tx: SwapTx, signed: object) -> SwapTx:
             type(signed) is SwapTx
             and all(getattr(signed, name) == getattr(tx, name) for name in kept)
             and _signature(signed.signature)
-            and _amount(signed.expires_at_ms)
+            and type(signed.expires_at_ms) is int
+            and 0 <= signed.expires_at_ms <= TIME_MS_MAX
             and _amount(signed.last_valid_slot)
             and (signed.last_valid_height is None or _amount(signed.last_valid_height))
             and type(signed.payload) is bytes
@@ -4124,8 +4130,10 @@ def checked_signed(tx: SwapTx, signed: object) -> SwapTx:
 
 
 def _shown(leg: object) -> bool:
-    return type(leg) is dict and all(
-        type(key) is str and (_name(value) or _finite(value)) for key, value in leg.items()
+    return (
+        type(leg) is dict
+        and len(leg) <= LEG_FIELDS_MAX
+        and all(_name(key) and (_name(value) or _finite(value)) for key, value in leg.items())
     )
 
 
@@ -5732,6 +5740,9 @@ class Router:
         tracing: Tracing | None = None,
     ) -> None:
         self.venues = {venue.name: venue for venue in venues}
+        # The venues whose routes the split search may price: the simulated ones, whose pools
+        # are the engine's own code (another venue's `routes` would run its code unguarded).
+        self._priced = {dex for dex, venue in self.venues.items() if type(venue) is SimVenue}
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -5817,8 +5828,8 @@ class Router:
             elif (error := task.exception()) is not None:  # a venue's failure stays its own
                 known = isinstance(error, VenueError | VenueFault)
                 skipped[dex] = venue_text(error) if known else described(error)
-                if isinstance(error, VenueError) and partial is not None:
-                    partial += tuple(route for route in error.routes if isinstance(route, Route))
+                if isinstance(error, VenueError) and partial is not None and dex in self._priced:
+                    partial += error.routes
             else:
                 quotes.append(task.result())
         for dex, reason in skipped.items():
@@ -5833,6 +5844,8 @@ class Router:
             with self._tracing.span("quote", dex=dex):
                 quoted = await venue_call(venue, "quote", sell, buy, amount_in)
             quote = checked_quote(quoted, dex, sell, buy)
+            if quote.routes and dex not in self._priced:
+                quote = replace(quote, routes=())  # another venue's pools: not run here
             outcome = "ok"
             return quote
         except asyncio.CancelledError:

@@ -3672,6 +3672,7 @@ class Misbehaving(ScriptedVenue):
             ),
             "a slot past u64": replace(quote, valid_until_slot=10**30),
             "routes of junk": replace(quote, routes=cast(Any, ((),))),
+            "a price JSON cannot hold": replace(quote, price=cast(float, 10**30)),
             "a name that will not be compared": replace(quote, dex=Touchy(self.name)),
             "a dict": {"dex": self.name, "amount_out": quote.amount_out},
             "another venue's name": replace(quote, dex="GOOD"),
@@ -3694,6 +3695,10 @@ class Misbehaving(ScriptedVenue):
         fill = await super().execute(tx)  # landed: the chain knows, whatever it answers
         wrong: dict[str, Any] = {
             "a route plan of junk": replace(fill, route_plan=cast(Any, (object(),))),
+            "a route plan with a key of 500 KB": replace(
+                fill, route_plan=cast(Any, ({"x\n" * 250_000: 1},))
+            ),
+            "a price JSON cannot hold": replace(fill, price=cast(float, 10**30)),
             "a NaN fill": replace(fill, amount_out=cast(int, math.nan)),
             "a negative fill": replace(fill, amount_out=-1),
             "no fill": "landed",
@@ -3808,6 +3813,7 @@ def test_a_venue_module_that_fails_as_it_is_imported_is_refused_in_one_line(
         "legs of other tokens",
         "a slot past u64",
         "routes of junk",
+        "a price JSON cannot hold",
         "a name that will not be compared",
         "a NaN amount",
         "an amount past u64",
@@ -3832,6 +3838,8 @@ async def test_a_venue_whose_quote_breaks_its_contract_is_skipped_and_the_engine
     [
         *((how, "failed") for how in RAISED),  # it never landed: the chain says so at its expiry
         ("a route plan of junk", "confirmed"),  # it landed: shown without its route plan
+        ("a route plan with a key of 500 KB", "confirmed"),
+        ("a price JSON cannot hold", "confirmed"),  # it landed: the chain says so
         ("a NaN fill", "confirmed"),  # it landed: the chain says so
         ("a negative fill", "confirmed"),
         ("no fill", "confirmed"),
@@ -3855,6 +3863,7 @@ async def test_a_venue_whose_execution_breaks_its_contract_ends_the_order_and_no
             assert record["code"] == "EXECUTION_TIMEOUT"
         else:
             assert record["amountOut"] == 199.4  # as the chain has it
+            assert len(orjson.dumps(record)) < 10_000  # nothing of the venue's unbounded
         record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
         assert record["status"] == "confirmed"
     finally:
@@ -3874,12 +3883,19 @@ class Signing(ScriptedVenue):
             "for another venue": replace(signed, dex="GOOD"),
             "with no minimum": replace(signed, min_amount_out=0),
             "with a signature of 2 MB": replace(signed, signature="x\n" * 1_000_000),
+            "with an expiry past the year 9999": replace(signed, expires_at_ms=2**64 - 1),
         }
         return changed[self.how]
 
 
 @pytest.mark.parametrize(
-    "how", ["for another venue", "with no minimum", "with a signature of 2 MB"]
+    "how",
+    [
+        "for another venue",
+        "with no minimum",
+        "with a signature of 2 MB",
+        "with an expiry past the year 9999",
+    ],
 )
 async def test_a_venue_that_signs_another_transaction_than_it_was_given_sends_nothing(
     start: Start, config: Config, how: str
