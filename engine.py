@@ -3922,6 +3922,7 @@ VENUE_METHODS: Final = ("quote", "execute", "lookup", "has_pool")
 VENUE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # shown in records, logs and metrics
 VENUE_NAME_MAX: Final = 64  # characters of a pool's or an AMM's name in a quote
 LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has four)
+TOLD_MAX: Final = 1000  # orders an engine remembers having logged a traceback for
 SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
 LEG_FIELDS_MAX: Final = 16  # fields of one leg of a fill's route plan (LegJSON has eight)
 TIME_MS_MAX: Final = 253_402_300_799_999  # the last ms of the year 9999: a date's last
@@ -6122,6 +6123,7 @@ class Engine:
         # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
+        self._told: dict[str, None] = {}  # orders whose unexpected failure was logged in full
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
@@ -6389,12 +6391,19 @@ class Engine:
             )
             await persist("release", self.store.release_job, self.instance_id, order_id)
         except Exception as exc:
-            log.exception("order processing failed unexpectedly", extra={"orderId": order_id})
+            # Its tracebacks once: an order that cannot be ended is taken up again every few
+            # seconds (a venue whose lookup breaks), and each time says so in one line.
+            told = order_id in self._told
+            self._told[order_id] = None
+            while len(self._told) > TOLD_MAX:
+                del self._told[next(iter(self._told))]
+            say = log.warning if told else log.exception
+            say("order processing failed unexpectedly", extra={"orderId": order_id})
             try:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
                 message = "could not end the order; it is taken up again"
-                log.exception(message, extra={"orderId": order_id})
+                say(message, extra={"orderId": order_id})
 
     # -- background loops -------------------------------------------------------------------------
 

@@ -4647,6 +4647,8 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
         return said.count("could not end the order; it is taken up again") >= 2
 
     await wait_for(asked_twice, "the stuck order to be taken up again")
+    traced = [r for r in caplog.records if getattr(r, "orderId", None) == stuck and r.exc_info]
+    assert len(traced) == 2  # the first time only: why the attempt failed, why it could not end
     record = await get_order(client, stuck)
     assert record["status"] == "submitted"  # its outcome is unknown
     assert record["recoveries"] == 0  # no engine died: its own worker left it
