@@ -69,6 +69,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Coroutine,
     Iterable,
     Iterator,
@@ -4010,8 +4011,9 @@ def _finite(value: object) -> bool:
     return type(value) is int and -(2**53) <= value <= 2**53
 
 
-def _name(value: object) -> bool:
-    return type(value) is str and 0 < len(value) <= VENUE_NAME_MAX and value.isprintable()
+def _name(value: object, most: int = VENUE_NAME_MAX) -> bool:
+    """A venue's text that records and logs may show: 1 to `most` printable characters."""
+    return type(value) is str and 0 < len(value) <= most and value.isprintable()
 
 
 def _leg(leg: object, dex: str) -> bool:
@@ -4028,10 +4030,16 @@ def _leg(leg: object, dex: str) -> bool:
     )
 
 
+def _must(check: Callable[[], bool], answer: object, what: str) -> None:
+    """VenueFault (`what`, and the answer as it may be shown) unless `check` holds of a venue's
+    answer; a check that raises (a property, an `==` of the venue's own) does not hold."""
+    if not _read(check, False):
+        raise VenueFault(f"{what}: {shown(answer)}")
+
+
 def checked_quote(quote: object, dex: str, sell: Token, buy: Token) -> Quote:
     """The venue's quote, if it is one the router can use (VenueFault otherwise)."""
-    if not _read(functools.partial(_usable_quote, quote, dex, sell, buy), False):
-        raise VenueFault(f"not a usable quote: {shown(quote)}")
+    _must(functools.partial(_usable_quote, quote, dex, sell, buy), quote, "not a usable quote")
     return cast(Quote, quote)
 
 
@@ -4083,8 +4091,7 @@ def checked_fill(fill: object) -> Fill:
     """The venue's fill, if it is one (VenueFault otherwise). A route plan that cannot be
     shown (more than LEGS_MAX legs, or legs that are not objects of names and numbers) is left
     out: the swap landed all the same."""
-    if not _read(functools.partial(_usable_fill, fill), False):
-        raise VenueFault(f"not a usable fill: {shown(fill)}")
+    _must(functools.partial(_usable_fill, fill), fill, "not a usable fill")
     checked = cast(Fill, fill)
     plan = checked.route_plan
     if not _read(
@@ -4098,35 +4105,31 @@ def checked_fill(fill: object) -> Fill:
 def _usable_fill(fill: object) -> bool:
     return (
         type(fill) is Fill
-        and _signature(fill.tx_hash)
+        and _name(fill.tx_hash, SIGNATURE_MAX)
         and _amount(fill.amount_out)
         and _finite(fill.price)
         and fill.price >= 0
     )
 
 
-def _signature(value: object) -> bool:
-    return type(value) is str and 0 < len(value) <= SIGNATURE_MAX and value.isprintable()
-
-
 def checked_signed(tx: SwapTx, signed: object) -> SwapTx:
     """What a venue's `sign` answers, if it is this transaction signed: the same order, route
     and amounts, with a signature and an expiry of its own (VenueFault otherwise)."""
     kept = ("order_id", "dex", "sell", "buy", "amount_in", "min_amount_out", "legs")
-    if not _read(
+    _must(
         lambda: (
             type(signed) is SwapTx
             and all(getattr(signed, name) == getattr(tx, name) for name in kept)
-            and _signature(signed.signature)
+            and _name(signed.signature, SIGNATURE_MAX)
             and type(signed.expires_at_ms) is int
             and 0 <= signed.expires_at_ms <= TIME_MS_MAX
             and _amount(signed.last_valid_slot)
             and (signed.last_valid_height is None or _amount(signed.last_valid_height))
             and type(signed.payload) is bytes
         ),
-        False,
-    ):
-        raise VenueFault(f"not this transaction, signed: {shown(signed)}")
+        signed,
+        "not this transaction, signed",
+    )
     return cast(SwapTx, signed)
 
 
@@ -4141,8 +4144,12 @@ def _shown(leg: object) -> bool:
 def checked_status(status: object) -> TxStatus | None:
     if status is None:
         return None
-    if type(status) is not TxStatus or type(status.landed) is not bool:
-        raise VenueFault(f"not a transaction's status: {shown(status)}")
+    _must(
+        lambda: type(status) is TxStatus and type(status.landed) is bool,
+        status,
+        "not a transaction's status",
+    )
+    status = cast(TxStatus, status)
     if status.landed:
         return TxStatus(True, checked_fill(status.fill))
     return TxStatus(False, code=venue_code(status.code), error=venue_text(status.error))
@@ -5871,8 +5878,9 @@ class Router:
                 outcome = "failed"
                 raise AttemptFailed(exc.code, str(exc), exc.sent) from None
             finally:
-                if not running.done():
-                    await let_go(running, f"{tx.dex} execute")
+                if not running.done() and await cancel_within({running}):
+                    message = "a venue call ignores its cancellation; left running"
+                    log.error(message, extra={"call": f"{tx.dex} execute"})
                 self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
     async def lookup(self, sent: SentTx) -> TxStatus | None:
@@ -5921,15 +5929,18 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
-async def let_go(task: asyncio.Future[Any], what: str) -> None:
-    """Cancel a venue's call and wait VENUE_LET_GO_S at most for it to end: one that will not
-    be cancelled is left running (logged), rather than holding up its worker for ever."""
-    task.cancel()
-    await asyncio.wait((task,), timeout=VENUE_LET_GO_S)
-    if not task.done():
-        log.error("a venue call ignores its cancellation; left running", extra={"call": what})
-    elif not task.cancelled():
-        task.exception()  # retrieved: asyncio does not log it as never retrieved
+async def cancel_within(tasks: Collection[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
+    """Cancel venue calls and wait VENUE_LET_GO_S at most for them to end. Those that will not
+    be cancelled are answered, left running, rather than holding anyone up for ever."""
+    if not tasks:
+        return set()
+    for task in tasks:
+        task.cancel()
+    ended, running = await asyncio.wait(tasks, timeout=VENUE_LET_GO_S)
+    for task in ended:
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio does not log it as never retrieved
+    return running
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
@@ -9261,10 +9272,7 @@ async def _serve_until_signalled(config: Config) -> None:
     await serve(config, stop)
     # Stopped. A task still running is a venue call that would not be cancelled (let go while
     # the engine ran): asyncio would wait for it for ever as the loop closes; the process ends.
-    leftover = asyncio.all_tasks() - {asyncio.current_task()}
-    for task in leftover:
-        task.cancel()
-    if leftover and (await asyncio.wait(leftover, timeout=VENUE_LET_GO_S))[1]:
+    if await cancel_within(asyncio.all_tasks() - {asyncio.current_task()}):
         log.error("stopped; calls that ignore their cancellation are left behind")
         logging.shutdown()
         os._exit(0)
