@@ -3924,6 +3924,7 @@ VENUE_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # shown in records, 
 VENUE_NAME_MAX: Final = 64  # characters of a pool's or an AMM's name in a quote
 LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has four)
 TOLD_MAX: Final = 1000  # orders an engine remembers having logged a traceback for
+RETAKE_HOLD_MAX_S: Final = 300.0  # the longest an order that could not be ended waits
 SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
 LEG_FIELDS_MAX: Final = 16  # fields of one leg of a fill's route plan (LegJSON has eight)
 TIME_MS_MAX: Final = 253_402_300_799_999  # the last ms of the year 9999: a date's last
@@ -6134,7 +6135,9 @@ class Engine:
         # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
-        self._told: dict[str, None] = {}  # orders whose unexpected failure was logged in full
+        # Orders whose unexpected failure was logged in full: how many times in a row each could
+        # not be ended since, and until when (monotonic) the audit leaves its job where it is.
+        self._told: dict[str, tuple[int, float]] = {}
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
@@ -6402,10 +6405,11 @@ class Engine:
             )
             await persist("release", self.store.release_job, self.instance_id, order_id)
         except Exception as exc:
-            # Its tracebacks once: an order that cannot be ended is taken up again every few
-            # seconds (a venue whose lookup breaks), and each time says so in one line.
+            # Its tracebacks once: an order that cannot be ended (a venue whose lookup breaks) is
+            # taken up again later, and each time says so in one line.
             told = order_id in self._told
-            self._told[order_id] = None
+            unended = self._told.pop(order_id, (0, 0.0))[0]
+            self._told[order_id] = (0, 0.0)
             while len(self._told) > TOLD_MAX:
                 del self._told[next(iter(self._told))]
             say = log.warning if told else log.exception
@@ -6413,8 +6417,16 @@ class Engine:
             try:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
+                hold_s = self._retake_hold_s(unended)
+                self._told[order_id] = (unended + 1, time.monotonic() + hold_s)
                 message = "could not end the order; it is taken up again"
-                say(message, extra={"orderId": order_id})
+                say(message, extra={"orderId": order_id, "retakeInS": hold_s})
+
+    def _retake_hold_s(self, unended: int) -> float:
+        """How long the job of an order that could not be ended stays in the processing list
+        before the audit puts it back: a heartbeat's TTL, doubled each time in a row, up to
+        RETAKE_HOLD_MAX_S, so that a venue whose lookup stays broken is asked less and less."""
+        return min(RETAKE_HOLD_MAX_S, self.config.heartbeat_ttl_s * 2.0 ** min(unended, 16))
 
     # -- background loops -------------------------------------------------------------------------
 
@@ -6481,10 +6493,13 @@ class Engine:
 
     async def _requeue_orphans(self) -> None:
         """A job in our processing list that no worker here holds, two checks in a row, lost its
-        BLMOVE reply on the way; put it back. (Two checks, because a reply can be in flight.)"""
+        BLMOVE reply on the way, or was left by a worker that could not end its order (once its
+        hold is over); put it back. (Two checks, because a reply can be in flight.)"""
         listed = set(await persist("audit", self.store.processing, self.instance_id))
         orphans = listed - self._inflight
-        confirmed = orphans & self._orphan_suspects
+        now = time.monotonic()
+        held = {order_id for order_id in orphans if self._told.get(order_id, (0, 0.0))[1] > now}
+        confirmed = (orphans & self._orphan_suspects) - held
         self._orphan_suspects = orphans - confirmed
         if not confirmed:
             return

@@ -4642,11 +4642,16 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     record = await wait_status(client, await order_id_of(client), "confirmed")  # one worker: alive
     assert record["status"] == "confirmed"
 
-    def asked_twice() -> bool:  # its job put back by the audit, and the chain asked again
-        said = [r.getMessage() for r in caplog.records if getattr(r, "orderId", None) == stuck]
-        return said.count("could not end the order; it is taken up again") >= 2
+    def unended() -> list[logging.LogRecord]:
+        said = [r for r in caplog.records if getattr(r, "orderId", None) == stuck]
+        return [r for r in said if r.getMessage().startswith("could not end the order")]
 
-    await wait_for(asked_twice, "the stuck order to be taken up again")
+    # Its job put back by the audit, and the chain asked again: after a heartbeat's TTL (1 s
+    # here), then twice as long, and so on.
+    await wait_for(lambda: len(unended()) >= 2, "the stuck order to be taken up again")
+    first, second = unended()[:2]
+    assert [first.retakeInS, second.retakeInS] == [1, 2]  # type: ignore[attr-defined]
+    assert second.created - first.created >= 1  # held that long in the processing list
     traced = [r for r in caplog.records if getattr(r, "orderId", None) == stuck and r.exc_info]
     assert len(traced) == 2  # the first time only: why the attempt failed, why it could not end
     record = await get_order(client, stuck)
