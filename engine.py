@@ -3932,6 +3932,8 @@ ROUTES_MAX: Final = 64  # routes a venue offers the split search
 VENUE_CODE_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,47}")
 VENUE_TEXT_MAX: Final = 500  # characters of a venue's error message kept
 VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for before it is let go
+# A venue's calls cancelled but still running, at which it is left out of routing until fewer are.
+VENUE_UNENDED_MAX: Final = 100
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
 
@@ -5752,6 +5754,9 @@ class Router:
         # The venues whose routes the split search may price: the simulated ones, whose pools
         # are the engine's own code (another venue's `routes` would run its code unguarded).
         self._priced = {dex for dex, venue in self.venues.items() if type(venue) is SimVenue}
+        # Each venue's calls that were cancelled (late quotes, executions past their timeout)
+        # and have not ended yet: one that ignores its cancellation stays here until it ends.
+        self._unended: dict[str, set[asyncio.Future[Any]]] = {dex: set() for dex in self.venues}
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -5821,16 +5826,24 @@ class Router:
         timer serves them all), and why each other venue was skipped (logged too). A venue
         skipped for having no route for the whole amount adds the routes that can take part of
         it to `partial`."""
+        quotes: list[Quote] = []
+        skipped = {
+            dex: f"{len(unended)} of its calls ignore their cancellation; left out until they end"
+            for dex, unended in self._unended.items()
+            if len(unended) >= VENUE_UNENDED_MAX
+        }
         asks = {
             asyncio.ensure_future(self._timed_quote(dex, venue, sell, buy, amount_in)): dex
             for dex, venue in self.venues.items()
+            if dex not in skipped
         }
         try:
-            done, _ = await asyncio.wait(asks, timeout=self._timeout_s)
+            done, _ = await asyncio.wait(asks, timeout=self._timeout_s) if asks else ((), ())
         finally:
-            for task in asks:
-                task.cancel()  # the late ones (and all of them if this worker is stopping)
-        quotes, skipped = [], {}
+            for task, dex in asks.items():
+                if not task.done():  # the late ones (and all of them if this worker is stopping)
+                    task.cancel()
+                    self._cancelled(dex, task)
         for task, dex in asks.items():
             if task not in done or task.cancelled():
                 skipped[dex] = f"no answer within {self._timeout_s:g} s"
@@ -5879,9 +5892,11 @@ class Router:
                 outcome = "failed"
                 raise AttemptFailed(exc.code, str(exc), exc.sent) from None
             finally:
-                if not running.done() and await cancel_within({running}):
-                    message = "a venue call ignores its cancellation; left running"
-                    log.error(message, extra={"call": f"{tx.dex} execute"})
+                if not running.done():
+                    self._cancelled(tx.dex.split("+")[0], running)
+                    if await cancel_within({running}):
+                        message = "a venue call ignores its cancellation; left running"
+                        log.error(message, extra={"call": f"{tx.dex} execute"})
                 self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
     async def lookup(self, sent: SentTx) -> TxStatus | None:
@@ -5909,6 +5924,12 @@ class Router:
         except VenueError as exc:  # plain (venue_call)
             raise AttemptFailed(exc.code, str(exc)) from None
         return checked_signed(tx, signed)
+
+    def _cancelled(self, dex: str, call: asyncio.Future[Any]) -> None:
+        """A call of the venue's, cancelled: counted against the venue until it ends."""
+        unended = self._unended[dex]
+        unended.add(call)
+        call.add_done_callback(unended.discard)
 
     def _venue(self, dex: str) -> Venue:
         # A split is one transaction through an aggregator: its first venue sends it.

@@ -4659,6 +4659,44 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert record["recoveries"] == 0  # no engine died: its own worker left it
 
 
+async def test_a_venue_whose_calls_ignore_their_cancellation_is_left_out_until_they_end(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "VENUE_UNENDED_MAX", 3)
+
+    @dataclass
+    class Deaf(ScriptedVenue):
+        """Pays more, but its quotes answer only once released, whatever cancels them."""
+
+        released: bool = False
+        asked: int = 0
+        ended: int = 0
+
+        async def quote(self, sell: eng.Token, buy: eng.Token, amount_in: int) -> eng.Quote:
+            self.asked += 1
+            while not self.released:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.01)
+            self.ended += 1
+            return await super().quote(sell, buy, amount_in)
+
+    deaf = Deaf("DEAF", price=101.0)
+    client = await start(venues=[deaf, ScriptedVenue("GOOD")])
+    try:
+        for _ in range(5):
+            record = await wait_status(client, await order_id_of(client), "confirmed")
+            assert record["dex"] == "GOOD"
+        assert deaf.asked == 3  # three of its quotes still run: the last two orders left it out
+        said = [r for r in caplog.records if getattr(r, "dex", None) == "DEAF"]
+        left_out = "3 of its calls ignore their cancellation; left out until they end"
+        assert [getattr(r, "reason", None) for r in said].count(left_out) == 2
+    finally:
+        deaf.released = True
+    await wait_for(lambda: deaf.ended == 3, "its quotes to end")
+    record = await wait_status(client, await order_id_of(client), "confirmed")
+    assert (record["dex"], deaf.asked) == ("DEAF", 4)  # asked again, and it pays more
+
+
 # ── limit and sniper orders ─────────────────────────────────────────────────────────────────────
 
 LIMIT = {**ORDER, "type": "limit", "limitPrice": 105, "expiresInS": 600}  # ORDER sells 2 SOL
