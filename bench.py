@@ -1,25 +1,28 @@
 #!/usr/bin/env python3
 """Benchmark the engine end to end, the way users drive it, against what its stack can do.
 
-    python bench.py                  # 20,000 orders, instant venues: the engine and two baselines
-    python bench.py --quick          # the same with 3,000 orders, in under a minute
+    python bench.py                  # three load shapes, 5,000 orders each, three pairs of runs
+    python bench.py --quick          # 2,000 orders in the first two shapes, one pair of runs
     python bench.py --realistic      # real venue latencies at ENGINE_CONCURRENCY 1,000
     python bench.py --soak           # 10,000 orders, engines and Redis killed and stalled
     python bench.py --waiting 100000 # market orders with and without 100,000 limit orders waiting
     python bench.py --routing        # CPU per order of routing on the simulated venues
 
-Throughput mode runs three servers in turn, on this machine, against one redis-server (AOF on,
-fsync every second, as the engine's default), under the same load: K HTTP clients post N orders
-for U users, one WebSocket per user watches them, and the clock stops when every order's terminal
-event has arrived over its WebSocket.
+Throughput mode runs three shapes of traffic (10 users with hundreds of orders each, 50 users,
+2,000 users with 2-3 orders each), each against two servers on this machine, on one redis-server
+(AOF on, fsync every second, as the engine's default): K HTTP clients post the orders for the
+shape's users, one WebSocket per user watches them, and the clock stops when every order's
+terminal event has arrived over its WebSocket.
 
     engine     python engine.py with instant venues (ENGINE_DEX_LATENCY_SCALE=0, no faults)
     pipeline   the least an order can cost on this stack: POST -> one MULTI (HSET + LPUSH);
                workers BLMOVE, write four statuses each followed by a WebSocket send, LREM
-    bare       an aiohttp handler that answers the POST without touching Redis
 
-Then it posts at half the engine's measured maximum rate, open loop, for the POST latency a
-client sees when the engine is not saturated. Figures are printed as a table and written as JSON.
+The two run in pairs, each pair in the other order from the one before; each server's figures
+are those of its median run, and the ratio is the median of the pairs'. The first shape also runs
+`bare` (an aiohttp handler that answers the POST without touching Redis), and after its first
+engine run posts at half the engine's measured rate, open loop, for the POST latency a client
+sees when the engine is not saturated. Figures are printed and written as JSON.
 No test depends on them.
 """
 
@@ -544,37 +547,88 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+Target = tuple[str, list[str], dict[str, str], bool]  # name, command, environment, watched
+
+
 async def _shape(
     args: argparse.Namespace, shape: Shape, redis_url: str, extras: bool
 ) -> dict[str, Any]:
+    """The engine and the pipeline in `rounds` pairs, the order of each pair the other way round
+    from the one before (so that the machine drifting, as a shared one does, weighs on both).
+    Each one's figures are those of its median run; the ratio is the median of the pairs'."""
     concurrency = args.concurrency or 64
-    targets: list[tuple[str, list[str], dict[str, str], bool]] = [
-        ("engine", [sys.executable, ENGINE_PY], engine_env(redis_url, concurrency, 0, 0), True),
-        ("pipeline", [sys.executable, BENCH_PY, "--serve", "pipeline", "--redis-url",
-                      redis_url, "--concurrency", str(concurrency)], {}, True),
-    ]  # fmt: skip
-    if extras:
-        targets.append(("bare", [sys.executable, BENCH_PY, "--serve", "bare"], {}, False))
+    engine_target: Target = (
+        "engine",
+        [sys.executable, ENGINE_PY],
+        engine_env(redis_url, concurrency, 0, 0),
+        True,
+    )
+    pipeline_target: Target = (
+        "pipeline",
+        [sys.executable, BENCH_PY, "--serve", "pipeline", "--redis-url", redis_url,
+         "--concurrency", str(concurrency)],
+        {},
+        True,
+    )  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "pipeline": []}
+    for pair in range(args.rounds):
+        targets = [engine_target, pipeline_target]
+        for target in targets if pair % 2 == 0 else targets[::-1]:
+            name = target[0]
+            first_engine_run = extras and pair == 0 and name == "engine"
+            runs[name].append(await _run(args, shape, redis_url, target, first_engine_run))
+    ratios = [e["ordersPerS"] / p["ordersPerS"] for e, p in zip(*runs.values(), strict=True)]
     results: dict[str, Any] = {"orders": shape.orders, "users": shape.users}
-    for name, argv, env, watch in targets:
-        await flush(redis_url)
-        server = await start_server(argv, env)
-        load = Load(shape.orders, shape.users, shape.clients, amounts=(1, 7))
-        measured = await run_load(server, load, redis_url if name != "bare" else None, watch)
-        if name == "engine" and extras:
-            half = measured.figures["ordersPerS"] / 2
-            seconds = 4 if args.quick else 10
-            measured.figures["atHalfMaxRate"] = await post_at_rate(
-                server, half, seconds, shape.users
-            )
-            measured.figures |= await drained_memory(redis_url, server, shape.orders)
-        await server.stop()
-        results[name] = measured.figures
-    engine_rate = results["engine"]["ordersPerS"]
-    results["engineOverPipeline"] = round(engine_rate / results["pipeline"]["ordersPerS"], 3)
+    for name, figures in runs.items():
+        results[name] = {
+            **_median_run(figures),
+            "ordersPerSRuns": [f["ordersPerS"] for f in figures],
+        }
+    if extras:  # the half-rate posts and the drain, from the first run
+        results["engine"] |= {key: runs["engine"][0][key] for key in EXTRA_FIGURES}
+    results["engineOverPipeline"] = round(statistics.median(ratios), 3)
+    results["engineOverPipelineRuns"] = [round(ratio, 3) for ratio in ratios]
     if extras:
+        bare: Target = ("bare", [sys.executable, BENCH_PY, "--serve", "bare"], {}, False)
+        results["bare"] = await _run(args, shape, redis_url, bare, False)
+        engine_rate = results["engine"]["ordersPerS"]
         results["engineOverBare"] = round(engine_rate / results["bare"]["ordersPerS"], 3)
     return results
+
+
+# What the first engine run adds: posts at half its rate, then Redis drained (drained_memory).
+EXTRA_FIGURES = (
+    "atHalfMaxRate",
+    "redisMemoryAfterDrainMB",
+    "keysAfterDrain",
+    "redisMemoryOnceTtlsExpireMB",
+    "redisBytesPerFinishedOrder",
+    "keysWithoutTtl",
+)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures of the run whose rate is the median (the lower middle one of an even
+    number): every figure of a column then comes from one run."""
+    ranked = sorted(runs, key=lambda figures: figures["ordersPerS"])
+    return {k: v for k, v in ranked[(len(ranked) - 1) // 2].items() if k not in EXTRA_FIGURES}
+
+
+async def _run(
+    args: argparse.Namespace, shape: Shape, redis_url: str, target: Target, extras: bool
+) -> dict[str, Any]:
+    name, argv, env, watch = target
+    await flush(redis_url)
+    server = await start_server(argv, env)
+    load = Load(shape.orders, shape.users, shape.clients, amounts=(1, 7))
+    measured = await run_load(server, load, redis_url if name != "bare" else None, watch)
+    if extras:
+        half = measured.figures["ordersPerS"] / 2
+        seconds = 4 if args.quick else 10
+        measured.figures["atHalfMaxRate"] = await post_at_rate(server, half, seconds, shape.users)
+        measured.figures |= await drained_memory(redis_url, server, shape.orders)
+    await server.stop()
+    return measured.figures
 
 
 ROUTING_ORDERS = 4_000
@@ -1064,6 +1118,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, help="one WebSocket each (default: three shapes)")
     parser.add_argument("--clients", type=int, help="concurrent HTTP clients")
     parser.add_argument("--concurrency", type=int, help="ENGINE_CONCURRENCY")
+    parser.add_argument(
+        "--rounds", type=int, help="engine and pipeline runs of each shape (default 3; --quick 1)"
+    )
     parser.add_argument("--fail-rate", type=float, default=0.05, help="--realistic: faults")
     parser.add_argument("--engines", type=int, default=2, help="--soak: engines sharing Redis")
     parser.add_argument("--kills", type=int, default=6, help="--soak: engines killed mid-run")
@@ -1073,6 +1130,7 @@ def main() -> None:
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
     if args.serve:
         serve_baseline(args.serve, args.redis_url, args.concurrency)
         return
