@@ -3934,6 +3934,7 @@ VENUE_TEXT_MAX: Final = 500  # characters of a venue's error message kept
 VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for before it is let go
 # A venue's calls cancelled but still running, at which it is left out of routing until fewer are.
 VENUE_UNENDED_MAX: Final = 100
+LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within this, or breaks
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
 
@@ -3955,8 +3956,10 @@ async def venue_call(venue: Venue, method: str, *args: Any) -> Any:
         if task is None or task.cancelling():  # ours: a timeout or a shutdown
             raise
         raise VenueFault("CancelledError, unasked") from None
-    except REDIS_TRANSIENT:
-        raise
+    except REDIS_TRANSIENT as exc:
+        if type(venue) is SimVenue:  # its chain is in the engine's Redis: the engine's trouble
+            raise
+        raise VenueFault(described(exc)) from None
     except VenueError as exc:
         raise plain_error(exc) from None
     except BaseException as exc:
@@ -5877,32 +5880,48 @@ class Router:
             self._metrics.observe("quote", dex, outcome, time.perf_counter() - started)
 
     async def execute(self, tx: SwapTx, timeout_s: float) -> Fill:
-        """The venue's execution, in a task of its own: its timeout ends the attempt even when
-        the venue does not let itself be cancelled (that task is let go, and logged)."""
         started, outcome = time.perf_counter(), "ok"
         with self._tracing.span("execute", dex=tx.dex):
-            running = asyncio.ensure_future(venue_call(self._venue(tx.dex), "execute", tx))
             try:
-                done, _ = await asyncio.wait((running,), timeout=timeout_s)
-                if not done:
-                    outcome = "timeout"
-                    raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout")
-                return checked_fill(running.result())
+                return checked_fill(await self._within(timeout_s, tx.dex, "execute", tx))
+            except TimeoutError:
+                outcome = "timeout"
+                raise AttemptFailed("EXECUTION_TIMEOUT", "Execution timeout") from None
             except VenueError as exc:  # plain (venue_call)
                 outcome = "failed"
                 raise AttemptFailed(exc.code, str(exc), exc.sent) from None
             finally:
-                if not running.done():
-                    self._cancelled(tx.dex.split("+")[0], running)
-                    if await cancel_within({running}):
-                        message = "a venue call ignores its cancellation; left running"
-                        log.error(message, extra={"call": f"{tx.dex} execute"})
                 self._metrics.observe("execution", tx.dex, outcome, time.perf_counter() - started)
 
+    async def _within(self, timeout_s: float | None, dex: str, method: str, *args: Any) -> Any:
+        """A venue call in a task of its own, given `timeout_s` (TimeoutError after that): its
+        deadline ends the wait even when the venue does not let itself be cancelled (that call
+        is let go after VENUE_LET_GO_S, logged, and counted against the venue until it ends)."""
+        dex = dex.split("+")[0]  # a split's one transaction goes through its first venue
+        running = asyncio.ensure_future(venue_call(self.venues[dex], method, *args))
+        try:
+            done, _ = await asyncio.wait((running,), timeout=timeout_s)
+            if not done:
+                raise TimeoutError
+            return running.result()
+        finally:
+            if not running.done():
+                self._cancelled(dex, running)
+                if await cancel_within({running}):
+                    message = "a venue call ignores its cancellation; left running"
+                    log.error(message, extra={"call": f"{dex} {method}"})
+
     async def lookup(self, sent: SentTx) -> TxStatus | None:
+        """What the chain says of a sent transaction. A venue of one's own that gives no answer
+        within LOOKUP_TIMEOUT_S breaks its contract, as one that raises does (the simulated
+        chain's lookups are reads of the engine's Redis, bounded by its client's timeouts)."""
         venue = self.venues.get(sent.dex.split("+")[0])
         if venue is not None:
-            return checked_status(await venue_call(venue, "lookup", sent))
+            timeout_s = None if type(venue) is SimVenue else LOOKUP_TIMEOUT_S
+            try:
+                return checked_status(await self._within(timeout_s, sent.dex, "lookup", sent))
+            except TimeoutError:
+                raise VenueFault(f"no answer to a lookup within {LOOKUP_TIMEOUT_S:g} s") from None
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
         if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
@@ -5926,10 +5945,17 @@ class Router:
         return checked_signed(tx, signed)
 
     def _cancelled(self, dex: str, call: asyncio.Future[Any]) -> None:
-        """A call of the venue's, cancelled: counted against the venue until it ends."""
+        """A call of the venue's, cancelled: counted against the venue until it ends (what it
+        raises then is nobody's to see)."""
         unended = self._unended[dex]
+
+        def ended(call: asyncio.Future[Any]) -> None:
+            unended.discard(call)
+            if not call.cancelled():
+                call.exception()  # retrieved: asyncio does not log it as never retrieved
+
         unended.add(call)
-        call.add_done_callback(unended.discard)
+        call.add_done_callback(ended)
 
     def _venue(self, dex: str) -> Venue:
         # A split is one transaction through an aggregator: its first venue sends it.
@@ -6689,6 +6715,7 @@ class _Attempt:
         self.order = order
         self.lease = lease
         self.began = time.monotonic()  # of the attempt (or the recovery of one) under way
+        self.unasked = False  # the chain's lookup failed: what became of the transaction is unknown
 
     @property
     def ctx(self) -> dict[str, Any]:
@@ -6867,7 +6894,11 @@ class _Attempt:
         has expired; until then the worker waits, asking again once this engine's clock says so."""
         router = self.engine.router
         while True:
-            status = await persist("chain lookup", router.lookup, sent)
+            try:
+                status = await persist("chain lookup", router.lookup, sent)
+            except Exception:
+                self.unasked = True
+                raise
             if status is not None:
                 if status.fill is not None:
                     return status.fill
@@ -6972,6 +7003,8 @@ class _Attempt:
         internal = AttemptFailed("INTERNAL_ERROR", message)
         try:
             if order.status is Status.SUBMITTED and (sent := order.sent) is not None:
+                if self.unasked:  # the lookup that just failed is not asked again at once
+                    raise error
                 with contextlib.suppress(AttemptFailed):  # it did not land: fail it below
                     fill = await self.settle(sent)
                     await self.confirm(sent.dex, fill)

@@ -4631,7 +4631,10 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
 ) -> None:
     @dataclass
     class BrokenLookups(ScriptedVenue):
+        lookups: int = 0
+
         async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            self.lookups += 1
             raise RuntimeError("a bug in the venue's chain client")
 
     venue = BrokenLookups("RAYDIUM", land_then_crash=True)
@@ -4652,11 +4655,56 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     first, second = unended()[:2]
     assert [first.retakeInS, second.retakeInS] == [1, 2]  # type: ignore[attr-defined]
     assert second.created - first.created >= 1  # held that long in the processing list
+    assert venue.lookups == 2  # once each time: a lookup that failed is not asked again at once
     traced = [r for r in caplog.records if getattr(r, "orderId", None) == stuck and r.exc_info]
     assert len(traced) == 2  # the first time only: why the attempt failed, why it could not end
     record = await get_order(client, stuck)
     assert record["status"] == "submitted"  # its outcome is unknown
     assert record["recoveries"] == 0  # no engine died: its own worker left it
+
+
+@pytest.mark.parametrize("how", ["hangs", "hangs and ignores its cancellation", "raises redis's"])
+async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_failure(
+    start: Start,
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(eng, "VENUE_LET_GO_S", 0.2)
+
+    @dataclass
+    class BadLookups(ScriptedVenue):
+        released: bool = False
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            if how == "raises redis's":  # its own backend's Redis: not the engine's
+                raise RedisConnectionError("Error 111 connecting to its cache")
+            while not self.released:
+                deaf = how == "hangs and ignores its cancellation"
+                with (
+                    contextlib.suppress(asyncio.CancelledError)
+                    if deaf
+                    else contextlib.nullcontext()
+                ):
+                    await asyncio.sleep(0.01)
+            return None
+
+    venue = BadLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    try:
+        stuck = await order_id_of(client)
+        await wait_for(lambda: venue.executions, "the first execution")
+        venue.land_then_crash = False
+        record = await wait_status(client, await order_id_of(client), "confirmed")
+        assert record["status"] == "confirmed"  # the one worker is free: the lookup let it go
+        said = [r.getMessage() for r in caplog.records if getattr(r, "orderId", None) == stuck]
+        assert "could not end the order; it is taken up again" in said  # later, held back
+        assert "redis failed mid-attempt; resuming" not in said
+        assert (await get_order(client, stuck))["status"] == "submitted"  # it may have landed
+    finally:
+        venue.released = True
 
 
 async def test_a_venue_whose_calls_ignore_their_cancellation_is_left_out_until_they_end(
