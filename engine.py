@@ -257,6 +257,9 @@ PAUSE_MIN_S: Final = 1.0
 TX_EXPIRY_MARGIN_S: Final = 0.2
 # A sent transaction whose fate is unknown is asked about at least this often until it expires.
 SETTLE_POLL_MAX_S: Final = 2.0
+# How long past a transaction's expiry a venue may still answer that it may land: after that the
+# worker lets the order go, to be taken up again later (as when a lookup fails).
+SETTLE_PAST_EXPIRY_S: Final = 60.0
 PROMOTE_BATCH: Final = 100
 
 # Real execution on Solana (ENGINE_VENUES=solana, section 8).
@@ -915,11 +918,17 @@ return 1
 
 # Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
 # KEYS: processing, pending   ARGV: order ids
+# Put jobs of a processing list back on the pending list: at its front, to be taken next (a job
+# whose BLMOVE reply was lost, one taken ahead), or at its back, behind those waiting (an order
+# held back because its venue's lookup keeps failing, so that such orders cannot crowd out new
+# ones).
+# KEYS: processing, pending   ARGV: 'front' or 'back', then the ids
 LUA_REQUEUE: Final = """
+local push = ARGV[1] == 'back' and 'LPUSH' or 'RPUSH'
 local moved = 0
-for _, id in ipairs(ARGV) do
-  if redis.call('LREM', KEYS[1], '1', id) == 1 then
-    redis.call('RPUSH', KEYS[2], id)
+for i = 2, #ARGV do
+  if redis.call('LREM', KEYS[1], '1', ARGV[i]) == 1 then
+    redis.call(push, KEYS[2], ARGV[i])
     moved = moved + 1
   end
 end
@@ -3372,12 +3381,15 @@ class Store:
     async def processing(self, instance: str) -> list[str]:
         return [str(job) for job in await self.redis.lrange(self.keys.processing(instance), 0, -1)]
 
-    async def requeue(self, instance: str, order_ids: Iterable[str]) -> int:
+    async def requeue(self, instance: str, order_ids: Iterable[str], behind: bool = False) -> int:
+        """Jobs of the instance's processing list back on the pending list: taken next, or
+        `behind` those waiting."""
         ids = list(order_ids)
         if not ids:
             return 0
         keys = [self.keys.processing(instance), self.keys.pending]
-        return int(await self._requeue(keys=keys, args=script_args(ids)))
+        where = "back" if behind else "front"
+        return int(await self._requeue(keys=keys, args=script_args([where, *ids])))
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -5914,21 +5926,24 @@ class Router:
     async def lookup(self, sent: SentTx) -> TxStatus | None:
         """What the chain says of a sent transaction. A venue of one's own that gives no answer
         within LOOKUP_TIMEOUT_S breaks its contract, as one that raises does (the simulated
-        chain's lookups are reads of the engine's Redis, bounded by its client's timeouts)."""
-        venue = self.venues.get(sent.dex.split("+")[0])
+        chain's lookups are reads of the engine's Redis, bounded by its client's timeouts); one
+        with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes."""
+        dex = sent.dex.split("+")[0]
+        venue = self.venues.get(dex)
         if venue is not None:
+            if (unended := len(self._unended[dex])) >= VENUE_UNENDED_MAX:
+                raise VenueFault(f"not asked: {unended} of its calls ignore their cancellation")
             timeout_s = None if type(venue) is SimVenue else LOOKUP_TIMEOUT_S
             try:
-                return checked_status(await self._within(timeout_s, sent.dex, "lookup", sent))
+                return checked_status(await self._within(timeout_s, dex, "lookup", sent))
             except TimeoutError:
                 raise VenueFault(f"no answer to a lookup within {LOOKUP_TIMEOUT_S:g} s") from None
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
         if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:
             return None
-        dex = sent.dex
         log.warning("venue unknown here; its transaction taken as expired", extra={"dex": dex})
-        return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {dex} expired")
+        return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {sent.dex} expired")
 
     def signs(self, tx: SwapTx) -> bool:
         """Whether the route's venue signs its transactions (a simulated one does not)."""
@@ -6548,10 +6563,12 @@ class Engine:
         held = {order_id for order_id in orphans if self._told.get(order_id, (0, 0.0))[1] > now}
         confirmed = (orphans & self._orphan_suspects) - held
         self._orphan_suspects = orphans - confirmed
-        if not confirmed:
-            return
-        moved = await persist("requeue", self.store.requeue, self.instance_id, confirmed)
-        log.warning("requeued orphaned jobs", extra={"orderIds": sorted(confirmed), "moved": moved})
+        unended = {order_id for order_id in confirmed if self._told.get(order_id, (0, 0.0))[0]}
+        for jobs, behind in ((confirmed - unended, False), (unended, True)):
+            if jobs:
+                moved = await persist("requeue", self.store.requeue, self.instance_id, jobs, behind)
+                extra = {"orderIds": sorted(jobs), "moved": moved, "behind": behind}
+                log.warning("requeued orphaned jobs", extra=extra)
 
     async def _promote_loop(self) -> None:
         while True:
@@ -6891,7 +6908,8 @@ class _Attempt:
     async def settle(self, sent: SentTx, failure: AttemptFailed | None = None) -> Fill:
         """What became of a sent transaction: its fill if it landed, else AttemptFailed (`failure`,
         the attempt's own, if it simply expired). The venue decides by its chain's clock when it
-        has expired; until then the worker waits, asking again once this engine's clock says so."""
+        has expired; until then the worker waits, asking again once this engine's clock says so,
+        up to SETTLE_PAST_EXPIRY_S past the expiry (then it is the venue's failure)."""
         router = self.engine.router
         while True:
             try:
@@ -6906,6 +6924,10 @@ class _Attempt:
                     raise failure
                 raise AttemptFailed(status.code, status.error)
             remaining_s = sent.expires_at_ms / 1000 - self.engine.now()
+            if remaining_s < -SETTLE_PAST_EXPIRY_S:  # the venue never says it expired
+                self.unasked = True
+                late = f"no outcome {-remaining_s:.0f} s after the transaction expired"
+                raise VenueFault(late)
             await asyncio.sleep(min(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
 
     async def confirm(self, dex: str, fill: Fill) -> None:

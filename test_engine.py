@@ -1186,6 +1186,22 @@ async def park(store: eng.Store, order: eng.Order, instance: str) -> None:
     )
 
 
+async def test_a_job_put_back_goes_ahead_of_the_waiting_ones_or_behind_them(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store = eng.Store(redis, config, clock=lambda: 1_700_000_000.0)
+    keys = store.keys
+    await redis.lpush(keys.pending, "waiting-1", "waiting-2")  # taken in that order
+    await redis.rpush(keys.processing("inst-a"), "lost-reply", "held-back")
+    assert await store.requeue("inst-a", ["lost-reply"]) == 1  # taken next, as it was
+    assert await store.requeue("inst-a", ["held-back"], behind=True) == 1  # after the others
+    assert await store.requeue("inst-a", ["held-back"], behind=True) == 0  # not there any more
+    pop = [keys.pending, keys.processing("inst-b"), "RIGHT", "LEFT"]
+    taken = [await redis.lmove(*pop) for _ in range(4)]  # as the engine takes them
+    assert taken == ["lost-reply", "waiting-1", "waiting-2", "held-back"]
+    assert await redis.llen(keys.processing("inst-a")) == 0
+
+
 async def test_a_stale_job_of_a_parked_sniper_cannot_run_it(
     config: Config, redis: aioredis.Redis
 ) -> None:
@@ -4656,6 +4672,9 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert [first.retakeInS, second.retakeInS] == [1, 2]  # type: ignore[attr-defined]
     assert second.created - first.created >= 1  # held that long in the processing list
     assert venue.lookups == 2  # once each time: a lookup that failed is not asked again at once
+    requeued = [r for r in caplog.records if r.getMessage() == "requeued orphaned jobs"]
+    behind = [getattr(r, "behind", None) for r in requeued if stuck in getattr(r, "orderIds", ())]
+    assert behind == [True]  # its retake waits behind new orders, not ahead of them
     traced = [r for r in caplog.records if getattr(r, "orderId", None) == stuck and r.exc_info]
     assert len(traced) == 2  # the first time only: why the attempt failed, why it could not end
     record = await get_order(client, stuck)
@@ -4663,7 +4682,9 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert record["recoveries"] == 0  # no engine died: its own worker left it
 
 
-@pytest.mark.parametrize("how", ["hangs", "hangs and ignores its cancellation", "raises redis's"])
+@pytest.mark.parametrize(
+    "how", ["hangs", "hangs and ignores its cancellation", "raises redis's", "never says expired"]
+)
 async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_failure(
     start: Start,
     config: Config,
@@ -4673,6 +4694,7 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
 ) -> None:
     monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.2)
     monkeypatch.setattr(eng, "VENUE_LET_GO_S", 0.2)
+    monkeypatch.setattr(eng, "SETTLE_PAST_EXPIRY_S", 0)
 
     @dataclass
     class BadLookups(ScriptedVenue):
@@ -4681,6 +4703,8 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
         async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
             if how == "raises redis's":  # its own backend's Redis: not the engine's
                 raise RedisConnectionError("Error 111 connecting to its cache")
+            if how == "never says expired":
+                return None  # it may still land, past the transaction's expiry too
             while not self.released:
                 deaf = how == "hangs and ignores its cancellation"
                 with (
@@ -4703,6 +4727,41 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
         assert "could not end the order; it is taken up again" in said  # later, held back
         assert "redis failed mid-attempt; resuming" not in said
         assert (await get_order(client, stuck))["status"] == "submitted"  # it may have landed
+    finally:
+        venue.released = True
+
+
+async def test_a_venue_with_calls_left_running_is_not_asked_to_look_up_either(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "VENUE_UNENDED_MAX", 1)
+    monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(eng, "VENUE_LET_GO_S", 0.1)
+
+    @dataclass
+    class DeafLookups(ScriptedVenue):
+        released: bool = False
+        lookups: int = 0
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            self.lookups += 1
+            while not self.released:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.01)
+            return None
+
+    venue = DeafLookups("RAYDIUM", land_then_crash=True)
+    client = await start(venues=[venue])
+    try:
+        stuck = await order_id_of(client)
+
+        def unended() -> list[str]:
+            said = [r.getMessage() for r in caplog.records if getattr(r, "orderId", None) == stuck]
+            return [m for m in said if m.startswith("could not end the order")]
+
+        await wait_for(lambda: len(unended()) >= 2, "the stuck order to be taken up again")
+        assert venue.lookups == 1  # its first lookup still runs: the retake did not ask again
+        assert (await get_order(client, stuck))["status"] == "submitted"
     finally:
         venue.released = True
 
