@@ -6928,7 +6928,9 @@ class _Attempt:
                 self.unasked = True
                 late = f"no outcome {-remaining_s:.0f} s after the transaction expired"
                 raise VenueFault(late)
-            await asyncio.sleep(min(max(remaining_s, 0) + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
+            # Until the expiry, wait for it; past it, ask again at an interval that grows.
+            wait_s = remaining_s if remaining_s > 0 else -remaining_s / 4
+            await asyncio.sleep(min(wait_s + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
 
     async def confirm(self, dex: str, fill: Fill) -> None:
         confirmed = {
