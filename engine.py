@@ -3937,6 +3937,8 @@ VENUE_NAME_MAX: Final = 64  # characters of a pool's or an AMM's name in a quote
 LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has four)
 TOLD_MAX: Final = 1000  # orders an engine remembers having logged a traceback for
 RETAKE_HOLD_MAX_S: Final = 300.0  # the longest an order that could not be ended waits
+HELD_FORGET_S: Final = 2 * RETAKE_HOLD_MAX_S  # after its hold: taken up again, or not ours
+HELD_MAX: Final = 100_000  # orders held at once that an engine remembers (about 200 bytes each)
 SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
 LEG_FIELDS_MAX: Final = 16  # fields of one leg of a fill's route plan (LegJSON has eight)
 TIME_MS_MAX: Final = 253_402_300_799_999  # the last ms of the year 9999: a date's last
@@ -6197,9 +6199,12 @@ class Engine:
         # What waits on each pair, handed from the armed loop to the pair's task (the newest only).
         self._armed = {pair: asyncio.Queue[Armed](maxsize=1) for pair in PAIRS}
         self._orphan_suspects: set[str] = set()
-        # Orders whose unexpected failure was logged in full: how many times in a row each could
-        # not be ended since, and until when (monotonic) the audit leaves its job where it is.
-        self._told: dict[str, tuple[int, float]] = {}
+        self._told: dict[str, None] = {}  # orders whose unexpected failure was logged in full
+        # Orders that could not be ended (their jobs left in the processing list): how many times
+        # in a row, and until when (monotonic) the audit leaves the job where it is. Forgotten
+        # HELD_FORGET_S after that (ended meanwhile, or run by another engine), or when HELD_MAX
+        # newer ones are held.
+        self._held: dict[str, tuple[int, float]] = {}
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
@@ -6469,9 +6474,9 @@ class Engine:
         except Exception as exc:
             # Its tracebacks once: an order that cannot be ended (a venue whose lookup breaks) is
             # taken up again later, and each time says so in one line.
-            told = order_id in self._told
-            unended = self._told.pop(order_id, (0, 0.0))[0]
-            self._told[order_id] = (0, 0.0)
+            told = order_id in self._told or order_id in self._held
+            unended = self._held.pop(order_id, (0, 0.0))[0]
+            self._told[order_id] = None
             while len(self._told) > TOLD_MAX:
                 del self._told[next(iter(self._told))]
             say = log.warning if told else log.exception
@@ -6480,7 +6485,9 @@ class Engine:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
                 hold_s = self._retake_hold_s(unended)
-                self._told[order_id] = (unended + 1, time.monotonic() + hold_s)
+                self._held[order_id] = (unended + 1, time.monotonic() + hold_s)
+                while len(self._held) > HELD_MAX:
+                    del self._held[next(iter(self._held))]
                 message = "could not end the order; it is taken up again"
                 say(message, extra={"orderId": order_id, "retakeInS": hold_s})
 
@@ -6560,10 +6567,13 @@ class Engine:
         listed = set(await persist("audit", self.store.processing, self.instance_id))
         orphans = listed - self._inflight
         now = time.monotonic()
-        held = {order_id for order_id in orphans if self._told.get(order_id, (0, 0.0))[1] > now}
+        self._held = {
+            order_id: h for order_id, h in self._held.items() if h[1] > now - HELD_FORGET_S
+        }
+        held = {order_id for order_id in orphans if self._held.get(order_id, (0, 0.0))[1] > now}
         confirmed = (orphans & self._orphan_suspects) - held
         self._orphan_suspects = orphans - confirmed
-        unended = {order_id for order_id in confirmed if self._told.get(order_id, (0, 0.0))[0]}
+        unended = confirmed & self._held.keys()
         for jobs, behind in ((confirmed - unended, False), (unended, True)):
             if jobs:
                 moved = await persist("requeue", self.store.requeue, self.instance_id, jobs, behind)

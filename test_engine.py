@@ -4682,6 +4682,32 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert record["recoveries"] == 0  # no engine died: its own worker left it
 
 
+async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "TOLD_MAX", 1)  # fewer than the orders held
+
+    @dataclass
+    class BrokenLookups(ScriptedVenue):
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            raise RuntimeError("a bug in the venue's chain client")
+
+    client = await start(venues=[BrokenLookups("RAYDIUM", land_then_crash=True)])
+    stuck = [await order_id_of(client) for _ in range(3)]
+
+    def about(order_id: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "orderId", None) == order_id]
+
+    def unended(order_id: str) -> list[logging.LogRecord]:
+        return [r for r in about(order_id) if r.getMessage().startswith("could not end")]
+
+    await wait_for(lambda: all(len(unended(o)) >= 2 for o in stuck), "each to be taken up again")
+    for order_id in stuck:
+        first, second = unended(order_id)[:2]
+        assert [first.retakeInS, second.retakeInS] == [1, 2]  # type: ignore[attr-defined]
+        assert len([r for r in about(order_id) if r.exc_info]) == 2  # the first time only
+
+
 @pytest.mark.parametrize(
     "how", ["hangs", "hangs and ignores its cancellation", "raises redis's", "never says expired"]
 )
