@@ -3949,6 +3949,9 @@ VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for bef
 # A venue's calls cancelled but still running, at which it is left out of routing until fewer are.
 VENUE_UNENDED_MAX: Final = 100
 LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within this, or breaks
+# After a lookup gave no answer, the venue's lookups are not asked for this long (each would hold
+# a worker for LOOKUP_TIMEOUT_S): the orders that need one are held back at once.
+LOOKUP_PAUSE_S: Final = 10.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
 
@@ -5774,6 +5777,7 @@ class Router:
         # Each venue's calls that were cancelled (late quotes, executions past their timeout)
         # and have not ended yet: one that ignores its cancellation stays here until it ends.
         self._unended: dict[str, set[asyncio.Future[Any]]] = {dex: set() for dex in self.venues}
+        self._lookups_paused: dict[str, float] = {}  # venue: until when (monotonic) not asked
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -5928,17 +5932,23 @@ class Router:
     async def lookup(self, sent: SentTx) -> TxStatus | None:
         """What the chain says of a sent transaction. A venue of one's own that gives no answer
         within LOOKUP_TIMEOUT_S breaks its contract, as one that raises does (the simulated
-        chain's lookups are reads of the engine's Redis, bounded by its client's timeouts); one
-        with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes."""
+        chain's lookups are reads of the engine's Redis, bounded by its client's timeouts). One
+        with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes, nor
+        one whose lookup gave no answer in the last LOOKUP_PAUSE_S."""
         dex = sent.dex.split("+")[0]
         venue = self.venues.get(dex)
         if venue is not None:
             if (unended := len(self._unended[dex])) >= VENUE_UNENDED_MAX:
                 raise VenueFault(f"not asked: {unended} of its calls ignore their cancellation")
+            if self._lookups_paused.get(dex, -math.inf) > time.monotonic():
+                raise VenueFault(
+                    f"not asked: a lookup gave no answer in the last {LOOKUP_PAUSE_S:g} s"
+                )
             timeout_s = None if type(venue) is SimVenue else LOOKUP_TIMEOUT_S
             try:
                 return checked_status(await self._within(timeout_s, dex, "lookup", sent))
             except TimeoutError:
+                self._lookups_paused[dex] = time.monotonic() + LOOKUP_PAUSE_S
                 raise VenueFault(f"no answer to a lookup within {LOOKUP_TIMEOUT_S:g} s") from None
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)

@@ -4757,11 +4757,42 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
         venue.released = True
 
 
+async def test_after_a_lookup_gave_no_answer_the_venue_is_not_asked_for_a_while(
+    start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(eng, "LOOKUP_PAUSE_S", 3600)
+
+    @dataclass
+    class HangingLookups(ScriptedVenue):
+        lookups: int = 0
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            self.lookups += 1
+            await asyncio.Event().wait()
+            return None
+
+    venue = HangingLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=1), venues=[venue])
+    stuck = [await order_id_of(client) for _ in range(2)]
+
+    def unended() -> set[str]:
+        said = [r for r in caplog.records if r.getMessage().startswith("could not end the order")]
+        return {getattr(r, "orderId", "") for r in said}
+
+    await wait_for(lambda: unended() >= set(stuck), "both orders to be held back")
+    assert venue.lookups == 1  # the second did not hold the worker for another timeout
+    venue.land_then_crash = False
+    record = await wait_status(client, await order_id_of(client), "confirmed")
+    assert record["status"] == "confirmed"
+
+
 async def test_a_venue_with_calls_left_running_is_not_asked_to_look_up_either(
     start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(eng, "VENUE_UNENDED_MAX", 1)
     monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(eng, "LOOKUP_PAUSE_S", 0)  # the cap alone keeps it from being asked
     monkeypatch.setattr(eng, "VENUE_LET_GO_S", 0.1)
 
     @dataclass
