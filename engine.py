@@ -3950,7 +3950,8 @@ VENUE_LET_GO_S: Final = 2.0  # how long a cancelled venue call is waited for bef
 VENUE_UNENDED_MAX: Final = 100
 LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within this, or breaks
 # After a lookup gave no answer, the venue's lookups are not asked for this long (each would hold
-# a worker for LOOKUP_TIMEOUT_S): the orders that need one are held back at once.
+# a worker for LOOKUP_TIMEOUT_S), and then one at a time until one answers: the orders that need
+# one meanwhile are held back at once.
 LOOKUP_PAUSE_S: Final = 10.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
@@ -5777,7 +5778,10 @@ class Router:
         # Each venue's calls that were cancelled (late quotes, executions past their timeout)
         # and have not ended yet: one that ignores its cancellation stays here until it ends.
         self._unended: dict[str, set[asyncio.Future[Any]]] = {dex: set() for dex in self.venues}
-        self._lookups_paused: dict[str, float] = {}  # venue: until when (monotonic) not asked
+        # Venues whose lookup gave no answer: until when (monotonic) they are not asked, and
+        # those with one lookup under way, the only one until it answers.
+        self._lookups_paused: dict[str, float] = {}
+        self._lookup_tried: set[str] = set()
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -5933,23 +5937,32 @@ class Router:
         """What the chain says of a sent transaction. A venue of one's own that gives no answer
         within LOOKUP_TIMEOUT_S breaks its contract, as one that raises does (the simulated
         chain's lookups are reads of the engine's Redis, bounded by its client's timeouts). One
-        with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes, nor
-        one whose lookup gave no answer in the last LOOKUP_PAUSE_S."""
+        with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes; nor
+        one whose lookup gave no answer, for LOOKUP_PAUSE_S, then but once at a time until one
+        answers."""
         dex = sent.dex.split("+")[0]
         venue = self.venues.get(dex)
         if venue is not None:
             if (unended := len(self._unended[dex])) >= VENUE_UNENDED_MAX:
                 raise VenueFault(f"not asked: {unended} of its calls ignore their cancellation")
-            if self._lookups_paused.get(dex, -math.inf) > time.monotonic():
-                raise VenueFault(
-                    f"not asked: a lookup gave no answer in the last {LOOKUP_PAUSE_S:g} s"
-                )
+            doubted = dex in self._lookups_paused
+            if doubted and (
+                dex in self._lookup_tried or self._lookups_paused[dex] > time.monotonic()
+            ):
+                raise VenueFault("not asked: a lookup gave no answer; one at a time until one does")
             timeout_s = None if type(venue) is SimVenue else LOOKUP_TIMEOUT_S
+            if doubted:
+                self._lookup_tried.add(dex)
             try:
-                return checked_status(await self._within(timeout_s, dex, "lookup", sent))
+                answer = await self._within(timeout_s, dex, "lookup", sent)
             except TimeoutError:
                 self._lookups_paused[dex] = time.monotonic() + LOOKUP_PAUSE_S
                 raise VenueFault(f"no answer to a lookup within {LOOKUP_TIMEOUT_S:g} s") from None
+            finally:
+                if doubted:
+                    self._lookup_tried.discard(dex)
+            self._lookups_paused.pop(dex, None)  # it answers again
+            return checked_status(answer)
         # Sent by an engine with other venues: none here can answer, so this engine's clock
         # decides, with a margin for skew. (Every engine on one Redis should run the same venues.)
         if self._clock() * 1000 <= sent.expires_at_ms + TX_EXPIRY_MARGIN_S * 1000:

@@ -4787,6 +4787,40 @@ async def test_after_a_lookup_gave_no_answer_the_venue_is_not_asked_for_a_while(
     assert record["status"] == "confirmed"
 
 
+async def test_after_its_pause_a_venue_whose_lookups_hang_is_asked_once_at_a_time(
+    start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(eng, "LOOKUP_PAUSE_S", 0)  # over at once: then one at a time
+
+    @dataclass
+    class HangingLookups(ScriptedVenue):
+        running: int = 0
+        most: list[int] = field(default_factory=list)  # lookups under way as each began
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            self.running += 1
+            self.most.append(self.running)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.running -= 1
+            return None
+
+    venue = HangingLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=3), venues=[venue])
+    stuck = [await order_id_of(client) for _ in range(3)]
+
+    def held() -> list[str]:
+        said = [r for r in caplog.records if r.getMessage().startswith("could not end the order")]
+        return [getattr(r, "orderId", "") for r in said]
+
+    # Each order held back twice: retaken together (their holds equal), as three workers are free.
+    await wait_for(lambda: all(held().count(o) >= 2 for o in stuck), "each order to be retaken")
+    assert len(venue.most) > 3  # the first three, together, then retakes
+    assert max(venue.most[3:]) == 1  # each retake's lookup alone
+
+
 async def test_a_venue_with_calls_left_running_is_not_asked_to_look_up_either(
     start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
