@@ -4757,31 +4757,40 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
         venue.released = True
 
 
+@dataclass
+class HangingLookups(ScriptedVenue):
+    """Its lookups never answer (they end when cancelled)."""
+
+    running: int = 0
+    began: list[int] = field(default_factory=list)  # lookups under way as each one began
+
+    async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+        self.running += 1
+        self.began.append(self.running)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.running -= 1
+        return None
+
+
+def held_back(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The orders that could not be ended, once for each time."""
+    said = [r for r in caplog.records if r.getMessage().startswith("could not end the order")]
+    return [getattr(r, "orderId", "") for r in said]
+
+
 async def test_after_a_lookup_gave_no_answer_the_venue_is_not_asked_for_a_while(
     start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.2)
     monkeypatch.setattr(eng, "LOOKUP_PAUSE_S", 3600)
 
-    @dataclass
-    class HangingLookups(ScriptedVenue):
-        lookups: int = 0
-
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            self.lookups += 1
-            await asyncio.Event().wait()
-            return None
-
     venue = HangingLookups("RAYDIUM", land_then_crash=True)
     client = await start(replace(config, concurrency=1), venues=[venue])
     stuck = [await order_id_of(client) for _ in range(2)]
-
-    def unended() -> set[str]:
-        said = [r for r in caplog.records if r.getMessage().startswith("could not end the order")]
-        return {getattr(r, "orderId", "") for r in said}
-
-    await wait_for(lambda: unended() >= set(stuck), "both orders to be held back")
-    assert venue.lookups == 1  # the second did not hold the worker for another timeout
+    await wait_for(lambda: set(held_back(caplog)) >= set(stuck), "both orders to be held back")
+    assert len(venue.began) == 1  # the second did not hold the worker for another timeout
     venue.land_then_crash = False
     record = await wait_status(client, await order_id_of(client), "confirmed")
     assert record["status"] == "confirmed"
@@ -4793,32 +4802,16 @@ async def test_after_its_pause_a_venue_whose_lookups_hang_is_asked_once_at_a_tim
     monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 0.3)
     monkeypatch.setattr(eng, "LOOKUP_PAUSE_S", 0)  # over at once: then one at a time
 
-    @dataclass
-    class HangingLookups(ScriptedVenue):
-        running: int = 0
-        most: list[int] = field(default_factory=list)  # lookups under way as each began
-
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            self.running += 1
-            self.most.append(self.running)
-            try:
-                await asyncio.Event().wait()
-            finally:
-                self.running -= 1
-            return None
-
     venue = HangingLookups("RAYDIUM", land_then_crash=True)
     client = await start(replace(config, concurrency=3), venues=[venue])
     stuck = [await order_id_of(client) for _ in range(3)]
 
-    def held() -> list[str]:
-        said = [r for r in caplog.records if r.getMessage().startswith("could not end the order")]
-        return [getattr(r, "orderId", "") for r in said]
+    def retaken() -> bool:  # together (their holds are equal), as three workers are free
+        return all(held_back(caplog).count(order_id) >= 2 for order_id in stuck)
 
-    # Each order held back twice: retaken together (their holds equal), as three workers are free.
-    await wait_for(lambda: all(held().count(o) >= 2 for o in stuck), "each order to be retaken")
-    assert len(venue.most) > 3  # the first three, together, then retakes
-    assert max(venue.most[3:]) == 1  # each retake's lookup alone
+    await wait_for(retaken, "each order to be held back twice")
+    assert len(venue.began) > 3  # the first three, together, then retakes
+    assert max(venue.began[3:]) == 1  # each retake's lookup alone
 
 
 async def test_a_venue_with_calls_left_running_is_not_asked_to_look_up_either(
