@@ -916,8 +916,6 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
-# Return jobs of this instance that no worker holds (a BLMOVE whose reply was lost) to pending.
-# KEYS: processing, pending   ARGV: order ids
 # Put jobs of a processing list back on the pending list: at its front, to be taken next (a job
 # whose BLMOVE reply was lost, one taken ahead), or at its back, behind those waiting (an order
 # held back because its venue's lookup keeps failing, so that such orders cannot crowd out new
@@ -5852,11 +5850,7 @@ class Router:
         skipped for having no route for the whole amount adds the routes that can take part of
         it to `partial`."""
         quotes: list[Quote] = []
-        skipped = {
-            dex: f"{len(unended)} of its calls ignore their cancellation; left out until they end"
-            for dex, unended in self._unended.items()
-            if len(unended) >= VENUE_UNENDED_MAX
-        }
+        skipped = {dex: reason for dex in self.venues if (reason := self._left_out(dex))}
         asks = {
             asyncio.ensure_future(self._timed_quote(dex, venue, sell, buy, amount_in)): dex
             for dex, venue in self.venues.items()
@@ -5919,7 +5913,7 @@ class Router:
         """A venue call in a task of its own, given `timeout_s` (TimeoutError after that): its
         deadline ends the wait even when the venue does not let itself be cancelled (that call
         is let go after VENUE_LET_GO_S, logged, and counted against the venue until it ends)."""
-        dex = dex.split("+")[0]  # a split's one transaction goes through its first venue
+        dex = self._sender(dex)
         running = asyncio.ensure_future(venue_call(self.venues[dex], method, *args))
         try:
             done, _ = await asyncio.wait((running,), timeout=timeout_s)
@@ -5940,11 +5934,11 @@ class Router:
         with VENUE_UNENDED_MAX calls still running is not asked, as it is not for quotes; nor
         one whose lookup gave no answer, for LOOKUP_PAUSE_S, then but once at a time until one
         answers."""
-        dex = sent.dex.split("+")[0]
+        dex = self._sender(sent.dex)
         venue = self.venues.get(dex)
         if venue is not None:
-            if (unended := len(self._unended[dex])) >= VENUE_UNENDED_MAX:
-                raise VenueFault(f"not asked: {unended} of its calls ignore their cancellation")
+            if reason := self._left_out(dex):
+                raise VenueFault(f"not asked: {reason}")
             doubted = dex in self._lookups_paused
             if doubted and (
                 dex in self._lookup_tried or self._lookups_paused[dex] > time.monotonic()
@@ -5984,6 +5978,13 @@ class Router:
             raise AttemptFailed(exc.code, str(exc)) from None
         return checked_signed(tx, signed)
 
+    def _left_out(self, dex: str) -> str | None:
+        """Why the venue is not asked now: VENUE_UNENDED_MAX of its calls still running."""
+        unended = len(self._unended[dex])
+        if unended < VENUE_UNENDED_MAX:
+            return None
+        return f"{unended} of its calls ignore their cancellation; left out until they end"
+
     def _cancelled(self, dex: str, call: asyncio.Future[Any]) -> None:
         """A call of the venue's, cancelled: counted against the venue until it ends (what it
         raises then is nobody's to see)."""
@@ -5998,8 +5999,13 @@ class Router:
         call.add_done_callback(ended)
 
     def _venue(self, dex: str) -> Venue:
-        # A split is one transaction through an aggregator: its first venue sends it.
-        return self.venues[dex.split("+")[0]]
+        return self.venues[self._sender(dex)]
+
+    @staticmethod
+    def _sender(dex: str) -> str:
+        """The venue that sends a route's transaction: a split's is one transaction through an
+        aggregator, which its first venue sends."""
+        return dex.split("+")[0]
 
 
 def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
@@ -6015,6 +6021,18 @@ def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(kept: dict[K, V], key: K, value: V, most: int) -> None:
+    """Keep `value` as the newest entry of `kept`, forgetting the oldest beyond `most`."""
+    kept.pop(key, None)
+    kept[key] = value
+    while len(kept) > most:
+        del kept[next(iter(kept))]
 
 
 async def cancel_within(tasks: Collection[asyncio.Future[Any]]) -> set[asyncio.Future[Any]]:
@@ -6499,18 +6517,14 @@ class Engine:
             # taken up again later, and each time says so in one line.
             told = order_id in self._told or order_id in self._held
             unended = self._held.pop(order_id, (0, 0.0))[0]
-            self._told[order_id] = None
-            while len(self._told) > TOLD_MAX:
-                del self._told[next(iter(self._told))]
+            remember(self._told, order_id, None, TOLD_MAX)
             say = log.warning if told else log.exception
             say("order processing failed unexpectedly", extra={"orderId": order_id})
             try:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
                 hold_s = self._retake_hold_s(unended)
-                self._held[order_id] = (unended + 1, time.monotonic() + hold_s)
-                while len(self._held) > HELD_MAX:
-                    del self._held[next(iter(self._held))]
+                remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
                 message = "could not end the order; it is taken up again"
                 say(message, extra={"orderId": order_id, "retakeInS": hold_s})
 
