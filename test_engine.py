@@ -4780,6 +4780,46 @@ def held_back(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [getattr(r, "orderId", "") for r in said]
 
 
+async def test_an_order_held_back_through_redis_killed_and_stalled_confirms_once(
+    start: Start, config: Config, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    @dataclass
+    class DownLookups(ScriptedVenue):
+        down: bool = True  # its RPC node
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            if self.down:
+                raise RuntimeError("its RPC node is down")
+            return await super().lookup(sent)
+
+    venue = DownLookups("RAYDIUM", land_then_crash=True)  # lands, then its client breaks
+    client = await start(replace(config, redis_url=own_redis.url), venues=[venue])
+    try:
+        async with client.ws_connect("/ws?userId=1") as ws:
+            await receive(ws)
+            stuck = await order_id_of(client)
+            await wait_for(lambda: stuck in held_back(caplog), "the order to be held back")
+            own_redis.kill()
+            own_redis.start()
+            own_redis.signal(signal.SIGSTOP)
+
+            async def unhealthy() -> bool:
+                return (await client.get("/healthz")).status == 503
+
+            await wait_for(unhealthy, "the engine to see Redis stalled")
+            own_redis.signal(signal.SIGCONT)
+            venue.down = False
+            venue.land_then_crash = False
+            events = await events_until_done(ws, stuck)
+        assert statuses(events, stuck).count("confirmed") == 1
+        assert len(venue.executions) == 1  # one swap: the held order was never sent again
+        assert (await get_order(client, stuck))["recoveries"] == 0
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs))
+    finally:
+        await client.close()
+
+
 async def test_after_a_lookup_gave_no_answer_the_venue_is_not_asked_for_a_while(
     start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
