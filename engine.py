@@ -6015,6 +6015,16 @@ def retry_delay_ms(attempt: int, base_ms: int, rng: random.Random) -> int:
     return step // 2 + rng.randint(0, step // 2)
 
 
+def retake_hold_s(unended: int, ttl_s: float, rng: random.Random) -> float:
+    """How long the job of an order that could not be ended stays in the processing list before
+    the audit puts it back: one to two heartbeat TTLs, doubled each time in a row, up to
+    RETAKE_HOLD_MAX_S, so that a venue whose lookup stays broken is asked less and less. Each
+    hold is drawn in the upper half of its step, so that orders held back together (a venue's
+    outage) come back spread out, not all at once."""
+    step = min(RETAKE_HOLD_MAX_S, ttl_s * 2.0 ** min(unended + 1, 16))
+    return round(rng.uniform(step / 2, step), 3)
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════════════
 # 9. Engine: workers, retries, recovery
 # ════════════════════════════════════════════════════════════════════════════════════════════════
@@ -6523,16 +6533,10 @@ class Engine:
             try:
                 await worker.give_up(exc)
             except Exception:  # a venue that keeps failing this way must not take the worker
-                hold_s = self._retake_hold_s(unended)
+                hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
                 remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
                 message = "could not end the order; it is taken up again"
                 say(message, extra={"orderId": order_id, "retakeInS": hold_s})
-
-    def _retake_hold_s(self, unended: int) -> float:
-        """How long the job of an order that could not be ended stays in the processing list
-        before the audit puts it back: a heartbeat's TTL, doubled each time in a row, up to
-        RETAKE_HOLD_MAX_S, so that a venue whose lookup stays broken is asked less and less."""
-        return min(RETAKE_HOLD_MAX_S, self.config.heartbeat_ttl_s * 2.0 ** min(unended, 16))
 
     # -- background loops -------------------------------------------------------------------------
 
