@@ -916,6 +916,17 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """
 
+# Note on an order that could not be ended how many times in a row that happened and until when
+# (epoch ms) it is held back, so that whichever engine claims its job next (after a restart, or
+# from a dead engine's list) holds it for the rest of that time instead of asking its venue at
+# once. Only while the caller holds its lease.
+# KEYS: order   ARGV: lease, times, until
+LUA_HOLD: Final = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'heldTimes', ARGV[2], 'heldUntilMs', ARGV[3])
+return 1
+"""
+
 # Put jobs of a processing list back on the pending list: at its front, to be taken next (a job
 # whose BLMOVE reply was lost, one taken ahead), or at its back, behind those waiting (an order
 # held back because its venue's lookup keeps failing, so that such orders cannot crowd out new
@@ -1374,6 +1385,8 @@ class Order:
     tx_last_valid_height: int | None = None
     condition: Condition | None = None  # a limit or sniper order's; None for a market order
     condition_met: bool = False  # its condition was met once (conditionMetAt)
+    held_times: int = 0  # held back this many times in a row: it could not be ended
+    held_until_ms: int = 0  # until then (epoch ms)
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
@@ -1401,6 +1414,8 @@ class Order:
             tx_last_valid_height=value("lastValidBlockHeight"),
             condition=condition,
             condition_met="conditionMetAt" in record,
+            held_times=value("heldTimes", 0),
+            held_until_ms=value("heldUntilMs", 0),
         )
 
     @property
@@ -2556,6 +2571,8 @@ CLAIM_FIELDS: Final = (
     "lastValidBlockHeight",
     *CONDITION_FIELDS,
     "conditionMetAt",
+    "heldTimes",
+    "heldUntilMs",
 )
 
 
@@ -3065,6 +3082,7 @@ class Store:
         self._take, self._promote = script(LUA_TAKE), script(LUA_PROMOTE)
         self._unkeep, self._ready = script(LUA_UNKEEP), script(LUA_READY)
         self._snapshot, self._replay = script(LUA_SNAPSHOT), script(LUA_REPLAY)
+        self._hold = script(LUA_HOLD)
 
     def _sent(self, user: str) -> Callable[[Any], None]:
         """Hand an emitting script's events (its reply's items after the first) to `on_event`."""
@@ -3378,6 +3396,11 @@ class Store:
 
     async def processing(self, instance: str) -> list[str]:
         return [str(job) for job in await self.redis.lrange(self.keys.processing(instance), 0, -1)]
+
+    async def hold(self, order_id: str, lease: str, times: int, until_ms: int) -> None:
+        """Note on the order that it is held back `times` in a row, until `until_ms` (LUA_HOLD)."""
+        keys = [self.keys.order(order_id)]
+        await self._hold(keys=keys, args=script_args([lease, times, until_ms]))
 
     async def requeue(self, instance: str, order_ids: Iterable[str], behind: bool = False) -> int:
         """Jobs of the instance's processing list back on the pending list: taken next, or
@@ -6509,6 +6532,8 @@ class Engine:
                 record = await persist("record", self.store.record, order_id)
                 await persist("finish ended", self.store.finish_ended, record)
             return
+        if self._held_back(order):
+            return
         worker = _Attempt(self, order, lease)
         try:
             try:
@@ -6526,7 +6551,7 @@ class Engine:
             # Its tracebacks once: an order that cannot be ended (a venue whose lookup breaks) is
             # taken up again later, and each time says so in one line.
             told = order_id in self._told or order_id in self._held
-            unended = self._held.pop(order_id, (0, 0.0))[0]
+            unended = max(self._held.pop(order_id, (0, 0.0))[0], self._held_before(order))
             remember(self._told, order_id, None, TOLD_MAX)
             say = log.warning if told else log.exception
             say("order processing failed unexpectedly", extra={"orderId": order_id})
@@ -6537,6 +6562,27 @@ class Engine:
                 remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
                 message = "could not end the order; it is taken up again"
                 say(message, extra={"orderId": order_id, "retakeInS": hold_s})
+                until_ms = int((self._clock() + hold_s) * 1000)
+                await persist("hold", self.store.hold, order_id, lease, unended + 1, until_ms)
+
+    def _held_before(self, order: Order) -> int:
+        """How many times in a row the engine that held the order before did so: forgotten as
+        this engine forgets its own (HELD_FORGET_S after the hold)."""
+        recent = self._clock() < order.held_until_ms / 1000 + HELD_FORGET_S
+        return order.held_times if recent else 0
+
+    def _held_back(self, order: Order) -> bool:
+        """An order that could not be ended, claimed before its hold ran out (noted on its record
+        by the engine that held it, which may have stopped or died since): its job stays in the
+        processing list until then, as if this engine had held it, and its venue is not asked."""
+        rest_s = min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S)
+        if order.status is not Status.SUBMITTED or rest_s <= 0:
+            return False
+        until = time.monotonic() + rest_s
+        remember(self._held, order.order_id, (order.held_times, until), HELD_MAX)
+        extra = {"orderId": order.order_id, "retakeInS": round(rest_s, 3)}
+        log.warning("order held back by the engine before; taken up again later", extra=extra)
+        return True
 
     # -- background loops -------------------------------------------------------------------------
 

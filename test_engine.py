@@ -4697,6 +4697,40 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert record["recoveries"] == 0  # no engine died: its own worker left it
 
 
+async def test_an_order_held_back_stays_held_through_a_restart_and_its_holds_go_on_doubling(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    @dataclass
+    class BrokenLookups(ScriptedVenue):
+        lookups: int = 0
+
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            self.lookups += 1
+            raise RuntimeError("a bug in the venue's chain client")
+
+    venue = BrokenLookups("RAYDIUM", land_then_crash=True)
+    slow = replace(config, heartbeat_ttl_s=2)  # holds of 2-4 s, then 4-8 s
+    first = await start(slow, venues=[venue])
+    stuck = await order_id_of(first)
+
+    def said(message: str) -> list[logging.LogRecord]:
+        about = [r for r in caplog.records if getattr(r, "orderId", None) == stuck]
+        return [r for r in about if r.getMessage().startswith(message)]
+
+    await wait_for(lambda: said("could not end the order"), "the order to be held back")
+    await first.close()  # a clean stop hands its job back; the next engine claims it at once
+    second = await start(slow, venues=[venue])
+    await wait_for(lambda: said("order held back by the engine before"), "the hold to go on")
+    assert venue.lookups == 1  # the venue is not asked again before the first hold ran out
+    await wait_for(lambda: len(said("could not end the order")) == 2, "it to be retaken")
+    first_hold, second_hold = [r.retakeInS for r in said("could not end")]  # type: ignore[attr-defined]
+    assert 2 <= first_hold <= 4 <= second_hold <= 8  # counted on from the first engine's holds
+    assert said("could not end")[1].created - said("could not end")[0].created >= first_hold
+    assert venue.lookups == 2
+    record = await get_order(second, stuck)
+    assert (record["status"], record["recoveries"]) == ("submitted", 0)
+
+
 async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
     start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
