@@ -253,6 +253,9 @@ GIVEN_BACK_MAX: Final = 10
 # later than it asked to. An attempt that fails across one is given back.
 PAUSE_CHECK_S: Final = 0.25
 PAUSE_MIN_S: Final = 1.0
+STILL: Final = (
+    "stopped (SIGSTOP), starved of CPU, or code that does not await (a venue's time.sleep)"
+)
 # Margin past a transaction's expiry before it is treated as never landed (clock skew).
 TX_EXPIRY_MARGIN_S: Final = 0.2
 # A sent transaction whose fate is unknown is asked about at least this often until it expires.
@@ -6281,6 +6284,7 @@ class Engine:
         self._held: dict[str, tuple[int, float]] = {}
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
+        self.stood_still = 0  # times it did (/healthz)
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
         self._beaten_at = time.monotonic()  # this instance's last heartbeat
         self._ticked = math.inf  # when the pause watcher last ran
@@ -6807,7 +6811,10 @@ class Engine:
             await asyncio.sleep(PAUSE_CHECK_S)
             if (late := time.monotonic() - self._ticked - PAUSE_CHECK_S) > PAUSE_MIN_S:
                 self._paused_at = time.monotonic()
-                log.warning("the engine stood still", extra={"seconds": round(late, 1)})
+                self.stood_still += 1
+                log.warning(
+                    "the engine stood still", extra={"seconds": round(late, 1), "why": STILL}
+                )
 
     def paused_since(self, moment: float) -> bool:
         """Whether the process has stood still since `moment` (time.monotonic), including a
@@ -8526,6 +8533,7 @@ async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body: dict[str, Any] = {"status": "ok", "instance": engine.instance_id}
     body["queue"] = await probe_redis(engine, engine.store.queue_depths(engine.instance_id))
+    body["stoodStill"] = engine.stood_still  # when it grows, a 503 may not be Redis's doing
     if body["queue"] is None:
         body["status"] = "unavailable"
         body |= ApiError(503, "REDIS_UNAVAILABLE", "redis does not answer", retryable=True).body()

@@ -4501,11 +4501,16 @@ class PausingVenue(ScriptedVenue):
 
 
 async def test_an_attempt_that_fails_across_a_pause_of_the_engine_is_given_back(
-    start: Start, config: Config
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     one_attempt = replace(config, quote_timeout_ms=500, max_attempts=1)
     client = await start(one_attempt, venues=[PausingVenue("RAYDIUM", pause_s=1.5)])
+    assert (await (await client.get("/healthz")).json())["stoodStill"] == 0
     record = await wait_status(client, await order_id_of(client), "confirmed", "failed")
+    # Said, with why, and counted where an operator looks when a probe answered 503 meanwhile.
+    still = [r for r in caplog.records if r.getMessage() == "the engine stood still"]
+    assert [r.seconds >= 1.2 and "time.sleep" in r.why for r in still] == [True]  # type: ignore[attr-defined]
+    assert (await (await client.get("/healthz")).json())["stoodStill"] == 1
     # The quote timed out only because the engine itself stood still: not the venue's fault.
     assert (record["status"], record["attempts"], record["attemptsGivenBack"]) == (
         "confirmed",
