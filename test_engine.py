@@ -4655,6 +4655,23 @@ async def test_redis_going_away_and_coming_back_loses_nothing(
         await client.close()
 
 
+@dataclass
+class BrokenLookups(ScriptedVenue):
+    """A venue whose chain lookup always raises: an order it sent cannot be ended."""
+
+    lookups: int = 0
+
+    async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+        self.lookups += 1
+        raise RuntimeError("a bug in the venue's chain client")
+
+
+def said(caplog: pytest.LogCaptureFixture, order_id: str, opening: str) -> list[logging.LogRecord]:
+    """What the engine logged about the order, in lines that begin with `opening`."""
+    about = [r for r in caplog.records if getattr(r, "orderId", None) == order_id]
+    return [r for r in about if r.getMessage().startswith(opening)]
+
+
 def held_within(first: logging.LogRecord, second: logging.LogRecord) -> bool:
     """Two holds in a row of an order that could not be ended, with a heartbeat TTL of 1 s: one
     to two TTLs, then two to four."""
@@ -4665,14 +4682,6 @@ def held_within(first: logging.LogRecord, second: logging.LogRecord) -> bool:
 async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     start: Start, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
-    @dataclass
-    class BrokenLookups(ScriptedVenue):
-        lookups: int = 0
-
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            self.lookups += 1
-            raise RuntimeError("a bug in the venue's chain client")
-
     venue = BrokenLookups("RAYDIUM", land_then_crash=True)
     client = await start(replace(config, concurrency=1), venues=[venue])
     stuck = await order_id_of(client)
@@ -4682,8 +4691,7 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
     assert record["status"] == "confirmed"
 
     def unended() -> list[logging.LogRecord]:
-        said = [r for r in caplog.records if getattr(r, "orderId", None) == stuck]
-        return [r for r in said if r.getMessage().startswith("could not end the order")]
+        return said(caplog, stuck, "could not end the order")
 
     # Its job put back by the audit, and the chain asked again: after one to two heartbeat TTLs
     # (1 s here), then twice as long, and so on.
@@ -4705,32 +4713,24 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
 async def test_an_order_held_back_stays_held_through_a_restart_and_its_holds_go_on_doubling(
     start: Start, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
-    @dataclass
-    class BrokenLookups(ScriptedVenue):
-        lookups: int = 0
-
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            self.lookups += 1
-            raise RuntimeError("a bug in the venue's chain client")
-
     venue = BrokenLookups("RAYDIUM", land_then_crash=True)
     slow = replace(config, heartbeat_ttl_s=2)  # holds of 2-4 s, then 4-8 s
     first = await start(slow, venues=[venue])
     stuck = await order_id_of(first)
 
-    def said(message: str) -> list[logging.LogRecord]:
-        about = [r for r in caplog.records if getattr(r, "orderId", None) == stuck]
-        return [r for r in about if r.getMessage().startswith(message)]
+    def unended() -> list[logging.LogRecord]:
+        return said(caplog, stuck, "could not end the order")
 
-    await wait_for(lambda: said("could not end the order"), "the order to be held back")
+    await wait_for(unended, "the order to be held back")
     await first.close()  # a clean stop hands its job back; the next engine claims it at once
     second = await start(slow, venues=[venue])
-    await wait_for(lambda: said("order held back by the engine before"), "the hold to go on")
+    held_on = "order held back by the engine before"
+    await wait_for(lambda: said(caplog, stuck, held_on), "the hold to go on")
     assert venue.lookups == 1  # the venue is not asked again before the first hold ran out
-    await wait_for(lambda: len(said("could not end the order")) == 2, "it to be retaken")
-    first_hold, second_hold = [r.retakeInS for r in said("could not end")]  # type: ignore[attr-defined]
+    await wait_for(lambda: len(unended()) == 2, "it to be retaken")
+    first_hold, second_hold = [r.retakeInS for r in unended()]  # type: ignore[attr-defined]
     assert 2 <= first_hold <= 4 <= second_hold <= 8  # counted on from the first engine's holds
-    assert said("could not end")[1].created - said("could not end")[0].created >= first_hold
+    assert unended()[1].created - unended()[0].created >= first_hold
     assert venue.lookups == 2
     record = await get_order(second, stuck)
     assert (record["status"], record["recoveries"]) == ("submitted", 0)
@@ -4741,25 +4741,17 @@ async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
 ) -> None:
     monkeypatch.setattr(eng, "TOLD_MAX", 1)  # fewer than the orders held
 
-    @dataclass
-    class BrokenLookups(ScriptedVenue):
-        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
-            raise RuntimeError("a bug in the venue's chain client")
-
     client = await start(venues=[BrokenLookups("RAYDIUM", land_then_crash=True)])
     stuck = [await order_id_of(client) for _ in range(3)]
 
-    def about(order_id: str) -> list[logging.LogRecord]:
-        return [r for r in caplog.records if getattr(r, "orderId", None) == order_id]
-
     def unended(order_id: str) -> list[logging.LogRecord]:
-        return [r for r in about(order_id) if r.getMessage().startswith("could not end")]
+        return said(caplog, order_id, "could not end")
 
     await wait_for(lambda: all(len(unended(o)) >= 2 for o in stuck), "each to be taken up again")
     for order_id in stuck:
         first, second = unended(order_id)[:2]
         assert held_within(first, second)
-        assert len([r for r in about(order_id) if r.exc_info]) == 2  # the first time only
+        assert len([r for r in said(caplog, order_id, "") if r.exc_info]) == 2  # the first only
 
 
 @pytest.mark.parametrize(
