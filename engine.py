@@ -260,9 +260,10 @@ STILL: Final = (
 TX_EXPIRY_MARGIN_S: Final = 0.2
 # A sent transaction whose fate is unknown is asked about at least this often until it expires.
 SETTLE_POLL_MAX_S: Final = 2.0
-# How long past a transaction's expiry a venue may still answer that it may land: after that the
-# worker lets the order go, to be taken up again later (as when a lookup fails).
-SETTLE_PAST_EXPIRY_S: Final = 60.0
+# How long past a transaction's expiry a venue may still answer that it may land (its view of the
+# chain lags): after that the worker lets the order go, to be asked again later (held back, as
+# when a lookup fails), so that a venue that never says cannot keep the workers.
+SETTLE_PAST_EXPIRY_S: Final = 2.0
 PROMOTE_BATCH: Final = 100
 
 # Real execution on Solana (ENGINE_VENUES=solana, section 8).
@@ -676,7 +677,9 @@ end
 -- left mid-attempt was handed back by an engine of before the draining mark was kept.
 local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
 local how = 'idle'
-if not idle and held then
+if not idle and held == 'held' then
+  how = 'held'  -- held back by an engine that could not end it (LUA_HOLD): nobody runs it
+elseif not idle and held then
   how = 'taken'
   local holder = string.match(held, '^(.*)/')
   if holder == instance then  -- left by a worker of this instance (an unexpected error): no death
@@ -922,11 +925,14 @@ return 1
 # Note on an order that could not be ended how many times in a row that happened and until when
 # (epoch ms) it is held back, so that whichever engine claims its job next (after a restart, or
 # from a dead engine's list) holds it for the rest of that time instead of asking its venue at
-# once. Only while the caller holds its lease.
+# once; and give up its lease, marked 'held': nobody runs it, so an engine that dies while its
+# job waits in its processing list has not died under it (LUA_CLAIM counts no recovery), and
+# another engine that takes the job from the pending list runs it instead of handing it back.
+# Only while the caller holds its lease.
 # KEYS: order   ARGV: lease, times, until
 LUA_HOLD: Final = """
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'heldTimes', ARGV[2], 'heldUntilMs', ARGV[3])
+redis.call('HSET', KEYS[1], 'lease', 'held', 'heldTimes', ARGV[2], 'heldUntilMs', ARGV[3])
 return 1
 """
 
@@ -3980,6 +3986,11 @@ LOOKUP_PAUSE_S: Final = 10.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
 
+class OutcomeUnknown(Exception):
+    """A venue that still does not say what became of a transaction past its expiry: the order
+    may have landed, so it is neither failed nor retried, but asked again later (held back)."""
+
+
 class VenueFault(Exception):
     """What a venue did that breaks its contract: an answer of the wrong shape, or something
     raised that is no Exception (SystemExit, KeyboardInterrupt, GeneratorExit, a BaseException of
@@ -6552,22 +6563,32 @@ class Engine:
             )
             await persist("release", self.store.release_job, self.instance_id, order_id)
         except Exception as exc:
-            # Its tracebacks once: an order that cannot be ended (a venue whose lookup breaks) is
-            # taken up again later, and each time says so in one line.
-            told = order_id in self._told or order_id in self._held
-            unended = max(self._held.pop(order_id, (0, 0.0))[0], self._held_before(order))
-            remember(self._told, order_id, None, TOLD_MAX)
-            say = log.warning if told else log.exception
+            await self._unexpected(worker, exc)
+
+    async def _unexpected(self, worker: _Attempt, exc: Exception) -> None:
+        """After an unexpected error: the order is failed (give_up), or, if it cannot be ended
+        (its venue cannot say what became of its transaction), held back, to be taken up again.
+        Its tracebacks are logged once: such an order says so in one line each time after."""
+        order, order_id = worker.order, worker.order.order_id
+        told = order_id in self._told or order_id in self._held
+        unended = max(self._held.pop(order_id, (0, 0.0))[0], self._held_before(order))
+        remember(self._told, order_id, None, TOLD_MAX)
+        say = log.warning if told else log.exception
+        if isinstance(exc, OutcomeUnknown):  # a venue's view of the chain may lag: no bug
+            say = log.warning
+            unknown = {"orderId": order_id, "error": str(exc)}
+            log.warning("the venue does not say what became of the transaction", extra=unknown)
+        else:
             say("order processing failed unexpectedly", extra={"orderId": order_id})
-            try:
-                await worker.give_up(exc)
-            except Exception:  # a venue that keeps failing this way must not take the worker
-                hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
-                remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
-                message = "could not end the order; it is taken up again"
-                say(message, extra={"orderId": order_id, "retakeInS": hold_s})
-                until_ms = int((self._clock() + hold_s) * 1000)
-                await persist("hold", self.store.hold, order_id, lease, unended + 1, until_ms)
+        try:
+            await worker.give_up(exc)
+        except Exception:  # a venue that keeps failing this way must not take the worker
+            hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
+            remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
+            message = "could not end the order; it is taken up again"
+            say(message, extra={"orderId": order_id, "retakeInS": hold_s})
+            until_ms = int((self._clock() + hold_s) * 1000)
+            await persist("hold", self.store.hold, order_id, worker.lease, unended + 1, until_ms)
 
     def _held_before(self, order: Order) -> int:
         """How many times in a row the engine that held the order before did so: forgotten as
@@ -7013,7 +7034,7 @@ class _Attempt:
         """What became of a sent transaction: its fill if it landed, else AttemptFailed (`failure`,
         the attempt's own, if it simply expired). The venue decides by its chain's clock when it
         has expired; until then the worker waits, asking again once this engine's clock says so,
-        up to SETTLE_PAST_EXPIRY_S past the expiry (then it is the venue's failure)."""
+        up to SETTLE_PAST_EXPIRY_S past the expiry (then OutcomeUnknown: asked again later)."""
         router = self.engine.router
         while True:
             try:
@@ -7028,10 +7049,10 @@ class _Attempt:
                     raise failure
                 raise AttemptFailed(status.code, status.error)
             remaining_s = sent.expires_at_ms / 1000 - self.engine.now()
-            if remaining_s < -SETTLE_PAST_EXPIRY_S:  # the venue never says it expired
+            if remaining_s < -SETTLE_PAST_EXPIRY_S:  # the venue does not say it expired (yet)
                 self.unasked = True
-                late = f"no outcome {-remaining_s:.0f} s after the transaction expired"
-                raise VenueFault(late)
+                late = f"no outcome {-remaining_s:.1f} s after the transaction expired"
+                raise OutcomeUnknown(late)
             # Until the expiry, wait for it; past it, ask again at an interval that grows.
             wait_s = remaining_s if remaining_s > 0 else -remaining_s / 4
             await asyncio.sleep(min(wait_s + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))

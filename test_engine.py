@@ -3581,6 +3581,30 @@ def plugged(config: Config) -> list[ScriptedVenue]:
     return [ScriptedVenue("PLUGGED", price=123.0), ScriptedVenue("OTHER", price=100.0)]
 
 
+@dataclass
+class LookupsByFlag(ScriptedVenue):
+    """Until the file TEST_LOOKUPS_FLAG exists, its swaps land and it then crashes, and its
+    lookups raise: an order it sent cannot be ended. Once it exists, it works (a transaction of
+    an earlier process is unknown to it: expired)."""
+
+    @staticmethod
+    def working() -> bool:
+        return os.path.exists(os.environ["TEST_LOOKUPS_FLAG"])
+
+    async def execute(self, tx: eng.SwapTx) -> eng.Fill:
+        self.land_then_crash = not self.working()
+        return await super().execute(tx)
+
+    async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+        if not self.working():
+            raise RuntimeError("a bug in the venue's chain client")
+        return await super().lookup(sent)
+
+
+def lookups_by_flag(config: Config) -> list[ScriptedVenue]:
+    return [LookupsByFlag("PLUGGED")]
+
+
 def not_a_venue(config: Config) -> object:
     return object()
 
@@ -3779,6 +3803,33 @@ async def test_a_plugged_venue_s_errors_are_the_engine_s_own_under_python_engine
     assert (record["status"], record["attempts"]) == ("confirmed", 2)
     assert record["history"][4]["code"] == "SLIPPAGE_EXCEEDED"  # an attempt's failure, retried
     assert not [line for line in engine.lines if "Traceback" in line or "unexpectedly" in line]
+
+
+async def test_an_engine_killed_while_an_order_is_held_back_did_not_die_under_it(
+    config: Config, processes: Processes, tmp_path: Path
+) -> None:
+    # Nobody runs a held order while its job waits in its engine's processing list: that engine
+    # dying is no recovery, which RECOVERY_LIMIT would count against the order.
+    flag = tmp_path / "lookups work"
+    env = engine_env(config, ENGINE_VENUES="test_engine:lookups_by_flag")
+    env["TEST_LOOKUPS_FLAG"] = str(flag)
+    first = await processes.spawn(env)
+    async with ClientSession() as http:
+        order_id = await place(http, await first.url())
+
+        def held_by(engine: EngineProcess) -> bool:
+            said = [line for line in engine.lines if order_id in line]
+            return any("could not end the order" in line or "held back" in line for line in said)
+
+        await wait_for(lambda: held_by(first), "the order to be held back")
+        first.kill()
+        await first.exit_code()
+        second = await processes.spawn(env)
+        url = await second.url()
+        await wait_for(lambda: held_by(second), "the next engine to hold it back in turn")
+        flag.touch()
+        [record] = await reach(http, url, [order_id], "confirmed", "failed")
+    assert (record["status"], record["recoveries"]) == ("confirmed", 0)
 
 
 @pytest.mark.parametrize(
@@ -4801,6 +4852,32 @@ async def test_a_lookup_that_hangs_or_raises_a_redis_error_is_the_venues_own_fai
         assert (await get_order(client, stuck))["status"] == "submitted"  # it may have landed
     finally:
         venue.released = True
+
+
+async def test_orders_whose_venue_never_says_what_became_of_them_do_not_keep_the_workers(
+    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    @dataclass
+    class UnknownOutcomes(ScriptedVenue):
+        async def lookup(self, sent: eng.SentTx) -> eng.TxStatus | None:
+            return None  # it may still land, long past the transaction's expiry too
+
+    venue = UnknownOutcomes("RAYDIUM", land_then_hang=True)  # the reply is lost
+    quick = replace(config, concurrency=2, execution_timeout_ms=300)
+    client = await start(quick, venues=[venue])
+    stuck = [await order_id_of(client) for _ in range(2)]  # as many as there are workers
+    await wait_for(lambda: len(venue.executions) == 2, "both to be sent")
+    venue.land_then_hang = False
+    # A worker lets such an order go shortly after its transaction's expiry (it is asked again
+    # later), so the next order gets a worker in seconds, not after a minute of asking.
+    record = await wait_status(client, await order_id_of(client), "confirmed")
+    assert record["status"] == "confirmed"
+    for order_id in stuck:
+        unknown = said(caplog, order_id, "the venue does not say what became of the transaction")
+        assert len(unknown) >= 1
+        assert not [r for r in said(caplog, order_id, "") if r.exc_info]  # a lagging view: no bug
+        assert said(caplog, order_id, "could not end the order")  # held back, to be asked again
+        assert (await get_order(client, order_id))["status"] == "submitted"  # it may have landed
 
 
 @dataclass
