@@ -3983,6 +3983,12 @@ LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within t
 # a worker for LOOKUP_TIMEOUT_S), and then one at a time until one answers: the orders that need
 # one meanwhile are held back at once.
 LOOKUP_PAUSE_S: Final = 10.0
+# Before that, so that a venue whose lookups start to hang cannot take every worker for those
+# 10 s: a venue of one's own is asked at most a quarter of ENGINE_CONCURRENCY lookups at once (one
+# at least); a lookup waits up to LOOKUP_SLOW_S for its turn, and none is asked while one has
+# had no answer for that long: the orders that need one are held back instead.
+LOOKUPS_AT_ONCE_SHARE: Final = 4
+LOOKUP_SLOW_S: Final = 2.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
 
@@ -5805,6 +5811,7 @@ class Router:
         clock: Clock = time.time,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.venues = {venue.name: venue for venue in venues}
         # The venues whose routes the split search may price: the simulated ones, whose pools
@@ -5817,6 +5824,11 @@ class Router:
         # those with one lookup under way, the only one until it answers.
         self._lookups_paused: dict[str, float] = {}
         self._lookup_tried: set[str] = set()
+        # Each venue's turns to be asked a lookup (LOOKUPS_AT_ONCE_SHARE), and when each lookup
+        # under way began (monotonic).
+        at_once = max(1, concurrency // LOOKUPS_AT_ONCE_SHARE)
+        self._lookup_turns = {dex: asyncio.Semaphore(at_once) for dex in self.venues}
+        self._lookups_begun: dict[str, dict[object, float]] = {dex: {} for dex in self.venues}
         self._timeout_s = quote_timeout_s
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -5985,7 +5997,8 @@ class Router:
             if doubted:
                 self._lookup_tried.add(dex)
             try:
-                answer = await self._within(timeout_s, dex, "lookup", sent)
+                async with self._lookup_turn(dex, timed=timeout_s is not None):
+                    answer = await self._within(timeout_s, dex, "lookup", sent)
             except TimeoutError:
                 self._lookups_paused[dex] = time.monotonic() + LOOKUP_PAUSE_S
                 raise VenueFault(f"no answer to a lookup within {LOOKUP_TIMEOUT_S:g} s") from None
@@ -6000,6 +6013,33 @@ class Router:
             return None
         log.warning("venue unknown here; its transaction taken as expired", extra={"dex": dex})
         return TxStatus(False, code="TX_EXPIRED", error=f"transaction on {sent.dex} expired")
+
+    @contextlib.asynccontextmanager
+    async def _lookup_turn(self, dex: str, timed: bool) -> AsyncIterator[None]:
+        """A turn to ask the venue a lookup (LOOKUPS_AT_ONCE_SHARE), for a venue of one's own
+        (`timed`); VenueFault if it does not come within LOOKUP_SLOW_S, or if a lookup under
+        way has had no answer for that long."""
+        if not timed:
+            yield
+            return
+        begun = self._lookups_begun[dex]
+        if begun and (waited_s := time.monotonic() - min(begun.values())) > LOOKUP_SLOW_S:
+            raise VenueFault(
+                f"not asked: a lookup under way has had no answer for {waited_s:.1f} s"
+            )
+        turns = self._lookup_turns[dex]
+        try:
+            async with asyncio.timeout(LOOKUP_SLOW_S):
+                await turns.acquire()
+        except TimeoutError:
+            raise VenueFault("not asked: its lookups under way are slow to answer") from None
+        token = object()
+        begun[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            del begun[token]
+            turns.release()
 
     def signs(self, tx: SwapTx) -> bool:
         """Whether the route's venue signs its transactions (a simulated one does not)."""
@@ -9301,7 +9341,9 @@ def create_app(
             else:
                 dexes = default_venues(config, chain, clock)
             tracing = Tracing(tracer_provider or tracer_provider_from(config))
-            router = Router(dexes, config.quote_timeout_ms / 1000, clock, metrics, tracing)
+            router = Router(
+                dexes, config.quote_timeout_ms / 1000, clock, metrics, tracing, config.concurrency
+            )
             # Let go of once the engine has stopped: aiohttp keeps the last 1,024 apps it served
             # in a cache, and through them their engines, of which the venues (the simulated
             # market) are nearly all the memory.

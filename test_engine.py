@@ -4959,6 +4959,23 @@ async def test_after_a_lookup_gave_no_answer_the_venue_is_not_asked_for_a_while(
     assert record["status"] == "confirmed"
 
 
+async def test_a_venue_whose_lookups_start_to_hang_takes_a_quarter_of_the_workers_at_most(
+    start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(eng, "LOOKUP_TIMEOUT_S", 30)  # longer than the test: they hang
+    monkeypatch.setattr(eng, "LOOKUP_SLOW_S", 0.3)
+
+    venue = HangingLookups("RAYDIUM", land_then_crash=True)
+    client = await start(replace(config, concurrency=8), venues=[venue])
+    stuck = [await order_id_of(client) for _ in range(8)]  # as many as there are workers
+    await wait_for(lambda: len(set(held_back(caplog))) == 6, "all but two to be held back")
+    assert venue.began == [1, 2]  # two lookups under way at most: a quarter of eight workers
+    assert set(held_back(caplog)) < set(stuck)
+    venue.land_then_crash = False
+    record = await wait_status(client, await order_id_of(client), "confirmed")  # workers free
+    assert record["status"] == "confirmed"
+
+
 async def test_after_its_pause_a_venue_whose_lookups_hang_is_asked_once_at_a_time(
     start: Start, config: Config, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
