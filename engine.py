@@ -3968,6 +3968,7 @@ LEGS_MAX: Final = 16  # legs of a quote or a fill (a split of two-hop routes has
 TOLD_MAX: Final = 1000  # orders an engine remembers having logged a traceback for
 RETAKE_HOLD_MAX_S: Final = 300.0  # the longest an order that could not be ended waits
 HELD_FORGET_S: Final = 2 * RETAKE_HOLD_MAX_S  # after its hold: taken up again, or not ours
+LOGGED_IDS_MAX: Final = 20  # order ids listed in one log line (its count says how many in all)
 HELD_MAX: Final = 100_000  # orders held at once that an engine remembers (about 200 bytes each)
 SIGNATURE_MAX: Final = 128  # characters of a transaction's signature (Solana's: 87 or 88)
 LEG_FIELDS_MAX: Final = 16  # fields of one leg of a fill's route plan (LegJSON has eight)
@@ -6729,7 +6730,9 @@ class Engine:
         for jobs, behind in ((confirmed - unended, False), (unended, True)):
             if jobs:
                 moved = await persist("requeue", self.store.requeue, self.instance_id, jobs, behind)
-                extra = {"orderIds": sorted(jobs), "moved": moved, "behind": behind}
+                # The first LOGGED_IDS_MAX ids: thousands of orders held back come back together.
+                shown = sorted(jobs)[:LOGGED_IDS_MAX]
+                extra = {"orderIds": shown, "moved": moved, "behind": behind}
                 log.warning("requeued orphaned jobs", extra=extra)
 
     async def _promote_loop(self) -> None:

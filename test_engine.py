@@ -4787,6 +4787,29 @@ async def test_an_order_held_back_stays_held_through_a_restart_and_its_holds_go_
     assert (record["status"], record["recoveries"]) == ("submitted", 0)
 
 
+async def test_jobs_no_worker_holds_are_put_back_and_logged_by_count_past_a_few_ids(
+    start: Start,
+    config: Config,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(eng, "LOGGED_IDS_MAX", 2)
+    client = await start()
+    engine = client.app[eng.ENGINE]
+    keys = eng.Keys(config.redis_prefix)
+    orphans = [f"order_{i:032x}" for i in range(5)]  # as a lost BLMOVE reply leaves a job
+    await redis.lpush(keys.processing(engine.instance_id), *orphans)
+    await engine._requeue_orphans()  # suspects: a reply may be in flight
+    await engine._requeue_orphans()  # still there: put back
+    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "requeued orphaned jobs"]
+    assert sum(line["moved"] for line in lines) == 5  # (its own audit may have run meanwhile)
+    for line in lines:  # a count, and a few of the ids
+        assert line["orderIds"] == sorted(line["orderIds"])[: min(line["moved"], 2)]
+        assert set(line["orderIds"]) <= set(orphans)
+    assert any(len(line["orderIds"]) < line["moved"] for line in lines)
+
+
 async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
     start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
