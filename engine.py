@@ -261,9 +261,12 @@ TX_EXPIRY_MARGIN_S: Final = 0.2
 # A sent transaction whose fate is unknown is asked about at least this often until it expires.
 SETTLE_POLL_MAX_S: Final = 2.0
 # How long past a transaction's expiry a venue may still answer that it may land (its view of the
-# chain lags): after that the worker lets the order go, to be asked again later (held back, as
-# when a lookup fails), so that a venue that never says cannot keep the workers.
-SETTLE_PAST_EXPIRY_S: Final = 2.0
+# chain lags: Solana's blocks come slower than the engine's estimate of its expiry assumes): after
+# that the worker lets the order go, to be asked again later (held back, as when a lookup fails).
+# So that a venue that never says cannot keep the workers, at most a quarter of them (one at
+# least) wait past an expiry at once; the orders of the others are held back at once.
+SETTLE_PAST_EXPIRY_S: Final = 30.0
+LATE_WAITS_SHARE: Final = 4
 PROMOTE_BATCH: Final = 100
 
 # Real execution on Solana (ENGINE_VENUES=solana, section 8).
@@ -6337,6 +6340,7 @@ class Engine:
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self.stood_still = 0  # times it did (/healthz)
+        self.late_waits = 0  # workers waiting on a transaction past its expiry (LATE_WAITS_SHARE)
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
         self._beaten_at = time.monotonic()  # this instance's last heartbeat
         self._ticked = math.inf  # when the pause watcher last ran
@@ -7078,27 +7082,43 @@ class _Attempt:
         the attempt's own, if it simply expired). The venue decides by its chain's clock when it
         has expired; until then the worker waits, asking again once this engine's clock says so,
         up to SETTLE_PAST_EXPIRY_S past the expiry (then OutcomeUnknown: asked again later)."""
-        router = self.engine.router
-        while True:
-            try:
-                status = await persist("chain lookup", router.lookup, sent)
-            except Exception:
-                self.unasked = True
-                raise
-            if status is not None:
-                if status.fill is not None:
-                    return status.fill
-                if failure is not None and status.code == "TX_EXPIRED":
-                    raise failure
-                raise AttemptFailed(status.code, status.error)
-            remaining_s = sent.expires_at_ms / 1000 - self.engine.now()
-            if remaining_s < -SETTLE_PAST_EXPIRY_S:  # the venue does not say it expired (yet)
-                self.unasked = True
-                late = f"no outcome {-remaining_s:.1f} s after the transaction expired"
-                raise OutcomeUnknown(late)
-            # Until the expiry, wait for it; past it, ask again at an interval that grows.
-            wait_s = remaining_s if remaining_s > 0 else -remaining_s / 4
-            await asyncio.sleep(min(wait_s + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
+        engine, late = self.engine, False
+        try:
+            while True:
+                try:
+                    status = await persist("chain lookup", engine.router.lookup, sent)
+                except Exception:
+                    self.unasked = True
+                    raise
+                if status is not None:
+                    if status.fill is not None:
+                        return status.fill
+                    if failure is not None and status.code == "TX_EXPIRED":
+                        raise failure
+                    raise AttemptFailed(status.code, status.error)
+                remaining_s = sent.expires_at_ms / 1000 - engine.now()
+                if remaining_s <= 0 and not late:
+                    late = self.wait_late(remaining_s)
+                if remaining_s < -SETTLE_PAST_EXPIRY_S:  # the venue does not say it expired
+                    self.unasked = True
+                    wait = f"no outcome {-remaining_s:.1f} s after the transaction expired"
+                    raise OutcomeUnknown(wait)
+                # Until the expiry, wait for it; past it, ask again at an interval that grows.
+                wait_s = remaining_s if remaining_s > 0 else -remaining_s / 4
+                await asyncio.sleep(min(wait_s + TX_EXPIRY_MARGIN_S, SETTLE_POLL_MAX_S))
+        finally:
+            engine.late_waits -= late
+
+    def wait_late(self, remaining_s: float) -> bool:
+        """Take one of the engine's turns to wait on a transaction past its expiry (True), or
+        OutcomeUnknown when a quarter of the workers already do (the order is held back)."""
+        engine = self.engine
+        if engine.late_waits >= max(1, engine.config.concurrency // LATE_WAITS_SHARE):
+            self.unasked = True
+            busy = f"{engine.late_waits} workers wait on transactions past their expiry already"
+            raise OutcomeUnknown(f"no outcome {-remaining_s:.1f} s after its expiry; {busy}")
+        engine.late_waits += 1
+        return True
 
     async def confirm(self, dex: str, fill: Fill) -> None:
         confirmed = {
