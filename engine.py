@@ -6592,7 +6592,7 @@ class Engine:
                 record = await persist("record", self.store.record, order_id)
                 await persist("finish ended", self.store.finish_ended, record)
             return
-        if self._held_back(order):
+        if await self._held_back(order, lease):
             return
         worker = _Attempt(self, order, lease)
         try:
@@ -6641,15 +6641,18 @@ class Engine:
         recent = self._clock() < order.held_until_ms / 1000 + HELD_FORGET_S
         return order.held_times if recent else 0
 
-    def _held_back(self, order: Order) -> bool:
+    async def _held_back(self, order: Order, lease: str) -> bool:
         """An order that could not be ended, claimed before its hold ran out (noted on its record
         by the engine that held it, which may have stopped or died since): its job stays in the
-        processing list until then, as if this engine had held it, and its venue is not asked."""
+        processing list until then, as if this engine had held it, and its venue is not asked.
+        The claim's lease is given up again (LUA_HOLD): nobody runs it meanwhile."""
         rest_s = min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S)
         if order.status is not Status.SUBMITTED or rest_s <= 0:
             return False
         until = time.monotonic() + rest_s
         remember(self._held, order.order_id, (order.held_times, until), HELD_MAX)
+        hold = (order.order_id, lease, order.held_times, order.held_until_ms)
+        await persist("hold", self.store.hold, *hold)
         extra = {"orderId": order.order_id, "retakeInS": round(rest_s, 3)}
         log.warning("order held back by the engine before; taken up again later", extra=extra)
         return True

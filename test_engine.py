@@ -4762,7 +4762,7 @@ async def test_a_venue_whose_chain_lookup_breaks_leaves_the_worker_alive(
 
 
 async def test_an_order_held_back_stays_held_through_a_restart_and_its_holds_go_on_doubling(
-    start: Start, config: Config, caplog: pytest.LogCaptureFixture
+    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     venue = BrokenLookups("RAYDIUM", land_then_crash=True)
     slow = replace(config, heartbeat_ttl_s=2)  # holds of 2-4 s, then 4-8 s
@@ -4778,6 +4778,9 @@ async def test_an_order_held_back_stays_held_through_a_restart_and_its_holds_go_
     held_on = "order held back by the engine before"
     await wait_for(lambda: said(caplog, stuck, held_on), "the hold to go on")
     assert venue.lookups == 1  # the venue is not asked again before the first hold ran out
+    # Nobody runs it meanwhile: the claim's lease is given up, so the second engine dying now
+    # would not be counted as dying under it (RECOVERY_LIMIT).
+    assert await redis.hget(eng.Keys(config.redis_prefix).order(stuck), "lease") == "held"
     await wait_for(lambda: len(unended()) == 2, "it to be retaken")
     first_hold, second_hold = [r.retakeInS for r in unended()]  # type: ignore[attr-defined]
     assert 2 <= first_hold <= 4 <= second_hold <= 8  # counted on from the first engine's holds
