@@ -3989,9 +3989,12 @@ LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within t
 LOOKUP_PAUSE_S: Final = 10.0
 # Before that, so that a venue whose lookups start to hang cannot take every worker for those
 # 10 s: a venue of one's own is asked at most a quarter of ENGINE_CONCURRENCY lookups at once (one
-# at least); a lookup waits up to LOOKUP_SLOW_S for its turn, and none is asked while one has
-# had no answer for that long: the orders that need one are held back instead.
+# at least); a lookup waits up to LOOKUP_TURN_WAIT_S for its turn (a fast venue's come in
+# milliseconds; a slow one's would cost each order held back that long of a worker at every
+# retake), and none is asked while one has had no answer for LOOKUP_SLOW_S: the orders that need
+# one are held back instead.
 LOOKUPS_AT_ONCE_SHARE: Final = 4
+LOOKUP_TURN_WAIT_S: Final = 0.25
 LOOKUP_SLOW_S: Final = 2.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
 
@@ -6021,8 +6024,8 @@ class Router:
     @contextlib.asynccontextmanager
     async def _lookup_turn(self, dex: str, timed: bool) -> AsyncIterator[None]:
         """A turn to ask the venue a lookup (LOOKUPS_AT_ONCE_SHARE), for a venue of one's own
-        (`timed`); VenueFault if it does not come within LOOKUP_SLOW_S, or if a lookup under
-        way has had no answer for that long."""
+        (`timed`); VenueFault if it does not come within LOOKUP_TURN_WAIT_S, or if a lookup
+        under way has had no answer for LOOKUP_SLOW_S."""
         if not timed:
             yield
             return
@@ -6033,7 +6036,7 @@ class Router:
             )
         turns = self._lookup_turns[dex]
         try:
-            async with asyncio.timeout(LOOKUP_SLOW_S):
+            async with asyncio.timeout(LOOKUP_TURN_WAIT_S):
                 await turns.acquire()
         except TimeoutError:
             raise VenueFault("not asked: its lookups under way are slow to answer") from None
