@@ -6616,27 +6616,29 @@ class Engine:
     async def _unexpected(self, worker: _Attempt, exc: Exception) -> None:
         """After an unexpected error: the order is failed (give_up), or, if it cannot be ended
         (its venue cannot say what became of its transaction), held back, to be taken up again.
-        Its tracebacks are logged once: such an order says so in one line each time after."""
+        Its tracebacks are logged once, by the first engine to hold it back: after that, and for
+        a venue that only lags (OutcomeUnknown), one line each time."""
         order, order_id = worker.order, worker.order.order_id
-        told = order_id in self._told or order_id in self._held
+        told = order_id in self._told or order_id in self._held or order.held_times > 0
+        quiet = told or isinstance(exc, OutcomeUnknown)  # a venue's view may lag: no bug
         unended = max(self._held.pop(order_id, (0, 0.0))[0], self._held_before(order))
         remember(self._told, order_id, None, TOLD_MAX)
-        say = log.warning if told else log.exception
-        if isinstance(exc, OutcomeUnknown):  # a venue's view of the chain may lag: no bug
-            say = log.warning
-            unknown = {"orderId": order_id, "error": str(exc)}
-            log.warning("the venue does not say what became of the transaction", extra=unknown)
-        else:
-            say("order processing failed unexpectedly", extra={"orderId": order_id})
+        failed = "order processing failed unexpectedly"
+        if not quiet:
+            log.exception(failed, extra={"orderId": order_id})
         try:
             await worker.give_up(exc)
         except Exception:  # a venue that keeps failing this way must not take the worker
             hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
             remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
-            message = "could not end the order; it is taken up again"
-            say(message, extra={"orderId": order_id, "retakeInS": hold_s})
+            extra = {"orderId": order_id, "retakeInS": hold_s, "error": described(exc)}
+            say = log.warning if quiet else log.exception
+            say("could not end the order; it is taken up again", extra=extra)
             until_ms = int((self._clock() + hold_s) * 1000)
             await persist("hold", self.store.hold, order_id, worker.lease, unended + 1, until_ms)
+        else:
+            if quiet:
+                log.warning(failed, extra={"orderId": order_id, "error": described(exc)})
 
     def _held_before(self, order: Order) -> int:
         """How many times in a row the engine that held the order before did so: forgotten as
