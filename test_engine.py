@@ -4807,14 +4807,19 @@ async def test_jobs_no_worker_holds_are_put_back_and_logged_by_count_past_a_few_
     keys = eng.Keys(config.redis_prefix)
     orphans = [f"order_{i:032x}" for i in range(5)]  # as a lost BLMOVE reply leaves a job
     await redis.lpush(keys.processing(engine.instance_id), *orphans)
-    await engine._requeue_orphans()  # suspects: a reply may be in flight
-    await engine._requeue_orphans()  # still there: put back
-    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "requeued orphaned jobs"]
-    assert sum(line["moved"] for line in lines) == 5  # (its own audit may have run meanwhile)
-    for line in lines:  # a count, and a few of the ids
+
+    def lines() -> list[dict[str, Any]]:
+        return [r.__dict__ for r in caplog.records if r.getMessage() == "requeued orphaned jobs"]
+
+    async def put_back() -> bool:  # suspects at one audit, put back at the next; its own audits
+        await engine._requeue_orphans()  # run meanwhile too
+        return sum(int(line["moved"]) for line in lines()) == 5
+
+    await wait_for(put_back, "the jobs to be put back")
+    for line in lines():  # a count, and a few of the ids
         assert line["orderIds"] == sorted(line["orderIds"])[: min(line["moved"], 2)]
         assert set(line["orderIds"]) <= set(orphans)
-    assert any(len(line["orderIds"]) < line["moved"] for line in lines)
+    assert any(len(line["orderIds"]) < line["moved"] for line in lines())
 
 
 async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
