@@ -649,12 +649,16 @@ return {'created', event}
 # answered {'holder', name} and nothing changes, unless the caller named that holder (and so
 # passed its keys): then its job goes back to a holder that is alive, and is taken from a dead one.
 # A job no longer in the caller's processing list is answered {'gone'}: someone else has it.
+# An order held back (LUA_HOLD) until after `now` is answered 'holding', its lease left given up:
+# the caller keeps its job until then without running it, and dying meanwhile is no death under
+# it.
 # KEYS: order, processing, the named holder's heartbeat, processing list and draining mark (if
 #       one is named)
-# ARGV: order_id, lease, instance, the holder named ('' for none)
+# ARGV: order_id, lease, instance, the holder named ('' for none), now (epoch ms)
 LUA_CLAIM: Final = """
-local id, lease, instance, named = unpack(ARGV)
-local current = redis.call('HMGET', KEYS[1], 'status', 'lease', 'recoveries', 'claimed')
+local id, lease, instance, named, now = unpack(ARGV)
+local current = redis.call('HMGET', KEYS[1], 'status', 'lease', 'recoveries', 'claimed',
+  'heldUntilMs')
 local status, held = current[1], current[2]
 if not status then
   redis.call('LREM', KEYS[2], '1', id)
@@ -682,6 +686,9 @@ local idle = status == '$PENDING_STATUS' or status == '$WAITING_STATUS'
 local how = 'idle'
 if not idle and held == 'held' then
   how = 'held'  -- held back by an engine that could not end it (LUA_HOLD): nobody runs it
+  if (tonumber(current[5]) or 0) > tonumber(now) then
+    return {'claimed', redis.call('HMGET', KEYS[1], $CLAIM_FIELDS), 'holding'}
+  end
 elseif not idle and held then
   how = 'taken'
   local holder = string.match(held, '^(.*)/')
@@ -1399,6 +1406,7 @@ class Order:
     condition_met: bool = False  # its condition was met once (conditionMetAt)
     held_times: int = 0  # held back this many times in a row: it could not be ended
     held_until_ms: int = 0  # until then (epoch ms)
+    holding: bool = False  # claimed before then: its lease left given up, not to be run yet
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
@@ -3221,9 +3229,6 @@ class Store:
         keys = [self.keys.pending, self.keys.processing(instance)]
         return [str(job) for job in await self.batch.call(self._take, keys, [most])]
 
-    async def release_job(self, instance: str, order_id: str) -> None:
-        await self.redis.lrem(self.keys.processing(instance), 1, order_id)
-
     async def drop_duplicate(self, instance: str, order_id: str) -> None:
         await self._dedupe(keys=[self.keys.processing(instance)], args=[order_id])
 
@@ -3236,10 +3241,11 @@ class Store:
         keys, holder = [self.keys.order(order_id), self.keys.processing(instance)], ""
         for _ in range(CLAIM_TRIES):
             theirs = self.keys.of_holder(holder) if holder else []
+            now_ms = int(self._clock() * 1000)
             reply = await self.batch.call(
                 self._claim,
                 keys=keys + theirs,
-                args=script_args([order_id, lease, instance, holder]),
+                args=script_args([order_id, lease, instance, holder, now_ms]),
             )
             if reply[0] != "holder":
                 break
@@ -3247,7 +3253,10 @@ class Store:
         if reply[0] != "claimed":
             return reply[0], None
         record = {name: v for name, v in zip(CLAIM_FIELDS, reply[1], strict=True) if v is not None}
-        return "claimed", replace(Order.from_record(record), handed_back=reply[2] == "handed")
+        order = Order.from_record(record)
+        return "claimed", replace(
+            order, handed_back=reply[2] == "handed", holding=reply[2] == "holding"
+        )
 
     async def advance(
         self,
@@ -6595,7 +6604,7 @@ class Engine:
                 record = await persist("record", self.store.record, order_id)
                 await persist("finish ended", self.store.finish_ended, record)
             return
-        if await self._held_back(order, lease):
+        if self._held_back(order):
             return
         worker = _Attempt(self, order, lease)
         try:
@@ -6605,11 +6614,14 @@ class Engine:
                 log.warning("redis failed mid-attempt; resuming", extra={"error": str(exc)})
                 await worker.resume()
         except LeaseLost as exc:
+            # Its job is left where it is: whoever took the order over has moved this worker's
+            # copy away, and a copy in this engine's list now is one it took since (another
+            # engine's, recovered, that this engine holds back). The audit puts back what no
+            # worker here holds, and whoever claims it finds out whose it is.
             log.warning(
                 "lease lost; stopping work on order",
                 extra={"orderId": order_id, "reason": str(exc)},
             )
-            await persist("release", self.store.release_job, self.instance_id, order_id)
         except Exception as exc:
             await self._unexpected(worker, exc)
 
@@ -6646,18 +6658,16 @@ class Engine:
         recent = self._clock() < order.held_until_ms / 1000 + HELD_FORGET_S
         return order.held_times if recent else 0
 
-    async def _held_back(self, order: Order, lease: str) -> bool:
+    def _held_back(self, order: Order) -> bool:
         """An order that could not be ended, claimed before its hold ran out (noted on its record
-        by the engine that held it, which may have stopped or died since): its job stays in the
-        processing list until then, as if this engine had held it, and its venue is not asked.
-        The claim's lease is given up again (LUA_HOLD): nobody runs it meanwhile."""
-        rest_s = min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S)
-        if order.status is not Status.SUBMITTED or rest_s <= 0:
+        by the engine that held it, which may have stopped or died since; LUA_CLAIM leaves its
+        lease given up): its job stays in the processing list until then, as if this engine had
+        held it, and its venue is not asked."""
+        if not order.holding:
             return False
+        rest_s = max(0.0, min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S))
         until = time.monotonic() + rest_s
         remember(self._held, order.order_id, (order.held_times, until), HELD_MAX)
-        hold = (order.order_id, lease, order.held_times, order.held_until_ms)
-        await persist("hold", self.store.hold, *hold)
         extra = {"orderId": order.order_id, "retakeInS": round(rest_s, 3)}
         log.warning("order held back by the engine before; taken up again later", extra=extra)
         return True

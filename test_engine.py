@@ -1052,6 +1052,47 @@ async def order_in_store(redis: aioredis.Redis, config: Config) -> tuple[eng.Sto
     return store, order
 
 
+async def test_a_worker_that_lost_its_lease_leaves_the_job_to_whoever_holds_the_order_now(
+    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    venue, gate = gated()
+    client = await start(venues=[venue])
+    order_id = await order_id_of(client)
+    await wait_for(lambda: venue.executions, "the swap to be sent")
+    # Meanwhile (this engine stalled) another engine took the order over and held it back, then
+    # died, and this engine took the job back from its list: the one copy of the job in this
+    # engine's processing list is no longer the stalled worker's.
+    held = ["lease", "held", "heldTimes", "1", "heldUntilMs", "0"]
+    await redis.hset(eng.Keys(config.redis_prefix).order(order_id), items=held)
+    gate.set()
+    await wait_for(lambda: said(caplog, order_id, "lease lost"), "the worker to find out")
+    record = await wait_status(client, order_id, "confirmed")  # the job was not thrown away
+    assert (record["status"], record["txHash"]) == ("confirmed", venue.executions[0].signature)
+    assert len(venue.executions) == 1  # its swap, found landed: not sent again
+
+
+async def test_an_order_held_back_is_claimed_without_its_lease_until_its_hold_runs_out(
+    config: Config, redis: aioredis.Redis
+) -> None:
+    store, order = await order_in_store(redis, config)  # its clock: 1,700,000,000 s
+    keys, record = store.keys, store.keys.order(order.order_id)
+    await redis.lmove(keys.pending, keys.processing("inst-a"))
+    assert (await store.claim(order.order_id, "inst-a", "inst-a/1"))[0] == "claimed"
+    await redis.hset(record, "status", "submitted")
+    await store.hold(order.order_id, "inst-a/1", 2, 1_700_000_005_000)  # held 5 s more
+    await redis.lmove(keys.processing("inst-a"), keys.processing("inst-b"))  # inst-a died
+    outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/2")
+    assert claimed is not None
+    assert (outcome, claimed.holding, claimed.held_times) == ("claimed", True, 2)
+    # Not taken: inst-b dying while it keeps the job is no death under the order.
+    assert await redis.hmget(record, "lease", "recoveries") == ["held", "0"]
+    await redis.hset(record, "heldUntilMs", "1700000000000")  # the hold has run out
+    outcome, claimed = await store.claim(order.order_id, "inst-b", "inst-b/3")
+    assert claimed is not None
+    assert (outcome, claimed.holding) == ("claimed", False)
+    assert await redis.hmget(record, "lease", "recoveries") == ["inst-b/3", "0"]
+
+
 async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
     config: Config, redis: aioredis.Redis
 ) -> None:
