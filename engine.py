@@ -651,7 +651,8 @@ return {'created', event}
 # A job no longer in the caller's processing list is answered {'gone'}: someone else has it.
 # An order held back (LUA_HOLD) until after `now` is answered 'holding', its lease left given up:
 # the caller keeps its job until then without running it, and dying meanwhile is no death under
-# it.
+# it. One whose holder died retaking it (claimed 'held' or 'unheld', still submitted) is taken
+# as 'unheld', no recovery counted: the caller holds it back again.
 # KEYS: order, processing, the named holder's heartbeat, processing list and draining mark (if
 #       one is named)
 # ARGV: order_id, lease, instance, the holder named ('' for none), now (epoch ms)
@@ -701,7 +702,13 @@ elseif not idle and held then
       if not redis.call('LPOS', KEYS[4], id) then redis.call('LPUSH', KEYS[4], id) end
       return {'busy'}
     end
-    if redis.call('EXISTS', KEYS[5]) == 1 then how = 'handed' end
+    if redis.call('EXISTS', KEYS[5]) == 1 then
+      how = 'handed'
+    elseif status == '$SUBMITTED_STATUS' and (current[4] == 'held' or current[4] == 'unheld') then
+      -- It died retaking an order held back (its hold over), before the order was held again or
+      -- went on: no death under it; the caller holds it back again, for longer.
+      how = 'unheld'
+    end
   end
 elseif not idle then
   how = 'handed'
@@ -1407,6 +1414,7 @@ class Order:
     held_times: int = 0  # held back this many times in a row: it could not be ended
     held_until_ms: int = 0  # until then (epoch ms)
     holding: bool = False  # claimed before then: its lease left given up, not to be run yet
+    unheld: bool = False  # its engine died retaking it: to be held back again, for longer
 
     @classmethod
     def from_record(cls, record: Mapping[str, str]) -> Order:
@@ -2611,6 +2619,7 @@ def lua(template: str, keys: Keys, config: Config) -> str:
         TERMINAL=" ".join(TERMINAL),
         PENDING_STATUS=Status.PENDING,
         WAITING_STATUS=Status.WAITING,
+        SUBMITTED_STATUS=Status.SUBMITTED,
         FAILED_STATUS=Status.FAILED,
         CANCELLED=Status.CANCELLED,
         HISTORY=1 if config.database_url else 0,
@@ -3254,8 +3263,9 @@ class Store:
             return reply[0], None
         record = {name: v for name, v in zip(CLAIM_FIELDS, reply[1], strict=True) if v is not None}
         order = Order.from_record(record)
+        how = reply[2]
         return "claimed", replace(
-            order, handed_back=reply[2] == "handed", holding=reply[2] == "holding"
+            order, handed_back=how == "handed", holding=how == "holding", unheld=how == "unheld"
         )
 
     async def advance(
@@ -6606,6 +6616,11 @@ class Engine:
             return
         if self._held_back(order):
             return
+        if order.unheld:  # its engine died retaking it: held back again, for longer
+            hold_s = await self._hold(order, lease, self._held_before(order))
+            extra = {"orderId": order_id, "retakeInS": hold_s}
+            log.warning("the engine retaking this held order died; held back again", extra=extra)
+            return
         worker = _Attempt(self, order, lease)
         try:
             try:
@@ -6641,16 +6656,23 @@ class Engine:
         try:
             await worker.give_up(exc)
         except Exception:  # a venue that keeps failing this way must not take the worker
-            hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
-            remember(self._held, order_id, (unended + 1, time.monotonic() + hold_s), HELD_MAX)
+            hold_s = await self._hold(order, worker.lease, unended)
             extra = {"orderId": order_id, "retakeInS": hold_s, "error": described(exc)}
             say = log.warning if quiet else log.exception
             say("could not end the order; it is taken up again", extra=extra)
-            until_ms = int((self._clock() + hold_s) * 1000)
-            await persist("hold", self.store.hold, order_id, worker.lease, unended + 1, until_ms)
         else:
             if quiet:
                 log.warning(failed, extra={"orderId": order_id, "error": described(exc)})
+
+    async def _hold(self, order: Order, lease: str, unended: int) -> float:
+        """Hold the order back (its `unended`+1-th time in a row): remembered here, and noted on
+        its record with its lease given up (LUA_HOLD). Answers the hold's length."""
+        hold_s = retake_hold_s(unended, self.config.heartbeat_ttl_s, self._rng)
+        until = (unended + 1, time.monotonic() + hold_s)
+        remember(self._held, order.order_id, until, HELD_MAX)
+        until_ms = int((self._clock() + hold_s) * 1000)
+        await persist("hold", self.store.hold, order.order_id, lease, unended + 1, until_ms)
+        return hold_s
 
     def _held_before(self, order: Order) -> int:
         """How many times in a row the engine that held the order before did so: forgotten as

@@ -1071,7 +1071,7 @@ async def test_a_worker_that_lost_its_lease_leaves_the_job_to_whoever_holds_the_
     assert len(venue.executions) == 1  # its swap, found landed: not sent again
 
 
-async def test_an_order_held_back_is_claimed_without_its_lease_until_its_hold_runs_out(
+async def test_an_order_held_back_is_claimed_without_a_death_counted_while_held_or_retaken(
     config: Config, redis: aioredis.Redis
 ) -> None:
     store, order = await order_in_store(redis, config)  # its clock: 1,700,000,000 s
@@ -1091,6 +1091,13 @@ async def test_an_order_held_back_is_claimed_without_its_lease_until_its_hold_ru
     assert claimed is not None
     assert (outcome, claimed.holding) == ("claimed", False)
     assert await redis.hmget(record, "lease", "recoveries") == ["inst-b/3", "0"]
+    # inst-b dies retaking it, before its lookup answered: no death under it either; the next
+    # engine holds it back again (unheld), for longer.
+    await redis.lmove(keys.processing("inst-b"), keys.processing("inst-c"))
+    outcome, claimed = await store.claim(order.order_id, "inst-c", "inst-c/4")
+    assert claimed is not None
+    assert (outcome, claimed.unheld, claimed.held_times) == ("claimed", True, 2)
+    assert await redis.hget(record, "recoveries") == "0"
 
 
 async def test_a_worker_whose_lease_was_taken_over_cannot_record_anything(
@@ -4861,6 +4868,27 @@ async def test_jobs_no_worker_holds_are_put_back_and_logged_by_count_past_a_few_
         assert line["orderIds"] == sorted(line["orderIds"])[: min(line["moved"], 2)]
         assert set(line["orderIds"]) <= set(orphans)
     assert any(len(line["orderIds"]) < line["moved"] for line in lines())
+
+
+async def test_an_order_whose_engine_died_retaking_it_is_held_back_again_with_no_death_counted(
+    start: Start, config: Config, redis: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    venue = BrokenLookups("RAYDIUM", land_then_crash=True)
+    client = await start(venues=[venue])
+    stuck = await order_id_of(client)
+    await wait_for(lambda: said(caplog, stuck, "could not end the order"), "it to be held back")
+    # As if another engine had claimed it once its hold ran out, and died before its lookup
+    # answered: its record says so (this engine still keeps the job, and retakes it next).
+    ran_out = str(int(time.time() * 1000))
+    retaking = ["lease", "gone-1234-abcdef/1", "claimed", "held", "heldUntilMs", ran_out]
+    await redis.hset(eng.Keys(config.redis_prefix).order(stuck), items=retaking)
+    again = "the engine retaking this held order died; held back again"
+    await wait_for(lambda: said(caplog, stuck, again), "it to be held back again")
+    [line] = said(caplog, stuck, again)
+    assert 2 <= line.retakeInS <= 4  # type: ignore[attr-defined]
+    assert venue.lookups == 1  # not asked: held back at once
+    record = await get_order(client, stuck)
+    assert (record["status"], record["recoveries"]) == ("submitted", 0)
 
 
 async def test_orders_held_past_what_the_engine_logs_in_full_keep_their_holds(
