@@ -263,10 +263,9 @@ SETTLE_POLL_MAX_S: Final = 2.0
 # How long past a transaction's expiry a venue may still answer that it may land (its view of the
 # chain lags: Solana's blocks come slower than the engine's estimate of its expiry assumes): after
 # that the worker lets the order go, to be asked again later (held back, as when a lookup fails).
-# So that a venue that never says cannot keep the workers, at most a quarter of them (one at
-# least) wait past an expiry at once; the orders of the others are held back at once.
+# So that a venue that never says cannot keep the workers, at most venue_workers() of them wait
+# past an expiry at once; the orders of the others are held back at once.
 SETTLE_PAST_EXPIRY_S: Final = 30.0
-LATE_WAITS_SHARE: Final = 4
 PROMOTE_BATCH: Final = 100
 
 # Real execution on Solana (ENGINE_VENUES=solana, section 8).
@@ -4007,15 +4006,19 @@ LOOKUP_TIMEOUT_S: Final = 10.0  # a venue of one's own answers a lookup within t
 # one meanwhile are held back at once.
 LOOKUP_PAUSE_S: Final = 10.0
 # Before that, so that a venue whose lookups start to hang cannot take every worker for those
-# 10 s: a venue of one's own is asked at most a quarter of ENGINE_CONCURRENCY lookups at once (one
-# at least); a lookup waits up to LOOKUP_TURN_WAIT_S for its turn (a fast venue's come in
-# milliseconds; a slow one's would cost each order held back that long of a worker at every
-# retake), and none is asked while one has had no answer for LOOKUP_SLOW_S: the orders that need
-# one are held back instead.
-LOOKUPS_AT_ONCE_SHARE: Final = 4
+# 10 s: a venue of one's own is asked at most venue_workers() lookups at once; a lookup waits up
+# to LOOKUP_TURN_WAIT_S for its turn (a fast venue's come in milliseconds; a slow one's would cost
+# each order held back that long of a worker at every retake), and none is asked while one has
+# had no answer for LOOKUP_SLOW_S: the orders that need one are held back instead.
 LOOKUP_TURN_WAIT_S: Final = 0.25
 LOOKUP_SLOW_S: Final = 2.0
 AMOUNT_MAX: Final = 2**64  # a token amount in base units is a u64 on Solana
+
+
+def venue_workers(concurrency: int) -> int:
+    """How many of the workers a venue of one's own may hold at once where it could keep them
+    (lookups under way, waits past a transaction's expiry): a quarter, one at least."""
+    return max(1, concurrency // 4)
 
 
 class OutcomeUnknown(Exception):
@@ -5850,9 +5853,9 @@ class Router:
         # those with one lookup under way, the only one until it answers.
         self._lookups_paused: dict[str, float] = {}
         self._lookup_tried: set[str] = set()
-        # Each venue's turns to be asked a lookup (LOOKUPS_AT_ONCE_SHARE), and when each lookup
-        # under way began (monotonic).
-        at_once = max(1, concurrency // LOOKUPS_AT_ONCE_SHARE)
+        # Each venue's turns to be asked a lookup (venue_workers), and when each lookup under way
+        # began (monotonic).
+        at_once = venue_workers(concurrency)
         self._lookup_turns = {dex: asyncio.Semaphore(at_once) for dex in self.venues}
         self._lookups_begun: dict[str, dict[object, float]] = {dex: {} for dex in self.venues}
         self._timeout_s = quote_timeout_s
@@ -6042,7 +6045,7 @@ class Router:
 
     @contextlib.asynccontextmanager
     async def _lookup_turn(self, dex: str, timed: bool) -> AsyncIterator[None]:
-        """A turn to ask the venue a lookup (LOOKUPS_AT_ONCE_SHARE), for a venue of one's own
+        """A turn to ask the venue a lookup (venue_workers), for a venue of one's own
         (`timed`); VenueFault if it does not come within LOOKUP_TURN_WAIT_S, or if a lookup
         under way has had no answer for LOOKUP_SLOW_S."""
         if not timed:
@@ -6362,7 +6365,7 @@ class Engine:
         self._outbox_warned_at = -math.inf
         self._paused_at = -math.inf  # the last time the process was seen to stand still
         self.stood_still = 0  # times it did (/healthz)
-        self.late_waits = 0  # workers waiting on a transaction past its expiry (LATE_WAITS_SHARE)
+        self.late_waits = 0  # workers waiting on a transaction past its expiry (venue_workers)
         self._lapsed_at = -math.inf  # the last time heartbeats may have lapsed (Redis away)
         self._beaten_at = time.monotonic()  # this instance's last heartbeat
         self._ticked = math.inf  # when the pause watcher last ran
@@ -6614,12 +6617,7 @@ class Engine:
                 record = await persist("record", self.store.record, order_id)
                 await persist("finish ended", self.store.finish_ended, record)
             return
-        if self._held_back(order):
-            return
-        if order.unheld:  # its engine died retaking it: held back again, for longer
-            hold_s = await self._hold(order, lease, self._held_before(order))
-            extra = {"orderId": order_id, "retakeInS": hold_s}
-            log.warning("the engine retaking this held order died; held back again", extra=extra)
+        if await self._held_back(order, lease):
             return
         worker = _Attempt(self, order, lease)
         try:
@@ -6680,18 +6678,23 @@ class Engine:
         recent = self._clock() < order.held_until_ms / 1000 + HELD_FORGET_S
         return order.held_times if recent else 0
 
-    def _held_back(self, order: Order) -> bool:
-        """An order that could not be ended, claimed before its hold ran out (noted on its record
-        by the engine that held it, which may have stopped or died since; LUA_CLAIM leaves its
-        lease given up): its job stays in the processing list until then, as if this engine had
-        held it, and its venue is not asked."""
-        if not order.holding:
+    async def _held_back(self, order: Order, lease: str) -> bool:
+        """An order that could not be ended, claimed as held back still (LUA_CLAIM): its job
+        stays in the processing list, as if this engine had held it, and its venue is not asked.
+        Claimed before its hold ran out (noted on its record by the engine that held it, which
+        may have stopped or died since), for the rest of that hold, its lease left given up; its
+        engine having died retaking it, held back again at once, for longer."""
+        if order.holding:
+            rest_s = max(0.0, min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S))
+            until = time.monotonic() + rest_s
+            remember(self._held, order.order_id, (order.held_times, until), HELD_MAX)
+            message, retake_s = "order held back by the engine before; taken up again later", rest_s
+        elif order.unheld:
+            retake_s = await self._hold(order, lease, self._held_before(order))
+            message = "the engine retaking this held order died; held back again"
+        else:
             return False
-        rest_s = max(0.0, min(order.held_until_ms / 1000 - self._clock(), RETAKE_HOLD_MAX_S))
-        until = time.monotonic() + rest_s
-        remember(self._held, order.order_id, (order.held_times, until), HELD_MAX)
-        extra = {"orderId": order.order_id, "retakeInS": round(rest_s, 3)}
-        log.warning("order held back by the engine before; taken up again later", extra=extra)
+        log.warning(message, extra={"orderId": order.order_id, "retakeInS": round(retake_s, 3)})
         return True
 
     # -- background loops -------------------------------------------------------------------------
@@ -7153,7 +7156,7 @@ class _Attempt:
         """Take one of the engine's turns to wait on a transaction past its expiry (True), or
         OutcomeUnknown when a quarter of the workers already do (the order is held back)."""
         engine = self.engine
-        if engine.late_waits >= max(1, engine.config.concurrency // LATE_WAITS_SHARE):
+        if engine.late_waits >= venue_workers(engine.config.concurrency):
             self.unasked = True
             busy = f"{engine.late_waits} workers wait on transactions past their expiry already"
             raise OutcomeUnknown(f"no outcome {-remaining_s:.1f} s after its expiry; {busy}")
