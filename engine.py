@@ -580,7 +580,8 @@ end
 # KEYS: order, pending, delayed, waiting expiry, user active, user orders, user seq, user log,
 #       rate bucket, idempotency and the void order's record (only with an Idempotency-Key)
 # ARGV: order_id, user, created_us, fingerprint, origin, expiry (ms; '' for a market order),
-#       void (an order id, or ''), event body, record fields
+#       void (an order id, or ''), past expiry ('1': its expiresAt has passed, so that only a
+#       replay is answered; else ''), event body, record fields
 # A limit or sniper order joins the expiry set as it is accepted, not only once a worker parks
 # it: orders placed at once count toward $MAX_WAITING at once.
 LUA_CREATE: Final = (
@@ -588,7 +589,7 @@ LUA_CREATE: Final = (
     + LUA_THROTTLE
     + """
 local a = ARGV
-local id, user, created, fingerprint, origin, expires, void = unpack(a, 1, 7)
+local id, user, created, fingerprint, origin, expires, void, past_expiry = unpack(a, 1, 8)
 local order, idempotency = KEYS[1], KEYS[10]
 local claim = id .. ' ' .. fingerprint
 if idempotency then
@@ -614,6 +615,8 @@ if idempotency then
     return {'exists', claim}
   end
 end
+-- A body whose expiresAt has passed is answered only as a replay of its key: no new order.
+if past_expiry == '1' then return {'past_expiry'} end
 -- A create re-sent after a lost reply finds its own record and changes nothing.
 if redis.call('EXISTS', order) == 1 then return {'exists', id .. ' ' .. fingerprint} end
 if redis.call('LLEN', KEYS[2]) + redis.call('ZCARD', KEYS[3]) >= $MAX_QUEUED then
@@ -627,7 +630,7 @@ local wait = throttle(KEYS[9])
 if wait > 0 then return {'throttled', tostring(wait)} end
 redis.call('LPUSH', KEYS[2], id)
 if idempotency then redis.call('SET', idempotency, claim .. ' ?', 'EX', '$IDEMPOTENCY_TTL') end
-local event = write(order, a, 9, {}, KEYS[7], KEYS[8], user, {a[8]}, origin)[1]
+local event = write(order, a, 10, {}, KEYS[7], KEYS[8], user, {a[9]}, origin)[1]
 if expires ~= '' then redis.call('ZADD', KEYS[4], expires, id) end
 redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], created, id)
@@ -1369,6 +1372,7 @@ class OrderRequest:
     slippage_bps: int
     condition: Condition | None = None  # None: a market order
     expiry_as_sent: str = ""  # "expiresInS=60" or "expiresAt=…": what a resent body repeats
+    past_expiry: bool = False  # its expiresAt has passed: answered only as its key's replay
 
     def fingerprint(self) -> str:
         """What an Idempotency-Key is bound to: the same key with another body is a conflict.
@@ -3175,6 +3179,7 @@ class Store:
             origin,
             str(order.condition.expires_at_ms) if order.condition else "",
             void,
+            "1" if request.past_expiry else "",
         ]
         script_keys = [
             keys.order(order.order_id),
@@ -3189,19 +3194,8 @@ class Store:
             script_keys += [keys.order(void)] if void else []
         args = script_args(head, orjson.dumps(event), *field_args(fields))
         reply = await self.batch.call(self._create, script_keys, args, self._sent(user))
-        if reply[0] == "full":
-            raise ApiError(
-                503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
-            )
-        if reply[0] == "full_waiting":
-            message = "too many limit and sniper orders are waiting; retry later"
-            raise ApiError(503, "QUEUE_FULL", message, retryable=True)
-        if reply[0] == "throttled":
-            raise rate_limited(self._config.rate_limit_per_min, int(reply[1]))
-        if reply[0] == "too_many_open":
-            most = self._config.max_open_per_user
-            message = f"at most {most} unfinished orders per user; cancel some or let them end"
-            raise ApiError(429, "TOO_MANY_OPEN_ORDERS", message)
+        if (refusal := self._create_refusal(reply)) is not None:
+            raise refusal
         if reply[0] == "created":
             self.metrics.order_counted(Status.PENDING, "")
             return Created(order.order_id, Status.PENDING, replayed=False)
@@ -3217,6 +3211,25 @@ class Store:
             return await self.create(order, request, idempotency_key, origin, void=prior_id)
         status = await self.redis.hget(keys.order(prior_id), "status")
         return Created(prior_id, str(status or REPLAYED_EXPIRED), replayed=True)
+
+    def _create_refusal(self, reply: list[Any]) -> ApiError | None:
+        """What LUA_CREATE's refusal is answered as (None: it created or found the order)."""
+        if reply[0] == "full":
+            return ApiError(
+                503, "QUEUE_FULL", "too many orders are waiting; retry shortly", retryable=True
+            )
+        if reply[0] == "full_waiting":
+            message = "too many limit and sniper orders are waiting; retry later"
+            return ApiError(503, "QUEUE_FULL", message, retryable=True)
+        if reply[0] == "throttled":
+            return rate_limited(self._config.rate_limit_per_min, int(reply[1]))
+        if reply[0] == "past_expiry":  # sent late, and its key (if still unused) made no order
+            return expiry_refused()
+        if reply[0] == "too_many_open":
+            most = self._config.max_open_per_user
+            message = f"at most {most} unfinished orders per user; cancel some or let them end"
+            return ApiError(429, "TOO_MANY_OPEN_ORDERS", message)
+        return None
 
     # -- the reliable queue -----------------------------------------------------------------------
 
@@ -8275,7 +8288,10 @@ def parse_slippage(value: object) -> int:
     return value
 
 
-def parse_order_request(body: object, now_s: float) -> OrderRequest:
+def parse_order_request(body: object, now_s: float, *, replayable: bool = False) -> OrderRequest:
+    """A POST's body. An expiresAt that has passed is refused, unless the POST is `replayable`
+    (it has an Idempotency-Key): a retry sent late is still answered with the order its first
+    send made (Store.create), and is refused only if that made none."""
     if not isinstance(body, dict):
         raise ApiError(400, "INVALID_BODY", "the body must be a JSON object")
     for name in body:
@@ -8296,7 +8312,12 @@ def parse_order_request(body: object, now_s: float) -> OrderRequest:
     sent = next(
         (f"{name}={body[name]}" for name in ("expiresInS", "expiresAt") if name in body), ""
     )
-    return OrderRequest(user_id, sell.symbol, buy.symbol, amount, slippage_bps, condition, sent)
+    past = condition is not None and condition.expires_at_ms <= now_s * 1000
+    if past and not replayable:
+        raise expiry_refused()
+    return OrderRequest(
+        user_id, sell.symbol, buy.symbol, amount, slippage_bps, condition, sent, past_expiry=past
+    )
 
 
 def parse_condition(body: Mapping[str, object], now_s: float) -> Condition | None:
@@ -8344,7 +8365,7 @@ def parse_price(value: object, name: str, code: str) -> float:
 
 def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
     """expiresAt (ISO 8601, with its zone) or expiresInS (seconds): exactly one, at most
-    MAX_WAIT_S away."""
+    MAX_WAIT_S away. An expiresAt that has passed is read (parse_order_request decides)."""
     at, within = body.get("expiresAt"), body.get("expiresInS")
     if at is None and within is None:
         raise ApiError(
@@ -8360,11 +8381,15 @@ def parse_expiry(body: Mapping[str, object], now_s: float) -> int:
             raise ApiError(400, "INVALID_EXPIRY", message, field="expiresInS")
         return int((now_s + within) * 1000)
     expires_ms = _parse_timestamp_ms(at)
-    if expires_ms is None or not now_s * 1000 < expires_ms <= (now_s + MAX_WAIT_S) * 1000:
-        zoned = "an ISO 8601 time with its zone (Z, +hh:mm)"
-        message = f"expiresAt must be {zoned} in the next {MAX_WAIT_S} s"
-        raise ApiError(400, "INVALID_EXPIRY", message, field="expiresAt")
+    if expires_ms is None or expires_ms > (now_s + MAX_WAIT_S) * 1000:
+        raise expiry_refused()
     return expires_ms
+
+
+def expiry_refused() -> ApiError:
+    zoned = "an ISO 8601 time with its zone (Z, +hh:mm)"
+    message = f"expiresAt must be {zoned} in the next {MAX_WAIT_S} s"
+    return ApiError(400, "INVALID_EXPIRY", message, field="expiresAt")
 
 
 def _parse_timestamp_ms(value: object) -> int | None:
@@ -8518,8 +8543,9 @@ async def execute_order(request: web.Request) -> web.Response:
     body = await read_json(request, engine.config.http_timeout_s)
     if user is not None and isinstance(body, dict):
         body = {**body, "userId": claimed_by(user, body.get("userId"))}
-    order_request = parse_order_request(body, engine.now())
-    idempotency_key = parse_idempotency_key(header_value(request, "Idempotency-Key"))
+    key = header_value(request, "Idempotency-Key")
+    order_request = parse_order_request(body, engine.now(), replayable=key is not None)
+    idempotency_key = parse_idempotency_key(key)
     submitted = engine.submit(order_request, idempotency_key)
     created = await within_deadline(engine, submitted, CREATE_UNANSWERED)
     headers = {"Idempotent-Replayed": "true"} if created.replayed else None

@@ -7311,6 +7311,37 @@ async def test_a_resent_limit_order_with_a_relative_expiry_is_the_same_request(
     assert other.status == 409
 
 
+async def test_a_limit_order_resent_after_its_expires_at_is_the_same_order_and_no_new_one(
+    start: Start,
+) -> None:
+    # A POST answered 503, or whose answer was lost, is sent again after its expiresAt passed:
+    # the order its first send made is answered, not refused as expiring in the past.
+    late_by = [0.0]
+    client = await start(
+        venues=[ScriptedVenue("RAYDIUM", price=100.0)], clock=lambda: time.time() + late_by[0]
+    )
+    expires_at = (datetime.now(UTC) + timedelta(seconds=60)).isoformat(timespec="milliseconds")
+    body, key = {**LIMIT_AT, "expiresAt": expires_at}, {"Idempotency-Key": "late-1"}
+    first = await client.post("/api/orders/execute", json=body, headers=key)
+    order_id = (await first.json())["orderId"]
+    await wait_status(client, order_id, "waiting")
+    late_by[0] = 120.0  # the retry comes after the order's expiresAt
+    again = await client.post("/api/orders/execute", json=body, headers=key)
+    assert (again.status, again.headers["Idempotent-Replayed"]) == (202, "true")
+    assert (await again.json())["orderId"] == order_id
+    # The same late body is no new order, with another key or none.
+    for headers in ({"Idempotency-Key": "late-2"}, {}):
+        refused = await client.post("/api/orders/execute", json=body, headers=headers)
+        assert refused.status == 400
+        assert (await refused.json())["error"]["code"] == "INVALID_EXPIRY"
+    listed = await (await client.get("/api/orders?userId=1")).json()
+    assert [o["orderId"] for o in listed["orders"]] == [order_id]
+    conflict = await client.post(
+        "/api/orders/execute", json={**body, "limitPrice": 106}, headers=key
+    )
+    assert conflict.status == 409
+
+
 async def test_a_full_queue_answers_503_retryable(start: Start, config: Config) -> None:
     venue, held = gated()
     client = await start(replace(config, concurrency=1, max_queued=1), venues=[venue])
