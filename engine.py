@@ -7377,6 +7377,27 @@ def _unsent(transport: asyncio.Transport) -> int:
     return unsent
 
 
+def _flushed(transport: asyncio.Transport) -> bool:
+    return transport.get_write_buffer_size() == 0
+
+
+async def _taking(
+    transport: asyncio.Transport, finished: Callable[[], bool], idle_max_s: float
+) -> bool:
+    """Wait until `finished` while the socket's client keeps taking what it was sent: False
+    once it has taken nothing for idle_max_s."""
+    every_s = min(WS_DRAIN_CHECK_S, idle_max_s / 4)
+    left, idle_s = _unsent(transport), 0.0
+    while not finished():
+        if idle_s >= idle_max_s:
+            return False
+        await asyncio.sleep(every_s)
+        now = _unsent(transport)
+        idle_s = 0.0 if now < left else idle_s + every_s
+        left = now
+    return True
+
+
 def close_payload(code: int, reason: str) -> bytes:
     """A close frame's payload (RFC 6455 §5.5.1): the code, then a reason of at most 123 bytes."""
     return code.to_bytes(2, "big") + reason.encode()[:123]
@@ -7729,23 +7750,23 @@ class Hub:
         transport = sub.transport
         if transport is None or transport.is_closing():
             return
-        finishing = asyncio.create_task(self._finish_slow(transport, self.limits.cut_after_s))
+        finishing = asyncio.create_task(
+            self._cut_off(transport, transport.is_closing, self.limits.cut_after_s)
+        )
         self._finishing.add(finishing)
         finishing.add_done_callback(self._finishing.discard)
 
     @staticmethod
-    async def _finish_slow(transport: asyncio.Transport, cut_after_s: float) -> None:
+    async def _cut_off(
+        transport: asyncio.Transport, finished: Callable[[], bool], cut_after_s: float
+    ) -> None:
         """Give a socket closed as too slow the time to take what it was sent, its close frame
-        last, as long as it keeps taking some; cut it off once it has taken nothing for
-        cut_after_s (or has everything and does not answer the close)."""
-        every_s = min(WS_DRAIN_CHECK_S, cut_after_s / 4)
-        left, idle_s = _unsent(transport), 0.0
-        while not transport.is_closing() and idle_s < cut_after_s:
-            await asyncio.sleep(every_s)
-            now = _unsent(transport)
-            idle_s = 0.0 if now < left else idle_s + every_s
-            left = now
-        transport.abort()
+        last, as long as it keeps taking some, until `finished`; then cut it off (at once if it
+        has taken nothing for cut_after_s, or has everything and does not answer the close)."""
+        try:
+            await _taking(transport, finished, cut_after_s)
+        finally:
+            transport.abort()
 
     # -- one socket -------------------------------------------------------------------------------
 
@@ -7809,18 +7830,37 @@ class Hub:
                 elif message.type is WSMsgType.CLOSE:  # answered with its own code, unless it
                     code = message.data if 1000 <= message.data < 5000 else 1000  # answers ours
                     if (answer := self._send_close(sub, code, "")) is not None:
-                        await answer
+                        await self._answered(sub, answer)
                     break
                 elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
         finally:
-            sub.ended.set()
+            await self._end(sub, tasks)
+
+    async def _end(self, sub: Subscriber, tasks: list[asyncio.Task[None]]) -> None:
+        sub.ended.set()
+        transport = sub.transport
+        try:
+            await cancel_and_wait(tasks)
             if transport is not None:
                 transport.close()  # after what it holds; aiohttp then has nothing left to send
+                # A client that stops taking it (after its close frame, or a frame that broke
+                # the protocol) is cut off, as one closed as too slow, and holds its place among
+                # its user's sockets until then.
+                flushed = functools.partial(_flushed, transport)
+                await self._cut_off(transport, flushed, self.limits.cut_after_s)
+        finally:
             self.leave(sub)
-            code = sub.close_code or ws.close_code
-            log.info("websocket closed", extra={"userId": user_id, "code": code})
-            await cancel_and_wait(tasks)
+            code = sub.close_code or sub.ws.close_code
+            log.info("websocket closed", extra={"userId": sub.user_id, "code": code})
+
+    async def _answered(self, sub: Subscriber, answer: asyncio.Task[None]) -> None:
+        """Wait for the close frame that answers the client's to be sent, while the client
+        takes what was sent before it: one that has stopped reading is cut off."""
+        if sub.transport is None:
+            await answer
+        elif not await _taking(sub.transport, answer.done, self.limits.cut_after_s):
+            sub.transport.abort()
 
     def has_room(self, user_id: str) -> bool:
         return len(self._sockets.get(user_id, ())) < self.limits.sockets_per_user

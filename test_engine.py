@@ -6172,6 +6172,47 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
     assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, 1013)
 
 
+def tcp_state(local_port: int, remote_port: int) -> int | None:
+    """The state of this machine's IPv4 TCP socket between the two ports, from /proc/net/tcp
+    (1: established; None: there is none), whoever holds it (or the kernel, once let go)."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            ports = int(local.split(":")[1], 16), int(remote.split(":")[1], 16)
+            if ports == (local_port, remote_port):
+                return int(state, 16)
+    return None
+
+
+async def test_a_client_that_sends_its_close_frame_and_stops_reading_is_let_go(
+    start: Start, config: Config
+) -> None:
+    # Its close ends the socket, but the snapshot sent before it stays unsent: the engine waited
+    # for ever to send its answer, then to flush a closed transport, and held the connection
+    # (one user could hold every connection the engine allows). Now it lets it go: its side of
+    # the connection is no longer established (the kernel has what is left, and its FIN).
+    limits = replace(SMALL_LIMITS, cut_after_s=0.3, socket_send_buffer=4096)
+    client = await start(hub_limits=limits, venues=[ScriptedVenue("RAYDIUM", price=100.0)])
+    placed = [await order_id_of(client, {**LIMIT, "userId": "pinner"}) for _ in range(80)]
+    for order_id in placed:  # a snapshot of about 35 KB, sent at once
+        await wait_status(client, order_id, "waiting")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (client.host, client.port))
+    await loop.sock_sendall(raw, upgrade_request("pinner"))
+    await loop.sock_recv(raw, 1)  # the snapshot has begun
+    await loop.sock_sendall(raw, bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2]))  # 1000
+    server_port, client_port, established = client.port, raw.getsockname()[1], 1
+    assert server_port is not None
+    assert tcp_state(server_port, client_port) == established
+    await wait_for(
+        lambda: tcp_state(server_port, client_port) != established, "the server to let it go"
+    )
+    raw.close()
+
+
 async def test_a_client_that_closes_its_side_without_a_close_frame_frees_its_place_at_once(
     config: Config, processes: Processes
 ) -> None:
