@@ -8208,12 +8208,15 @@ def _unauthorized(code: str, message: str) -> ApiError:
 def bearer_token(request: web.Request, *, query: bool = False) -> str | None:
     """The token in `Authorization: Bearer …` (or, for a WebSocket, the `token` parameter)."""
     header = header_value(request, "Authorization")
-    if header is not None:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized("TOKEN_INVALID", "Authorization must be Bearer <jwt>")
-        return token.strip()
-    return query_value(request, "token") if query else None
+    given = query_value(request, "token") if query else None
+    if header is None:
+        return given
+    if given is not None:  # which one counted would be a matter of order: neither does
+        raise _unauthorized("TOKEN_INVALID", "a token is given twice (header and parameter)")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("TOKEN_INVALID", "Authorization must be Bearer <jwt>")
+    return token.strip()
 
 
 def caller(request: web.Request, claimed: object, *, query_token: bool = False) -> str:
@@ -8557,8 +8560,9 @@ def _read_again(raw: bytes, *, exact: bool) -> dict[str, Any]:
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
-            if key in seen:
-                raise ApiError(400, "INVALID_JSON", f"the key {key!r} appears twice in one object")
+            if key in seen:  # named back only if a plain field name, as in UNKNOWN_FIELD
+                named = f"the key {key!r}" if FIELD_NAME_RE.fullmatch(key) else "a key"
+                raise ApiError(400, "INVALID_JSON", f"{named} appears twice in one object")
             seen.add(key)
         return dict(pairs)
 

@@ -6621,6 +6621,21 @@ async def test_an_amount_with_more_decimals_than_its_token_is_refused_as_written
     assert (await get_order(client, (await response.json())["orderId"]))["amount"] == 1.1
 
 
+async def test_a_key_given_twice_is_named_back_only_if_it_is_a_plain_field_name(
+    start: Start,
+) -> None:
+    client = await start()
+    response = await client.post(EXECUTE, data=TWICE, headers=JSON)
+    assert (await response.json())["error"]["message"] == (
+        "the key 'userId' appears twice in one object"
+    )
+    hostile = b'{"<script>alert(1)</script>": 1, "<script>alert(1)</script>": 2}'
+    response = await client.post(EXECUTE, data=hostile, headers=JSON)
+    error = (await response.json())["error"]
+    assert (response.status, error["code"]) == (400, "INVALID_JSON")
+    assert error["message"] == "a key appears twice in one object"
+
+
 def random_body(rng: random.Random) -> bytes:
     """A body from a grammar of near misses: right shape, wrong values, wrong types, junk."""
     values: list[Any] = [
@@ -7570,12 +7585,14 @@ async def test_a_token_given_twice_is_refused_and_places_nothing(
         ("POST", "/api/orders/execute", twice),
         ("GET", "/api/orders?userId=1", twice),
         ("GET", f"/ws?userId=1&token={one}&token={two}", []),
+        ("GET", f"/ws?userId=1&token={two}", [("Authorization", f"Bearer {one}")]),
+        ("GET", "/ws?userId=1&token=garbage", [("Authorization", f"Bearer {one}")]),
     ]:
         response = await client.request(method, path, json=ORDER, headers=headers)
         assert response.status == 401, (method, path)
         error = (await response.json())["error"]
         assert error["code"] == "TOKEN_INVALID"
-        assert "given more than once" in error["message"]
+        assert "given more than once" in error["message"] or "given twice" in error["message"]
     for user, value in (("1", one), ("2", two)):
         response = await client.get(f"/api/orders?userId={user}", headers=bearer(value))
         assert (await response.json())["orders"] == []
