@@ -7639,6 +7639,20 @@ async def test_a_missing_or_bad_token_is_refused_with_401_and_its_reason(
         assert "zq7secret" not in str(response.headers) + await response.text()
 
 
+async def test_an_order_read_with_a_user_id_is_found_only_as_that_user_s(start: Start) -> None:
+    client = await start()
+    order_id = await order_id_of(client)  # user "1"
+    assert (await client.get(f"/api/orders/{order_id}?userId=1")).status == 200
+    other = await client.get(f"/api/orders/{order_id}?userId=2")
+    assert (other.status, (await other.json())["error"]["code"]) == (404, "ORDER_NOT_FOUND")
+    for query, code in (
+        ("userId=1&userId=2", "INVALID_USER_ID"),
+        ("userId=%25%25", "INVALID_USER_ID"),
+    ):
+        response = await client.get(f"/api/orders/{order_id}?{query}")
+        assert (response.status, (await response.json())["error"]["code"]) == (400, code)
+
+
 async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
     start: Start, config: Config
 ) -> None:
@@ -7655,6 +7669,9 @@ async def test_with_a_key_the_user_is_the_token_subject_and_nobody_else(
     record = await (await client.get(f"/api/orders/{order_id}", headers=alice)).json()
     assert record["userId"] == "alice"
     assert (await client.get(f"/api/orders/{order_id}", headers=bob)).status == 404
+    named = await client.get(f"/api/orders/{order_id}?userId=bob", headers=alice)
+    assert (named.status, (await named.json())["error"]["code"]) == (403, "USER_MISMATCH")
+    assert (await client.get(f"/api/orders/{order_id}?userId=alice", headers=alice)).status == 200
     assert (await client.delete(f"/api/orders/{order_id}", headers=bob)).status == 404
     assert (await client.get("/api/orders?userId=alice", headers=bob)).status == 403
     listed = await (await client.get("/api/orders", headers=alice)).json()
