@@ -8929,7 +8929,20 @@ class Connection(web.RequestHandler):
         self._half_closed = True
         for body in (self.reading, self._last_body):  # aiohttp may wait for the rest of a
             self.end_body(body)  # body it answered without reading ("lingering"): none comes
+        if self._idle():  # nothing to answer: closed at once, not held to the idle deadline
+            self.force_close()
         return True
+
+    def _idle(self) -> bool:
+        """aiohttp's request loop waits for a request and has none at hand (its own test of an
+        idle connection, in _process_keepalive; there is no public one)."""
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._request_in_progress
+        )
 
     def end_body(self, body: StreamReader | None) -> None:
         """What has arrived of a body is all there will be. One the parser had not seen the end

@@ -6736,6 +6736,27 @@ async def connect_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return await asyncio.open_connection(host, int(port))
 
 
+async def test_a_kept_alive_connection_its_client_closes_is_closed_at_once(
+    config: Config, processes: Processes
+) -> None:
+    # Answered and idle, then the client's FIN (curl and client pools leave so): the engine
+    # kept it open, in CLOSE-WAIT, until the idle deadline, and with it one place of
+    # ENGINE_MAX_CONNECTIONS. A request sent just before the FIN is still answered first.
+    engine = await processes.spawn(engine_env(config, ENGINE_HTTP_TIMEOUT_S="60"))
+    url = await engine.url()
+    request = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+    for asked_last in (False, True):
+        reader, writer = await connect_raw(url)
+        writer.write(request)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        if asked_last:
+            writer.write(request)
+        writer.write_eof()
+        rest = await asyncio.wait_for(reader.read(), DEADLINE_S)  # until the server closes
+        assert rest.count(b"HTTP/1.1 200") == int(asked_last)
+        writer.close()
+
+
 async def test_a_connection_told_to_close_before_it_began_is_closed_not_left_waiting(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
