@@ -8192,10 +8192,24 @@ class Authenticator:
             raise _unauthorized("TOKEN_INVALID", message) from None
         except jwt.InvalidTokenError:  # its message can quote the token (a crit header's names)
             raise _unauthorized("TOKEN_INVALID", "the token is not a valid JWT") from None
+        if not all(_keys_once(part) for part in token.split(".")[:2]):
+            raise _unauthorized("TOKEN_INVALID", "a claim or header is given twice in the token")
         return claims
 
 
 AUTH: Final = web.AppKey("auth", Authenticator)
+
+
+def _keys_once(part: str) -> bool:
+    """Whether a JWT's header or claims (a base64url part PyJWT has read) name each key once:
+    PyJWT keeps the last of two, a verifier in front of the engine may have kept the first."""
+    try:
+        json.loads(
+            base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)), object_pairs_hook=unique_keys
+        )
+    except KeyTwice:
+        return False
+    return True
 
 
 def _unauthorized(code: str, message: str) -> ApiError:
@@ -8553,21 +8567,34 @@ def _keys_in(value: object) -> int:
     return keys
 
 
+class KeyTwice(ValueError):
+    """A JSON object with a key written twice: which value counts would be the parser's pick."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook that refuses a key written twice in one object."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise KeyTwice(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _read_again(raw: bytes, *, exact: bool) -> dict[str, Any]:
     """The body (an object) read again by the standard parser, once for both reasons: a key
     written twice in one object is refused, and with `exact` fractions are read as decimals."""
-
-    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:  # named back only if a plain field name, as in UNKNOWN_FIELD
-                named = f"the key {key!r}" if FIELD_NAME_RE.fullmatch(key) else "a key"
-                raise ApiError(400, "INVALID_JSON", f"{named} appears twice in one object")
-            seen.add(key)
-        return dict(pairs)
-
     try:
-        again = json.loads(raw, object_pairs_hook=unique, parse_float=Decimal if exact else float)
+        again = json.loads(
+            raw, object_pairs_hook=unique_keys, parse_float=Decimal if exact else float
+        )
+    except KeyTwice as twice:  # named back only if a plain field name, as in UNKNOWN_FIELD
+        named = f"the key {twice.key!r}" if FIELD_NAME_RE.fullmatch(twice.key) else "a key"
+        raise ApiError(400, "INVALID_JSON", f"{named} appears twice in one object") from None
     except (ValueError, RecursionError):  # what orjson takes and json does not
         raise ApiError(400, "INVALID_JSON", "the body is not valid JSON") from None
     except ArithmeticError:  # an exponent past what a decimal holds
@@ -8918,8 +8945,8 @@ class Connection(web.RequestHandler):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: True keeps it open
         """The client has sent all it will (a half-close, as `nc -N` does): the connection stays
-        open for the answer to what it sent, and closes after it (or, with nothing to answer, at
-        the idle deadline). asyncio would close it at once and the answer would be lost. A body
+        open for the answer to what it sent, and closes after it (with nothing to answer, at
+        once). asyncio would close it at once and the answer would be lost. A body
         still being read ends here: what came of it is all there will be. A WebSocket's client
         that closes its side has left (a close frame, if any, came before): the connection
         closes at once, and so does the socket, instead of holding its places until the
@@ -8929,20 +8956,18 @@ class Connection(web.RequestHandler):
         self._half_closed = True
         for body in (self.reading, self._last_body):  # aiohttp may wait for the rest of a
             self.end_body(body)  # body it answered without reading ("lingering"): none comes
-        if self._idle():  # nothing to answer: closed at once, not held to the idle deadline
-            self.force_close()
+        # With nothing to answer, it closes at once, not at the idle deadline.
+        asyncio.get_running_loop().call_soon(self._close_if_idle)
         return True
 
-    def _idle(self) -> bool:
-        """aiohttp's request loop waits for a request and has none at hand (its own test of an
-        idle connection, in _process_keepalive; there is no public one)."""
+    def _close_if_idle(self) -> None:
+        """Close the connection if aiohttp's request loop waits for a request and has none at
+        hand (its own test of an idle connection, in _process_keepalive; there is no public
+        one). Called soon after the client's FIN, not in eof_received itself: a loop whose
+        last handler has just ended is woken before this runs, and waits again by then."""
         waiter = self._waiter
-        return (
-            waiter is not None
-            and not waiter.done()
-            and not self._messages
-            and not self._request_in_progress
-        )
+        if waiter is not None and not waiter.done() and not self._messages:
+            self.force_close()
 
     def end_body(self, body: StreamReader | None) -> None:
         """What has arrived of a body is all there will be. One the parser had not seen the end

@@ -15,6 +15,8 @@ import collections
 import contextlib
 import gc
 import gzip
+import hashlib
+import hmac
 import inspect
 import logging
 import math
@@ -7617,6 +7619,34 @@ async def test_a_token_given_twice_is_refused_and_places_nothing(
     for user, value in (("1", one), ("2", two)):
         response = await client.get(f"/api/orders?userId={user}", headers=bearer(value))
         assert (await response.json())["orders"] == []
+    # A claim or a header field written twice in one token, signed with the engine's key.
+    expiry = int(time.time()) + 600
+    claims_twice = f'{{"sub":"1","sub":"2","exp":{expiry}}}'.encode()
+    for header, claims in [
+        (b'{"alg":"HS256","typ":"JWT"}', claims_twice),
+        (b'{"alg":"HS256","alg":"HS256"}', f'{{"sub":"1","exp":{expiry}}}'.encode()),
+    ]:
+        response = await client.post(
+            "/api/orders/execute",
+            json={**ORDER, "userId": "2"},
+            headers=bearer(signed(header, claims)),
+        )
+        error = (await response.json())["error"]
+        assert (response.status, error["code"]) == (401, "TOKEN_INVALID")
+        assert error["message"] == "a claim or header is given twice in the token"
+    response = await client.get("/api/orders?userId=2", headers=bearer(two))
+    assert (await response.json())["orders"] == []
+
+
+def signed(header: bytes, claims: bytes) -> str:
+    """A token of these very bytes, signed with SECRET (HS256)."""
+
+    def part(value: bytes) -> str:
+        return base64.urlsafe_b64encode(value).rstrip(b"=").decode()
+
+    signing_input = f"{part(header)}.{part(claims)}"
+    mac = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{part(mac)}"
 
 
 @pytest.mark.parametrize(
