@@ -6146,12 +6146,8 @@ async def test_a_socket_closed_as_slow_gets_its_close_frame_while_it_keeps_readi
         socket_send_buffer=4096,
     )
     client = await start(replace(config, event_log_keep=SMALL_LOG), hub_limits=limits)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
+    raw = await slow_reader(client.host, client.port, upgrade_request("trickle"))
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (client.host, client.port))
-    await loop.sock_sendall(raw, upgrade_request("trickle"))
     received = b""
 
     async def closed() -> bool:
@@ -6198,12 +6194,8 @@ async def test_a_client_that_sends_its_close_frame_and_stops_reading_is_let_go(
     placed = [await order_id_of(client, {**LIMIT, "userId": "pinner"}) for _ in range(80)]
     for order_id in placed:  # a snapshot of about 35 KB, sent at once
         await wait_status(client, order_id, "waiting")
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
+    raw = await slow_reader(client.host, client.port, upgrade_request("pinner"))
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (client.host, client.port))
-    await loop.sock_sendall(raw, upgrade_request("pinner"))
     await loop.sock_recv(raw, 1)  # the snapshot has begun
     await loop.sock_sendall(raw, bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2]))  # 1000
     server_port, client_port, established = client.port, raw.getsockname()[1], 1
@@ -6326,6 +6318,18 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked
 
 
+async def slow_reader(host: str | None, port: int | None, request: bytes) -> socket.socket:
+    """A raw client socket with a tiny receive buffer, connected, `request` sent: it reads only
+    when the test says so."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(raw, (host, port))
+    await loop.sock_sendall(raw, request)
+    return raw
+
+
 def upgrade_request(user: str) -> bytes:
     return (
         f"GET /ws?userId={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -6352,16 +6356,8 @@ async def test_a_socket_that_stops_reading_is_closed_1013_and_resumes_with_every
 
     # A client with a tiny receive buffer that completes the handshake and then stops reading,
     # never answering a ping either.
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
+    raw = await slow_reader(client.host, client.port, upgrade_request("slow"))
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (client.host, client.port))
-    await loop.sock_sendall(
-        raw,
-        b"GET /ws?userId=slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
     async with client.ws_connect("/ws?userId=fast") as fast:
         await receive(fast)
         await wait_for(lambda: _websockets(client, 2), "the slow client's handshake")
@@ -6956,12 +6952,7 @@ async def test_a_client_that_stops_reading_its_answers_is_cut_off(
 ) -> None:
     url = await served(replace(config, http_timeout_s=1))
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-    raw.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(raw, (host, int(port)))
-    await loop.sock_sendall(raw, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+    raw = await slow_reader(host, int(port), b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
     async with ClientSession() as http:
 
         async def let_go() -> bool:  # every connection but the one asking
