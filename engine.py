@@ -7428,6 +7428,7 @@ class Subscriber:
     caught_up: bool = False  # has had every event there was, once (a resume may start far back)
     close_code: int | None = None  # the code of the close frame sent to it: nothing follows it
     pinged_at: float | None = None  # the keepalive ping it has not answered (time.monotonic)
+    keepalive_token: bytes = b""  # that ping's payload, which only a client that read it knows
     keepalive_at: float = field(default_factory=time.monotonic)  # the last keepalive ping sent
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # serve() is done with it
 
@@ -7611,10 +7612,11 @@ class Hub:
                     transport.abort()
             elif now - sub.keepalive_at >= self.limits.keepalive_s:
                 sub.pinged_at = sub.keepalive_at = now
+                sub.keepalive_token = b"k" + secrets.token_hex(8).encode()  # no event's seq
                 # Not onto what it has not taken yet: the ping must not wait on the client.
                 if not transport.get_write_buffer_size():
                     with contextlib.suppress(ConnectionError):
-                        await self._control(sub, WSMsgType.PING, b"")
+                        await self._control(sub, WSMsgType.PING, sub.keepalive_token)
 
     # -- sending: every frame goes through aiohttp's writer, which puts each one on the transport
     # whole. aiohttp sends nothing by itself (no heartbeat, no automatic pong or close), so the
@@ -7822,7 +7824,6 @@ class Hub:
         try:
             while True:  # pings, pongs and a close; clients have nothing else to say
                 message = await ws.receive()
-                sub.pinged_at = None  # whatever it says answers the keepalive
                 if message.type is WSMsgType.PONG:
                     await self._pong(sub, message.data)
                 elif message.type is WSMsgType.PING:
@@ -7956,9 +7957,14 @@ class Hub:
             await self._write(sub, [event for _, event in chunk], newest=chunk[-1][0])
 
     async def _pong(self, sub: Subscriber, data: bytes) -> None:
-        """A pong: if it answers our ping, the client has read every event up to that one."""
+        """A pong: if it answers our ping, the client has read every event up to that one. It
+        answers the keepalive only if it answers a ping: a client that sends frames of its own
+        and reads nothing is still gone (it cannot know a ping's payload without reading it)."""
+        if data == sub.keepalive_token:
+            sub.pinged_at = None
         if sub.ping_for is None or data != str(sub.ping_for).encode():
             return  # aiohttp's heartbeat, or a pong we did not ask for
+        sub.pinged_at = None
         sub.read_seq, sub.ping_for = max(sub.read_seq, sub.ping_for), None
         sub.read.set()
         await self._write(sub, [], newest=sub.last_seq)  # a ping, if as many are unread still

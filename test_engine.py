@@ -6182,14 +6182,24 @@ def tcp_state(local_port: int, remote_port: int) -> int | None:
     return None
 
 
-async def test_a_client_that_sends_its_close_frame_and_stops_reading_is_let_go(
-    start: Start, config: Config
+CLOSE_FRAME_1000 = bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2])  # masked, as clients do
+PONG_OF_ITS_OWN = bytes([0x8A, 0x81, 1, 2, 3, 4, ord("p") ^ 1])
+
+
+@pytest.mark.parametrize("then", ["its close frame", "pongs of its own"])
+async def test_a_client_that_reads_nothing_of_its_snapshot_is_let_go(
+    start: Start, config: Config, then: str
 ) -> None:
-    # Its close ends the socket, but the snapshot sent before it stays unsent: the engine waited
-    # for ever to send its answer, then to flush a closed transport, and held the connection
-    # (one user could hold every connection the engine allows). Now it lets it go: its side of
-    # the connection is no longer established (the kernel has what is left, and its FIN).
-    limits = replace(SMALL_LIMITS, cut_after_s=0.3, socket_send_buffer=4096)
+    # The snapshot it is sent stays unsent in the kernel's buffers (too small for the engine to
+    # see a slow client) while the client:
+    # - sends its close frame: the engine waited for ever to send its answer, then to flush a
+    #   closed transport;
+    # - sends a pong now and then: any frame answered the keepalive, though the client had
+    #   read nothing (not the ping either).
+    # Either way the engine held the connection, and one user could hold every connection the
+    # engine allows. Now it lets it go: its side of the connection is no longer established
+    # (the kernel has what is left, and its FIN).
+    limits = replace(SMALL_LIMITS, cut_after_s=0.3, socket_send_buffer=4096, keepalive_s=0.4)
     client = await start(hub_limits=limits, venues=[ScriptedVenue("RAYDIUM", price=100.0)])
     placed = [await order_id_of(client, {**LIMIT, "userId": "pinner"}) for _ in range(80)]
     for order_id in placed:  # a snapshot of about 35 KB, sent at once
@@ -6197,13 +6207,19 @@ async def test_a_client_that_sends_its_close_frame_and_stops_reading_is_let_go(
     raw = await slow_reader(client.host, client.port, upgrade_request("pinner"))
     loop = asyncio.get_running_loop()
     await loop.sock_recv(raw, 1)  # the snapshot has begun
-    await loop.sock_sendall(raw, bytes([0x88, 0x82, 1, 2, 3, 4, 0x03 ^ 1, 0xE8 ^ 2]))  # 1000
     server_port, client_port, established = client.port, raw.getsockname()[1], 1
     assert server_port is not None
+
+    async def let_go() -> bool:
+        if then == "pongs of its own":
+            with contextlib.suppress(OSError):  # the engine has cut it off
+                await loop.sock_sendall(raw, PONG_OF_ITS_OWN)
+        return tcp_state(server_port, client_port) != established
+
+    if then == "its close frame":
+        await loop.sock_sendall(raw, CLOSE_FRAME_1000)
     assert tcp_state(server_port, client_port) == established
-    await wait_for(
-        lambda: tcp_state(server_port, client_port) != established, "the server to let it go"
-    )
+    await wait_for(let_go, "the server to let it go")
     raw.close()
 
 
