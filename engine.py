@@ -7423,6 +7423,7 @@ class Subscriber:
     last_seq: int = 0  # the newest event sent
     read_seq: int = 0  # the newest event the client has shown it read
     ping_for: int | None = None  # the seq the ping in flight answers for
+    ping_payload: bytes = b""  # its payload: that seq and a random token (none can guess it)
     ping_at: float = 0.0  # when it was sent (time.monotonic)
     read: asyncio.Event = field(default_factory=asyncio.Event)  # set when read_seq moves
     caught_up: bool = False  # has had every event there was, once (a resume may start far back)
@@ -7962,7 +7963,7 @@ class Hub:
         and reads nothing is still gone (it cannot know a ping's payload without reading it)."""
         if data == sub.keepalive_token:
             sub.pinged_at = None
-        if sub.ping_for is None or data != str(sub.ping_for).encode():
+        if sub.ping_for is None or data != sub.ping_payload:
             return  # aiohttp's heartbeat, or a pong we did not ask for
         sub.pinged_at = None
         sub.read_seq, sub.ping_for = max(sub.read_seq, sub.ping_for), None
@@ -7985,7 +7986,8 @@ class Hub:
             unread = newest - sub.read_seq
             if sub.ping_for is None and unread >= max(1, self.limits.unread_max // 2):
                 sub.ping_for, sub.ping_at = newest, time.monotonic()
-                await ws.ping(str(newest).encode())
+                sub.ping_payload = f"{newest}:{secrets.token_hex(4)}".encode()
+                await ws.ping(sub.ping_payload)
         transport = sub.transport
         if (
             transport is not None

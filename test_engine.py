@@ -6223,6 +6223,35 @@ async def test_a_client_that_reads_nothing_of_its_snapshot_is_let_go(
     raw.close()
 
 
+def ended(message: aiohttp.WSMessage) -> bool:
+    return orjson.loads(message.data).get("status") in ("confirmed", "failed")
+
+
+async def test_a_pong_that_guesses_what_a_ping_asks_shows_nothing_read(start: Start) -> None:
+    # The pings that ask what the client has read carried the seq of the newest event sent, which
+    # a client can tell from the events it places: answering them unread, it passed for one that
+    # reads, and one that read nothing of a snapshot held its connection for minutes. Their
+    # payload now has a random token: such a client is closed as too slow (1013).
+    limits = replace(SMALL_LIMITS, unread_max=4, queue_max=4, unread_max_s=0.3)
+    client = await start(hub_limits=limits)
+    async with client.ws_connect("/ws?userId=guesser", autoping=False) as ws:
+        for _ in range(100):  # orders, each read to its end, pings answered with the seq alone
+            order_id = await order_id_of(client, {**ORDER, "userId": "guesser"})
+            message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            while message.type is not WSMsgType.CLOSE:
+                if message.type is WSMsgType.PING:
+                    await ws.pong(bytes(message.data).split(b":")[0])
+                elif (orjson.loads(message.data).get("orderId"), ended(message)) == (
+                    order_id,
+                    True,
+                ):
+                    break
+                message = await asyncio.wait_for(ws.receive(), DEADLINE_S)
+            if message.type is WSMsgType.CLOSE:
+                break
+        assert (message.type, ws.close_code) == (WSMsgType.CLOSE, 1013)
+
+
 async def test_a_client_that_closes_its_side_without_a_close_frame_frees_its_place_at_once(
     config: Config, processes: Processes
 ) -> None:
